@@ -1,0 +1,50 @@
+# The two commands of the README are `make demo` and `make test`; both install what they need.
+# Installing is idempotent: the stamp is rebuilt only when requirements.txt or pyproject.toml change.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Tests and demos run on 2 cores next to Ray: keep torch and BLAS to one thread each.
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install generate verify lint test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# pip, not uv: only pip sees the local CPU build of torch (research/runtime-on-cpu.md).
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
+	@touch $(STAMP)
+
+generate: install
+	$(BIN)/ndif-operator generate
+
+verify: install
+	$(BIN)/ndif-operator generate --check
+
+lint: install
+	$(BIN)/ruff check ndif_operator model_runtime tests bench examples
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: install verify lint
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+bench: install
+	$(BIN)/python bench/planner.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo

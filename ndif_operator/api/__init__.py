@@ -1,0 +1,70 @@
+"""The public API: the ModelDeployment models, their status vocabulary, and the Serve app args.
+
+Pure pydantic. The runtime imports this package too, so it must stay free of kopf, the
+Kubernetes client and the ML stack (import-linter contracts in pyproject.toml).
+"""
+
+from ndif_operator.api.conditions import ConditionStatus, ConditionType, Phase, Reason
+from ndif_operator.api.serve_args import GatewayAppArgs, ModelAppArgs, ModelUserConfig
+from ndif_operator.api.v1alpha1 import (
+    API_VERSION,
+    CRD_NAME,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    TENSOR_PARALLEL_SIZES,
+    VERSION,
+    Autoscaling,
+    Condition,
+    DType,
+    Estimate,
+    EstimateMethod,
+    HuggingFaceSource,
+    Level,
+    LocalPathSource,
+    ModelDeployment,
+    ModelDeploymentSpec,
+    ModelDeploymentStatus,
+    ModelSource,
+    ModelSpec,
+    Placement,
+    RuntimeLimits,
+    S3Source,
+)
+
+__all__ = [
+    "API_VERSION",
+    "CRD_NAME",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SHORT_NAMES",
+    "SINGULAR",
+    "TENSOR_PARALLEL_SIZES",
+    "VERSION",
+    "Autoscaling",
+    "Condition",
+    "ConditionStatus",
+    "ConditionType",
+    "DType",
+    "Estimate",
+    "EstimateMethod",
+    "GatewayAppArgs",
+    "HuggingFaceSource",
+    "Level",
+    "LocalPathSource",
+    "ModelAppArgs",
+    "ModelDeployment",
+    "ModelDeploymentSpec",
+    "ModelDeploymentStatus",
+    "ModelSource",
+    "ModelSpec",
+    "ModelUserConfig",
+    "Phase",
+    "Placement",
+    "Reason",
+    "RuntimeLimits",
+    "S3Source",
+]

@@ -1,0 +1,34 @@
+"""Names the operator and the runtime must agree on (Serve application and deployment names)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+GATEWAY_APP = "gateway"
+GATEWAY_DEPLOYMENT = "NnsightGateway"
+GATEWAY_IMPORT_PATH = "model_runtime.gateway_app:build_app"
+MODEL_DEPLOYMENT = "ModelReplica"
+MODEL_IMPORT_PATH = "model_runtime.model_app:build_app"
+
+_UNSAFE = re.compile(r"[^a-z0-9-]+")
+_MAX_APP_NAME = 63
+
+
+def model_key(repo_id: str) -> str:
+    """The key nnsight clients send for a model: its repo id, lower-cased."""
+    return repo_id.lower()
+
+
+def model_app_name(namespace: str, name: str) -> str:
+    """Serve application name of one ModelDeployment: stable, DNS-label-like, unique per object.
+
+    Long names are cut and suffixed with a hash of the full name so that two objects never share
+    an application.
+    """
+    raw = f"md-{namespace}-{name}".lower()
+    safe = _UNSAFE.sub("-", raw).strip("-")
+    if len(safe) <= _MAX_APP_NAME and safe == raw:
+        return safe
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:8]
+    return f"{safe[: _MAX_APP_NAME - 9].rstrip('-')}-{digest}"

@@ -1,0 +1,71 @@
+"""The typed `args` and `user_config` of the Ray Serve applications the operator renders.
+
+One schema, shared: the operator renders these into `serveConfigV2`, the runtime's
+`build_app(args)` validates them with the very same models. Pure pydantic, so the runtime may
+import it without pulling in kopf or the Kubernetes client (an import-linter contract checks).
+
+What goes where (research/operators-and-kuberay.md §1.2): a change of `args` or
+`ray_actor_options` restarts replicas (a model reload); `user_config` is applied in place by
+`reconfigure()`. So model identity and placement are args; limits are user_config.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ndif_operator.api.v1alpha1 import MIB, DType, Level, ModelSource, RuntimeLimits
+
+
+class _Args(BaseModel):
+    # snake_case on the wire: Ray Serve's own config is snake_case.
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class ModelUserConfig(_Args):
+    """Knobs a model replica takes without a restart (Serve `user_config` → `reconfigure`)."""
+
+    level: Level = Level.HOT
+    request_timeout_seconds: int = 300
+    max_payload_bytes: int = 64 * MIB
+    max_result_bytes: int = 1024 * MIB
+    max_queue_depth: int = 64
+
+    @classmethod
+    def from_limits(cls, limits: RuntimeLimits, level: Level) -> ModelUserConfig:
+        return cls(
+            level=level,
+            request_timeout_seconds=limits.request_timeout_seconds,
+            max_payload_bytes=limits.max_payload_bytes,
+            max_result_bytes=limits.max_result_bytes,
+            max_queue_depth=limits.max_queue_depth,
+        )
+
+
+class ModelAppArgs(_Args):
+    """`args` of one model application (`import_path: model_runtime.model_app:build_app`)."""
+
+    model_key: str = Field(description="The key nnsight clients send (`repo_id`, lower-cased).")
+    deployment: str = Field(description="`namespace/name` of the ModelDeployment.")
+    repo_id: str
+    revision: str = "main"
+    source: ModelSource
+    dtype: DType = DType.BFLOAT16
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpus_per_replica: float = Field(default=0.0, ge=0, description="0 on CPU-only clusters.")
+
+
+class GatewayAppArgs(_Args):
+    """`args` of the gateway application (the nnsight ingress)."""
+
+    models: dict[str, str] = Field(
+        default_factory=dict, description="model_key → Serve application name of that model."
+    )
+    min_nnsight_version: str = "0.8.1"
+    api_key_hashes_env: str = Field(
+        default="NDIF_API_KEY_HASHES",
+        description="Env var holding comma-separated sha256 hex digests of accepted API keys.",
+    )
+    object_store_bucket: str | None = None
+    object_store_endpoint_url: str | None = None
+    inline_result_max_bytes: int = 4 * MIB

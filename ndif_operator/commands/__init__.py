@@ -1,0 +1,1 @@
+"""One module per `ndif-operator` subcommand (see ndif_operator.cli)."""
