@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
 from ndif_operator.api.conditions import ConditionStatus
@@ -32,7 +32,8 @@ MIB = 1024**2
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 
 
-def _cel(rule: str, message: str, **extra: str) -> dict[str, str]:
+def _cel(rule: str, message: str, **extra: str) -> dict[str, JsonValue]:
+    """One `x-kubernetes-validations` entry (standard CEL only: cel-python evaluates it offline)."""
     return {"rule": rule, "message": message, **extra}
 
 
