@@ -1,0 +1,162 @@
+"""Plan + ModelDeployments → a Ray Serve multi-application config (a plain dict). Pure.
+
+One gateway application (the nnsight ingress, route `/`) and one application per HOT or WARM
+model, named by `model_app_name`; COLD models get no application. What goes where follows what
+restarts replicas (research/operators-and-kuberay.md §1.2): model identity and placement are
+`args` / `ray_actor_options` (a change reloads the model anyway), the request limits and the level
+are `user_config` (applied in place by `reconfigure`), and replica counts are lightweight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ndif_operator.api import (
+    Estimate,
+    GatewayAppArgs,
+    Level,
+    ModelAppArgs,
+    ModelDeployment,
+    ModelUserConfig,
+)
+from ndif_operator.api.naming import (
+    GATEWAY_APP,
+    GATEWAY_DEPLOYMENT,
+    GATEWAY_IMPORT_PATH,
+    MODEL_DEPLOYMENT,
+    MODEL_IMPORT_PATH,
+    model_app_name,
+    model_key,
+)
+from ndif_operator.planning import Decision, Plan
+from ndif_operator.rendering.options import RenderOptions
+from ndif_operator.rendering.text import canonical_number
+
+ServeConfig = dict[str, Any]
+
+
+def deployment_key(deployment: ModelDeployment) -> str:
+    """`namespace/name`: the key of a deployment in plans and in rendered args."""
+    meta = deployment.metadata
+    return f"{meta.get('namespace') or 'default'}/{meta['name']}"
+
+
+def render_serve_config(
+    plan: Plan,
+    deployments: Mapping[str, ModelDeployment],
+    *,
+    options: RenderOptions | None = None,
+    estimates: Mapping[str, Estimate] | None = None,
+) -> ServeConfig:
+    """The Serve config for `plan`.
+
+    `deployments` maps `namespace/name` to the object; every decision's key must be there.
+    `estimates` (default: each deployment's `status.estimate`) sizes WARM copies' CPU memory.
+    Deterministic: the same inputs give an equal dict, and `serve_config_text` an equal string.
+    """
+    options = options or RenderOptions()
+    models: dict[str, str] = {}
+    applications: list[dict[str, Any]] = []
+    for decision in sorted(plan.decisions, key=lambda d: d.key):
+        if decision.level == Level.COLD:
+            continue
+        deployment = deployments.get(decision.key)
+        if deployment is None:
+            raise KeyError(f"the plan places {decision.key!r} but no such ModelDeployment was given")
+        estimate = (estimates or {}).get(decision.key) or (deployment.status.estimate if deployment.status else None)
+        app = _model_app(decision, deployment, estimate, options)
+        key = model_key(deployment.spec.model.repo_id)
+        if key in models:
+            # Two deployments of one repo id would make the gateway ambiguous; the first by key wins.
+            continue
+        models[key] = app["name"]
+        applications.append(app)
+    gateway = _gateway_app(options, models)
+    config: ServeConfig = {"applications": [gateway, *sorted(applications, key=lambda a: str(a["name"]))]}
+    if options.http_host is not None or options.http_port is not None:
+        http: dict[str, Any] = {}
+        if options.http_host is not None:
+            http["host"] = options.http_host
+        if options.http_port is not None:
+            http["port"] = options.http_port
+        config["http_options"] = http
+    return config
+
+
+def _actor_options(num_cpus: float | None, num_gpus: float, memory: int, env: Mapping[str, str]) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_gpus": canonical_number(num_gpus)}
+    if num_cpus is not None:
+        options["num_cpus"] = canonical_number(num_cpus)
+    if memory > 0:
+        options["memory"] = memory
+    if env:
+        options["runtime_env"] = {"env_vars": dict(sorted(env.items()))}
+    return options
+
+
+def _gateway_app(options: RenderOptions, models: Mapping[str, str]) -> dict[str, Any]:
+    args = GatewayAppArgs.model_validate({**options.gateway.model_dump(), "models": dict(sorted(models.items()))})
+    return {
+        "name": GATEWAY_APP,
+        "route_prefix": "/",
+        "import_path": GATEWAY_IMPORT_PATH,
+        "args": args.model_dump(mode="json"),
+        "deployments": [
+            {
+                "name": GATEWAY_DEPLOYMENT,
+                "num_replicas": options.gateway_replicas,
+                "ray_actor_options": _actor_options(options.gateway_num_cpus, 0, 0, {}),
+            }
+        ],
+    }
+
+
+def _model_app(
+    decision: Decision, deployment: ModelDeployment, estimate: Estimate | None, options: RenderOptions
+) -> dict[str, Any]:
+    spec = deployment.spec
+    hot = decision.level == Level.HOT
+    gpus = decision.gpus_per_replica if hot and not options.cpu_only else 0.0
+    args = ModelAppArgs(
+        model_key=model_key(spec.model.repo_id),
+        deployment=decision.key,
+        repo_id=spec.model.repo_id,
+        revision=spec.model.revision,
+        source=spec.model.source,
+        dtype=spec.model.dtype,
+        trust_remote_code=spec.model.trust_remote_code,
+        tensor_parallel_size=decision.tensor_parallel_size if hot else 1,
+        gpus_per_replica=gpus,
+    )
+    if hot:
+        memory = options.hot_host_memory_bytes
+    else:
+        # A WARM copy holds the weights in CPU RAM: reserve them so Ray does not overcommit a pod.
+        memory = estimate.weights_bytes if estimate is not None else 0
+    user_config = ModelUserConfig.from_limits(spec.limits, Level(decision.level))
+    model_deployment: dict[str, Any] = {
+        "name": MODEL_DEPLOYMENT,
+        "ray_actor_options": _actor_options(options.replica_num_cpus, gpus, memory, dict(options.replica_env)),
+        "user_config": user_config.model_dump(mode="json"),
+    }
+    replicas = decision.replicas if hot else 1  # one process holds the WARM copy
+    autoscaling = spec.autoscaling
+    if hot and autoscaling is not None and replicas > 0:
+        # The planner reserved room for `replicas`; autoscaling may move below it, never above.
+        minimum = min(autoscaling.min_replicas, replicas)
+        model_deployment["autoscaling_config"] = {
+            "min_replicas": minimum,
+            "max_replicas": replicas,
+            "initial_replicas": max(minimum, min(spec.replicas, replicas)),
+            "target_ongoing_requests": canonical_number(autoscaling.target_ongoing_requests),
+        }
+    else:
+        model_deployment["num_replicas"] = replicas
+    return {
+        "name": model_app_name(*decision.key.split("/", 1)),
+        "route_prefix": None,  # reached through the gateway's handles, never over HTTP directly
+        "import_path": MODEL_IMPORT_PATH,
+        "args": args.model_dump(mode="json"),
+        "deployments": [model_deployment],
+    }

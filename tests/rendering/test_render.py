@@ -1,0 +1,154 @@
+"""The renderer: plan + ModelDeployments → Serve config, byte-stable and valid for Ray Serve."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ndif_operator.api import Estimate, GatewayAppArgs, Level, ModelAppArgs, ModelDeployment, ModelUserConfig, Reason
+from ndif_operator.api.naming import GATEWAY_APP, MODEL_IMPORT_PATH, model_app_name
+from ndif_operator.planning import Decision, Plan, ReplicaPlacement
+from ndif_operator.rendering import (
+    RenderOptions,
+    ServeConfigInvalid,
+    check_serve_config,
+    render_serve_config,
+    serve_config_text,
+    validate_serve_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def md(name: str, repo: str, **spec: object) -> ModelDeployment:
+    return ModelDeployment.model_validate({
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": {"model": {"repoId": repo}, **spec},
+    })
+
+
+def decision(key: str, level: Level, *, replicas: int = 1, gpus: float = 1.0) -> Decision:
+    hot = level == Level.HOT
+    return Decision(
+        key=key, level=level, replicas=replicas if hot else 0, gpus_per_replica=gpus if hot else 0.0,
+        gpu_fraction=min(gpus, 1.0) if hot else 1.0, worker_group="gpu" if level != Level.COLD else None,
+        assignments=tuple(ReplicaPlacement(pod=i, gpus=(0,), fraction=min(gpus, 1.0)) for i in range(replicas))
+        if hot else (), reason=Reason.PLACED_HOT if hot else Reason.PLACED_WARM, message="",
+    )
+
+
+DEPLOYMENTS = {
+    "ml/gpt2": md("gpt2", "openai-community/gpt2", limits={"requestTimeoutSeconds": 30}),
+    "ml/llama": md("llama", "meta-llama/Llama-3.1-8B", replicas=2),
+    "ml/warm": md("warm", "org/Warm-Model", level="Warm"),
+    "ml/cold": md("cold", "org/Cold-Model", level="Cold"),
+}
+PLAN = Plan(decisions=(
+    decision("ml/cold", Level.COLD),
+    decision("ml/gpt2", Level.HOT, gpus=1 / 3),
+    decision("ml/llama", Level.HOT, replicas=2, gpus=2),
+    decision("ml/warm", Level.WARM),
+))
+ESTIMATES = {"ml/warm": Estimate(weights_bytes=123_456, total_bytes=200_000, method="Config")}
+
+
+def test_renders_gateway_and_one_app_per_served_model() -> None:
+    config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES)
+    apps = {app["name"]: app for app in config["applications"]}
+    assert list(apps) == [GATEWAY_APP, "md-ml-gpt2", "md-ml-llama", "md-ml-warm"]  # COLD has no app
+    gateway = GatewayAppArgs.model_validate(apps[GATEWAY_APP]["args"])
+    assert gateway.models == {"openai-community/gpt2": "md-ml-gpt2", "meta-llama/llama-3.1-8b": "md-ml-llama",
+                              "org/warm-model": "md-ml-warm"}
+    llama = apps[model_app_name("ml", "llama")]
+    assert llama["import_path"] == MODEL_IMPORT_PATH and llama["route_prefix"] is None
+    args = ModelAppArgs.model_validate(llama["args"])  # the runtime parses the very same schema
+    assert (args.repo_id, args.tensor_parallel_size, args.gpus_per_replica) == ("meta-llama/Llama-3.1-8B", 2, 2)
+    (replica,) = llama["deployments"]
+    assert replica["num_replicas"] == 2 and replica["ray_actor_options"] == {"num_gpus": 2}
+    gpt2 = apps["md-ml-gpt2"]["deployments"][0]
+    assert gpt2["ray_actor_options"]["num_gpus"] == 0.3333
+    assert ModelUserConfig.model_validate(gpt2["user_config"]).request_timeout_seconds == 30
+    warm = apps["md-ml-warm"]["deployments"][0]
+    assert warm["ray_actor_options"] == {"num_gpus": 0, "memory": 123_456}
+    assert warm["user_config"]["level"] == "Warm" and warm["num_replicas"] == 1
+    assert validate_serve_config(config) == []
+
+
+def test_text_is_byte_stable_and_independent_of_input_order() -> None:
+    first = serve_config_text(render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES))
+    shuffled_plan = Plan(decisions=tuple(reversed(PLAN.decisions)))
+    shuffled = dict(reversed(list(DEPLOYMENTS.items())))
+    assert serve_config_text(render_serve_config(shuffled_plan, shuffled, estimates=ESTIMATES)) == first
+    assert json.loads(first)["applications"][0]["name"] == GATEWAY_APP
+
+
+def test_text_is_identical_in_a_fresh_process() -> None:
+    # An operator restart must produce the very same string (no hash seeds, no timestamps).
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_render as t;"
+        "from ndif_operator.rendering import render_serve_config, serve_config_text;"
+        "print(serve_config_text(render_serve_config(t.PLAN, t.DEPLOYMENTS, estimates=t.ESTIMATES)), end='')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=ROOT).stdout
+    assert out == serve_config_text(render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES))
+
+
+def test_cpu_only_requests_no_gpus_and_zero_cpus() -> None:
+    options = RenderOptions(cpu_only=True, replica_num_cpus=0, gateway_num_cpus=0,
+                            replica_env=(("OMP_NUM_THREADS", "1"),))
+    config = render_serve_config(PLAN, DEPLOYMENTS, options=options, estimates=ESTIMATES)
+    for app in config["applications"]:
+        actor = app["deployments"][0]["ray_actor_options"]
+        assert actor["num_gpus"] == 0 and actor["num_cpus"] == 0
+    llama = next(a for a in config["applications"] if a["name"] == "md-ml-llama")
+    assert llama["deployments"][0]["ray_actor_options"]["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "1"}}
+    assert validate_serve_config(config) == []
+
+
+def test_autoscaling_stays_within_the_granted_replicas() -> None:
+    deployments = {"ml/a": md("a", "org/A", replicas=2, autoscaling={"minReplicas": 1, "maxReplicas": 4})}
+    plan = Plan(decisions=(decision("ml/a", Level.HOT, replicas=3),))
+    (replica,) = render_serve_config(plan, deployments)["applications"][1]["deployments"]
+    assert "num_replicas" not in replica
+    assert replica["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 2,
+                                             "target_ongoing_requests": 2}
+    assert validate_serve_config(render_serve_config(plan, deployments)) == []
+
+
+def test_a_decision_without_its_deployment_is_an_error() -> None:
+    with pytest.raises(KeyError, match="ml/ghost"):
+        render_serve_config(Plan(decisions=(decision("ml/ghost", Level.HOT),)), DEPLOYMENTS)
+
+
+def test_schema_rejects_what_serve_would_misread() -> None:
+    config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES)
+    config["applications"][1]["deployments"][0]["ray_actor_options"]["num_gpu"] = 1  # typo
+    config["applications"][2]["deployments"][0]["num_replicas"] = [1]
+    config["applications"].append(dict(config["applications"][0]))
+    errors = validate_serve_config(config)
+    assert any("num_gpu" in e for e in errors)
+    assert any("num_replicas" in e for e in errors)
+    assert any("duplicate application name 'gateway'" in e for e in errors)
+    with pytest.raises(ServeConfigInvalid):
+        check_serve_config(config)
+
+
+@pytest.mark.slow
+def test_committed_serve_schema_matches_installed_ray() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "export_serve_schema.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_rendered_config_parses_with_ray_serve_itself() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES, options=RenderOptions(http_port=8000))
+    parsed = ServeDeploySchema.model_validate(json.loads(serve_config_text(config)))
+    assert [app.name for app in parsed.applications] == [a["name"] for a in config["applications"]]
