@@ -1,0 +1,168 @@
+"""Embedded mode end to end: a local Ray head, the operator's plan applied through Serve's REST API.
+
+    with LocalMode(settings) as mode:      # start Ray, plan, apply, wait until RUNNING
+        print(mode.table())
+        mode.wait_for_stop()               # Ctrl-C / SIGTERM
+    # leaving the block stops everything that was started
+
+Nothing in here imports `ray`: Ray runs as `ray start` in a subprocess, Serve is driven over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ndif_operator.api import GatewayAppArgs
+from ndif_operator.local.inventory import DEFAULT_RESERVED_BYTES, LocalInventory, build_inventory, detect_machine
+from ndif_operator.local.manifests import load_manifests
+from ndif_operator.local.pipeline import LocalPlan, plan_local
+from ndif_operator.local.ray_head import LocalRayHead, RayHeadSpec, RayPorts
+from ndif_operator.local.serve_rest import AppProgress, ServeRestClient, app_progress
+from ndif_operator.local.table import model_table
+
+API_KEY_HASHES_ENV = "NDIF_API_KEY_HASHES"
+
+
+def repo_root() -> Path:
+    """The checkout that holds `model_runtime` (the replicas import it via PYTHONPATH)."""
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    manifests: tuple[Path, ...]
+    ports: RayPorts = field(default_factory=RayPorts)
+    num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    reserved_memory_bytes: int = DEFAULT_RESERVED_BYTES
+    deploy_timeout_s: float = 600.0
+    api_key_hashes: tuple[str, ...] = ()  # sha256 hex digests; empty = no auth (loopback, one user)
+    object_store_bucket: str | None = None
+    object_store_endpoint_url: str | None = None
+    temp_dir: Path | None = None
+    extra_pythonpath: tuple[str, ...] = ()
+
+    def gateway_args(self) -> GatewayAppArgs:
+        return GatewayAppArgs(
+            api_key_hashes_env=API_KEY_HASHES_ENV,
+            object_store_bucket=self.object_store_bucket,
+            object_store_endpoint_url=self.object_store_endpoint_url,
+        )
+
+    def head_spec(self, local: LocalInventory) -> RayHeadSpec:
+        env = {API_KEY_HASHES_ENV: ",".join(self.api_key_hashes)}
+        return RayHeadSpec(
+            num_cpus=self.num_cpus,
+            num_gpus=local.gpus,
+            ports=self.ports,
+            temp_dir=self.temp_dir,
+            pythonpath=(str(repo_root()), *self.extra_pythonpath),
+            env=env,
+        )
+
+
+class LocalMode:
+    """Bring up, report, and tear down one embedded deployment. `down()` is idempotent."""
+
+    def __init__(self, settings: LocalSettings, *, log: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self._log = log
+        self.plan: LocalPlan | None = None
+        self.head: LocalRayHead | None = None
+        self.rest: ServeRestClient | None = None
+
+    @property
+    def ndif_host(self) -> str:
+        return f"http://127.0.0.1:{self.settings.ports.serve_http}"
+
+    def up(self) -> LocalPlan:
+        settings = self.settings
+        deployments = load_manifests(settings.manifests)
+        local = build_inventory(detect_machine(), reserved_bytes=settings.reserved_memory_bytes)
+        self.plan = plan_local(
+            deployments, local, serve_port=settings.ports.serve_http, gateway=settings.gateway_args()
+        )
+        where = "CPU only (host RAM as the device)" if local.cpu_only else f"{local.gpus} GPU(s)"
+        self._log(f"planned {len(deployments)} model(s) on this machine: {where}")
+        self.head = LocalRayHead(settings.head_spec(local), log=self._log)
+        self.head.start()
+        self.rest = ServeRestClient(self.head.spec.dashboard_url)
+        self._log(f"applying the Serve config ({len(self.plan.expected_apps)} applications) ...")
+        self.rest.apply(self.plan.config)
+        self.rest.wait_running(
+            self.plan.expected_apps,
+            timeout=settings.deploy_timeout_s,
+            on_progress=lambda line: self._log(f"  waiting: {line}"),
+        )
+        return self.plan
+
+    def progress(self) -> dict[str, AppProgress]:
+        return app_progress(self.rest.details()) if self.rest is not None else {}
+
+    def table(self) -> str:
+        if self.plan is None:
+            return ""
+        return model_table(self.plan, self.progress())
+
+    def ready_info(self) -> dict[str, Any]:
+        assert self.plan is not None and self.head is not None
+        return {
+            "ndif_host": self.ndif_host,
+            "dashboard": self.head.spec.dashboard_url,
+            "applications": sorted(self.plan.expected_apps),
+            "pid": os.getpid(),
+        }
+
+    def down(self) -> None:
+        if self.head is not None:
+            self.head.stop()
+            self.head = None
+
+    def __enter__(self) -> LocalMode:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def write_ready_file(path: Path, info: dict[str, Any]) -> None:
+    """Atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class Stopped(Exception):
+    """Raised in the main thread by SIGINT/SIGTERM so that `finally` blocks tear down."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Turn the first SIGINT/SIGTERM into `Stopped`; later ones are ignored so teardown finishes."""
+    event = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if event.is_set():
+            return
+        event.set()
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

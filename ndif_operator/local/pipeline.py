@@ -1,0 +1,104 @@
+"""Manifests → estimates → plan → Serve config, for this machine. Pure but for the evaluator's reads.
+
+The very functions the operator calls (`evaluation.estimate`, `planning.plan`,
+`rendering.render_serve_config`); local mode only chooses the inventory and the render options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ndif_operator.api import Estimate, GatewayAppArgs, Level, ModelDeployment
+from ndif_operator.evaluation import EstimateCache, EstimateError, estimate
+from ndif_operator.local.inventory import LocalInventory
+from ndif_operator.local.manifests import deployment_key
+from ndif_operator.planning import PlacementRequest, Plan, plan
+from ndif_operator.rendering import RenderOptions, check_serve_config, render_serve_config
+
+# Environment of every model replica in local mode: 2 shared cores on small boxes, no model hub.
+_LOCAL_REPLICA_ENV = (("OMP_NUM_THREADS", "1"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"))
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """Everything local mode decided, kept for the model table."""
+
+    deployments: dict[str, ModelDeployment]  # by namespace/name
+    estimates: dict[str, Estimate]
+    estimate_errors: dict[str, str]  # why a deployment could not be sized (it is planned unsized)
+    plan: Plan
+    config: dict[str, Any]
+
+    @property
+    def expected_apps(self) -> set[str]:
+        return {str(app["name"]) for app in self.config["applications"]}
+
+
+def placement_request(md: ModelDeployment, sized: Estimate | None) -> PlacementRequest:
+    spec = md.spec
+    return PlacementRequest(
+        key=deployment_key(md),
+        total_bytes=sized.total_bytes if sized else None,
+        weights_bytes=sized.weights_bytes if sized else None,
+        level=Level(spec.level),
+        replicas=spec.replicas,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        priority=spec.priority,
+        dedicated=spec.dedicated,
+        minimum_deployment_seconds=spec.minimum_deployment_seconds,
+    )
+
+
+def evaluate_all(
+    deployments: Sequence[ModelDeployment], cache: EstimateCache, *, now: datetime
+) -> tuple[dict[str, Estimate], dict[str, str]]:
+    estimates: dict[str, Estimate] = {}
+    errors: dict[str, str] = {}
+    for md in deployments:
+        key = deployment_key(md)
+        try:
+            estimates[key] = estimate(md.spec.model, md.spec.limits, cache, now=now)
+        except EstimateError as exc:  # EstimatePending included: planned unsized, as the operator does
+            errors[key] = str(exc)
+    return estimates, errors
+
+
+def render_options(local: LocalInventory, *, serve_port: int, gateway: GatewayAppArgs) -> RenderOptions:
+    return RenderOptions(
+        cpu_only=local.cpu_only,
+        # One machine: CPU accounting only risks stuck rolling updates (research/runtime-on-cpu.md §4).
+        replica_num_cpus=0,
+        gateway_num_cpus=0,
+        gateway=gateway,
+        http_host="127.0.0.1",
+        http_port=serve_port,
+        replica_env=_LOCAL_REPLICA_ENV,
+    )
+
+
+def plan_local(
+    deployments: Sequence[ModelDeployment],
+    local: LocalInventory,
+    *,
+    serve_port: int,
+    gateway: GatewayAppArgs | None = None,
+    cache: EstimateCache | None = None,
+    now: datetime | None = None,
+) -> LocalPlan:
+    now = now or datetime.now(UTC)
+    estimates, errors = evaluate_all(deployments, cache or EstimateCache(), now=now)
+    requests = [placement_request(md, estimates.get(deployment_key(md))) for md in deployments]
+    the_plan = plan(local.inventory, requests, now=now)
+    by_key = {deployment_key(md): md for md in deployments}
+    config = render_serve_config(
+        the_plan,
+        by_key,
+        options=render_options(local, serve_port=serve_port, gateway=gateway or GatewayAppArgs()),
+        estimates=estimates,
+    )
+    config["proxy_location"] = "HeadOnly"  # one node: one proxy, on loopback
+    check_serve_config(config)
+    return LocalPlan(by_key, estimates, errors, the_plan, config)

@@ -1,0 +1,64 @@
+"""The model table local mode prints: what was asked, what was granted, and whether it serves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ndif_operator.api import Level
+from ndif_operator.api.naming import model_app_name, model_key
+from ndif_operator.api.v1alpha1 import GIB, MIB
+from ndif_operator.local.pipeline import LocalPlan
+from ndif_operator.local.serve_rest import AppProgress
+
+HEADERS = ("DEPLOYMENT", "MODEL KEY", "WANTED", "GRANTED", "REPLICAS", "MEMORY", "APP", "REASON")
+
+
+def human_bytes(value: int | None) -> str:
+    if value is None:
+        return "?"
+    if value >= GIB:
+        return f"{value / GIB:.1f}Gi"
+    if value >= MIB:
+        return f"{value / MIB:.1f}Mi"
+    return f"{value / 1024:.0f}Ki"
+
+
+def table_rows(local_plan: LocalPlan, progress: Mapping[str, AppProgress]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for key in sorted(local_plan.deployments):
+        md = local_plan.deployments[key]
+        decision = local_plan.plan.by_key.get(key)
+        granted = str(decision.level) if decision else "-"
+        app_name = model_app_name(*key.split("/", 1))
+        app = progress.get(app_name)
+        if decision is not None and decision.level == Level.COLD:
+            app_state = "-"  # no application for a COLD model, by design
+        else:
+            app_state = app.status if app else "MISSING"
+        sized = local_plan.estimates.get(key)
+        reason = str(decision.reason) if decision else "NotPlanned"
+        if key in local_plan.estimate_errors:
+            reason = f"{reason} (unsized: {local_plan.estimate_errors[key]})"
+        elif decision is not None and decision.message:
+            reason = f"{reason}: {decision.message}"
+        rows.append((
+            key,
+            model_key(md.spec.model.repo_id),
+            str(md.spec.level),
+            granted,
+            str(decision.replicas if decision else 0),
+            human_bytes(sized.total_bytes if sized else None),
+            app_state,
+            reason,
+        ))  # fmt: skip
+    return rows
+
+
+def format_table(rows: Sequence[Sequence[str]], headers: Sequence[str] = HEADERS) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def model_table(local_plan: LocalPlan, progress: Mapping[str, AppProgress]) -> str:
+    return format_table(table_rows(local_plan, progress))

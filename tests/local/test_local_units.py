@@ -1,0 +1,172 @@
+"""Local mode's pure parts: the `ray start` line, process discovery, Serve progress, inventory, manifests."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ndif_operator.api.v1alpha1 import GIB
+from ndif_operator.local.inventory import Machine, build_inventory, parse_meminfo, parse_nvidia_smi
+from ndif_operator.local.manifests import ManifestError, load_manifests, parse_manifests
+from ndif_operator.local.ray_head import HEAD_MARKER_ENV, RayHeadSpec, RayPorts, processes_of, start_command, start_env
+from ndif_operator.local.serve_rest import ServeRestClient, ServeRestError, all_running, app_progress
+from ndif_operator.local.table import format_table, human_bytes
+
+MANIFEST = """\
+apiVersion: ndif.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: tiny}
+spec:
+  model: {repoId: ndif-demo/tiny-llama, source: {localPath: {path: /models/tiny}}, dtype: float32}
+"""
+
+
+def test_start_command_is_loopback_only_with_explicit_ports() -> None:
+    spec = RayHeadSpec(num_cpus=2, ports=RayPorts.offset(100))
+    cmd = start_command(spec, "ray")
+    assert cmd[:4] == ["ray", "start", "--head", "--block"]
+    assert "--node-ip-address=127.0.0.1" in cmd and "--dashboard-host=127.0.0.1" in cmd
+    assert "--port=6490" in cmd and "--dashboard-port=8365" in cmd
+    # The client server must stay below Ray's default worker port range (10002-19999).
+    assert "--ray-client-server-port=9901" in cmd
+    assert f"--temp-dir={Path('/tmp/ndif-local-6490')}" in cmd
+    assert spec.serve_url == "http://127.0.0.1:8100"
+
+
+def test_start_env_disables_auth_and_marks_every_process() -> None:
+    spec = RayHeadSpec(num_cpus=1, pythonpath=("/repo",), env={"EXTRA": "1"})
+    env = start_env(spec, {"PYTHONPATH": "/other", "RAY_AUTH_MODE": "token"})
+    assert env["RAY_AUTH_MODE"] == "disabled"
+    assert env["PYTHONPATH"] == "/repo:/other"
+    assert env[HEAD_MARKER_ENV] == str(spec.resolved_temp_dir)
+    assert env["EXTRA"] == "1"
+
+
+def test_processes_of_matches_marker_or_session_dir_but_not_siblings(tmp_path: Path) -> None:
+    def fake(pid: int, cmdline: list[str], environ: list[str]) -> None:
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in cmdline))
+        (d / "environ").write_bytes(b"\0".join(a.encode() for a in environ))
+
+    fake(11, ["ray::ServeReplica"], [f"{HEAD_MARKER_ENV}=/tmp/ndif-local-6390"])
+    fake(12, ["raylet", "--session_dir=/tmp/ndif-local-6390/session_x"], [])
+    fake(13, ["raylet", "--session_dir=/tmp/ndif-local-63900/session_x"], [f"{HEAD_MARKER_ENV}=/tmp/ndif-local-63900"])
+    fake(14, ["bash"], [])
+    (tmp_path / "self").mkdir()
+    assert processes_of(Path("/tmp/ndif-local-6390"), proc_root=tmp_path) == [11, 12]
+
+
+DETAILS: dict[str, Any] = {
+    "applications": {
+        "gateway": {"status": "RUNNING", "deployments": {"NnsightGateway": {
+            "status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]}}},
+        "md-default-tiny": {"status": "DEPLOYING", "message": "", "deployments": {"ModelReplica": {
+            "status": "UPDATING", "target_num_replicas": 2, "replicas": [{"state": "STARTING"}]}}},
+    }
+}
+
+
+def test_app_progress_summarizes_states_and_replicas() -> None:
+    progress = app_progress(DETAILS)
+    assert progress["gateway"].deployments == {"NnsightGateway": "HEALTHY 1/1"}
+    assert progress["md-default-tiny"].deployments == {"ModelReplica": "UPDATING 0/2"}
+    assert all_running(progress, {"gateway"})
+    assert not all_running(progress, {"gateway", "md-default-tiny"})
+    assert not all_running(progress, {"missing"})
+    assert app_progress({}) == {}
+
+
+@pytest.fixture()
+def fake_dashboard() -> Iterator[tuple[str, list[Any]]]:
+    """A real HTTP server standing in for the dashboard: records PUTs, answers GET with `state`."""
+    calls: list[Any] = []
+    state = {"applications": {"a": {"status": "DEPLOY_FAILED", "message": "bad import"}}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = json.dumps(state).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_PUT(self) -> None:
+            calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            code = 400 if "bad" in calls[-1] else 200
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"refused" if code == 400 else b"")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", calls
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_rest_client_applies_and_reports_failures(fake_dashboard: tuple[str, list[Any]]) -> None:
+    url, calls = fake_dashboard
+    client = ServeRestClient(url)
+    client.apply({"applications": []})
+    assert calls == [{"applications": []}]
+    with pytest.raises(ServeRestError, match="400: refused"):
+        client.apply({"bad": 1})
+    with pytest.raises(ServeRestError, match="a: DEPLOY_FAILED: bad import"):
+        client.wait_running({"a"}, timeout=5, poll=0.01)
+    with pytest.raises(ServeRestError, match="not RUNNING after"):
+        client.wait_running({"b"}, timeout=0.05, poll=0.01)
+
+
+def test_inventory_gpu_machine_and_cpu_only_machine() -> None:
+    gpu = build_inventory(Machine((80 * GIB, 40 * GIB), 64 * GIB), reserved_bytes=4 * GIB)
+    group = gpu.inventory.groups[0]
+    assert not gpu.cpu_only and gpu.gpus == 2
+    assert (group.gpus_per_pod, group.gpu_memory_bytes, group.cpu_memory_bytes) == (2, 40 * GIB, 60 * GIB)
+    cpu = build_inventory(Machine((), 24 * GIB), reserved_bytes=4 * GIB)
+    group = cpu.inventory.groups[0]
+    assert cpu.cpu_only and cpu.gpus == 0
+    assert group.gpus_per_pod == 1 and group.gpu_memory_bytes + group.cpu_memory_bytes == 20 * GIB
+    with pytest.raises(ValueError, match="reserved"):
+        build_inventory(Machine((), 2 * GIB), reserved_bytes=4 * GIB)
+
+
+def test_parsers() -> None:
+    assert parse_meminfo("MemTotal:       16384 kB\nMemFree: 1 kB\n") == 16384 * 1024
+    assert parse_nvidia_smi("81559\n81559\n") == (81559 * 1024**2,) * 2
+    with pytest.raises(ValueError):
+        parse_meminfo("nothing")
+
+
+def test_manifests_default_namespace_and_validate(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(MANIFEST)
+    [md] = load_manifests([tmp_path])
+    assert md.metadata["namespace"] == "default"
+    assert md.spec.limits.max_queue_depth == 64  # schema defaults applied
+    with pytest.raises(ManifestError, match="defined twice"):
+        load_manifests([tmp_path, tmp_path / "a.yaml"])
+    with pytest.raises(ManifestError, match="expected kind ModelDeployment"):
+        parse_manifests("kind: Pod\n", "x.yaml")
+    with pytest.raises(ManifestError, match=r"spec\.replicas"):
+        parse_manifests(MANIFEST + "  replicas: -1\n", "x.yaml")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        parse_manifests("a: [", "x.yaml")
+    with pytest.raises(ManifestError, match="no ModelDeployment"):
+        load_manifests([])
+
+
+def test_table_formatting() -> None:
+    assert human_bytes(None) == "?" and human_bytes(3 * GIB) == "3.0Gi" and human_bytes(2048) == "2Ki"
+    text = format_table([("a", "bb")], headers=("X", "Y"))
+    assert text.splitlines() == ["X  Y", "a  bb"]
