@@ -1,13 +1,455 @@
-"""The placement planner (see docs/placement.md)."""
+"""The placement planner: a pure function from (inventory, requests, now) to a plan.
+
+Rules, in the order they apply (docs/placement.md has the rationale):
+
+1. Keep what is placed. Every HOT replica the status says is placed, and that still fits the
+   inventory and the request's current size, keeps its exact GPUs. This is what makes plans
+   stable: adding a model never moves another one into free space, removing one moves nothing.
+2. Place what is missing (new models, new replicas, displaced ones) one request at a time:
+   dedicated first, then higher priority, then models that were placed before, then larger
+   first (best-fit decreasing packs well), then by key. A replica that fits one GPU takes a
+   memory-proportional share of the GPU with the least room that still holds it; a larger one
+   takes whole GPUs in the pod with the fewest whole free GPUs that suffices.
+3. When nothing is free, evict: a dedicated request may evict any non-dedicated model; otherwise
+   only models of lower priority, or of equal priority that opted into time sharing
+   (minimumDeploymentSeconds > 0) and have been HOT at least that long. Only placements carried
+   over from the previous plan are evicted (never one made in this plan), so the search ends.
+   The cheapest location wins: fewest victims, then lowest victim priority, then least memory.
+4. What is not HOT goes WARM in CPU RAM when the request allows it and a pod has room
+   (preferring the pod it is already in), else COLD; every such decision says why.
+
+Everything is sorted before use so the same input gives the same plan byte for byte, whatever
+the order of `requests`.
+"""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from ndif_operator.planning.types import Inventory, PlacementRequest, Plan
+from ndif_operator.api import Level, Reason
+from ndif_operator.planning.capacity import CpuCapacity, GroupCapacity, SlotId
+from ndif_operator.planning.sizing import Need, human_bytes, need_in
+from ndif_operator.planning.types import (
+    FRACTION_UNITS,
+    CurrentPlacement,
+    Decision,
+    Inventory,
+    PlacementRequest,
+    Plan,
+    ReplicaPlacement,
+)
+
+_Order = tuple[int, int, int, int, str]
+
+
+@dataclass(slots=True)
+class _Slot:
+    group: int
+    pod: int
+    gpus: tuple[int, ...]
+    units: int
+    incumbent: bool  # carried over from the current placement (the only kind that may be evicted)
+
+
+@dataclass(slots=True)
+class _State:
+    req: PlacementRequest
+    order: _Order
+    group: int | None = None
+    need: Need | None = None
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    next_replica: int = 0
+    evicted_by: str | None = None
+    why_short: str = ""  # why not every wanted replica was placed
+    warm_at: tuple[int, int] | None = None  # (group index, pod) of the WARM copy
+
+    @property
+    def wants_hot(self) -> bool:
+        return self.req.level == Level.HOT and self.req.total_bytes is not None and self.req.replicas > 0
+
+    @property
+    def missing(self) -> int:
+        return self.req.replicas - len(self.slots) if self.wants_hot else 0
+
+
+def _order(req: PlacementRequest) -> _Order:
+    was_hot = req.current is not None and req.current.level == Level.HOT
+    return (0 if req.dedicated else 1, -req.priority, 0 if was_hot else 1, -(req.total_bytes or 0), req.key)
+
+
+class _Planner:
+    def __init__(self, inventory: Inventory, requests: Sequence[PlacementRequest], now: datetime) -> None:
+        self.inventory = inventory
+        self.groups = inventory.groups
+        self.now = now
+        self.caps = [GroupCapacity.empty(g) for g in self.groups]
+        self.group_index = {g.name: i for i, g in enumerate(self.groups)}
+        keys = [r.key for r in requests]
+        if len(set(keys)) != len(keys):
+            dupes = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"duplicate placement request keys: {dupes}")
+        self.states = {r.key: _State(req=r, order=_order(r)) for r in sorted(requests, key=lambda r: r.key)}
+        # group index → slot → state key, for the placements eviction may take back
+        self.incumbents: list[dict[SlotId, str]] = [{} for _ in self.groups]
+        # Group preference for new placements: the smallest GPUs that hold the model, so that big
+        # GPUs stay free for the models that need them.
+        self.group_pref = sorted(
+            range(len(self.groups)), key=lambda i: (self.groups[i].gpu_memory_bytes, self.groups[i].name)
+        )
+
+    # --- phase 1: keep ------------------------------------------------------------------------
+
+    def keep_current(self) -> None:
+        for st in sorted(self.states.values(), key=lambda s: s.order):
+            cur = st.req.current
+            if not st.wants_hot or cur is None or cur.level != Level.HOT or cur.worker_group is None:
+                continue
+            gi = self.group_index.get(cur.worker_group)
+            if gi is None:
+                continue
+            group = self.groups[gi]
+            need = need_in(st.req, group)
+            if isinstance(need, str):
+                continue
+            st.group, st.need = gi, need
+            st.next_replica = len(cur.replicas)
+            cap = self.caps[gi]
+            for number, rp in enumerate(cur.replicas[: st.req.replicas]):
+                if not self._slot_fits(cap, rp, need):
+                    continue
+                slot = _Slot(gi, rp.pod, rp.gpus, need.units, incumbent=True)
+                cap.allocate((st.req.key, number), rp.pod, rp.gpus, need.units)
+                st.slots[number] = slot
+                self.incumbents[gi][(st.req.key, number)] = st.req.key
+            if not st.slots:
+                st.group = st.need = None
+
+    @staticmethod
+    def _slot_fits(cap: GroupCapacity, rp: ReplicaPlacement, need: Need) -> bool:
+        group = cap.group
+        if not 0 <= rp.pod < group.pods or len(rp.gpus) != need.gpus or len(set(rp.gpus)) != len(rp.gpus):
+            return False
+        if round(rp.fraction * FRACTION_UNITS) != need.units:
+            return False  # the model's size changed: re-place it with its new share
+        return all(0 <= g < group.gpus_per_pod and cap.free[rp.pod][g] >= need.units for g in rp.gpus)
+
+    # --- phase 2: place -----------------------------------------------------------------------
+
+    def place_missing(self) -> None:
+        heap = [(st.order, st.req.key) for st in self.states.values() if st.missing > 0]
+        heapq.heapify(heap)
+        while heap:
+            _, key = heapq.heappop(heap)
+            st = self.states[key]
+            if st.missing <= 0:
+                continue
+            for victim in self._place(st):
+                heapq.heappush(heap, (self.states[victim].order, victim))
+
+    def _place(self, st: _State) -> list[str]:
+        """Place `st`'s missing replicas; return the keys of the requests it evicted."""
+        evicted: list[str] = []
+        st.why_short = ""
+        if st.group is None and not self._choose_group(st, evicted):
+            return evicted
+        assert st.group is not None and st.need is not None
+        cap, need = self.caps[st.group], st.need
+        while st.missing > 0:
+            where = self._fit(st, cap, need) or self._evict_for(st, st.group, need, evicted)
+            if where is None:
+                st.why_short = self._shortage(st, [st.group])
+                break
+            self._allocate(st, st.group, where)
+        return evicted
+
+    def _choose_group(self, st: _State, evicted: list[str]) -> bool:
+        feasible: list[tuple[int, Need]] = []
+        reasons: list[str] = []
+        for gi in self.group_pref:
+            need = need_in(st.req, self.groups[gi])
+            if isinstance(need, str):
+                reasons.append(need)
+            else:
+                feasible.append((gi, need))
+        if not feasible:
+            st.why_short = "; ".join(reasons) if reasons else "the inventory has no worker groups"
+            return False
+        for gi, need in feasible:
+            st.group, st.need = gi, need
+            where = self._fit(st, self.caps[gi], need)
+            if where is not None:
+                self._allocate(st, gi, where)
+                return True
+        for gi, need in feasible:
+            st.group, st.need = gi, need
+            where = self._evict_for(st, gi, need, evicted)
+            if where is not None:
+                self._allocate(st, gi, where)
+                return True
+        st.group = st.need = None
+        st.why_short = self._shortage(st, [gi for gi, _ in feasible])
+        return False
+
+    def _fit(self, st: _State, cap: GroupCapacity, need: Need) -> tuple[int, tuple[int, ...]] | None:
+        if need.shared:
+            # Replicas of one model on one GPU would share its failure and its compute: spread them.
+            avoid = {(s.pod, s.gpus[0]) for s in st.slots.values()}
+            found = cap.tightest_gpu(need.units, avoid)
+            return None if found is None else (found[0], (found[1],))
+        return cap.whole_gpus(need.gpus)
+
+    def _allocate(self, st: _State, gi: int, where: tuple[int, tuple[int, ...]]) -> None:
+        assert st.need is not None
+        number = st.next_replica
+        st.next_replica += 1
+        pod, gpus = where
+        self.caps[gi].allocate((st.req.key, number), pod, gpus, st.need.units)
+        st.slots[number] = _Slot(gi, pod, gpus, st.need.units, incumbent=False)
+
+    # --- eviction -----------------------------------------------------------------------------
+
+    def _evictable(self, victim: _State, by: PlacementRequest) -> bool:
+        v = victim.req
+        if v.dedicated or v.key == by.key:
+            return False
+        if by.dedicated or by.priority > v.priority:
+            return True
+        if by.priority < v.priority or v.minimum_deployment_seconds <= 0:
+            return False
+        since = v.current.since if v.current is not None else None
+        return since is None or (self.now - since).total_seconds() >= v.minimum_deployment_seconds
+
+    def _evict_for(
+        self, st: _State, gi: int, need: Need, evicted: list[str]
+    ) -> tuple[int, tuple[int, ...]] | None:
+        cap = self.caps[gi]
+        candidates = {
+            slot: key for slot, key in self.incumbents[gi].items() if self._evictable(self.states[key], st.req)
+        }
+        if not candidates:
+            return None
+        prio = {slot: self.states[key].req.priority for slot, key in candidates.items()}
+        pods = sorted({self.states[key].slots[slot[1]].pod for slot, key in candidates.items()})
+        best: tuple[tuple[int, int, int], int, tuple[int, ...], set[SlotId]] | None = None
+        avoid = {(s.pod, s.gpus[0]) for s in st.slots.values()} if need.shared else set()
+        for pod in pods:
+            options: list[tuple[tuple[int, int, int], int, set[SlotId]]] = []  # (cost, gpu, victims)
+            for gpu in range(cap.group.gpus_per_pod):
+                if (pod, gpu) in avoid:
+                    continue
+                free, occupants = cap.free[pod][gpu], cap.occupants[pod][gpu]
+                target = need.units
+                if free >= target:
+                    options.append(((0, -(10**6), 0), gpu, set()))
+                    continue
+                chosen: set[SlotId] = set()
+                # Cheapest victims first: lowest priority, then the ones freeing the most room.
+                for slot in sorted(
+                    (s for s in occupants if s in candidates), key=lambda s: (prio[s], -occupants[s], s)
+                ):
+                    chosen.add(slot)
+                    free += occupants[slot]
+                    if free >= target:
+                        break
+                if free >= target:
+                    cost = (len(chosen), max(prio[s] for s in chosen), sum(occupants[s] for s in chosen))
+                    options.append((cost, gpu, chosen))
+            if len(options) < need.gpus:
+                continue
+            options.sort(key=lambda o: (o[0], o[1]))
+            picked = options[: need.gpus]
+            victims: set[SlotId] = set().union(*(o[2] for o in picked))
+            cost = (
+                len(victims),
+                max((prio[s] for s in victims), default=-(10**6)),
+                sum(self.states[s[0]].slots[s[1]].units * len(self.states[s[0]].slots[s[1]].gpus) for s in victims),
+            )
+            gpus = tuple(sorted(o[1] for o in picked))
+            if best is None or (cost, pod) < (best[0], best[1]):
+                best = (cost, pod, gpus, victims)
+        if best is None:
+            return None
+        _, pod, gpus, victims = best
+        for slot in sorted(victims):
+            key, number = slot
+            victim = self.states[key]
+            taken = victim.slots.pop(number)
+            cap.release(slot, taken.pod, taken.gpus)
+            del self.incumbents[gi][slot]
+            victim.evicted_by = st.req.key
+            if not victim.slots:
+                # Everything it had is gone: it may land in another group when re-placed.
+                victim.group = victim.need = None
+            if key not in evicted:
+                evicted.append(key)
+        return pod, gpus
+
+    def _shortage(self, st: _State, groups: list[int]) -> str:
+        parts = []
+        for gi in groups:
+            need = need_in(st.req, self.groups[gi])
+            cap, group = self.caps[gi], self.groups[gi]
+            if isinstance(need, str):
+                parts.append(need)
+            elif need.shared:
+                most = cap.most_free_units() * group.gpu_memory_bytes // FRACTION_UNITS
+                parts.append(
+                    f"needs {human_bytes(st.req.total_bytes or 0)} on one GPU;"
+                    f" the most free on a {group.name} GPU is {human_bytes(most)}"
+                )
+            else:
+                parts.append(
+                    f"needs {need.gpus}x{human_bytes(group.gpu_memory_bytes)} GPUs in one pod;"
+                    f" largest free in {group.name} is {cap.largest_whole_free()}"
+                )
+        return "; ".join(parts)
+
+    # --- phase 3: warm ------------------------------------------------------------------------
+
+    def place_warm(self) -> None:
+        cpu = CpuCapacity.empty(self.groups)
+        wanting = [
+            st
+            for st in self.states.values()
+            if st.req.total_bytes is not None
+            and st.req.level in (Level.HOT, Level.WARM)
+            and not (st.wants_hot and st.slots)
+            and not (st.req.level == Level.HOT and st.req.replicas == 0)
+        ]
+
+        def previous_pod(st: _State) -> tuple[int, int] | None:
+            cur = st.req.current
+            if cur is None or cur.worker_group is None or not cur.replicas:
+                return None
+            gi = self.group_index.get(cur.worker_group)
+            return None if gi is None else (gi, cur.replicas[0].pod)
+
+        def is_warm(st: _State) -> bool:
+            return st.req.current is not None and st.req.current.level == Level.WARM
+
+        # Models already WARM keep their pod first (stability), then the rest by the usual order.
+        for st in sorted(wanting, key=lambda s: (0 if is_warm(s) else 1, s.order)):
+            need = st.req.weights_bytes if st.req.weights_bytes is not None else st.req.total_bytes or 0
+            prev = previous_pod(st)
+            if prev is not None and cpu.take(prev, need):
+                st.warm_at = prev
+                continue
+            where = cpu.tightest(need)
+            if where is not None and cpu.take(where, need):
+                st.warm_at = where
+
+    # --- output -------------------------------------------------------------------------------
+
+    def decisions(self) -> list[Decision]:
+        return [self._decide(st) for st in self.states.values()]
+
+    def _decide(self, st: _State) -> Decision:
+        req, cur = st.req, st.req.current
+        if req.total_bytes is None:
+            return self._decision(st, Level.COLD, Reason.ESTIMATE_PENDING, "not sized yet: waiting for an estimate")
+        if req.level == Level.HOT and req.replicas == 0:
+            return self._decision(st, Level.HOT, Reason.PLACED_HOT, "0 replicas requested")
+        if st.wants_hot and st.slots:
+            assert st.group is not None and st.need is not None
+            group, need = self.groups[st.group], st.need
+            per = f"{need.gpus} GPU{'s' if need.gpus > 1 else ''}" if not need.shared else f"{need.fraction:g} GPU"
+            msg = f"{len(st.slots)} replica{'s' if len(st.slots) > 1 else ''} on {group.name} ({per} each)"
+            if st.missing > 0:
+                msg = f"{len(st.slots)} of {req.replicas} replicas placed: {st.why_short}"
+            return self._decision(st, Level.HOT, Reason.PLACED_HOT, msg)
+        level = Level.WARM if st.warm_at is not None else Level.COLD
+        where = f"kept {level.value}" if level == Level.WARM else "Cold: no pod has CPU RAM for its weights"
+        if req.level == Level.WARM:
+            if level == Level.WARM:
+                return self._decision(st, level, Reason.PLACED_WARM, "weights held in CPU RAM")
+            return self._decision(st, level, Reason.INSUFFICIENT_MEMORY, where)
+        if req.level == Level.COLD:
+            return self._decision(st, Level.COLD, Reason.PLACED_COLD, "on disk / object store, as requested")
+        was_hot_here = cur is not None and cur.level == Level.HOT
+        if st.evicted_by is not None and was_hot_here:
+            evictor = self.states[st.evicted_by].req
+            msg = f"evicted by {evictor.key} (priority {evictor.priority}"
+            msg += ", dedicated)" if evictor.dedicated else ")"
+            return self._decision(st, level, Reason.EVICTED, f"{msg}; {where}")
+        reason = Reason.INSUFFICIENT_GPU if level == Level.WARM else Reason.INSUFFICIENT_MEMORY
+        return self._decision(st, level, reason, f"{st.why_short}; {where}")
+
+    def _decision(self, st: _State, level: Level, reason: Reason, message: str) -> Decision:
+        req, cur = st.req, st.req.current
+        group_name: str | None = None
+        assignments: tuple[ReplicaPlacement, ...] = ()
+        gpus_per_replica, fraction, replicas = 0.0, 0.0, 0
+        if level == Level.HOT and st.slots:
+            assert st.group is not None and st.need is not None
+            group_name = self.groups[st.group].name
+            fraction = st.need.fraction
+            gpus_per_replica = fraction if st.need.shared else float(st.need.gpus)
+            assignments = tuple(
+                ReplicaPlacement(pod=s.pod, gpus=s.gpus, fraction=fraction)
+                for _, s in sorted(st.slots.items())
+            )
+            replicas = len(assignments)
+        elif level == Level.WARM and st.warm_at is not None:
+            group_name = self.groups[st.warm_at[0]].name
+            assignments = (ReplicaPlacement(pod=st.warm_at[1], gpus=(), fraction=0.0),)
+        moved = self._moved(st, level, group_name, assignments, cur)
+        same_level = cur is not None and cur.level == level
+        since = cur.since if same_level and not moved and cur is not None and cur.since is not None else self.now
+        return Decision(
+            key=req.key,
+            level=level,
+            replicas=replicas,
+            gpus_per_replica=gpus_per_replica,
+            gpu_fraction=fraction,
+            worker_group=group_name,
+            assignments=assignments,
+            reason=reason,
+            message=message,
+            since=since,
+            moved=moved,
+        )
+
+    @staticmethod
+    def _moved(
+        st: _State,
+        level: Level,
+        group_name: str | None,
+        assignments: tuple[ReplicaPlacement, ...],
+        cur: CurrentPlacement | None,
+    ) -> bool:
+        """Did this plan take away a placement the request still wants? (Promotions are not moves.)"""
+        if cur is None:
+            return False
+        if cur.level == Level.HOT:
+            if not st.wants_hot:
+                return False  # the spec no longer asks for it
+            kept = sum(1 for s in st.slots.values() if s.incumbent)
+            return kept < min(len(cur.replicas), st.req.replicas)
+        if cur.level == Level.WARM:
+            if level == Level.HOT or st.req.level == Level.COLD:
+                return False
+            return level != Level.WARM or group_name != cur.worker_group or assignments[:1] != cur.replicas[:1]
+        return False
+
+    def summary(self, decisions: list[Decision]) -> Plan:
+        used = sum(1 for cap in self.caps for pod in cap.free for f in pod if f < FRACTION_UNITS)
+        reserved = sum(d.replicas * (self.states[d.key].req.total_bytes or 0) for d in decisions)
+        return Plan(
+            decisions=tuple(decisions),
+            gpus_total=self.inventory.total_gpus,
+            gpus_used=used,
+            gpu_memory_reserved_bytes=reserved,
+            moves=sum(1 for d in decisions if d.moved),
+        )
 
 
 def plan(inventory: Inventory, requests: Sequence[PlacementRequest], *, now: datetime) -> Plan:
-    """Grant each request a level and a placement; deterministic and stable."""
-    raise NotImplementedError("planner under construction")
+    """Grant each request a level and a placement; deterministic and stable (see module doc)."""
+    planner = _Planner(inventory, requests, now)
+    planner.keep_current()
+    planner.place_missing()
+    planner.place_warm()
+    return planner.summary(planner.decisions())

@@ -1,0 +1,414 @@
+"""The planner's rules, one test each, plus property tests over random inventories and requests."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ndif_operator.api import Level, Reason
+from ndif_operator.planning import (
+    FRACTION_UNITS,
+    CurrentPlacement,
+    Inventory,
+    PlacementRequest,
+    Plan,
+    WorkerGroup,
+    plan,
+)
+
+GIB = 1024**3
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def inv(*groups: WorkerGroup) -> Inventory:
+    return Inventory(groups or (WorkerGroup("a100", pods=2, gpus_per_pod=8, gpu_memory_bytes=80 * GIB,
+                                            cpu_memory_bytes=512 * GIB),))
+
+
+def req(key: str, gib: float, **kw: object) -> PlacementRequest:
+    total = int(gib * GIB)
+    return PlacementRequest(key=f"ns/{key}", total_bytes=total, weights_bytes=int(total * 0.8), **kw)  # type: ignore[arg-type]
+
+
+def carry(p: Plan, requests: list[PlacementRequest]) -> list[PlacementRequest]:
+    """The next reconcile's requests: each carries the placement the previous plan granted."""
+    out = []
+    for r in requests:
+        d = p.decision(r.key)
+        cur = CurrentPlacement(level=d.level, worker_group=d.worker_group, replicas=d.assignments, since=d.since)
+        out.append(replace(r, current=cur))
+    return out
+
+
+def gpu_load(inventory: Inventory, requests: list[PlacementRequest], p: Plan) -> dict[tuple[str, int, int], int]:
+    """Bytes reserved per GPU, recomputed from the plan."""
+    by_key = {r.key: r for r in requests}
+    load: dict[tuple[str, int, int], int] = defaultdict(int)
+    for d in p.decisions:
+        if d.level != Level.HOT:
+            continue
+        total = by_key[d.key].total_bytes or 0
+        for a in d.assignments:
+            for g in a.gpus:
+                load[(d.worker_group or "", a.pod, g)] += total // len(a.gpus)
+    return load
+
+
+def assert_valid(inventory: Inventory, requests: list[PlacementRequest], p: Plan) -> None:
+    groups = {g.name: g for g in inventory.groups}
+    units: dict[tuple[str, int, int], int] = defaultdict(int)
+    for d in p.decisions:
+        if d.level != Level.HOT or not d.assignments:
+            assert not d.assignments or d.level == Level.WARM
+            continue
+        g = groups[d.worker_group or ""]
+        for a in d.assignments:
+            assert 0 <= a.pod < g.pods
+            for gpu in a.gpus:
+                assert 0 <= gpu < g.gpus_per_pod
+                units[(g.name, a.pod, gpu)] += round(a.fraction * FRACTION_UNITS)
+    assert all(u <= FRACTION_UNITS for u in units.values()), "a GPU's shares exceed one GPU"
+    for (group, _, _), used in gpu_load(inventory, requests, p).items():
+        assert used <= groups[group].gpu_memory_bytes, "GPU memory oversubscribed"
+    cpu: dict[tuple[str, int], int] = defaultdict(int)
+    by_key = {r.key: r for r in requests}
+    for d in p.decisions:
+        if d.level == Level.WARM:
+            cpu[(d.worker_group or "", d.assignments[0].pod)] += by_key[d.key].weights_bytes or 0
+    for (group, _), used in cpu.items():
+        assert used <= groups[group].cpu_memory_bytes, "CPU RAM oversubscribed"
+
+
+# --- sizing and packing -------------------------------------------------------------------------
+
+
+def test_small_models_share_a_gpu_memory_proportionally() -> None:
+    requests = [req(f"m{i}", 20) for i in range(4)]
+    p = plan(inv(), requests, now=NOW)
+    assert p.gpus_used == 1
+    for d in p.decisions:
+        assert d.level == Level.HOT and d.reason == Reason.PLACED_HOT
+        assert d.gpu_fraction == 0.25 and d.gpus_per_replica == 0.25
+
+
+def test_fraction_is_rounded_up_so_shares_never_exceed_one_gpu() -> None:
+    requests = [req(f"m{i}", 80 / 3) for i in range(3)]
+    p = plan(inv(), requests, now=NOW)
+    assert p.gpus_used == 2  # three thirds rounded up do not fit one GPU
+    assert_valid(inv(), requests, p)
+
+
+def test_large_model_takes_whole_gpus_in_one_pod() -> None:
+    p = plan(inv(), [req("big", 150, tensor_parallel_size="auto")], now=NOW)
+    d = p.decision("ns/big")
+    assert d.gpus_per_replica == 2.0 and d.gpu_fraction == 1.0
+    assert len(d.assignments) == 1 and len(d.assignments[0].gpus) == 2
+
+
+def test_explicit_tensor_parallel_size_is_honoured() -> None:
+    d = plan(inv(), [req("tp", 150, tensor_parallel_size=4)], now=NOW).decision("ns/tp")
+    assert d.gpus_per_replica == 4.0 and d.assignments[0].gpus == (0, 1, 2, 3)
+
+
+def test_model_too_big_for_one_gpu_without_tp_says_what_to_change() -> None:
+    d = plan(inv(), [req("big", 100)], now=NOW).decision("ns/big")
+    assert d.level == Level.WARM and d.reason == Reason.INSUFFICIENT_GPU
+    assert "tensorParallelSize: auto" in d.message
+
+
+def test_model_larger_than_any_pod_is_reported() -> None:
+    d = plan(inv(), [req("huge", 900, tensor_parallel_size="auto")], now=NOW).decision("ns/huge")
+    assert d.level != Level.HOT
+    assert "needs 12x80 GiB GPUs in one pod; pods of a100 have 8" in d.message
+
+
+def test_shortage_message_names_the_largest_free_block() -> None:
+    requests = [req("a", 300, tensor_parallel_size=4), req("b", 300, tensor_parallel_size=4),
+                req("c", 150, tensor_parallel_size=2, priority=-1)]
+    i = inv(WorkerGroup("h100", pods=1, gpus_per_pod=8, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=512 * GIB))
+    d = plan(i, requests, now=NOW).decision("ns/c")
+    assert d.reason == Reason.INSUFFICIENT_GPU and d.level == Level.WARM
+    assert d.message.startswith("needs 2x80 GiB GPUs in one pod; largest free in h100 is 0")
+
+
+def test_heterogeneous_groups_small_model_prefers_small_gpus() -> None:
+    i = inv(
+        WorkerGroup("h200", pods=1, gpus_per_pod=8, gpu_memory_bytes=141 * GIB, cpu_memory_bytes=GIB),
+        WorkerGroup("l4", pods=1, gpus_per_pod=4, gpu_memory_bytes=24 * GIB, cpu_memory_bytes=GIB),
+    )
+    p = plan(i, [req("small", 10), req("mid", 100)], now=NOW)
+    assert p.decision("ns/small").worker_group == "l4"
+    assert p.decision("ns/mid").worker_group == "h200"
+
+
+def test_replicas_of_a_shared_model_land_on_different_gpus() -> None:
+    d = plan(inv(), [req("m", 5, replicas=3)], now=NOW).decision("ns/m")
+    assert d.replicas == 3
+    assert len({(a.pod, a.gpus) for a in d.assignments}) == 3
+
+
+def test_partial_replicas_are_granted_with_a_reason() -> None:
+    i = inv(WorkerGroup("g", pods=1, gpus_per_pod=2, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB))
+    d = plan(i, [req("m", 60, replicas=3)], now=NOW).decision("ns/m")
+    assert d.level == Level.HOT and d.replicas == 2
+    assert d.message.startswith("2 of 3 replicas placed")
+
+
+# --- levels -------------------------------------------------------------------------------------
+
+
+def test_warm_and_cold_requests() -> None:
+    p = plan(inv(), [req("w", 10, level=Level.WARM), req("c", 10, level=Level.COLD)], now=NOW)
+    assert p.decision("ns/w").level == Level.WARM and p.decision("ns/w").reason == Reason.PLACED_WARM
+    assert p.decision("ns/c").level == Level.COLD and p.decision("ns/c").reason == Reason.PLACED_COLD
+    assert p.gpus_used == 0
+
+
+def test_hot_without_gpu_room_goes_warm_else_cold() -> None:
+    i = inv(WorkerGroup("g", pods=1, gpus_per_pod=1, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=60 * GIB))
+    p = plan(i, [req("a", 70, priority=2), req("b", 70, priority=1), req("c", 70)], now=NOW)
+    assert p.decision("ns/a").level == Level.HOT
+    assert p.decision("ns/b").level == Level.WARM and p.decision("ns/b").reason == Reason.INSUFFICIENT_GPU
+    c = p.decision("ns/c")
+    assert c.level == Level.COLD and c.reason == Reason.INSUFFICIENT_MEMORY
+    assert "no pod has CPU RAM" in c.message
+
+
+def test_unsized_request_waits_for_an_estimate() -> None:
+    r = PlacementRequest(key="ns/x", total_bytes=None, weights_bytes=None)
+    d = plan(inv(), [r], now=NOW).decision("ns/x")
+    assert d.level == Level.COLD and d.reason == Reason.ESTIMATE_PENDING
+
+
+def test_zero_replicas() -> None:
+    d = plan(inv(), [req("z", 10, replicas=0)], now=NOW).decision("ns/z")
+    assert d.level == Level.HOT and d.replicas == 0 and d.assignments == ()
+
+
+# --- priority, dedicated, eviction ---------------------------------------------------------------
+
+ONE_GPU = WorkerGroup("g", pods=1, gpus_per_pod=1, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=512 * GIB)
+
+
+def test_dedicated_and_priority_go_first() -> None:
+    requests = [req("low", 70, priority=-5), req("high", 70, priority=5), req("ded", 70, dedicated=True)]
+    i = inv(replace(ONE_GPU, gpus_per_pod=2))
+    p = plan(i, requests, now=NOW)
+    assert p.decision("ns/ded").level == Level.HOT
+    assert p.decision("ns/high").level == Level.HOT
+    assert p.decision("ns/low").level == Level.WARM
+
+
+def test_higher_priority_evicts_to_warm_with_a_reason() -> None:
+    first = plan(inv(ONE_GPU), [req("old", 70)], now=NOW)
+    requests = [*carry(first, [req("old", 70)]), req("vip", 70, priority=10)]
+    p = plan(inv(ONE_GPU), requests, now=NOW + timedelta(seconds=5))
+    old = p.decision("ns/old")
+    assert p.decision("ns/vip").level == Level.HOT
+    assert old.level == Level.WARM and old.reason == Reason.EVICTED and old.moved
+    assert "evicted by ns/vip (priority 10)" in old.message
+    assert old.assignments[0].pod == 0  # kept in the CPU RAM of the pod it ran in
+
+
+def test_equal_priority_does_not_evict_a_model_without_time_sharing() -> None:
+    first = plan(inv(ONE_GPU), [req("old", 70)], now=NOW)
+    p = plan(inv(ONE_GPU), [*carry(first, [req("old", 70)]), req("new", 70)], now=NOW + timedelta(days=1))
+    assert p.decision("ns/old").level == Level.HOT and not p.decision("ns/old").moved
+    assert p.decision("ns/new").level == Level.WARM
+
+
+def test_minimum_deployment_time_shields_from_equal_priority_until_it_expires() -> None:
+    old = req("old", 70, minimum_deployment_seconds=600)
+    first = plan(inv(ONE_GPU), [old], now=NOW)
+    requests = [*carry(first, [old]), req("new", 70)]
+    early = plan(inv(ONE_GPU), requests, now=NOW + timedelta(seconds=599))
+    assert early.decision("ns/old").level == Level.HOT
+    late = plan(inv(ONE_GPU), requests, now=NOW + timedelta(seconds=600))
+    assert late.decision("ns/old").level == Level.WARM and late.decision("ns/new").level == Level.HOT
+
+
+def test_lower_priority_never_evicts_and_dedicated_is_never_evicted() -> None:
+    first = plan(inv(ONE_GPU), [req("ded", 70, dedicated=True)], now=NOW)
+    requests = [*carry(first, [req("ded", 70, dedicated=True)]), req("x", 70, priority=1000)]
+    p = plan(inv(ONE_GPU), requests, now=NOW + timedelta(days=1))
+    assert p.decision("ns/ded").level == Level.HOT and p.decision("ns/x").level == Level.WARM
+
+
+def test_dedicated_evicts_even_inside_minimum_deployment_time() -> None:
+    old = req("old", 70, priority=999, minimum_deployment_seconds=3600)
+    first = plan(inv(ONE_GPU), [old], now=NOW)
+    p = plan(inv(ONE_GPU), [*carry(first, [old]), req("ded", 70, dedicated=True)], now=NOW)
+    assert p.decision("ns/ded").level == Level.HOT and p.decision("ns/old").reason == Reason.EVICTED
+
+
+def test_eviction_picks_the_fewest_lowest_priority_victims() -> None:
+    i = inv(replace(ONE_GPU, gpus_per_pod=2))
+    base = [req("a", 40, priority=1), req("b", 40, priority=1), req("c", 80, priority=0)]
+    first = plan(i, base, now=NOW)
+    assert all(d.level == Level.HOT for d in first.decisions)
+    p = plan(i, [*carry(first, base), req("vip", 80, priority=5)], now=NOW)
+    assert p.decision("ns/vip").level == Level.HOT
+    assert p.decision("ns/c").reason == Reason.EVICTED
+    assert p.decision("ns/a").level == Level.HOT and p.decision("ns/b").level == Level.HOT
+
+
+def test_evicted_model_is_replaced_elsewhere_when_room_exists() -> None:
+    i = inv(WorkerGroup("g", pods=2, gpus_per_pod=1, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB))
+    base = [req("low", 50)]
+    first = plan(i, base, now=NOW)
+    # The vip needs the low model's GPU only if it is placed there; the low one can move.
+    requests = [*carry(first, base), req("vip", 60, priority=5), req("vip2", 60, priority=5)]
+    p = plan(i, requests, now=NOW)
+    assert p.decision("ns/vip").level == Level.HOT and p.decision("ns/vip2").level == Level.HOT
+    assert p.decision("ns/low").level == Level.WARM or p.decision("ns/low").level == Level.COLD
+
+
+# --- stability and determinism ------------------------------------------------------------------
+
+
+def _catalog(seed: int, n: int) -> list[PlacementRequest]:
+    rng = random.Random(seed)
+    sizes = [1, 2, 3, 5, 8, 16, 20, 35, 60, 150, 300]
+    return [
+        req(f"m{i:03d}", rng.choice(sizes) * rng.uniform(0.8, 1.2), tensor_parallel_size="auto",
+            priority=rng.choice([0, 0, 1, 5]), replicas=rng.choice([1, 1, 2]))
+        for i in range(n)
+    ]
+
+
+def test_adding_a_model_with_free_capacity_moves_nothing() -> None:
+    i = inv(WorkerGroup("g", pods=8, gpus_per_pod=8, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB))
+    base = _catalog(1, 40)
+    first = plan(i, base, now=NOW)
+    p = plan(i, [*carry(first, base), req("new", 10)], now=NOW)
+    assert p.decision("ns/new").level == Level.HOT
+    assert p.moves == 0
+    for d in first.decisions:
+        assert p.decision(d.key).assignments == d.assignments
+
+
+def test_removing_a_model_moves_nothing() -> None:
+    i = inv(WorkerGroup("g", pods=4, gpus_per_pod=8, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB))
+    base = _catalog(2, 60)
+    first = plan(i, base, now=NOW)
+    kept = carry(first, base)[1:]
+    p = plan(i, kept, now=NOW)
+    assert p.moves == 0
+    for r in kept:
+        if first.decision(r.key).level == Level.HOT:
+            assert p.decision(r.key).assignments == first.decision(r.key).assignments
+
+
+def test_replanning_the_same_state_is_a_fixed_point() -> None:
+    i = inv(WorkerGroup("g", pods=2, gpus_per_pod=8, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB))
+    base = _catalog(3, 50)
+    first = plan(i, base, now=NOW)
+    second = plan(i, carry(first, base), now=NOW + timedelta(hours=1))
+    assert second.moves == 0
+    assert [(d.key, d.level, d.assignments) for d in second.decisions] == [
+        (d.key, d.level, d.assignments) for d in first.decisions
+    ]
+    assert all(d.since == NOW for d in second.decisions)  # unchanged placements keep their since
+
+
+def test_resized_model_is_replaced() -> None:
+    first = plan(inv(), [req("m", 10)], now=NOW)
+    grown = carry(first, [req("m", 10)])[0]
+    grown = replace(grown, total_bytes=40 * GIB)
+    d = plan(inv(), [grown], now=NOW).decision("ns/m")
+    assert d.gpu_fraction == 0.5 and d.moved
+
+
+def test_input_validation() -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        plan(inv(), [req("a", 1), req("a", 2)], now=NOW)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        req("a", 1, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="unique"):
+        Inventory((ONE_GPU, ONE_GPU))
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+groups_st = st.lists(
+    st.builds(
+        WorkerGroup,
+        name=st.sampled_from(["a", "b", "c"]),
+        pods=st.integers(0, 3),
+        gpus_per_pod=st.sampled_from([1, 2, 4, 8]),
+        gpu_memory_bytes=st.sampled_from([24 * GIB, 80 * GIB, 141 * GIB]),
+        cpu_memory_bytes=st.sampled_from([0, 64 * GIB, 512 * GIB]),
+    ),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda g: g.name,
+).map(lambda gs: Inventory(tuple(gs)))
+
+requests_st = st.lists(
+    st.builds(
+        lambda i, gib, level, tp, prio, ded, reps: req(
+            f"r{i}", gib, level=level, tensor_parallel_size=tp, priority=prio, dedicated=ded, replicas=reps
+        ),
+        i=st.integers(0, 10_000),
+        gib=st.floats(0.01, 700),
+        level=st.sampled_from([Level.HOT, Level.HOT, Level.WARM, Level.COLD]),
+        tp=st.sampled_from([1, 2, 4, 8, "auto"]),
+        prio=st.integers(-2, 2),
+        ded=st.booleans(),
+        reps=st.integers(0, 3),
+    ),
+    max_size=25,
+    unique_by=lambda r: r.key,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inventory=groups_st, requests=requests_st, seed=st.integers(0, 1000))
+def test_property_valid_deterministic_and_order_independent(
+    inventory: Inventory, requests: list[PlacementRequest], seed: int
+) -> None:
+    p = plan(inventory, requests, now=NOW)
+    assert_valid(inventory, requests, p)
+    shuffled = list(requests)
+    random.Random(seed).shuffle(shuffled)
+    assert repr(plan(inventory, shuffled, now=NOW)) == repr(p)
+    # Replanning from the plan's own result moves nothing.
+    again = plan(inventory, carry(p, requests), now=NOW)
+    assert again.moves == 0
+    assert_valid(inventory, requests, again)
+
+
+@settings(max_examples=100, deadline=None)
+@given(inventory=groups_st, requests=requests_st)
+def test_property_every_dedicated_model_is_placed_when_it_fits(
+    inventory: Inventory, requests: list[PlacementRequest]
+) -> None:
+    dedicated = [r for r in requests if r.dedicated and r.level == Level.HOT]
+    alone = plan(inventory, dedicated, now=NOW)
+    full = plan(inventory, requests, now=NOW)
+    for r in dedicated:
+        assert full.decision(r.key).replicas >= alone.decision(r.key).replicas
+
+
+@settings(max_examples=60, deadline=None)
+@given(inventory=groups_st, base=requests_st, extra=requests_st)
+def test_property_dedicated_newcomers_evict_their_way_in(
+    inventory: Inventory, base: list[PlacementRequest], extra: list[PlacementRequest]
+) -> None:
+    base = [replace(r, dedicated=False) for r in base]
+    first = plan(inventory, base, now=NOW)
+    keys = {r.key for r in base}
+    newcomers = [replace(r, dedicated=True, level=Level.HOT) for r in extra if r.key not in keys]
+    alone = plan(inventory, newcomers, now=NOW)
+    p = plan(inventory, carry(first, base) + newcomers, now=NOW)
+    assert_valid(inventory, base + newcomers, p)
+    for r in newcomers:
+        # Fewer only if a higher-ordered dedicated peer took the room (never for a non-dedicated model).
+        if alone.decision(r.key).replicas > p.decision(r.key).replicas:
+            assert any(o.dedicated for o in newcomers if o.key != r.key)
