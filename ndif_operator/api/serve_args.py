@@ -29,11 +29,16 @@ class ModelUserConfig(_Args):
     max_payload_bytes: int = 64 * MIB
     max_result_bytes: int = 1024 * MIB
     max_queue_depth: int = 64
+    # A request while WARM asks for HOT (ModelDeployment `activateOnRequest`); see the gateway.
+    activate_on_request: bool = False
 
     @classmethod
-    def from_limits(cls, limits: RuntimeLimits, level: Level) -> ModelUserConfig:
+    def from_limits(
+        cls, limits: RuntimeLimits, level: Level, *, activate_on_request: bool = False
+    ) -> ModelUserConfig:
         return cls(
             level=level,
+            activate_on_request=activate_on_request,
             request_timeout_seconds=limits.request_timeout_seconds,
             max_payload_bytes=limits.max_payload_bytes,
             max_result_bytes=limits.max_result_bytes,

@@ -1,0 +1,330 @@
+"""THE execution seam: the one place where a request blob is deserialized and run.
+
+    execute_request(model, blob, envelope, *, limits, on_log) -> ExecutionResult
+
+`model` is the replica's live nnsight wrapper (e.g. `TransformersModel`), `blob` the bytes the
+client POSTed as `blob`, `envelope` the parsed `data` JSON (`Envelope`: model_key, compress, env),
+`limits` the per-request caps (`ExecutionLimits`), `on_log(line)` is called (from the worker
+thread) for every line the request prints. It never raises for a request's fault: the outcome
+(saves blob or an error text for the client) is in the returned `ExecutionResult`.
+
+The sandbox (issue 6) replaces what happens *inside* `_run_in_thread` (deserialize + execute +
+collect) by swapping `run_blob` below; callers (the model app) never touch nnsight directly.
+
+The recipe is nnsight 0.8.1's (research/nnsight-protocol.md §2.1):
+set env → snapshot linecache + nnsight SOURCES/BLOCKS → `RequestModel.deserialize` with the
+model's persistent objects → `inc(); tracer.execute(code)`; keep only the values whose id is in
+the thread's save set; `dec()` → restore caches → `interleaver.cancel()`.
+
+Everything from deserialize to collect runs in ONE fresh worker thread, because nnsight's
+saved-id set and greenlets are thread-bound. A timeout raises `SystemExit` asynchronously in that
+thread (`PyThreadState_SetAsyncExc`), which stops Python-level work at the next bytecode; if the
+thread is stuck inside one long C call and does not stop within a grace period, the result says
+`wedged=True` and the replica reports itself unhealthy so that Serve replaces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import io
+import linecache
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+# How long a timed-out worker gets to unwind after the async exception before we call it wedged.
+_CANCEL_GRACE_SECONDS = 5.0
+_RESULT_ZSTD_LEVEL = 3
+
+
+class Envelope(BaseModel):
+    """The `data` part of `POST /request` (nnsight's `RequestModel`), minus what we don't trust."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_key: str
+    session_id: str = ""
+    compress: bool = False
+    env: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class ExecutionLimits:
+    timeout_seconds: float = 300.0
+    max_result_bytes: int = 1024**3
+
+
+@dataclass
+class ExecutionResult:
+    """What one request produced. Exactly one of `result` / `error` is set."""
+
+    result: bytes | None = None  # torch.save(saves dict), zstd'd when the request asked for compress
+    error: str | None = None  # text shown to the user by `RemoteError`
+    meta: dict[str, Any] = field(default_factory=dict)
+    timed_out: bool = False
+    wedged: bool = False  # the worker thread could not be stopped: replace this replica
+
+
+class RequestError(Exception):
+    """A request's own fault (bad payload, user exception): its message goes to the user."""
+
+
+# --- stdout/stderr capture ---------------------------------------------------------------------
+
+
+class _ThreadRoutedStream(io.TextIOBase):
+    """Replaces sys.stdout/err: lines written by a registered thread go to its sink, the rest pass.
+
+    sys.stdout is process-global; routing by thread keeps the replica's own logging intact while a
+    request prints.
+    """
+
+    def __init__(self, fallback: Any) -> None:
+        self._fallback = fallback
+        self._sinks: dict[int, Callable[[str], None]] = {}
+        self._buffers: dict[int, str] = {}
+
+    def route(self, ident: int, sink: Callable[[str], None]) -> None:
+        self._sinks[ident] = sink
+        self._buffers[ident] = ""
+
+    def unroute(self, ident: int) -> None:
+        rest = self._buffers.pop(ident, "")
+        sink = self._sinks.pop(ident, None)
+        if sink is not None and rest.strip():
+            sink(rest.rstrip("\n"))
+
+    def write(self, text: str) -> int:
+        ident = threading.get_ident()
+        sink = self._sinks.get(ident)
+        if sink is None:
+            return int(self._fallback.write(text))
+        buffered = self._buffers.get(ident, "") + text
+        *lines, rest = buffered.split("\n")
+        self._buffers[ident] = rest
+        for line in lines:
+            if line.strip():
+                sink(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self._fallback.flush()
+
+
+_STREAM_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _capture_output(sink: Callable[[str], None]) -> Iterator[None]:
+    with _STREAM_LOCK:
+        if not isinstance(sys.stdout, _ThreadRoutedStream):
+            sys.stdout = _ThreadRoutedStream(sys.stdout)
+        if not isinstance(sys.stderr, _ThreadRoutedStream):
+            sys.stderr = _ThreadRoutedStream(sys.stderr)
+    ident = threading.get_ident()
+    out, err = sys.stdout, sys.stderr
+    assert isinstance(out, _ThreadRoutedStream) and isinstance(err, _ThreadRoutedStream)
+    out.route(ident, sink)
+    err.route(ident, sink)
+    try:
+        yield
+    finally:
+        out.unroute(ident)
+        err.unroute(ident)
+
+
+# --- nnsight state snapshots -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _nnsight_caches_restored() -> Iterator[None]:
+    """Snapshot and restore linecache and nnsight's memoized block sources.
+
+    Without this a later request that reuses a `(filename, line)` trace site would run a stale
+    memoized block (research/nnsight-protocol.md §2.1 step 5).
+    """
+    from nnsight.tracing import globals as nns_globals
+
+    lines = dict(linecache.cache)
+    sources = dict(nns_globals.SOURCES)
+    blocks = dict(nns_globals.BLOCKS)
+    try:
+        yield
+    finally:
+        linecache.cache.clear()
+        linecache.cache.update(lines)
+        nns_globals.SOURCES.clear()
+        nns_globals.SOURCES.update(sources)
+        nns_globals.BLOCKS.clear()
+        nns_globals.BLOCKS.update(blocks)
+
+
+def _user_traceback(exc: BaseException, user_file: str | None) -> str:
+    """The traceback a user needs: their own frames, not the server's."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if user_file is not None and f.filename == user_file]
+    head = "Traceback (most recent call last):\n" + "".join(traceback.format_list(mine)) if mine else ""
+    return head + "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def run_blob(model: Any, blob: bytes, envelope: Envelope) -> dict[str, Any]:
+    """Deserialize and execute one request in the calling thread; return the saves dict.
+
+    The sandbox swaps this function. Raises `RequestError` for the request's own faults.
+    """
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing.tracer import _saves, dec, inc
+
+    try:
+        model._remoteable_set_env(envelope.env)
+    except Exception as exc:
+        raise RequestError(f"Cannot apply the request's model environment {envelope.env!r}: {exc}") from exc
+    try:
+        tracer = RequestModel.deserialize(
+            blob, model._remoteable_persistent_objects(), compress=envelope.compress
+        )
+    except Exception as exc:
+        name = type(exc).__name__
+        if "PersistentId" in name:
+            raise RequestError(
+                f"The request was built for a different model architecture ({name}: {exc}); "
+                "check that your transformers/nnsight versions match the server's (/env)."
+            ) from exc
+        raise RequestError(f"Unreadable request payload ({name}: {exc}).") from exc
+    user_file = tracer.info.frame.f_code.co_filename
+    inc()
+    try:
+        try:
+            tracer.execute(tracer.info.code)
+        except Exception as exc:
+            raise RequestError(_user_traceback(exc, user_file)) from exc
+        saved_ids = _saves()
+        return {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in saved_ids}
+    finally:
+        dec()
+
+
+def encode_saves(saves: dict[str, Any], compress: bool) -> bytes:
+    """`torch.save` the saves (tensors on CPU), zstd'd when the request was compressed."""
+    import torch
+
+    def to_cpu(value: Any) -> Any:
+        return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+    buffer = io.BytesIO()
+    torch.save({k: to_cpu(v) for k, v in saves.items()}, buffer, pickle_protocol=4)
+    data = buffer.getvalue()
+    if compress:
+        import zstandard
+
+        data = zstandard.ZstdCompressor(level=_RESULT_ZSTD_LEVEL).compress(data)
+    return data
+
+
+def _async_raise(ident: int, exc_type: type[BaseException]) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc_type))
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _gpu_meta() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    peaks = {str(i): int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())}
+    totals = {str(i): torch.cuda.get_device_properties(i).total_memory for i in peaks}
+    return {
+        "max_mem_by_gpu": peaks,
+        "max_mem_pct_by_gpu": {k: 100.0 * v / max(totals[k], 1) for k, v in peaks.items()},
+    }
+
+
+def _reset_gpu_peaks() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def execute_request(
+    model: Any,
+    blob: bytes,
+    envelope: Envelope,
+    *,
+    limits: ExecutionLimits,
+    on_log: Callable[[str], None],
+) -> ExecutionResult:
+    """Run one request to completion, error or timeout. Blocking; callers serialize calls per model."""
+    outcome: dict[str, Any] = {}
+    started = time.monotonic()
+    _reset_gpu_peaks()
+
+    def work() -> None:
+        try:
+            with _capture_output(on_log):
+                saves = run_blob(model, blob, envelope)
+                outcome["result"] = encode_saves(saves, envelope.compress)
+        except RequestError as exc:
+            outcome["error"] = str(exc)
+        except SystemExit:
+            outcome["cancelled"] = True
+        except BaseException as exc:  # the server's fault, but the user still needs an answer
+            outcome["error"] = f"Internal error while running the request: {type(exc).__name__}: {exc}"
+
+    with _nnsight_caches_restored():
+        worker = threading.Thread(target=work, name="nnsight-request", daemon=True)
+        worker.start()
+        worker.join(limits.timeout_seconds)
+        timed_out = worker.is_alive()
+        if timed_out and worker.ident is not None:
+            # Repeat: an exception raised while the thread sits in a `finally` or C call may be lost.
+            deadline = time.monotonic() + _CANCEL_GRACE_SECONDS
+            while worker.is_alive() and time.monotonic() < deadline:
+                _async_raise(worker.ident, SystemExit)
+                worker.join(0.1)
+        wedged = worker.is_alive()
+        with contextlib.suppress(Exception):
+            model.interleaver.cancel()
+    gc.collect()
+    meta: dict[str, Any] = {
+        "runtime": time.monotonic() - started,
+        "max_memory_usage": _peak_rss_bytes(),
+        **_gpu_meta(),
+    }
+    if timed_out:
+        return ExecutionResult(
+            error=f"Job took longer than the timeout of {limits.timeout_seconds:g} seconds and was stopped.",
+            meta=meta,
+            timed_out=True,
+            wedged=wedged,
+        )
+    if "error" in outcome:
+        return ExecutionResult(error=outcome["error"], meta=meta)
+    result = outcome.get("result")
+    if result is None:
+        return ExecutionResult(error="The request was cancelled.", meta=meta)
+    if len(result) > limits.max_result_bytes:
+        return ExecutionResult(
+            error=f"Result of {len(result)} bytes exceeds this model's limit of {limits.max_result_bytes} "
+            "bytes; save less (slice or reduce tensors before .save()).",
+            meta=meta,
+        )
+    meta["result_bytes"] = len(result)
+    return ExecutionResult(result=result, meta=meta)

@@ -1,0 +1,76 @@
+"""Jobs and sessions held by the gateway: server-minted ids, latest status, websocket queues.
+
+State is in the gateway replica's memory, so the gateway runs as ONE replica (a websocket
+session and its `POST /request` must meet in the same process). Finished jobs expire after
+`ttl_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+Frame = str | bytes
+
+
+def mint_id() -> str:
+    """Unguessable: a result URL and `/response/{id}` are reachable with the id alone."""
+    return secrets.token_urlsafe(24)
+
+
+@dataclass
+class Job:
+    id: str
+    model_key: str
+    owner: str  # digest of the API key that submitted it ("" when auth is off)
+    session_id: str
+    created: float = field(default_factory=time.monotonic)
+    latest: dict[str, Any] | None = None
+    done: bool = False
+
+
+class JobStore:
+    def __init__(self, ttl_seconds: float = 3600.0, max_session_frames: int = 10_000) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._sessions: dict[str, asyncio.Queue[Frame]] = {}
+        self._ttl = ttl_seconds
+        self._max_frames = max_session_frames
+
+    # sessions (blocking clients' websockets)
+    def open_session(self) -> tuple[str, asyncio.Queue[Frame]]:
+        session_id = mint_id()
+        queue: asyncio.Queue[Frame] = asyncio.Queue(self._max_frames)
+        self._sessions[session_id] = queue
+        return session_id, queue
+
+    def close_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def push(self, session_id: str, frame: Frame) -> None:
+        queue = self._sessions.get(session_id)
+        if queue is not None and not queue.full():
+            queue.put_nowait(frame)
+
+    # jobs
+    def new_job(self, model_key: str, owner: str, session_id: str) -> Job:
+        self._expire()
+        job = Job(id=mint_id(), model_key=model_key, owner=owner, session_id=session_id)
+        self._jobs[job.id] = job
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def in_flight(self, model_key: str) -> int:
+        return sum(1 for j in self._jobs.values() if j.model_key == model_key and not j.done)
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self._ttl
+        for job_id in [j.id for j in self._jobs.values() if j.done and j.created < cutoff]:
+            del self._jobs[job_id]

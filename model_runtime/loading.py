@@ -1,0 +1,114 @@
+"""Load a model replica's nnsight wrapper from its source, in its dtype, onto its device.
+
+Sources (`ndif_operator.api.ModelSource`): a local directory, the Hugging Face cache/Hub (by repo
+id and revision), or an S3 prefix (downloaded with boto3 into a local cache directory first, so
+that transformers reads ordinary files).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ndif_operator.api import ModelAppArgs
+
+# Where S3 checkpoints are staged; one subdirectory per bucket/prefix.
+S3_CACHE_ENV = "NDIF_MODEL_CACHE_DIR"
+_DEFAULT_S3_CACHE = "/tmp/ndif-model-cache"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # nnsight TransformersModel
+    source_kind: str  # "localPath" | "huggingFace" | "s3"
+    load_seconds: float
+    device: str
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; use auto, float32, float16 or bfloat16") from None
+
+
+def pick_device(gpus: float) -> str:
+    """The device the replica's grant points at: cuda when Ray granted GPUs, else cpu."""
+    import torch
+
+    if gpus > 0 and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def s3_stage(bucket: str, prefix: str, *, endpoint_url: str | None, region: str | None) -> Path:
+    """Download every object under `bucket/prefix` into the local cache; return the directory.
+
+    Objects already present with the same size are not downloaded again.
+    """
+    import boto3
+
+    root = Path(os.environ.get(S3_CACHE_ENV, _DEFAULT_S3_CACHE))
+    target = root / bucket / prefix.strip("/")
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+    stripped = prefix.strip("/")
+    listing_prefix = f"{stripped}/" if stripped else ""
+    found = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=listing_prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            rel = key[len(listing_prefix) :]
+            if not rel or rel.endswith("/"):
+                continue
+            dest = target / rel
+            found += 1
+            if dest.exists() and dest.stat().st_size == obj["Size"]:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(dest))
+    if found == 0:
+        raise FileNotFoundError(f"no objects under s3://{bucket}/{listing_prefix}")
+    return target
+
+
+def resolve_checkpoint(args: ModelAppArgs) -> tuple[str, str]:
+    """(what to hand `from_pretrained`, source kind)."""
+    source = args.source
+    if source.local_path is not None:
+        path = Path(source.local_path.path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"local checkpoint {path} has no config.json")
+        return str(path), "localPath"
+    if source.s3 is not None:
+        s3 = source.s3
+        staged = s3_stage(s3.bucket, s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region)
+        return str(staged), "s3"
+    return args.repo_id, "huggingFace"
+
+
+def load_model(args: ModelAppArgs) -> LoadedModel:
+    """Build the dispatched nnsight wrapper the replica serves."""
+    from nnsight import TransformersModel
+
+    started = time.monotonic()
+    checkpoint, kind = resolve_checkpoint(args)
+    device = pick_device(args.gpus_per_replica)
+    kwargs: dict[str, Any] = {
+        "task": "text-generation",
+        "dispatch": True,
+        "dtype": torch_dtype(str(args.dtype)),
+        "device_map": device,
+        "trust_remote_code": args.trust_remote_code,
+    }
+    if kind == "huggingFace" and args.revision:
+        kwargs["revision"] = args.revision
+    model = TransformersModel(checkpoint, **kwargs)
+    model._module.requires_grad_(False)
+    return LoadedModel(model=model, source_kind=kind, load_seconds=time.monotonic() - started, device=device)

@@ -1,0 +1,267 @@
+"""The model application: one Ray Serve deployment (`ModelReplica`) serving one model.
+
+`build_app(args)` validates `ModelAppArgs` (the operator renders them); `reconfigure(user_config)`
+takes `ModelUserConfig` (level and limits) without a restart. The gateway calls, through a
+DeploymentHandle:
+
+* `execute(job_id, envelope, blob, inline_max_bytes)`: a streaming generator of event dicts
+  (`{"status": "RUNNING" | "LOG" | "COMPLETED" | "ERROR", ...}`), see `_completed` / `_error`;
+* `info()`: level, limits, queue depth, load times (for `/status` and routing);
+* `activate()`: become HOT now (from WARM: a device copy; from COLD: a load), timed.
+
+Requests queue inside the replica (Serve's `max_ongoing_requests` is set high) so that the queue
+can be bounded by `max_queue_depth` and refused with a clear error instead of waiting in Serve;
+they run one at a time because nnsight traces on one model are not thread-safe.
+
+A tensor-parallel replica (k GPUs) would own a placement group of k-1 worker actors here; that is
+left to the TP work (`tensor_parallel_size > 1` is refused clearly for now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from model_runtime import levels
+from model_runtime.execution import Envelope, ExecutionLimits, ExecutionResult, execute_request
+from model_runtime.metrics import RuntimeMetrics
+from ndif_operator.api import ModelAppArgs, ModelUserConfig
+from ndif_operator.api.naming import MODEL_DEPLOYMENT
+
+log = logging.getLogger("ray.serve")
+
+# Serve's own admission limit; the real bound is `max_queue_depth`, enforced below.
+_MAX_ONGOING = 100_000
+
+
+def _prepare_process() -> None:
+    """Process-wide settings every replica needs before nnsight is imported."""
+    # anyio >= 4.15 clashes with nnsight's `.save` mount unless these load first (runtime-on-cpu §6).
+    import anyio._backends._asyncio
+    import anyio.abc._sockets
+    import anyio.streams.file
+    import anyio.streams.tls  # noqa: F401
+    import torch
+
+    threads = int(os.environ.get("NDIF_TORCH_THREADS", os.environ.get("OMP_NUM_THREADS", "0")) or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=_MAX_ONGOING)
+class ModelReplica:
+    def __init__(self, args: dict[str, Any]) -> None:
+        _prepare_process()
+        self.args = ModelAppArgs.model_validate(args)
+        if self.args.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported by this runtime yet")
+        self.config = ModelUserConfig()
+        self.metrics = RuntimeMetrics()
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._wedged = False
+        self._model: Any = None
+        self._device = "cpu"
+        self._source_kind = ""
+        self._level = levels.COLD
+        self._transitions: list[dict[str, Any]] = []
+        # Load into CPU RAM (WARM); reconfigure or the first use moves it to its level.
+        self._load()
+        self._set_level(self.config.level)
+
+    # --- levels ------------------------------------------------------------------------------
+
+    def _load(self) -> levels.Transition:
+        from model_runtime.loading import load_model
+
+        started = time.monotonic()
+        loaded = load_model(self.args.model_copy(update={"gpus_per_replica": 0.0}))
+        self._model, self._source_kind = loaded.model, loaded.source_kind
+        from model_runtime.loading import pick_device
+
+        self._device = pick_device(self.args.gpus_per_replica)
+        self.metrics.model_load(self.args.model_key, loaded.source_kind, loaded.load_seconds)
+        previous, self._level = self._level, levels.WARM
+        return levels.timed(previous, levels.WARM, loaded.source_kind, started)
+
+    def _set_level(self, level: str) -> levels.Transition:
+        started = time.monotonic()
+        current = self._level
+        if level == current:
+            return levels.timed(current, level, "resident", started)
+        if level == levels.COLD:
+            levels.drop(self._model)
+            self._model, self._level = None, levels.COLD
+            return levels.timed(current, level, "none", started)
+        source = "memory"
+        if current == levels.COLD:
+            source = self._load().source
+        if level == levels.HOT:
+            levels.move_module(self._model, self._device)
+        else:
+            levels.move_module(self._model, "cpu")
+        self._level = level
+        transition = levels.timed(current, level, source, started)
+        if level == levels.HOT:
+            self.metrics.model_load(self.args.model_key, f"activate_from_{current.lower()}", transition.seconds)
+        self._transitions.append(transition.__dict__)
+        return transition
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.config = ModelUserConfig.model_validate(user_config)
+        async with self._lock:  # never move weights under a running request
+            await asyncio.to_thread(self._set_level, str(self.config.level))
+
+    async def activate(self) -> dict[str, Any]:
+        """Become HOT now; returns the timed transition (cold vs warm activation)."""
+        async with self._lock:
+            transition = await asyncio.to_thread(self._set_level, levels.HOT)
+        return dict(transition.__dict__)
+
+    async def set_level(self, level: str) -> dict[str, Any]:
+        if level not in levels.LEVELS:
+            raise ValueError(f"unknown level {level!r}; one of {levels.LEVELS}")
+        async with self._lock:
+            transition = await asyncio.to_thread(self._set_level, level)
+        return dict(transition.__dict__)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_key": self.args.model_key,
+            "repo_id": self.args.repo_id,
+            "revision": self.args.revision,
+            "trust_remote_code": self.args.trust_remote_code,
+            "deployment": self.args.deployment,
+            "level": self._level,
+            "device": self._device,
+            "source": self._source_kind,
+            "queue_depth": self._waiting,
+            "max_queue_depth": self.config.max_queue_depth,
+            "max_payload_bytes": self.config.max_payload_bytes,
+            "activate_on_request": self.config.activate_on_request,
+            "wedged": self._wedged,
+            "transitions": list(self._transitions[-5:]),
+            "metrics": self.metrics.snapshot(),
+        }
+
+    def check_health(self) -> None:
+        # A request thread that ignored cancellation still holds the model: let Serve replace us.
+        if self._wedged:
+            raise RuntimeError("a timed-out request could not be stopped; this replica must be replaced")
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def execute(
+        self, job_id: str, envelope: dict[str, Any], blob: bytes, inline_max_bytes: int = 0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run one request; yields status events. Never raises for the request's own faults."""
+        key = self.args.model_key
+        started = time.monotonic()
+        if len(blob) > self.config.max_payload_bytes:
+            yield _error(f"Payload of {len(blob)} bytes exceeds this model's limit of "
+                         f"{self.config.max_payload_bytes} bytes.")
+            return
+        if self._waiting >= self.config.max_queue_depth:
+            self.metrics.request(key, "rejected", 0.0, len(blob), 0)
+            yield _error(f"The queue for model {key} is full ({self.config.max_queue_depth} requests "
+                         "waiting); try again later.")
+            return
+        try:
+            parsed = Envelope.model_validate(envelope)
+        except Exception as exc:
+            yield _error(f"Invalid request envelope: {exc}")
+            return
+        self._waiting += 1
+        self.metrics.queue_depth(key, self._waiting)
+        admitted = False
+        try:
+            async with self._lock:
+                self._waiting -= 1
+                admitted = True
+                self.metrics.queue_depth(key, self._waiting)
+                if self._level != levels.HOT or self._model is None:
+                    yield _error(f"Model {key} is {self._level.upper()}, not serving requests.")
+                    return
+                yield {"status": "RUNNING", "description": "Your job has started running."}
+                async for event in self._run(job_id, parsed, blob, inline_max_bytes):
+                    yield event
+        finally:
+            if not admitted:  # cancelled while waiting (the client went away)
+                self._waiting -= 1
+        log.info("job %s on %s took %.3fs", job_id, key, time.monotonic() - started)
+
+    async def _run(
+        self, job_id: str, envelope: Envelope, blob: bytes, inline_max_bytes: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any] | ExecutionResult] = asyncio.Queue()
+
+        def on_log(line: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, {"status": "LOG", "description": line})
+
+        limits = ExecutionLimits(
+            timeout_seconds=float(self.config.request_timeout_seconds),
+            max_result_bytes=self.config.max_result_bytes,
+        )
+
+        async def run() -> None:
+            result = await asyncio.to_thread(
+                execute_request, self._model, blob, envelope, limits=limits, on_log=on_log
+            )
+            events.put_nowait(result)
+
+        task = asyncio.create_task(run())
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, ExecutionResult):
+                    break
+                yield item
+        finally:
+            await task
+        result = item
+        if result.wedged:
+            self._wedged = True
+        outcome = "completed" if result.result is not None else ("timeout" if result.timed_out else "error")
+        self.metrics.request(
+            self.args.model_key, outcome, float(result.meta.get("runtime", 0.0)), len(blob),
+            len(result.result or b""),
+        )
+        if result.result is None:
+            yield _error(result.error or "unknown error", result.meta)
+            return
+        yield _completed(job_id, result, inline_max_bytes)
+
+
+def _error(description: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"status": "ERROR", "description": description, "meta": meta}
+
+
+def _completed(job_id: str, result: ExecutionResult, inline_max_bytes: int) -> dict[str, Any]:
+    """COMPLETED with the result blob; small ones also as the ready binary websocket frame.
+
+    The frame is `nnsight.schema.response.ResponseModel.pickle()` (a `torch.save`), built here so
+    that the gateway needs neither torch nor nnsight.
+    """
+    assert result.result is not None
+    event: dict[str, Any] = {"status": "COMPLETED", "result": result.result, "meta": result.meta}
+    if inline_max_bytes and len(result.result) <= inline_max_bytes:
+        from nnsight.schema.response import ResponseModel, Status
+
+        event["frame"] = ResponseModel(
+            id=job_id, status=Status.COMPLETED, description="Your job has been completed.",
+            data=result.result, meta=result.meta,
+        ).pickle()
+    return event
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve entry point (`import_path: model_runtime.model_app:build_app`)."""
+    validated = ModelAppArgs.model_validate(args)  # fail the deploy early on bad args
+    return ModelReplica.bind(validated.model_dump(mode="json"))  # type: ignore[attr-defined,no-any-return]

@@ -1,0 +1,141 @@
+"""One local Ray + Serve for the runtime tests, a tiny model served by it, and a moto S3 server.
+
+Expensive things are session-scoped: Ray start (~10 s) and each replica (~7 s of imports) are
+paid once. Replicas take `num_cpus: 0` (2 shared cores; runtime-on-cpu.md snag 6).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model_runtime.auth import key_digest
+from model_runtime.tiny_models import build_tiny_model
+from ndif_operator.api.naming import GATEWAY_APP, model_app_name
+
+API_KEY = "test-key-123"
+API_KEY_HASHES_ENV = "NDIF_TEST_API_KEY_HASHES"
+MODEL_APP = model_app_name("default", "tiny-llama")
+WARM_APP = model_app_name("default", "tiny-warm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> Iterator[int]:
+    """A local Ray (auth off, loopback) with Serve's proxy on a free port; shut down at the end."""
+    import ray
+    from ray import serve
+
+    os.environ[API_KEY_HASHES_ENV] = ""
+    port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def model_args(path: Path, deployment: str = "default/tiny-llama") -> dict[str, Any]:
+    return {
+        "model_key": str(path).lower(),
+        "deployment": deployment,
+        "repo_id": str(path),
+        "source": {"local_path": {"path": str(path)}},
+        "dtype": "float32",
+    }
+
+
+def deploy_model(name: str, args: dict[str, Any], user_config: dict[str, Any] | None = None) -> None:
+    from ray import serve
+
+    from model_runtime import model_app
+
+    app = model_app.ModelReplica.options(
+        ray_actor_options={"num_cpus": 0}, user_config=user_config or {}
+    ).bind(args)
+    serve.run(app, name=name, route_prefix=None)
+
+
+def deploy_gateway(models: dict[str, str], **extra: Any) -> None:
+    from ray import serve
+
+    from model_runtime import gateway_app
+
+    args = {"models": models, "api_key_hashes_env": API_KEY_HASHES_ENV, **extra}
+    app = gateway_app.NnsightGateway.options(ray_actor_options={"num_cpus": 0}).bind(args)
+    serve.run(app, name=GATEWAY_APP, route_prefix="/")
+
+
+@pytest.fixture(scope="session")
+def served(serve_port: int, tiny_llama: Path, s3_endpoint: str) -> dict[str, Any]:
+    """The tiny model as a HOT model app and the gateway in front of it."""
+    deploy_model(MODEL_APP, model_args(tiny_llama))
+    deploy_gateway({str(tiny_llama).lower(): MODEL_APP})
+    return {"url": f"http://127.0.0.1:{serve_port}", "path": tiny_llama, "s3": s3_endpoint}
+
+
+@pytest.fixture(scope="session")
+def client_model(served: dict[str, Any]) -> Any:
+    """The unmodified nnsight client pointed at the gateway; its model stays on meta."""
+    import nnsight
+    from nnsight import TransformersModel
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    path = str(served["path"])
+    _ID_CACHE[path] = path  # the client would ask the Hub to canonicalize the repo id
+    nnsight.CONFIG.API.HOST = served["url"]
+    nnsight.CONFIG.API.APIKEY = None
+    nnsight.CONFIG.APP.REMOTE_LOGGING = False
+    return TransformersModel(path, task="text-generation")
+
+
+@pytest.fixture(scope="session")
+def local_model(tiny_llama: Path) -> Any:
+    """The same checkpoint loaded locally, for reference results."""
+    from nnsight import TransformersModel
+
+    return TransformersModel(str(tiny_llama), task="text-generation", dispatch=True, device_map="cpu",
+                             dtype="float32")
+
+
+def key_hashes(*keys: str) -> str:
+    return ",".join(key_digest(k) for k in keys)
