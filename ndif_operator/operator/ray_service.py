@@ -1,0 +1,56 @@
+"""Read what a RayService says about itself (spec string, app statuses, upgrades, failures). Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# KubeRay Ready-condition reasons that mean KubeRay itself gave up or rejected the object.
+_FAILURE_REASONS = frozenset({"ValidationFailed", "InitializingTimeout"})
+
+
+@dataclass(frozen=True, slots=True)
+class AppStatus:
+    status: str  # NOT_STARTED, DEPLOYING, RUNNING, DEPLOY_FAILED, DELETING, UNHEALTHY
+    message: str = ""
+    healthy_deployments: int = 0
+    deployments: int = 0
+
+
+def serve_config_text(ray_service: Mapping[str, Any]) -> str:
+    return str((ray_service.get("spec") or {}).get("serveConfigV2") or "")
+
+
+def _conditions(ray_service: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {str(c.get("type")): c for c in (ray_service.get("status") or {}).get("conditions") or []}
+
+
+def upgrade_in_progress(ray_service: Mapping[str, Any]) -> bool:
+    """True while KubeRay runs a pending cluster next to the active one (a config would go there only)."""
+    condition = _conditions(ray_service).get("UpgradeInProgress")
+    if condition is not None:
+        return str(condition.get("status")) == "True"
+    pending = (ray_service.get("status") or {}).get("pendingServiceStatus") or {}
+    return bool(pending.get("rayClusterName"))
+
+
+def kuberay_failure(ray_service: Mapping[str, Any]) -> str | None:
+    """KubeRay's own terminal complaint about the RayService, if any."""
+    ready = _conditions(ray_service).get("Ready")
+    if ready is not None and str(ready.get("status")) == "False" and ready.get("reason") in _FAILURE_REASONS:
+        return f"KubeRay: {ready.get('reason')}: {ready.get('message') or ''}".rstrip(": ")
+    return None
+
+
+def application_statuses(ray_service: Mapping[str, Any]) -> dict[str, AppStatus]:
+    """`status.activeServiceStatus.applicationStatuses`, the per-application truth (not top-level Ready)."""
+    active = (ray_service.get("status") or {}).get("activeServiceStatus") or {}
+    result: dict[str, AppStatus] = {}
+    for name, app in (active.get("applicationStatuses") or {}).items():
+        deployments = (app or {}).get("serveDeploymentStatuses") or {}
+        healthy = sum(1 for d in deployments.values() if (d or {}).get("status") == "HEALTHY")
+        result[str(name)] = AppStatus(status=str((app or {}).get("status") or "NOT_STARTED"),
+                                      message=str((app or {}).get("message") or ""),
+                                      healthy_deployments=healthy, deployments=len(deployments))
+    return result

@@ -1,0 +1,412 @@
+"""The one planner loop: every ModelDeployment → plan → one serveConfigV2 per RayService → statuses.
+
+Kopf handlers only `wake()` it. A pass waits until events stop arriving for `debounce_seconds`
+(at most 8x that), so a burst of 200 applies becomes a handful of passes; it also runs every
+`resync_seconds` (level-triggered: a lost event costs latency, never correctness). Per RayService it
+reads the inventory, sizes and plans every live model, renders, validates and merge-patches
+`spec.serveConfigV2` only when the string differs, then writes each status only if it changed,
+posts Events for condition transitions, and releases the finalizer of deleted models whose app is
+gone from the patched config. API errors never escape: a pass that fails is retried with capped
+exponential backoff (a 409 at once), and the failure is written into the affected statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from ndif_operator.api import Estimate, Level, ModelDeployment, ModelSpec, Reason, RuntimeLimits
+from ndif_operator.api.naming import model_app_name, model_key
+from ndif_operator.evaluation import EstimateCache, EstimateError, EstimatePending, estimate
+from ndif_operator.operator import metrics
+from ndif_operator.operator.events import event_body
+from ndif_operator.operator.inventory import read_inventory
+from ndif_operator.operator.kube import KubeApi, KubeError
+from ndif_operator.operator.ray_service import (
+    application_statuses,
+    kuberay_failure,
+    upgrade_in_progress,
+)
+from ndif_operator.operator.ray_service import (
+    serve_config_text as current_serve_config,
+)
+from ndif_operator.operator.requests import (
+    ASSIGNMENTS_ANNOTATION,
+    current_placement,
+    encode_assignments,
+    placement_request,
+)
+from ndif_operator.operator.settings import OperatorSettings
+from ndif_operator.operator.status import Observation, compute_status, status_changed, transitions
+from ndif_operator.planning import Decision, Plan, plan
+from ndif_operator.rendering import (
+    RenderOptions,
+    ServeConfigInvalid,
+    check_serve_config,
+    render_serve_config,
+    serve_config_text,
+)
+
+logger = logging.getLogger("ndif_operator.reconciler")
+
+Estimator = Callable[[ModelSpec, RuntimeLimits], Estimate]
+Clock = Callable[[], datetime]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@dataclass
+class _Entry:
+    """One ModelDeployment in one pass."""
+
+    obj: dict[str, Any]
+    namespace: str
+    name: str
+    md: ModelDeployment | None
+    invalid: str | None
+    deleting: bool
+    estimate: Estimate | None = None
+    estimate_reason: Reason | None = None
+    estimate_message: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def generation(self) -> int:
+        return int(self.obj["metadata"].get("generation") or 1)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self.obj.get("status") or {})
+
+
+@dataclass
+class _Outcome:
+    retry: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def _parse(obj: dict[str, Any]) -> tuple[ModelDeployment | None, str | None]:
+    try:
+        return ModelDeployment.model_validate(obj), None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return None, f"{where}: {first['msg']}{more}"
+
+
+class Reconciler:
+    def __init__(self, api: KubeApi, settings: OperatorSettings, *, estimator: Estimator | None = None,
+                 clock: Clock = _utcnow) -> None:
+        self.api = api
+        self.settings = settings
+        self._cache = EstimateCache()
+        self._estimator: Estimator = estimator or (lambda model, limits: estimate(model, limits, self._cache))
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._memo: dict[str, Estimate | tuple[Reason, str]] = {}
+        self._written: dict[tuple[str, str], str] = {}
+        self.passes = 0
+        self.options = RenderOptions(cpu_only=settings.cpu_only, replica_num_cpus=settings.replica_num_cpus,
+                                     gateway_num_cpus=settings.gateway_num_cpus)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _quiet(self) -> None:
+        """Wait for a wake-up (or the resync), then until events pause for `debounce_seconds`."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.settings.resync_seconds)
+        except TimeoutError:
+            pass
+        debounce = self.settings.debounce_seconds
+        waited = 0.0
+        while debounce > 0:
+            self._wake.clear()
+            await asyncio.sleep(debounce)
+            waited += debounce
+            if not self._wake.is_set() or waited >= 8 * debounce:
+                break
+        self._wake.clear()
+
+    async def run(self) -> None:
+        """Plan forever (until cancelled). Never raises on API trouble: it backs off and retries."""
+        backoff = self.settings.backoff_initial_seconds
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._quiet()
+            started = loop.time()
+            try:
+                outcome = await self.reconcile_once()
+            except KubeError as exc:
+                outcome = _Outcome(retry=True, errors=[str(exc)])
+                if exc.status == 409:
+                    backoff = min(backoff, 0.05)  # somebody wrote first: re-read and go again at once
+            except Exception:
+                logger.exception("planner pass failed")
+                outcome = _Outcome(retry=True, errors=["unexpected error"])
+            metrics.RECONCILE_SECONDS.observe(loop.time() - started)
+            metrics.RECONCILES.labels("retry" if outcome.retry else "ok").inc()
+            if outcome.retry:
+                logger.warning("planner pass incomplete (%s); retrying in %.2fs", "; ".join(outcome.errors), backoff)
+                loop.call_later(backoff, self.wake)
+                backoff = min(max(backoff, self.settings.backoff_initial_seconds) * 2,
+                              self.settings.backoff_max_seconds)
+            else:
+                backoff = self.settings.backoff_initial_seconds
+
+    # --- one pass -------------------------------------------------------------------------------
+
+    async def reconcile_once(self) -> _Outcome:
+        self.passes += 1
+        now = self._clock()
+        objects = await self.api.list_model_deployments(self.settings.namespace_list)
+        targets: dict[tuple[str, str], list[_Entry]] = defaultdict(list)
+        for obj in objects:
+            meta = obj["metadata"]
+            md, invalid = _parse(obj)
+            entry = _Entry(obj=obj, namespace=meta["namespace"], name=meta["name"], md=md, invalid=invalid,
+                           deleting=bool(meta.get("deletionTimestamp")))
+            ray_service = (md.spec.ray_service if md is not None else None) or self.settings.ray_service
+            targets[(entry.namespace, ray_service)].append(entry)
+        nodes = await self.api.list_nodes() if targets and self.settings.read_nodes else []
+        outcome = _Outcome()
+        levels: dict[str, int] = dict.fromkeys((level.value for level in Level), 0)
+        for target in sorted(targets):
+            try:
+                granted = await self._reconcile_target(target, targets[target], nodes, now, outcome)
+            except KubeError as exc:
+                if exc.status == 409:
+                    raise
+                outcome.retry = True
+                outcome.errors.append(f"{target[0]}/{target[1]}: {exc}")
+                continue
+            for level in granted:
+                levels[level] += 1
+        for level, count in levels.items():
+            metrics.DEPLOYMENTS.labels(level).set(count)
+        return outcome
+
+    async def _estimate(self, entry: _Entry) -> None:
+        assert entry.md is not None
+        status = entry.status
+        if status.get("estimate") and status.get("observedGeneration") == entry.generation:
+            try:
+                entry.estimate = Estimate.model_validate(status["estimate"])
+                return  # sized already for this generation (e.g. before an operator restart)
+            except ValidationError:
+                pass
+        spec = entry.md.spec
+        fingerprint = json.dumps([spec.model.model_dump(mode="json"), spec.limits.model_dump(mode="json")],
+                                 sort_keys=True)
+        known = self._memo.get(fingerprint)
+        if known is None:
+            try:
+                known = await asyncio.to_thread(self._estimator, spec.model, spec.limits)
+            except EstimatePending as exc:
+                entry.estimate_reason, entry.estimate_message = Reason.ESTIMATE_PENDING, str(exc)
+                return  # not memoised: the runtime-side evaluator may produce it later
+            except EstimateError as exc:
+                known = (Reason.ESTIMATE_FAILED, str(exc) or type(exc).__name__)
+            except Exception as exc:
+                logger.exception("estimating %s failed", entry.key)
+                known = (Reason.ESTIMATE_FAILED, f"{type(exc).__name__}: {exc}")
+            self._memo[fingerprint] = known
+        if isinstance(known, Estimate):
+            entry.estimate = known
+        else:
+            entry.estimate_reason, entry.estimate_message = known
+
+    @staticmethod
+    def _reject_duplicates(entries: list[_Entry]) -> None:
+        """Two live deployments of one repo id in one RayService: the oldest serves, the rest are invalid."""
+        owners: dict[str, _Entry] = {}
+        live = [e for e in entries if e.md is not None and not e.deleting]
+        for entry in sorted(live, key=lambda e: (str(e.obj["metadata"].get("creationTimestamp") or ""), e.key)):
+            assert entry.md is not None
+            key = model_key(entry.md.spec.model.repo_id)
+            if key in owners:
+                entry.invalid = f"model {key!r} is already served by {owners[key].key} in this RayService"
+            else:
+                owners[key] = entry
+
+    async def _reconcile_target(self, target: tuple[str, str], entries: list[_Entry], nodes: list[dict[str, Any]],
+                                now: datetime, outcome: _Outcome) -> list[str]:
+        namespace, name = target
+        self._reject_duplicates(entries)
+        live = [e for e in entries if e.md is not None and e.invalid is None and not e.deleting]
+        for entry in live:
+            await self._ensure_metadata(entry, None)  # the finalizer before the model can reach a config
+            await self._estimate(entry)
+        ray_service = await self.api.get_ray_service(namespace, name)
+        observations: dict[str, Observation] = {}
+        release: list[_Entry] = []
+        decisions: dict[str, Decision] = {}
+        base = {e.key: self._observation(e) for e in entries}
+        if ray_service is None:
+            missing = f"RayService {namespace}/{name} not found; waiting for it to be created"
+            observations = {k: _replace(o, ray_service_missing=missing) for k, o in base.items()}
+            release = [e for e in entries if e.deleting]  # nothing to remove a model from
+        elif upgrade_in_progress(ray_service):
+            apps = application_statuses(ray_service)
+            frozen = "RayService upgrade in progress (pending cluster): placement frozen until it completes"
+            observations = {e.key: _replace(base[e.key], frozen=frozen,
+                                            app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}
+        else:
+            decisions, patch_error = await self._plan_and_patch(target, ray_service, live, nodes, now)
+            failure = kuberay_failure(ray_service) or patch_error
+            apps = application_statuses(ray_service)
+            observations = {e.key: _replace(base[e.key], decision=decisions.get(e.key), ray_service_error=failure,
+                                            app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}
+            if patch_error is None:
+                release = [e for e in entries if e.deleting]
+            else:
+                outcome.retry = True
+                outcome.errors.append(patch_error)
+        granted: list[str] = []
+        for entry in entries:
+            if entry in release:
+                await self._release(entry)
+                continue
+            new_status = await self._write_status(entry, observations[entry.key], now)
+            if new_status.get("level"):
+                granted.append(str(new_status["level"]))
+            await self._ensure_metadata(entry, decisions.get(entry.key))
+        return granted
+
+    def _observation(self, entry: _Entry) -> Observation:
+        desired = Level(entry.md.spec.level) if entry.md is not None else None
+        return Observation(generation=entry.generation, desired_level=desired, invalid=entry.invalid,
+                           estimate=entry.estimate, estimate_reason=entry.estimate_reason,
+                           estimate_message=entry.estimate_message, deleting=entry.deleting)
+
+    async def _plan_and_patch(self, target: tuple[str, str], ray_service: dict[str, Any], live: list[_Entry],
+                              nodes: list[dict[str, Any]], now: datetime) -> tuple[dict[str, Decision], str | None]:
+        namespace, name = target
+        reading = read_inventory(ray_service, nodes)
+        for warning in reading.warnings:
+            logger.warning("RayService %s/%s: %s", namespace, name, warning)
+        requests = []
+        for entry in live:
+            assert entry.md is not None
+            annotations = entry.obj["metadata"].get("annotations") or {}
+            current = current_placement(entry.status, annotations)
+            requests.append(placement_request(entry.key, entry.md, entry.estimate, current))
+        with metrics.PLAN_SECONDS.time():
+            result: Plan = plan(reading.inventory, requests, now=now)
+        label = f"{namespace}/{name}"
+        metrics.GPUS_AVAILABLE.labels(label).set(result.gpus_total)
+        metrics.GPUS_PLANNED.labels(label).set(result.gpus_used)
+        deployments = {e.key: e.md for e in live if e.md is not None}
+        estimates = {e.key: e.estimate for e in live if e.estimate is not None}
+        config = render_serve_config(result, deployments, options=self.options, estimates=estimates)
+        try:
+            check_serve_config(config)
+        except ServeConfigInvalid as exc:
+            # A renderer bug must never reach KubeRay (it does not validate serveConfigV2 itself).
+            logger.error("refusing to patch %s: %s", label, exc)
+            return result.by_key, f"rendered Serve config is invalid, not applied: {exc}"
+        text = serve_config_text(config)
+        on_cluster = current_serve_config(ray_service)
+        if text == on_cluster:
+            self._written[target] = text
+            return result.by_key, None
+        if target in self._written and on_cluster != self._written[target]:
+            await self._event(ray_service, "ServeConfigOverwritten", "serveConfigV2 was changed outside "
+                              "ndif-operator; restoring the planned config", warning=True)
+        try:
+            await self.api.patch_serve_config(namespace, name, text)
+        except KubeError as exc:
+            metrics.PATCHES.labels("error").inc()
+            return result.by_key, f"cannot update RayService {label}: {exc}; retrying"
+        metrics.PATCHES.labels("ok").inc()
+        self._written[target] = text
+        logger.info("patched serveConfigV2 of %s (%d applications)", label, len(config["applications"]))
+        return result.by_key, None
+
+    async def _write_status(self, entry: _Entry, obs: Observation, now: datetime) -> dict[str, Any]:
+        old = entry.status
+        new = compute_status(obs, old, now)
+        if not status_changed(old, new):
+            return new
+        try:
+            written = await self.api.patch_status(entry.namespace, entry.name, new)
+        except KubeError as exc:
+            if exc.status == 404:
+                return new  # deleted meanwhile
+            raise
+        entry.obj["metadata"]["resourceVersion"] = written["metadata"]["resourceVersion"]
+        metrics.STATUS_WRITES.inc()
+        for change in transitions(old, new):
+            await self._event(entry.obj, f"{change.condition}{change.reason}" if change.condition != "Placed"
+                              else change.reason, f"{change.condition}={change.status}: {change.message}".rstrip(": "),
+                              warning=change.warning)
+        return new
+
+    async def _ensure_metadata(self, entry: _Entry, decision: Decision | None) -> None:
+        meta = entry.obj["metadata"]
+        if entry.deleting:
+            return
+        patch: dict[str, Any] = {}
+        finalizers = list(meta.get("finalizers") or [])
+        if self.settings.finalizer not in finalizers:
+            patch["finalizers"] = [*finalizers, self.settings.finalizer]
+        if decision is not None:
+            wanted = encode_assignments(decision)
+            if (meta.get("annotations") or {}).get(ASSIGNMENTS_ANNOTATION) != wanted:
+                patch["annotations"] = {ASSIGNMENTS_ANNOTATION: wanted}
+        if not patch:
+            return
+        patch["resourceVersion"] = meta["resourceVersion"]  # finalizer lists are replaced: be conditional
+        try:
+            written = await self.api.patch_metadata(entry.namespace, entry.name, patch)
+        except KubeError as exc:
+            if exc.status not in (404, 409):
+                raise
+            self.wake()  # stale read: the next pass sees the new object
+            return
+        entry.obj["metadata"] = written["metadata"]
+
+    async def _release(self, entry: _Entry) -> None:
+        meta = entry.obj["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if self.settings.finalizer not in finalizers:
+            return
+        remaining = [f for f in finalizers if f != self.settings.finalizer]
+        try:
+            await self.api.patch_metadata(entry.namespace, entry.name,
+                                          {"finalizers": remaining or None, "resourceVersion": meta["resourceVersion"]})
+        except KubeError as exc:
+            if exc.status not in (404, 409):
+                raise
+            self.wake()
+            return
+        await self._event(entry.obj, "Released", "the model's Serve application is removed; finalizer released",
+                          warning=False)
+
+    async def _event(self, obj: dict[str, Any], reason: str, message: str, *, warning: bool) -> None:
+        namespace = obj["metadata"].get("namespace") or "default"
+        try:
+            await self.api.post_event(namespace, event_body(obj, reason=reason, message=message, warning=warning,
+                                                            now=self._clock()))
+        except KubeError as exc:
+            logger.info("could not post event %s: %s", reason, exc)  # events are best effort
+
+
+def _replace(obs: Observation, **changes: Any) -> Observation:
+    from dataclasses import replace
+
+    return replace(obs, **changes)

@@ -1,0 +1,39 @@
+"""Operator settings, read from the environment (prefix `NDIF_`), e.g. `NDIF_RAY_SERVICE=ndif`."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NDIF_", extra="ignore")
+
+    namespaces: str = Field(
+        default="", description="Comma-separated namespaces to watch; empty: all namespaces (cluster-wide)."
+    )
+    ray_service: str = Field(
+        default="ndif", description="RayService (in each ModelDeployment namespace) used when spec.rayService is unset."
+    )
+    debounce_seconds: float = Field(
+        default=0.5, ge=0, description="Quiet time after a change before planning: a burst becomes one pass."
+    )
+    resync_seconds: float = Field(
+        default=30.0, gt=0, description="Plan again at least this often even without events (level-triggered)."
+    )
+    finalizer: str = Field(default="ndif.dev/finalizer", description="Finalizer that holds a deleted model "
+                                                                      "until its Serve app is gone.")
+    metrics_port: int = Field(default=9090, ge=0, le=65535, description="Prometheus metrics port; 0 disables.")
+    kube_api_url: str | None = Field(
+        default=None, description="API server URL without credentials (dev/tests); default: in-cluster or kubeconfig."
+    )
+    cpu_only: bool = Field(default=False, description="Render HOT replicas with num_gpus 0 (CPU-only clusters).")
+    replica_num_cpus: float | None = Field(default=None, ge=0, description="num_cpus of each model replica.")
+    gateway_num_cpus: float | None = Field(default=None, ge=0, description="num_cpus of each gateway replica.")
+    backoff_initial_seconds: float = Field(default=0.5, gt=0, description="First retry delay after an API error.")
+    backoff_max_seconds: float = Field(default=30.0, gt=0, description="Cap of the exponential retry delay.")
+    read_nodes: bool = Field(default=True, description="Read Nodes for GPU memory labels (needs list on nodes).")
+
+    @property
+    def namespace_list(self) -> list[str]:
+        return [n.strip() for n in self.namespaces.split(",") if n.strip()]

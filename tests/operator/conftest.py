@@ -1,0 +1,178 @@
+"""Fixtures for the operator's integration tests: the emulated API server, kopf in a thread, kubectl."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube_emulator import RAY_SERVICE, KubeEmulator, ResourceType, from_crd
+
+from ndif_operator.api import Estimate, ModelSpec, RuntimeLimits
+from ndif_operator.api.crd import build_crd
+from ndif_operator.api.v1alpha1 import GIB
+from ndif_operator.api.validation import validate_object
+from ndif_operator.operator.handlers import run_operator
+from ndif_operator.operator.settings import OperatorSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")
+MD_TYPE: ResourceType = from_crd(build_crd(), validate=lambda obj, old: [str(e) for e in validate_object(obj, old)])
+NAMESPACE = "ml"
+
+
+def size_estimator(model: ModelSpec, limits: RuntimeLimits) -> Estimate:
+    """Sizes from the repo id (`org/m-<GiB>`): the real evaluator is another component, and capacity
+    scenarios need exact sizes. `org/broken-*` cannot be sized."""
+    match = re.search(r"-(\d+(?:\.\d+)?)g$", model.repo_id.lower())
+    if model.repo_id.lower().startswith("org/broken"):
+        from ndif_operator.evaluation import EstimateError
+
+        raise EstimateError("no safetensors headers and no config.json")
+    total = int(float(match.group(1)) * GIB) if match else GIB
+    return Estimate(weights_bytes=int(total * 0.8), total_bytes=total, method="SafetensorsHeaders")
+
+
+def ray_service(name: str = "ndif", *, groups: tuple[tuple[str, int, int, str], ...] = (("gpu", 1, 2, "80Gi"),),
+                namespace: str = NAMESPACE) -> dict[str, Any]:
+    """A RayService with worker groups (name, pods, GPUs per pod, GPU memory)."""
+    worker_groups = [{
+        "groupName": group, "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
+        "rayStartParams": {},
+        "template": {
+            "metadata": {"annotations": {"ndif.dev/gpu-memory": memory}},
+            "spec": {"containers": [{"name": "ray-worker", "image": "ndif/runtime:test", "resources": {
+                "limits": {"nvidia.com/gpu": str(gpus), "memory": "64Gi", "cpu": "8"}}}]},
+        },
+    } for group, pods, gpus, memory in groups]
+    return {
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"serveConfigV2": "", "rayClusterConfig": {
+            "rayVersion": "2.60.0",
+            "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": {"spec": {"containers": [
+                {"name": "ray-head", "image": "ndif/runtime:test"}]}}},
+            "workerGroupSpecs": worker_groups}},
+    }
+
+
+def model_deployment(name: str, repo: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "ndif.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": spec.pop("namespace", NAMESPACE)},
+            "spec": {"model": {"repoId": repo}, **spec}}
+
+
+class Cluster:
+    """The emulator plus helpers the scenarios share."""
+
+    def __init__(self, emulator: KubeEmulator, tmp: Path) -> None:
+        self.emu = emulator
+        self.kubeconfig = emulator.write_kubeconfig(tmp / "kubeconfig.json")
+        self.cache = tmp / "kubecache"
+
+    def md(self, name: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
+        return self.emu.get_sync(MD_TYPE, namespace, name)
+
+    def rs(self, name: str = "ndif", namespace: str = NAMESPACE) -> dict[str, Any] | None:
+        return self.emu.get_sync(RAY_SERVICE, namespace, name)
+
+    def serve_config(self, name: str = "ndif") -> dict[str, Any]:
+        text = (self.rs(name) or {}).get("spec", {}).get("serveConfigV2") or "{}"
+        return dict(json.loads(text))
+
+    def apps(self, name: str = "ndif") -> dict[str, Any]:
+        return {app["name"]: app for app in self.serve_config(name).get("applications", [])}
+
+    def condition(self, name: str, kind: str) -> dict[str, Any]:
+        obj = self.md(name) or {}
+        return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind), {})
+
+    def rs_patches(self) -> int:
+        return len([e for e in self.emu.requests("PATCH", r"/rayservices/[^/]+$") if e.status == 200])
+
+    def set_app_status(self, app: str, status: str, name: str = "ndif", message: str = "") -> None:
+        current = (self.rs(name) or {}).get("status") or {}
+        apps = dict((current.get("activeServiceStatus") or {}).get("applicationStatuses") or {})
+        apps[app] = {"status": status, "message": message,
+                     "serveDeploymentStatuses": {"ModelReplica": {"status": "HEALTHY" if status == "RUNNING"
+                                                                  else "UPDATING"}}}
+        self.emu.patch_sync(RAY_SERVICE, NAMESPACE, name, {"status": {
+            "activeServiceStatus": {"rayClusterName": f"{name}-raycluster-abcde", "applicationStatuses": apps}}},
+            subresource="status")
+
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), KUBECACHEDIR=str(self.cache))
+        result = subprocess.run([KUBECTL, *args], env=env, capture_output=True, text=True, timeout=60, input=stdin)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class OperatorThread:
+    """`run_operator` in its own thread and event loop (research: same-loop embedding costs 5 s)."""
+
+    def __init__(self, url: str, **overrides: Any) -> None:
+        values = {"kube_api_url": url, "metrics_port": 0, "debounce_seconds": 0.2, "resync_seconds": 5.0,
+                  "read_nodes": True, "backoff_initial_seconds": 0.1, "backoff_max_seconds": 1.0, **overrides}
+        self.settings = OperatorSettings(**values)
+        self.stop_flag = threading.Event()
+        self.ready_flag = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            run_operator(self.settings, stop_flag=self.stop_flag, ready_flag=self.ready_flag,
+                         estimator=size_estimator)
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> OperatorThread:
+        self.thread.start()
+        if not self.ready_flag.wait(30):
+            raise AssertionError(f"operator did not become ready: {self.error!r}")
+        return self
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "operator thread did not stop"
+        assert self.error is None, f"operator crashed: {self.error!r}"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    emulator = KubeEmulator([MD_TYPE], bookmark_interval=5.0)
+    emulator.start()
+    emulator.create_sync({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    try:
+        yield Cluster(emulator, tmp_path)
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def operator(cluster: Cluster) -> Iterator[OperatorThread]:
+    running = OperatorThread(cluster.emu.url).start()
+    try:
+        yield running
+    finally:
+        running.stop()
