@@ -1,0 +1,196 @@
+"""Layer 3: what allowed modules user code may reach, as read-only proxies.
+
+An import allowlist alone is not a capability boundary: `torch` alone can read and write any
+file (`torch.load/save/from_file`), compile and load native code (`torch.utils.cpp_extension`,
+`torch.ops.load_library`) and fetch code over the network (`torch.hub`). So each allowed module
+reaches user code as a `ModuleProxy` that hides those entry points, refuses attribute writes
+(no monkey-patching a module for the next request) and wraps submodules in proxies of their own.
+
+Functions reached through a proxy are wrapped so a call cannot name a protected tensor (a
+weight or buffer) as an in-place target (`out=`, `inplace=True`, a trailing-underscore
+function such as `torch.nn.init.zeros_`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_runtime.sandbox.errors import CapabilityDenied
+
+# Names hidden in every proxied module: file, network, native code, (de)serialisation, process.
+_COMMON_DENIED = frozenset(
+    {
+        "load", "loads", "save", "savez", "savez_compressed", "savetxt", "loadtxt", "genfromtxt",
+        "fromfile", "tofile", "from_file", "memmap", "open", "system", "popen", "DataSource",
+        "ctypeslib", "ctypes", "f2py", "distutils", "testing", "lib", "hub", "utils", "ops",
+        "classes", "library", "jit", "compile", "package", "onnx", "export", "fx", "multiprocessing",
+        "distributed", "backends", "storage", "serialization", "UntypedStorage", "TypedStorage",
+        "ByteStorage", "FloatStorage", "set_num_threads", "set_num_interop_threads",
+        "set_flush_denormal", "use_deterministic_algorithms", "set_float32_matmul_precision",
+        "set_warn_always", "set_default_device", "set_printoptions", "seterr", "seterrcall",
+        "set_string_function", "setbufsize", "overrides", "profiler", "mps", "xpu", "cuda",
+        "attrgetter", "methodcaller", "from_dlpack", "to_dlpack", "import_module", "reload",
+        "getLogger", "builtins", "sys", "os", "inspect", "importlib", "frombuffer", "set_rng_state",
+        "set_default_tensor_type", "autocast_decrement_nesting", "Formatter", "Template",
+    }
+)
+
+# Common names that are harmless in one module: `nnsight.save` marks a value to return.
+_REALLOWED: Mapping[str, frozenset[str]] = {"nnsight": frozenset({"save"})}
+
+# Modules user code may import, with extra names hidden in each (on top of the common set).
+DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
+    "torch": frozenset(),
+    "torch.nn": frozenset({"Module"}),  # subclassing Module gives register/to/...; use functional
+    "torch.nn.functional": frozenset(),
+    "torch.nn.init": frozenset(),
+    "torch.linalg": frozenset(),
+    "torch.fft": frozenset(),
+    "torch.special": frozenset(),
+    "torch.distributions": frozenset(),
+    "torch.autograd": frozenset({"graph", "set_detect_anomaly", "detect_anomaly", "forward_ad"}),
+    "numpy": frozenset({"random"}),
+    "numpy.linalg": frozenset(),
+    "einops": frozenset({"layers", "parsing", "_backends"}),
+    "math": frozenset(),
+    "cmath": frozenset(),
+    "collections": frozenset({"abc"}),
+    "itertools": frozenset(),
+    "functools": frozenset({"singledispatch", "singledispatchmethod"}),
+    "operator": frozenset(),
+    "statistics": frozenset(),
+    "re": frozenset(),
+    "json": frozenset({"dump"}),
+    "typing": frozenset(),
+    "nnsight": frozenset(
+        {"CONFIG", "NNsight", "Envoy", "intervention", "modeling", "ndif", "schema", "tracing",
+         "util", "register", "login", "mount", "install_backtrace_guard", "compare", "anyio",
+         "transformers", "torch", "functools", "warnings", "status", "ndif_status", "whoami"}
+    ),
+}
+
+
+def _is_protected_target(value: Any, is_protected: Callable[[Any], bool]) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(is_protected(v) for v in value)
+    return is_protected(value)
+
+
+@dataclass
+class Capabilities:
+    """The set of modules user code can reach, and how each is trimmed.
+
+    `is_protected` answers "is this tensor a weight or buffer of the served model?"; the model
+    guard supplies it so proxied functions can refuse to write into one.
+    """
+
+    allowed: Mapping[str, frozenset[str]] = field(default_factory=lambda: dict(DEFAULT_ALLOWED_MODULES))
+    is_protected: Callable[[Any], bool] = lambda _value: False
+    _proxies: dict[str, ModuleProxy] = field(default_factory=dict)
+
+    def proxy(self, name: str) -> ModuleProxy:
+        """The proxy of allowed module `name` (imported with the sandbox off, cached)."""
+        if name not in self.allowed:
+            raise CapabilityDenied(f"module {name!r} is not available in the sandbox")
+        if name not in self._proxies:
+            self._proxies[name] = ModuleProxy(importlib.import_module(name), self)
+        return self._proxies[name]
+
+    def denied_in(self, module_name: str) -> frozenset[str]:
+        common = _COMMON_DENIED - _REALLOWED.get(module_name, frozenset())
+        return common | self.allowed.get(module_name, frozenset())
+
+    def guarded_import(
+        self,
+        name: str,
+        globals: Mapping[str, Any] | None = None,
+        locals: Mapping[str, Any] | None = None,
+        fromlist: tuple[str, ...] | list[str] | None = (),
+        level: int = 0,
+    ) -> Any:
+        """`__import__` for sandboxed code: only allowlisted modules, always as proxies."""
+        if level != 0:
+            raise CapabilityDenied("relative imports are not available in the sandbox")
+        if not isinstance(name, str):
+            raise CapabilityDenied("import needs a module name")
+        target = self.proxy(name)
+        if fromlist:
+            return target
+        # `import a.b` binds `a`: every prefix has to be allowed too.
+        return self.proxy(name.split(".", 1)[0]) if "." in name else target
+
+    def wrap_callable(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        """Wrap a module function so it cannot write into a protected tensor."""
+        is_protected = self.is_protected
+        trailing = name.endswith("_") and not name.endswith("__")
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if "out" in kwargs and _is_protected_target(kwargs["out"], is_protected):
+                raise CapabilityDenied(f"{name}(out=...) would write into the model's weights")
+            if (trailing or kwargs.get("inplace")) and any(is_protected(a) for a in args):
+                raise CapabilityDenied(f"in-place {name}(...) on the model's weights is not allowed")
+            return fn(*args, **kwargs)
+
+        checked.__name__ = name
+        checked.__doc__ = getattr(fn, "__doc__", None)
+        return checked
+
+
+_PROXY_OWN = frozenset({"__class__", "__dir__", "__repr__", "__reduce__", "__reduce_ex__", "__setattr__",
+                        "__delattr__"})
+
+
+class ModuleProxy:
+    """A read-only view of one allowed module, minus its dangerous names."""
+
+    __slots__ = ("_sandbox_cache", "_sandbox_caps", "_sandbox_module")
+
+    def __init__(self, module: types.ModuleType, caps: Capabilities) -> None:
+        object.__setattr__(self, "_sandbox_module", module)
+        object.__setattr__(self, "_sandbox_caps", caps)
+        object.__setattr__(self, "_sandbox_cache", {})
+
+    def __getattribute__(self, name: str) -> Any:
+        # __getattribute__, not __getattr__: names every object has (nnsight mounts `save` on
+        # `object`) must resolve in the proxied module, not on the proxy.
+        if name in _PROXY_OWN:
+            return object.__getattribute__(self, name)
+        cache: dict[str, Any] = object.__getattribute__(self, "_sandbox_cache")
+        if name in cache:
+            return cache[name]
+        module: types.ModuleType = object.__getattribute__(self, "_sandbox_module")
+        caps: Capabilities = object.__getattribute__(self, "_sandbox_caps")
+        if name.startswith("_") or name in caps.denied_in(module.__name__):
+            raise CapabilityDenied(f"{module.__name__}.{name} is not available in the sandbox")
+        value = getattr(module, name)
+        if isinstance(value, types.ModuleType):
+            value = caps.proxy(value.__name__)  # raises unless that submodule is allowed too
+        elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType)) or (
+            callable(value) and not isinstance(value, type) and type(value).__module__ != "torch"
+        ):
+            value = caps.wrap_callable(value, name)
+        cache[name] = value
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise CapabilityDenied("modules are read-only in the sandbox")
+
+    def __delattr__(self, name: str) -> None:
+        raise CapabilityDenied("modules are read-only in the sandbox")
+
+    def __dir__(self) -> list[str]:
+        module: types.ModuleType = object.__getattribute__(self, "_sandbox_module")
+        caps: Capabilities = object.__getattribute__(self, "_sandbox_caps")
+        denied = caps.denied_in(module.__name__)
+        return sorted(n for n in dir(module) if not n.startswith("_") and n not in denied)
+
+    def __repr__(self) -> str:
+        module: types.ModuleType = object.__getattribute__(self, "_sandbox_module")
+        return f"<sandboxed module {module.__name__!r}>"
+
+    def __reduce__(self) -> Any:
+        raise CapabilityDenied("modules cannot be pickled out of the sandbox")

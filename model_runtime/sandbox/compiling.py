@@ -1,0 +1,348 @@
+"""Layer 2: the trace body and shipped helper functions compile through RestrictedPython.
+
+RestrictedPython rewrites the AST so every attribute read, item read, iteration, unpacking,
+attribute/item write, augmented assignment and `print` goes through a guard function
+(`_getattr_`, `_getitem_`, `_getiter_`, `_write_`, `_inplacevar_`, ...), and it rejects at
+compile time any name or attribute starting with `_` (no `__class__`, `__globals__`,
+`__subclasses__`, `__builtins__`), generator/frame attributes and `except*`. NDIF's guards
+were inert because the code was compiled with the stock `compile()`; here *all* user code is
+compiled by `restricted_compile`:
+
+* the trace body (the executor compiles it instead of `RequestModel.deserialize`);
+* every inner `with` block nnsight captures at run time (`tracer.invoke`, `tracer.iter`,
+  `backward`, the inner traces of a session): `install_compile_hook()` wraps
+  `nnsight.tracing.tracer.Tracer.compile` so that, while a sandboxed request runs on this
+  thread, it compiles restricted too;
+* helper functions shipped by value (the unpickler routes `_load_function` here).
+
+Our policy adds to RestrictedPython's: a bare `except:` is rewritten to `except Exception:` so
+the timeout (a BaseException) cannot be swallowed, and `global`/`nonlocal` are refused.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import copy
+import operator
+import threading
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from RestrictedPython import compile_restricted
+from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
+from RestrictedPython.transformer import INSPECT_ATTRIBUTES, RestrictingNodeTransformer
+
+from model_runtime.sandbox.capabilities import Capabilities, ModuleProxy
+from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, ModelTampering
+from model_runtime.sandbox.model_guard import MODULE_MUTATORS, TENSOR_ALIASING
+
+# Attribute names refused on every object: file/network/code-loading methods reachable from
+# objects user code legitimately holds (tokenizer, config, numpy arrays, hub mixins).
+DENIED_ATTRIBUTES = frozenset(
+    INSPECT_ATTRIBUTES
+    | {
+        "format", "format_map", "save_pretrained", "save_vocabulary", "push_to_hub",
+        "from_pretrained", "to_json_file", "to_yaml_file", "tofile", "dump", "dumps", "ctypes",
+        "register_for_auto_class", "save_model", "from_file", "mro", "f_lasti", "f_lineno",
+        "gi_running", "cr_running", "co_consts", "co_names", "tb_lasti", "tb_lineno",
+    }
+)
+
+# Object types whose `save`/`load` methods touch the filesystem (tokenizers' Rust Tokenizer,
+# numpy, safetensors); `save` stays available elsewhere because it is nnsight's `.save()`.
+_FILE_METHOD_MODULES = ("tokenizers", "transformers", "numpy", "safetensors", "huggingface_hub")
+
+_SAFE_BUILTIN_NAMES = (
+    "abs", "all", "any", "ascii", "bin", "bool", "bytes", "callable", "chr", "complex", "dict",
+    "divmod", "enumerate", "filter", "float", "frozenset", "hash", "hex", "id", "int", "isinstance",
+    "issubclass", "len", "list", "map", "max", "min", "next", "oct", "ord", "pow", "range", "repr",
+    "reversed", "round", "set", "slice", "sorted", "str", "sum", "tuple", "zip", "True", "False",
+    "None", "Ellipsis", "NotImplemented", "ArithmeticError", "AssertionError", "AttributeError",
+    "Exception", "IndexError", "KeyError", "LookupError", "NameError", "NotImplementedError",
+    "OverflowError", "RuntimeError", "StopIteration", "TypeError", "ValueError", "Warning",
+    "ZeroDivisionError", "UserWarning", "DeprecationWarning", "ImportError", "IOError", "OSError",
+)
+
+
+class SandboxPolicy(RestrictingNodeTransformer):
+    """RestrictedPython's policy plus the rules the timeout and shared state need."""
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> ast.AST:
+        # A bare `except:` would catch the injected timeout; narrow it to `Exception`.
+        if node.type is None:
+            node.type = ast.copy_location(ast.Name(id="Exception", ctx=ast.Load()), node)
+        result: ast.AST = super().visit_ExceptHandler(node)
+        return result
+
+    def visit_Global(self, node: ast.Global) -> ast.AST:
+        self.error(node, "global statements are not allowed in the sandbox")
+        return node
+
+    def visit_Nonlocal(self, node: ast.Nonlocal) -> ast.AST:
+        self.error(node, "nonlocal statements are not allowed in the sandbox")
+        return node
+
+
+def restricted_compile(source: str | ast.Module, filename: str, name: str | None = None) -> types.CodeType:
+    """Compile `source` (text or a module AST, which is not modified) under the sandbox policy."""
+    tree = copy.deepcopy(source) if isinstance(source, ast.Module) else source
+    try:
+        code = compile_restricted(tree, filename=filename, mode="exec", policy=SandboxPolicy)
+    except SyntaxError as exc:
+        raise CodeRejected(str(exc)) from None
+    return code.replace(co_name=name) if name else code
+
+
+# --------------------------------------------------------------------------------------------
+# Guards: the functions the rewritten code calls. Built per request around one `Guards` object.
+
+
+@dataclass
+class GuardCounters:
+    """How often each guard ran; tests use it to prove the guards are really called."""
+
+    getattr: int = 0
+    getitem: int = 0
+    write: int = 0
+    iter: int = 0
+    inplace: int = 0
+    imports: int = 0
+
+
+class _EnvoyWriter:
+    """What `_write_(envoy)` returns: only the intervention slots may be assigned."""
+
+    __slots__ = ("_target",)
+    WRITABLE = frozenset({"output", "input", "inputs", "grad"})
+
+    def __init__(self, target: Any) -> None:
+        object.__setattr__(self, "_target", target)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.WRITABLE:
+            raise ModelTampering(f"assigning .{name} on a model module is not allowed")
+        setattr(object.__getattribute__(self, "_target"), name, value)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        object.__getattribute__(self, "_target")[key] = value
+
+
+@dataclass
+class Guards:
+    """The guard functions for one request, closed over its capabilities and model guard."""
+
+    caps: Capabilities
+    is_protected: Callable[[Any], bool]
+    on_print: Callable[[str], None] = lambda _text: None
+    counters: GuardCounters = field(default_factory=GuardCounters)
+
+    # -- attribute reads ---------------------------------------------------------------------
+    def getattr_(self, obj: Any, name: str, *default: Any) -> Any:
+        self.counters.getattr += 1
+        if not isinstance(name, str):
+            raise CapabilityDenied("attribute names must be strings")
+        if name.startswith("_") or name in DENIED_ATTRIBUTES:
+            raise CapabilityDenied(f"attribute {name!r} is not available in the sandbox")
+        if isinstance(obj, ModuleProxy):
+            return getattr(obj, name, *default)
+        if isinstance(obj, types.ModuleType):
+            raise CapabilityDenied("raw modules are not available in the sandbox")
+        self._check_object_attr(obj, name)
+        value = getattr(obj, name, *default)
+        if isinstance(value, types.ModuleType):
+            # A module reached through an object (`np.core`, a function's module): only
+            # allowlisted ones, and only as proxies.
+            return self.caps.proxy(value.__name__)
+        return value
+
+    def _check_object_attr(self, obj: Any, name: str) -> None:
+        import torch
+
+        owner = obj if isinstance(obj, type) else type(obj)
+        if name in ("save", "load") and owner.__module__.split(".")[0] in _FILE_METHOD_MODULES:
+            raise CapabilityDenied(f"{owner.__name__}.{name} touches the filesystem; not allowed")
+        if issubclass(owner, torch.nn.Module) or _is_envoy(obj):
+            if name in MODULE_MUTATORS:
+                raise ModelTampering(f".{name}() on a model module is not allowed")
+            return
+        if issubclass(owner, torch.Tensor):
+            mutating = name in TENSOR_ALIASING or (name.endswith("_") and not name.endswith("__"))
+            if mutating and (isinstance(obj, type) or self.is_protected(obj)):
+                raise ModelTampering(f".{name} on the model's weights is not allowed")
+
+    def hasattr_(self, obj: Any, name: str) -> bool:
+        try:
+            self.getattr_(obj, name)
+        except (AttributeError, CapabilityDenied, ModelTampering):
+            return False
+        return True
+
+    # -- item reads, iteration ---------------------------------------------------------------
+    def getitem_(self, obj: Any, index: Any) -> Any:
+        self.counters.getitem += 1
+        if isinstance(obj, (types.ModuleType, ModuleProxy)):
+            raise CapabilityDenied("modules are not subscriptable in the sandbox")
+        return obj[index]
+
+    def getiter_(self, obj: Any) -> Any:
+        self.counters.iter += 1
+        return iter(obj)
+
+    # -- writes ------------------------------------------------------------------------------
+    def write_(self, obj: Any) -> Any:
+        import torch
+
+        self.counters.write += 1
+        if isinstance(obj, (types.ModuleType, ModuleProxy, type, types.FunctionType,
+                            types.BuiltinFunctionType, types.MethodType)):
+            raise CapabilityDenied(f"cannot assign attributes or items of {type(obj).__name__}")
+        if isinstance(obj, torch.nn.Module):
+            raise ModelTampering("assigning into a model module is not allowed")
+        if self.is_protected(obj):
+            raise ModelTampering("writing into the model's weights is not allowed")
+        if _is_envoy(obj):
+            return _EnvoyWriter(obj)
+        return obj
+
+    def inplacevar_(self, op: str, target: Any, value: Any) -> Any:
+        self.counters.inplace += 1
+        if self.is_protected(target):
+            raise ModelTampering(f"in-place {op} on the model's weights is not allowed")
+        fn = _INPLACE_OPS.get(op)
+        if fn is None:
+            raise CodeRejected(f"operator {op} is not supported")
+        return fn(target, value)
+
+    def apply_(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    def import_(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        self.counters.imports += 1
+        return self.caps.guarded_import(name, *args, **kwargs)
+
+    # -- namespace ---------------------------------------------------------------------------
+    def builtins(self) -> dict[str, Any]:
+        real = vars(builtins)
+        table: dict[str, Any] = {name: real[name] for name in _SAFE_BUILTIN_NAMES}
+        table.update(
+            __import__=self.import_,
+            getattr=self.getattr_,
+            hasattr=self.hasattr_,
+            iter=self.getiter_,
+            __build_class__=_guarded_build_class,
+            __name__="sandbox",
+            print=self._print_function,
+        )
+        return table
+
+    def _print_function(self, *args: Any, sep: str = " ", end: str = "\n", **_kwargs: Any) -> None:
+        self.on_print(sep.join(str(a) for a in args) + (end if end != "\n" else ""))
+
+    def namespace(self) -> dict[str, Any]:
+        """The guard names RestrictedPython's rewritten code looks up, plus safe builtins."""
+        guards = self
+
+        class _Print:
+            # RestrictedPython rewrites `print(...)` to `_print_(_getattr_)._call_print(...)`.
+            def __init__(self, _getattr: Any = None) -> None:
+                pass
+
+            def _call_print(self, *args: Any, **kwargs: Any) -> None:
+                guards._print_function(*args, **kwargs)
+
+        return {
+            "__builtins__": self.builtins(),
+            "_getattr_": self.getattr_,
+            "_getitem_": self.getitem_,
+            "_getiter_": self.getiter_,
+            "_write_": self.write_,
+            "_inplacevar_": self.inplacevar_,
+            "_apply_": self.apply_,
+            "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
+            "_unpack_sequence_": guarded_unpack_sequence,
+            "_print_": _Print,
+            "__metaclass__": type,
+            "__name__": "sandbox",
+        }
+
+
+def _guarded_build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> Any:
+    # Classes may only derive from plain object: subclassing a torch/nnsight type would inherit
+    # methods (e.g. nn.Module.to) past the attribute guard.
+    if bases or kwargs:
+        raise CapabilityDenied("classes in the sandbox cannot have base classes or metaclasses")
+    return builtins.__build_class__(func, name)
+
+
+def _is_envoy(obj: Any) -> bool:
+    from nnsight.intervention.envoy import Envoy
+
+    return isinstance(obj, Envoy)
+
+
+_INPLACE_OPS: Mapping[str, Callable[[Any, Any], Any]] = {
+    "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
+    "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow, "@=": operator.imatmul,
+    "<<=": operator.ilshift, ">>=": operator.irshift, "&=": operator.iand, "|=": operator.ior,
+    "^=": operator.ixor,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# nnsight's run-time capture of inner `with` blocks: compile them restricted while sandboxed.
+
+_ACTIVE = threading.local()
+_HOOK_LOCK = threading.Lock()
+
+
+class sandboxed_compilation:
+    """Context manager: while active on this thread, nnsight compiles captured blocks restricted."""
+
+    def __enter__(self) -> None:
+        _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.depth -= 1
+
+
+def is_sandboxed() -> bool:
+    return getattr(_ACTIVE, "depth", 0) > 0
+
+
+def install_compile_hook() -> None:
+    """Wrap `Tracer.compile` once per process so inner blocks compile restricted when sandboxed."""
+    from nnsight.tracing.tracer import Tracer
+
+    with _HOOK_LOCK:
+        if getattr(Tracer.compile, "_sandbox_hook", False):
+            return
+        original = Tracer.compile
+
+        def compile_hook(self: Any, module: ast.Module, frame: types.FrameType) -> types.CodeType:
+            if is_sandboxed():
+                return restricted_compile(module, frame.f_code.co_filename, frame.f_code.co_name)
+            return original(self, module, frame)
+
+        compile_hook._sandbox_hook = True  # type: ignore[attr-defined]
+        Tracer.compile = compile_hook  # type: ignore[method-assign]
+
+
+def restricted_function(
+    source: str, name: str, origin_filename: str, origin_line: int, namespace: dict[str, Any],
+    defaults: Iterable[Any] | None = None,
+) -> types.FunctionType:
+    """Rebuild a shipped helper function from its source, compiled restricted (cf. nnsight's
+    `_load_function`, which compiles with the stock compiler)."""
+    padded = "\n" * (max(origin_line, 1) - 1) + source
+    filename = f"[{name}:{origin_line}] {origin_filename}"
+    module_code = restricted_compile(padded, filename)
+    func_code = None
+    for const in module_code.co_consts:
+        if isinstance(const, types.CodeType) and const.co_name == name:
+            func_code = const
+    if func_code is None:
+        raise CodeRejected(f"shipped function {name!r} has no matching definition in its source")
+    return types.FunctionType(func_code, dict(namespace), name, tuple(defaults) if defaults else None)

@@ -1,0 +1,311 @@
+"""The sandboxed request executor: every layer, in order, around nnsight's server recipe.
+
+    result = execute_sandboxed(model, blob, envelope, limits=Limits(), on_log=print)
+
+Same inputs and outputs as the runtime's unsandboxed executor (the blob and the nnsight
+`RequestModel` envelope in; the serialised, possibly zstd-compressed result dict out), so the
+runtime switches by calling this function instead. Steps:
+
+1. limits: payload size, bounded decompression;
+2. env: only known `attn_implementation` values (a `peft` adapter id would make the server
+   download code);
+3. on the dedicated worker thread (seccomp'd where supported), under the address-space cap and
+   the timeout: allowlisted unpickling → validate the tracer → restricted compile of the body →
+   `inc/execute/dec` with guards → weight version check → result size cap → `torch.save`;
+4. always: restore process state (dtype, grad mode, RNG, sys.modules, builtins, nnsight caches).
+
+Every refusal raises a `SandboxError` subclass whose message is safe to return to the user;
+other user-code errors are raised as `RequestFailed` with the user's (cleaned) traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_runtime.sandbox.capabilities import Capabilities
+from model_runtime.sandbox.compiling import (
+    Guards,
+    install_compile_hook,
+    restricted_compile,
+    sandboxed_compilation,
+)
+from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected, SandboxError
+from model_runtime.sandbox.limits import Limits, Worker, address_space_cap, check_payload, tensor_bytes
+from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
+from model_runtime.sandbox.unpickling import loads
+
+_ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
+
+
+class RequestFailed(Exception):
+    """The user's own code raised; the message carries their traceback, not the server's."""
+
+
+@dataclass
+class ExecutionResult:
+    """What one request produced: the result blob the client `finalize()`s, plus metadata."""
+
+    result: bytes
+    saved: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _ModelContext:
+    weights: WeightGuard
+    caps: Capabilities
+
+
+class Sandbox:
+    """One per replica: a worker thread, and the protected-weight index of each model."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._worker: Worker | None = None
+        self._models: weakref.WeakKeyDictionary[Any, _ModelContext] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # nnsight traces are not thread-safe: one at a time
+        install_compile_hook()
+
+    @property
+    def healthy(self) -> bool:
+        return self._worker is None or self._worker.healthy
+
+    def worker(self, seccomp: bool) -> Worker:
+        if self._worker is None or not self._worker.healthy:
+            self._worker = Worker(seccomp=seccomp)
+        return self._worker
+
+    def context(self, model: Any) -> _ModelContext:
+        ctx = self._models.get(model)
+        if ctx is None:
+            weights = WeightGuard([model._module])
+            ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected))
+            self._models[model] = ctx
+        return ctx
+
+    def forget(self, model: Any) -> None:
+        """Drop the cached weight index (call after the model's weights were reloaded or moved)."""
+        self._models.pop(model, None)
+
+    def execute(
+        self,
+        model: Any,
+        blob: bytes,
+        envelope: Any,
+        *,
+        limits: Limits | None = None,
+        on_log: Callable[[str], None] | None = None,
+    ) -> ExecutionResult:
+        limits = limits or self.limits
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        compress = bool(getattr(envelope, "compress", False))
+        raw = check_payload(blob, compress, limits)
+        env = _checked_env(getattr(envelope, "env", {}) or {})
+        with self._lock:
+            ctx = self.context(model)
+            guards = Guards(ctx.caps, ctx.weights.is_protected, on_print=on_log or (lambda _t: None))
+            worker = self.worker(limits.seccomp)
+            state = ProcessState.capture()
+            try:
+                if env:
+                    model._remoteable_set_env(env)
+                ctx.weights.arm()
+                job = _Job(model, raw, compress, guards, ctx.weights, limits, timings)
+                with address_space_cap(limits.memory_bytes):
+                    result = worker.run(job.run, limits.timeout_s, limits.grace_s)
+            finally:
+                t0 = time.perf_counter()
+                changed = state.restore()
+                interleaver = getattr(model, "_interleaver", None)
+                if interleaver is not None and hasattr(interleaver, "cancel"):
+                    interleaver.cancel()
+                timings["restore_s"] = time.perf_counter() - t0
+        result.meta.update(
+            runtime=time.perf_counter() - started,
+            sandbox={
+                "seccomp": worker.seccomp_active,
+                "restored": changed,
+                "timings": timings,
+                "guard_calls": vars(guards.counters).copy(),
+            },
+        )
+        return result
+
+
+def _checked_env(env: Any) -> dict[str, Any]:
+    if not isinstance(env, dict):
+        raise PayloadRejected("env must be a dict")
+    unknown = set(env) - {"attn_implementation"}
+    if unknown:
+        raise PayloadRejected(f"env keys {sorted(map(str, unknown))} are not supported by this server")
+    value = env.get("attn_implementation")
+    if value is not None and value not in _ATTN_IMPLEMENTATIONS:
+        raise PayloadRejected(f"attn_implementation {value!r} is not supported")
+    return dict(env)
+
+
+@dataclass
+class _Job:
+    model: Any
+    raw: bytes
+    compress: bool
+    guards: Guards
+    weights: WeightGuard
+    limits: Limits
+    timings: dict[str, float]
+
+    def run(self) -> ExecutionResult:
+        from nnsight.tracing.tracer import _saves, dec, inc
+
+        with sandboxed_compilation():
+            t0 = time.perf_counter()
+            tracer, code = self._deserialize()
+            t1 = time.perf_counter()
+            self.timings["deserialize_s"] = t1 - t0
+            frame = tracer.info.frame
+            inc()
+            try:
+                tracer.execute(code)
+                saves = {k: v for k, v in frame.f_locals.items() if id(v) in _saves()}
+            except SandboxError:
+                raise
+            except Exception as exc:
+                raise RequestFailed(_user_traceback(exc)) from None
+            finally:
+                dec()
+            t2 = time.perf_counter()
+            self.timings["execute_s"] = t2 - t1
+        self.weights.check()
+        result = self._serialize(saves)
+        self.timings["serialize_s"] = time.perf_counter() - t2
+        return ExecutionResult(result=result, saved=sorted(saves))
+
+    def _deserialize(self) -> tuple[Any, Any]:
+        import linecache
+
+        try:
+            loaded = loads(self.raw, self.model._remoteable_persistent_objects(), self.guards)
+        except SandboxError:
+            raise
+        except Exception as exc:
+            raise PayloadRejected(f"the payload could not be read: {type(exc).__name__}: {exc}") from None
+        tracer, source, glbls, lcls = _validate(loaded, self.model)
+        frame = tracer.info.frame
+        filename = frame.f_code.co_filename
+        code = restricted_compile(source, filename, frame.f_code.co_name)
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+        namespace = self.guards.namespace()
+        glbls.update(namespace)
+        lcls["__builtins__"] = namespace["__builtins__"]
+        frame.f_globals = glbls
+        frame.f_locals = lcls
+        tracer.info.code = code
+        return tracer, code
+
+    def _serialize(self, saves: dict[str, Any]) -> bytes:
+        import torch
+
+        if tensor_bytes(saves) > self.limits.max_result_bytes:
+            raise LimitExceeded(f"the saved values exceed the {self.limits.max_result_bytes:,}-byte result limit")
+        buffer = io.BytesIO()
+        try:
+            torch.save(saves, buffer, pickle_protocol=4)
+        except Exception as exc:
+            raise RequestFailed(f"a saved value could not be serialised: {type(exc).__name__}: {exc}") from None
+        data = buffer.getvalue()
+        if len(data) > self.limits.max_result_bytes:
+            raise LimitExceeded(f"the result of {len(data):,} bytes exceeds the {self.limits.max_result_bytes:,} limit")
+        if self.compress:
+            import zstandard
+
+            data = zstandard.ZstdCompressor(level=3).compress(data)
+        return data
+
+
+def _validate(loaded: Any, model: Any) -> tuple[Any, str, dict[str, Any], dict[str, Any]]:
+    """Check the unpickled object is a tracer shaped like a real request, and nothing else."""
+    from nnsight.intervention.tracer import InterleavingTracer
+    from nnsight.tracing.tracer import Tracer
+    from nnsight.tracing.util import SerializedFrame
+
+    if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], tuple)):
+        raise PayloadRejected("the payload is not a (tracer, block) pair")
+    tracer, block = loaded
+    if type(tracer) not in (InterleavingTracer, Tracer):
+        raise PayloadRejected(f"the payload's tracer is a {type(tracer).__name__}, not a known tracer")
+    if len(block) != 3:
+        raise PayloadRejected("the payload's block is not (source, globals, locals)")
+    source, glbls, lcls = block
+    if not isinstance(source, str) or not isinstance(glbls, dict) or not isinstance(lcls, dict):
+        raise PayloadRejected("the payload's block has the wrong types")
+    for names in (glbls, lcls):
+        if any(not isinstance(k, str) or k.startswith("_") for k in names):
+            raise PayloadRejected("the payload's variables may not have private names")
+    info = getattr(tracer, "info", None)
+    if info is None or not isinstance(info.frame, SerializedFrame):
+        raise PayloadRejected("the payload's tracer has no serialized frame")
+    filename = info.frame.f_code.co_filename
+    if not isinstance(filename, str) or len(filename) > 4096:
+        raise PayloadRejected("the payload's filename is not a reasonable string")
+    if isinstance(tracer, InterleavingTracer):
+        _validate_call(tracer, model)
+    return tracer, source, glbls, lcls
+
+
+def _validate_call(tracer: Any, model: Any) -> None:
+    """The model call a trace makes must be one of nnsight's own entry points on its envoy."""
+    import types
+
+    from nnsight.modeling.transformers import TransformersModel
+
+    fn = tracer.fn
+    allowed = {TransformersModel._call}
+    for name in ("generate", "pipe"):
+        wrapped = getattr(getattr(TransformersModel, name), "__wrapped__", None)
+        if wrapped is not None:
+            allowed.add(wrapped)
+    if not (isinstance(fn, types.MethodType) and fn.__self__ is tracer.envoy and fn.__func__ in allowed):
+        raise PayloadRejected("the payload asks the server to call something other than the model")
+    if not isinstance(tracer.envoy, TransformersModel) or not isinstance(tracer.args, tuple):
+        raise PayloadRejected("the payload's model call has the wrong shape")
+    if not isinstance(tracer.kwargs, dict) or any(not isinstance(k, str) for k in tracer.kwargs):
+        raise PayloadRejected("the payload's model call has the wrong shape")
+    if tracer.envoy._module is not model._module:
+        raise PayloadRejected("the payload's model is not the model this replica serves")
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The user's part of a traceback: frames from their files, not the server's."""
+    from nnsight.tracing.util import clean_traceback
+
+    lines = traceback.format_exception(type(exc), exc, clean_traceback(exc.__traceback__))
+    return "".join(lines)[-8000:]
+
+
+_DEFAULT: Sandbox | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def execute_sandboxed(
+    model: Any,
+    blob: bytes,
+    envelope: Any,
+    *,
+    limits: Limits | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> ExecutionResult:
+    """Run one request blob against `model` inside the sandbox (the process-wide default one)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Sandbox()
+        sandbox = _DEFAULT
+    return sandbox.execute(model, blob, envelope, limits=limits, on_log=on_log)

@@ -1,0 +1,292 @@
+"""Layer 5: time, size and memory limits, and an optional seccomp filter on the worker thread.
+
+* **Time**: requests run on one long-lived worker thread; on timeout the supervisor injects
+  `RequestTimeout` (a BaseException user code cannot catch: the compiler narrows bare `except:`)
+  with `PyThreadState_SetAsyncExc`, repeatedly until the request unwinds. A thread stuck inside
+  one C call cannot be interrupted that way; after `grace_s` the worker is abandoned, reported
+  unhealthy, and a fresh one serves the next request (the runtime should restart the replica).
+* **Sizes**: the payload is capped before and after decompression (a zstd bomb is stopped by a
+  bounded streaming decompressor); results are capped by tensor bytes before serialising and by
+  serialised size after.
+* **Memory**: while a request runs, the process's `RLIMIT_AS` soft limit is lowered to the
+  current address-space size plus `memory_bytes`, so an allocation past the cap fails with an
+  error instead of taking the node down. Process-wide (it also binds other threads for that
+  time) and Linux-only; CUDA memory is not covered (use `torch.cuda.set_per_process_memory_fraction`).
+* **seccomp** (Linux x86_64): the worker thread installs a filter that makes `execve`,
+  `fork`/`vfork`/non-thread `clone`, `socket`, `connect`, `bind`, `ptrace`, file-creating or
+  write-mode `open`/`openat`, `unlink`/`rename`/`mkdir`/`chmod`/`truncate` and friends fail with
+  EPERM (`clone3` reports ENOSYS so glibc falls back to `clone`). The filter is per thread and
+  permanent, which is why the worker thread is dedicated. It does not stop reading files
+  (imports need it) nor writes to already-open descriptors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import queue
+import resource
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from model_runtime.sandbox.errors import LimitExceeded, RequestTimeout
+
+T = TypeVar("T")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; the defaults match `ModelUserConfig`'s."""
+
+    timeout_s: float = 300.0
+    max_payload_bytes: int = 64 * MIB
+    max_decompressed_bytes: int = 256 * MIB
+    max_result_bytes: int = 1024 * MIB
+    memory_bytes: int | None = 8 * 1024 * MIB
+    seccomp: bool = True
+    grace_s: float = 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+
+
+def check_payload(blob: bytes, compress: bool, limits: Limits) -> bytes:
+    """Return the decompressed payload, refusing oversized blobs and decompression bombs."""
+    if not isinstance(blob, (bytes, bytearray)):
+        raise LimitExceeded("the payload must be bytes")
+    if len(blob) > limits.max_payload_bytes:
+        raise LimitExceeded(f"payload of {len(blob):,} bytes exceeds the {limits.max_payload_bytes:,} limit")
+    if not compress:
+        return bytes(blob)
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(bytes(blob))
+    out = reader.read(limits.max_decompressed_bytes + 1)
+    if len(out) > limits.max_decompressed_bytes:
+        raise LimitExceeded(f"payload decompresses past the {limits.max_decompressed_bytes:,}-byte limit")
+    return bytes(out)
+
+
+def tensor_bytes(value: Any, _depth: int = 0) -> int:
+    """Bytes of tensor data in a (nested) result, counted before serialising it."""
+    import torch
+
+    if _depth > 50:
+        raise LimitExceeded("the result is nested too deeply")
+    if isinstance(value, torch.Tensor):
+        return int(value.numel() * value.element_size())
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v, _depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sum(tensor_bytes(v, _depth + 1) for v in value)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+class address_space_cap:
+    """Lower RLIMIT_AS to (current size + `extra`) for the duration; restore it after."""
+
+    def __init__(self, extra: int | None) -> None:
+        self.extra = extra
+        self.previous: tuple[int, int] | None = None
+
+    def __enter__(self) -> None:
+        if self.extra is None or not os.path.exists("/proc/self/statm"):
+            return
+        with open("/proc/self/statm") as f:
+            vm_pages = int(f.read().split()[0])
+        target = vm_pages * os.sysconf("SC_PAGE_SIZE") + self.extra
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            target = min(target, hard)
+        self.previous = (soft, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (target, hard))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            resource.setrlimit(resource.RLIMIT_AS, self.previous)
+
+
+# --------------------------------------------------------------------------------------------
+# seccomp
+
+# x86_64 syscall numbers.
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_DENIED_SYSCALLS = {
+    "execve": 59, "execveat": 322, "fork": 57, "vfork": 58, "socket": 41, "socketpair": 53,
+    "connect": 42, "bind": 49, "listen": 50, "accept": 43, "accept4": 288, "ptrace": 101,
+    "process_vm_readv": 310, "process_vm_writev": 311, "creat": 85, "unlink": 87,
+    "unlinkat": 263, "rename": 82, "renameat": 264, "renameat2": 316, "mkdir": 83,
+    "mkdirat": 258, "rmdir": 84, "chmod": 90, "fchmod": 91, "fchmodat": 268, "truncate": 76,
+    "link": 86, "linkat": 265, "symlink": 88, "symlinkat": 266, "mount": 165, "kill": 62,
+    "tkill": 200, "memfd_create": 319, "setrlimit": 160, "prlimit64": 302, "seccomp": 317,
+    "chroot": 161, "init_module": 175, "finit_module": 313, "bpf": 321, "unshare": 272,
+    "setns": 308,
+}
+_NR_CLONE, _NR_CLONE3, _NR_OPEN, _NR_OPENAT, _NR_OPENAT2 = 56, 435, 2, 257, 437
+_X32_BIT = 0x40000000
+_O_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_CLONE_THREAD = 0x00010000
+_EPERM, _ENOSYS = 1, 38
+
+# BPF opcodes (linux/filter.h, linux/seccomp.h).
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+_RET_KILL_PROCESS = 0x80000000
+_OFF_NR, _OFF_ARCH = 0, 4
+
+
+def _arg_low(i: int) -> int:
+    return 16 + 8 * i  # seccomp_data.args[i], low 32 bits on little-endian
+
+
+def seccomp_program() -> list[tuple[int, int, int, int]]:
+    """The BPF filter as (code, jt, jf, k) tuples (x86_64 syscall numbers)."""
+    prog: list[tuple[int, int, int, int]] = [
+        (_LD_W_ABS, 0, 0, _OFF_ARCH),
+        (_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64),
+        (_RET_K, 0, 0, _RET_KILL_PROCESS),
+        (_LD_W_ABS, 0, 0, _OFF_NR),
+        (_JGE_K, 0, 1, _X32_BIT),  # the x32 ABI aliases every syscall: refuse it outright
+        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
+    ]
+    for nr in _DENIED_SYSCALLS.values():
+        prog += [(_JEQ_K, 0, 1, nr), (_RET_K, 0, 0, _RET_ERRNO | _EPERM)]
+    prog += [(_JEQ_K, 0, 1, _NR_CLONE3), (_RET_K, 0, 0, _RET_ERRNO | _ENOSYS)]
+    # clone: a thread (CLONE_THREAD set) is fine, a new process is not.
+    prog += [
+        (_JEQ_K, 0, 4, _NR_CLONE),
+        (_LD_W_ABS, 0, 0, _arg_low(0)),
+        (_JSET_K, 1, 0, _CLONE_THREAD),
+        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
+        (_RET_K, 0, 0, _RET_ALLOW),
+    ]
+    # open(path, flags) / openat(dirfd, path, flags); openat2 keeps flags in a struct: refuse.
+    prog += [(_JEQ_K, 0, 1, _NR_OPENAT2), (_RET_K, 0, 0, _RET_ERRNO | _ENOSYS)]
+    for nr, flags_arg in ((_NR_OPEN, 1), (_NR_OPENAT, 2)):
+        prog += [
+            (_JEQ_K, 0, 4, nr),
+            (_LD_W_ABS, 0, 0, _arg_low(flags_arg)),
+            (_JSET_K, 0, 1, _O_WRITE_FLAGS),
+            (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
+            (_RET_K, 0, 0, _RET_ALLOW),
+        ]
+    prog.append((_RET_K, 0, 0, _RET_ALLOW))
+    return prog
+
+
+def seccomp_supported() -> bool:
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+
+
+def install_seccomp() -> None:
+    """Install the filter on the *calling thread* (permanent for that thread). Raises OSError."""
+    if not seccomp_supported():
+        raise OSError("seccomp filter is only built for Linux x86_64")
+    prog = seccomp_program()
+    raw = b"".join(struct.pack("HBBI", code, jt, jf, k) for code, jt, jf, k in prog)
+    buf = ctypes.create_string_buffer(raw)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
+
+
+# --------------------------------------------------------------------------------------------
+# The worker thread and the timeout
+
+
+@dataclass
+class _Job(Generic[T]):
+    fn: Callable[[], T]
+    done: threading.Event
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Worker:
+    """One dedicated thread that runs jobs one at a time, optionally under seccomp."""
+
+    def __init__(self, *, seccomp: bool) -> None:
+        self._jobs: queue.Queue[_Job[Any] | None] = queue.Queue()
+        self._ready = threading.Event()
+        self.seccomp_error: str | None = None
+        self.seccomp_active = False
+        self.healthy = True
+        self._thread = threading.Thread(
+            target=self._loop, args=(seccomp,), name="nnsight-sandbox-worker", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait()
+
+    @property
+    def ident(self) -> int | None:
+        return self._thread.ident
+
+    def _loop(self, seccomp: bool) -> None:
+        if seccomp:
+            try:
+                install_seccomp()
+                self.seccomp_active = True
+            except OSError as exc:
+                self.seccomp_error = str(exc)
+        self._ready.set()
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job.result = job.fn()
+            except BaseException as exc:
+                job.error = exc
+            finally:
+                job.done.set()
+
+    def run(self, fn: Callable[[], T], timeout_s: float, grace_s: float) -> T:
+        """Run `fn` on the worker; raise LimitExceeded if it passes `timeout_s`."""
+        job: _Job[T] = _Job(fn, threading.Event())
+        self._jobs.put(job)
+        if not job.done.wait(timeout_s):
+            deadline = time.monotonic() + grace_s
+            while not job.done.is_set() and time.monotonic() < deadline:
+                _async_raise(self._thread, RequestTimeout)
+                job.done.wait(0.05)
+            if not job.done.is_set():
+                self.healthy = False
+                raise LimitExceeded(
+                    f"the request ran past {timeout_s:g}s and could not be stopped; "
+                    "this replica must be restarted"
+                )
+            raise LimitExceeded(f"the request ran past its {timeout_s:g}s time limit and was stopped")
+        if job.error is not None:
+            if isinstance(job.error, RequestTimeout):
+                raise LimitExceeded(f"the request ran past its {timeout_s:g}s time limit and was stopped")
+            raise job.error
+        return job.result  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
+def _async_raise(thread: threading.Thread, exc_type: type[BaseException]) -> None:
+    if thread.ident is None:
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))

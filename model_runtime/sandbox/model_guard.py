@@ -1,0 +1,198 @@
+"""Layer 4: the served model's weights and the process-wide state later requests rely on.
+
+Two mechanisms, because neither is enough alone:
+
+* **Refuse at the point of writing.** Every tensor whose storage belongs to a parameter or
+  buffer of the served model is *protected* (checked by storage pointer, so views, `detach()`
+  and `state_dict()` entries are covered too). The restricted compiler's write guard, its
+  attribute guard (in-place methods, `.data`, `.numpy()`, `.to`/`load_state_dict` on modules)
+  and the capability proxies (`out=`, `inplace=True`) all ask `is_protected`.
+* **Detect after the fact.** Every in-place torch op bumps the tensor's version counter, which
+  views and `detach()` share. `WeightGuard.check()` compares each parameter's and buffer's
+  `_version` with the value recorded at start: anything the write-time checks missed fails the
+  request (and the replica is reported as tainted so the runtime can reload it).
+
+`ProcessState` snapshots what a request can change in the process (torch default dtype, grad
+mode, RNG state, `sys.modules`, builtins, nnsight's block caches and `linecache`) and restores
+it after every request, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import builtins
+import linecache
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model_runtime.sandbox.errors import ModelTampering
+
+# Module methods that move, retype, reload or re-hook a module: all change what the next
+# request sees, so user code may not call them on the served model (or any nn.Module).
+MODULE_MUTATORS = frozenset(
+    {
+        "to", "cuda", "cpu", "xpu", "ipu", "mps", "half", "float", "double", "bfloat16", "type",
+        "to_empty", "load_state_dict", "apply", "requires_grad_", "zero_grad", "train", "eval",
+        "share_memory", "register_buffer", "register_parameter", "register_module", "add_module",
+        "set_submodule", "register_forward_hook", "register_forward_pre_hook",
+        "register_full_backward_hook", "register_full_backward_pre_hook", "register_backward_hook",
+        "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
+        "register_state_dict_pre_hook", "register_state_dict_post_hook", "compile", "dispatch",
+        "set_attn_implementation", "tie_weights", "resize_token_embeddings", "save_pretrained",
+        "push_to_hub", "from_pretrained", "init_weights", "post_init", "gradient_checkpointing_enable",
+        "set_input_embeddings", "set_output_embeddings", "load_adapter", "add_adapter",
+        "set_adapter", "enable_adapters", "disable_adapters", "delete_adapter", "fuse_qkv_projections",
+        "_remoteable_set_env",
+    }
+)
+
+# Tensor attributes that alias or rewrite storage outside the version counter, or move memory.
+TENSOR_ALIASING = frozenset(
+    {
+        "data", "set_", "untyped_storage", "storage", "numpy", "share_memory_", "pin_memory",
+        "resize_", "resize_as_", "requires_grad_", "retain_grad", "register_hook",
+        "register_post_accumulate_grad_hook", "detach_", "as_strided_",
+        "module_load", "copy_", "swap_",
+    }
+)
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int | None:
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None  # meta / sparse / fake tensors have no inspectable storage
+
+
+@dataclass
+class WeightGuard:
+    """Knows the served model's parameter and buffer storages and their version counters."""
+
+    modules: list[torch.nn.Module]
+    _ptrs: frozenset[int] = frozenset()
+    _tensors: list[torch.Tensor] = field(default_factory=list)
+    _versions: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        seen: dict[int, torch.Tensor] = {}
+        for module in self.modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                seen.setdefault(id(tensor), tensor)
+        self._tensors = list(seen.values())
+        self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
+        self.arm()
+
+    def arm(self) -> None:
+        """Record the version counters at the start of a request."""
+        self._versions = [t._version for t in self._tensors]
+
+    def is_protected(self, value: Any) -> bool:
+        """True for a weight or buffer of the served model, or any tensor sharing its storage."""
+        if isinstance(value, torch.nn.Module):
+            return True
+        if not isinstance(value, torch.Tensor):
+            return False
+        if isinstance(value, torch.nn.Parameter):
+            return True
+        ptr = _storage_ptr(value)
+        return ptr is not None and ptr in self._ptrs
+
+    def check(self) -> None:
+        """Fail if any weight or buffer changed in place since `arm()`."""
+        changed = [
+            i for i, (t, v) in enumerate(zip(self._tensors, self._versions, strict=True)) if t._version != v
+        ]
+        if changed:
+            raise ModelTampering(
+                f"the request modified {len(changed)} weight/buffer tensor(s) in place; "
+                "the replica's weights are no longer trustworthy"
+            )
+
+
+def _rng_states() -> tuple[Any, ...]:
+    states: list[Any] = [torch.random.get_rng_state(), random.getstate()]
+    try:
+        import numpy as np
+
+        states.append(np.random.get_state())
+    except ImportError:  # numpy is optional for torch; nothing to restore then
+        states.append(None)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    states.append(cuda)
+    return tuple(states)
+
+
+@dataclass
+class ProcessState:
+    """A snapshot of the process-wide state a request can reach, restored by `restore()`."""
+
+    default_dtype: torch.dtype
+    grad_enabled: bool
+    inference_mode: bool
+    rng: tuple[Any, ...]
+    modules: dict[str, Any]
+    builtins_dict: dict[str, Any]
+    linecache_entries: dict[str, Any]
+    nnsight_sources: dict[str, Any]
+    nnsight_blocks: dict[Any, Any]
+
+    @classmethod
+    def capture(cls) -> ProcessState:
+        from nnsight.tracing import globals as nnsight_globals
+
+        return cls(
+            default_dtype=torch.get_default_dtype(),
+            grad_enabled=torch.is_grad_enabled(),
+            inference_mode=torch.is_inference_mode_enabled(),
+            rng=_rng_states(),
+            modules=dict(sys.modules),
+            builtins_dict=dict(vars(builtins)),
+            linecache_entries=dict(linecache.cache),
+            nnsight_sources=dict(nnsight_globals.SOURCES),
+            nnsight_blocks=dict(nnsight_globals.BLOCKS),
+        )
+
+    def restore(self) -> list[str]:
+        """Put everything back; returns the names of what had changed (for the request's meta)."""
+        from nnsight.tracing import globals as nnsight_globals
+
+        changed: list[str] = []
+        if torch.get_default_dtype() != self.default_dtype:
+            changed.append("default_dtype")
+            torch.set_default_dtype(self.default_dtype)
+        if torch.is_grad_enabled() != self.grad_enabled:
+            changed.append("grad_mode")
+            torch.set_grad_enabled(self.grad_enabled)
+        torch.random.set_rng_state(self.rng[0])
+        random.setstate(self.rng[1])
+        if self.rng[2] is not None:
+            import numpy as np
+
+            np.random.set_state(self.rng[2])
+        if self.rng[3] is not None:
+            torch.cuda.set_rng_state_all(self.rng[3])
+        # sys.modules: drop what appeared, put back what was replaced or removed. A module the
+        # server imported lazily during the request is dropped too; it is simply re-imported.
+        for name in [n for n in sys.modules if self.modules.get(n) is not sys.modules[n]]:
+            if name in self.modules:
+                changed.append(f"sys.modules[{name!r}]")
+                sys.modules[name] = self.modules[name]
+        for name, module in self.modules.items():
+            if name not in sys.modules:
+                changed.append(f"sys.modules[{name!r}]")
+                sys.modules[name] = module
+        current = vars(builtins)
+        if current != self.builtins_dict:
+            changed.append("builtins")
+            current.clear()
+            current.update(self.builtins_dict)
+        linecache.cache.clear()
+        linecache.cache.update(self.linecache_entries)
+        nnsight_globals.SOURCES.clear()
+        nnsight_globals.SOURCES.update(self.nnsight_sources)
+        nnsight_globals.BLOCKS.clear()
+        nnsight_globals.BLOCKS.update(self.nnsight_blocks)
+        return changed

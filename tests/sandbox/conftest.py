@@ -1,0 +1,69 @@
+"""One tiny llama per session: a dispatched server model, a meta client model, one sandbox."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SECRET = "ndif-test-secret-3f9a1c"
+
+
+def weights_digest(model: Any) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model._module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model_runtime.tiny_models import build_tiny_model
+
+    path = tmp_path_factory.mktemp("sandbox") / "tiny-llama"
+    build_tiny_model("llama", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(tiny_path: Path) -> Iterator[tuple[Any, Any]]:
+    import nnsight
+    import nnsight.modeling.huggingface as hf
+    from transformers import AutoTokenizer
+
+    os.environ["NDIF_SANDBOX_TEST_SECRET"] = SECRET
+    hf._ID_CACHE[str(tiny_path)] = str(tiny_path)  # offline model key
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    client = nnsight.TransformersModel(str(tiny_path), task="text-generation", tokenizer=tokenizer, dispatch=False)
+    server = nnsight.TransformersModel(
+        str(tiny_path), task="text-generation", tokenizer=tokenizer, device_map="cpu", dispatch=True
+    )
+    server._module.requires_grad_(False)
+    yield client, server
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Any]:
+    from model_runtime.sandbox import Limits, Sandbox
+
+    box = Sandbox(Limits(timeout_s=10.0, memory_bytes=2 * 1024**3, max_result_bytes=4 * 1024**2))
+    yield box
+    if box._worker is not None:
+        box._worker.stop()
+
+
+@pytest.fixture()
+def backend(models: tuple[Any, Any], sandbox: Any) -> Callable[..., Any]:
+    from sandbox.harness import SandboxBackend
+
+    client, server = models
+
+    def make(**kwargs: Any) -> SandboxBackend:
+        return SandboxBackend(client, server, sandbox, **kwargs)
+
+    return make
