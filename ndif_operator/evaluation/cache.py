@@ -59,6 +59,7 @@ class CacheEntry:
     method: str
     evaluated_at: datetime
     shape: ModelShape | None = None
+    element_size: int = 2  # bytes per activation element in the requested dtype (budget input)
 
     def to_json(self) -> str:
         body = {
@@ -69,6 +70,7 @@ class CacheEntry:
             "method": self.method,
             "evaluatedAt": self.evaluated_at.isoformat(),
             "shape": asdict(self.shape) if self.shape is not None else None,
+            "elementSize": self.element_size,
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
@@ -86,6 +88,7 @@ class CacheEntry:
                 method=str(body["method"]),
                 evaluated_at=datetime.fromisoformat(body["evaluatedAt"]),
                 shape=ModelShape(**shape) if shape else None,
+                element_size=int(body.get("elementSize", 2)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad evaluator cache entry: {exc}") from exc
@@ -127,3 +130,20 @@ class EstimateCache:
             if configmap_key(entry.key) == data_key:
                 entries[entry.key] = entry
         return cls(entries)
+
+
+def entry_from_runtime_output(output: str) -> CacheEntry:
+    """The cache entry printed by `model_runtime.meta_evaluator` (its last non-empty line).
+
+    Raises ValueError with the runtime's own message when it reported a failure.
+    """
+    lines = [line for line in output.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("the meta-device evaluator printed nothing")
+    try:
+        body = json.loads(lines[-1])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the meta-device evaluator printed no JSON: {lines[-1][:200]!r}") from exc
+    if isinstance(body, dict) and "error" in body:
+        raise ValueError(f"the meta-device evaluator failed: {body['error']}")
+    return CacheEntry.from_json(lines[-1])
