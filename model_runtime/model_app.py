@@ -40,13 +40,27 @@ log = logging.getLogger("ray.serve")
 _MAX_ONGOING = 100_000
 
 
+def _preimport_anyio() -> None:
+    """anyio's TypedAttributeSet subclasses reject nnsight's global `.save` mount (runtime-on-cpu §6):
+    load them before nnsight is imported in this process."""
+    import importlib
+    import sys
+
+    for name in ("anyio._backends._asyncio", "anyio.abc._sockets", "anyio.streams.file", "anyio.streams.tls"):
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except TypeError as exc:  # nnsight got imported first; the pinned anyio (4.14.2) then copes
+            log.warning("could not pre-import %s: %s", name, exc)
+
+
+_preimport_anyio()
+
+
 def _prepare_process() -> None:
-    """Process-wide settings every replica needs before nnsight is imported."""
-    # anyio >= 4.15 clashes with nnsight's `.save` mount unless these load first (runtime-on-cpu §6).
-    import anyio._backends._asyncio
-    import anyio.abc._sockets
-    import anyio.streams.file
-    import anyio.streams.tls  # noqa: F401
+    """Process-wide settings every replica needs before it loads a model."""
+    _preimport_anyio()
     import torch
 
     threads = int(os.environ.get("NDIF_TORCH_THREADS", os.environ.get("OMP_NUM_THREADS", "0")) or 0)

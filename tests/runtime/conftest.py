@@ -17,11 +17,9 @@ import pytest
 from model_runtime.auth import key_digest
 from model_runtime.tiny_models import build_tiny_model
 from ndif_operator.api.naming import GATEWAY_APP, model_app_name
+from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET
 
-API_KEY = "test-key-123"
-API_KEY_HASHES_ENV = "NDIF_TEST_API_KEY_HASHES"
 MODEL_APP = model_app_name("default", "tiny-llama")
-WARM_APP = model_app_name("default", "tiny-warm")
 
 
 def free_port() -> int:
@@ -95,22 +93,63 @@ def deploy_model(name: str, args: dict[str, Any], user_config: dict[str, Any] | 
     serve.run(app, name=name, route_prefix=None)
 
 
-def deploy_gateway(models: dict[str, str], **extra: Any) -> None:
+def deploy_gateway(
+    models: dict[str, str],
+    *,
+    app_name: str = GATEWAY_APP,
+    route_prefix: str = "/",
+    env: dict[str, str] | None = None,
+    **extra: Any,
+) -> None:
     from ray import serve
 
     from model_runtime import gateway_app
 
     args = {"models": models, "api_key_hashes_env": API_KEY_HASHES_ENV, **extra}
-    app = gateway_app.NnsightGateway.options(ray_actor_options={"num_cpus": 0}).bind(args)
-    serve.run(app, name=GATEWAY_APP, route_prefix="/")
+    options: dict[str, Any] = {"num_cpus": 0}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    app = gateway_app.NnsightGateway.options(ray_actor_options=options).bind(args)
+    serve.run(app, name=app_name, route_prefix=route_prefix)
+
+
+SLOW_APP = model_app_name("default", "tiny-slow")
+STRICT_PREFIX = "/strict"
+# The second model: tight limits for timeout, backpressure, payload size and WARM/COLD tests.
+SLOW_CONFIG = {
+    "max_queue_depth": 1,
+    "request_timeout_seconds": 3,
+    "max_payload_bytes": 100_000,
+    "activate_on_request": True,
+}
 
 
 @pytest.fixture(scope="session")
-def served(serve_port: int, tiny_llama: Path, s3_endpoint: str) -> dict[str, Any]:
-    """The tiny model as a HOT model app and the gateway in front of it."""
+def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
+           ) -> dict[str, Any]:
+    """Two tiny model apps, the open gateway at `/` and a strict one (API keys, S3 results) at /strict."""
+    slow_path = build_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-slow", seed=1)
     deploy_model(MODEL_APP, model_args(tiny_llama))
-    deploy_gateway({str(tiny_llama).lower(): MODEL_APP})
-    return {"url": f"http://127.0.0.1:{serve_port}", "path": tiny_llama, "s3": s3_endpoint}
+    deploy_model(SLOW_APP, model_args(slow_path, "default/tiny-slow"), SLOW_CONFIG)
+    models = {str(tiny_llama).lower(): MODEL_APP, str(slow_path).lower(): SLOW_APP}
+    deploy_gateway(models)
+    deploy_gateway(
+        models,
+        app_name="gateway-strict",
+        route_prefix=STRICT_PREFIX,
+        env={
+            API_KEY_HASHES_ENV: key_hashes(API_KEY),
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+        object_store_bucket=RESULTS_BUCKET,
+        object_store_endpoint_url=s3_endpoint,
+        inline_result_max_bytes=1024,
+    )
+    url = f"http://127.0.0.1:{serve_port}"
+    return {"url": url, "strict_url": url + STRICT_PREFIX, "path": tiny_llama, "slow_path": slow_path,
+            "s3": s3_endpoint}
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +178,13 @@ def local_model(tiny_llama: Path) -> Any:
 
 def key_hashes(*keys: str) -> str:
     return ",".join(key_digest(k) for k in keys)
+
+
+@pytest.fixture(scope="session")
+def slow_client_model(served: dict[str, Any], client_model: Any) -> Any:
+    from nnsight import TransformersModel
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    path = str(served["slow_path"])
+    _ID_CACHE[path] = path
+    return TransformersModel(path, task="text-generation")

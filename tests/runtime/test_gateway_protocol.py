@@ -1,0 +1,159 @@
+"""Bad input, API keys, the version gate and S3 results: each a clear error; the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import nnsight
+import pytest
+import torch
+import websocket
+from nnsight.intervention.backends.remote import RemoteError
+
+from runtime.wire import API_KEY, RESULTS_BUCKET, capture_blob, post, wait_final
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def valid(client_model: Any) -> tuple[str, bytes]:
+    return capture_blob(client_model, PROMPT)
+
+
+def _error_for(url: str, model_key: str, blob: bytes, compress: bool = True) -> str:
+    response = post(url, model_key, blob, compress=compress)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "RECEIVED"
+    final = wait_final(url, response.json()["id"])
+    assert final["status"] == "ERROR"
+    return str(final["description"])
+
+
+def test_raw_round_trip_and_server_minted_id(served: dict[str, Any], valid: tuple[str, bytes]) -> None:
+    key, blob = valid
+    first, second = post(served["url"], key, blob), post(served["url"], key, blob)
+    ids = {first.json()["id"], second.json()["id"]}
+    assert len(ids) == 2 and all(len(i) >= 32 for i in ids)
+    final = wait_final(served["url"], first.json()["id"])
+    assert final["status"] == "COMPLETED" and final["data"].startswith(served["url"])
+    assert final["meta"]["runtime"] > 0 and final["meta"]["max_memory_usage"] > 0
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [("garbage", "Unreadable request payload"), ("truncated", "Unreadable"), ("wrong_compress", "Unreadable")],
+)
+def test_bad_blobs_are_clear_errors(served: dict[str, Any], valid: tuple[str, bytes], case: str,
+                                    expected: str) -> None:
+    key, blob = valid
+    if case == "garbage":
+        description = _error_for(served["url"], key, b"\x00not a pickle at all" * 10)
+    elif case == "truncated":
+        description = _error_for(served["url"], key, blob[: len(blob) // 2])
+    else:  # a zstd payload announced as uncompressed
+        description = _error_for(served["url"], key, blob, compress=False)
+    assert expected in description
+
+
+def test_http_refusals(served: dict[str, Any], valid: tuple[str, bytes]) -> None:
+    key, blob = valid
+    unknown = post(served["url"], key.replace("tiny-llama", "no-such-model"), blob)
+    assert unknown.status_code == 404 and "not deployed" in unknown.json()["detail"]
+    slow_key = json.dumps({"repo_id": str(served["slow_path"])})
+    oversize = post(served["url"], f"x:{slow_key}", b"\x00" * 200_000)
+    assert oversize.status_code == 413 and "exceeds" in oversize.json()["detail"]
+    old = post(served["url"], key, blob, headers={"nnsight-version": "0.7.0"})
+    assert old.status_code == 400 and "older than" in old.json()["detail"]
+    envelope = httpx.post(f"{served['url']}/request", data={"data": "{not json"},
+                          files={"blob": ("request", blob)}, headers={"nnsight-version": "0.8.1"})
+    assert envelope.status_code == 400
+    assert httpx.get(f"{served['url']}/response/does-not-exist").status_code == 404
+
+
+def test_old_client_sees_the_message(client_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nnsight.intervention.backends.remote as remote
+
+    monkeypatch.setattr(remote, "_NNSIGHT_VERSION", "0.7.0")
+    with pytest.raises(RemoteError, match=r"nnsight 0\.7\.0 is older than .* Upgrade"):
+        with client_model.trace(PROMPT, remote=True):
+            client_model.lm_head.output.save()
+
+
+def test_api_keys_guard_every_endpoint(served: dict[str, Any], valid: tuple[str, bytes]) -> None:
+    url = served["strict_url"]
+    key, blob = valid
+    for path in ("/status", "/env", "/ping", "/response/x"):
+        assert httpx.get(url + path).status_code == 401
+        assert httpx.get(url + path, headers={"ndif-api-key": "wrong"}).status_code == 401
+    assert post(url, key, blob).status_code == 401
+    assert post(url, key, blob, headers={"ndif-api-key": "wrong"}).status_code == 401
+    ws_url = url.replace("http://", "ws://") + "/subscribe"
+    with pytest.raises(websocket.WebSocketException):
+        websocket.create_connection(ws_url, timeout=10).recv()
+    good = {"ndif-api-key": API_KEY}
+    assert httpx.get(url + "/ping", headers=good).text == "pong"
+    connection = websocket.create_connection(ws_url, header=good, timeout=10)
+    try:
+        assert "session_id" in json.loads(connection.recv())
+    finally:
+        connection.close()
+
+
+def test_client_with_key_and_s3_results(client_model: Any, local_model: Any, served: dict[str, Any]) -> None:
+    """Results above the strict gateway's 1 KiB inline limit go through S3 (moto) by presigned URL."""
+    nnsight.CONFIG.API.APIKEY = API_KEY
+    try:
+        with client_model.trace(PROMPT, remote=served["strict_url"]):
+            logits = client_model.lm_head.output.save()
+        with client_model.trace(PROMPT, remote=served["strict_url"], blocking=False) as tracer:
+            hidden = client_model.model.layers[0].output.save()  # noqa: F841 (read back by name)
+        backend = tracer.backend
+        result = None
+        for _ in range(300):
+            result = backend()
+            if result is not None:
+                break
+            time.sleep(0.1)
+        assert result is not None
+    finally:
+        nnsight.CONFIG.API.APIKEY = None
+    with local_model.trace(PROMPT):
+        ref_hidden = local_model.model.layers[0].output.save()
+        ref_logits = local_model.lm_head.output.save()
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(result["hidden"], ref_hidden)
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=served["s3"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=RESULTS_BUCKET).get("Contents", [])]
+    assert len(keys) >= 2 and all(k.startswith("results/") for k in keys)
+
+
+def test_wrong_key_through_the_client(client_model: Any, served: dict[str, Any]) -> None:
+    nnsight.CONFIG.API.APIKEY = "wrong"
+    try:
+        with pytest.raises(Exception, match=r"401|API key"):
+            with client_model.trace(PROMPT, remote=served["strict_url"], blocking=False):
+                client_model.lm_head.output.save()
+    finally:
+        nnsight.CONFIG.API.APIKEY = None
+
+
+def test_status_and_env(served: dict[str, Any]) -> None:
+    status = httpx.get(served["url"] + "/status").json()["deployments"]
+    levels = {v["repo_id"].lower(): v["deployment_level"] for v in status.values()}
+    assert levels[str(served["path"]).lower()] == "HOT"
+    assert all(v["application_state"] == "RUNNING" for v in status.values())
+    env = httpx.get(served["url"] + "/env").json()
+    assert env["packages"]["nnsight"] == "0.8.1"
+
+
+def test_still_serving_after_bad_input(client_model: Any) -> None:
+    with client_model.trace(PROMPT, remote=True):
+        logits = client_model.lm_head.output.save()
+    assert logits.ndim == 3

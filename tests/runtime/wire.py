@@ -1,0 +1,63 @@
+"""Raw nnsight-protocol helpers for tests that must send what the real client never would."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+NNSIGHT_VERSION = "0.8.1"
+API_KEY = "test-key-123"
+API_KEY_HASHES_ENV = "NDIF_TEST_API_KEY_HASHES"
+RESULTS_BUCKET = "ndif-results"
+
+
+def capture_blob(model: Any, prompt: str, *, compress: bool = True) -> tuple[str, bytes]:
+    """A real client payload (and its model key) for `model.lm_head.output.save()` on `prompt`."""
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing.backend import Backend
+
+    captured: dict[str, bytes] = {}
+
+    class Capture(Backend):
+        def __call__(self, tracer: Any) -> None:
+            captured["blob"] = RequestModel.serialize(tracer, compress=compress)
+
+    with model.trace(prompt, backend=Capture()):
+        model.lm_head.output.save()
+    return model.to_model_key(), captured["blob"]
+
+
+def post(
+    url: str,
+    model_key: str,
+    blob: bytes,
+    *,
+    compress: bool = True,
+    headers: dict[str, str] | None = None,
+    session_id: str = "",
+) -> httpx.Response:
+    envelope = {"model_key": model_key, "session_id": session_id, "compress": compress, "env": {}}
+    all_headers = {"nnsight-version": NNSIGHT_VERSION, **(headers or {})}
+    return httpx.post(
+        f"{url}/request",
+        data={"data": json.dumps(envelope)},
+        files={"blob": ("request", blob, "application/octet-stream")},
+        headers=all_headers,
+        timeout=60,
+    )
+
+
+def wait_final(url: str, job_id: str, headers: dict[str, str] | None = None, timeout: float = 60) -> dict[str, Any]:
+    """Poll `/response/{id}` until COMPLETED or ERROR."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{url}/response/{job_id}", headers=headers, timeout=30)
+        if response.status_code == 200:
+            body: dict[str, Any] = response.json()
+            if body["status"] in ("COMPLETED", "ERROR"):
+                return body
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
