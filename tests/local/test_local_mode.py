@@ -1,0 +1,147 @@
+"""`ndif-operator local` end to end: one real bring-up, a real nnsight client, Ctrl-C teardown.
+
+One Ray head for the whole module (~10 s plus two replicas' imports); the tests run in file order
+and the last one stops it the way a user would, then checks that nothing it started survives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model_runtime.tiny_models import build_tiny_model
+from ndif_operator.local.ray_head import RayHeadSpec, RayPorts, processes_of
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT_OFFSET = 300  # a port block of its own: other suites run their own Ray on random ports
+API_KEY = "local-test-key"
+REPO_ID = "ndif-test/tiny-llama"
+MANIFEST = """\
+apiVersion: ndif.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: tiny, namespace: lt}}
+spec:
+  model: {{repoId: {repo}, source: {{localPath: {{path: {path}}}}}, dtype: float32}}
+  limits: {{maxBatchSize: 1, maxSequenceLength: 128}}
+---
+apiVersion: ndif.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: cold, namespace: lt}}
+spec:
+  model: {{repoId: ndif-test/cold-one, source: {{localPath: {{path: {path}}}}}}}
+  level: Cold
+"""
+
+
+class LocalRun:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, ready: Path, info: dict[str, Any]) -> None:
+        self.proc, self.log, self.ready, self.info = proc, log, ready, info
+
+    @property
+    def url(self) -> str:
+        return str(self.info["ndif_host"])
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"ndif-api-key": key} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("local") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def local_run(model_dir: Path) -> Iterator[LocalRun]:
+    workdir = model_dir.parent
+    manifest = workdir / "models.yaml"
+    manifest.write_text(MANIFEST.format(repo=REPO_ID, path=model_dir))
+    ready, log = workdir / "ready.json", workdir / "local.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ndif_operator.cli", "local", str(manifest), "--port-offset", str(PORT_OFFSET),
+             "--ready-file", str(ready), "--api-key", API_KEY, "--num-cpus", "2", "--timeout", "300"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 400
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"local mode did not come up (exit {proc.poll()}):\n{log.read_text()[-5000:]}")
+            time.sleep(0.5)
+        yield LocalRun(proc, log, ready, json.loads(ready.read_text()))
+    finally:
+        if proc.poll() is None:  # the last test normally stopped it already
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_prints_the_model_table(local_run: LocalRun) -> None:
+    out = local_run.output()
+    assert "CPU only" in out or "GPU(s)" in out
+    [tiny] = [line for line in out.splitlines() if line.startswith("lt/tiny ")]
+    assert "ndif-test/tiny-llama" in tiny and "Hot" in tiny and "RUNNING" in tiny
+    [cold] = [line for line in out.splitlines() if line.startswith("lt/cold ")]
+    assert "Cold" in cold and "PlacedCold" in cold
+    assert f"NDIF_HOST={local_run.url}" in out
+
+
+def test_gateway_requires_the_api_key_and_reports_levels(local_run: LocalRun) -> None:
+    assert _get(f"{local_run.url}/ping")[0] == 401
+    assert _get(f"{local_run.url}/ping", "wrong")[0] == 401
+    code, body = _get(f"{local_run.url}/status", API_KEY)
+    assert code == 200
+    by_repo = {d["repo_id"].lower(): d for d in json.loads(body)["deployments"].values()}
+    assert by_repo[REPO_ID]["deployment_level"] == "HOT"
+    assert by_repo[REPO_ID]["application_state"] == "RUNNING"
+
+
+def test_unmodified_nnsight_client_script(local_run: LocalRun, model_dir: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "nnsight_client.py"), "--model-dir", str(model_dir),
+         "--repo-id", REPO_ID, "--tokens", "3", "--check-local", "--json", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "NDIF_HOST": local_run.url, "NDIF_API_KEY": API_KEY, "NDIF_CLIENT_QUIET": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    data = json.loads(report.read_text())
+    assert data["equal_to_local"] == {"hidden": True, "logits": True, "patched": True, "generated": True}
+    assert data["patch_shift"] > 0
+    assert data["hidden_shape"][-1] == 64
+    assert len(data["generated_ids"]) == data["logits_shape"][1] + 3
+
+
+def test_ctrl_c_stops_everything_it_started(local_run: LocalRun) -> None:
+    temp_dir = RayHeadSpec(num_cpus=1, ports=RayPorts.offset(PORT_OFFSET)).resolved_temp_dir
+    assert processes_of(temp_dir), "expected the head's processes to be running"
+    local_run.proc.send_signal(signal.SIGINT)
+    assert local_run.proc.wait(timeout=90) == 0, local_run.output()[-3000:]
+    assert processes_of(temp_dir) == []
+    assert not local_run.ready.exists()
+    assert "SIGINT: stopping" in local_run.output()
