@@ -43,6 +43,7 @@ def _shape(config: Any) -> dict[str, Any]:
         "vocab_size": int(text.vocab_size),
         "tie_word_embeddings": bool(getattr(text, "tie_word_embeddings", False)),
         "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "max_positions": int(getattr(text, "max_position_embeddings", None) or 0),
     }
 
 

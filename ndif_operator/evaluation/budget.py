@@ -1,6 +1,7 @@
 """The runtime budget: what a replica needs on top of its weights to serve traces.
 
-Derived from the model's shape and the deployment's limits (max batch B, max sequence S), in
+Derived from the model's shape and the deployment's limits (max batch B, max sequence S, capped at
+the model's own maximum positions since no request can be longer), in
 the requested dtype's element size `e`. Every term is an upper bound for one forward pass over a
 full batch (docs/placement.md explains each and compares with measured memory):
 
@@ -39,6 +40,8 @@ class Budget:
 
 def runtime_budget(shape: ModelShape, limits: RuntimeLimits, element_size: int) -> Budget:
     b, s, e = limits.max_batch_size, limits.max_sequence_length, element_size
+    if shape.max_positions:
+        s = min(s, shape.max_positions)
     tokens = b * s
     return Budget(
         kv_cache=2 * shape.num_layers * shape.num_key_value_heads * shape.head_dim * tokens * e,

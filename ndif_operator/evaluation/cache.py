@@ -110,6 +110,9 @@ class EstimateCache:
     def get(self, key: str) -> CacheEntry | None:
         return self._entries.get(key)
 
+    def get_for(self, model: ModelSpec) -> CacheEntry | None:
+        return self._entries.get(cache_key(model))
+
     def put(self, entry: CacheEntry) -> None:
         if self._entries.get(entry.key) != entry:
             self._entries[entry.key] = entry

@@ -19,6 +19,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size"),
     "vocab_size": ("vocab_size", "n_vocab", "padded_vocab_size"),
     "head_dim": ("head_dim", "kv_channels"),
+    "max_positions": ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"),
 }
 
 
@@ -33,6 +34,7 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None  # the checkpoint's declared dtype, if any
+    max_positions: int = 0  # longest sequence the model accepts; 0 = unknown
 
 
 def _first_int(config: Mapping[str, Any], names: tuple[str, ...]) -> int | None:
@@ -74,4 +76,5 @@ def shape_from_config(config: Mapping[str, Any]) -> ModelShape:
         vocab_size=vocab,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         torch_dtype=dtype if isinstance(dtype, str) else None,
+        max_positions=_first_int(config, _ALIASES["max_positions"]) or 0,
     )
