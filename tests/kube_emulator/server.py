@@ -591,6 +591,10 @@ class KubeEmulator:
                 since = self._rv
                 for obj in self._select(rtype, namespace, query):
                     await send("ADDED", obj)
+                if query.get("sendInitialEvents") == "true":
+                    # WatchList (kubectl ≥1.32, client-go informers): mark the end of the initial state.
+                    await send("BOOKMARK", {"kind": rtype.kind, "apiVersion": rtype.group_version, "metadata": {
+                        "resourceVersion": str(since), "annotations": {"k8s.io/initial-events-end": "true"}}})
             else:
                 since = int(since_text)
                 if since < self._compacted[rtype.key]:

@@ -31,9 +31,11 @@ def test_create_places_hot_and_patches_only_serve_config(cluster: Cluster, opera
     wait_for(lambda: cluster.condition("small", "Ready").get("status") == "True", what="Ready")
     md = cluster.md("small")
     assert md is not None and md["status"]["readyReplicas"] == 1 and md["status"]["phase"] == "Ready"
-    events = [e for e in cluster.emu.list_sync(cluster.emu.rtype("", "v1", "events"))
-              if e["involvedObject"]["name"] == "small"]
-    assert {"PlacedHot", "ReadyApplicationRunning"} <= {e["reason"] for e in events}
+    def reasons() -> set[str]:
+        return {e["reason"] for e in cluster.emu.list_sync(cluster.emu.rtype("", "v1", "events"))
+                if e["involvedObject"]["name"] == "small"}
+
+    wait_for(lambda: {"PlacedHot", "ReadyApplicationRunning"} <= reasons(), what="transition events")
 
 
 def test_update_replicas_and_level_then_delete(cluster: Cluster, operator: OperatorThread) -> None:
