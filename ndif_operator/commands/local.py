@@ -4,7 +4,7 @@ Starts a local Ray head (loopback only, auth off), sizes, plans and renders the 
 the operator does (this machine's GPUs, or its RAM when it has none), applies the Serve config
 through Serve's REST API and serves the nnsight gateway on localhost:
 
-    ndif-operator local examples/demo/tiny-llama.yaml
+    ndif-operator local .demo/tiny-llama.yaml        # written by `make demo`
     NDIF_HOST=http://127.0.0.1:8000 python my_experiment.py      # model.trace(..., remote=True)
 
 Ctrl-C (or SIGTERM) stops everything it started.

@@ -31,6 +31,7 @@ class LocalPlan:
     estimate_errors: dict[str, str]  # why a deployment could not be sized (it is planned unsized)
     plan: Plan
     config: dict[str, Any]
+    cpu_only: bool = False  # the planner's one "GPU" was this machine's RAM
 
     @property
     def expected_apps(self) -> set[str]:
@@ -101,4 +102,4 @@ def plan_local(
     )
     config["proxy_location"] = "HeadOnly"  # one node: one proxy, on loopback
     check_serve_config(config)
-    return LocalPlan(by_key, estimates, errors, the_plan, config)
+    return LocalPlan(by_key, estimates, errors, the_plan, config, cpu_only=local.cpu_only)

@@ -60,5 +60,9 @@ def format_table(rows: Sequence[Sequence[str]], headers: Sequence[str] = HEADERS
     return "\n".join(lines)
 
 
+CPU_ONLY_NOTE = "(no GPU here: the planner's one \"GPU\" is this machine's RAM; replicas run on the CPU)"
+
+
 def model_table(local_plan: LocalPlan, progress: Mapping[str, AppProgress]) -> str:
-    return format_table(table_rows(local_plan, progress))
+    table = format_table(table_rows(local_plan, progress))
+    return f"{table}\n{CPU_ONLY_NOTE}" if local_plan.cpu_only else table

@@ -170,3 +170,33 @@ def test_table_formatting() -> None:
     assert human_bytes(None) == "?" and human_bytes(3 * GIB) == "3.0Gi" and human_bytes(2048) == "2Ki"
     text = format_table([("a", "bb")], headers=("X", "Y"))
     assert text.splitlines() == ["X  Y", "a  bb"]
+
+
+def test_plan_local_renders_a_loopback_cpu_config_with_the_operators_pipeline(tmp_path: Path) -> None:
+    from model_runtime.tiny_models import build_tiny_model
+    from ndif_operator.api.naming import GATEWAY_APP, model_app_name
+    from ndif_operator.local.pipeline import plan_local
+    from ndif_operator.local.serve_rest import AppProgress
+    from ndif_operator.local.table import model_table
+
+    path = build_tiny_model("llama", tmp_path / "tiny")
+    text = MANIFEST.replace("/models/tiny", str(path)) + "---\n" + MANIFEST.replace("name: tiny", "name: gone").replace(
+        "/models/tiny", str(tmp_path / "missing")
+    ).replace("tiny-llama", "missing")
+    deployments = parse_manifests(text, "m.yaml")
+    local = build_inventory(Machine((), 16 * GIB), reserved_bytes=2 * GIB)
+    planned = plan_local(deployments, local, serve_port=8123)
+    app = model_app_name("default", "tiny")
+    assert planned.expected_apps == {GATEWAY_APP, app}
+    assert planned.config["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    assert planned.config["proxy_location"] == "HeadOnly"
+    [model_app] = [a for a in planned.config["applications"] if a["name"] == app]
+    actor = model_app["deployments"][0]["ray_actor_options"]
+    assert actor["num_cpus"] == 0 and actor["num_gpus"] == 0  # CPU only: never wait for a GPU or a core
+    assert model_app["args"]["gpus_per_replica"] == 0
+    assert planned.estimates["default/tiny"].weights_bytes > 0
+    assert "default/gone" in planned.estimate_errors  # an unreadable checkpoint is planned unsized
+    table = model_table(planned, {app: AppProgress(app, "RUNNING", "", {})})
+    [row] = [line for line in table.splitlines() if line.startswith("default/tiny ")]
+    assert "Hot" in row and "RUNNING" in row
+    assert "unsized" in table and "no GPU here" in table
