@@ -35,7 +35,8 @@ _COMMON_DENIED = frozenset(
         "set_string_function", "setbufsize", "overrides", "profiler", "mps", "xpu", "cuda",
         "attrgetter", "methodcaller", "from_dlpack", "to_dlpack", "import_module", "reload",
         "getLogger", "builtins", "sys", "os", "inspect", "importlib", "frombuffer", "set_rng_state",
-        "set_default_tensor_type", "autocast_decrement_nesting", "Formatter", "Template",
+        "set_default_tensor_type", "autocast_decrement_nesting", "set_default_dtype",
+        "set_grad_enabled", "set_autocast_enabled", "set_anomaly_enabled", "seed", "Formatter", "Template",
     }
 )
 

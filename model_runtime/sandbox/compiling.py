@@ -51,6 +51,25 @@ DENIED_ATTRIBUTES = frozenset(
     }
 )
 
+# Methods that mutate shared tokenizer/config/generation-config objects (the next request would
+# see the change); refused on objects from these libraries.
+_SHARED_OBJECT_MUTATORS = frozenset(
+    {
+        "add_tokens", "add_special_tokens", "train_new_from_iterator", "enable_padding",
+        "enable_truncation", "no_padding", "no_truncation", "set_truncation_and_padding",
+        "update", "from_dict", "pop", "popitem", "clear", "setdefault", "register_pipeline",
+        "set_format", "add_adapter", "load_adapter",
+    }
+)
+
+# Builtins a sandboxed program may not have, present as stubs so the error says why.
+_DENIED_BUILTINS = (
+    "open", "exec", "eval", "compile", "globals", "locals", "vars", "dir", "type", "object",
+    "breakpoint", "input", "help", "memoryview", "setattr", "delattr", "super", "classmethod",
+    "staticmethod", "property", "exit", "quit", "copyright", "credits", "license", "aiter", "anext",
+    "BaseException", "SystemExit", "KeyboardInterrupt", "GeneratorExit",
+)
+
 # Object types whose `save`/`load` methods touch the filesystem (tokenizers' Rust Tokenizer,
 # numpy, safetensors); `save` stays available elsewhere because it is nnsight's `.save()`.
 _FILE_METHOD_MODULES = ("tokenizers", "transformers", "numpy", "safetensors", "huggingface_hub")
@@ -162,8 +181,11 @@ class Guards:
         import torch
 
         owner = obj if isinstance(obj, type) else type(obj)
-        if name in ("save", "load") and owner.__module__.split(".")[0] in _FILE_METHOD_MODULES:
+        library = owner.__module__.split(".")[0]
+        if name in ("save", "load") and library in _FILE_METHOD_MODULES:
             raise CapabilityDenied(f"{owner.__name__}.{name} touches the filesystem; not allowed")
+        if name in _SHARED_OBJECT_MUTATORS and library in ("transformers", "tokenizers", "nnsight"):
+            raise CapabilityDenied(f"{owner.__name__}.{name} would change shared server state; not allowed")
         if issubclass(owner, torch.nn.Module) or _is_envoy(obj):
             if name in MODULE_MUTATORS:
                 raise ModelTampering(f".{name}() on a model module is not allowed")
@@ -205,7 +227,10 @@ class Guards:
             raise ModelTampering("writing into the model's weights is not allowed")
         if _is_envoy(obj):
             return _EnvoyWriter(obj)
-        return obj
+        if isinstance(obj, (list, dict, set, bytearray, torch.Tensor)) or type(obj).__module__ == "sandbox":
+            return obj
+        # Anything else is shared server state (tokenizer, config, nnsight internals).
+        raise CapabilityDenied(f"objects of type {type(obj).__name__} are read-only in the sandbox")
 
     def inplacevar_(self, op: str, target: Any, value: Any) -> Any:
         self.counters.inplace += 1
@@ -226,7 +251,8 @@ class Guards:
     # -- namespace ---------------------------------------------------------------------------
     def builtins(self) -> dict[str, Any]:
         real = vars(builtins)
-        table: dict[str, Any] = {name: real[name] for name in _SAFE_BUILTIN_NAMES}
+        table: dict[str, Any] = {name: _denied_builtin(name) for name in _DENIED_BUILTINS}
+        table.update((name, real[name]) for name in _SAFE_BUILTIN_NAMES)
         table.update(
             __import__=self.import_,
             getattr=self.getattr_,
@@ -267,6 +293,14 @@ class Guards:
             "__metaclass__": type,
             "__name__": "sandbox",
         }
+
+
+def _denied_builtin(name: str) -> Callable[..., Any]:
+    def denied(*_args: Any, **_kwargs: Any) -> Any:
+        raise CapabilityDenied(f"{name}() is not available in the sandbox")
+
+    denied.__name__ = name
+    return denied
 
 
 def _guarded_build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> Any:

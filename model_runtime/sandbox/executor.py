@@ -163,6 +163,15 @@ class _Job:
     timings: dict[str, float]
 
     def run(self) -> ExecutionResult:
+        """Execute and serialise (the standalone executor's job on its worker thread)."""
+        saves = self.execute()
+        t0 = time.perf_counter()
+        result = self._serialize(saves)
+        self.timings["serialize_s"] = time.perf_counter() - t0
+        return ExecutionResult(result=result, saved=sorted(saves))
+
+    def execute(self) -> dict[str, Any]:
+        """Deserialise, compile, run; return the saved values. Runs on the calling thread."""
         from nnsight.tracing.tracer import _saves, dec, inc
 
         with sandboxed_compilation():
@@ -177,16 +186,19 @@ class _Job:
                 saves = {k: v for k, v in frame.f_locals.items() if id(v) in _saves()}
             except SandboxError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # the user's error, reported as such
+                if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+                    raise LimitExceeded(
+                        f"the request ran out of memory (its allowance is {self.limits.memory_bytes:,} bytes)"
+                    ) from None
                 raise RequestFailed(_user_traceback(exc)) from None
             finally:
                 dec()
-            t2 = time.perf_counter()
-            self.timings["execute_s"] = t2 - t1
+            self.timings["execute_s"] = time.perf_counter() - t1
         self.weights.check()
-        result = self._serialize(saves)
-        self.timings["serialize_s"] = time.perf_counter() - t2
-        return ExecutionResult(result=result, saved=sorted(saves))
+        if tensor_bytes(saves) > self.limits.max_result_bytes:
+            raise LimitExceeded(f"the saved values exceed the {self.limits.max_result_bytes:,}-byte result limit")
+        return saves
 
     def _deserialize(self) -> tuple[Any, Any]:
         import linecache
@@ -213,8 +225,6 @@ class _Job:
     def _serialize(self, saves: dict[str, Any]) -> bytes:
         import torch
 
-        if tensor_bytes(saves) > self.limits.max_result_bytes:
-            raise LimitExceeded(f"the saved values exceed the {self.limits.max_result_bytes:,}-byte result limit")
         buffer = io.BytesIO()
         try:
             torch.save(saves, buffer, pickle_protocol=4)
@@ -290,6 +300,57 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(lines)[-8000:]
 
 
+def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
+    """Drop-in for `model_runtime.execution.run_blob`: the sandboxed deserialize + execute.
+
+    Runs on the caller's thread, which the runtime creates fresh for every request (so the
+    seccomp filter this installs dies with it; it is never installed on the main thread). The
+    runtime keeps its own timeout (async `SystemExit`, which sandboxed code cannot catch), stdout
+    capture and result encoding; refusals and user errors become its `RequestError`.
+    """
+    import sys
+
+    from model_runtime.execution import RequestError
+
+    sandbox = default_sandbox()
+    limits = sandbox.limits
+    try:
+        raw = check_payload(blob, bool(envelope.compress), limits)
+        env = _checked_env(dict(envelope.env))
+        if limits.seccomp and threading.current_thread() is not threading.main_thread():
+            _seccomp_this_thread()
+        with sandbox._lock:
+            ctx = sandbox.context(model)
+            guards = Guards(ctx.caps, ctx.weights.is_protected, on_print=lambda text: print(text, file=sys.stdout))
+            state = ProcessState.capture()
+            try:
+                if env:
+                    model._remoteable_set_env(env)
+                ctx.weights.arm()
+                job = _Job(model, raw, bool(envelope.compress), guards, ctx.weights, limits, {})
+                with address_space_cap(limits.memory_bytes):
+                    return job.execute()
+            finally:
+                state.restore()
+    except (SandboxError, RequestFailed) as exc:
+        raise RequestError(str(exc)) from None
+
+
+_SECCOMP = threading.local()
+
+
+def _seccomp_this_thread() -> None:
+    from model_runtime.sandbox.limits import install_seccomp, seccomp_supported
+
+    if getattr(_SECCOMP, "installed", False) or not seccomp_supported():
+        return
+    try:
+        install_seccomp()
+        _SECCOMP.installed = True
+    except OSError:
+        _SECCOMP.installed = False  # the platform refuses it; the other layers still apply
+
+
 _DEFAULT: Sandbox | None = None
 _DEFAULT_LOCK = threading.Lock()
 
@@ -303,9 +364,13 @@ def execute_sandboxed(
     on_log: Callable[[str], None] | None = None,
 ) -> ExecutionResult:
     """Run one request blob against `model` inside the sandbox (the process-wide default one)."""
+    return default_sandbox().execute(model, blob, envelope, limits=limits, on_log=on_log)
+
+
+def default_sandbox() -> Sandbox:
+    """The process-wide sandbox (one per replica process)."""
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
             _DEFAULT = Sandbox()
-        sandbox = _DEFAULT
-    return sandbox.execute(model, blob, envelope, limits=limits, on_log=on_log)
+        return _DEFAULT

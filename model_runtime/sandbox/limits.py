@@ -129,7 +129,7 @@ _DENIED_SYSCALLS = {
     "unlinkat": 263, "rename": 82, "renameat": 264, "renameat2": 316, "mkdir": 83,
     "mkdirat": 258, "rmdir": 84, "chmod": 90, "fchmod": 91, "fchmodat": 268, "truncate": 76,
     "link": 86, "linkat": 265, "symlink": 88, "symlinkat": 266, "mount": 165, "kill": 62,
-    "tkill": 200, "memfd_create": 319, "setrlimit": 160, "prlimit64": 302, "seccomp": 317,
+    "tkill": 200, "memfd_create": 319, "seccomp": 317,
     "chroot": 161, "init_module": 175, "finit_module": 313, "bpf": 321, "unshare": 272,
     "setns": 308,
 }

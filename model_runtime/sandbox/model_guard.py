@@ -23,6 +23,7 @@ import builtins
 import linecache
 import random
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,12 +175,18 @@ class ProcessState:
             np.random.set_state(self.rng[2])
         if self.rng[3] is not None:
             torch.cuda.set_rng_state_all(self.rng[3])
-        # sys.modules: drop what appeared, put back what was replaced or removed. A module the
-        # server imported lazily during the request is dropped too; it is simply re-imported.
-        for name in [n for n in sys.modules if self.modules.get(n) is not sys.modules[n]]:
+        # sys.modules: put back what was replaced or removed. New entries stay when they are
+        # genuine modules under their own name (the server imported something lazily; dropping
+        # it would later create a second copy of its classes); anything else is dropped.
+        for name in list(sys.modules):
+            value = sys.modules[name]
             if name in self.modules:
+                if value is not self.modules[name]:
+                    changed.append(f"sys.modules[{name!r}]")
+                    sys.modules[name] = self.modules[name]
+            elif not isinstance(value, types.ModuleType) or value.__name__ != name:
                 changed.append(f"sys.modules[{name!r}]")
-                sys.modules[name] = self.modules[name]
+                del sys.modules[name]
         for name, module in self.modules.items():
             if name not in sys.modules:
                 changed.append(f"sys.modules[{name!r}]")

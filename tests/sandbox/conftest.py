@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,15 +9,7 @@ from typing import Any
 
 import pytest
 
-SECRET = "ndif-test-secret-3f9a1c"
-
-
-def weights_digest(model: Any) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model._module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-    return digest.hexdigest()
+from sandbox.harness import SECRET
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,25 @@ decodes the result with the client's own `finalize()`. No Ray, no HTTP.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from nnsight.intervention.backends.remote import RemoteBackend
 
 from model_runtime.sandbox import Limits, Sandbox
+
+SECRET = "ndif-test-secret-3f9a1c"  # set in the environment; must never come back
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 over the served model's state dict, byte for byte."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model._module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class SandboxBackend(RemoteBackend):

@@ -1,0 +1,59 @@
+"""The attack corpus: every program fails with a clear error and leaves no trace behind.
+
+After each attack: no file in the attack directory, the fake secret in no error/log, the served
+weights bit-identical, and the next legitimate request still equal to the reference.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model_runtime.sandbox import Limits, RequestFailed, SandboxError
+from sandbox.attacks import TARGET, capabilities, escapes, resources, tampering
+from sandbox.harness import SECRET, weights_digest
+from sandbox.legit_programs import save_logits
+
+ATTACKS = escapes.ATTACKS + capabilities.ATTACKS + tampering.ATTACKS + resources.ATTACKS
+ATTACK_DIR = Path(TARGET).parent
+# Resource attacks get a short clock so the suite stays fast.
+SHORT = Limits(timeout_s=1.5, grace_s=3.0, memory_bytes=2 * 1024**3, max_result_bytes=4 * 1024**2)
+
+
+@pytest.fixture(scope="module")
+def reference(models: tuple[Any, Any]) -> dict[str, Any]:
+    return save_logits(models[1], None)
+
+
+@pytest.fixture(autouse=True)
+def attack_dir() -> Any:
+    shutil.rmtree(ATTACK_DIR, ignore_errors=True)
+    ATTACK_DIR.mkdir(parents=True)  # exists and is writable: only the sandbox stands in the way
+    yield
+    shutil.rmtree(ATTACK_DIR, ignore_errors=True)
+
+
+def test_corpus_size() -> None:
+    assert len(ATTACKS) >= 40
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: f"{a.__module__.rsplit('.', 1)[-1]}.{a.__name__}")
+def test_attack_is_refused(attack: Any, models: tuple[Any, Any], backend: Any, reference: Any) -> None:
+    client, server = models
+    before = weights_digest(server)
+    limits = SHORT if attack in resources.ATTACKS else None
+    be = backend(limits=limits)
+    with pytest.raises((SandboxError, RequestFailed)) as info:
+        attack(client, be)
+    message = str(info.value)
+    assert message.strip(), "the error must say what happened"
+    assert SECRET not in message and all(SECRET not in line for line in be.logs)
+    assert list(ATTACK_DIR.iterdir()) == [], "the attack wrote a file"
+    assert weights_digest(server) == before, "the weights changed"
+    assert torch.get_default_dtype() == torch.float32
+    after = save_logits(client, backend())
+    assert torch.equal(after["logits"], reference["logits"]), "the next request is wrong"

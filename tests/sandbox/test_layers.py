@@ -1,0 +1,221 @@
+"""Each sandbox layer on its own: guards really called, state restored, seccomp, limits, proxies."""
+
+from __future__ import annotations
+
+import random
+import resource
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model_runtime.sandbox import CapabilityDenied, CodeRejected, LimitExceeded, ModelTampering
+from model_runtime.sandbox.capabilities import Capabilities
+from model_runtime.sandbox.compiling import Guards, restricted_compile
+from model_runtime.sandbox.limits import Worker, address_space_cap, seccomp_supported
+from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
+
+
+def _run(source: str, guards: Guards) -> dict[str, Any]:
+    namespace = guards.namespace()
+    exec(restricted_compile(source, "<test>"), namespace)
+    return namespace
+
+
+# -- layer 2: the compiler and its guards ----------------------------------------------------------
+
+
+def test_guards_are_really_called() -> None:
+    guards = Guards(Capabilities(), lambda _v: False)
+    source = "x = [1, 2]\ny = x[0]\nz = x.count(1)\nfor a, b in [(1, 2)]:\n    pass\nx[0] = 5\nq = 1\nq += 2\n"
+    ns = _run(source, guards)
+    counts = guards.counters
+    assert (counts.getattr, counts.getitem, counts.write, counts.inplace) >= (1, 1, 1, 1)
+    assert counts.iter >= 1
+    assert ns["x"] == [5, 2] and ns["q"] == 3
+
+
+def test_stock_compile_would_not_call_them() -> None:
+    # Why NDIF's guards were inert: code compiled with compile() never calls `_getattr_`.
+    guards = Guards(Capabilities(), lambda _v: False)
+    namespace = guards.namespace()
+    exec(compile("z = [1].count(1)", "<t>", "exec"), namespace)
+    assert guards.counters.getattr == 0
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["().__class__", "x = 1\ndef f():\n    global x\n", "import os as _os", "(lambda: 1).__code__",
+     "try:\n    pass\nexcept* ValueError:\n    pass\n"],
+)
+def test_compiler_rejects(source: str) -> None:
+    with pytest.raises(CodeRejected):
+        restricted_compile(source, "<test>")
+
+
+def test_bare_except_cannot_swallow_base_exceptions() -> None:
+    guards = Guards(Capabilities(), lambda _v: False)
+
+    def boom() -> None:
+        raise KeyboardInterrupt
+
+    namespace = guards.namespace()
+    namespace["boom"] = boom
+    with pytest.raises(KeyboardInterrupt):
+        exec(restricted_compile("try:\n    boom()\nexcept:\n    pass\n", "<t>"), namespace)
+
+
+def test_print_goes_to_the_log() -> None:
+    lines: list[str] = []
+    _run("print('hello', 42)", Guards(Capabilities(), lambda _v: False, on_print=lines.append))
+    assert lines == ["hello 42"]
+
+
+# -- layer 3: capabilities --------------------------------------------------------------------------
+
+
+def test_module_proxies() -> None:
+    caps = Capabilities()
+    torch_proxy = caps.proxy("torch")
+    assert torch_proxy.ones(2).sum().item() == 2.0
+    for name in ("load", "save", "from_file", "hub", "utils", "ops", "_C"):
+        with pytest.raises(CapabilityDenied):
+            getattr(torch_proxy, name)
+    with pytest.raises(CapabilityDenied):
+        torch_proxy.ones = None
+    assert "load" not in dir(torch_proxy)
+    assert caps.guarded_import("torch.nn.functional", fromlist=("relu",)).relu(torch.tensor([-1.0])).item() == 0
+    with pytest.raises(CapabilityDenied):
+        caps.guarded_import("os")
+
+
+def test_proxied_functions_refuse_protected_out() -> None:
+    weight = torch.ones(3)
+    caps = Capabilities(is_protected=lambda v: v is weight)
+    with pytest.raises(CapabilityDenied):
+        caps.proxy("torch").add(weight, 1, out=weight)
+    with pytest.raises(CapabilityDenied):
+        caps.proxy("torch.nn.init").zeros_(weight)
+    assert torch.equal(weight, torch.ones(3))
+
+
+# -- layer 4: model and process state ---------------------------------------------------------------
+
+
+def test_weight_guard_protects_views_and_detects_missed_writes() -> None:
+    layer = torch.nn.Linear(4, 4)
+    guard = WeightGuard([layer])
+    assert guard.is_protected(layer.weight.detach()[0]) and guard.is_protected(layer.bias)
+    assert not guard.is_protected(torch.ones(2))
+    guard.arm()
+    guard.check()
+    with torch.no_grad():
+        layer.weight.detach().mul_(2)  # a write none of the guards saw: the version counter did
+    with pytest.raises(ModelTampering):
+        guard.check()
+
+
+def test_process_state_is_restored() -> None:
+    state = ProcessState.capture()
+    before = torch.random.get_rng_state().clone()
+    py_before = random.random
+    torch.set_default_dtype(torch.float64)
+    torch.set_grad_enabled(not torch.is_grad_enabled())
+    torch.manual_seed(1234)
+    random.seed(99)
+    sys.modules["json"] = None  # type: ignore[assignment]
+    sys.modules["sandbox_test_fake"] = sys
+    import builtins
+
+    builtins.evil = 1  # type: ignore[attr-defined]
+    changed = state.restore()
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert sys.modules["json"] is not None and "sandbox_test_fake" not in sys.modules
+    assert not hasattr(builtins, "evil") and random.random is py_before
+    assert {"default_dtype", "grad_mode", "builtins"} <= set(changed)
+
+
+def test_rng_is_restored_after_a_request(models: tuple[Any, Any], backend: Any) -> None:
+    from sandbox.legit_programs import PROMPT
+
+    client = models[0]
+    state = torch.random.get_rng_state().clone()
+    with client.trace(PROMPT, backend=backend()):
+        torch.manual_seed(7)
+        r = torch.rand(2).save()
+    assert r.shape == (2,)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_meta_reports_guard_calls_and_layers(models: tuple[Any, Any], backend: Any) -> None:
+    from sandbox.legit_programs import invokes
+
+    be = backend()
+    invokes(models[0], be)
+    meta = be.meta_out["sandbox"]
+    assert meta["guard_calls"]["getattr"] > 0  # the inner invoke blocks ran restricted code too
+    assert meta["seccomp"] is seccomp_supported()
+    assert set(meta["timings"]) >= {"deserialize_s", "execute_s", "serialize_s", "restore_s"}
+
+
+# -- layer 5: limits and seccomp ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not seccomp_supported(), reason="the filter is built for Linux x86_64")
+def test_seccomp_worker_denies_exec_socket_and_writes(tmp_path: Path) -> None:
+    worker = Worker(seccomp=True)
+    try:
+        assert worker.seccomp_active, worker.seccomp_error
+        target = tmp_path / "x"
+
+        def attempts() -> dict[str, str]:
+            out = {}
+            for name, action in {
+                "write": lambda: open(target, "w"),
+                "socket": lambda: socket.socket(),
+                "exec": lambda: subprocess.run(["true"], check=False),
+            }.items():
+                try:
+                    action()
+                    out[name] = "allowed"
+                except PermissionError:
+                    out[name] = "denied"
+            out["read"] = str(len(Path(__file__).read_text()) > 0)
+            return out
+
+        assert worker.run(attempts, 10, 1) == {"write": "denied", "socket": "denied", "exec": "denied", "read": "True"}
+        assert not target.exists()
+        target.write_text("main thread unaffected")
+    finally:
+        worker.stop()
+
+
+def test_timeout_stops_the_job_and_the_worker_survives() -> None:
+    worker = Worker(seccomp=False)
+    try:
+
+        def spin() -> None:
+            while True:
+                try:
+                    while True:
+                        pass
+                except Exception:
+                    pass
+
+        with pytest.raises(LimitExceeded, match="stopped"):
+            worker.run(spin, 0.3, 2.0)
+        assert worker.healthy and worker.run(lambda: 41 + 1, 5, 1) == 42
+    finally:
+        worker.stop()
+
+
+def test_address_space_cap_is_applied_and_lifted() -> None:
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    with address_space_cap(256 * 1024 * 1024), pytest.raises(RuntimeError, match="allocate"):
+        torch.ones(2**30)  # 4 GiB
+    assert resource.getrlimit(resource.RLIMIT_AS) == before

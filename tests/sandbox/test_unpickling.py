@@ -1,0 +1,132 @@
+"""Layer 1: crafted blobs. The allowlisted unpickler refuses every global real payloads don't use."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import zstandard
+from nnsight.schema.request import RequestModel
+
+from model_runtime.sandbox import Limits, PayloadRejected, SandboxError
+from model_runtime.sandbox.limits import LimitExceeded
+from model_runtime.sandbox.unpickling import ALLOWED_GLOBALS, SUBSTITUTED_GLOBALS, SandboxUnpickler
+from sandbox.attacks import TARGET
+from sandbox.harness import weights_digest
+from sandbox.legit_programs import PROGRAMS, save_logits
+
+
+class _Reduce:
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> Any:
+        return self.fn, self.args
+
+
+def _envelope(**kw: Any) -> RequestModel:
+    return RequestModel(model_key="tiny", **kw)
+
+
+def _crafted() -> dict[str, bytes]:
+    import cloudpickle.cloudpickle as cp
+    from nnsight.intervention import serialization
+    from nnsight.modeling.transformers import TransformersModel
+
+    inner = pickle.dumps(_Reduce(os.system, f"touch {TARGET}"))
+    return {
+        "os_system_reduce": pickle.dumps(_Reduce(os.system, f"touch {TARGET}")),
+        "exec_reduce": pickle.dumps(_Reduce(exec, f"open({TARGET!r}, 'w')")),
+        "eval_in_tuple": pickle.dumps((1, _Reduce(eval, "1"))),
+        "nested_torch_load": pickle.dumps(_Reduce(torch.storage._load_from_bytes, inner)),
+        "subimport_os": pickle.dumps(_Reduce(cp.subimport, "os")),
+        "builtin_codetype": pickle.dumps(_Reduce(cp._builtin_type, "CodeType")),
+        "fill_server_function": pickle.dumps(_Reduce(serialization._fill, TransformersModel._call, {"torch": None})),
+        "dotted_globals_walk": b"cnnsight.modeling.transformers\nTransformersModel._call.__globals__\n.",
+        "not_a_tracer": pickle.dumps((1, 2)),
+        "unknown_persistent_id": b"\x80\x04P\x0bModule:evil\x94.",
+        "garbage": b"\x00\x01not a pickle",
+    }
+
+
+CRAFTED = _crafted()
+
+
+@pytest.fixture(scope="module")
+def reference(models: tuple[Any, Any]) -> dict[str, Any]:
+    return save_logits(models[1], None)
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_crafted_blob_is_refused(
+    name: str, models: tuple[Any, Any], sandbox: Any, backend: Any, reference: Any
+) -> None:
+    client, server = models
+    before = weights_digest(server)
+    with pytest.raises(PayloadRejected) as info:
+        sandbox.execute(server, CRAFTED[name], _envelope())
+    assert "[deserialisation]" in str(info.value)
+    assert not Path(TARGET).exists()
+    assert weights_digest(server) == before
+    assert torch.equal(save_logits(client, backend())["logits"], reference["logits"])
+
+
+def test_zstd_bomb_is_stopped(models: tuple[Any, Any], sandbox: Any) -> None:
+    bomb = zstandard.ZstdCompressor(level=3).compress(b"\0" * (4 * 1024 * 1024))
+    assert len(bomb) < 4096
+    with pytest.raises(LimitExceeded, match="decompresses past"):
+        sandbox.execute(models[1], bomb, _envelope(compress=True), limits=Limits(max_decompressed_bytes=1024 * 1024))
+
+
+def test_oversized_payload_is_refused(models: tuple[Any, Any], sandbox: Any) -> None:
+    with pytest.raises(LimitExceeded, match="exceeds"):
+        sandbox.execute(models[1], b"x" * 2000, _envelope(), limits=Limits(max_payload_bytes=1000))
+
+
+def test_env_cannot_load_an_adapter(models: tuple[Any, Any], sandbox: Any) -> None:
+    with pytest.raises(PayloadRejected, match="peft"):
+        sandbox.execute(models[1], CRAFTED["not_a_tracer"], _envelope(env={"peft": "evil/adapter"}))
+
+
+def test_model_call_cannot_be_swapped(models: tuple[Any, Any], backend: Any) -> None:
+    from nnsight.modeling.transformers import TransformersModel
+
+    client, _server = models
+    be = backend()
+    serialize = be._serialize
+
+    def tampered(tracer: Any) -> bytes:
+        # Point the model call at a submodule's envoy instead of the model.
+        tracer.fn = types.MethodType(TransformersModel._call, client.lm_head)
+        return serialize(tracer)
+
+    be._serialize = tampered
+    with pytest.raises(SandboxError, match="something other than the model"):
+        save_logits(client, be)
+
+
+def test_allowlist_is_what_real_payloads_use(models: tuple[Any, Any], sandbox: Any) -> None:
+    """Every global the legit corpus's payloads reference is allowlisted, and nothing more is needed."""
+    from sandbox.harness import SandboxBackend
+
+    client, server = models
+    used: set[tuple[str, str]] = set()
+    original = SandboxUnpickler.find_class
+
+    def recording(self: SandboxUnpickler, module: str, name: str) -> Any:
+        used.add((module, name))
+        return original(self, module, name)
+
+    SandboxUnpickler.find_class = recording  # type: ignore[method-assign]
+    try:
+        for program in PROGRAMS[:4] + PROGRAMS[10:13]:
+            program(client, SandboxBackend(client, server, sandbox))
+    finally:
+        SandboxUnpickler.find_class = original  # type: ignore[method-assign]
+    assert used <= ALLOWED_GLOBALS | SUBSTITUTED_GLOBALS
+    assert ("torch.storage", "_load_from_bytes") in used  # a captured tensor went the safe way
