@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -248,9 +248,8 @@ class Reconciler:
         namespace, name = target
         self._reject_duplicates(entries)
         live = [e for e in entries if e.md is not None and e.invalid is None and not e.deleting]
-        for entry in live:
-            await self._ensure_metadata(entry, None)  # the finalizer before the model can reach a config
-            await self._estimate(entry)
+
+        await self._each(live, self._estimate)
         ray_service = await self.api.get_ray_service(namespace, name)
         observations: dict[str, Observation] = {}
         release: list[_Entry] = []
@@ -277,15 +276,34 @@ class Reconciler:
                 outcome.retry = True
                 outcome.errors.append(patch_error)
         granted: list[str] = []
-        for entry in entries:
+
+        async def finish(entry: _Entry) -> None:
             if entry in release:
                 await self._release(entry)
-                continue
+                return
             new_status = await self._write_status(entry, observations[entry.key], now)
             if new_status.get("level"):
                 granted.append(str(new_status["level"]))
+            # Finalizer and assignments in one write. A model deleted before its first finalizer lands
+            # still leaves the config on the next pass: planning is level-triggered.
             await self._ensure_metadata(entry, decisions.get(entry.key))
+
+        await self._each(entries, finish)
         return granted
+
+    @staticmethod
+    async def _each(entries: list[_Entry], work: Callable[[_Entry], Awaitable[None]], limit: int = 8) -> None:
+        """Run `work` per object with bounded concurrency; the first error wins after all finish."""
+        gate = asyncio.Semaphore(limit)
+
+        async def bounded(entry: _Entry) -> None:
+            async with gate:
+                await work(entry)
+
+        results = await asyncio.gather(*(bounded(e) for e in entries), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _observation(self, entry: _Entry) -> Observation:
         desired = Level(entry.md.spec.level) if entry.md is not None else None

@@ -26,6 +26,10 @@ from ndif_operator.operator.ray_service import AppStatus
 from ndif_operator.planning import Decision
 
 _PLACED_AS_ASKED = frozenset({Reason.PLACED_HOT, Reason.PLACED_WARM, Reason.PLACED_COLD})
+_WARNING_REASONS = frozenset({
+    Reason.INVALID_SPEC, Reason.ESTIMATE_FAILED, Reason.INSUFFICIENT_GPU, Reason.INSUFFICIENT_MEMORY,
+    Reason.EVICTED, Reason.APPLICATION_FAILED, Reason.APPLICATION_UNHEALTHY, Reason.RAY_SERVICE_MISSING,
+    Reason.RAY_SERVICE_ERROR})
 _FAILED_REASONS = frozenset({Reason.INVALID_SPEC, Reason.ESTIMATE_FAILED, Reason.APPLICATION_FAILED})
 
 
@@ -192,10 +196,12 @@ def transitions(old_status: Mapping[str, Any] | None, new_status: Mapping[str, A
         if before is not None and (before.get("status"), before.get("reason")) == (
                 condition["status"], condition["reason"]):
             continue
-        warning = condition["status"] == "False" and condition["reason"] in {
-            Reason.INVALID_SPEC, Reason.ESTIMATE_FAILED, Reason.INSUFFICIENT_GPU, Reason.INSUFFICIENT_MEMORY,
-            Reason.EVICTED, Reason.APPLICATION_FAILED, Reason.APPLICATION_UNHEALTHY, Reason.RAY_SERVICE_MISSING,
-            Reason.RAY_SERVICE_ERROR}
+        warning = condition["status"] == "False" and condition["reason"] in _WARNING_REASONS
+        # Events mark what a user acts on: placements, readiness gained, and every failure; the
+        # routine steps in between (estimated, deploying, not yet reported) stay in the status.
+        routine = not warning and (condition["type"] == "Evaluated" or condition["status"] != "True")
+        if routine and condition["type"] != "Placed":
+            continue
         result.append(Transition(str(condition["type"]), str(condition["status"]), str(condition["reason"]),
                                  str(condition.get("message") or ""), warning))
     return result

@@ -1,4 +1,6 @@
-"""Fixtures for the operator's integration tests: the emulated API server, kopf in a thread, kubectl."""
+"""The operator's integration-test harness: the emulated API server, kopf in a thread, kubectl.
+
+A module (not conftest.py) so that tests and bench/reconcile.py import it by a unique name."""
 
 from __future__ import annotations
 
@@ -8,11 +10,10 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from kube_emulator import RAY_SERVICE, KubeEmulator, ResourceType, from_crd
 
 from ndif_operator.api import Estimate, ModelSpec, RuntimeLimits
@@ -156,23 +157,3 @@ class OperatorThread:
         self.thread.join(30)
         assert not self.thread.is_alive(), "operator thread did not stop"
         assert self.error is None, f"operator crashed: {self.error!r}"
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    emulator = KubeEmulator([MD_TYPE], bookmark_interval=5.0)
-    emulator.start()
-    emulator.create_sync({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-    try:
-        yield Cluster(emulator, tmp_path)
-    finally:
-        emulator.stop()
-
-
-@pytest.fixture
-def operator(cluster: Cluster) -> Iterator[OperatorThread]:
-    running = OperatorThread(cluster.emu.url).start()
-    try:
-        yield running
-    finally:
-        running.stop()

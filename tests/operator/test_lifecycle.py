@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import MD_TYPE, NAMESPACE, Cluster, OperatorThread, model_deployment, ray_service, wait_for
+from operator_harness import MD_TYPE, NAMESPACE, Cluster, OperatorThread, model_deployment, ray_service, wait_for
 
 from ndif_operator.api import GatewayAppArgs, ModelAppArgs
 
@@ -11,6 +11,7 @@ def test_create_places_hot_and_patches_only_serve_config(cluster: Cluster, opera
     rs = cluster.emu.create_sync(ray_service())
     cluster.emu.create_sync(model_deployment("small", "org/m-20g"))
     wait_for(lambda: cluster.condition("small", "Placed").get("status") == "True", what="Placed")
+    wait_for(lambda: (cluster.md("small") or {})["metadata"].get("finalizers"), what="finalizer")
     md = cluster.md("small")
     assert md is not None
     status = md["status"]

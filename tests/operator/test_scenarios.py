@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import (
+from kube_emulator import RAY_SERVICE
+from operator_harness import (
     MD_TYPE,
     NAMESPACE,
     ROOT,
@@ -14,7 +15,6 @@ from conftest import (
     ray_service,
     wait_for,
 )
-from kube_emulator import RAY_SERVICE
 
 EXAMPLES = [arg for path in sorted((ROOT / "examples").glob("0*.yaml")) for arg in ("-f", str(path))]
 

@@ -1,0 +1,30 @@
+"""Fixtures of the operator tests (the harness lives in operator_harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kube_emulator import KubeEmulator
+from operator_harness import MD_TYPE, NAMESPACE, Cluster, OperatorThread
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    emulator = KubeEmulator([MD_TYPE], bookmark_interval=5.0)
+    emulator.start()
+    emulator.create_sync({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    try:
+        yield Cluster(emulator, tmp_path)
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def operator(cluster: Cluster) -> Iterator[OperatorThread]:
+    running = OperatorThread(cluster.emu.url).start()
+    try:
+        yield running
+    finally:
+        running.stop()
