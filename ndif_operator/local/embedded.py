@@ -26,7 +26,7 @@ from ndif_operator.local.inventory import DEFAULT_RESERVED_BYTES, LocalInventory
 from ndif_operator.local.manifests import load_manifests
 from ndif_operator.local.pipeline import LocalPlan, plan_local
 from ndif_operator.local.ray_head import LocalRayHead, RayHeadSpec, RayPorts
-from ndif_operator.local.serve_rest import AppProgress, ServeRestClient, app_progress
+from ndif_operator.local.serve_rest import AppProgress, ServeRestClient, ServeRestError, app_progress
 from ndif_operator.local.table import model_table
 
 API_KEY_HASHES_ENV = "NDIF_API_KEY_HASHES"
@@ -97,11 +97,15 @@ class LocalMode:
         self.rest = ServeRestClient(self.head.spec.dashboard_url)
         self._log(f"applying the Serve config ({len(self.plan.expected_apps)} applications) ...")
         self.rest.apply(self.plan.config)
-        self.rest.wait_running(
-            self.plan.expected_apps,
-            timeout=settings.deploy_timeout_s,
-            on_progress=lambda line: self._log(f"  waiting: {line}"),
-        )
+        try:
+            self.rest.wait_running(
+                self.plan.expected_apps,
+                timeout=settings.deploy_timeout_s,
+                on_progress=lambda line: self._log(f"  waiting: {line}"),
+            )
+        except ServeRestError as exc:
+            logs = self.head.spec.resolved_temp_dir / "session_latest" / "logs" / "serve"
+            raise ServeRestError(f"{exc}\n  (replica and controller logs: {logs})") from exc
         return self.plan
 
     def progress(self) -> dict[str, AppProgress]:

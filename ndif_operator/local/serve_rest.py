@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 APPLICATIONS_PATH = "/api/serve/applications/"
@@ -35,6 +35,7 @@ class AppProgress:
     status: str
     message: str
     deployments: dict[str, str]
+    deployment_messages: dict[str, str] = field(default_factory=dict)  # e.g. a replica's constructor error
 
     @property
     def failed(self) -> bool:
@@ -46,7 +47,10 @@ def app_progress(details: Mapping[str, Any]) -> dict[str, AppProgress]:
     result: dict[str, AppProgress] = {}
     for name, app in (details.get("applications") or {}).items():
         deployments: dict[str, str] = {}
+        messages: dict[str, str] = {}
         for dep_name, dep in (app.get("deployments") or {}).items():
+            if dep.get("message"):
+                messages[dep_name] = str(dep["message"])
             replicas = dep.get("replicas") or []
             running = sum(1 for r in replicas if r.get("state") == RUNNING)
             target = (dep.get("target_num_replicas") if "target_num_replicas" in dep else None)
@@ -57,8 +61,18 @@ def app_progress(details: Mapping[str, Any]) -> dict[str, AppProgress]:
             status=str(app.get("status", "UNKNOWN")),
             message=str(app.get("message") or ""),
             deployments=deployments,
+            deployment_messages=messages,
         )
     return result
+
+
+def failure_text(app: AppProgress, limit: int = 2000) -> str:
+    """An app's failure with its deployments' own messages (Serve's app message alone is terse)."""
+    lines = [f"  {app.name}: {app.status}: {app.message}"]
+    for name, message in sorted(app.deployment_messages.items()):
+        text = message if len(message) <= limit else "..." + message[-limit:]  # the traceback's end says why
+        lines.append(f"    {name}: " + text.replace("\n", "\n      "))
+    return "\n".join(lines)
 
 
 def all_running(progress: Mapping[str, AppProgress], expected: set[str]) -> bool:
@@ -121,7 +135,7 @@ class ServeRestClient:
             progress = app_progress(self.details())
             failed = [progress[n] for n in expected if n in progress and progress[n].failed]
             if failed:
-                lines = "\n".join(f"  {a.name}: {a.status}: {a.message}" for a in failed)
+                lines = "\n".join(failure_text(a) for a in failed)
                 raise ServeRestError(f"Serve applications failed to deploy:\n{lines}")
             if all_running(progress, expected):
                 return progress

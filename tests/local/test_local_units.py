@@ -87,7 +87,8 @@ def test_app_progress_summarizes_states_and_replicas() -> None:
 def fake_dashboard() -> Iterator[tuple[str, list[Any]]]:
     """A real HTTP server standing in for the dashboard: records PUTs, answers GET with `state`."""
     calls: list[Any] = []
-    state = {"applications": {"a": {"status": "DEPLOY_FAILED", "message": "bad import"}}}
+    state = {"applications": {"a": {"status": "DEPLOY_FAILED", "message": "bad import", "deployments": {
+        "ModelReplica": {"status": "DEPLOY_FAILED", "message": "Traceback ...\nOSError: no tokenizer"}}}}}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -123,8 +124,9 @@ def test_rest_client_applies_and_reports_failures(fake_dashboard: tuple[str, lis
     assert calls == [{"applications": []}]
     with pytest.raises(ServeRestError, match="400: refused"):
         client.apply({"bad": 1})
-    with pytest.raises(ServeRestError, match="a: DEPLOY_FAILED: bad import"):
+    with pytest.raises(ServeRestError, match="a: DEPLOY_FAILED: bad import") as failed:
         client.wait_running({"a"}, timeout=5, poll=0.01)
+    assert "ModelReplica: Traceback ...\n      OSError: no tokenizer" in str(failed.value)
     with pytest.raises(ServeRestError, match="not RUNNING after"):
         client.wait_running({"b"}, timeout=0.05, poll=0.01)
 
