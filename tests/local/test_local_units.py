@@ -202,3 +202,20 @@ def test_plan_local_renders_a_loopback_cpu_config_with_the_operators_pipeline(tm
     [row] = [line for line in table.splitlines() if line.startswith("default/tiny ")]
     assert "Hot" in row and "RUNNING" in row
     assert "unsized" in table and "no GPU here" in table
+
+
+def test_first_signal_raises_stopped_and_later_ones_are_ignored() -> None:
+    import os
+    import signal
+    import time
+
+    from ndif_operator.local.embedded import Stopped, stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as stopping:
+        with pytest.raises(Stopped, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs at the next bytecode boundary, at the latest here
+        assert stopping.is_set()
+        os.kill(os.getpid(), signal.SIGINT)  # during teardown: swallowed, no KeyboardInterrupt
+    assert signal.getsignal(signal.SIGTERM) is before
