@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = wait_ready(local, ready_file, args.timeout + 120)
         step(f"running examples/nnsight_client.py with NDIF_HOST={info['ndif_host']}")
+        print("(the tiny model has random weights: its generated text is noise; the point is that every\n"
+              " remote result equals a local trace of the same checkpoint)")
         client = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "nnsight_client.py"), "--model-dir", str(DEMO / "tiny-llama"),
              "--repo-id", REPO_ID, "--check-local"],
