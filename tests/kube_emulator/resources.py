@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Validator = Callable[[dict[str, Any], dict[str, Any] | None], list[str]]
+Defaulter = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ResourceType:
     scale_paths: tuple[str, str] | None = None  # (specReplicasPath, statusReplicasPath)
     printer_columns: tuple[dict[str, Any], ...] = ()
     validate: Validator | None = None
+    default: Defaulter | None = None  # schema defaults, persisted like the API server does
     categories: tuple[str, ...] = ()
     # Kubernetes bumps metadata.generation on spec changes only for types with a status subresource.
     verbs: tuple[str, ...] = ("create", "delete", "get", "list", "patch", "update", "watch")
@@ -58,7 +60,8 @@ class ResourceType:
         return entries
 
 
-def from_crd(crd: dict[str, Any], validate: Validator | None = None) -> ResourceType:
+def from_crd(crd: dict[str, Any], validate: Validator | None = None,
+             default: Defaulter | None = None) -> ResourceType:
     """The served type of a CustomResourceDefinition's storage version."""
     spec = crd["spec"]
     version = next(v for v in spec["versions"] if v.get("storage"))
@@ -77,6 +80,7 @@ def from_crd(crd: dict[str, Any], validate: Validator | None = None) -> Resource
         scale_paths=(scale["specReplicasPath"], scale["statusReplicasPath"]) if scale else None,
         printer_columns=tuple(version.get("additionalPrinterColumns", ())),
         validate=validate,
+        default=default,
     )
 
 

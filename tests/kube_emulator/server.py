@@ -277,6 +277,10 @@ class KubeEmulator:
         return str(self._rv)
 
     def _validate(self, rtype: ResourceType, obj: Obj, old: Obj | None) -> None:
+        if rtype.default is not None:
+            defaulted = rtype.default(obj)
+            obj.clear()
+            obj.update(defaulted)
         if rtype.validate is None:
             return
         errors = rtype.validate(obj, old)
@@ -315,7 +319,7 @@ class KubeEmulator:
         obj.setdefault("apiVersion", rtype.group_version)
         obj.setdefault("kind", rtype.kind)
         self._validate(rtype, obj, None)
-        meta["resourceVersion"] = self._next_rv()
+        obj["metadata"]["resourceVersion"] = self._next_rv()
         self._objects[rtype.key][key] = obj
         await self._record(rtype, "ADDED", obj)
         return copy.deepcopy(obj)

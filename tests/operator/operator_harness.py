@@ -19,13 +19,14 @@ from kube_emulator import RAY_SERVICE, KubeEmulator, ResourceType, from_crd
 from ndif_operator.api import Estimate, ModelSpec, RuntimeLimits
 from ndif_operator.api.crd import build_crd
 from ndif_operator.api.v1alpha1 import GIB
-from ndif_operator.api.validation import validate_object
+from ndif_operator.api.validation import apply_defaults, validate_object
 from ndif_operator.operator.handlers import run_operator
 from ndif_operator.operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")
-MD_TYPE: ResourceType = from_crd(build_crd(), validate=lambda obj, old: [str(e) for e in validate_object(obj, old)])
+MD_TYPE: ResourceType = from_crd(build_crd(), validate=lambda obj, old: [str(e) for e in validate_object(obj, old)],
+                                 default=apply_defaults)
 NAMESPACE = "ml"
 
 

@@ -73,6 +73,8 @@ def test_restart_midway_loses_nothing_and_repeats_nothing(cluster: Cluster) -> N
     second = OperatorThread(cluster.emu.url).start()
     try:
         wait_for(lambda: placed(cluster, "late") and placed(cluster, "m0"), what="work done after restart")
+        wait_for(lambda: all("ndif.dev/assignments" in ((cluster.md(n) or {})["metadata"].get("annotations") or {})
+                             for n in ("late", "m0", "m1", "m2", "m3")), what="metadata written")
         apps = cluster.apps()
         assert apps["md-ml-m0"]["deployments"][0]["num_replicas"] == 2 and "md-ml-late" in apps
         assert cluster.rs_patches() == patches + 1  # one pass picked up both changes
@@ -94,7 +96,8 @@ def test_restart_midway_loses_nothing_and_repeats_nothing(cluster: Cluster) -> N
         third.stop()
     assert cluster.rs()["spec"]["serveConfigV2"] == config  # type: ignore[index]
     assert cluster.rs_patches() == patches
-    assert len(cluster.emu.requests("PATCH", r"/modeldeployments/")) == writes
+    assert len(cluster.emu.requests("PATCH", r"/modeldeployments/")) == writes, cluster.emu.requests(
+        "PATCH", r"/modeldeployments/")[writes:]
 
 
 def test_capacity_exhausted_evicts_lower_priority_to_warm(cluster: Cluster, operator: OperatorThread) -> None:

@@ -1,0 +1,55 @@
+"""`ndif-operator run --help`, settings from the environment, and the metrics endpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+
+from operator_harness import ROOT, Cluster, OperatorThread, model_deployment, ray_service, wait_for
+
+from ndif_operator.operator import metrics
+from ndif_operator.operator.settings import OperatorSettings
+
+
+def test_help_explains_the_settings() -> None:
+    out = subprocess.run([sys.executable, "-m", "ndif_operator.cli", "run", "--help"], capture_output=True,
+                         text=True, check=True, cwd=ROOT, timeout=60).stdout
+    for word in ("NDIF_NAMESPACES", "NDIF_RAY_SERVICE", "NDIF_METRICS_PORT", "serveConfigV2", "--liveness"):
+        assert word in out
+
+
+def test_settings_come_from_the_environment(monkeypatch: object) -> None:
+    import pytest
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    monkeypatch.setenv("NDIF_NAMESPACES", "a, b")
+    monkeypatch.setenv("NDIF_DEBOUNCE_SECONDS", "2")
+    settings = OperatorSettings()
+    assert settings.namespace_list == ["a", "b"] and settings.debounce_seconds == 2
+
+
+def test_metrics_are_served(cluster: Cluster) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    running = OperatorThread(cluster.emu.url, metrics_port=port).start()
+    try:
+        cluster.emu.create_sync(ray_service())
+        cluster.emu.create_sync(model_deployment("m", "org/m-8g"))
+        wait_for(lambda: cluster.condition("m", "Placed").get("status") == "True")
+
+        def scrape() -> str:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            return text if 'ndif_operator_deployments{level="Hot"} 1.0' in text else ""
+
+        text = wait_for(scrape, what="metrics after a pass")
+    finally:
+        running.stop()
+    for name in ("ndif_operator_reconcile_total", "ndif_operator_reconcile_duration_seconds",
+                 "ndif_operator_plan_duration_seconds", 'ndif_operator_deployments{level="Hot"}',
+                 'ndif_operator_gpus_available{ray_service="ml/ndif"} 2.0', "ndif_operator_rayservice_patches_total"):
+        assert name in text
+    assert metrics.REGISTRY.get_sample_value("ndif_operator_rayservice_patches_total", {"result": "ok"})
