@@ -40,8 +40,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-# How long a timed-out worker gets to unwind after the async exception before we call it wedged.
-_CANCEL_GRACE_SECONDS = 5.0
 _RESULT_ZSTD_LEVEL = 3
 
 
@@ -60,6 +58,8 @@ class Envelope(BaseModel):
 class ExecutionLimits:
     timeout_seconds: float = 300.0
     max_result_bytes: int = 1024**3
+    # How long a timed-out worker gets to unwind after the async exception before it counts as wedged.
+    cancel_grace_seconds: float = 5.0
 
 
 @dataclass
@@ -80,11 +80,12 @@ class RequestError(Exception):
 # --- stdout/stderr capture ---------------------------------------------------------------------
 
 
-class _ThreadRoutedStream(io.TextIOBase):
+class _ThreadRoutedStream:
     """Replaces sys.stdout/err: lines written by a registered thread go to its sink, the rest pass.
 
     sys.stdout is process-global; routing by thread keeps the replica's own logging intact while a
-    request prints.
+    request prints. Everything else (encoding, fileno, isatty ...) is the original stream's, so
+    libraries that inspect the stream (tqdm while loading a model) keep working.
     """
 
     def __init__(self, fallback: Any) -> None:
@@ -106,7 +107,8 @@ class _ThreadRoutedStream(io.TextIOBase):
         ident = threading.get_ident()
         sink = self._sinks.get(ident)
         if sink is None:
-            return int(self._fallback.write(text))
+            self._fallback.write(text)  # Ray's stream wrappers return None, not a count
+            return len(text)
         buffered = self._buffers.get(ident, "") + text
         *lines, rest = buffered.split("\n")
         self._buffers[ident] = rest
@@ -117,6 +119,9 @@ class _ThreadRoutedStream(io.TextIOBase):
 
     def flush(self) -> None:
         self._fallback.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fallback, name)
 
 
 _STREAM_LOCK = threading.Lock()
@@ -295,7 +300,7 @@ def execute_request(
         timed_out = worker.is_alive()
         if timed_out and worker.ident is not None:
             # Repeat: an exception raised while the thread sits in a `finally` or C call may be lost.
-            deadline = time.monotonic() + _CANCEL_GRACE_SECONDS
+            deadline = time.monotonic() + limits.cancel_grace_seconds
             while worker.is_alive() and time.monotonic() < deadline:
                 _async_raise(worker.ident, SystemExit)
                 worker.join(0.1)

@@ -16,10 +16,9 @@ import pytest
 
 from model_runtime.auth import key_digest
 from model_runtime.tiny_models import build_tiny_model
-from ndif_operator.api.naming import GATEWAY_APP, model_app_name
+from ndif_operator.api.naming import GATEWAY_APP
+from runtime.conftest_names import MODEL_APP, SLOW_APP
 from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET
-
-MODEL_APP = model_app_name("default", "tiny-llama")
 
 
 def free_port() -> int:
@@ -113,7 +112,6 @@ def deploy_gateway(
     serve.run(app, name=app_name, route_prefix=route_prefix)
 
 
-SLOW_APP = model_app_name("default", "tiny-slow")
 STRICT_PREFIX = "/strict"
 # The second model: tight limits for timeout, backpressure, payload size and WARM/COLD tests.
 SLOW_CONFIG = {

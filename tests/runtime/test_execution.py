@@ -1,0 +1,100 @@
+"""The execution seam in-process (no Ray): real client payloads against a real tiny model."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import pytest
+import torch
+import zstandard
+from nnsight.schema.request import RequestModel
+from nnsight.tracing.backend import Backend
+
+from model_runtime.execution import Envelope, ExecutionLimits, execute_request
+
+PROMPT = "Deep inference lets researchers"
+
+
+class Capture(Backend):
+    def __init__(self) -> None:
+        self.blob = b""
+
+    def __call__(self, tracer: Any) -> None:
+        self.blob = RequestModel.serialize(tracer, compress=True)
+
+
+def _run(model: Any, blob: bytes, **limits: Any) -> tuple[Any, list[str]]:
+    logs: list[str] = []
+    result = execute_request(model, blob, Envelope(model_key="k", compress=True),
+                             limits=ExecutionLimits(**limits), on_log=logs.append)
+    return result, logs
+
+
+def _load(result: Any) -> dict[str, Any]:
+    data: dict[str, Any] = torch.load(
+        io.BytesIO(zstandard.ZstdDecompressor().decompress(result.result)), weights_only=False
+    )
+    return data
+
+
+def test_saves_only_and_equal_to_local(local_model: Any) -> None:
+    capture = Capture()
+    offset = torch.ones(1)
+    with local_model.trace(PROMPT, backend=capture):
+        print("inside", offset.item())
+        hidden = local_model.model.layers[0].output.save()  # noqa: F841 (read back by name)
+        logits = local_model.lm_head.output.save()  # noqa: F841
+    result, logs = _run(local_model, capture.blob)
+    assert result.error is None, result.error
+    saves = _load(result)
+    assert set(saves) == {"hidden", "logits"}  # not the shipped `offset`
+    with local_model.trace(PROMPT):
+        ref = local_model.lm_head.output.save()
+    assert torch.equal(saves["logits"], ref)
+    assert logs == ["inside 1.0"]
+    assert result.meta["runtime"] > 0 and result.meta["result_bytes"] == len(result.result)
+
+
+def test_timeout_really_stops_and_next_request_is_correct(local_model: Any) -> None:
+    spin = Capture()
+    with local_model.trace(PROMPT, backend=spin):
+        local_model.model.layers[0].output.save()
+        n = 0
+        while True:
+            n += 1
+    started = time.monotonic()
+    result, _ = _run(local_model, spin.blob, timeout_seconds=1.0)
+    assert result.timed_out and not result.wedged
+    assert "timeout" in (result.error or "")
+    assert time.monotonic() - started < 5
+    good = Capture()
+    with local_model.trace(PROMPT, backend=good):
+        logits = local_model.lm_head.output.save()  # noqa: F841
+    result, _ = _run(local_model, good.blob)
+    with local_model.trace(PROMPT):
+        ref = local_model.lm_head.output.save()
+    assert torch.equal(_load(result)["logits"], ref)
+
+
+def test_stuck_in_c_call_is_reported_wedged(local_model: Any) -> None:
+    stuck = Capture()
+    with local_model.trace(PROMPT, backend=stuck):
+        local_model.model.layers[0].output.save()
+        time.sleep(3)  # one C call: the async exception waits for it to return
+    result, _ = _run(local_model, stuck.blob, timeout_seconds=0.5, cancel_grace_seconds=0.5)
+    assert result.timed_out and result.wedged
+    time.sleep(3)  # let the sleeper finish before other tests use the model
+
+
+@pytest.mark.parametrize("case", ["garbage", "truncated", "result_too_big"])
+def test_request_faults_are_errors(local_model: Any, case: str) -> None:
+    capture = Capture()
+    with local_model.trace(PROMPT, backend=capture):
+        local_model.lm_head.output.save()
+    blob = {"garbage": b"nonsense", "truncated": capture.blob[:40]}.get(case, capture.blob)
+    result, _ = _run(local_model, blob, max_result_bytes=100)
+    assert result.result is None
+    expected = "exceeds this model's limit" if case == "result_too_big" else "Unreadable request payload"
+    assert expected in (result.error or "")

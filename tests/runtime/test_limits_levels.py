@@ -1,0 +1,119 @@
+"""Timeout, backpressure, WARM/COLD activation and metrics on a served model with tight limits."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from nnsight.intervention.backends.remote import RemoteError
+
+from runtime.wire import capture_blob
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMPT = "NNsight traces a model"
+
+
+def _slow_handle() -> Any:
+    from ray import serve
+
+    from runtime.conftest_names import SLOW_APP
+
+    return serve.get_app_handle(SLOW_APP)
+
+
+def test_timeout_stops_the_job_and_the_model_keeps_serving(slow_client_model: Any) -> None:
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match="timeout of 3 seconds"):
+        with slow_client_model.trace(PROMPT, remote=True):
+            slow_client_model.model.layers[0].output.save()
+            n = 0
+            while True:
+                n += 1
+    assert time.monotonic() - started < 30
+    with slow_client_model.trace(PROMPT, remote=True):
+        first = slow_client_model.lm_head.output.save()
+    with slow_client_model.trace(PROMPT, remote=True):
+        second = slow_client_model.lm_head.output.save()
+    assert torch.equal(first, second)
+
+
+def test_full_queue_is_refused_not_hung(slow_client_model: Any, served: dict[str, Any]) -> None:
+    def submit_sleeper() -> Any:
+        with slow_client_model.trace(PROMPT, remote=True, blocking=False) as tracer:
+            slow_client_model.model.layers[0].output.save()
+            for _ in range(20):
+                time.sleep(0.1)
+        return tracer.backend
+
+    running = submit_sleeper()
+    time.sleep(1.0)  # the first one is running now
+    queued = submit_sleeper()  # waits: the queue holds one
+    time.sleep(1.0)
+    refusals = []
+    for _ in range(2):
+        try:
+            submit_sleeper()
+        except RemoteError as exc:
+            refusals.append(str(exc))
+    assert refusals and all("queue" in r and "full" in r for r in refusals)
+    for backend in (running, queued):
+        for _ in range(200):
+            if backend() is not None:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("an admitted job never finished")
+
+
+def test_warm_refuses_with_activation_request_then_activates_from_memory(
+    slow_client_model: Any, served: dict[str, Any]
+) -> None:
+    handle = _slow_handle()
+    handle.set_level.remote("Warm").result()
+    with pytest.raises(RemoteError, match=r"WARM.*activation to HOT was requested"):
+        with slow_client_model.trace(PROMPT, remote=True):
+            slow_client_model.lm_head.output.save()
+    status = httpx.get(served["url"] + "/status").json()["deployments"]
+    entry = next(v for v in status.values() if v["repo_id"] == str(served["slow_path"]))
+    assert entry["deployment_level"] == "WARM" and entry["activation_requested"]
+    warm = handle.activate.remote().result()
+    assert warm["from_level"] == "Warm" and warm["source"] == "memory"
+    with slow_client_model.trace(PROMPT, remote=True):
+        logits = slow_client_model.lm_head.output.save()
+    assert logits.ndim == 3
+
+    handle.set_level.remote("Cold").result()
+    with pytest.raises(RemoteError, match="COLD"):
+        with slow_client_model.trace(PROMPT, remote=True):
+            slow_client_model.lm_head.output.save()
+    cold = handle.activate.remote().result()
+    assert cold["from_level"] == "Cold" and cold["source"] == "localPath"
+    # Becoming HOT from RAM reads and builds nothing: it must beat a load from disk.
+    assert warm["seconds"] < cold["seconds"]
+    with slow_client_model.trace(PROMPT, remote=True):
+        again = slow_client_model.lm_head.output.save()
+    assert torch.equal(again, logits)
+
+
+def test_metrics_by_model(slow_client_model: Any) -> None:
+    info = _slow_handle().info.remote().result()
+    metrics = info["metrics"]
+    assert metrics["requests_completed"] >= 3
+    assert metrics["requests_timeout"] >= 1
+    assert metrics["bytes_in"] > 0 and metrics["bytes_out"] > 0
+    assert metrics["load_seconds_localPath"] > 0
+    assert info["queue_depth"] == 0
+
+
+def test_payload_limit_enforced_in_the_replica_too(slow_client_model: Any) -> None:
+    key, blob = capture_blob(slow_client_model, PROMPT)
+    events = list(
+        _slow_handle().options(method_name="execute", stream=True).remote(
+            "job", {"model_key": key, "compress": True}, blob + b"\0" * 200_000, 0
+        )
+    )
+    assert events[-1]["status"] == "ERROR" and "exceeds" in events[-1]["description"]
