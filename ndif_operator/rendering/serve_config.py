@@ -134,7 +134,8 @@ def _model_app(
     else:
         # A WARM copy holds the weights in CPU RAM: reserve them so Ray does not overcommit a pod.
         memory = estimate.weights_bytes if estimate is not None else 0
-    user_config = ModelUserConfig.from_limits(spec.limits, Level(decision.level))
+    user_config = ModelUserConfig.from_limits(spec.limits, Level(decision.level),
+                                              activate_on_request=spec.activate_on_request)
     model_deployment: dict[str, Any] = {
         "name": MODEL_DEPLOYMENT,
         "ray_actor_options": _actor_options(options.replica_num_cpus, gpus, memory, dict(options.replica_env)),

@@ -44,7 +44,7 @@ def decision(key: str, level: Level, *, replicas: int = 1, gpus: float = 1.0) ->
 DEPLOYMENTS = {
     "ml/gpt2": md("gpt2", "openai-community/gpt2", limits={"requestTimeoutSeconds": 30}),
     "ml/llama": md("llama", "meta-llama/Llama-3.1-8B", replicas=2),
-    "ml/warm": md("warm", "org/Warm-Model", level="Warm"),
+    "ml/warm": md("warm", "org/Warm-Model", level="Warm", activateOnRequest=True),
     "ml/cold": md("cold", "org/Cold-Model", level="Cold"),
 }
 PLAN = Plan(decisions=(
@@ -75,6 +75,7 @@ def test_renders_gateway_and_one_app_per_served_model() -> None:
     warm = apps["md-ml-warm"]["deployments"][0]
     assert warm["ray_actor_options"] == {"num_gpus": 0, "memory": 123_456}
     assert warm["user_config"]["level"] == "Warm" and warm["num_replicas"] == 1
+    assert warm["user_config"]["activate_on_request"] is True
     assert validate_serve_config(config) == []
 
 
