@@ -62,7 +62,11 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
     "collections": frozenset({"abc"}),
     "itertools": frozenset(),
     "functools": frozenset({"singledispatch", "singledispatchmethod"}),
-    "operator": frozenset(),
+    # the in-place and item-setting functions would bypass the write guard
+    "operator": frozenset(
+        {"setitem", "delitem", "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imod", "imul",
+         "imatmul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor", "__setitem__", "__iadd__"}
+    ),
     "statistics": frozenset(),
     "re": frozenset(),
     "json": frozenset({"dump"}),

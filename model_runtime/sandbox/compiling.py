@@ -47,6 +47,7 @@ DENIED_ATTRIBUTES = frozenset(
         "format", "format_map", "save_pretrained", "save_vocabulary", "push_to_hub",
         "from_pretrained", "to_json_file", "to_yaml_file", "tofile", "dump", "dumps", "ctypes",
         "register_for_auto_class", "save_model", "from_file", "mro", "f_lasti", "f_lineno",
+        "get_config_dict", "from_json_file", "from_config", "cached_file", "snapshot_download",
         "gi_running", "cr_running", "co_consts", "co_names", "tb_lasti", "tb_lineno",
     }
 )
@@ -61,6 +62,21 @@ _SHARED_OBJECT_MUTATORS = frozenset(
         "set_format", "add_adapter", "load_adapter",
     }
 )
+
+# Interpreter internals: with a code object and `tracer.execute` (or a frame's globals) any
+# restriction is moot, so they are neither handed out nor inspected.
+_INTERPRETER_TYPES = (types.CodeType, types.FrameType, types.TracebackType, types.GeneratorType,
+                      types.CoroutineType, types.AsyncGeneratorType, types.CellType)
+
+# Tracer methods and state that run or rewrite code (`execute(code)`, `compile`, the captured
+# frame) or point at server objects; user code needs `invoke`, `iter`, `result`, `stop`, ...
+_TRACER_INTERNALS = frozenset(
+    {"execute", "capture", "compile", "parse", "build", "source", "info", "backend", "fn", "args",
+     "kwargs", "envoy", "batcher", "node", "push", "interleaver", "mediators"}
+)
+
+# Envoy methods that persist edits or re-point the envoy tree at other modules.
+_ENVOY_INTERNALS = frozenset({"edit", "clear_edits", "export_edits", "import_edits", "interleaver", "update"})
 
 # Builtins a sandboxed program may not have, present as stubs so the error says why.
 _DENIED_BUILTINS = (
@@ -169,12 +185,20 @@ class Guards:
             return getattr(obj, name, *default)
         if isinstance(obj, types.ModuleType):
             raise CapabilityDenied("raw modules are not available in the sandbox")
+        if isinstance(obj, _INTERPRETER_TYPES):
+            raise CapabilityDenied(f"attributes of {type(obj).__name__} objects are not available in the sandbox")
         self._check_object_attr(obj, name)
         value = getattr(obj, name, *default)
         if isinstance(value, types.ModuleType):
             # A module reached through an object (`np.core`, a function's module): only
             # allowlisted ones, and only as proxies.
             return self.caps.proxy(value.__name__)
+        if isinstance(value, _INTERPRETER_TYPES):
+            raise CapabilityDenied(f"{type(value).__name__} objects are not available in the sandbox")
+        if isinstance(value, (dict, list, set)) and _library_of(obj) in ("transformers", "tokenizers"):
+            # Containers owned by the shared tokenizer/config: hand out a copy, so mutating it
+            # cannot change what the next request sees.
+            return copy.deepcopy(value)
         return value
 
     def _check_object_attr(self, obj: Any, name: str) -> None:
@@ -187,9 +211,11 @@ class Guards:
         if name in _SHARED_OBJECT_MUTATORS and library in ("transformers", "tokenizers", "nnsight"):
             raise CapabilityDenied(f"{owner.__name__}.{name} would change shared server state; not allowed")
         if issubclass(owner, torch.nn.Module) or _is_envoy(obj):
-            if name in MODULE_MUTATORS:
+            if name in MODULE_MUTATORS or (name in _ENVOY_INTERNALS and not isinstance(obj, type)):
                 raise ModelTampering(f".{name}() on a model module is not allowed")
             return
+        if _is_tracer(obj) and name in _TRACER_INTERNALS:
+            raise CapabilityDenied(f"tracer.{name} is internal to the server")
         if issubclass(owner, torch.Tensor):
             mutating = name in TENSOR_ALIASING or (name.endswith("_") and not name.endswith("__"))
             if mutating and (isinstance(obj, type) or self.is_protected(obj)):
@@ -311,6 +337,17 @@ def _guarded_build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> An
     return builtins.__build_class__(func, name)
 
 
+def _library_of(obj: Any) -> str:
+    owner = obj if isinstance(obj, type) else type(obj)
+    return str(owner.__module__).split(".")[0]
+
+
+def _is_tracer(obj: Any) -> bool:
+    from nnsight.tracing.tracer import Tracer
+
+    return isinstance(obj, Tracer) or (isinstance(obj, type) and issubclass(obj, Tracer))
+
+
 def _is_envoy(obj: Any) -> bool:
     from nnsight.intervention.envoy import Envoy
 
@@ -362,6 +399,26 @@ def install_compile_hook() -> None:
 
         compile_hook._sandbox_hook = True  # type: ignore[attr-defined]
         Tracer.compile = compile_hook  # type: ignore[method-assign]
+        _install_remote_hook()
+
+
+def _install_remote_hook() -> None:
+    """A sandboxed body may not open its own remote/"local" trace: that would make the server a
+    client (network egress, a second unsandboxed deserialisation)."""
+    from nnsight.modeling.mixins.remotable import Remotable
+
+    for method in ("trace", "session"):
+        original = getattr(Remotable, method)
+
+        def hook(self: Any, *args: Any, _original: Any = original, _name: str = method, **kwargs: Any) -> Any:
+            positional_backend = _name == "session" and bool(args) and args[0] is not None
+            if is_sandboxed() and (kwargs.get("remote") or kwargs.get("backend") is not None or positional_backend):
+                raise CapabilityDenied("remote=/backend= are not available inside a remote request")
+            return _original(self, *args, **kwargs)
+
+        hook.__name__ = hook.__qualname__ = method
+        hook.__doc__ = original.__doc__
+        setattr(Remotable, method, hook)
 
 
 def restricted_function(

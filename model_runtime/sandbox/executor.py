@@ -75,7 +75,10 @@ class Sandbox:
 
     @property
     def healthy(self) -> bool:
-        return self._worker is None or self._worker.healthy
+        """False once a request could not be stopped or changed weights behind the guards' back:
+        the runtime should then replace the replica (reloading the weights)."""
+        worker_ok = self._worker is None or self._worker.healthy
+        return worker_ok and not any(ctx.weights.tainted for ctx in self._models.values())
 
     def worker(self, seccomp: bool) -> Worker:
         if self._worker is None or not self._worker.healthy:

@@ -76,6 +76,8 @@ class WeightGuard:
     _ptrs: frozenset[int] = frozenset()
     _tensors: list[torch.Tensor] = field(default_factory=list)
     _versions: list[int] = field(default_factory=list)
+    #: Set when `check()` found a change: the weights must be reloaded before serving again.
+    tainted: bool = False
 
     def __post_init__(self) -> None:
         seen: dict[int, torch.Tensor] = {}
@@ -107,6 +109,7 @@ class WeightGuard:
             i for i, (t, v) in enumerate(zip(self._tensors, self._versions, strict=True)) if t._version != v
         ]
         if changed:
+            self.tainted = True
             raise ModelTampering(
                 f"the request modified {len(changed)} weight/buffer tensor(s) in place; "
                 "the replica's weights are no longer trustworthy"

@@ -15,6 +15,14 @@ stand-ins:
   installed function (the shipped source is ignored);
 * `nnsight…_fill` (update any function's globals) → only for functions built by this unpickler.
 
+Objects the payload did not create — the server's live modules (persistent ids) and the
+allowlisted classes and functions — may not be *modified* by the stream: `BUILD` (which sets
+`__dict__`/attributes), `SETITEM(S)`, `APPEND(S)` and `ADDITEMS` on them are refused (otherwise
+`BUILD(<Module:lm_head>, {"_parameters": ...})` would swap the served weights, and a slot-state
+`BUILD` on an allowlisted class would monkey-patch it). Only a few allowlisted functions may be
+*called* (`REDUCE`); classes are only instantiated through `__new__` (`NEWOBJ`), never their
+`__init__`. This needs the pure-Python unpickler's dispatch table (payloads are kilobytes).
+
 The class takes `(file, persistent_objects)` like nnsight's `CustomCloudUnpickler`, so it also
 works as the `unpickler=` hook of `RequestModel.deserialize` (then use `SandboxUnpickler.bind`
 to attach the per-request guards).
@@ -86,16 +94,81 @@ def _safe_load_from_bytes(data: bytes) -> Any:
         raise PayloadRejected(f"nested tensor payload refused by the weights-only loader: {exc}") from None
 
 
-class SandboxUnpickler(pickle.Unpickler):
+# Globals the stream may call with REDUCE (everything else allowlisted is a class or a method
+# reference that is only ever instantiated with NEWOBJ or bound with MethodType).
+REDUCIBLE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("collections", "OrderedDict"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("torch", "Size"),
+        ("torch", "device"),
+    }
+)
+
+
+class SandboxUnpickler(pickle._Unpickler):
     """Allowlisting unpickler; `persistent_load` resolves the server's live objects by id."""
 
     guards: ClassVar[Guards | None] = None  # set by `bind`; needed for helper functions
+    dispatch: ClassVar[dict[int, Callable[..., None]]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def __init__(self, file: Any, persistent_objects: dict[str, Any] | None = None) -> None:
         super().__init__(file)
         self.persistent_objects = persistent_objects or {}
         self._built_functions: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
         self.seen: list[tuple[str, str]] = []
+        # ids of objects that existed before this load (server objects, allowlisted globals):
+        # the stream may reference them but never modify them.
+        self._foreign: dict[int, Any] = {}
+        self._reducible: dict[int, Any] = {}
+
+    # -- opcodes that modify or call objects ---------------------------------------------------
+    def _refuse_foreign(self, target: Any, opcode: str) -> None:
+        if id(target) in self._foreign or isinstance(target, (type, types.ModuleType)):
+            raise PayloadRejected(f"the payload tries to modify a server object ({opcode})")
+
+    def _load_build(self) -> None:
+        self._refuse_foreign(self.stack[-2], "BUILD")
+        super().load_build()  # type: ignore[misc]
+
+    def _load_setitem(self) -> None:
+        self._refuse_foreign(self.stack[-3], "SETITEM")
+        super().load_setitem()  # type: ignore[misc]
+
+    def _load_setitems(self) -> None:
+        self._refuse_foreign(self.metastack[-1][-1] if self.metastack else None, "SETITEMS")  # type: ignore[attr-defined]
+        super().load_setitems()  # type: ignore[misc]
+
+    def _load_append(self) -> None:
+        self._refuse_foreign(self.stack[-2], "APPEND")
+        super().load_append()  # type: ignore[misc]
+
+    def _load_appends(self) -> None:
+        self._refuse_foreign(self.metastack[-1][-1] if self.metastack else None, "APPENDS")  # type: ignore[attr-defined]
+        super().load_appends()  # type: ignore[misc]
+
+    def _load_additems(self) -> None:
+        self._refuse_foreign(self.metastack[-1][-1] if self.metastack else None, "ADDITEMS")  # type: ignore[attr-defined]
+        super().load_additems()  # type: ignore[misc]
+
+    def _load_reduce(self) -> None:
+        func = self.stack[-2]
+        if id(func) not in self._reducible:
+            raise PayloadRejected(f"the payload calls {getattr(func, '__qualname__', type(func).__name__)}, "
+                                  "which only real payloads' helpers may do")
+        super().load_reduce()  # type: ignore[misc]
+
+    def _load_refused(self) -> None:
+        raise PayloadRejected("the payload uses a pickle opcode real payloads never use (INST/OBJ)")
+
+    for _op, _fn in (
+        (pickle.BUILD, _load_build), (pickle.SETITEM, _load_setitem), (pickle.SETITEMS, _load_setitems),
+        (pickle.APPEND, _load_append), (pickle.APPENDS, _load_appends), (pickle.ADDITEMS, _load_additems),
+        (pickle.REDUCE, _load_reduce), (pickle.INST, _load_refused), (pickle.OBJ, _load_refused),
+    ):
+        dispatch[_op[0]] = _fn
+    del _op, _fn
 
     @classmethod
     def bind(cls, guards: Guards) -> type[SandboxUnpickler]:
@@ -104,7 +177,9 @@ class SandboxUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, str) and pid in self.persistent_objects:
-            return self.persistent_objects[pid]
+            obj = self.persistent_objects[pid]
+            self._foreign[id(obj)] = obj
+            return obj
         from nnsight.intervention.serialization import UnknownPersistentIdError
 
         raise UnknownPersistentIdError(pid)
@@ -113,10 +188,16 @@ class SandboxUnpickler(pickle.Unpickler):
         key = (module, name)
         self.seen.append(key)
         if key in SUBSTITUTED_GLOBALS:
-            return self._substitute(name)
+            substitute = self._substitute(name)
+            self._reducible[id(substitute)] = substitute
+            return substitute
         if key not in ALLOWED_GLOBALS:
             raise PayloadRejected(f"the payload references {module}.{name}, which is not allowed")
-        return super().find_class(module, name)
+        obj = super().find_class(module, name)
+        self._foreign[id(obj)] = obj
+        if key in REDUCIBLE_GLOBALS:
+            self._reducible[id(obj)] = obj
+        return obj
 
     def _substitute(self, name: str) -> Callable[..., Any]:
         if name == "_load_from_bytes":
@@ -124,15 +205,23 @@ class SandboxUnpickler(pickle.Unpickler):
         if name == "subimport":
             return self._subimport
         if name == "_builtin_type":
-            return _builtin_type
+            return self._builtin_type
         if name == "_load_function":
             return self._load_function
         return self._fill
 
+    def _builtin_type(self, name: str) -> Any:
+        result = _builtin_type(name)
+        self._reducible[id(result)] = result  # MethodType(func, obj) / SimpleNamespace(**kw)
+        self._foreign[id(result)] = result
+        return result
+
     def _subimport(self, name: str) -> Any:
         guards = self._require_guards()
         try:
-            return guards.caps.proxy(name)
+            proxy = guards.caps.proxy(name)
+            self._foreign[id(proxy)] = proxy
+            return proxy
         except CapabilityDenied:
             raise PayloadRejected(f"the payload imports module {name!r}, which is not allowed") from None
 
@@ -144,6 +233,7 @@ class SandboxUnpickler(pickle.Unpickler):
             raise PayloadRejected("a shipped function needs str source, name and filename")
         trusted = _trusted_traceable(origin_filename, name)
         if trusted is not None:
+            self._foreign[id(trusted)] = trusted
             return trusted
         guards = self._require_guards()
         try:

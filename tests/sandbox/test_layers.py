@@ -152,6 +152,19 @@ def test_rng_is_restored_after_a_request(models: tuple[Any, Any], backend: Any) 
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_shared_containers_are_copied_not_mutated(models: tuple[Any, Any], backend: Any) -> None:
+    from sandbox.legit_programs import PROMPT
+
+    client, server = models
+    before = dict(server.tokenizer.init_kwargs)
+    with client.trace(PROMPT, backend=backend()):
+        kwargs = client.tokenizer.init_kwargs
+        kwargs["model_max_length"] = 1
+        n = torch.tensor(len(kwargs)).save()
+    assert int(n) >= 1
+    assert server.tokenizer.init_kwargs == before
+
+
 def test_meta_reports_guard_calls_and_layers(models: tuple[Any, Any], backend: Any) -> None:
     from sandbox.legit_programs import invokes
 

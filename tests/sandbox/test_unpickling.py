@@ -33,6 +33,14 @@ def _envelope(**kw: Any) -> RequestModel:
     return RequestModel(model_key="tiny", **kw)
 
 
+def _persid(pid: str) -> bytes:
+    return b"\x8c" + bytes([len(pid)]) + pid.encode() + b"Q"  # SHORT_BINUNICODE + BINPERSID
+
+
+def _short(text: str) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
 def _crafted() -> dict[str, bytes]:
     import cloudpickle.cloudpickle as cp
     from nnsight.intervention import serialization
@@ -49,12 +57,33 @@ def _crafted() -> dict[str, bytes]:
         "fill_server_function": pickle.dumps(_Reduce(serialization._fill, TransformersModel._call, {"torch": None})),
         "dotted_globals_walk": b"cnnsight.modeling.transformers\nTransformersModel._call.__globals__\n.",
         "not_a_tracer": pickle.dumps((1, 2)),
-        "unknown_persistent_id": b"\x80\x04P\x0bModule:evil\x94.",
+        "unknown_persistent_id": b"\x80\x04" + _persid("Module:evil") + b".",
         "garbage": b"\x00\x01not a pickle",
     }
 
 
-CRAFTED = _crafted()
+def _opcode_attacks() -> dict[str, bytes]:
+    """Hand-assembled streams that try to modify the server's live objects while loading."""
+    head, lm_head, layers = b"\x80\x04", "Module:model.lm_head", "Module:model.model.layers"
+    return {
+        # BUILD(<lm_head>, {"_parameters": {}}): would drop the served weights.
+        "build_on_server_module": head + _persid(lm_head) + b"}" + _short("_parameters") + b"}sb.",
+        # layers.append(lm_head): would change the model's structure.
+        "append_to_server_modulelist": head + _persid(layers) + b"(" + _persid(lm_head) + b"e.",
+        # layers[0] = lm_head
+        "setitem_on_server_modulelist": head + _persid(layers) + b"K\x00" + _persid(lm_head) + b"s.",
+        # BUILD(TransformersModel, (None, {"_call": None})): slot state = setattr on the class.
+        "build_slotstate_on_class": head + _short("nnsight.modeling.transformers") + _short("TransformersModel")
+        + b"\x93N}" + _short("_call") + b"N" + b"s\x86b.",
+        # Envoy(<lm_head>): REDUCE runs a class's __init__ on a server module.
+        "reduce_class_init": head + _short("nnsight.intervention.envoy") + _short("Envoy") + b"\x93"
+        + _persid(lm_head) + b"\x85R.",
+        # Protocol-0 INST opcode.
+        "inst_opcode": b"(icollections\nOrderedDict\n.",
+    }
+
+
+CRAFTED = _crafted() | _opcode_attacks()
 
 
 @pytest.fixture(scope="module")

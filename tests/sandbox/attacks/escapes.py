@@ -178,10 +178,38 @@ def helper_writes_file(x):
     return x
 
 
+def tracer_execute_code(model, backend):
+    # A code object plus tracer.execute would run unrestricted bytecode.
+    with model.trace(PROMPT, backend=backend) as tracer:
+        code = tracer.info.code
+        tracer.execute(code.replace(co_names=("system",)))
+        out = model.lm_head.output.save()
+
+
+def tracer_execute_direct(model, backend):
+    with model.trace(PROMPT, backend=backend) as tracer:
+        run = tracer.execute
+        out = model.lm_head.output.save()
+
+
+def nested_remote_trace(model, backend):
+    # A body that opens its own remote trace would make the server an HTTP client.
+    with model.session(backend=backend):
+        with model.trace(PROMPT, remote=True):
+            out = model.lm_head.output.save()
+
+
+def envoy_edit(model, backend):
+    with model.trace(PROMPT, backend=backend):
+        edited = model.edit(inplace=True)
+        out = model.lm_head.output.save()
+
+
 ATTACKS = [
     subclasses_walk, subclasses_via_getattr, mro_walk, function_globals, function_globals_via_getattr,
     generator_frame, generator_frame_via_getattr, traceback_frame, sys_getframe, format_string_walk,
     format_map_walk, string_formatter, type_builtin, eval_builtin, exec_builtin, globals_builtin,
     vars_builtin, operator_attrgetter, subclass_module, private_attribute, attack_in_invoke,
-    leak_secret, shipped_helper_escape, shipped_helper_opens_file,
+    leak_secret, shipped_helper_escape, shipped_helper_opens_file, tracer_execute_code,
+    tracer_execute_direct, nested_remote_trace, envoy_edit,
 ]

@@ -132,10 +132,27 @@ def config_write(model, backend):
         out = model.lm_head.output.save()
 
 
+def operator_setitem_weight(model, backend):
+    with model.trace(PROMPT, backend=backend):
+        import operator
+
+        operator.setitem(model.lm_head.weight, 0, 0.0)
+        out = model.lm_head.output.save()
+
+
+def operator_iadd_weight(model, backend):
+    with model.trace(PROMPT, backend=backend):
+        import operator
+
+        operator.iadd(model.lm_head.weight, 1.0)
+        out = model.lm_head.output.save()
+
+
 ATTACKS = [
     weight_slice_assign, weight_zero_method, weight_detach_alias, weight_view_alias, weight_data,
     weight_init_function, weight_out_kwarg, weight_inplace_operator, weight_numpy_alias,
     weight_state_dict_alias, weight_parameters_alias, weight_replace_parameter, module_to_dtype,
     module_load_state_dict, module_register_hook, set_default_dtype, set_grad_enabled_globally,
-    tokenizer_add_tokens, tokenizer_attribute_write, config_write,
+    tokenizer_add_tokens, tokenizer_attribute_write, config_write, operator_setitem_weight,
+    operator_iadd_weight,
 ]
