@@ -8,8 +8,10 @@ client POSTed as `blob`, `envelope` the parsed `data` JSON (`Envelope`: model_ke
 thread) for every line the request prints. It never raises for a request's fault: the outcome
 (saves blob or an error text for the client) is in the returned `ExecutionResult`.
 
-The sandbox (issue 6) replaces what happens *inside* `_run_in_thread` (deserialize + execute +
-collect) by swapping `run_blob` below; callers (the model app) never touch nnsight directly.
+The sandbox (issue 6) replaces what happens inside the worker thread (deserialize + execute +
+collect): `execute_request(..., runner=...)` takes any function with `run_blob`'s signature, and
+`select_runner()` picks `model_runtime.sandbox.executor.run_blob` when NDIF_SANDBOX=1. Callers (the
+model app) never touch nnsight directly.
 
 The recipe is nnsight 0.8.1's (research/nnsight-protocol.md §2.1):
 set env → snapshot linecache + nnsight SOURCES/BLOCKS → `RequestModel.deserialize` with the
@@ -220,6 +222,20 @@ def run_blob(model: Any, blob: bytes, envelope: Envelope) -> dict[str, Any]:
         dec()
 
 
+Runner = Callable[[Any, bytes, Envelope], dict[str, Any]]
+
+
+def select_runner() -> Runner:
+    """`run_blob`, or the sandbox's drop-in when NDIF_SANDBOX is 1/true/on."""
+    import os
+
+    if os.environ.get("NDIF_SANDBOX", "").strip().lower() in ("1", "true", "on", "yes"):
+        from model_runtime.sandbox.executor import run_blob as sandboxed
+
+        return sandboxed
+    return run_blob
+
+
 def encode_saves(saves: dict[str, Any], compress: bool) -> bytes:
     """`torch.save` the saves (tensors on CPU), zstd'd when the request was compressed."""
     import torch
@@ -275,6 +291,7 @@ def execute_request(
     *,
     limits: ExecutionLimits,
     on_log: Callable[[str], None],
+    runner: Runner = run_blob,
 ) -> ExecutionResult:
     """Run one request to completion, error or timeout. Blocking; callers serialize calls per model."""
     outcome: dict[str, Any] = {}
@@ -284,7 +301,7 @@ def execute_request(
     def work() -> None:
         try:
             with _capture_output(on_log):
-                saves = run_blob(model, blob, envelope)
+                saves = runner(model, blob, envelope)
                 outcome["result"] = encode_saves(saves, envelope.compress)
         except RequestError as exc:
             outcome["error"] = str(exc)

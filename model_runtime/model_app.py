@@ -29,7 +29,7 @@ from typing import Any
 from ray import serve
 
 from model_runtime import levels
-from model_runtime.execution import Envelope, ExecutionLimits, ExecutionResult, execute_request
+from model_runtime.execution import Envelope, ExecutionLimits, ExecutionResult, execute_request, select_runner
 from model_runtime.metrics import RuntimeMetrics
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
@@ -85,6 +85,7 @@ class ModelReplica:
         self._source_kind = ""
         self._level = levels.COLD
         self._transitions: list[dict[str, Any]] = []
+        self._runner = select_runner()
         # Load into CPU RAM (WARM); reconfigure or the first use moves it to its level.
         self._load()
         self._set_level(self.config.level)
@@ -226,7 +227,7 @@ class ModelReplica:
 
         async def run() -> None:
             result = await asyncio.to_thread(
-                execute_request, self._model, blob, envelope, limits=limits, on_log=on_log
+                execute_request, self._model, blob, envelope, limits=limits, on_log=on_log, runner=self._runner
             )
             events.put_nowait(result)
 

@@ -1,0 +1,113 @@
+"""Pure pieces of the runtime: keys, API keys, version gate, jobs, results, S3 checkpoint staging."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model_runtime.auth import ApiKeys, key_digest
+from model_runtime.jobs import JobStore, mint_id
+from model_runtime.model_keys import client_model_key, repo_key
+from model_runtime.results import MemoryResults
+from model_runtime.versions import version_refusal
+
+
+def test_repo_key_from_client_keys() -> None:
+    key = 'nnsight.modeling.transformers.TransformersModel:{"repo_id": "Org/Model", "revision": null}'
+    assert repo_key(key) == "org/model"
+    assert repo_key("/tmp/Tiny") == "/tmp/tiny"
+    assert repo_key(client_model_key("a/b", "main", False)) == "a/b"
+    assert json.loads(client_model_key("a/b", "v2", True).split(":", 1)[1])["revision"] == "v2"
+    for bad in ["", "  ", "x:{not json", 'x:{"revision": null}', 'x:{"repo_id": 3}']:
+        with pytest.raises(ValueError):
+            repo_key(bad)
+
+
+def test_api_keys_compare_hashes() -> None:
+    keys = ApiKeys({key_digest("secret"), ""})
+    assert keys.enabled
+    assert keys.check("secret") == key_digest("secret")
+    assert keys.check("wrong") is None and keys.check(None) is None and keys.check("") is None
+    off = ApiKeys(set())
+    assert not off.enabled and off.check(None) == ""
+
+
+def test_api_keys_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("K", f" {key_digest('a')} ,{key_digest('b').upper()}")
+    keys = ApiKeys.from_env("K")
+    assert keys.check("a") and keys.check("b") and keys.check("c") is None
+
+
+@pytest.mark.parametrize(
+    ("version", "refused"),
+    [("0.8.1", False), ("0.9.0", False), ("0.8.0", True), ("", True), (None, True), ("banana", True)],
+)
+def test_version_gate(version: str | None, refused: bool) -> None:
+    message = version_refusal(version, "0.8.1")
+    assert (message is not None) == refused
+    if message:
+        assert "0.8.1" in message and "pip install" in message
+
+
+def test_job_ids_are_unguessable_and_sessions_bounded() -> None:
+    assert len({mint_id() for _ in range(1000)}) == 1000 and len(mint_id()) >= 32
+
+    async def scenario() -> None:
+        store = JobStore(max_session_frames=2)
+        session, queue = store.open_session()
+        for i in range(5):
+            store.push(session, f"frame {i}")
+        assert queue.qsize() == 2  # a client that never reads cannot grow the gateway's memory
+        job = store.new_job("m", "", session)
+        assert store.get(job.id) is job and store.in_flight("m") == 1
+        store.close_session(session)
+        assert not store.has_session(session)
+
+    asyncio.run(scenario())
+
+
+def test_memory_results_are_bounded() -> None:
+    async def scenario() -> None:
+        results = MemoryResults(max_bytes=10)
+        first = await results.put("a", b"12345678", "http://gw/")
+        second = await results.put("b", b"abcdefgh", "http://gw")
+        assert second.startswith("http://gw/result/")
+        assert results.get(second.rsplit("/", 1)[1]) == b"abcdefgh"
+        assert results.get(first.rsplit("/", 1)[1]) is None  # evicted beyond max_bytes
+
+    asyncio.run(scenario())
+
+
+def test_s3_checkpoint_loads(tiny_llama: Path, s3_endpoint: str, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch, local_model: Any) -> None:
+    import boto3
+    import torch
+
+    from model_runtime.loading import load_model
+    from ndif_operator.api import ModelAppArgs
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="models")
+    for file in tiny_llama.iterdir():
+        s3.upload_file(str(file), "models", f"ckpt/tiny/{file.name}")
+    monkeypatch.setenv("NDIF_MODEL_CACHE_DIR", str(tmp_path))
+    args = ModelAppArgs(
+        model_key="org/tiny", deployment="ns/tiny", repo_id="org/tiny", dtype="float32",
+        source={"s3": {"bucket": "models", "prefix": "ckpt/tiny", "endpoint_url": s3_endpoint}},
+    )
+    loaded = load_model(args)
+    assert loaded.source_kind == "s3" and loaded.device == "cpu"
+    assert (tmp_path / "models" / "ckpt" / "tiny" / "config.json").exists()
+    with loaded.model.trace("Paris"):
+        out = loaded.model.lm_head.output.save()
+    with local_model.trace("Paris"):
+        ref = local_model.lm_head.output.save()
+    assert torch.equal(out, ref)
+    empty = args.model_copy(update={"source": args.source.model_copy(
+        update={"s3": args.source.s3.model_copy(update={"prefix": "nothing/here"})})})  # type: ignore[union-attr]
+    with pytest.raises(FileNotFoundError, match="no objects"):
+        load_model(empty)
