@@ -85,7 +85,7 @@ class LocalMode:
 
     def up(self) -> LocalPlan:
         settings = self.settings
-        deployments = load_manifests(settings.manifests)
+        deployments = load_manifests(settings.manifests, on_skip=self._log)
         local = build_inventory(detect_machine(), reserved_bytes=settings.reserved_memory_bytes)
         self.plan = plan_local(
             deployments, local, serve_port=settings.ports.serve_http, gateway=settings.gateway_args()

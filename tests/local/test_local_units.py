@@ -160,6 +160,12 @@ def test_manifests_default_namespace_and_validate(tmp_path: Path) -> None:
         load_manifests([tmp_path, tmp_path / "a.yaml"])
     with pytest.raises(ManifestError, match="expected kind ModelDeployment"):
         parse_manifests("kind: Pod\n", "x.yaml")
+    (tmp_path / "b.yml").write_text("kind: ConfigMap\n")  # a directory may hold other kinds: skipped
+    skipped: list[str] = []
+    assert len(load_manifests([tmp_path], on_skip=skipped.append)) == 1
+    assert skipped and "kind 'ConfigMap'" in skipped[0]
+    with pytest.raises(ManifestError, match="expected kind ModelDeployment"):
+        load_manifests([tmp_path / "b.yml"])  # named explicitly: refused
     with pytest.raises(ManifestError, match=r"spec\.replicas"):
         parse_manifests(MANIFEST + "  replicas: -1\n", "x.yaml")
     with pytest.raises(ManifestError, match="not valid YAML"):
