@@ -6,12 +6,12 @@ the requested dtype's element size `e`. Every term is an upper bound for one for
 full batch (docs/placement.md explains each and compares with measured memory):
 
 - KV cache: 2 · layers · kv_heads · head_dim · B · S · e (HF forward builds a cache by default);
-- working activations of one layer: B · S · (4 · hidden + 2 · intermediate) · e (residual, norm,
-  attention output, MLP up/gate) plus one layer's attention scores B · heads · S · S · e (the
-  eager/math attention path materialises them);
-- logits: B · S · vocab · 4 (upcast to float32 by most heads and by users' `.save()`s);
-- saved activations: one hidden state per layer, layers · B · S · hidden · e (an NNsight trace
-  that saves every layer's output, the common interpretability pattern);
+- working activations of one layer: B · S · (4 · hidden + 4 · intermediate) · e (residual, norm,
+  attention output; the MLP's up, gate, activation and product), plus one layer's attention scores
+  B · heads · S · S · (e + 4) (the eager path materialises them and takes the softmax in float32);
+- logits: B · S · vocab · 4 (float32: most heads upcast them, and so do users' `.save()`s);
+- saved activations: every hidden state, (layers + 1) · B · S · hidden · e (an NNsight trace that
+  saves each layer's output, the common interpretability pattern, or output_hidden_states);
 - CUDA context and allocator slack: a constant per replica.
 """
 
@@ -45,9 +45,9 @@ def runtime_budget(shape: ModelShape, limits: RuntimeLimits, element_size: int) 
     tokens = b * s
     return Budget(
         kv_cache=2 * shape.num_layers * shape.num_key_value_heads * shape.head_dim * tokens * e,
-        activations=tokens * (4 * shape.hidden_size + 2 * shape.intermediate_size) * e
-        + b * shape.num_attention_heads * s * s * e,
+        activations=tokens * (4 * shape.hidden_size + 4 * shape.intermediate_size) * e
+        + b * shape.num_attention_heads * s * s * (e + 4),
         logits=tokens * shape.vocab_size * 4,
-        saved=shape.num_layers * tokens * shape.hidden_size * e,
+        saved=(shape.num_layers + 1) * tokens * shape.hidden_size * e,
         context=CUDA_CONTEXT_BYTES,
     )
