@@ -109,6 +109,16 @@ class KubeApi:
         sanitized: dict[str, Any] = self._client.sanitize_for_serialization(nodes)
         return list(sanitized.get("items") or [])
 
+    async def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        try:
+            events = await self._core.list_namespaced_event(namespace, field_selector=field_selector)
+        except ApiException as exc:
+            if exc.status in (401, 403, 404):
+                return []  # without RBAC on events, KubeRay's failures show only via its conditions
+            raise _error(exc) from exc
+        sanitized: dict[str, Any] = self._client.sanitize_for_serialization(events)
+        return list(sanitized.get("items") or [])
+
     async def post_event(self, namespace: str, body: dict[str, Any]) -> None:
         try:
             await self._core.create_namespaced_event(namespace, body)  # type: ignore[arg-type]

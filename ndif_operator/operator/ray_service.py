@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 # KubeRay Ready-condition reasons that mean KubeRay itself gave up or rejected the object.
@@ -54,3 +55,36 @@ def application_statuses(ray_service: Mapping[str, Any]) -> dict[str, AppStatus]
                                       message=str((app or {}).get("message") or ""),
                                       healthy_deployments=healthy, deployments=len(deployments))
     return result
+
+
+# KubeRay's Events about pushing serveConfigV2 to the Ray dashboard (research §1.4, §1.8).
+SERVE_UPDATE_FAILED = "FailedToUpdateServeApplications"
+SERVE_UPDATED = "UpdatedServeApplications"
+
+
+def _event_time(event: Mapping[str, Any]) -> datetime:
+    for key in ("lastTimestamp", "eventTime", "firstTimestamp"):
+        value = event.get(key)
+        if value:
+            try:
+                parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    created = (event.get("metadata") or {}).get("creationTimestamp")
+    return datetime.fromisoformat(str(created).replace("Z", "+00:00")) if created else datetime.min.replace(tzinfo=UTC)
+
+
+def serve_update_failure(events: Sequence[Mapping[str, Any]]) -> str | None:
+    """KubeRay's latest word on submitting the serve config, when it is a failure.
+
+    KubeRay does not validate serveConfigV2; when Ray rejects it, the only trace is a Warning Event
+    on the RayService. A later `UpdatedServeApplications` means the failure is over.
+    """
+    relevant = [e for e in events if e.get("reason") in (SERVE_UPDATE_FAILED, SERVE_UPDATED)]
+    if not relevant:
+        return None
+    latest = max(relevant, key=_event_time)
+    if latest.get("reason") != SERVE_UPDATE_FAILED:
+        return None
+    return f"KubeRay: {SERVE_UPDATE_FAILED}: {latest.get('message') or ''}".rstrip(": ")

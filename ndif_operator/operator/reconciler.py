@@ -33,6 +33,7 @@ from ndif_operator.operator.kube import KubeApi, KubeError
 from ndif_operator.operator.ray_service import (
     application_statuses,
     kuberay_failure,
+    serve_update_failure,
     upgrade_in_progress,
 )
 from ndif_operator.operator.ray_service import (
@@ -266,7 +267,9 @@ class Reconciler:
                                             app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}
         else:
             decisions, patch_error = await self._plan_and_patch(target, ray_service, live, nodes, now)
-            failure = kuberay_failure(ray_service) or patch_error
+            selector = f"involvedObject.kind=RayService,involvedObject.name={name}"
+            events = await self.api.list_events(namespace, selector)
+            failure = kuberay_failure(ray_service) or patch_error or serve_update_failure(events)
             apps = application_statuses(ray_service)
             observations = {e.key: _replace(base[e.key], decision=decisions.get(e.key), ray_service_error=failure,
                                             app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}

@@ -119,12 +119,16 @@ def _matches_labels(obj: Obj, selector: str) -> bool:
 
 
 def _matches_fields(obj: Obj, selector: str) -> bool:
-    meta = obj.get("metadata", {})
+    """Field selectors on dotted paths (Kubernetes supports a per-type subset: metadata.name and
+    metadata.namespace everywhere, involvedObject.*, reason, type on Events)."""
     for term in filter(None, (t.strip() for t in selector.split(","))):
         negate = "!=" in term
         key, value = re.split(r"!=|==|=", term, maxsplit=1)
-        actual = {"metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace")}.get(key)
-        if (actual == value) == negate:
+        actual: Any = obj
+        for part in key.split("."):
+            actual = actual.get(part) if isinstance(actual, dict) else None
+        matched = (str(actual) if actual is not None else "") == value
+        if matched == negate:
             return False
     return True
 

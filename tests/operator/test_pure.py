@@ -162,3 +162,14 @@ def test_requests_and_assignments_round_trip() -> None:
         "priority": 5}})
     request = placement_request("ml/m", md, ESTIMATE, current)
     assert (request.replicas, request.priority, request.total_bytes) == (3, 5, 10 * 2**30)
+
+
+def test_kuberay_serve_update_events() -> None:
+    from ndif_operator.operator.ray_service import serve_update_failure
+
+    failed = {"reason": "FailedToUpdateServeApplications", "message": "bad import_path",
+              "lastTimestamp": "2026-11-27T12:00:05Z"}
+    updated = {"reason": "UpdatedServeApplications", "message": "", "lastTimestamp": "2026-11-27T12:00:01Z"}
+    assert serve_update_failure([updated, failed]) == "KubeRay: FailedToUpdateServeApplications: bad import_path"
+    assert serve_update_failure([failed, {**updated, "lastTimestamp": "2026-11-27T12:01:00Z"}]) is None
+    assert serve_update_failure([{"reason": "ServeConfigOverwritten"}]) is None

@@ -203,3 +203,35 @@ def test_a_burst_of_deployments_costs_a_handful_of_patches(cluster: Cluster, ope
     wait_for(lambda: len(cluster.apps()) == 41 and all(placed(cluster, f"m{i:02d}") for i in range(40)),
              timeout=60, what="40 placed")
     assert cluster.rs_patches() <= 4
+
+
+def test_kuberay_serve_update_failure_is_surfaced(cluster: Cluster, operator: OperatorThread) -> None:
+    cluster.emu.create_sync(ray_service())
+    cluster.emu.create_sync(model_deployment("m", "org/m-10g"))
+    wait_for(lambda: placed(cluster, "m"))
+    rs = cluster.rs() or {}
+    event = {"apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": "FailedToUpdateServeApplications",
+             "message": "dashboard rejected the config", "lastTimestamp": "2099-01-01T00:00:00Z",
+             "metadata": {"name": "ndif.kuberay1", "namespace": NAMESPACE},
+             "involvedObject": {"kind": "RayService", "name": "ndif", "namespace": NAMESPACE,
+                                "uid": rs["metadata"]["uid"]}}
+    cluster.emu.create_sync(event)
+    cluster.set_app_status("md-ml-m", "DEPLOYING")  # KubeRay's status update wakes the operator
+    wait_for(lambda: cluster.condition("m", "Ready").get("reason") == "RayServiceError", what="RayServiceError")
+    assert "dashboard rejected the config" in cluster.condition("m", "Ready")["message"]
+    cluster.emu.create_sync({**event, "type": "Normal", "reason": "UpdatedServeApplications", "message": "",
+                             "lastTimestamp": "2099-01-01T00:01:00Z",
+                             "metadata": {"name": "ndif.kuberay2", "namespace": NAMESPACE}})
+    cluster.set_app_status("md-ml-m", "RUNNING")
+    wait_for(lambda: cluster.condition("m", "Ready").get("status") == "True", what="recovered")
+
+
+def test_models_go_to_the_ray_service_they_name(cluster: Cluster, operator: OperatorThread) -> None:
+    cluster.emu.create_sync(ray_service())
+    cluster.emu.create_sync(ray_service("other", groups=(("a10", 1, 1, "24Gi"),)))
+    cluster.emu.create_sync(model_deployment("default-target", "org/a-5g"))
+    cluster.emu.create_sync(model_deployment("named-target", "org/b-5g", rayService="other"))
+    wait_for(lambda: placed(cluster, "default-target") and placed(cluster, "named-target"))
+    assert set(cluster.apps()) == {"gateway", "md-ml-default-target"}
+    assert set(cluster.apps("other")) == {"gateway", "md-ml-named-target"}
+    assert (cluster.md("named-target") or {})["status"]["placement"]["workerGroup"] == "a10"
