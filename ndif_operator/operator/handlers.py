@@ -41,6 +41,8 @@ def build_registry(settings: OperatorSettings, *, estimator: Estimator | None = 
         settings.posting.level = logging.WARNING  # our own Events carry the story; kopf's are noise
         settings.watching.server_timeout = 300
         settings.networking.error_backoffs = [0.5, 1, 2, 5, 10, 30]
+        # One-time discovery instead of watching CRDs and namespaces: narrower RBAC (as poolboy does).
+        settings.scanning.disabled = True
         state.api = await KubeApi.connect(ndif_settings.kube_api_url)
         state.reconciler = Reconciler(state.api, ndif_settings, estimator=estimator)
         state.task = asyncio.create_task(state.reconciler.run(), name="ndif-planner")
