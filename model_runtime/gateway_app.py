@@ -219,6 +219,9 @@ class NnsightGateway:
                 raise HttpError(503, f"Model {key!r} is WARM (in CPU RAM); activation to HOT was requested, "
                                      "retry shortly.")
             raise HttpError(503, f"Model {key!r} is WARM (in CPU RAM, not serving); ask an admin to make it Hot.")
+        if info.get("wedged"):
+            raise HttpError(503, f"Model {key!r} is restarting after a job that could not be stopped; "
+                                 "retry shortly.")
         if info.get("queue_depth", 0) >= info.get("max_queue_depth", 1):
             raise HttpError(503, f"The queue for model {key!r} is full; try again later.")
         payload = await blob.read()

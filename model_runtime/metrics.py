@@ -121,6 +121,11 @@ class RuntimeMetrics:
         self._emit("load", "observe", seconds, {"model": model, "source": source})
         self._influx.write("model_load", {"model": model, "source": source}, {"seconds": seconds})
 
+    @property
+    def exporting(self) -> bool:
+        """Whether Ray's Prometheus metrics are live in this process."""
+        return bool(self._ray)
+
     def snapshot(self) -> dict[str, float]:
         with self._lock:
             return dict(self._snapshot)

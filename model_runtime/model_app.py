@@ -163,6 +163,7 @@ class ModelReplica:
             "wedged": self._wedged,
             "transitions": list(self._transitions[-5:]),
             "metrics": self.metrics.snapshot(),
+            "prometheus": self.metrics.exporting,
         }
 
     def check_health(self) -> None:
@@ -182,6 +183,10 @@ class ModelReplica:
             yield _error(f"Payload of {len(blob)} bytes exceeds this model's limit of "
                          f"{self.config.max_payload_bytes} bytes.")
             return
+        if self._wedged:
+            yield _error(f"This replica of {key} is being replaced after a job that could not be stopped; "
+                         "retry shortly.")
+            return
         if self._waiting >= self.config.max_queue_depth:
             self.metrics.request(key, "rejected", 0.0, len(blob), 0)
             yield _error(f"The queue for model {key} is full ({self.config.max_queue_depth} requests "
@@ -200,6 +205,9 @@ class ModelReplica:
                 self._waiting -= 1
                 admitted = True
                 self.metrics.queue_depth(key, self._waiting)
+                if self._wedged:
+                    yield _error(f"This replica of {key} is being replaced; retry shortly.")
+                    return
                 if self._level != levels.HOT or self._model is None:
                     yield _error(f"Model {key} is {self._level.upper()}, not serving requests.")
                     return

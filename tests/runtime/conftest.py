@@ -81,13 +81,14 @@ def model_args(path: Path, deployment: str = "default/tiny-llama") -> dict[str, 
     }
 
 
-def deploy_model(name: str, args: dict[str, Any], user_config: dict[str, Any] | None = None) -> None:
+def deploy_model(name: str, args: dict[str, Any], user_config: dict[str, Any] | None = None,
+                 **options: Any) -> None:
     from ray import serve
 
     from model_runtime import model_app
 
     app = model_app.ModelReplica.options(
-        ray_actor_options={"num_cpus": 0}, user_config=user_config or {}
+        ray_actor_options={"num_cpus": 0}, user_config=user_config or {}, **options
     ).bind(args)
     serve.run(app, name=name, route_prefix=None)
 
@@ -128,7 +129,9 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
     """Two tiny model apps, the open gateway at `/` and a strict one (API keys, S3 results) at /strict."""
     slow_path = build_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-slow", seed=1)
     deploy_model(MODEL_APP, model_args(tiny_llama))
-    deploy_model(SLOW_APP, model_args(slow_path, "default/tiny-slow"), SLOW_CONFIG)
+    # Fast health checks: the wedged-replica test waits for Serve to replace the replica.
+    deploy_model(SLOW_APP, model_args(slow_path, "default/tiny-slow"), SLOW_CONFIG,
+                 health_check_period_s=1, health_check_timeout_s=10)
     models = {str(tiny_llama).lower(): MODEL_APP, str(slow_path).lower(): SLOW_APP}
     deploy_gateway(models)
     deploy_gateway(

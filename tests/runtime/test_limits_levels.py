@@ -107,6 +107,7 @@ def test_metrics_by_model(slow_client_model: Any) -> None:
     assert metrics["bytes_in"] > 0 and metrics["bytes_out"] > 0
     assert metrics["load_seconds_localPath"] > 0
     assert info["queue_depth"] == 0
+    assert info["prometheus"]  # ray.serve.metrics are live in the replica
 
 
 def test_payload_limit_enforced_in_the_replica_too(slow_client_model: Any) -> None:
@@ -117,3 +118,25 @@ def test_payload_limit_enforced_in_the_replica_too(slow_client_model: Any) -> No
         )
     )
     assert events[-1]["status"] == "ERROR" and "exceeds" in events[-1]["description"]
+
+
+def test_wedged_replica_is_replaced_and_serves_again(slow_client_model: Any, served: dict[str, Any]) -> None:
+    """A job stuck in one C call ignores the async exception: the replica fails its health check
+    and Serve starts a fresh one; the next request is correct."""
+    with pytest.raises(RemoteError, match="timeout"):
+        with slow_client_model.trace(PROMPT, remote=True):
+            slow_client_model.model.layers[0].output.save()
+            time.sleep(20)  # one C call, longer than timeout (3 s) + cancel grace (5 s)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with slow_client_model.trace(PROMPT, remote=True):
+                logits = slow_client_model.lm_head.output.save()
+            break
+        except RemoteError:
+            time.sleep(1)  # COLD/unavailable while Serve replaces the replica
+    else:
+        raise AssertionError("the model never served again")
+    info = _slow_handle().info.remote().result()
+    assert not info["wedged"] and info["metrics"].get("requests_timeout", 0) == 0  # a fresh process
+    assert logits.ndim == 3
