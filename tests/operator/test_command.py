@@ -53,3 +53,21 @@ def test_metrics_are_served(cluster: Cluster) -> None:
                  'ndif_operator_gpus_available{ray_service="ml/ndif"} 2.0', "ndif_operator_rayservice_patches_total"):
         assert name in text
     assert metrics.REGISTRY.get_sample_value("ndif_operator_rayservice_patches_total", {"result": "ok"})
+
+
+def test_run_command_serves_a_cluster_and_stops_on_sigterm(cluster: Cluster) -> None:
+    import os
+    import signal
+
+    cluster.emu.create_sync(ray_service())
+    cluster.emu.create_sync(model_deployment("m", "org/m-8g"))
+    env = dict(os.environ, NDIF_KUBE_API_URL=cluster.emu.url, NDIF_METRICS_PORT="0", NDIF_DEBOUNCE_SECONDS="0.1")
+    process = subprocess.Popen([sys.executable, "-m", "ndif_operator.cli", "run"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # The real evaluator sizes the model (or says why not): either way the status is written.
+        wait_for(lambda: cluster.condition("m", "Evaluated").get("reason"), timeout=60, what="status from the CLI")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output
