@@ -281,7 +281,7 @@ class Reconciler:
         granted: list[str] = []
 
         async def finish(entry: _Entry) -> None:
-            if entry in release:
+            if any(entry is released for released in release):
                 await self._release(entry)
                 return
             new_status = await self._write_status(entry, observations[entry.key], now)

@@ -88,9 +88,10 @@ def test_restart_midway_loses_nothing_and_repeats_nothing(cluster: Cluster) -> N
     # A restart with nothing changed writes nothing at all.
     config = cluster.rs()["spec"]["serveConfigV2"]  # type: ignore[index]
     patches, writes = cluster.rs_patches(), len(cluster.emu.requests("PATCH", r"/modeldeployments/"))
+    reads = len(cluster.emu.requests("GET", r"/rayservices/ndif$"))
     third = OperatorThread(cluster.emu.url).start()
     try:
-        wait_for(lambda: third.settings and len(cluster.emu.requests("GET", r"/rayservices/ndif$")) > 0)
+        wait_for(lambda: len(cluster.emu.requests("GET", r"/rayservices/ndif$")) > reads, what="a pass")
         operator_passes_settle(cluster)
     finally:
         third.stop()
