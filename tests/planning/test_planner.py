@@ -412,3 +412,27 @@ def test_property_dedicated_newcomers_evict_their_way_in(
         # Fewer only if a higher-ordered dedicated peer took the room (never for a non-dedicated model).
         if alone.decision(r.key).replicas > p.decision(r.key).replicas:
             assert any(o.dedicated for o in newcomers if o.key != r.key)
+
+
+@settings(max_examples=60, deadline=None)
+@given(inventory=groups_st, requests=requests_st, data=st.data())
+def test_property_adding_a_lowest_priority_model_or_removing_one_moves_nothing(
+    inventory: Inventory, requests: list[PlacementRequest], data: st.DataObject
+) -> None:
+    first = plan(inventory, requests, now=NOW)
+    current = carry(first, requests)
+    newcomer = req("zz-new", data.draw(st.floats(0.01, 700)), priority=-3,
+                   tensor_parallel_size=data.draw(st.sampled_from([1, 2, "auto"])))
+    added = plan(inventory, [*current, newcomer], now=NOW)
+    assert added.moves == 0
+    for d in first.decisions:
+        if d.level == Level.HOT:
+            assert added.decision(d.key).assignments == d.assignments
+    if current:
+        gone = data.draw(st.sampled_from([r.key for r in current]))
+        removed = plan(inventory, [r for r in current if r.key != gone], now=NOW)
+        assert removed.moves == 0
+        for d in first.decisions:
+            if d.key != gone and d.level == Level.HOT:
+                # Kept in place; a replica that did not fit before may be added in the freed room.
+                assert set(d.assignments) <= set(removed.decision(d.key).assignments)
