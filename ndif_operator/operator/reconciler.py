@@ -326,8 +326,13 @@ class Reconciler:
             annotations = entry.obj["metadata"].get("annotations") or {}
             current = current_placement(entry.status, annotations)
             requests.append(placement_request(entry.key, entry.md, entry.estimate, current))
-        with metrics.PLAN_SECONDS.time():
-            result: Plan = plan(reading.inventory, requests, now=now)
+        try:
+            with metrics.PLAN_SECONDS.time():
+                result: Plan = plan(reading.inventory, requests, now=now)
+        except ValueError as exc:
+            # Bad input the CRD cannot rule out (e.g. an inventory the planner refuses): report, keep config.
+            logger.error("planning %s/%s failed: %s", namespace, name, exc)
+            return {}, f"planning failed, serve config unchanged: {exc}"
         label = f"{namespace}/{name}"
         metrics.GPUS_AVAILABLE.labels(label).set(result.gpus_total)
         metrics.GPUS_PLANNED.labels(label).set(result.gpus_used)

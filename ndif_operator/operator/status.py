@@ -89,6 +89,8 @@ def _placed(obs: Observation, old: Mapping[str, Mapping[str, Any]]) -> tuple[Con
         previous = old.get(ConditionType.PLACED.value)
         status = ConditionStatus(str(previous["status"])) if previous else ConditionStatus.UNKNOWN
         return status, Reason.UPGRADE_IN_PROGRESS, obs.frozen
+    if obs.decision is None and obs.ray_service_error is not None:
+        return ConditionStatus.FALSE, Reason.RAY_SERVICE_ERROR, obs.ray_service_error
     if obs.decision is None:
         return ConditionStatus.FALSE, obs.estimate_reason or Reason.ESTIMATE_PENDING, "waiting for an estimate"
     decision = obs.decision
