@@ -30,7 +30,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
@@ -191,13 +191,17 @@ class NnsightGateway:
             self.jobs.close_session(session_id)
 
     @app.post("/request")
-    async def request(
-        self, request: Request, data: str = Form(...), blob: UploadFile = File(...)
-    ) -> dict[str, Any]:
+    async def request(self, request: Request) -> dict[str, Any]:
         owner = self._auth(request.headers.get(API_KEY_HEADER))
         refusal = version_refusal(request.headers.get("nnsight-version"), self.args.min_nnsight_version)
         if refusal:
             raise HttpError(400, refusal)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.args.max_request_bytes:
+            # Refuse before the multipart parser spools the body to disk.
+            raise HttpError(413, f"Request of {declared} bytes exceeds the gateway's limit of "
+                                 f"{self.args.max_request_bytes} bytes.")
+        data, blob = await self._multipart(request)
         try:
             envelope = json.loads(data)
             if not isinstance(envelope, dict):
@@ -224,7 +228,7 @@ class NnsightGateway:
                                  "retry shortly.")
         if info.get("queue_depth", 0) >= info.get("max_queue_depth", 1):
             raise HttpError(503, f"The queue for model {key!r} is full; try again later.")
-        payload = await blob.read()
+        payload = blob
         if len(payload) > int(info.get("max_payload_bytes", 0)):
             raise HttpError(413, f"Payload of {len(payload)} bytes exceeds this model's limit of "
                                  f"{info.get('max_payload_bytes')} bytes.")
@@ -235,10 +239,24 @@ class NnsightGateway:
         envelope["session_id"] = session_id
         received = _response(job.id, "RECEIVED", "Your job has been received and is waiting approval.")
         self._record(job, received, push=False)
-        task = asyncio.create_task(self._process(job, app_name, envelope, payload, str(request.base_url)))
+        position = int(info.get("queue_depth", 0)) + 1
+        task = asyncio.create_task(
+            self._process(job, app_name, envelope, payload, str(request.base_url), position)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return received
+
+    @staticmethod
+    async def _multipart(request: Request) -> tuple[str, bytes]:
+        try:
+            form = await request.form(max_files=1, max_fields=1)
+        except Exception as exc:
+            raise HttpError(400, f"Expected multipart/form-data with `data` and `blob`: {exc}") from None
+        data, blob = form.get("data"), form.get("blob")
+        if not isinstance(data, str) or blob is None or isinstance(blob, str):
+            raise HttpError(400, "Expected multipart/form-data with a `data` field and a `blob` file.")
+        return data, await blob.read()
 
     @app.get("/response/{job_id}")
     async def response(self, job_id: str, request: Request) -> dict[str, Any]:
@@ -265,10 +283,10 @@ class NnsightGateway:
             self.jobs.push(job.session_id, json.dumps(event))
 
     async def _process(
-        self, job: Job, app_name: str, envelope: dict[str, Any], payload: bytes, base_url: str
+        self, job: Job, app_name: str, envelope: dict[str, Any], payload: bytes, base_url: str, position: int
     ) -> None:
         try:
-            self._record(job, _response(job.id, "QUEUED", "Your job has been queued."))
+            self._record(job, _response(job.id, "QUEUED", f"Moved to position {position} in the queue."))
             handle = self._handle(app_name).options(method_name="execute", stream=True)
             inline_max = self.args.inline_result_max_bytes if job.session_id else 0
             async for event in handle.remote(job.id, envelope, payload, inline_max):

@@ -74,3 +74,6 @@ class GatewayAppArgs(_Args):
     object_store_bucket: str | None = None
     object_store_endpoint_url: str | None = None
     inline_result_max_bytes: int = 4 * MIB
+    max_request_bytes: int = Field(
+        default=4 * 1024 * MIB + MIB, ge=1, description="Bodies above this are refused before parsing."
+    )

@@ -147,6 +147,7 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
         object_store_bucket=RESULTS_BUCKET,
         object_store_endpoint_url=s3_endpoint,
         inline_result_max_bytes=1024,
+        max_request_bytes=50_000,
     )
     url = f"http://127.0.0.1:{serve_port}"
     return {"url": url, "strict_url": url + STRICT_PREFIX, "path": tiny_llama, "slow_path": slow_path,

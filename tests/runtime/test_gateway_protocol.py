@@ -144,6 +144,18 @@ def test_wrong_key_through_the_client(client_model: Any, served: dict[str, Any])
         nnsight.CONFIG.API.APIKEY = None
 
 
+def test_body_limits_and_malformed_multipart(served: dict[str, Any], valid: tuple[str, bytes]) -> None:
+    key, _ = valid
+    good = {"ndif-api-key": API_KEY}
+    big = post(served["strict_url"], key, b"\0" * 60_000, headers=good)
+    assert big.status_code == 413 and "gateway's limit" in big.json()["detail"]
+    no_blob = httpx.post(f"{served['url']}/request", data={"data": json.dumps({"model_key": key})},
+                         headers={"nnsight-version": "0.8.1"})
+    assert no_blob.status_code == 400 and "blob" in no_blob.json()["detail"]
+    not_multipart = httpx.post(f"{served['url']}/request", content=b"{}", headers={"nnsight-version": "0.8.1"})
+    assert not_multipart.status_code == 400
+
+
 def test_status_and_env(served: dict[str, Any]) -> None:
     status = httpx.get(served["url"] + "/status").json()["deployments"]
     levels = {v["repo_id"].lower(): v["deployment_level"] for v in status.values()}
