@@ -7,6 +7,7 @@ huggingface_hub are imported lazily: the operator pays for them only when a mode
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,37 +84,49 @@ class S3Files:
 
 
 class HubFiles:
-    """A Hub repository at one revision, read with HTTP range requests (only when online)."""
+    """A Hub repository at one revision, read over HTTP (only when online).
+
+    Two Hub endpoints are used: `/api/models/<repo>/revision/<rev>` lists the files, and
+    `/<repo>/resolve/<rev>/<file>` serves a file, honouring `Range` (redirects to the CDN are
+    followed), so headers are read exactly as from S3.
+    """
 
     def __init__(self, repo_id: str, revision: str, endpoint: str | None, token: str | None) -> None:
-        self.repo_id, self.revision, self.endpoint, self.token = repo_id, revision, endpoint, token
-        self.description = f"{endpoint or 'https://huggingface.co'}/{repo_id}@{revision}"
+        self.repo_id, self.revision, self.token = repo_id, revision, token
+        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+        self.description = f"{self.endpoint}/{repo_id}@{revision}"
 
-    def names(self) -> list[str]:
-        from huggingface_hub import HfApi
-
-        try:
-            files = HfApi(endpoint=self.endpoint, token=self.token).list_repo_files(
-                self.repo_id, revision=self.revision
-            )
-        except Exception as exc:
-            raise EstimateError(f"cannot list {self.description}: {exc}") from exc
-        return sorted(f for f in files if "/" not in f)
-
-    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+    def _get(self, url: str, headers: dict[str, str]) -> bytes:
         import httpx
-        from huggingface_hub import hf_hub_url
 
-        url = hf_hub_url(self.repo_id, name, revision=self.revision, endpoint=self.endpoint)
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        if start or length is not None:
-            headers["Range"] = f"bytes={start}-{'' if length is None else start + length - 1}"
+        if self.token:
+            headers = {**headers, "Authorization": f"Bearer {self.token}"}
         try:
             response = httpx.get(url, headers=headers, follow_redirects=True, timeout=30.0)
             response.raise_for_status()
         except httpx.HTTPError as exc:
-            raise EstimateError(f"cannot read {self.description}/{name}: {exc}") from exc
+            raise EstimateError(f"cannot read {url}: {exc}") from exc
         return response.content
+
+    def names(self) -> list[str]:
+        from urllib.parse import quote
+
+        url = f"{self.endpoint}/api/models/{self.repo_id}/revision/{quote(self.revision, safe='')}"
+        try:
+            siblings = json.loads(self._get(url, {}))["siblings"]
+            files = [str(s["rfilename"]) for s in siblings]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EstimateError(f"unexpected answer listing {self.description}: {exc}") from exc
+        return sorted(f for f in files if "/" not in f)
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        from urllib.parse import quote
+
+        headers = {}
+        if start or length is not None:
+            headers["Range"] = f"bytes={start}-{'' if length is None else start + length - 1}"
+        url = f"{self.endpoint}/{self.repo_id}/resolve/{quote(self.revision, safe='')}/{quote(name)}"
+        return self._get(url, headers)
 
 
 def hf_cache_snapshot(repo_id: str, revision: str, cache_dir: Path | None = None) -> Path | None:
