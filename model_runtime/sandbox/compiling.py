@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
+import functools
 import operator
 import threading
 import types
@@ -122,8 +123,22 @@ class SandboxPolicy(RestrictingNodeTransformer):
 
 
 def restricted_compile(source: str | ast.Module, filename: str, name: str | None = None) -> types.CodeType:
-    """Compile `source` (text or a module AST, which is not modified) under the sandbox policy."""
-    tree = copy.deepcopy(source) if isinstance(source, ast.Module) else source
+    """Compile `source` (text or a module AST, which is not modified) under the sandbox policy.
+
+    Text sources are memoised: clients send the same block over and over (a trace in a loop), and
+    a code object is immutable, so sharing it across requests is safe.
+    """
+    if isinstance(source, str):
+        return _compile_text(source, filename, name)
+    return _compile_tree(copy.deepcopy(source), filename, name)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile_text(source: str, filename: str, name: str | None) -> types.CodeType:
+    return _compile_tree(source, filename, name)
+
+
+def _compile_tree(tree: str | ast.Module, filename: str, name: str | None) -> types.CodeType:
     try:
         code = compile_restricted(tree, filename=filename, mode="exec", policy=SandboxPolicy)
     except SyntaxError as exc:
@@ -394,7 +409,11 @@ def install_compile_hook() -> None:
 
         def compile_hook(self: Any, module: ast.Module, frame: types.FrameType) -> types.CodeType:
             if is_sandboxed():
-                return restricted_compile(module, frame.f_code.co_filename, frame.f_code.co_name)
+                filename, name = frame.f_code.co_filename, frame.f_code.co_name
+                text = _block_text(module, filename)
+                if text is not None:  # the same inner block as an earlier request: reuse its code
+                    return _compile_text(text, filename, name)
+                return restricted_compile(module, filename, name)
             return original(self, module, frame)
 
         compile_hook._sandbox_hook = True  # type: ignore[attr-defined]
@@ -419,6 +438,23 @@ def _install_remote_hook() -> None:
         hook.__name__ = hook.__qualname__ = method
         hook.__doc__ = original.__doc__
         setattr(Remotable, method, hook)
+
+
+def _block_text(module: ast.Module, filename: str) -> str | None:
+    """The captured block as text padded to its line numbers, from the request's own source."""
+    import linecache
+
+    if not module.body:
+        return None
+    first, last = module.body[0].lineno, module.body[-1].end_lineno
+    lines = linecache.getlines(filename)
+    if last is None or last > len(lines):
+        return None
+    indent = module.body[0].col_offset
+    chunk = lines[first - 1 : last]
+    if any(line.strip() and len(line) - len(line.lstrip()) < indent for line in chunk):
+        return None
+    return "\n" * (first - 1) + "".join(line[indent:] if line.strip() else "\n" for line in chunk)
 
 
 def restricted_function(

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import queue
@@ -190,19 +191,25 @@ def seccomp_supported() -> bool:
     return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+@functools.cache
+def _compiled_filter() -> tuple[Any, Any, Any]:
+    # Built once per process: installing is then just two prctl calls (a fresh runtime worker
+    # thread per request installs it again).
+    prog = seccomp_program()
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in prog))
+    fprog = _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
+    return buf, fprog, ctypes.CDLL(None, use_errno=True)
+
+
 def install_seccomp() -> None:
     """Install the filter on the *calling thread* (permanent for that thread). Raises OSError."""
     if not seccomp_supported():
         raise OSError("seccomp filter is only built for Linux x86_64")
-    prog = seccomp_program()
-    raw = b"".join(struct.pack("HBBI", code, jt, jf, k) for code, jt, jf, k in prog)
-    buf = ctypes.create_string_buffer(raw)
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
-    libc = ctypes.CDLL(None, use_errno=True)
+    _buf, fprog, libc = _compiled_filter()
     pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
     if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")

@@ -117,16 +117,10 @@ class WeightGuard:
 
 
 def _rng_states() -> tuple[Any, ...]:
-    states: list[Any] = [torch.random.get_rng_state(), random.getstate()]
-    try:
-        import numpy as np
-
-        states.append(np.random.get_state())
-    except ImportError:  # numpy is optional for torch; nothing to restore then
-        states.append(None)
+    # numpy.random is not reachable from the sandbox (capabilities), and its get/set_state costs
+    # more than everything else here together, so it is not snapshotted.
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    states.append(cuda)
-    return tuple(states)
+    return (torch.random.get_rng_state(), random.getstate(), cuda)
 
 
 @dataclass
@@ -173,27 +167,25 @@ class ProcessState:
         torch.random.set_rng_state(self.rng[0])
         random.setstate(self.rng[1])
         if self.rng[2] is not None:
-            import numpy as np
-
-            np.random.set_state(self.rng[2])
-        if self.rng[3] is not None:
-            torch.cuda.set_rng_state_all(self.rng[3])
+            torch.cuda.set_rng_state_all(self.rng[2])
         # sys.modules: put back what was replaced or removed. New entries stay when they are
         # genuine modules under their own name (the server imported something lazily; dropping
         # it would later create a second copy of its classes); anything else is dropped.
-        for name in list(sys.modules):
-            value = sys.modules[name]
-            if name in self.modules:
-                if value is not self.modules[name]:
+        # (Module equality is identity, so the C-level `!=` is a fast "nothing changed" check.)
+        if sys.modules != self.modules:
+            for name in list(sys.modules):
+                value = sys.modules[name]
+                if name in self.modules:
+                    if value is not self.modules[name]:
+                        changed.append(f"sys.modules[{name!r}]")
+                        sys.modules[name] = self.modules[name]
+                elif not isinstance(value, types.ModuleType) or value.__name__ != name:
                     changed.append(f"sys.modules[{name!r}]")
-                    sys.modules[name] = self.modules[name]
-            elif not isinstance(value, types.ModuleType) or value.__name__ != name:
-                changed.append(f"sys.modules[{name!r}]")
-                del sys.modules[name]
-        for name, module in self.modules.items():
-            if name not in sys.modules:
-                changed.append(f"sys.modules[{name!r}]")
-                sys.modules[name] = module
+                    del sys.modules[name]
+            for name, module in self.modules.items():
+                if name not in sys.modules:
+                    changed.append(f"sys.modules[{name!r}]")
+                    sys.modules[name] = module
         current = vars(builtins)
         if current != self.builtins_dict:
             changed.append("builtins")

@@ -115,6 +115,7 @@ class SandboxUnpickler(pickle._Unpickler):
 
     def __init__(self, file: Any, persistent_objects: dict[str, Any] | None = None) -> None:
         super().__init__(file)
+        self._sandbox_file = file if isinstance(file, io.BytesIO) else io.BytesIO(file.read())
         self.persistent_objects = persistent_objects or {}
         self._built_functions: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
         self.seen: list[tuple[str, str]] = []
@@ -159,6 +160,30 @@ class SandboxUnpickler(pickle._Unpickler):
                                   "which only real payloads' helpers may do")
         super().load_reduce()  # type: ignore[misc]
 
+    def load(self) -> Any:
+        """`pickle._Unpickler.load` reading straight from the in-memory payload: protocol-4 frames
+        are contiguous, so the pure-Python unframer (a third of the load time) is skipped."""
+        file = self._sandbox_file
+        self.read = file.read
+        self.readinto = file.readinto
+        self.readline = file.readline
+        self.metastack = []
+        self.stack: list[Any] = []
+        self.append = self.stack.append
+        self.proto = 0
+        read, dispatch = self.read, self.dispatch
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:  # type: ignore[attr-defined]
+            return stop.value
+
+    def _load_frame(self) -> None:
+        self.read(8)  # the frame's length: only a read-ahead hint
+
     def _load_refused(self) -> None:
         raise PayloadRejected("the payload uses a pickle opcode real payloads never use (INST/OBJ)")
 
@@ -166,6 +191,7 @@ class SandboxUnpickler(pickle._Unpickler):
         (pickle.BUILD, _load_build), (pickle.SETITEM, _load_setitem), (pickle.SETITEMS, _load_setitems),
         (pickle.APPEND, _load_append), (pickle.APPENDS, _load_appends), (pickle.ADDITEMS, _load_additems),
         (pickle.REDUCE, _load_reduce), (pickle.INST, _load_refused), (pickle.OBJ, _load_refused),
+        (pickle.FRAME, _load_frame),
     ):
         dispatch[_op[0]] = _fn
     del _op, _fn

@@ -1,5 +1,6 @@
-"""The seam with the runtime: `execution.execute_request` with its `run_blob` swapped for the
-sandbox's gives the same results for legit programs and an error text for attacks."""
+"""The seam with the runtime: `execution.execute_request(..., runner=executor.run_blob)` (what
+`select_runner()` picks with NDIF_SANDBOX=1) gives the same results for legit programs and an
+error text for attacks."""
 
 from __future__ import annotations
 
@@ -25,15 +26,16 @@ class SeamBackend(RemoteBackend):
     def request(self, request: Any, tracer: Any) -> Any:
         blob = self._serialize(tracer)
         envelope = execution.Envelope(**request.model_dump())
-        out = execution.execute_request(self.server, blob, envelope, limits=self.limits, on_log=self.logs.append)
+        out = execution.execute_request(
+            self.server, blob, envelope, limits=self.limits, on_log=self.logs.append, runner=executor.run_blob
+        )
         if out.error is not None:
             raise RuntimeError(out.error)
         return self.finalize(out.result)
 
 
 @pytest.fixture()
-def sandboxed_runtime(monkeypatch: pytest.MonkeyPatch, models: tuple[Any, Any]) -> Any:
-    monkeypatch.setattr(execution, "run_blob", executor.run_blob)
+def sandboxed_runtime(models: tuple[Any, Any]) -> Any:
     client, server = models
 
     def make(timeout: float = 10.0) -> SeamBackend:
@@ -49,6 +51,11 @@ def test_legit_through_the_runtime_seam(program: Any, models: tuple[Any, Any], s
     local = program(server, None)
     torch.manual_seed(0)
     assert_same(local, program(client, sandboxed_runtime()))
+
+
+def test_select_runner_picks_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NDIF_SANDBOX", "1")
+    assert execution.select_runner() is executor.run_blob
 
 
 def test_print_reaches_on_log(models: tuple[Any, Any], sandboxed_runtime: Any) -> None:
