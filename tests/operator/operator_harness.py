@@ -131,7 +131,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 45.0, what: str = "c
 class OperatorThread:
     """`run_operator` in its own thread and event loop (research: same-loop embedding costs 5 s)."""
 
-    def __init__(self, url: str, **overrides: Any) -> None:
+    def __init__(self, url: str, *, estimator: Any = size_estimator, **overrides: Any) -> None:
+        self.estimator = estimator  # None: the real evaluator
         values = {"kube_api_url": url, "metrics_port": 0, "debounce_seconds": 0.2, "resync_seconds": 5.0,
                   "read_nodes": True, "backoff_initial_seconds": 0.1, "backoff_max_seconds": 1.0, **overrides}
         self.settings = OperatorSettings(**values)
@@ -143,7 +144,7 @@ class OperatorThread:
     def _run(self) -> None:
         try:
             run_operator(self.settings, stop_flag=self.stop_flag, ready_flag=self.ready_flag,
-                         estimator=size_estimator)
+                         estimator=self.estimator)
         except BaseException as exc:
             self.error = exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from operator_harness import MD_TYPE, NAMESPACE, Cluster, OperatorThread, model_deployment, ray_service, wait_for
 
 from ndif_operator.api import GatewayAppArgs, ModelAppArgs
@@ -54,3 +55,29 @@ def test_update_replicas_and_level_then_delete(cluster: Cluster, operator: Opera
     cluster.emu.delete_sync(MD_TYPE, NAMESPACE, "m")
     wait_for(lambda: cluster.md("m") is None, what="finalizer released")
     assert "md-ml-m" not in cluster.apps() and cluster.apps()["gateway"]["args"]["models"] == {}
+
+
+@pytest.mark.slow
+def test_real_evaluator_sizes_a_local_checkpoint(cluster: Cluster, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from model_runtime.tiny_models import build_tiny_model
+
+    assert isinstance(tmp_path, Path)
+    checkpoint = tmp_path / "tiny-llama"
+    build_tiny_model("llama", checkpoint)
+    cluster.emu.create_sync(ray_service())
+    manifest = model_deployment("tiny", "org/tiny-llama")
+    manifest["spec"]["model"].update(dtype="float32", source={"localPath": {"path": str(checkpoint)}})
+    cluster.emu.create_sync(manifest)
+    running = OperatorThread(cluster.emu.url, estimator=None).start()
+    try:
+        wait_for(lambda: cluster.condition("tiny", "Evaluated").get("status") == "True", what="Estimated")
+        wait_for(lambda: cluster.condition("tiny", "Placed").get("status") == "True", what="Placed")
+    finally:
+        running.stop()
+    status = (cluster.md("tiny") or {})["status"]
+    weights = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    assert 0.5 * weights <= status["estimate"]["weightsBytes"] <= weights  # headers sized, weights not read
+    assert status["estimate"]["totalBytes"] > status["estimate"]["weightsBytes"]
+    assert "md-ml-tiny" in cluster.apps()
