@@ -4,7 +4,9 @@ Same tiny model (tiny Llama, float32), same prompt, same intervention (save the 
 
 1. plain forward (HF model, no nnsight)          ┐ baselines, in this process
 2. local nnsight trace                           ┘
-3. remote round trip: the unmodified nnsight client → `ndif-operator local` (gateway + model app)
+3. remote round trip: the unmodified nnsight client → `ndif-operator local` (gateway + model app),
+   with two parts of it measured apart: the replica's execution time (`meta.runtime`) and what the
+   client spends building a new `httpx.Client` (an SSL context) for every request
 4. throughput: 8 concurrent client processes vs 1 client process (same requests each)
 5. activation, measured as "config PUT → first successful remote trace":
    cold (the model's Serve app is created: replica start, imports, load from disk) vs
@@ -78,6 +80,13 @@ def trace_logits(model: Any, remote: bool) -> Any:
     with model.trace(PROMPT, remote=remote):
         logits = model.lm_head.output.save()
     return logits
+
+
+def server_runtime(model: Any) -> float:
+    """The replica's own execution time of one remote trace (`meta.runtime`, reported by the server)."""
+    with model.trace(PROMPT, remote=True) as tracer:
+        model.lm_head.output.save()
+    return float((tracer.backend.meta or {}).get("runtime", float("nan")))
 
 
 # --- worker process (throughput) --------------------------------------------------------------
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args.model_dir, args.url, args.per_client)
 
+    import httpx
     import torch
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         remote_s = median_time(lambda: trace_logits(client, True), args.requests)
         print(f"remote round trip:    median {ms(remote_s)}  ({remote_s / local_s:.1f}x local trace, "
               f"{remote_s / plain_s:.1f}x plain forward)")
+        server_s = statistics.median(server_runtime(client) for _ in range(args.requests))
+        print(f"  of which the model replica's execution (meta.runtime): median {ms(server_s)} "
+              f"({server_s / remote_s:.0%} of the round trip)")
+        httpx_s = median_time(lambda: httpx.Client().close(), args.requests)
+        print(f"  of which the client's own httpx.Client() per request (an SSL context): median {ms(httpx_s)} "
+              f"({httpx_s / remote_s:.0%} of the round trip)")
 
         one_rps, one_lat = throughput(model_dir, url, 1, args.per_client)
         many_rps, many_lat = throughput(model_dir, url, args.clients, args.per_client)
