@@ -45,7 +45,11 @@ _REALLOWED: Mapping[str, frozenset[str]] = {"nnsight": frozenset({"save"})}
 
 # Modules user code may import, with extra names hidden in each (on top of the common set).
 DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
-    "torch": frozenset(),
+    # legacy constructors hand out uninitialised memory (see `_ZEROED` for torch.empty*)
+    "torch": frozenset(
+        {"FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor", "ByteTensor", "CharTensor",
+         "ShortTensor", "IntTensor", "LongTensor", "BoolTensor"}
+    ),
     "torch.nn": frozenset({"Module"}),  # subclassing Module gives register/to/...; use functional
     "torch.nn.functional": frozenset(),
     "torch.nn.init": frozenset(),
@@ -77,6 +81,19 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
          "transformers", "torch", "functools", "warnings", "status", "ndif_status", "whoami"}
     ),
 }
+
+
+# Uninitialised memory can hold an earlier request's activations (the CPU heap and the CUDA
+# caching allocator reuse freed blocks), so the `empty` family hands out zeroed tensors.
+_ZEROED = {"empty": "zeros", "empty_like": "zeros_like"}
+
+
+def _zeroed_after(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def zeroed(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        return out.zero_() if hasattr(out, "zero_") else out
+
+    return zeroed
 
 
 def _is_protected_target(value: Any, is_protected: Callable[[Any], bool]) -> bool:
@@ -171,7 +188,12 @@ class ModuleProxy:
         caps: Capabilities = object.__getattribute__(self, "_sandbox_caps")
         if name.startswith("_") or name in caps.denied_in(module.__name__):
             raise CapabilityDenied(f"{module.__name__}.{name} is not available in the sandbox")
-        value = getattr(module, name)
+        if module.__name__ == "torch" and name in _ZEROED:
+            value = getattr(module, _ZEROED[name])
+        elif module.__name__ == "torch" and name == "empty_strided":
+            value = _zeroed_after(module.empty_strided)
+        else:
+            value = getattr(module, name)
         if isinstance(value, types.ModuleType):
             value = caps.proxy(value.__name__)  # raises unless that submodule is allowed too
         elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType)) or (

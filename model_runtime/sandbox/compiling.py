@@ -49,6 +49,8 @@ DENIED_ATTRIBUTES = frozenset(
         "from_pretrained", "to_json_file", "to_yaml_file", "tofile", "dump", "dumps", "ctypes",
         "register_for_auto_class", "save_model", "from_file", "mro", "f_lasti", "f_lineno",
         "get_config_dict", "from_json_file", "from_config", "cached_file", "snapshot_download",
+        # uninitialised memory (an earlier request's data): use zeros/new_zeros
+        "new_empty", "new_empty_strided", "resize_", "resize_as_",
         "gi_running", "cr_running", "co_consts", "co_names", "tb_lasti", "tb_lineno",
     }
 )

@@ -93,6 +93,15 @@ def test_module_proxies() -> None:
         caps.guarded_import("os")
 
 
+def test_empty_hands_out_zeroed_memory() -> None:
+    proxy = Capabilities().proxy("torch")
+    garbage = torch.full((4096,), 7.0)
+    del garbage  # the allocator may hand this block straight back
+    assert torch.count_nonzero(proxy.empty(4096)).item() == 0
+    assert torch.count_nonzero(proxy.empty_like(torch.ones(64))).item() == 0
+    assert torch.count_nonzero(proxy.empty_strided((8, 8), (8, 1))).item() == 0
+
+
 def test_proxied_functions_refuse_protected_out() -> None:
     weight = torch.ones(3)
     caps = Capabilities(is_protected=lambda v: v is weight)

@@ -174,10 +174,24 @@ def rust_tokenizer_save(model, backend):
         out = model.lm_head.output.save()
 
 
+def uninitialised_memory_resize(model, backend):
+    # resize_ grows a tensor into uninitialised memory that may hold an earlier request's data.
+    with model.trace(PROMPT, backend=backend):
+        t = torch.zeros(1)
+        t.resize_(1_000_000)
+        out = t.save()
+
+
+def uninitialised_memory_legacy(model, backend):
+    with model.trace(PROMPT, backend=backend):
+        out = torch.FloatTensor(1_000_000).save()
+
+
 ATTACKS = [
     torch_save_file, torch_load_file, torch_from_file, numpy_tofile, numpy_save, numpy_load_pickle,
     cpp_extension, ops_load_library, numpy_ctypeslib, import_ctypes, import_os_system,
     import_subprocess, torch_hub, network_socket, network_urllib, import_importlib, dunder_import,
     sys_modules_patch, builtins_patch, monkeypatch_torch, monkeypatch_tensor_class, open_builtin,
-    tokenizer_save_pretrained, model_save_pretrained, rust_tokenizer_save,
+    tokenizer_save_pretrained, model_save_pretrained, rust_tokenizer_save, uninitialised_memory_resize,
+    uninitialised_memory_legacy,
 ]
