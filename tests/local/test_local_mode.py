@@ -39,6 +39,13 @@ spec:
 ---
 apiVersion: ndif.dev/v1alpha1
 kind: ModelDeployment
+metadata: {{name: warm, namespace: lt}}
+spec:
+  model: {{repoId: ndif-test/warm-llama, source: {{localPath: {{path: {path}}}}}, dtype: float32}}
+  level: Warm
+---
+apiVersion: ndif.dev/v1alpha1
+kind: ModelDeployment
 metadata: {{name: cold, namespace: lt}}
 spec:
   model: {{repoId: ndif-test/cold-one, source: {{localPath: {{path: {path}}}}}}}
@@ -106,6 +113,8 @@ def test_prints_the_model_table(local_run: LocalRun) -> None:
     assert "CPU only" in out or "GPU(s)" in out
     [tiny] = [line for line in out.splitlines() if line.startswith("lt/tiny ")]
     assert "ndif-test/tiny-llama" in tiny and "Hot" in tiny and "RUNNING" in tiny
+    [warm] = [line for line in out.splitlines() if line.startswith("lt/warm ")]
+    assert "Warm  " in warm and "PlacedWarm" in warm and "RUNNING" in warm  # its app holds the CPU copy
     [cold] = [line for line in out.splitlines() if line.startswith("lt/cold ")]
     assert "Cold" in cold and "PlacedCold" in cold
     assert f"NDIF_HOST={local_run.url}" in out
@@ -119,6 +128,26 @@ def test_gateway_requires_the_api_key_and_reports_levels(local_run: LocalRun) ->
     by_repo = {d["repo_id"].lower(): d for d in json.loads(body)["deployments"].values()}
     assert by_repo[REPO_ID]["deployment_level"] == "HOT"
     assert by_repo[REPO_ID]["application_state"] == "RUNNING"
+    assert by_repo["ndif-test/warm-llama"]["deployment_level"] == "WARM"
+
+
+def test_requests_for_warm_and_unknown_models_get_clear_errors(local_run: LocalRun) -> None:
+    import httpx
+
+    def post(repo: str) -> httpx.Response:
+        envelope = {"model_key": f'nnsight.modeling.transformers.TransformersModel:{{"repo_id": "{repo}"}}'}
+        return httpx.post(
+            f"{local_run.url}/request", data={"data": json.dumps(envelope)},
+            files={"blob": ("request", b"not read", "application/octet-stream")},
+            headers={"ndif-api-key": API_KEY, "nnsight-version": "0.8.1"}, timeout=30,
+        )  # fmt: skip
+
+    warm = post("ndif-test/warm-llama")
+    assert warm.status_code == 503 and "WARM" in warm.json()["detail"]
+    unknown = post("ndif-test/nope")
+    assert unknown.status_code == 404 and "not deployed" in unknown.json()["detail"]
+    cold = post("ndif-test/cold-one")  # COLD: no application, so the gateway does not know it
+    assert cold.status_code == 404
 
 
 def test_unmodified_nnsight_client_script(local_run: LocalRun, model_dir: Path, tmp_path: Path) -> None:
