@@ -129,6 +129,8 @@ def start_command(spec: RayHeadSpec, ray: str = "ray") -> list[str]:
 def start_env(spec: RayHeadSpec, base: Mapping[str, str]) -> dict[str, str]:
     """The environment of the head: `base`, our fixed settings, and PYTHONPATH for the replicas."""
     env = dict(base)
+    # A RAY_ADDRESS from the caller's shell names some other cluster; ours must not join it.
+    env.pop("RAY_ADDRESS", None)
     env.update(_RAY_ENV)
     env.update(spec.env)
     # Inherited by every process of this head, workers included, whose command lines Ray rewrites

@@ -41,7 +41,8 @@ def test_start_command_is_loopback_only_with_explicit_ports() -> None:
 
 def test_start_env_disables_auth_and_marks_every_process() -> None:
     spec = RayHeadSpec(num_cpus=1, pythonpath=("/repo",), env={"EXTRA": "1"})
-    env = start_env(spec, {"PYTHONPATH": "/other", "RAY_AUTH_MODE": "token"})
+    env = start_env(spec, {"PYTHONPATH": "/other", "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "10.0.0.1:6379"})
+    assert "RAY_ADDRESS" not in env
     assert env["RAY_AUTH_MODE"] == "disabled"
     assert env["PYTHONPATH"] == "/repo:/other"
     assert env[HEAD_MARKER_ENV] == str(spec.resolved_temp_dir)
