@@ -81,27 +81,27 @@ def model_args(path: Path, deployment: str = "default/tiny-llama") -> dict[str, 
     }
 
 
-def deploy_model(name: str, args: dict[str, Any], user_config: dict[str, Any] | None = None,
-                 **options: Any) -> None:
-    from ray import serve
+def model_target(name: str, args: dict[str, Any], user_config: dict[str, Any] | None = None,
+                 **options: Any) -> Any:
+    from ray.serve.api import RunTarget
 
     from model_runtime import model_app
 
     app = model_app.ModelReplica.options(
         ray_actor_options={"num_cpus": 0}, user_config=user_config or {}, **options
     ).bind(args)
-    serve.run(app, name=name, route_prefix=None)
+    return RunTarget(target=app, name=name, route_prefix=None)
 
 
-def deploy_gateway(
+def gateway_target(
     models: dict[str, str],
     *,
     app_name: str = GATEWAY_APP,
     route_prefix: str = "/",
     env: dict[str, str] | None = None,
     **extra: Any,
-) -> None:
-    from ray import serve
+) -> Any:
+    from ray.serve.api import RunTarget
 
     from model_runtime import gateway_app
 
@@ -110,7 +110,7 @@ def deploy_gateway(
     if env:
         options["runtime_env"] = {"env_vars": env}
     app = gateway_app.NnsightGateway.options(ray_actor_options=options).bind(args)
-    serve.run(app, name=app_name, route_prefix=route_prefix)
+    return RunTarget(target=app, name=app_name, route_prefix=route_prefix)
 
 
 STRICT_PREFIX = "/strict"
@@ -128,27 +128,31 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
            ) -> dict[str, Any]:
     """Two tiny model apps, the open gateway at `/` and a strict one (API keys, S3 results) at /strict."""
     slow_path = build_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-slow", seed=1)
-    deploy_model(MODEL_APP, model_args(tiny_llama))
-    # Fast health checks: the wedged-replica test waits for Serve to replace the replica.
-    deploy_model(SLOW_APP, model_args(slow_path, "default/tiny-slow"), SLOW_CONFIG,
-                 health_check_period_s=1, health_check_timeout_s=10)
+    from ray import serve
+
     models = {str(tiny_llama).lower(): MODEL_APP, str(slow_path).lower(): SLOW_APP}
-    deploy_gateway(models)
-    deploy_gateway(
-        models,
-        app_name="gateway-strict",
-        route_prefix=STRICT_PREFIX,
-        env={
-            API_KEY_HASHES_ENV: key_hashes(API_KEY),
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        },
-        object_store_bucket=RESULTS_BUCKET,
-        object_store_endpoint_url=s3_endpoint,
-        inline_result_max_bytes=1024,
-        max_request_bytes=50_000,
-    )
+    serve.run_many([  # all at once: replicas import torch/nnsight in parallel
+        model_target(MODEL_APP, model_args(tiny_llama)),
+        # Fast health checks: the wedged-replica test waits for Serve to replace the replica.
+        model_target(SLOW_APP, model_args(slow_path, "default/tiny-slow"), SLOW_CONFIG,
+                     health_check_period_s=1, health_check_timeout_s=10),
+        gateway_target(models),
+        gateway_target(
+            models,
+            app_name="gateway-strict",
+            route_prefix=STRICT_PREFIX,
+            env={
+                API_KEY_HASHES_ENV: key_hashes(API_KEY),
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+            object_store_bucket=RESULTS_BUCKET,
+            object_store_endpoint_url=s3_endpoint,
+            inline_result_max_bytes=1024,
+            max_request_bytes=50_000,
+        ),
+    ])
     url = f"http://127.0.0.1:{serve_port}"
     return {"url": url, "strict_url": url + STRICT_PREFIX, "path": tiny_llama, "slow_path": slow_path,
             "s3": s3_endpoint}
