@@ -24,22 +24,31 @@ _LOAD_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
 
 
 class _Influx:
+    """Batched writes on a background thread: a slow or absent InfluxDB never delays a request."""
+
     def __init__(self) -> None:
         self._api: Any = None
+        self._client: Any = None
         url = os.environ.get("NDIF_INFLUX_URL")
         if not url:
             return
         try:
             from influxdb_client import InfluxDBClient
-            from influxdb_client.client.write_api import ASYNCHRONOUS
+            from influxdb_client.client.write_api import WriteOptions
 
-            client = InfluxDBClient(
-                url=url, token=os.environ.get("NDIF_INFLUX_TOKEN", ""), org=os.environ.get("NDIF_INFLUX_ORG")
+            self._client = InfluxDBClient(
+                url=url, token=os.environ.get("NDIF_INFLUX_TOKEN", ""), org=os.environ.get("NDIF_INFLUX_ORG", "")
             )
-            self._api = client.write_api(write_options=ASYNCHRONOUS)
+            self._api = self._client.write_api(
+                write_options=WriteOptions(batch_size=500, flush_interval=5_000, max_retries=2)
+            )
             self._bucket = os.environ.get("NDIF_INFLUX_BUCKET", "ndif")
         except Exception as exc:  # metrics must never take a replica down
             log.warning("InfluxDB disabled: %s", exc)
+
+    @property
+    def enabled(self) -> bool:
+        return self._api is not None
 
     def write(self, measurement: str, tags: dict[str, str], fields: dict[str, float]) -> None:
         if self._api is None:
@@ -55,6 +64,13 @@ class _Influx:
             self._api.write(bucket=self._bucket, record=point)
         except Exception as exc:
             log.warning("InfluxDB write failed: %s", exc)
+
+    def close(self) -> None:
+        """Flush what is batched (replica shutdown, tests)."""
+        if self._api is not None:
+            self._api.close()
+            self._client.close()
+            self._api = None
 
 
 class RuntimeMetrics:
@@ -120,6 +136,9 @@ class RuntimeMetrics:
             self._snapshot[f"load_seconds_{source}"] = seconds
         self._emit("load", "observe", seconds, {"model": model, "source": source})
         self._influx.write("model_load", {"model": model, "source": source}, {"seconds": seconds})
+
+    def close(self) -> None:
+        self._influx.close()
 
     @property
     def exporting(self) -> bool:

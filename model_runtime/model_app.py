@@ -166,6 +166,12 @@ class ModelReplica:
             "prometheus": self.metrics.exporting,
         }
 
+    def __del__(self) -> None:
+        # Serve calls this on replica shutdown: flush batched InfluxDB points.
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+
     def check_health(self) -> None:
         # A request thread that ignored cancellation still holds the model: let Serve replace us.
         if self._wedged:

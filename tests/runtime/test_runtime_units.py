@@ -111,3 +111,47 @@ def test_s3_checkpoint_loads(tiny_llama: Path, s3_endpoint: str, tmp_path: Path,
         update={"s3": args.source.s3.model_copy(update={"prefix": "nothing/here"})})})  # type: ignore[union-attr]
     with pytest.raises(FileNotFoundError, match="no objects"):
         load_model(empty)
+
+
+def test_influx_points_carry_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Points reach an InfluxDB v2 write endpoint; tags are model/outcome/source only."""
+    import http.server
+    import threading
+
+    bodies: list[str] = []
+
+    class Write(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            raw = self.rfile.read(length)
+            if self.headers.get("Content-Encoding") == "gzip":
+                import gzip
+
+                raw = gzip.decompress(raw)
+            bodies.append(self.path + "\n" + raw.decode())
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Write)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("NDIF_INFLUX_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("NDIF_INFLUX_TOKEN", "influx-secret-token")
+        monkeypatch.setenv("NDIF_INFLUX_ORG", "ndif")
+        from model_runtime.metrics import RuntimeMetrics
+
+        metrics = RuntimeMetrics()
+        metrics.request("org/model", "completed", 0.25, 1000, 2000)
+        metrics.model_load("org/model", "s3", 3.5)
+        metrics.close()
+    finally:
+        server.shutdown()
+    text = "\n".join(bodies)
+    assert "request,model=org/model,outcome=completed" in text
+    assert "model_load,model=org/model,source=s3" in text
+    assert "influx-secret-token" not in text and "bucket=ndif" in text
+    snapshot = metrics.snapshot()
+    assert snapshot["requests_completed"] == 1 and snapshot["bytes_out"] == 2000
