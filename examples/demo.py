@@ -64,6 +64,16 @@ def prepare() -> Path:
     return manifest
 
 
+def free_port_offset() -> int:
+    """The first port block local mode can use: a busy 8000 or 8265 must not break `make demo`."""
+    from ndif_operator.local.ray_head import RayPorts, busy_ports
+
+    for offset in range(0, RayPorts.MAX_OFFSET + 1, 100):
+        if not busy_ports(RayPorts.offset(offset)):
+            return offset
+    raise SystemExit("no free block of ports for local mode; pass --port-offset")
+
+
 def wait_ready(proc: subprocess.Popen[bytes], ready_file: Path, timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,11 +100,15 @@ def status_table(ndif_host: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port-offset", type=int, default=0)
+    parser.add_argument(
+        "--port-offset", type=int, default=None,
+        help="shift local mode's ports (default: the first free block of 0, 100, 200, ...)",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--keep-running", action="store_true", help="leave it serving until Ctrl-C")
     args = parser.parse_args(argv)
 
+    offset = args.port_offset if args.port_offset is not None else free_port_offset()
     step(f"building the tiny model in {DEMO / 'tiny-llama'} (skipped when present)")
     DEMO.mkdir(exist_ok=True)
     manifest = prepare()
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     local = subprocess.Popen(
         [sys.executable, "-m", "ndif_operator.cli", "local", str(manifest), "--ready-file", str(ready_file),
-         "--port-offset", str(args.port_offset), "--timeout", str(args.timeout)],
+         "--port-offset", str(offset), "--timeout", str(args.timeout)],
         cwd=ROOT, env=env,
     )  # fmt: skip
     code = 1

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifests", nargs="+", type=Path, help="ModelDeployment YAML files or directories")
     parser.add_argument(
         "--port-offset", type=int, default=0,
-        help="shift every port (Ray 6390, dashboard 8265, gateway 8000, ...) by this much",
+        help="shift every port (Ray 6390, dashboard 8265, gateway 8000, ...) by 0..1700",
     )  # fmt: skip
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     parser.add_argument(
@@ -57,9 +57,14 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, flush=True)
 
+    try:
+        ports = RayPorts.offset(args.port_offset)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     settings = LocalSettings(
         manifests=tuple(args.manifests),
-        ports=RayPorts.offset(args.port_offset),
+        ports=ports,
         reserved_memory_bytes=int(args.reserved_memory_gib * GIB),
         deploy_timeout_s=args.timeout,
         api_key_hashes=tuple(hashlib.sha256(k.encode()).hexdigest() for k in args.api_key),

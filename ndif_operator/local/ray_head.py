@@ -57,9 +57,15 @@ class RayPorts:
     client_server: int = 10001
     dashboard_agent_listen: int = 52365
 
+    # Ray refuses fixed ports inside its worker range (10002-19999): the dashboard (8265 + delta)
+    # must stay below it, and the client server (10001 - delta) must not climb into it.
+    MAX_OFFSET = 1700
+
     @classmethod
     def offset(cls, delta: int) -> RayPorts:
         """The default ports shifted by `delta` (tests and benchmarks use their own block)."""
+        if not 0 <= delta <= cls.MAX_OFFSET:
+            raise ValueError(f"port offset must be within 0..{cls.MAX_OFFSET} (Ray keeps 10002-19999), got {delta}")
         base = cls()
         return cls(
             gcs=base.gcs + delta,

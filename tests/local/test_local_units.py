@@ -37,6 +37,8 @@ def test_start_command_is_loopback_only_with_explicit_ports() -> None:
     assert "--ray-client-server-port=9901" in cmd
     assert f"--temp-dir={Path('/tmp/ndif-local-6490')}" in cmd
     assert spec.serve_url == "http://127.0.0.1:8100"
+    with pytest.raises(ValueError, match="port offset"):
+        RayPorts.offset(2000)  # the dashboard would land in Ray's worker port range
 
 
 def test_start_env_disables_auth_and_marks_every_process() -> None:
