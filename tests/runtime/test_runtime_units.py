@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,34 @@ def test_influx_points_carry_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None
     assert "influx-secret-token" not in text and "bucket=ndif" in text
     snapshot = metrics.snapshot()
     assert snapshot["requests_completed"] == 1 and snapshot["bytes_out"] == 2000
+
+
+@pytest.mark.slow
+def test_hugging_face_source_reads_the_offline_cache(tiny_llama: Path, tmp_path: Path, local_model: Any) -> None:
+    """`source: huggingFace` by repo id and revision, from a node's HF cache with the Hub offline."""
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny-llama"
+    shutil.copytree(tiny_llama, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "import torch\n"
+        "from model_runtime.loading import load_model\n"
+        "from ndif_operator.api import ModelAppArgs\n"
+        "m = load_model(ModelAppArgs(model_key='org/tiny-llama', deployment='ns/t', repo_id='org/tiny-llama',"
+        " source={'hugging_face': {}}, dtype='float32'))\n"
+        "with m.model.trace('Paris'):\n"
+        "    out = m.model.lm_head.output.save()\n"
+        "print(m.source_kind, repr(out.sum().item()))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kind, total = done.stdout.strip().splitlines()[-1].split()
+    with local_model.trace("Paris"):
+        ref = local_model.lm_head.output.save()
+    assert kind == "huggingFace" and float(total) == ref.sum().item()
