@@ -27,6 +27,14 @@ class Transition:
     source: str  # "resident" (already there), "memory" (WARM → HOT), or the load source kind
 
 
+def limit_gpu_share(gpus: float) -> None:
+    """A fractional grant shares one GPU: cap this process's allocator to its share."""
+    import torch
+
+    if 0 < gpus < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(gpus)
+
+
 def move_module(model: Any, device: str) -> None:
     """Move the wrapped torch module; free the device cache when leaving a GPU."""
     import torch

@@ -101,6 +101,8 @@ class ModelReplica:
         from model_runtime.loading import pick_device
 
         self._device = pick_device(self.args.gpus_per_replica)
+        if self._device == "cuda":
+            levels.limit_gpu_share(self.args.gpus_per_replica)
         self.metrics.model_load(self.args.model_key, loaded.source_kind, loaded.load_seconds)
         previous, self._level = self._level, levels.WARM
         return levels.timed(previous, levels.WARM, loaded.source_kind, started)

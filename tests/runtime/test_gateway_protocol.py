@@ -161,6 +161,8 @@ def test_status_and_env(served: dict[str, Any]) -> None:
     levels = {v["repo_id"].lower(): v["deployment_level"] for v in status.values()}
     assert levels[str(served["path"]).lower()] == "HOT"
     assert all(v["application_state"] == "RUNNING" for v in status.values())
+    table = nnsight.status()  # the client's own reader of /status
+    assert str(served["path"]) in table
     env = httpx.get(served["url"] + "/env").json()
     assert env["packages"]["nnsight"] == "0.8.1"
 
