@@ -116,6 +116,12 @@ class CpuCapacity:
         insort(self.by_free, (old - nbytes, *where))
         return True
 
+    def give(self, where: tuple[int, int], nbytes: int) -> None:
+        old = self.free[where]
+        del self.by_free[bisect_left(self.by_free, (old, *where))]
+        self.free[where] = old + nbytes
+        insort(self.by_free, (old + nbytes, *where))
+
     def tightest(self, nbytes: int) -> tuple[int, int] | None:
         idx = bisect_left(self.by_free, (nbytes, -1, -1))
         if idx == len(self.by_free):

@@ -16,7 +16,9 @@ Rules, in the order they apply (docs/placement.md has the rationale):
    over from the previous plan are evicted (never one made in this plan), so the search ends.
    The cheapest location wins: fewest victims, then lowest victim priority, then least memory.
 4. What is not HOT goes WARM in CPU RAM when the request allows it and a pod has room
-   (preferring the pod it is already in), else COLD; every such decision says why.
+   (preferring the pod it is already in, or was HOT in), else COLD; a higher-priority (or
+   dedicated) model may send lower-priority WARM models to COLD to make room. Every such decision
+   says why.
 
 Everything is sorted before use so the same input gives the same plan byte for byte, whatever
 the order of `requests`.
@@ -65,6 +67,7 @@ class _State:
     evicted_by: str | None = None
     why_short: str = ""  # why not every wanted replica was placed
     warm_at: tuple[int, int] | None = None  # (group index, pod) of the WARM copy
+    warm_evicted_by: str | None = None  # displaced from CPU RAM by a higher-priority model
 
     @property
     def wants_hot(self) -> bool:
@@ -73,6 +76,11 @@ class _State:
     @property
     def missing(self) -> int:
         return self.req.replicas - len(self.slots) if self.wants_hot else 0
+
+
+def _warm_bytes(req: PlacementRequest) -> int:
+    """CPU RAM a WARM copy holds: the weights (the runtime budget is only needed on a GPU)."""
+    return req.weights_bytes if req.weights_bytes is not None else req.total_bytes or 0
 
 
 def _order(req: PlacementRequest) -> _Order:
@@ -330,16 +338,58 @@ class _Planner:
         def is_warm(st: _State) -> bool:
             return st.req.current is not None and st.req.current.level == Level.WARM
 
+        holders: dict[tuple[int, int], list[_State]] = {}  # pod → states WARM there, in this plan
+
+        def hold(st: _State, where: tuple[int, int]) -> None:
+            st.warm_at = where
+            holders.setdefault(where, []).append(st)
+
         # Models already WARM keep their pod first (stability), then the rest by the usual order.
         for st in sorted(wanting, key=lambda s: (0 if is_warm(s) else 1, s.order)):
-            need = st.req.weights_bytes if st.req.weights_bytes is not None else st.req.total_bytes or 0
+            need = _warm_bytes(st.req)
             prev = previous_pod(st)
             if prev is not None and cpu.take(prev, need):
-                st.warm_at = prev
+                hold(st, prev)
                 continue
             where = cpu.tightest(need)
             if where is not None and cpu.take(where, need):
-                st.warm_at = where
+                hold(st, where)
+                continue
+            where = self._evict_warm_for(st, need, cpu, holders)
+            if where is not None and cpu.take(where, need):
+                hold(st, where)
+
+    def _evict_warm_for(
+        self, st: _State, need: int, cpu: CpuCapacity, holders: dict[tuple[int, int], list[_State]]
+    ) -> tuple[int, int] | None:
+        """Make CPU room by sending lower-priority WARM models to COLD (fewest victims wins)."""
+
+        def evictable(v: _State) -> bool:
+            return not v.req.dedicated and (v.req.priority < st.req.priority or st.req.dedicated)
+
+        best: tuple[tuple[int, int, int], tuple[int, int], list[_State]] | None = None
+        for where in sorted(holders):
+            free, victims = cpu.free[where], []
+            # Lowest priority first, then the largest (fewer victims).
+            for v in sorted(filter(evictable, holders[where]), key=lambda v: (v.req.priority, -_warm_bytes(v.req),
+                                                                              v.req.key)):
+                if free >= need:
+                    break
+                victims.append(v)
+                free += _warm_bytes(v.req)
+            if free >= need and victims:
+                cost = (len(victims), max(v.req.priority for v in victims), sum(_warm_bytes(v.req) for v in victims))
+                if best is None or (cost, where) < (best[0], best[1]):
+                    best = (cost, where, victims)
+        if best is None:
+            return None
+        _, where, victims = best
+        for v in victims:
+            holders[where].remove(v)
+            cpu.give(where, _warm_bytes(v.req))
+            v.warm_at = None
+            v.warm_evicted_by = st.req.key
+        return where
 
     # --- output -------------------------------------------------------------------------------
 
@@ -362,6 +412,11 @@ class _Planner:
             return self._decision(st, Level.HOT, Reason.PLACED_HOT, msg)
         level = Level.WARM if st.warm_at is not None else Level.COLD
         where = f"kept {level.value}" if level == Level.WARM else "Cold: no pod has CPU RAM for its weights"
+        if st.warm_evicted_by is not None:
+            evictor = self.states[st.warm_evicted_by].req
+            where = f"Cold: its CPU RAM went to {evictor.key} (priority {evictor.priority})"
+            if req.level == Level.WARM or (cur is not None and cur.level == Level.WARM):
+                return self._decision(st, level, Reason.EVICTED, where)
         if req.level == Level.WARM:
             if level == Level.WARM:
                 return self._decision(st, level, Reason.PLACED_WARM, "weights held in CPU RAM")

@@ -416,7 +416,7 @@ def test_property_dedicated_newcomers_evict_their_way_in(
 
 @settings(max_examples=60, deadline=None)
 @given(inventory=groups_st, requests=requests_st, data=st.data())
-def test_property_adding_a_lowest_priority_model_or_removing_one_moves_nothing(
+def test_property_adding_a_lowest_priority_model_moves_nothing_and_removing_one_only_lets_priority_act(
     inventory: Inventory, requests: list[PlacementRequest], data: st.DataObject
 ) -> None:
     first = plan(inventory, requests, now=NOW)
@@ -430,9 +430,33 @@ def test_property_adding_a_lowest_priority_model_or_removing_one_moves_nothing(
             assert added.decision(d.key).assignments == d.assignments
     if current:
         gone = data.draw(st.sampled_from([r.key for r in current]))
-        removed = plan(inventory, [r for r in current if r.key != gone], now=NOW)
-        assert removed.moves == 0
+        rest = [r for r in current if r.key != gone]
+        removed = plan(inventory, rest, now=NOW)
+        by_key = {r.key: r for r in rest}
+        for d in removed.decisions:
+            if d.moved:
+                # The freed room can let a waiting model outrank a lower-priority one; nothing else moves.
+                assert d.reason == Reason.EVICTED, d
+                evictor = by_key[d.message.split("by " if "evicted by" in d.message else "went to ")[1].split()[0]]
+                assert evictor.dedicated or evictor.priority > by_key[d.key].priority
         for d in first.decisions:
-            if d.key != gone and d.level == Level.HOT:
+            if d.key != gone and d.level == Level.HOT and not removed.decision(d.key).moved:
                 # Kept in place; a replica that did not fit before may be added in the freed room.
                 assert set(d.assignments) <= set(removed.decision(d.key).assignments)
+
+
+def test_higher_priority_takes_cpu_ram_from_lower_priority_warm_models() -> None:
+    i = inv(WorkerGroup("cpu", pods=1, gpus_per_pod=0, gpu_memory_bytes=0, cpu_memory_bytes=100 * GIB))
+    low = req("low", 100, level=Level.WARM, priority=0)  # weights 80 GiB
+    first = plan(i, [low], now=NOW)
+    assert first.decision("ns/low").level == Level.WARM
+    peer = req("peer", 75, level=Level.WARM)  # equal priority: waits, Cold
+    p = plan(i, [*carry(first, [low]), peer], now=NOW)
+    assert p.decision("ns/low").level == Level.WARM and p.decision("ns/peer").level == Level.COLD
+    assert p.decision("ns/peer").reason == Reason.INSUFFICIENT_MEMORY
+    vip = req("vip", 75, level=Level.WARM, priority=3)
+    p = plan(i, [*carry(first, [low]), vip], now=NOW)
+    assert p.decision("ns/vip").level == Level.WARM
+    d = p.decision("ns/low")
+    assert d.level == Level.COLD and d.reason == Reason.EVICTED and d.moved
+    assert "its CPU RAM went to ns/vip (priority 3)" in d.message
