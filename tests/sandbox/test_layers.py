@@ -136,17 +136,20 @@ def test_process_state_is_restored() -> None:
     torch.set_grad_enabled(not torch.is_grad_enabled())
     torch.manual_seed(1234)
     random.seed(99)
+    real_json = sys.modules["json"]
     sys.modules["json"] = None  # type: ignore[assignment]
     sys.modules["sandbox_test_fake"] = sys
+    sys.modules["os"] = sys
     import builtins
 
     builtins.evil = 1  # type: ignore[attr-defined]
     changed = state.restore()
+    del sys.modules["sandbox_test_fake"]
     assert torch.get_default_dtype() == torch.float32
     assert torch.equal(torch.random.get_rng_state(), before)
-    assert sys.modules["json"] is not None and "sandbox_test_fake" not in sys.modules
+    assert sys.modules["json"] is real_json and sys.modules["os"].__name__ == "os"
     assert not hasattr(builtins, "evil") and random.random is py_before
-    assert {"default_dtype", "grad_mode", "builtins"} <= set(changed)
+    assert {"default_dtype", "grad_mode", "builtins", "sys.modules grew", "sys.modules['os']"} <= set(changed)
 
 
 def test_rng_is_restored_after_a_request(models: tuple[Any, Any], backend: Any) -> None:
