@@ -125,21 +125,21 @@ class NnsightGateway:
     async def status(self, request: Request) -> dict[str, Any]:
         self._auth(request.headers.get(API_KEY_HEADER))
         deployments: dict[str, Any] = {}
-        for key, app_name in self.models.items():
-            info = await self._model_info(app_name)
-            level = (info or {}).get("level", _COLD)
+        infos = await asyncio.gather(*(self._model_info(app_name) for app_name in self.models.values()))
+        for (key, app_name), info in zip(self.models.items(), infos, strict=True):
+            known = info or {}  # an app that is not running tells nothing: report it COLD
+            repo_id = str(known.get("repo_id", key))
+            revision = str(known.get("revision", "main"))
+            trust = bool(known.get("trust_remote_code"))
             deployments[app_name] = {
-                "model_key": client_model_key(
-                    (info or {}).get("repo_id", key), (info or {}).get("revision"),
-                    bool((info or {}).get("trust_remote_code")),
-                ),
-                "repo_id": (info or {}).get("repo_id", key),
+                "model_key": client_model_key(repo_id, revision, trust),
+                "repo_id": repo_id,
                 "task": "text-generation",
-                "trust_remote_code": bool((info or {}).get("trust_remote_code")),
-                "revision": (info or {}).get("revision", "main"),
-                "deployment_level": str(level).upper(),
+                "trust_remote_code": trust,
+                "revision": revision,
+                "deployment_level": str(known.get("level", _COLD)).upper(),
                 "application_state": await self._app_state(app_name, info),
-                "queue_depth": (info or {}).get("queue_depth", 0),
+                "queue_depth": known.get("queue_depth", 0),
                 "activation_requested": key in self.activation_requests,
             }
         return {"deployments": deployments}

@@ -93,13 +93,12 @@ class ModelReplica:
     # --- levels ------------------------------------------------------------------------------
 
     def _load(self) -> levels.Transition:
-        from model_runtime.loading import load_model
+        from model_runtime.loading import load_model, pick_device
 
         started = time.monotonic()
+        # Always built in CPU RAM first: that copy is what WARM keeps and what HOT moves to the GPU.
         loaded = load_model(self.args.model_copy(update={"gpus_per_replica": 0.0}))
         self._model, self._source_kind = loaded.model, loaded.source_kind
-        from model_runtime.loading import pick_device
-
         self._device = pick_device(self.args.gpus_per_replica)
         if self._device == "cuda":
             levels.limit_gpu_share(self.args.gpus_per_replica)
