@@ -144,12 +144,16 @@ def scale(quick: bool) -> None:
           f"{first.gpus_used}/{first.gpus_total} GPUs)")
     print(f"  re-plan, all placed  {steady * 1000:8.1f} ms")
     print(f"  NDIF-style allocator {ndif * 1000:8.1f} ms   (ours / NDIF: {fresh / ndif:.1f}x time)")
-    # Oversubscribed: 2,600 deployments for 2,000 GPUs, a quarter at higher priority arriving late.
-    over = random_mix(random.Random(8), 2600)
-    base, late = over[:2000], [replace(r, priority=1) for r in over[2000:]]
+    # A full cluster: 3,300 deployments (about 950 fit, all 2,000 GPUs busy), then 300
+    # higher-priority ones arrive and must evict their way in.
+    over = random_mix(random.Random(9), 3600)
+    base, late = over[:3300], [replace(r, priority=1) for r in over[3300:]]
     current = carry(plan(inventory, base, now=NOW), base)
+    contested_plan = plan(inventory, current + late, now=NOW)
     contested = timed(lambda: plan(inventory, current + late, now=NOW), repeat)
-    print(f"  re-plan, oversubscribed with evictions {contested * 1000:8.1f} ms")
+    placed_late = len(hot_keys(contested_plan) & {r.key for r in late})
+    print(f"  re-plan, full cluster + 300 higher-priority newcomers {contested * 1000:8.1f} ms   "
+          f"({placed_late}/300 placed, {contested_plan.moves} evictions)")
     print(f"  scale: fresh plan of 2,000 deployments in {fresh:.3f} s (target < 1 s)")
 
 

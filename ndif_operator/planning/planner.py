@@ -101,7 +101,10 @@ class _Planner:
             raise ValueError(f"duplicate placement request keys: {dupes}")
         self.states = {r.key: _State(req=r, order=_order(r)) for r in sorted(requests, key=lambda r: r.key)}
         # group index → slot → state key, for the placements eviction may take back
-        self.incumbents: list[dict[SlotId, str]] = [{} for _ in self.groups]
+        self.incumbents: list[dict[int, dict[SlotId, str]]] = [{} for _ in self.groups]  # by priority
+        # (group, priority, dedicated) of requests that found no evictable placement: the set of
+        # incumbents only shrinks during a plan, so they never will (keeps full clusters fast).
+        self.no_victims: set[tuple[int, int, bool]] = set()
         # Group preference for new placements: the smallest GPUs that hold the model, so that big
         # GPUs stay free for the models that need them.
         self.group_pref = sorted(
@@ -131,7 +134,7 @@ class _Planner:
                 slot = _Slot(gi, rp.pod, rp.gpus, need.units, incumbent=True)
                 cap.allocate((st.req.key, number), rp.pod, rp.gpus, need.units)
                 st.slots[number] = slot
-                self.incumbents[gi][(st.req.key, number)] = st.req.key
+                self.incumbents[gi].setdefault(st.req.priority, {})[(st.req.key, number)] = st.req.key
             if not st.slots:
                 st.group = st.need = None
 
@@ -219,33 +222,63 @@ class _Planner:
 
     # --- eviction -----------------------------------------------------------------------------
 
-    def _evictable(self, victim: _State, by: PlacementRequest) -> bool:
+    def _time_shared_out(self, victim: _State) -> bool:
+        """An equal-priority model may be evicted once it has been HOT for its minimum time (if any)."""
         v = victim.req
-        if v.dedicated or v.key == by.key:
-            return False
-        if by.dedicated or by.priority > v.priority:
-            return True
-        if by.priority < v.priority or v.minimum_deployment_seconds <= 0:
+        if v.minimum_deployment_seconds <= 0:
             return False
         since = v.current.since if v.current is not None else None
         return since is None or (self.now - since).total_seconds() >= v.minimum_deployment_seconds
+
+    def _candidates(self, by: PlacementRequest, gi: int) -> dict[SlotId, str]:
+        """Incumbent slots of group `gi` that `by` may evict (see the module doc, rule 3)."""
+        memo = (gi, by.priority, by.dedicated)
+        if memo in self.no_victims:
+            return {}
+        found: dict[SlotId, str] = {}
+        for priority, slots in self.incumbents[gi].items():
+            if by.dedicated or priority < by.priority:
+                found.update((s, k) for s, k in slots.items() if not self.states[k].req.dedicated)
+            elif priority == by.priority:
+                found.update((s, k) for s, k in slots.items()
+                              if not self.states[k].req.dedicated and self._time_shared_out(self.states[k]))
+        if not found:
+            self.no_victims.add(memo)
+        return {s: k for s, k in found.items() if k != by.key}
 
     def _evict_for(
         self, st: _State, gi: int, need: Need, evicted: list[str]
     ) -> tuple[int, tuple[int, ...]] | None:
         cap = self.caps[gi]
-        candidates = {
-            slot: key for slot, key in self.incumbents[gi].items() if self._evictable(self.states[key], st.req)
-        }
+        candidates = self._candidates(st.req, gi)
         if not candidates:
             return None
         prio = {slot: self.states[key].req.priority for slot, key in candidates.items()}
-        pods = sorted({self.states[key].slots[slot[1]].pod for slot, key in candidates.items()})
-        best: tuple[tuple[int, int, int], int, tuple[int, ...], set[SlotId]] | None = None
+        # Only GPUs holding a candidate can change; whole free GPUs count too for multi-GPU needs.
+        touched: dict[int, set[int]] = {}
+        for slot, key in candidates.items():
+            held = self.states[key].slots[slot[1]]
+            touched.setdefault(held.pod, set()).update(held.gpus)
         avoid = {(s.pod, s.gpus[0]) for s in st.slots.values()} if need.shared else set()
-        for pod in pods:
+        best: tuple[tuple[int, int, int], int, tuple[int, ...], set[SlotId]] | None = None
+        if need.shared:
+            # Fast path: the cheapest single victim (lowest priority, then least memory) whose
+            # GPU then holds the replica; no other choice can cost less.
+            def single_cost(slot: SlotId) -> tuple[int, int, SlotId]:
+                held = self.states[slot[0]].slots[slot[1]]
+                return (prio[slot], held.units * len(held.gpus), slot)
+
+            for slot in sorted(candidates, key=single_cost):
+                held = self.states[slot[0]].slots[slot[1]]
+                gpu = next((g for g in held.gpus if (held.pod, g) not in avoid
+                            and cap.free[held.pod][g] + cap.occupants[held.pod][g][slot] >= need.units), None)
+                if gpu is not None:
+                    best = ((1, prio[slot], held.units * len(held.gpus)), held.pod, (gpu,), {slot})
+                    break
+        for pod in sorted(touched) if best is None else ():
             options: list[tuple[tuple[int, int, int], int, set[SlotId]]] = []  # (cost, gpu, victims)
-            for gpu in range(cap.group.gpus_per_pod):
+            scan = range(cap.group.gpus_per_pod) if not need.shared else sorted(touched[pod])
+            for gpu in scan:
                 if (pod, gpu) in avoid:
                     continue
                 free, occupants = cap.free[pod][gpu], cap.occupants[pod][gpu]
@@ -286,7 +319,7 @@ class _Planner:
             victim = self.states[key]
             taken = victim.slots.pop(number)
             cap.release(slot, taken.pod, taken.gpus)
-            del self.incumbents[gi][slot]
+            del self.incumbents[gi][victim.req.priority][slot]
             victim.evicted_by = st.req.key
             if not victim.slots:
                 # Everything it had is gone: it may land in another group when re-placed.
