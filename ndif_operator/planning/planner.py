@@ -254,11 +254,6 @@ class _Planner:
         if not candidates:
             return None
         prio = {slot: self.states[key].req.priority for slot, key in candidates.items()}
-        # Only GPUs holding a candidate can change; whole free GPUs count too for multi-GPU needs.
-        touched: dict[int, set[int]] = {}
-        for slot, key in candidates.items():
-            held = self.states[key].slots[slot[1]]
-            touched.setdefault(held.pod, set()).update(held.gpus)
         avoid = {(s.pod, s.gpus[0]) for s in st.slots.values()} if need.shared else set()
         best: tuple[tuple[int, int, int], int, tuple[int, ...], set[SlotId]] | None = None
         if need.shared:
@@ -275,7 +270,12 @@ class _Planner:
                 if gpu is not None:
                     best = ((1, prio[slot], held.units * len(held.gpus)), held.pod, (gpu,), {slot})
                     break
-        for pod in sorted(touched) if best is None else ():
+        # Only GPUs holding a candidate can change; whole free GPUs count too for multi-GPU needs.
+        touched: dict[int, set[int]] = {}
+        for slot, key in candidates.items() if best is None else ():
+            held = self.states[key].slots[slot[1]]
+            touched.setdefault(held.pod, set()).update(held.gpus)
+        for pod in sorted(touched):
             options: list[tuple[tuple[int, int, int], int, set[SlotId]]] = []  # (cost, gpu, victims)
             scan = range(cap.group.gpus_per_pod) if not need.shared else sorted(touched[pod])
             for gpu in scan:

@@ -460,3 +460,16 @@ def test_higher_priority_takes_cpu_ram_from_lower_priority_warm_models() -> None
     d = p.decision("ns/low")
     assert d.level == Level.COLD and d.reason == Reason.EVICTED and d.moved
     assert "its CPU RAM went to ns/vip (priority 3)" in d.message
+
+
+def test_placements_on_removed_pods_are_replaced_and_reported_as_moves() -> None:
+    big = inv(WorkerGroup("g", pods=2, gpus_per_pod=1, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB))
+    base = [req("a", 60), req("b", 60)]
+    first = plan(big, base, now=NOW)
+    on_pod1 = next(d.key for d in first.decisions if d.assignments[0].pod == 1)
+    small = inv(WorkerGroup("g", pods=1, gpus_per_pod=1, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=512 * GIB))
+    p = plan(small, carry(first, base), now=NOW)
+    kept = next(k for k in ("ns/a", "ns/b") if k != on_pod1)
+    assert p.decision(kept).level == Level.HOT and not p.decision(kept).moved
+    lost = p.decision(on_pod1)
+    assert lost.level == Level.WARM and lost.moved and lost.reason == Reason.INSUFFICIENT_GPU
