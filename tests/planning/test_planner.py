@@ -473,3 +473,35 @@ def test_placements_on_removed_pods_are_replaced_and_reported_as_moves() -> None
     assert p.decision(kept).level == Level.HOT and not p.decision(kept).moved
     lost = p.decision(on_pod1)
     assert lost.level == Level.WARM and lost.moved and lost.reason == Reason.INSUFFICIENT_GPU
+
+
+_SCENARIO = """
+import random
+from dataclasses import replace
+from datetime import UTC, datetime
+from ndif_operator.api import Level
+from ndif_operator.planning import CurrentPlacement, Inventory, PlacementRequest, WorkerGroup, plan
+G, now = 1024**3, datetime(2026, 1, 1, tzinfo=UTC)
+rng = random.Random(5)
+inv = Inventory((WorkerGroup("a", 4, 8, 80 * G, 512 * G), WorkerGroup("b", 2, 4, 24 * G, 64 * G)))
+reqs = [PlacementRequest(f"ns/m{i}", int(rng.uniform(0.5, 300) * G), int(rng.uniform(0.4, 200) * G),
+                         level=rng.choice([Level.HOT, Level.HOT, Level.WARM]), replicas=rng.choice([1, 2]),
+                         tensor_parallel_size="auto", priority=rng.choice([0, 1, 2])) for i in range(80)]
+first = plan(inv, reqs[:60], now=now)
+cur = [replace(r, current=CurrentPlacement(first.decision(r.key).level, first.decision(r.key).worker_group,
+                                           first.decision(r.key).assignments, now)) for r in reqs[:60]]
+print(repr(plan(inv, [*cur, *(replace(r, priority=3) for r in reqs[60:])], now=now)))
+"""
+
+
+def test_plans_are_byte_identical_across_processes_and_hash_seeds() -> None:
+    import os
+    import subprocess
+    import sys
+
+    outputs = {
+        subprocess.run([sys.executable, "-c", _SCENARIO], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1 and "Decision(" in next(iter(outputs))
