@@ -85,12 +85,30 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_config(arch, len(tokenizer)), dtype=getattr(torch, dtype))
     model.eval()
-    save_kwargs: dict[str, object] = {"safe_serialization": safe_serialization}
+    save_kwargs: dict[str, object] = {}
     if max_shard_size is not None:
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **save_kwargs)
+    if not safe_serialization:
+        _rewrite_as_pickle(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _rewrite_as_pickle(out: Path) -> None:
+    """Turn `model.safetensors` into `pytorch_model.bin`.
+
+    transformers 5 ignores `save_pretrained(safe_serialization=False)`, yet the evaluator's
+    meta-device fallback needs checkpoints that have no safetensors headers to read.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    shards = sorted(out.glob("model*.safetensors"))
+    if len(shards) != 1:
+        raise ValueError("a pickled tiny checkpoint must be a single file: drop max_shard_size")
+    torch.save(load_file(shards[0]), out / "pytorch_model.bin")
+    shards[0].unlink()
 
 
 def ensure_tiny_model(arch: Arch, out_dir: str | Path) -> Path:

@@ -17,15 +17,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "gpt2": build_tiny_model("gpt2", root / "gpt2"),
         "llama-tied": build_tiny_model("llama-tied", root / "llama-tied"),
         "llama-sharded": build_tiny_model("llama", root / "llama-sharded", max_shard_size="100KB"),
-        "gpt2-bin": _pickle_checkpoint(build_tiny_model("gpt2", root / "gpt2-bin")),
+        "gpt2-bin": build_tiny_model("gpt2", root / "gpt2-bin", safe_serialization=False),
     }
 
-
-def _pickle_checkpoint(path: Path) -> Path:
-    """Rewrite a checkpoint as `pytorch_model.bin`: transformers 5 ignores safe_serialization=False."""
-    import torch
-    from safetensors.torch import load_file
-
-    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
-    (path / "model.safetensors").unlink()
-    return path
