@@ -11,7 +11,7 @@ the logits) is executed over and over against a dispatched tiny llama:
   sides and, in a process holding torch + transformers, dwarfs a tiny model's request; it is
   timed separately);
 * sandboxed: the same `execute_request` with `runner=model_runtime.sandbox.executor.run_blob`
-  (what `select_runner()` picks with NDIF_SANDBOX=1), every layer including a seccomp filter on
+  (what `select_runner()` picks unless NDIF_SANDBOX=0), every layer including a seccomp filter on
   the worker thread;
 * standalone: `Sandbox.execute` (dedicated seccomp'd worker thread, own serialisation).
 
@@ -116,17 +116,31 @@ def main(iterations: int) -> None:
     def standalone() -> None:
         sandbox.execute(server, blob, request)
 
+    no_filter = Sandbox(Limits(timeout_s=60, seccomp=False))
+
+    def sandboxed_no_seccomp() -> None:
+        previous = executor._DEFAULT
+        executor._DEFAULT = no_filter
+        try:
+            out = execution.execute_request(
+                server, blob, envelope, limits=limits, on_log=lambda _l: None, runner=executor.run_blob
+            )
+        finally:
+            executor._DEFAULT = previous
+        assert out.error is None, out.error
+
     import gc
 
     gc_ms = _median_ms(gc.collect, 5)
     real_gc = execution.gc
     execution.gc = type("NoGC", (), {"collect": staticmethod(lambda: 0)})  # type: ignore[assignment]
-    for fn in (baseline, sandboxed, standalone):  # warm-up: imports, allocator, caches
+    runs = {"baseline": baseline, "sandboxed": sandboxed, "no_seccomp": sandboxed_no_seccomp, "standalone": standalone}
+    for fn in runs.values():  # warm-up: imports, allocator, caches
         for _ in range(5):
             fn()
-    samples: dict[str, list[float]] = {"baseline": [], "sandboxed": [], "standalone": []}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iterations):
-        for name, fn in (("baseline", baseline), ("sandboxed", sandboxed), ("standalone", standalone)):
+        for name, fn in runs.items():
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
@@ -186,6 +200,8 @@ def main(iterations: int) -> None:
     print(f"  baseline   execute_request, stock run_blob      {med['baseline']:8.2f} ms")
     print(f"  sandboxed  execute_request, sandbox run_blob    {med['sandboxed']:8.2f} ms"
           f"  ({med['sandboxed'] / med['baseline']:.2f}x)")
+    print(f"  sandboxed, seccomp filter off                   {med['no_seccomp']:8.2f} ms"
+          f"  ({med['no_seccomp'] / med['baseline']:.2f}x)")
     print(f"  standalone Sandbox.execute (dedicated worker)   {med['standalone']:8.2f} ms"
           f"  ({med['standalone'] / med['baseline']:.2f}x)")
     print(f"  (not included above: execute_request's gc.collect() per request, {gc_ms:.1f} ms here)")

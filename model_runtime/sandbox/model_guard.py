@@ -64,7 +64,7 @@ TENSOR_ALIASING = frozenset(
 CRITICAL_MODULES = (
     "builtins", "sys", "os", "posix", "io", "abc", "types", "importlib", "linecache", "pickle",
     "copyreg", "subprocess", "socket", "ctypes", "threading", "json", "math", "cmath", "collections",
-    "itertools", "functools", "operator", "statistics", "re", "typing", "random", "torch", "torch.nn",
+    "itertools", "functools", "operator", "statistics", "re", "typing", "random", "time", "torch", "torch.nn",
     "torch.nn.functional", "torch.nn.init", "torch.linalg", "torch.fft", "torch.special",
     "torch.distributions", "torch.autograd", "numpy", "numpy.linalg", "einops", "nnsight",
     "nnsight.intervention.envoy", "nnsight.intervention.tracer", "nnsight.intervention.interleaver",

@@ -195,6 +195,9 @@ def module_call(model, backend):
 def import_inside(model, backend):
     with model.trace(PROMPT, backend=backend):
         import math as m2
+        import time
+
+        time.sleep(0.001)
 
         from einops import reduce
 

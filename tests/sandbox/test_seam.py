@@ -1,5 +1,5 @@
 """The seam with the runtime: `execution.execute_request(..., runner=executor.run_blob)` (what
-`select_runner()` picks with NDIF_SANDBOX=1) gives the same results for legit programs and an
+`select_runner()` picks unless NDIF_SANDBOX=0) gives the same results for legit programs and an
 error text for attacks."""
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ def test_legit_through_the_runtime_seam(program: Any, models: tuple[Any, Any], s
     assert_same(local, program(client, sandboxed_runtime()))
 
 
-def test_select_runner_picks_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NDIF_SANDBOX", "1")
+def test_select_runner_picks_the_sandbox_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NDIF_SANDBOX", raising=False)
     assert execution.select_runner() is executor.run_blob
+    monkeypatch.setenv("NDIF_SANDBOX", "0")
+    assert execution.select_runner() is execution.run_blob
 
 
 def test_print_reaches_on_log(models: tuple[Any, Any], sandboxed_runtime: Any) -> None:
@@ -81,3 +83,16 @@ def test_attacks_through_the_runtime_seam(attack: Any, models: tuple[Any, Any], 
     assert ("[" in text and "]" in text) or "timeout" in text
     assert SECRET not in text
     assert weights_digest(server) == before
+
+
+def test_user_exception_carries_the_users_frame(models: tuple[Any, Any], sandboxed_runtime: Any) -> None:
+    from sandbox.legit_programs import PROMPT
+
+    client = models[0]
+    with pytest.raises(RuntimeError) as info:
+        with client.trace(PROMPT, backend=sandboxed_runtime()):
+            hidden = client.model.layers[0].output.save()
+            raise ValueError(f"user boom {hidden.shape}")
+    text = str(info.value)
+    assert "user boom" in text and "ValueError" in text
+    assert __file__ in text
