@@ -10,7 +10,7 @@ thread) for every line the request prints. It never raises for a request's fault
 
 The sandbox (issue 6) replaces what happens inside the worker thread (deserialize + execute +
 collect): `execute_request(..., runner=...)` takes any function with `run_blob`'s signature, and
-`select_runner()` picks `model_runtime.sandbox.executor.run_blob` when NDIF_SANDBOX=1. Callers (the
+`select_runner()` picks `model_runtime.sandbox.executor.run_blob` unless NDIF_SANDBOX=0. Callers (the
 model app) never touch nnsight directly.
 
 The recipe is nnsight 0.8.1's (research/nnsight-protocol.md §2.1):
@@ -226,10 +226,10 @@ Runner = Callable[[Any, bytes, Envelope], dict[str, Any]]
 
 
 def select_runner() -> Runner:
-    """`run_blob`, or the sandbox's drop-in when NDIF_SANDBOX is 1/true/on."""
+    """The sandbox's drop-in (the default), or the bare `run_blob` when NDIF_SANDBOX is 0/false/off."""
     import os
 
-    if os.environ.get("NDIF_SANDBOX", "").strip().lower() in ("1", "true", "on", "yes"):
+    if os.environ.get("NDIF_SANDBOX", "1").strip().lower() in ("1", "true", "on", "yes"):
         from model_runtime.sandbox.executor import run_blob as sandboxed
 
         return sandboxed
