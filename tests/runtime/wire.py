@@ -26,7 +26,7 @@ def capture_blob(model: Any, prompt: str, *, compress: bool = True) -> tuple[str
             captured["blob"] = RequestModel.serialize(tracer, compress=compress)
 
     with model.trace(prompt, backend=Capture()):
-        model.lm_head.output.save()
+        logits = model.lm_head.output.save()  # noqa: F841 (saved by name)
     return model.to_model_key(), captured["blob"]
 
 
@@ -61,3 +61,17 @@ def wait_final(url: str, job_id: str, headers: dict[str, str] | None = None, tim
                 return body
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s")
+
+
+def fetch_result(url: str) -> dict[str, Any]:
+    """Download a COMPLETED job's result URL and load it as the client would (zstd + torch.load)."""
+    import io
+
+    import torch
+    import zstandard
+
+    content = httpx.get(url, timeout=60).content
+    loaded: dict[str, Any] = torch.load(
+        io.BytesIO(zstandard.ZstdDecompressor().decompress(content)), map_location="cpu", weights_only=False
+    )
+    return loaded
