@@ -7,7 +7,9 @@ Same tiny model (tiny Llama, float32), same prompt, same intervention (save the 
 3. remote round trip: the unmodified nnsight client → `ndif-operator local` (gateway + model app),
    with two parts of it measured apart: the replica's execution time (`meta.runtime`) and what the
    client spends building a new `httpx.Client` (an SSL context) for every request
-4. throughput: 8 concurrent client processes vs 1 client process (same requests each)
+4. throughput: 8 concurrent client processes vs 1 client process (same requests each), and the
+   server's capacity without client cost: the same request pre-serialized once and sent by 1 vs 8
+   concurrent websocket sessions from one asyncio process
 5. activation, measured as "config PUT → first successful remote trace":
    cold (the model's Serve app is created: replica start, imports, load from disk) vs
    warm (the app exists with the weights in CPU RAM; `user_config.level` flips to Hot).
@@ -138,6 +140,76 @@ def throughput(model_dir: str, url: str, clients: int, per_client: int) -> tuple
     window = max(r["end"] for r in results) - min(r["start"] for r in results)
     latencies = [lat for r in results for lat in r["latencies"]]
     return clients * per_client / window, statistics.median(latencies)
+
+
+# --- server capacity (no per-request client cost) ---------------------------------------------
+
+
+def capture_request(model: Any) -> tuple[dict[str, Any], bytes]:
+    """The envelope and payload the nnsight client would send for `trace_logits` (nothing is sent)."""
+    from nnsight.intervention.backends import remote as remote_backend
+
+    captured: dict[str, Any] = {}
+    original = remote_backend.RemoteBackend.request
+
+    def grab(self: Any, request: Any, tracer: Any) -> None:
+        captured["envelope"] = json.loads(request.metadata())
+        captured["blob"] = self._serialize(tracer)
+        raise InterruptedError("captured")
+
+    remote_backend.RemoteBackend.request = grab  # type: ignore[method-assign]
+    try:
+        trace_logits(model, True)
+    except Exception:
+        if "blob" not in captured:
+            raise
+    finally:
+        remote_backend.RemoteBackend.request = original  # type: ignore[method-assign]
+    return captured["envelope"], captured["blob"]
+
+
+async def _raw_client(url: str, envelope: dict[str, Any], blob: bytes, count: int, http: Any) -> list[float]:
+    """One virtual client: its own websocket session, `count` blocking requests one after another."""
+    from importlib.metadata import version
+
+    import websockets
+
+    headers = {"nnsight-version": version("nnsight")}
+    latencies = []
+    async with websockets.connect(url.replace("http", "ws", 1) + "/subscribe") as ws:
+        session = json.loads(await ws.recv())["session_id"]
+        data = json.dumps({**envelope, "session_id": session})
+        for _ in range(count):
+            started = time.perf_counter()
+            response = await http.post(f"{url}/request", data={"data": data}, headers=headers,
+                                       files={"blob": ("request", blob, "application/octet-stream")})
+            response.raise_for_status()
+            while True:
+                frame = await ws.recv()
+                if isinstance(frame, bytes):
+                    break  # the inline COMPLETED frame is the only binary one
+                status = json.loads(frame)["status"]
+                if status == "COMPLETED":
+                    break
+                if status == "ERROR":
+                    raise RuntimeError(frame)
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def server_capacity(url: str, envelope: dict[str, Any], blob: bytes, clients: int, per_client: int) -> float:
+    """Requests per second the server sustains for `clients` concurrent sessions (one process, asyncio)."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> float:
+        async with httpx.AsyncClient(timeout=120) as http:
+            started = time.perf_counter()
+            await asyncio.gather(*(_raw_client(url, envelope, blob, per_client, http) for _ in range(clients)))
+            return clients * per_client / (time.perf_counter() - started)
+
+    return asyncio.run(run())
 
 
 # --- activation -------------------------------------------------------------------------------
@@ -273,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput, {args.clients} clients:  {many_rps:.1f} req/s (median latency {ms(many_lat)}); "
               f"{many_rps / one_rps:.2f}x one client")
 
+        envelope, blob = capture_request(client)
+        server_capacity(url, envelope, blob, 1, 3)  # warm-up
+        raw_one = server_capacity(url, envelope, blob, 1, args.per_client * 2)
+        raw_many = server_capacity(url, envelope, blob, args.clients, args.per_client)
+        print(f"server capacity (pre-serialized requests, one asyncio process): 1 session {raw_one:.1f} req/s, "
+              f"{args.clients} sessions {raw_many:.1f} req/s; {raw_many / raw_one:.2f}x")
+
         app = model_app_name("bench", "tiny")
         cold_s, warm_s = activation(mode, client, app, args.rounds)
         print(f"activation to first trace: cold {cold_s:.2f} s (new replica, load from disk), "
@@ -280,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"headline: remote round trip {remote_s / local_s:.1f}x a local nnsight trace "
           f"({ms(remote_s)} vs {ms(local_s)}); {args.clients}-client throughput {many_rps / one_rps:.2f}x "
-          f"one client; warm activation {cold_s / warm_s:.1f}x faster than cold")
+          f"one client ({raw_many / raw_one:.2f}x for pre-serialized sessions); "
+          f"warm activation {cold_s / warm_s:.1f}x faster than cold")
     return 0
 
 
