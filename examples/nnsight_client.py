@@ -3,8 +3,9 @@
     NDIF_HOST=http://127.0.0.1:8000 python examples/nnsight_client.py \
         --model-dir .demo/tiny-llama --repo-id ndif-demo/tiny-llama
 
-Three experiments, each one `remote=True` request: save a hidden state, patch an activation
-(zero one MLP output and see the logits move), and generate a few tokens. `--check-local` loads
+Four experiments, each one `remote=True` request: save a hidden state, patch an activation
+(zero one MLP output and see the logits move), generate a few tokens, and the first one again as a
+non-blocking job (submit, then poll for the result). `--check-local` loads
 the same checkpoint in this process and compares every remote result with a local trace.
 `--json PATH` writes the results for scripts and tests.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +59,26 @@ def generate(model: Any, remote: bool, tokens: int) -> Any:
     return output
 
 
+def submit_and_poll(model: Any, timeout_s: float = 120.0) -> Any:
+    """Non-blocking: the request returns at once; the result is fetched by polling (from the
+    server's object store when it has one)."""
+    with model.trace(PROMPT, remote=True, blocking=False) as tracer:
+        logits = model.lm_head.output.save()  # noqa: F841 (the poll returns saves by name)
+    backend = tracer.backend
+    deadline = time.monotonic() + timeout_s
+    while (result := backend()) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {backend.job_id} did not complete within {timeout_s:.0f}s")
+        time.sleep(0.1)
+    return result["logits"]
+
+
 def run(model: Any, remote: bool, tokens: int) -> dict[str, Any]:
     hidden, logits = save_hidden_state(model, remote)
     patched = patch_activation(model, remote)
     output = generate(model, remote, tokens)
-    return {"hidden": hidden, "logits": logits, "patched": patched, "generated": output}
+    polled = submit_and_poll(model) if remote else logits  # locally there is nothing to poll
+    return {"hidden": hidden, "logits": logits, "patched": patched, "generated": output, "polled": polled}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"logits:                 shape {tuple(logits.shape)}")
     print(f"zeroing layer 1's MLP moved the logits by up to {shift:.4f}")
     print(f"generated:              {text!r}")
+    print(f"non-blocking submit + poll gave the same logits: {bool(remote['polled'].equal(logits))}")
     report: dict[str, Any] = {
         "hidden_shape": list(hidden.shape),
         "hidden_mean": hidden.mean().item(),
@@ -94,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "patch_shift": shift,
         "generated_ids": remote["generated"][0].tolist(),
         "generated_text": text,
+        "polled_equal": bool(remote["polled"].equal(logits)),
     }
     if args.check_local:
         from nnsight import TransformersModel

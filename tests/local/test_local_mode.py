@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
 from model_runtime.tiny_models import build_tiny_model
@@ -29,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PORT_OFFSET = 300  # a port block of its own: other suites run their own Ray on random ports
 API_KEY = "local-test-key"
 REPO_ID = "ndif-test/tiny-llama"
+BUCKET = "ndif-local-results"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 MANIFEST = """\
 apiVersion: ndif.dev/v1alpha1
 kind: ModelDeployment
@@ -80,7 +83,25 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_run(model_dir: Path) -> Iterator[LocalRun]:
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API (moto server) for results that do not go inline (non-blocking jobs)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_run(model_dir: Path, s3_endpoint: str) -> Iterator[LocalRun]:
     workdir = model_dir.parent
     manifest = workdir / "models.yaml"
     manifest.write_text(MANIFEST.format(repo=REPO_ID, path=model_dir))
@@ -88,8 +109,9 @@ def local_run(model_dir: Path) -> Iterator[LocalRun]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ndif_operator.cli", "local", str(manifest), "--port-offset", str(PORT_OFFSET),
-             "--ready-file", str(ready), "--api-key", API_KEY, "--num-cpus", "2", "--timeout", "300"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+             "--ready-file", str(ready), "--api-key", API_KEY, "--num-cpus", "2", "--timeout", "300",
+             "--object-store-bucket", BUCKET, "--object-store-endpoint", s3_endpoint],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 400
@@ -150,7 +172,9 @@ def test_requests_for_warm_and_unknown_models_get_clear_errors(local_run: LocalR
     assert cold.status_code == 404
 
 
-def test_unmodified_nnsight_client_script(local_run: LocalRun, model_dir: Path, tmp_path: Path) -> None:
+def test_unmodified_nnsight_client_script(
+    local_run: LocalRun, model_dir: Path, s3_endpoint: str, tmp_path: Path
+) -> None:
     report = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "nnsight_client.py"), "--model-dir", str(model_dir),
@@ -160,10 +184,25 @@ def test_unmodified_nnsight_client_script(local_run: LocalRun, model_dir: Path, 
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     data = json.loads(report.read_text())
-    assert data["equal_to_local"] == {"hidden": True, "logits": True, "patched": True, "generated": True}
+    assert data["equal_to_local"] == {
+        "hidden": True, "logits": True, "patched": True, "generated": True, "polled": True,
+    }  # fmt: skip
     assert data["patch_shift"] > 0
     assert data["hidden_shape"][-1] == 64
     assert len(data["generated_ids"]) == data["logits_shape"][1] + 3
+    # The non-blocking job's result had no websocket to ride on: it went through the object store.
+    assert data["polled_equal"]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, **_boto_credentials())
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert any(k.startswith("results/") for k in keys), keys
+
+
+def _boto_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
+    }
 
 
 def test_ctrl_c_stops_everything_it_started(local_run: LocalRun) -> None:
