@@ -253,6 +253,26 @@ def encode_saves(saves: dict[str, Any], compress: bool) -> bytes:
     return data
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_PICKLE_PROTO = b"\x80"
+
+
+def precheck(blob: bytes, envelope: Envelope) -> str | None:
+    """A clear refusal for payloads that cannot be a request at all, before any runner sees them.
+
+    Cheap header checks only (zstd frame magic, pickle protocol opcode): whatever runner is in use
+    (plain or sandboxed), a wrong compression flag or random bytes get the same plain answer.
+    """
+    if not blob:
+        return "Unreadable request payload: the blob is empty."
+    if envelope.compress and not blob.startswith(_ZSTD_MAGIC):
+        return "Unreadable request payload: compress=true but the blob is not zstd-compressed."
+    if not envelope.compress and not blob.startswith(_PICKLE_PROTO):
+        hint = " (it is zstd-compressed)" if blob.startswith(_ZSTD_MAGIC) else ""
+        return f"Unreadable request payload: compress=false but the blob is not a pickle{hint}."
+    return None
+
+
 def _async_raise(ident: int, exc_type: type[BaseException]) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc_type))
 
@@ -294,6 +314,9 @@ def execute_request(
     runner: Runner = run_blob,
 ) -> ExecutionResult:
     """Run one request to completion, error or timeout. Blocking; callers serialize calls per model."""
+    refusal = precheck(blob, envelope)
+    if refusal is not None:
+        return ExecutionResult(error=refusal, meta={"runtime": 0.0})
     outcome: dict[str, Any] = {}
     started = time.monotonic()
     _reset_gpu_peaks()

@@ -88,13 +88,17 @@ def test_stuck_in_c_call_is_reported_wedged(local_model: Any) -> None:
     time.sleep(3)  # let the sleeper finish before other tests use the model
 
 
-@pytest.mark.parametrize("case", ["garbage", "truncated", "result_too_big"])
+@pytest.mark.parametrize("case", ["garbage", "empty", "truncated", "result_too_big", "wrong_compress"])
 def test_request_faults_are_errors(local_model: Any, case: str) -> None:
     capture = Capture()
     with local_model.trace(PROMPT, backend=capture):
         local_model.lm_head.output.save()
-    blob = {"garbage": b"nonsense", "truncated": capture.blob[:40]}.get(case, capture.blob)
-    result, _ = _run(local_model, blob, max_result_bytes=100)
+    blob = {"garbage": b"nonsense", "empty": b"", "truncated": capture.blob[:40]}.get(case, capture.blob)
+    logs: list[str] = []
+    result = execute_request(local_model, blob, Envelope(model_key="k", compress=case != "wrong_compress"),
+                             limits=ExecutionLimits(max_result_bytes=100), on_log=logs.append)
     assert result.result is None
     expected = "exceeds this model's limit" if case == "result_too_big" else "Unreadable request payload"
     assert expected in (result.error or "")
+    if case == "wrong_compress":
+        assert "zstd-compressed" in (result.error or "")
