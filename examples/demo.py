@@ -5,7 +5,8 @@
 2. starts `ndif-operator local .demo/tiny-llama.yaml` (local Ray, the operator's plan, the gateway
    on localhost) and waits until it serves;
 3. runs examples/nnsight_client.py against it (save a hidden state, patch an activation, generate
-   a few tokens; compared with a local trace), prints the gateway's model table;
+   a few tokens, a non-blocking submit + poll; each compared with a local trace), prints the
+   gateway's model table;
 4. stops local mode (as Ctrl-C would) and checks that it exited cleanly.
 
     python examples/demo.py [--port-offset N] [--keep-running]
