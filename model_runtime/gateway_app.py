@@ -25,6 +25,7 @@ Job and session state live in this replica's memory, so the gateway runs as one 
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from importlib import metadata
@@ -81,6 +82,7 @@ class NnsightGateway:
         self._handles: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.activation_requests: dict[str, float] = {}
+        self._keepalive_s = float(os.environ.get("NDIF_WS_KEEPALIVE_SECONDS", "20"))
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -167,28 +169,43 @@ class NnsightGateway:
         session_id, queue = self.jobs.open_session()
         await websocket.send_text(json.dumps({"session_id": session_id}))
         # Watch for the client going away while we wait for frames to send.
-        receiver = asyncio.create_task(websocket.receive())
+        receiver: asyncio.Task[Any] = asyncio.create_task(websocket.receive())
+        getter: asyncio.Task[Any] | None = None
         try:
             while True:
-                getter = asyncio.create_task(queue.get())
-                done, _ = await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                if getter is None:
+                    getter = asyncio.create_task(queue.get())
+                done, _ = await asyncio.wait(
+                    {getter, receiver}, timeout=self._keepalive_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in done:
+                    frame, getter = getter.result(), None
+                    if isinstance(frame, bytes):
+                        await websocket.send_bytes(frame)
+                    else:
+                        await websocket.send_text(frame)
                 if receiver in done:
-                    getter.cancel()
-                    message = receiver.result()
-                    if message.get("type") == "websocket.disconnect":
+                    if receiver.result().get("type") == "websocket.disconnect":
                         break
                     receiver = asyncio.create_task(websocket.receive())  # ignore client chatter
-                    continue
-                frame = getter.result()
-                if isinstance(frame, bytes):
-                    await websocket.send_bytes(frame)
-                else:
-                    await websocket.send_text(frame)
+                if not done:
+                    await self._keepalive(websocket, session_id)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
             receiver.cancel()
+            if getter is not None:
+                getter.cancel()
             self.jobs.close_session(session_id)
+
+    async def _keepalive(self, websocket: WebSocket, session_id: str) -> None:
+        """Idle session with a job in flight: repeat its status so proxies and load balancers keep
+        the connection (the client sends no pings of its own and has no receive timeout)."""
+        now = time.monotonic()
+        for job in self.jobs.active(session_id):
+            if job.latest is not None and job.latest["status"] in ("QUEUED", "RUNNING"):
+                waited = f"{job.latest['description']} ({now - job.created:.0f} s)"
+                await websocket.send_text(json.dumps({**job.latest, "description": waited}))
 
     @app.post("/request")
     async def request(self, request: Request) -> dict[str, Any]:

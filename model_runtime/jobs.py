@@ -67,6 +67,9 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def active(self, session_id: str) -> list[Job]:
+        return [j for j in self._jobs.values() if j.session_id == session_id and not j.done]
+
     def in_flight(self, model_key: str) -> int:
         return sum(1 for j in self._jobs.values() if j.model_key == model_key and not j.done)
 

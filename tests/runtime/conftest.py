@@ -146,6 +146,7 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
                 "AWS_ACCESS_KEY_ID": "testing",
                 "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1",
+                "NDIF_WS_KEEPALIVE_SECONDS": "0.5",
             },
             object_store_bucket=RESULTS_BUCKET,
             object_store_endpoint_url=s3_endpoint,

@@ -197,3 +197,37 @@ def test_concurrent_jobs_each_get_their_own_result(client_model: Any, local_mode
             ref = local_model.lm_head.output.save()
         (saved,) = result.values()
         assert torch.equal(saved, ref)
+
+
+def test_websocket_keepalive_during_a_long_job(client_model: Any, served: dict[str, Any]) -> None:
+    """An idle session with a running job gets its status repeated (the strict gateway: every 0.5 s)."""
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing.backend import Backend
+
+    captured: list[bytes] = []
+
+    class Capture(Backend):
+        def __call__(self, tracer: Any) -> None:
+            captured.append(RequestModel.serialize(tracer, compress=True))
+
+    with client_model.trace(PROMPT, backend=Capture()):
+        logits = client_model.lm_head.output.save()  # noqa: F841 (saved by name)
+        for _ in range(25):
+            time.sleep(0.1)
+    good = {"ndif-api-key": API_KEY}
+    connection = websocket.create_connection(
+        served["strict_url"].replace("http://", "ws://") + "/subscribe", header=good, timeout=60
+    )
+    try:
+        session_id = json.loads(connection.recv())["session_id"]
+        response = post(served["strict_url"], client_model.to_model_key(), captured[0], headers=good,
+                        session_id=session_id)
+        assert response.status_code == 200, response.text
+        statuses: list[str] = []
+        while not statuses or statuses[-1] not in ("COMPLETED", "ERROR"):
+            frame = connection.recv()
+            statuses.append("COMPLETED" if isinstance(frame, bytes) else json.loads(frame)["status"])
+    finally:
+        connection.close()
+    assert statuses[-1] == "COMPLETED", statuses
+    assert statuses.count("RUNNING") >= 3, statuses
