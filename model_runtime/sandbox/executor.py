@@ -87,7 +87,7 @@ class Sandbox:
 
     def context(self, model: Any) -> _ModelContext:
         ctx = self._models.get(model)
-        if ctx is None:
+        if ctx is None or ctx.weights.modules[0] is not model._module:  # new or rebuilt model
             weights = WeightGuard([model._module])
             ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected))
             self._models[model] = ctx
@@ -368,6 +368,12 @@ def execute_sandboxed(
 ) -> ExecutionResult:
     """Run one request blob against `model` inside the sandbox (the process-wide default one)."""
     return default_sandbox().execute(model, blob, envelope, limits=limits, on_log=on_log)
+
+
+def sandbox_healthy() -> bool:
+    """False once the process-wide sandbox saw weights change behind its guards or a request it
+    could not stop: the replica must be replaced (for a model app's health check)."""
+    return _DEFAULT is None or _DEFAULT.healthy
 
 
 def default_sandbox() -> Sandbox:

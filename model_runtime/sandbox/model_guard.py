@@ -95,16 +95,20 @@ class WeightGuard:
     tainted: bool = False
 
     def __post_init__(self) -> None:
+        self.arm()
+
+    def arm(self) -> None:
+        """Index the weights and record their version counters at the start of a request.
+
+        Re-indexed every time (O(number of tensors), microseconds each): moving the model between
+        CPU RAM and GPU (WARM ↔ HOT) gives every parameter new storage.
+        """
         seen: dict[int, torch.Tensor] = {}
         for module in self.modules:
             for tensor in [*module.parameters(), *module.buffers()]:
                 seen.setdefault(id(tensor), tensor)
         self._tensors = list(seen.values())
         self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
-        self.arm()
-
-    def arm(self) -> None:
-        """Record the version counters at the start of a request."""
         self._versions = [t._version for t in self._tensors]
 
     def is_protected(self, value: Any) -> bool:

@@ -128,6 +128,30 @@ def test_weight_guard_protects_views_and_detects_missed_writes() -> None:
         guard.check()
 
 
+def test_weight_guard_follows_the_model_to_new_storage() -> None:
+    layer = torch.nn.Linear(4, 4)
+    guard = WeightGuard([layer])
+    layer.to(torch.float64)  # like WARM -> HOT: same Parameter objects, new storage
+    guard.arm()
+    assert guard.is_protected(layer.weight.detach()[0])
+
+
+def test_weights_changed_behind_the_guards_make_the_sandbox_unhealthy() -> None:
+    from model_runtime.sandbox import Sandbox
+
+    class Wrapper:  # stands in for an nnsight model: the sandbox only needs `_module`
+        _module = torch.nn.Linear(2, 2)
+
+    box, model = Sandbox(), Wrapper()
+    ctx = box.context(model)
+    assert box.healthy
+    with torch.no_grad():
+        model._module.weight.mul_(2)
+    with pytest.raises(ModelTampering):
+        ctx.weights.check()
+    assert not box.healthy
+
+
 def test_process_state_is_restored() -> None:
     state = ProcessState.capture()
     before = torch.random.get_rng_state().clone()
