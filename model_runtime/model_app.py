@@ -177,6 +177,10 @@ class ModelReplica:
         # A request thread that ignored cancellation still holds the model: let Serve replace us.
         if self._wedged:
             raise RuntimeError("a timed-out request could not be stopped; this replica must be replaced")
+        from model_runtime.sandbox.executor import sandbox_healthy  # lazy: the sandbox is optional
+
+        if not sandbox_healthy():  # a request changed weights behind the guards: reload them
+            raise RuntimeError("the sandbox saw this replica's weights change; it must be replaced")
 
     # --- requests ----------------------------------------------------------------------------
 
