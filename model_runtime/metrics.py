@@ -33,10 +33,11 @@ class _Influx:
         if not url:
             return
         try:
-            from influxdb_client import InfluxDBClient
+            import influxdb_client
             from influxdb_client.client.write_api import WriteOptions
 
-            self._client = InfluxDBClient(
+            influx: Any = influxdb_client  # untyped package
+            self._client = influx.InfluxDBClient(
                 url=url, token=os.environ.get("NDIF_INFLUX_TOKEN", ""), org=os.environ.get("NDIF_INFLUX_ORG", "")
             )
             self._api = self._client.write_api(
@@ -54,9 +55,10 @@ class _Influx:
         if self._api is None:
             return
         try:
-            from influxdb_client import Point
+            import influxdb_client
 
-            point = Point(measurement)
+            influx: Any = influxdb_client
+            point = influx.Point(measurement)
             for k, v in tags.items():
                 point = point.tag(k, v)
             for k, f in fields.items():
@@ -81,8 +83,9 @@ class RuntimeMetrics:
         self._snapshot: dict[str, float] = defaultdict(float)
         self._ray: dict[str, Any] = {}
         try:
-            from ray.serve import metrics as m
+            from ray.serve import metrics as ray_metrics
 
+            m: Any = ray_metrics  # its tag_keys annotation wants a 1-tuple
             self._ray = {
                 "requests": m.Counter(
                     "ndif_requests", "Requests by model and outcome.", tag_keys=("model", "outcome")
