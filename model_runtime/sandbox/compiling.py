@@ -311,7 +311,15 @@ class Guards:
         self.on_print(sep.join(str(a) for a in args) + (end if end != "\n" else ""))
 
     def namespace(self) -> dict[str, Any]:
-        """The guard names RestrictedPython's rewritten code looks up, plus safe builtins."""
+        """The guard names RestrictedPython's rewritten code looks up, plus safe builtins.
+
+        A fresh dict each call (it becomes a block's or a function's globals) around one shared
+        builtins table per request.
+        """
+        return dict(self._namespace)
+
+    @functools.cached_property
+    def _namespace(self) -> dict[str, Any]:
         guards = self
 
         class _Print:

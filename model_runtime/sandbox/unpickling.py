@@ -113,8 +113,12 @@ class SandboxUnpickler(pickle._Unpickler):
     guards: ClassVar[Guards | None] = None  # set by `bind`; needed for helper functions
     dispatch: ClassVar[dict[int, Callable[..., None]]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
-    def __init__(self, file: Any, persistent_objects: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, file: Any, persistent_objects: dict[str, Any] | None = None, guards: Guards | None = None
+    ) -> None:
         super().__init__(file)
+        if guards is not None:
+            self.guards = guards  # per instance; `bind` makes a class for RequestModel.deserialize
         self._sandbox_file = file if isinstance(file, io.BytesIO) else io.BytesIO(file.read())
         self.persistent_objects = persistent_objects or {}
         self._built_functions: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
@@ -321,4 +325,4 @@ def loads(
     data: bytes, persistent_objects: dict[str, Any], guards: Guards,
 ) -> Any:
     """Unpickle a (decompressed) request payload under the allowlist."""
-    return SandboxUnpickler.bind(guards)(io.BytesIO(data), persistent_objects).load()
+    return SandboxUnpickler(io.BytesIO(data), persistent_objects, guards).load()
