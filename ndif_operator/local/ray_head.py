@@ -178,6 +178,7 @@ class LocalRayHead:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self, *, timeout: float = 120.0) -> None:
+        self._clear_stale()
         busy = busy_ports(self.spec.ports)
         if busy:
             raise RayHeadError(
@@ -185,6 +186,7 @@ class LocalRayHead:
             )
         temp = self.spec.resolved_temp_dir
         temp.mkdir(parents=True, exist_ok=True)
+        self._owner_file.write_text(f"{os.getpid()}\n")
         self._log(f"starting Ray head (dashboard {self.spec.dashboard_url}, files in {temp}) ...")
         with open(self._stdout_path, "wb") as out:
             self._proc = subprocess.Popen(
@@ -200,6 +202,25 @@ class LocalRayHead:
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def _owner_file(self) -> Path:
+        return self.spec.resolved_temp_dir / "owner.pid"
+
+    def _clear_stale(self) -> None:
+        """Kill what an earlier run on this port block left behind when it died without cleaning up
+        (SIGKILL, a crash); refuse if that run is still alive."""
+        stale = processes_of(self.spec.resolved_temp_dir)
+        if not stale:
+            return
+        owner = read_owner(self._owner_file)
+        if owner is not None and owner != os.getpid() and pid_alive(owner):
+            raise RayHeadError(
+                f"another local mode (pid {owner}) runs on this port block ({self.spec.resolved_temp_dir}); "
+                "stop it, or pick other ports with --port-offset"
+            )
+        self._log(f"cleaning up {len(stale)} process(es) left by an earlier run that did not stop cleanly")
+        _kill_all(stale)
 
     def _wait_dashboard(self, timeout: float) -> None:
         # Serve's REST API lives in the dashboard head; once it answers, deploys can go in.
@@ -218,9 +239,15 @@ class LocalRayHead:
         raise RayHeadError(f"the Ray dashboard did not answer within {timeout:.0f}s; see {self._stdout_path}")
 
     def stop(self, *, grace: float = 30.0) -> None:
-        """SIGTERM the head's process group, wait, then SIGKILL whatever of ours is left."""
+        """SIGTERM the head's process group, wait, then SIGKILL whatever of ours is left.
+
+        Does nothing unless this object started a head: the processes of the port block might
+        belong to another live run (`start` refused because of it).
+        """
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
+        if proc is None:
+            return
+        if proc.poll() is None:
             self._log("stopping Ray head ...")
             # The leader alone: its handler stops its children in order (a group-wide TERM races it).
             proc.send_signal(signal.SIGTERM)
@@ -229,19 +256,15 @@ class LocalRayHead:
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        if proc is not None:
-            _signal_group(proc.pid, signal.SIGKILL)  # stragglers in the group (e.g. the reaper)
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers in the group (e.g. the reaper)
         leftovers = processes_of(self.spec.resolved_temp_dir)
         deadline = time.monotonic() + 10
         while leftovers and time.monotonic() < deadline:
             # Workers exit on their own once the raylet is gone; give them a moment, then insist.
             time.sleep(0.5)
             leftovers = processes_of(self.spec.resolved_temp_dir)
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(leftovers)
+        self._owner_file.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalRayHead:
         self.start()
@@ -249,6 +272,34 @@ class LocalRayHead:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def read_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _kill_all(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)  # SIGKILL is asynchronous; ports are free only once they are gone
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -287,7 +338,3 @@ def _names_dir(cmdline: bytes, needle: bytes) -> bool:
                 return True
             index = arg.find(needle, index + 1)
     return False
-
-
-def leftover_report(pids: Sequence[int]) -> str:
-    return ", ".join(str(p) for p in pids) or "none"

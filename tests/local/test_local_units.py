@@ -228,3 +228,17 @@ def test_first_signal_raises_stopped_and_later_ones_are_ignored() -> None:
         assert stopping.is_set()
         os.kill(os.getpid(), signal.SIGINT)  # during teardown: swallowed, no KeyboardInterrupt
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_owner_file_and_pid_checks(tmp_path: Path) -> None:
+    import os
+
+    from ndif_operator.local.ray_head import pid_alive, read_owner
+
+    owner = tmp_path / "owner.pid"
+    assert read_owner(owner) is None
+    owner.write_text("not a pid\n")
+    assert read_owner(owner) is None
+    owner.write_text(f"{os.getpid()}\n")
+    assert read_owner(owner) == os.getpid() and pid_alive(os.getpid())
+    assert not pid_alive(2**22 + 12345)  # above Linux's pid_max: never a live process
