@@ -232,7 +232,12 @@ class NnsightGateway:
             raise HttpError(404, f"Model {key!r} is not deployed here (models: {known}).")
         info = await self._model_info(app_name)
         level = (info or {}).get("level", _COLD)
-        if info is None or level == _COLD:
+        if info is None:
+            state = await self._app_state(app_name, None)
+            if state == "DEPLOYING":
+                raise HttpError(503, f"Model {key!r} is being deployed (loading); retry shortly.")
+            raise HttpError(503, f"Model {key!r} is not running ({state}); ask an admin to make it Hot.")
+        if level == _COLD:
             raise HttpError(503, f"Model {key!r} is COLD (not loaded); ask an admin to make it Hot.")
         if level == _WARM:
             if info.get("activate_on_request"):

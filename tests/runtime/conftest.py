@@ -114,6 +114,7 @@ def gateway_target(
 
 
 STRICT_PREFIX = "/strict"
+GHOST_KEY = "ghost/model"
 # The second model: tight limits for timeout, backpressure, payload size and WARM/COLD tests.
 SLOW_CONFIG = {
     "max_queue_depth": 1,
@@ -136,7 +137,8 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
         # Fast health checks: the wedged-replica test waits for Serve to replace the replica.
         model_target(SLOW_APP, model_args(slow_path, "default/tiny-slow"), SLOW_CONFIG,
                      health_check_period_s=1, health_check_timeout_s=10),
-        gateway_target(models),
+        # "ghost/model" is routed to an app that was never deployed (a COLD model's key).
+        gateway_target({**models, GHOST_KEY: "md-default-ghost"}),
         gateway_target(
             models,
             app_name="gateway-strict",

@@ -65,6 +65,8 @@ def test_http_refusals(served: dict[str, Any], valid: tuple[str, bytes]) -> None
     key, blob = valid
     unknown = post(served["url"], key.replace("tiny-llama", "no-such-model"), blob)
     assert unknown.status_code == 404 and "not deployed" in unknown.json()["detail"]
+    ghost = post(served["url"], "ghost/model", blob)
+    assert ghost.status_code == 503 and "not running (NOT_STARTED)" in ghost.json()["detail"]
     slow_key = json.dumps({"repo_id": str(served["slow_path"])})
     oversize = post(served["url"], f"x:{slow_key}", b"\x00" * 200_000)
     assert oversize.status_code == 413 and "exceeds" in oversize.json()["detail"]
@@ -161,7 +163,9 @@ def test_status_and_env(served: dict[str, Any]) -> None:
     status = httpx.get(served["url"] + "/status").json()["deployments"]
     levels = {v["repo_id"].lower(): v["deployment_level"] for v in status.values()}
     assert levels[str(served["path"]).lower()] == "HOT"
-    assert all(v["application_state"] == "RUNNING" for v in status.values())
+    assert status["md-default-ghost"]["deployment_level"] == "COLD"
+    assert status["md-default-ghost"]["application_state"] == "NOT_STARTED"
+    assert all(v["application_state"] == "RUNNING" for k, v in status.items() if k != "md-default-ghost")
     table = nnsight.status()  # the client's own reader of /status
     assert str(served["path"]) in table
     env = httpx.get(served["url"] + "/env").json()
