@@ -62,6 +62,7 @@ _SHARED_OBJECT_MUTATORS = frozenset(
         "add_tokens", "add_special_tokens", "train_new_from_iterator", "enable_padding",
         "enable_truncation", "no_padding", "no_truncation", "set_truncation_and_padding",
         "update", "from_dict", "pop", "popitem", "clear", "setdefault", "register_pipeline",
+        "train", "train_from_iterator",
         "set_format", "add_adapter", "load_adapter",
     }
 )
@@ -80,6 +81,17 @@ _TRACER_INTERNALS = frozenset(
 
 # Envoy methods that persist edits or re-point the envoy tree at other modules.
 _ENVOY_INTERNALS = frozenset({"edit", "clear_edits", "export_edits", "import_edits", "interleaver", "update"})
+
+# The nn.Module methods user code may call (read-only, or running the module).
+SAFE_MODULE_METHODS = frozenset(
+    {
+        "forward", "parameters", "named_parameters", "buffers", "named_buffers", "children",
+        "named_children", "modules", "named_modules", "state_dict", "get_submodule",
+        "get_parameter", "get_buffer", "extra_repr", "get_input_embeddings",
+        "get_output_embeddings", "num_parameters", "get_extended_attention_mask", "can_generate",
+        "get_decoder", "get_encoder", "generate", "get_position_embeddings",
+    }
+)
 
 # Builtins a sandboxed program may not have, present as stubs so the error says why.
 _DENIED_BUILTINS = (
@@ -174,8 +186,13 @@ class _EnvoyWriter:
         object.__setattr__(self, "_target", target)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        import torch
+
         if name not in self.WRITABLE:
             raise ModelTampering(f"assigning .{name} on a model module is not allowed")
+        if isinstance(value, torch.nn.Module):
+            # Envoy.__setattr__ would `add_module` it to the served model, for every later request.
+            raise ModelTampering("assigning a module into the model is not allowed")
         setattr(object.__getattribute__(self, "_target"), name, value)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -212,6 +229,11 @@ class Guards:
             return self.caps.proxy(value.__name__)
         if isinstance(value, _INTERPRETER_TYPES):
             raise CapabilityDenied(f"{type(value).__name__} objects are not available in the sandbox")
+        if isinstance(value, types.MethodType) and _is_module(value.__self__) and name not in SAFE_MODULE_METHODS:
+            # Methods of the served modules (directly or through an envoy's fall-through) are
+            # allowlisted: `reset_parameters`, `initialize_weights`, `prune_heads`, ... rewrite
+            # weights in place, and the list of such methods is open-ended.
+            raise ModelTampering(f".{name}() on a model module is not allowed")
         if isinstance(value, (dict, list, set)) and _library_of(obj) in ("transformers", "tokenizers"):
             # Containers owned by the shared tokenizer/config: hand out a copy, so mutating it
             # cannot change what the next request sees.
@@ -360,6 +382,12 @@ def _guarded_build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> An
     if bases or kwargs:
         raise CapabilityDenied("classes in the sandbox cannot have base classes or metaclasses")
     return builtins.__build_class__(func, name)
+
+
+def _is_module(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
 
 
 def _library_of(obj: Any) -> str:

@@ -45,6 +45,7 @@ def test_corpus_size() -> None:
 def test_attack_is_refused(attack: Any, models: tuple[Any, Any], backend: Any, reference: Any) -> None:
     client, server = models
     before = weights_digest(server)
+    modules_before = [name for name, _ in server._module.named_modules()]
     limits = SHORT if attack in resources.ATTACKS else None
     be = backend(limits=limits)
     with pytest.raises((SandboxError, RequestFailed)) as info:
@@ -54,6 +55,7 @@ def test_attack_is_refused(attack: Any, models: tuple[Any, Any], backend: Any, r
     assert SECRET not in message and all(SECRET not in line for line in be.logs)
     assert list(ATTACK_DIR.iterdir()) == [], "the attack wrote a file"
     assert weights_digest(server) == before, "the weights changed"
+    assert modules_before == [name for name, _ in server._module.named_modules()], "the module tree changed"
     assert torch.get_default_dtype() == torch.float32
     after = save_logits(client, backend())
     assert torch.equal(after["logits"], reference["logits"]), "the next request is wrong"

@@ -148,11 +148,32 @@ def operator_iadd_weight(model, backend):
         out = model.lm_head.output.save()
 
 
+def module_injection(model, backend):
+    # Envoy.__setattr__ with a Module value calls add_module on the served module.
+    with model.trace(PROMPT, backend=backend):
+        model.lm_head.output = torch.nn.Linear(2, 2)
+        out = model.lm_head.output.save()
+
+
+def module_reset_parameters(model, backend):
+    # Reached through the envoy's attribute fall-through: re-initialises lm_head in place.
+    with model.trace(PROMPT, backend=backend):
+        model.lm_head.reset_parameters()
+        out = model.lm_head.output.save()
+
+
+def pipeline_model_reinit(model, backend):
+    # The pipeline holds the raw transformers model.
+    with model.trace(PROMPT, backend=backend):
+        model.pipeline.model.initialize_weights()
+        out = model.lm_head.output.save()
+
+
 ATTACKS = [
     weight_slice_assign, weight_zero_method, weight_detach_alias, weight_view_alias, weight_data,
     weight_init_function, weight_out_kwarg, weight_inplace_operator, weight_numpy_alias,
     weight_state_dict_alias, weight_parameters_alias, weight_replace_parameter, module_to_dtype,
     module_load_state_dict, module_register_hook, set_default_dtype, set_grad_enabled_globally,
     tokenizer_add_tokens, tokenizer_attribute_write, config_write, operator_setitem_weight,
-    operator_iadd_weight,
+    operator_iadd_weight, module_injection, module_reset_parameters, pipeline_model_reinit,
 ]
