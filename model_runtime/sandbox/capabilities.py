@@ -147,12 +147,17 @@ class Capabilities:
         # `import a.b` binds `a`: every prefix has to be allowed too.
         return self.proxy(name.split(".", 1)[0]) if "." in name else target
 
-    def wrap_callable(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    def wrap_callable(self, fn: Callable[..., Any], name: str, module: str = "") -> Callable[..., Any]:
         """Wrap a module function so it cannot write into a protected tensor."""
         is_protected = self.is_protected
         trailing = name.endswith("_") and not name.endswith("__")
+        aliasing = module.split(".")[0] == "numpy"
 
         def checked(*args: Any, **kwargs: Any) -> Any:
+            if aliasing and any(is_protected(a) for a in (*args, *kwargs.values())):
+                # np.asarray(weight) shares the weight's memory, and numpy writes bypass both
+                # the write guard and torch's version counter.
+                raise CapabilityDenied(f"numpy.{name}(...) on the model's weights is not allowed")
             if "out" in kwargs and _is_protected_target(kwargs["out"], is_protected):
                 raise CapabilityDenied(f"{name}(out=...) would write into the model's weights")
             if (trailing or kwargs.get("inplace")) and any(is_protected(a) for a in args):
@@ -201,7 +206,7 @@ class ModuleProxy:
         elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType)) or (
             callable(value) and not isinstance(value, type) and type(value).__module__ != "torch"
         ):
-            value = caps.wrap_callable(value, name)
+            value = caps.wrap_callable(value, name, module.__name__)
         cache[name] = value
         return value
 

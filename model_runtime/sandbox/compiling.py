@@ -252,6 +252,10 @@ class Guards:
         if issubclass(owner, torch.nn.Module) or _is_envoy(obj):
             if name in MODULE_MUTATORS or (name in _ENVOY_INTERNALS and not isinstance(obj, type)):
                 raise ModelTampering(f".{name}() on a model module is not allowed")
+            if isinstance(obj, type) and name not in SAFE_MODULE_METHODS and callable(getattr(obj, name, None)):
+                # `torch.nn.Linear.reset_parameters(<served module>)`: the unbound spelling of a
+                # method the instance check refuses.
+                raise ModelTampering(f"{obj.__name__}.{name} is not available in the sandbox")
             return
         if _is_tracer(obj) and name in _TRACER_INTERNALS:
             raise CapabilityDenied(f"tracer.{name} is internal to the server")

@@ -169,6 +169,22 @@ def pipeline_model_reinit(model, backend):
         out = model.lm_head.output.save()
 
 
+def unbound_module_method(model, backend):
+    with model.trace(PROMPT, backend=backend):
+        torch.nn.Linear.reset_parameters(model.pipeline.model.lm_head)
+        out = model.lm_head.output.save()
+
+
+def numpy_asarray_alias(model, backend):
+    # np.asarray shares the weight's memory; numpy writes bump no torch version counter.
+    with model.trace(PROMPT, backend=backend):
+        import numpy
+
+        arr = numpy.asarray(model.lm_head.weight.detach())
+        arr[:] = 0
+        out = model.lm_head.output.save()
+
+
 ATTACKS = [
     weight_slice_assign, weight_zero_method, weight_detach_alias, weight_view_alias, weight_data,
     weight_init_function, weight_out_kwarg, weight_inplace_operator, weight_numpy_alias,
@@ -176,4 +192,5 @@ ATTACKS = [
     module_load_state_dict, module_register_hook, set_default_dtype, set_grad_enabled_globally,
     tokenizer_add_tokens, tokenizer_attribute_write, config_write, operator_setitem_weight,
     operator_iadd_weight, module_injection, module_reset_parameters, pipeline_model_reinit,
+    unbound_module_method, numpy_asarray_alias,
 ]
