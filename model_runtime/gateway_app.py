@@ -37,7 +37,7 @@ from ray import serve
 
 from model_runtime.auth import ApiKeys
 from model_runtime.jobs import Job, JobStore
-from model_runtime.model_keys import client_model_key, repo_key
+from model_runtime.model_keys import client_model_key, repo_key, requested_revision
 from model_runtime.results import MemoryResults, result_store
 from model_runtime.versions import version_refusal
 from ndif_operator.api import GatewayAppArgs
@@ -239,6 +239,10 @@ class NnsightGateway:
             raise HttpError(503, f"Model {key!r} is not running ({state}); ask an admin to make it Hot.")
         if level == _COLD:
             raise HttpError(503, f"Model {key!r} is COLD (not loaded); ask an admin to make it Hot.")
+        wanted = requested_revision(str(envelope["model_key"]))
+        if wanted is not None and wanted != info.get("revision"):
+            raise HttpError(404, f"Model {key!r} is served at revision {info.get('revision')!r}, "
+                                 f"not {wanted!r}.")
         if level == _WARM:
             if info.get("activate_on_request"):
                 self.activation_requests[key] = time.time()

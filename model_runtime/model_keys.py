@@ -27,6 +27,19 @@ def repo_key(model_key: str) -> str:
     return model_key.strip().lower()
 
 
+def requested_revision(model_key: str) -> str | None:
+    """The revision a client key asks for; None for "whatever is served" (null or "main")."""
+    _, sep, tail = model_key.partition(":")
+    if not (sep and tail.lstrip().startswith("{")):
+        return None
+    try:
+        fields = json.loads(tail)
+    except json.JSONDecodeError:
+        return None
+    revision = fields.get("revision") if isinstance(fields, dict) else None
+    return None if revision in (None, "", "main") else str(revision)
+
+
 def client_model_key(repo_id: str, revision: str | None, trust_remote_code: bool) -> str:
     """The key an nnsight 0.8 client builds for `TransformersModel(repo_id)` (for /status)."""
     fields: dict[str, object] = {"repo_id": repo_id, "revision": None if revision == "main" else revision}

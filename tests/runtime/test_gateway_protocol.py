@@ -65,6 +65,10 @@ def test_http_refusals(served: dict[str, Any], valid: tuple[str, bytes]) -> None
     key, blob = valid
     unknown = post(served["url"], key.replace("tiny-llama", "no-such-model"), blob)
     assert unknown.status_code == 404 and "not deployed" in unknown.json()["detail"]
+    pinned = key.replace('"revision": null', '"revision": "v2"')
+    assert pinned != key
+    other_revision = post(served["url"], pinned, blob)
+    assert other_revision.status_code == 404 and "not 'v2'" in other_revision.json()["detail"]
     ghost = post(served["url"], "ghost/model", blob)
     assert ghost.status_code == 503 and "not running (NOT_STARTED)" in ghost.json()["detail"]
     slow_key = json.dumps({"repo_id": str(served["slow_path"])})

@@ -12,7 +12,7 @@ import pytest
 
 from model_runtime.auth import ApiKeys, key_digest
 from model_runtime.jobs import JobStore, mint_id
-from model_runtime.model_keys import client_model_key, repo_key
+from model_runtime.model_keys import client_model_key, repo_key, requested_revision
 from model_runtime.results import MemoryResults
 from model_runtime.versions import version_refusal
 
@@ -23,6 +23,9 @@ def test_repo_key_from_client_keys() -> None:
     assert repo_key("/tmp/Tiny") == "/tmp/tiny"
     assert repo_key(client_model_key("a/b", "main", False)) == "a/b"
     assert json.loads(client_model_key("a/b", "v2", True).split(":", 1)[1])["revision"] == "v2"
+    assert requested_revision(key) is None and requested_revision("a/b") is None
+    assert requested_revision(client_model_key("a/b", "main", False)) is None
+    assert requested_revision('x:{"repo_id": "a/b", "revision": "v2"}') == "v2"
     for bad in ["", "  ", "x:{not json", 'x:{"revision": null}', 'x:{"repo_id": 3}']:
         with pytest.raises(ValueError):
             repo_key(bad)
