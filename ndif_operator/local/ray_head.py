@@ -196,6 +196,7 @@ class LocalRayHead:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: Ctrl-C in our terminal reaches only us
+                preexec_fn=_terminate_with_parent,
             )
         try:
             self._wait_dashboard(timeout)
@@ -272,6 +273,17 @@ class LocalRayHead:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM it when we die, even by SIGKILL (Linux PR_SET_PDEATHSIG),
+    so `ray start` tears its cluster down instead of living on as an orphan."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the next run's stale-process cleanup still covers a hard kill
 
 
 def read_owner(path: Path) -> int | None:
