@@ -277,7 +277,8 @@ class LocalRayHead:
 
 def _terminate_with_parent() -> None:
     """In the child before exec: SIGTERM it when we die, even by SIGKILL (Linux PR_SET_PDEATHSIG),
-    so `ray start` tears its cluster down instead of living on as an orphan."""
+    so `ray start` tears its cluster down instead of living on as an orphan. The kernel ties this to
+    the *thread* that started it: call `LocalRayHead.start` from a thread that outlives the head."""
     try:
         import ctypes
 
