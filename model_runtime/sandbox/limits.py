@@ -11,7 +11,8 @@
 * **Memory**: while a request runs, the process's `RLIMIT_AS` soft limit is lowered to the
   current address-space size plus `memory_bytes`, so an allocation past the cap fails with an
   error instead of taking the node down. Process-wide (it also binds other threads for that
-  time) and Linux-only; CUDA memory is not covered (use `torch.cuda.set_per_process_memory_fraction`).
+  time) and Linux-only; skipped once CUDA is initialised (the driver grows the address space with
+  device allocations); GPU memory is capped by `torch.cuda.set_per_process_memory_fraction`.
 * **seccomp** (Linux x86_64): the worker thread installs a filter that makes `execve`,
   `fork`/`vfork`/non-thread `clone`, `socket`, `connect`, `bind`, `ptrace`, file-creating or
   write-mode `open`/`openat`, `unlink`/`rename`/`mkdir`/`chmod`/`truncate` and friends fail with
@@ -102,7 +103,10 @@ class address_space_cap:
         self.previous: tuple[int, int] | None = None
 
     def __enter__(self) -> None:
-        if self.extra is None or not os.path.exists("/proc/self/statm"):
+        if self.extra is None or not os.path.exists("/proc/self/statm") or _cuda_initialized():
+            # With CUDA up, the driver maps device memory into the address space as it goes, so
+            # an address-space cap would refuse legitimate GPU allocations; GPU memory is capped
+            # by the CUDA allocator's fraction instead (the model app sets it).
             return
         with open("/proc/self/statm") as f:
             vm_pages = int(f.read().split()[0])
@@ -116,6 +120,13 @@ class address_space_cap:
     def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             resource.setrlimit(resource.RLIMIT_AS, self.previous)
+
+
+def _cuda_initialized() -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +163,12 @@ def _arg_low(i: int) -> int:
     return 16 + 8 * i  # seccomp_data.args[i], low 32 bits on little-endian
 
 
-def seccomp_program() -> list[tuple[int, int, int, int]]:
-    """The BPF filter as (code, jt, jf, k) tuples (x86_64 syscall numbers)."""
+def seccomp_program(file_writes: bool = True) -> list[tuple[int, int, int, int]]:
+    """The BPF filter as (code, jt, jf, k) tuples (x86_64 syscall numbers).
+
+    `file_writes=False` leaves `open`/`openat` alone: used once CUDA is initialised, because the
+    driver may open `/dev/nvidia*` read-write from the request's thread (untested on a GPU here).
+    """
     prog: list[tuple[int, int, int, int]] = [
         (_LD_W_ABS, 0, 0, _OFF_ARCH),
         (_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64),
@@ -174,6 +189,9 @@ def seccomp_program() -> list[tuple[int, int, int, int]]:
         (_RET_K, 0, 0, _RET_ALLOW),
     ]
     # open(path, flags) / openat(dirfd, path, flags); openat2 keeps flags in a struct: refuse.
+    if not file_writes:
+        prog.append((_RET_K, 0, 0, _RET_ALLOW))
+        return prog
     prog += [(_JEQ_K, 0, 1, _NR_OPENAT2), (_RET_K, 0, 0, _RET_ERRNO | _ENOSYS)]
     for nr, flags_arg in ((_NR_OPEN, 1), (_NR_OPENAT, 2)):
         prog += [
@@ -196,10 +214,10 @@ class _SockFprog(ctypes.Structure):
 
 
 @functools.cache
-def _compiled_filter() -> tuple[Any, Any, Any]:
+def _compiled_filter(file_writes: bool) -> tuple[Any, Any, Any]:
     # Built once per process: installing is then just two prctl calls (a fresh runtime worker
     # thread per request installs it again).
-    prog = seccomp_program()
+    prog = seccomp_program(file_writes)
     buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in prog))
     fprog = _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
     return buf, fprog, ctypes.CDLL(None, use_errno=True)
@@ -209,7 +227,7 @@ def install_seccomp() -> None:
     """Install the filter on the *calling thread* (permanent for that thread). Raises OSError."""
     if not seccomp_supported():
         raise OSError("seccomp filter is only built for Linux x86_64")
-    _buf, fprog, libc = _compiled_filter()
+    _buf, fprog, libc = _compiled_filter(file_writes=not _cuda_initialized())
     pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
     if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")

@@ -244,6 +244,19 @@ def test_seccomp_worker_denies_exec_socket_and_writes(tmp_path: Path) -> None:
         worker.stop()
 
 
+@pytest.mark.parametrize("file_writes", [True, False])
+def test_seccomp_program_is_well_formed(file_writes: bool) -> None:
+    from model_runtime.sandbox.limits import seccomp_program
+
+    prog = seccomp_program(file_writes)
+    for pc, (code, jt, jf, _k) in enumerate(prog):
+        if code & 0x07 == 0x05:  # BPF_JMP: both targets inside the program
+            assert pc + 1 + max(jt, jf) < len(prog)
+    assert prog[-1] == (0x06, 0, 0, 0x7FFF0000)  # falls through to ALLOW
+    opens = [insn for insn in prog if insn[0] == 0x15 and insn[3] in (2, 257)]
+    assert bool(opens) is file_writes
+
+
 def test_timeout_stops_the_job_and_the_worker_survives() -> None:
     worker = Worker(seccomp=False)
     try:
