@@ -32,5 +32,8 @@ def test_legit_program_matches_local(program: Any, models: tuple[Any, Any], back
     torch.manual_seed(0)
     local = program(server, None)
     torch.manual_seed(0)
-    remote = program(client, backend())
+    be = backend()
+    remote = program(client, be)
     assert_same(local, remote)
+    if program.__name__ == "printing":
+        assert be.logs and be.logs[0].startswith("shape")

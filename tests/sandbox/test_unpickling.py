@@ -159,3 +159,29 @@ def test_allowlist_is_what_real_payloads_use(models: tuple[Any, Any], sandbox: A
         SandboxUnpickler.find_class = original  # type: ignore[method-assign]
     assert used <= ALLOWED_GLOBALS | SUBSTITUTED_GLOBALS
     assert ("torch.storage", "_load_from_bytes") in used  # a captured tensor went the safe way
+
+
+def test_works_as_the_unpickler_hook_of_request_deserialize(models: tuple[Any, Any], backend: Any) -> None:
+    """`RequestModel.deserialize(..., unpickler=SandboxUnpickler.bind(guards))` loads real payloads
+    and refuses crafted ones (it still compiles the body with the stock compiler: the executor
+    compiles restricted itself)."""
+    from model_runtime.sandbox.capabilities import Capabilities
+    from model_runtime.sandbox.compiling import Guards
+
+    client, server = models
+    be = backend()
+    save_logits(client, be)
+    assert be.blob is not None
+    hook = SandboxUnpickler.bind(Guards(Capabilities(), lambda _v: False))
+    persistent = server._remoteable_persistent_objects()
+    import linecache
+
+    saved = dict(linecache.cache)  # deserialize registers the block under the client's file name
+    try:
+        tracer = RequestModel.deserialize(be.blob, persistent, compress=True, unpickler=hook)
+    finally:
+        linecache.cache.clear()
+        linecache.cache.update(saved)
+    assert tracer.envoy._module is server._module
+    with pytest.raises(PayloadRejected):
+        RequestModel.deserialize(CRAFTED["os_system_reduce"], persistent, unpickler=hook)
