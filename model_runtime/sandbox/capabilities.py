@@ -72,7 +72,6 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
          "imatmul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor", "__setitem__", "__iadd__"}
     ),
     "statistics": frozenset(),
-    "re": frozenset(),
     "json": frozenset({"dump"}),
     "typing": frozenset(),
     # sleep/clocks only; a sleeping request is bounded by the timeout like any other

@@ -206,6 +206,9 @@ class Guards:
     caps: Capabilities
     is_protected: Callable[[Any], bool]
     on_print: Callable[[str], None] = lambda _text: None
+    #: Bytes of printed output a request may send back as LOG lines (the rest is dropped).
+    max_print_bytes: int = 1024 * 1024
+    printed_bytes: int = 0
     counters: GuardCounters = field(default_factory=GuardCounters)
 
     # -- attribute reads ---------------------------------------------------------------------
@@ -334,7 +337,13 @@ class Guards:
         return table
 
     def _print_function(self, *args: Any, sep: str = " ", end: str = "\n", **_kwargs: Any) -> None:
-        self.on_print(sep.join(str(a) for a in args) + (end if end != "\n" else ""))
+        if self.printed_bytes > self.max_print_bytes:
+            return
+        text = str(sep).join(str(a) for a in args) + (str(end) if end != "\n" else "")
+        self.printed_bytes += len(text)
+        if self.printed_bytes > self.max_print_bytes:
+            text = f"[sandbox] output truncated after {self.max_print_bytes:,} bytes"
+        self.on_print(text)
 
     def namespace(self) -> dict[str, Any]:
         """The guard names RestrictedPython's rewritten code looks up, plus safe builtins.

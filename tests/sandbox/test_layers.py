@@ -69,6 +69,13 @@ def test_bare_except_cannot_swallow_base_exceptions() -> None:
         exec(restricted_compile("try:\n    boom()\nexcept:\n    pass\n", "<t>"), namespace)
 
 
+def test_printed_output_is_capped() -> None:
+    lines: list[str] = []
+    guards = Guards(Capabilities(), lambda _v: False, on_print=lines.append, max_print_bytes=100)
+    _run("for i in range(1000):\n    print('0123456789')", guards)
+    assert len(lines) < 20 and lines[-1].startswith("[sandbox] output truncated")
+
+
 def test_print_goes_to_the_log() -> None:
     lines: list[str] = []
     _run("print('hello', 42)", Guards(Capabilities(), lambda _v: False, on_print=lines.append))
