@@ -2,9 +2,11 @@
 
     result = execute_sandboxed(model, blob, envelope, limits=Limits(), on_log=print)
 
-Same inputs and outputs as the runtime's unsandboxed executor (the blob and the nnsight
-`RequestModel` envelope in; the serialised, possibly zstd-compressed result dict out), so the
-runtime switches by calling this function instead. Steps:
+The blob and the nnsight `RequestModel` envelope in; the serialised, possibly zstd-compressed
+result dict out. The runtime itself uses `run_blob` below, the drop-in for
+`model_runtime.execution.run_blob` (its `execute_request` keeps the per-request thread, the
+timeout, stdout capture and result encoding; `select_runner()` picks the sandbox unless
+NDIF_SANDBOX=0). Steps:
 
 1. limits: payload size, bounded decompression;
 2. env: only known `attn_implementation` values (a `peft` adapter id would make the server
