@@ -24,7 +24,7 @@ from model_runtime.sandbox.errors import CapabilityDenied
 # Names hidden in every proxied module: file, network, native code, (de)serialisation, process.
 _COMMON_DENIED = frozenset(
     {
-        "load", "loads", "save", "savez", "savez_compressed", "savetxt", "loadtxt", "genfromtxt",
+        "load", "loads", "save", "savez", "savez_compressed", "savetxt", "loadtxt", "genfromtxt", "fromregex",
         "fromfile", "tofile", "from_file", "memmap", "open", "system", "popen", "DataSource",
         "ctypeslib", "ctypes", "f2py", "distutils", "testing", "lib", "hub", "utils", "ops",
         "classes", "library", "jit", "compile", "package", "onnx", "export", "fx", "multiprocessing",
@@ -41,7 +41,10 @@ _COMMON_DENIED = frozenset(
 )
 
 # Common names that are harmless in one module: `nnsight.save` marks a value to return.
-_REALLOWED: Mapping[str, frozenset[str]] = {"nnsight": frozenset({"save"})}
+_REALLOWED: Mapping[str, frozenset[str]] = {
+    "nnsight": frozenset({"save"}),
+    "json": frozenset({"loads", "dumps"}),
+}
 
 # Modules user code may import, with extra names hidden in each (on top of the common set).
 DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
@@ -56,16 +59,19 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
     "torch.linalg": frozenset(),
     "torch.fft": frozenset(),
     "torch.special": frozenset(),
-    "torch.distributions": frozenset(),
-    "torch.autograd": frozenset({"graph", "set_detect_anomaly", "detect_anomaly", "forward_ad"}),
-    "numpy": frozenset({"random"}),
+    "torch.distributions": frozenset({"Distribution"}),  # set_default_validate_args is global
+    "torch.autograd": frozenset(
+        {"graph", "set_detect_anomaly", "detect_anomaly", "forward_ad", "set_multithreading_enabled"}
+    ),
+    "numpy": frozenset({"random", "info"}),
     "numpy.linalg": frozenset(),
     "einops": frozenset({"layers", "parsing", "_backends"}),
     "math": frozenset(),
     "cmath": frozenset(),
     "collections": frozenset({"abc"}),
     "itertools": frozenset(),
-    "functools": frozenset({"singledispatch", "singledispatchmethod"}),
+    # update_wrapper/wraps setattr (and update __dict__) on any object: past the write guard
+    "functools": frozenset({"singledispatch", "singledispatchmethod", "update_wrapper", "wraps"}),
     # the in-place and item-setting functions would bypass the write guard
     "operator": frozenset(
         {"setitem", "delitem", "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imod", "imul",
@@ -73,7 +79,8 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
     ),
     "statistics": frozenset(),
     "json": frozenset({"dump"}),
-    "typing": frozenset(),
+    # get_type_hints/ForwardRef eval() annotation strings with the stock compiler: an escape
+    "typing": frozenset({"get_type_hints", "ForwardRef"}),
     # sleep/clocks only; a sleeping request is bounded by the timeout like any other
     "time": frozenset({"tzset", "clock_settime", "clock_settime_ns", "pthread_getcpuclockid"}),
     "nnsight": frozenset(

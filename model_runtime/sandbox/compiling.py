@@ -51,6 +51,8 @@ DENIED_ATTRIBUTES = frozenset(
         "get_config_dict", "from_json_file", "from_config", "cached_file", "snapshot_download",
         # uninitialised memory (an earlier request's data): use zeros/new_zeros
         "new_empty", "new_empty_strided", "resize_", "resize_as_",
+        # process-wide switches reachable as class attributes
+        "set_default_validate_args",
         "gi_running", "cr_running", "co_consts", "co_names", "tb_lasti", "tb_lineno",
     }
 )

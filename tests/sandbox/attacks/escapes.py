@@ -205,11 +205,35 @@ def envoy_edit(model, backend):
         out = model.lm_head.output.save()
 
 
+def typing_eval_annotation(model, backend):
+    # get_type_hints eval()s string annotations with the stock compiler: attribute walks again.
+    with model.trace(PROMPT, backend=backend):
+        import typing
+
+        def victim(x: "().__class__.__base__.__subclasses__()"):
+            return x
+
+        hints = typing.get_type_hints(victim)
+        out = model.lm_head.output.save()
+
+
+def functools_update_wrapper(model, backend):
+    # update_wrapper setattr()s onto any object, past the write guard (here: the shared tokenizer).
+    with model.trace(PROMPT, backend=backend):
+        import functools
+
+        def donor(x):
+            return x
+
+        functools.update_wrapper(model.tokenizer, donor)
+        out = model.lm_head.output.save()
+
+
 ATTACKS = [
     subclasses_walk, subclasses_via_getattr, mro_walk, function_globals, function_globals_via_getattr,
     generator_frame, generator_frame_via_getattr, traceback_frame, sys_getframe, format_string_walk,
     format_map_walk, string_formatter, type_builtin, eval_builtin, exec_builtin, globals_builtin,
     vars_builtin, operator_attrgetter, subclass_module, private_attribute, attack_in_invoke,
     leak_secret, shipped_helper_escape, shipped_helper_opens_file, tracer_execute_code,
-    tracer_execute_direct, nested_remote_trace, envoy_edit,
+    tracer_execute_direct, nested_remote_trace, envoy_edit, typing_eval_annotation, functools_update_wrapper,
 ]
