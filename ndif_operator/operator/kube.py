@@ -99,6 +99,37 @@ class KubeApi:
         except ApiException as exc:
             raise _error(exc) from exc
 
+    async def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            body = await self._core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _error(exc) from exc
+        sanitized: dict[str, Any] = self._client.sanitize_for_serialization(body)
+        return sanitized
+
+    async def create_config_map(self, namespace: str, name: str, data: dict[str, str]) -> dict[str, Any]:
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
+                "data": data}
+        try:
+            created = await self._core.create_namespaced_config_map(namespace, body)  # type: ignore[arg-type]
+        except ApiException as exc:
+            raise _error(exc) from exc
+        sanitized: dict[str, Any] = self._client.sanitize_for_serialization(created)
+        return sanitized
+
+    async def patch_config_map_data(self, namespace: str, name: str, data: dict[str, str],
+                                    resource_version: str) -> dict[str, Any]:
+        """Merge-patch `data` conditionally on `resource_version` (409 when someone wrote meanwhile)."""
+        patch = {"metadata": {"resourceVersion": resource_version}, "data": data}
+        try:
+            written = await self._core.patch_namespaced_config_map(name, namespace, patch, **_MERGE_KW)
+        except ApiException as exc:
+            raise _error(exc) from exc
+        sanitized: dict[str, Any] = self._client.sanitize_for_serialization(written)
+        return sanitized
+
     async def list_nodes(self) -> list[dict[str, Any]]:
         try:
             nodes = await self._core.list_node()

@@ -25,8 +25,9 @@ from pydantic import ValidationError
 
 from ndif_operator.api import Estimate, Level, ModelDeployment, ModelSpec, Reason, RuntimeLimits
 from ndif_operator.api.naming import model_app_name, model_key
-from ndif_operator.evaluation import EstimateCache, EstimateError, EstimatePending, estimate
+from ndif_operator.evaluation import EstimateError, EstimatePending, estimate
 from ndif_operator.operator import metrics
+from ndif_operator.operator.cache_store import CacheStore
 from ndif_operator.operator.events import event_body
 from ndif_operator.operator.inventory import read_inventory
 from ndif_operator.operator.kube import KubeApi, KubeError
@@ -114,8 +115,9 @@ class Reconciler:
                  clock: Clock = _utcnow) -> None:
         self.api = api
         self.settings = settings
-        self._cache = EstimateCache()
-        self._estimator: Estimator = estimator or (lambda model, limits: estimate(model, limits, self._cache))
+        self.cache_store = CacheStore(api, settings.operator_namespace, settings.cache_config_map)
+        cache = self.cache_store.cache
+        self._estimator: Estimator = estimator or (lambda model, limits: estimate(model, limits, cache))
         self._clock = clock
         self._wake = asyncio.Event()
         self._memo: dict[str, Estimate | tuple[Reason, str]] = {}
@@ -174,6 +176,8 @@ class Reconciler:
     async def reconcile_once(self) -> _Outcome:
         self.passes += 1
         now = self._clock()
+        if not self.cache_store.loaded:
+            await self.cache_store.load()  # before any evaluation: a restart re-reads no checkpoint
         objects = await self.api.list_model_deployments(self.settings.namespace_list)
         targets: dict[tuple[str, str], list[_Entry]] = defaultdict(list)
         for obj in objects:
@@ -199,6 +203,11 @@ class Reconciler:
                 levels[level] += 1
         for level, count in levels.items():
             metrics.DEPLOYMENTS.labels(level).set(count)
+        try:
+            await self.cache_store.save()
+        except KubeError as exc:
+            outcome.retry = True  # the entries stay in memory; a later pass writes them
+            outcome.errors.append(f"evaluator cache {self.cache_store.where}: {exc}")
         return outcome
 
     async def _estimate(self, entry: _Entry) -> None:

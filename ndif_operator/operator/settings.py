@@ -33,6 +33,14 @@ class OperatorSettings(BaseSettings):
     backoff_initial_seconds: float = Field(default=0.5, gt=0, description="First retry delay after an API error.")
     backoff_max_seconds: float = Field(default=30.0, gt=0, description="Cap of the exponential retry delay.")
     read_nodes: bool = Field(default=True, description="Read Nodes for GPU memory labels (needs list on nodes).")
+    operator_namespace: str = Field(
+        default="ndif-system", min_length=1,
+        description="Namespace of the operator's own objects: the evaluator cache ConfigMap and meta-device Jobs.",
+    )
+    cache_config_map: str = Field(
+        default="ndif-evaluator-cache", min_length=1,
+        description="ConfigMap (in operator_namespace) that persists evaluator results across restarts.",
+    )
 
     @property
     def namespace_list(self) -> list[str]:

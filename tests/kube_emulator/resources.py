@@ -97,3 +97,8 @@ NODES = ResourceType(group="", version="v1", plural="nodes", kind="Node", namesp
                      status_subresource=True)
 CRDS = ResourceType(group="apiextensions.k8s.io", version="v1", plural="customresourcedefinitions",
                     kind="CustomResourceDefinition", namespaced=False, status_subresource=True)
+CONFIG_MAPS = ResourceType(group="", version="v1", plural="configmaps", kind="ConfigMap", short_names=("cm",))
+# Jobs and Pods are stored only: no controller or kubelet runs them (a test plays that part).
+JOBS = ResourceType(group="batch", version="v1", plural="jobs", kind="Job", status_subresource=True)
+PODS = ResourceType(group="", version="v1", plural="pods", kind="Pod", short_names=("po",),
+                    status_subresource=True)
