@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -65,6 +66,21 @@ def median_time(fn: Any, repeats: int, warmup: int = 3) -> float:
         fn()
         samples.append(time.perf_counter() - started)
     return statistics.median(samples)
+
+
+def gc_cost(repeats: int) -> tuple[float, float]:
+    """The per-request collection in this process (torch, transformers, nnsight and a model loaded,
+    like a replica): the former full `gc.collect()` vs `collect_request_garbage()` once the
+    long-lived objects are frozen (what a replica now does after a load or level move)."""
+    from model_runtime.garbage import collect_request_garbage, freeze_long_lived, release_frozen
+
+    full_s = median_time(gc.collect, repeats, warmup=1)
+    freeze_long_lived()
+    try:
+        cheap_s = median_time(collect_request_garbage, repeats, warmup=1)
+    finally:
+        release_frozen()
+    return full_s, cheap_s
 
 
 def connect_client(model_dir: str, url: str) -> Any:
@@ -321,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     local_s = median_time(lambda: trace_logits(local_model, False), args.requests * 5)
     print(f"plain forward:        median {ms(plain_s)}")
     print(f"local nnsight trace:  median {ms(local_s)}  ({local_s / plain_s:.1f}x plain forward)")
+    gc_full_s, gc_cheap_s = gc_cost(15)
+    print(f"per-request gc: full gc.collect() {ms(gc_full_s)} vs after gc.freeze() {ms(gc_cheap_s)} "
+          f"({gc_full_s / max(gc_cheap_s, 1e-7):.0f}x cheaper)")
 
     settings = LocalSettings(manifests=(workdir / "bench.yaml",), ports=RayPorts.offset(args.port_offset),
                              num_cpus=2, deploy_timeout_s=600)
@@ -360,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"headline: remote round trip {remote_s / local_s:.1f}x a local nnsight trace "
           f"({ms(remote_s)} vs {ms(local_s)}); {args.clients}-client throughput {many_rps / one_rps:.2f}x "
           f"one client ({raw_many / raw_one:.2f}x for pre-serialized sessions); "
-          f"warm activation {cold_s / warm_s:.1f}x faster than cold")
+          f"warm activation {cold_s / warm_s:.1f}x faster than cold; "
+          f"per-request gc {gc_full_s / max(gc_cheap_s, 1e-7):.0f}x cheaper after the freeze")
     return 0
 
 

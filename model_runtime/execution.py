@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import io
 import linecache
 import sys
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+from model_runtime.garbage import collect_request_garbage
 
 _RESULT_ZSTD_LEVEL = 3
 
@@ -347,7 +348,7 @@ def execute_request(
         wedged = worker.is_alive()
         with contextlib.suppress(Exception):
             model.interleaver.cancel()
-    gc.collect()
+    collect_request_garbage()  # cheap once the replica froze its long-lived objects
     meta: dict[str, Any] = {
         "runtime": time.monotonic() - started,
         "max_memory_usage": _peak_rss_bytes(),

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from model_runtime.garbage import release_frozen
+
 HOT, WARM, COLD = "Hot", "Warm", "Cold"
 LEVELS = (HOT, WARM, COLD)
 
@@ -49,6 +51,7 @@ def drop(model: Any) -> None:
     import torch
 
     model._module.to("meta")
+    release_frozen()  # its frozen objects (and their cycles) must be collectable again
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

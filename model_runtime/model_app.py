@@ -30,6 +30,7 @@ from ray import serve
 
 from model_runtime import levels
 from model_runtime.execution import Envelope, ExecutionLimits, ExecutionResult, execute_request, select_runner
+from model_runtime.garbage import freeze_long_lived
 from model_runtime.metrics import RuntimeMetrics
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
@@ -104,6 +105,7 @@ class ModelReplica:
             levels.limit_gpu_share(self.args.gpus_per_replica)
         self.metrics.model_load(self.args.model_key, loaded.source_kind, loaded.load_seconds)
         previous, self._level = self._level, levels.WARM
+        freeze_long_lived()
         return levels.timed(previous, levels.WARM, loaded.source_kind, started)
 
     def _set_level(self, level: str) -> levels.Transition:
@@ -123,6 +125,7 @@ class ModelReplica:
         else:
             levels.move_module(self._model, "cpu")
         self._level = level
+        freeze_long_lived()  # the (re)placed weights leave the collected generations: cheap per-request gc
         transition = levels.timed(current, level, source, started)
         if level == levels.HOT:
             self.metrics.model_load(self.args.model_key, f"activate_from_{current.lower()}", transition.seconds)
