@@ -148,7 +148,11 @@ def size(md: ModelDeployment, cache: EstimateCache, *, fetch: bool, now: datetim
 def _gpus(d: Decision) -> str:
     if d.level != Level.HOT or not d.replicas:
         return "-"
-    per = f"{d.gpu_fraction:g}" if d.gpu_fraction < 1 else f"{int(d.gpus_per_replica)}"
+    tp = d.tensor_parallel_size
+    if d.gpu_fraction >= 1:
+        per = f"{tp}"
+    else:  # a share of one GPU, or of each of a tensor-parallel replica's GPUs
+        per = f"{d.gpu_fraction:g}" if tp == 1 else f"({tp}x{d.gpu_fraction:g})"
     return f"{d.replicas}x{per}"
 
 

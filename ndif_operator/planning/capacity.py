@@ -79,6 +79,29 @@ class GroupCapacity:
                 return pod, gpu
         return None
 
+    def tightest_gpus(self, count: int, units: int) -> tuple[int, tuple[int, ...]] | None:
+        """`count` distinct GPUs of one pod with at least `units` free each, for TP ranks that hold
+        a share of their GPUs. GPUs are scanned tightest first and the first pod to gather `count`
+        wins: its roomiest pick is the tightest possible, so partly used GPUs fill before empty ones.
+        """
+        if count == 1:
+            found = self.tightest_gpu(units, set())
+            return None if found is None else (found[0], (found[1],))
+        per_pod: dict[int, list[int]] = {}
+        for _, pod, gpu in self.by_free[bisect_left(self.by_free, (units, -1, -1)):]:
+            picked = per_pod.setdefault(pod, [])
+            picked.append(gpu)
+            if len(picked) == count:
+                return pod, tuple(sorted(picked))
+        return None
+
+    def most_gpus_with(self, units: int) -> int:
+        """The most GPUs of one pod that each have at least `units` free (for shortage messages)."""
+        counts: dict[int, int] = {}
+        for _, pod, _gpu in self.by_free[bisect_left(self.by_free, (units, -1, -1)):]:
+            counts[pod] = counts.get(pod, 0) + 1
+        return max(counts.values(), default=0)
+
     def whole_gpus(self, count: int) -> tuple[int, tuple[int, ...]] | None:
         """`count` whole free GPUs in the pod with the fewest whole free GPUs that suffices."""
         for bucket in self.buckets[count:]:

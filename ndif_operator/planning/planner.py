@@ -8,8 +8,10 @@ Rules, in the order they apply (docs/placement.md has the rationale):
 2. Place what is missing (new models, new replicas, displaced ones) one request at a time:
    dedicated first, then higher priority, then models that were placed before, then larger
    first (best-fit decreasing packs well), then by key. A replica that fits one GPU takes a
-   memory-proportional share of the GPU with the least room that still holds it; a larger one
-   takes whole GPUs in the pod with the fewest whole free GPUs that suffices.
+   memory-proportional share of the GPU with the least room that still holds it; a larger one is
+   split over k tensor-parallel ranks (sizing.py), each taking a share of its own GPU, the k GPUs
+   distinct and in one pod, tightest first (or, with whole_gpu_tensor_parallel, k whole GPUs in
+   the pod with the fewest whole free GPUs that suffices).
 3. When nothing is free, evict: a dedicated request may evict any non-dedicated model; otherwise
    only models of lower priority, or of equal priority that opted into time sharing
    (minimumDeploymentSeconds > 0) and have been HOT at least that long. Only placements carried
@@ -89,8 +91,11 @@ def _order(req: PlacementRequest) -> _Order:
 
 
 class _Planner:
-    def __init__(self, inventory: Inventory, requests: Sequence[PlacementRequest], now: datetime) -> None:
+    def __init__(
+        self, inventory: Inventory, requests: Sequence[PlacementRequest], now: datetime, whole_gpu_tp: bool
+    ) -> None:
         self.inventory = inventory
+        self.whole_gpu_tp = whole_gpu_tp
         self.groups = inventory.groups
         self.now = now
         self.caps = [GroupCapacity.empty(g) for g in self.groups]
@@ -121,8 +126,7 @@ class _Planner:
             gi = self.group_index.get(cur.worker_group)
             if gi is None:
                 continue
-            group = self.groups[gi]
-            need = need_in(st.req, group)
+            need = self._need(st.req, gi)
             if isinstance(need, str):
                 continue
             st.group, st.need = gi, need
@@ -137,6 +141,9 @@ class _Planner:
                 self.incumbents[gi].setdefault(st.req.priority, {})[(st.req.key, number)] = st.req.key
             if not st.slots:
                 st.group = st.need = None
+
+    def _need(self, req: PlacementRequest, gi: int) -> Need | str:
+        return need_in(req, self.groups[gi], whole_gpu_tensor_parallel=self.whole_gpu_tp)
 
     @staticmethod
     def _slot_fits(cap: GroupCapacity, rp: ReplicaPlacement, need: Need) -> bool:
@@ -180,7 +187,7 @@ class _Planner:
         feasible: list[tuple[int, Need]] = []
         reasons: list[str] = []
         for gi in self.group_pref:
-            need = need_in(st.req, self.groups[gi])
+            need = self._need(st.req, gi)
             if isinstance(need, str):
                 reasons.append(need)
             else:
@@ -210,7 +217,9 @@ class _Planner:
             avoid = {(s.pod, s.gpus[0]) for s in st.slots.values()}
             found = cap.tightest_gpu(need.units, avoid)
             return None if found is None else (found[0], (found[1],))
-        return cap.whole_gpus(need.gpus)
+        if need.whole:
+            return cap.whole_gpus(need.gpus)
+        return cap.tightest_gpus(need.gpus, need.units)
 
     def _allocate(self, st: _State, gi: int, where: tuple[int, tuple[int, ...]]) -> None:
         assert st.need is not None
@@ -331,7 +340,7 @@ class _Planner:
     def _shortage(self, st: _State, groups: list[int]) -> str:
         parts = []
         for gi in groups:
-            need = need_in(st.req, self.groups[gi])
+            need = self._need(st.req, gi)
             cap, group = self.caps[gi], self.groups[gi]
             if isinstance(need, str):
                 parts.append(need)
@@ -341,10 +350,16 @@ class _Planner:
                     f"needs {human_bytes(st.req.total_bytes or 0)} on one GPU;"
                     f" the most free on a {group.name} GPU is {human_bytes(most)}"
                 )
-            else:
+            elif need.whole:
                 parts.append(
                     f"needs {need.gpus}x{human_bytes(group.gpu_memory_bytes)} GPUs in one pod;"
                     f" largest free in {group.name} is {cap.largest_whole_free()}"
+                )
+            else:
+                per_gpu = need.units * group.gpu_memory_bytes // FRACTION_UNITS
+                parts.append(
+                    f"needs {need.gpus} GPUs with {human_bytes(per_gpu)} free each in one pod;"
+                    f" the most in one {group.name} pod is {cap.most_gpus_with(need.units)}"
                 )
         return "; ".join(parts)
 
@@ -438,8 +453,7 @@ class _Planner:
         if st.wants_hot and st.slots:
             assert st.group is not None and st.need is not None
             group, need = self.groups[st.group], st.need
-            per = f"{need.gpus} GPU{'s' if need.gpus > 1 else ''}" if not need.shared else f"{need.fraction:g} GPU"
-            msg = f"{len(st.slots)} replica{'s' if len(st.slots) > 1 else ''} on {group.name} ({per} each)"
+            msg = f"{len(st.slots)} replica{'s' if len(st.slots) > 1 else ''} on {group.name} ({need.describe()} each)"
             if st.missing > 0:
                 msg = f"{len(st.slots)} of {req.replicas} replicas placed: {st.why_short}"
             return self._decision(st, Level.HOT, Reason.PLACED_HOT, msg)
@@ -474,7 +488,7 @@ class _Planner:
             assert st.group is not None and st.need is not None
             group_name = self.groups[st.group].name
             fraction = st.need.fraction
-            gpus_per_replica = fraction if st.need.shared else float(st.need.gpus)
+            gpus_per_replica = st.need.total_units / FRACTION_UNITS  # the sum of the ranks' shares
             assignments = tuple(
                 ReplicaPlacement(pod=s.pod, gpus=s.gpus, fraction=fraction)
                 for _, s in sorted(st.slots.items())
@@ -534,9 +548,21 @@ class _Planner:
         )
 
 
-def plan(inventory: Inventory, requests: Sequence[PlacementRequest], *, now: datetime) -> Plan:
-    """Grant each request a level and a placement; deterministic and stable (see module doc)."""
-    planner = _Planner(inventory, requests, now)
+def plan(
+    inventory: Inventory,
+    requests: Sequence[PlacementRequest],
+    *,
+    now: datetime,
+    whole_gpu_tensor_parallel: bool = False,
+) -> Plan:
+    """Grant each request a level and a placement; deterministic and stable (see module doc).
+
+    `whole_gpu_tensor_parallel=True` gives each tensor-parallel rank a whole GPU (isolation: no
+    other model on a TP replica's GPUs). The default gives each rank only its memory share, so the
+    rest of those GPUs packs small models and other ranks; the runtime caps every process's CUDA
+    allocator to its share, so a neighbour cannot take a rank's memory.
+    """
+    planner = _Planner(inventory, requests, now, whole_gpu_tensor_parallel)
     planner.keep_current()
     planner.place_missing()
     planner.place_warm()

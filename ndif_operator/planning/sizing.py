@@ -1,10 +1,29 @@
-"""How many GPUs, and what share of each, one replica needs in a given worker group."""
+"""How many GPUs, and what share of each, one replica needs in a given worker group.
+
+A replica that fits one GPU takes a memory-proportional share of it. A larger one is split over
+k tensor-parallel ranks, k the smallest allowed size (1, 2, 4, 8: what the CRD accepts and what
+attention heads divide into) whose per-rank memory fits one GPU. By default each rank then takes
+only its share f of a GPU (rounded up to FRACTION_UNITS), and the rest of that GPU stays free for
+small models; with `whole_gpu_tensor_parallel` ranks hold whole GPUs (isolation over density).
+
+Because k is minimal, f > 1/2 (with k/2 ranks a rank would not fit), so two ranks of one replica
+can never share a GPU: that is what makes Ray's per-bundle GPU assignment of
+`placement_group_bundles: [{GPU: f}] * k` (STRICT_PACK) safe. An explicit tensorParallelSize
+larger than needed could give f <= 1/2; the share is then raised to just over 1/2 to keep that
+guarantee (memory is never under-reserved, only over-reserved).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ndif_operator.planning.types import FRACTION_UNITS, PlacementRequest, WorkerGroup
+
+TP_SIZES = (1, 2, 4, 8)
+# Every rank is its own process with its own CUDA context; the estimate counts one per replica.
+RANK_CONTEXT_BYTES = 512 * 1024**2
+# The smallest share a rank of a multi-GPU replica may take: more than half a GPU (see above).
+MIN_RANK_UNITS = FRACTION_UNITS // 2 + 1
 
 
 def human_bytes(n: float) -> str:
@@ -18,51 +37,83 @@ def human_bytes(n: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Need:
-    """`gpus` GPUs per replica, `units` of each (FRACTION_UNITS = the whole GPU)."""
+    """`gpus` GPUs per replica (its TP ranks), `units` of each (FRACTION_UNITS = the whole GPU)."""
 
     gpus: int
     units: int
 
     @property
     def shared(self) -> bool:
+        """One GPU, shared with others (the single-GPU fractional case)."""
         return self.gpus == 1 and self.units < FRACTION_UNITS
+
+    @property
+    def whole(self) -> bool:
+        return self.units == FRACTION_UNITS
 
     @property
     def fraction(self) -> float:
         return self.units / FRACTION_UNITS
+
+    @property
+    def total_units(self) -> int:
+        return self.gpus * self.units
+
+    def describe(self) -> str:
+        """'0.25 GPU', '2 GPUs', '2x0.5938 GPU' (k ranks, each a share of its own GPU)."""
+        if self.gpus == 1:
+            return "1 GPU" if self.whole else f"{self.fraction:g} GPU"
+        return f"{self.gpus} GPUs" if self.whole else f"{self.gpus}x{self.fraction:g} GPU"
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def need_in(request: PlacementRequest, group: WorkerGroup) -> Need | str:
+def rank_bytes(total: int, ranks: int) -> int:
+    """GPU memory one of `ranks` tensor-parallel ranks needs: its part plus its own CUDA context."""
+    return _ceil_div(total + (ranks - 1) * RANK_CONTEXT_BYTES, ranks)
+
+
+def _tp_limit(request: PlacementRequest) -> int:
+    return request.max_tensor_parallel_size if request.max_tensor_parallel_size is not None else TP_SIZES[-1]
+
+
+def need_in(request: PlacementRequest, group: WorkerGroup, *, whole_gpu_tensor_parallel: bool = False) -> Need | str:
     """The need of one replica of `request` in `group`, or why it can never fit there."""
     total = request.total_bytes or 0
     mem, per_pod = group.gpu_memory_bytes, group.gpus_per_pod
     if per_pod == 0:
         return f"worker group {group.name} has no GPUs"
-    tp = request.tensor_parallel_size
-    # "auto" means the fewest whole GPUs that hold the model (the runtime splits layers across
-    # them), not only the powers of two an explicit tensorParallelSize allows.
-    count = max(1, _ceil_div(total, mem)) if tp == "auto" else tp
+    tp, limit = request.tensor_parallel_size, _tp_limit(request)
+    if tp == "auto":
+        allowed = [k for k in TP_SIZES if k <= limit]
+        fitting = [k for k in allowed if rank_bytes(total, k) <= mem]
+        if not fitting:
+            return (
+                f"needs {human_bytes(rank_bytes(total, allowed[-1]))} per GPU at tensorParallelSize"
+                f" {allowed[-1]} (the largest it allows); {group.name} GPUs have {human_bytes(mem)}"
+            )
+        count = fitting[0]
+    else:
+        if tp > limit:
+            return f"tensorParallelSize {tp} is above the model's limit of {limit}"
+        count = tp
     if count > per_pod:
-        return (
-            f"needs {count}x{human_bytes(mem)} GPUs in one pod; pods of {group.name} have {per_pod}"
-        )
-    if count == 1:
-        # Round the share up so that shares on one GPU never add up to more memory than it has.
-        units = max(1, _ceil_div(total * FRACTION_UNITS, mem))
-        if units > FRACTION_UNITS:
+        return f"needs {count}x{human_bytes(mem)} GPUs in one pod; pods of {group.name} have {per_pod}"
+    per_gpu = rank_bytes(total, count)
+    if per_gpu > mem:
+        if count == 1:
             return (
                 f"needs {human_bytes(total)} on one GPU; {group.name} GPUs have {human_bytes(mem)}"
                 " (set tensorParallelSize: auto)"
             )
-        return Need(1, units)
-    per_gpu = _ceil_div(total, count)
-    if per_gpu > mem:
         return (
             f"needs {human_bytes(per_gpu)} per GPU at tensorParallelSize {count};"
             f" {group.name} GPUs have {human_bytes(mem)}"
         )
-    return Need(count, FRACTION_UNITS)
+    # Round the share up so that shares on one GPU never add up to more memory than it has.
+    units = max(1, _ceil_div(per_gpu * FRACTION_UNITS, mem))
+    if count > 1:
+        units = FRACTION_UNITS if whole_gpu_tensor_parallel else max(units, MIN_RANK_UNITS)
+    return Need(count, units)

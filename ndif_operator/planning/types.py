@@ -8,7 +8,8 @@ Vocabulary:
 - a *worker group* is a set of identical pods (a KubeRay worker group); pods are numbered
   0..pods-1 and GPUs inside a pod 0..gpus_per_pod-1;
 - a *replica slot* (`ReplicaPlacement`) is where one Serve replica lives: a pod, the GPUs it uses
-  there, and the fraction of each of those GPUs it may use (1.0 for whole GPUs);
+  there (one per tensor-parallel rank, all distinct), and the fraction of each of those GPUs it
+  may use (1.0 for whole GPUs; a TP rank may hold a fraction too, see sizing.py);
 - a WARM model occupies CPU RAM of one pod (a slot with no GPUs); a COLD one occupies nothing.
 """
 
@@ -92,6 +93,9 @@ class PlacementRequest:
     level: Level = Level.HOT  # desired level
     replicas: int = 1
     tensor_parallel_size: int | Literal["auto"] = 1
+    # The largest TP size the model itself supports (e.g. what its attention heads divide into);
+    # None = no limit beyond the allowed sizes. "auto" never goes above it.
+    max_tensor_parallel_size: int | None = None
     priority: int = 0
     dedicated: bool = False
     minimum_deployment_seconds: int = 0
@@ -104,6 +108,8 @@ class PlacementRequest:
             raise ValueError(f"{self.key}: replicas must be >= 0")
         if self.tensor_parallel_size != "auto" and self.tensor_parallel_size not in (1, 2, 4, 8):
             raise ValueError(f"{self.key}: tensor_parallel_size must be 1, 2, 4, 8 or 'auto'")
+        if self.max_tensor_parallel_size is not None and self.max_tensor_parallel_size < 1:
+            raise ValueError(f"{self.key}: max_tensor_parallel_size must be >= 1")
         for attr in ("total_bytes", "weights_bytes"):
             value = getattr(self, attr)
             if value is not None and value < 0:
@@ -117,8 +123,10 @@ class Decision:
     key: str
     level: Level  # granted level
     replicas: int  # granted HOT replicas (0 unless HOT)
-    gpus_per_replica: float  # whole GPUs (TP size) or the fraction of one GPU when shared; 0 unless HOT
-    gpu_fraction: float  # share of each GPU a replica uses: 1.0 for whole GPUs
+    # The sum of a replica's GPU shares: k (whole-GPU TP), k x gpu_fraction (fractional TP), or the
+    # fraction of one GPU; 0 unless HOT. Not the TP size: use `tensor_parallel_size`.
+    gpus_per_replica: float
+    gpu_fraction: float  # share of EACH of a replica's GPUs (one per TP rank): 1.0 for whole GPUs
     worker_group: str | None  # where the replicas (HOT) or the CPU copy (WARM) live
     assignments: tuple[ReplicaPlacement, ...]  # one per HOT replica, or one for the WARM copy
     reason: Reason
@@ -128,7 +136,13 @@ class Decision:
 
     @property
     def tensor_parallel_size(self) -> int:
-        return max(1, int(self.gpus_per_replica)) if self.level == Level.HOT else 0
+        """Ranks per replica: the number of GPUs in a replica's assignment (0 unless HOT)."""
+        if self.level != Level.HOT:
+            return 0
+        if self.assignments and self.assignments[0].gpus:
+            return len(self.assignments[0].gpus)
+        # Hand-built decisions without assignments (renderer tests): whole GPUs were the only TP.
+        return max(1, int(self.gpus_per_replica))
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,8 @@ def test_preview_of_the_examples(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[0].split()[:5] == ["NAMESPACE", "NAME", "MODEL", "WANT", "LEVEL"]
     rows = {line.split()[1]: line for line in lines[1:6]}
     assert set(rows) == {"gpt2", "llama-3-1-70b", "llama-3-1-8b", "llama-3-1-8b-instruct", "pythia-1-4b"}
-    assert "1x4" in rows["llama-3-1-70b"] and "h100/" in rows["llama-3-1-70b"]
+    # tensorParallelSize 4, each rank on a share of its own GPU
+    assert "1x(4x0." in rows["llama-3-1-70b"] and "h100/" in rows["llama-3-1-70b"]
     assert " Warm " in rows["llama-3-1-8b"]
     assert "4x0." in rows["llama-3-1-8b-instruct"]  # autoscaling max 4, each on a GPU share
     assert "GPUs used:" in out and "seed catalog" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from dataclasses import replace
@@ -21,6 +22,7 @@ from ndif_operator.planning import (
     WorkerGroup,
     plan,
 )
+from ndif_operator.planning import plan as plan_in_mode
 
 GIB = 1024**3
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -60,7 +62,7 @@ def gpu_load(inventory: Inventory, requests: list[PlacementRequest], p: Plan) ->
     return load
 
 
-def assert_valid(inventory: Inventory, requests: list[PlacementRequest], p: Plan) -> None:
+def assert_valid(inventory: Inventory, requests: list[PlacementRequest], p: Plan, whole: bool = False) -> None:
     groups = {g.name: g for g in inventory.groups}
     units: dict[tuple[str, int, int], int] = defaultdict(int)
     for d in p.decisions:
@@ -68,8 +70,17 @@ def assert_valid(inventory: Inventory, requests: list[PlacementRequest], p: Plan
             assert not d.assignments or d.level == Level.WARM
             continue
         g = groups[d.worker_group or ""]
+        k = d.tensor_parallel_size
+        assert d.gpus_per_replica == pytest.approx(k * d.gpu_fraction)
+        if k > 1:
+            # Ranks of one replica on distinct GPUs of one pod, each holding more than half of it:
+            # so no GPU ever carries two ranks (of this replica or of any other one).
+            assert d.gpu_fraction > 0.5
+            if whole:
+                assert d.gpu_fraction == 1.0
         for a in d.assignments:
             assert 0 <= a.pod < g.pods
+            assert len(a.gpus) == k == len(set(a.gpus)) and a.fraction == d.gpu_fraction
             for gpu in a.gpus:
                 assert 0 <= gpu < g.gpus_per_pod
                 units[(g.name, a.pod, gpu)] += round(a.fraction * FRACTION_UNITS)
@@ -104,16 +115,68 @@ def test_fraction_is_rounded_up_so_shares_never_exceed_one_gpu() -> None:
     assert_valid(inv(), requests, p)
 
 
-def test_large_model_takes_whole_gpus_in_one_pod() -> None:
-    p = plan(inv(), [req("big", 150, tensor_parallel_size="auto")], now=NOW)
-    d = p.decision("ns/big")
-    assert d.gpus_per_replica == 2.0 and d.gpu_fraction == 1.0
+def test_large_model_splits_over_tp_ranks_each_on_a_share_of_its_gpu() -> None:
+    # 150 GiB on 80 GiB GPUs: 2 ranks of 75 GiB + a second CUDA context, each a share of one GPU.
+    d = plan(inv(), [req("big", 150, tensor_parallel_size="auto")], now=NOW).decision("ns/big")
+    share = math.ceil((75 + 0.25) * GIB * FRACTION_UNITS / (80 * GIB)) / FRACTION_UNITS
+    assert d.tensor_parallel_size == 2 and d.gpu_fraction == share
+    assert d.gpus_per_replica == pytest.approx(2 * share)
+    assert len(d.assignments) == 1 and len(set(d.assignments[0].gpus)) == 2
+    assert d.message == f"1 replica on a100 (2x{share:g} GPU each)"
+
+
+def test_whole_gpu_tensor_parallel_switch_gives_each_rank_a_whole_gpu() -> None:
+    d = plan(inv(), [req("big", 150, tensor_parallel_size="auto")], now=NOW,
+             whole_gpu_tensor_parallel=True).decision("ns/big")
+    assert d.tensor_parallel_size == 2 and d.gpus_per_replica == 2.0 and d.gpu_fraction == 1.0
     assert len(d.assignments) == 1 and len(d.assignments[0].gpus) == 2
+
+
+def test_auto_picks_the_smallest_power_of_two() -> None:
+    # 190 GiB: 3 GPUs would hold it, but TP sizes are 1, 2, 4, 8: 4 ranks of ~47.6 GiB.
+    d = plan(inv(), [req("m", 190, tensor_parallel_size="auto")], now=NOW).decision("ns/m")
+    assert d.tensor_parallel_size == 4 and 0.5 < d.gpu_fraction < 0.6
+
+
+def test_leftover_of_tp_gpus_packs_small_models_unless_whole_gpus_are_asked() -> None:
+    two = inv(WorkerGroup("g", pods=1, gpus_per_pod=2, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=512 * GIB))
+    requests = [req("big", 120, tensor_parallel_size="auto"), req("s1", 15), req("s2", 15)]
+    p = plan(two, requests, now=NOW)
+    assert all(d.level == Level.HOT for d in p.decisions) and p.gpus_used == 2
+    assert_valid(two, requests, p)
+    isolated = plan(two, requests, now=NOW, whole_gpu_tensor_parallel=True)
+    assert isolated.decision("ns/big").gpu_fraction == 1.0
+    assert isolated.decision("ns/s1").level == Level.WARM and isolated.decision("ns/s2").level == Level.WARM
 
 
 def test_explicit_tensor_parallel_size_is_honoured() -> None:
     d = plan(inv(), [req("tp", 150, tensor_parallel_size=4)], now=NOW).decision("ns/tp")
-    assert d.gpus_per_replica == 4.0 and d.assignments[0].gpus == (0, 1, 2, 3)
+    # 37.6 GiB per rank is under half a GPU: the share is raised to just over half, so that two
+    # ranks of one replica can never be given one GPU by Ray's per-bundle assignment.
+    assert d.tensor_parallel_size == 4 and d.gpu_fraction == 0.5001
+    assert len(set(d.assignments[0].gpus)) == 4
+    whole = plan(inv(), [req("tp", 150, tensor_parallel_size=4)], now=NOW,
+                 whole_gpu_tensor_parallel=True).decision("ns/tp")
+    assert whole.gpus_per_replica == 4.0 and whole.assignments[0].gpus == (0, 1, 2, 3)
+
+
+def test_model_tp_limit_is_honoured() -> None:
+    d = plan(inv(), [req("m", 200, tensor_parallel_size="auto", max_tensor_parallel_size=2)],
+             now=NOW).decision("ns/m")
+    assert d.level != Level.HOT
+    assert "per GPU at tensorParallelSize 2 (the largest it allows)" in d.message
+    d = plan(inv(), [req("m", 100, tensor_parallel_size=4, max_tensor_parallel_size=2)], now=NOW).decision("ns/m")
+    assert d.level != Level.HOT and "tensorParallelSize 4 is above the model's limit of 2" in d.message
+    with pytest.raises(ValueError, match="max_tensor_parallel_size"):
+        req("m", 1, max_tensor_parallel_size=0)
+
+
+def test_tensor_parallel_size_comes_from_the_assignment() -> None:
+    p = plan(inv(), [req("s", 10), req("w", 10, level=Level.WARM), req("t", 300, tensor_parallel_size="auto")],
+             now=NOW)
+    assert p.decision("ns/s").tensor_parallel_size == 1
+    assert p.decision("ns/w").tensor_parallel_size == 0
+    assert p.decision("ns/t").tensor_parallel_size == 4
 
 
 def test_model_too_big_for_one_gpu_without_tp_says_what_to_change() -> None:
@@ -125,16 +188,35 @@ def test_model_too_big_for_one_gpu_without_tp_says_what_to_change() -> None:
 def test_model_larger_than_any_pod_is_reported() -> None:
     d = plan(inv(), [req("huge", 900, tensor_parallel_size="auto")], now=NOW).decision("ns/huge")
     assert d.level != Level.HOT
-    assert "needs 12x80 GiB GPUs in one pod; pods of a100 have 8" in d.message
+    assert "needs 113 GiB per GPU at tensorParallelSize 8 (the largest it allows); a100 GPUs have 80 GiB" in d.message
+    small_pods = inv(WorkerGroup("a100", pods=2, gpus_per_pod=4, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB))
+    d = plan(small_pods, [req("big", 400, tensor_parallel_size="auto")], now=NOW).decision("ns/big")
+    assert "needs 8x80 GiB GPUs in one pod; pods of a100 have 4" in d.message
 
 
-def test_shortage_message_names_the_largest_free_block() -> None:
+@pytest.mark.parametrize("whole", [False, True])
+def test_shortage_message_names_the_largest_free_block(whole: bool) -> None:
     requests = [req("a", 300, tensor_parallel_size=4), req("b", 300, tensor_parallel_size=4),
                 req("c", 150, tensor_parallel_size=2, priority=-1)]
     i = inv(WorkerGroup("h100", pods=1, gpus_per_pod=8, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=512 * GIB))
-    d = plan(i, requests, now=NOW).decision("ns/c")
+    d = plan(i, requests, now=NOW, whole_gpu_tensor_parallel=whole).decision("ns/c")
     assert d.reason == Reason.INSUFFICIENT_GPU and d.level == Level.WARM
-    assert d.message.startswith("needs 2x80 GiB GPUs in one pod; largest free in h100 is 0")
+    if whole:
+        assert d.message.startswith("needs 2x80 GiB GPUs in one pod; largest free in h100 is 0")
+    else:
+        assert d.message.startswith("needs 2 GPUs with 75.3 GiB free each in one pod; the most in one h100 pod is 0")
+
+
+def test_tp_replica_evicts_only_what_its_ranks_need() -> None:
+    two = inv(WorkerGroup("g", pods=1, gpus_per_pod=2, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=512 * GIB))
+    base = [req("low1", 50), req("low2", 50), req("tiny", 10)]
+    first = plan(two, base, now=NOW)
+    assert all(d.level == Level.HOT for d in first.decisions)
+    p = plan(two, [*carry(first, base), req("vip", 120, tensor_parallel_size="auto", priority=5)], now=NOW)
+    assert p.decision("ns/vip").level == Level.HOT and p.decision("ns/vip").tensor_parallel_size == 2
+    assert p.decision("ns/low1").reason == Reason.EVICTED and p.decision("ns/low2").reason == Reason.EVICTED
+    tiny = p.decision("ns/tiny")
+    assert tiny.level == Level.HOT and not tiny.moved  # its GPU keeps room for it next to a rank
 
 
 def test_heterogeneous_groups_small_model_prefers_small_gpus() -> None:
@@ -369,45 +451,45 @@ requests_st = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(inventory=groups_st, requests=requests_st, seed=st.integers(0, 1000))
+@given(inventory=groups_st, requests=requests_st, seed=st.integers(0, 1000), whole=st.booleans())
 def test_property_valid_deterministic_and_order_independent(
-    inventory: Inventory, requests: list[PlacementRequest], seed: int
+    inventory: Inventory, requests: list[PlacementRequest], seed: int, whole: bool
 ) -> None:
-    p = plan(inventory, requests, now=NOW)
-    assert_valid(inventory, requests, p)
+    p = plan(inventory, requests, now=NOW, whole_gpu_tensor_parallel=whole)
+    assert_valid(inventory, requests, p, whole)
     shuffled = list(requests)
     random.Random(seed).shuffle(shuffled)
-    assert repr(plan(inventory, shuffled, now=NOW)) == repr(p)
+    assert repr(plan(inventory, shuffled, now=NOW, whole_gpu_tensor_parallel=whole)) == repr(p)
     # Replanning from the plan's own result moves nothing.
-    again = plan(inventory, carry(p, requests), now=NOW)
+    again = plan(inventory, carry(p, requests), now=NOW, whole_gpu_tensor_parallel=whole)
     assert again.moves == 0
-    assert_valid(inventory, requests, again)
+    assert_valid(inventory, requests, again, whole)
 
 
 @settings(max_examples=100, deadline=None)
-@given(inventory=groups_st, requests=requests_st)
+@given(inventory=groups_st, requests=requests_st, whole=st.booleans())
 def test_property_every_dedicated_model_is_placed_when_it_fits(
-    inventory: Inventory, requests: list[PlacementRequest]
+    inventory: Inventory, requests: list[PlacementRequest], whole: bool
 ) -> None:
     dedicated = [r for r in requests if r.dedicated and r.level == Level.HOT]
-    alone = plan(inventory, dedicated, now=NOW)
-    full = plan(inventory, requests, now=NOW)
+    alone = plan(inventory, dedicated, now=NOW, whole_gpu_tensor_parallel=whole)
+    full = plan(inventory, requests, now=NOW, whole_gpu_tensor_parallel=whole)
     for r in dedicated:
         assert full.decision(r.key).replicas >= alone.decision(r.key).replicas
 
 
 @settings(max_examples=60, deadline=None)
-@given(inventory=groups_st, base=requests_st, extra=requests_st)
+@given(inventory=groups_st, base=requests_st, extra=requests_st, whole=st.booleans())
 def test_property_dedicated_newcomers_evict_their_way_in(
-    inventory: Inventory, base: list[PlacementRequest], extra: list[PlacementRequest]
+    inventory: Inventory, base: list[PlacementRequest], extra: list[PlacementRequest], whole: bool
 ) -> None:
     base = [replace(r, dedicated=False) for r in base]
-    first = plan(inventory, base, now=NOW)
+    first = plan(inventory, base, now=NOW, whole_gpu_tensor_parallel=whole)
     keys = {r.key for r in base}
     newcomers = [replace(r, dedicated=True, level=Level.HOT) for r in extra if r.key not in keys]
-    alone = plan(inventory, newcomers, now=NOW)
-    p = plan(inventory, carry(first, base) + newcomers, now=NOW)
-    assert_valid(inventory, base + newcomers, p)
+    alone = plan(inventory, newcomers, now=NOW, whole_gpu_tensor_parallel=whole)
+    p = plan(inventory, carry(first, base) + newcomers, now=NOW, whole_gpu_tensor_parallel=whole)
+    assert_valid(inventory, base + newcomers, p, whole)
     for r in newcomers:
         # Fewer only if a higher-ordered dedicated peer took the room (never for a non-dedicated model).
         if alone.decision(r.key).replicas > p.decision(r.key).replicas:
@@ -415,10 +497,13 @@ def test_property_dedicated_newcomers_evict_their_way_in(
 
 
 @settings(max_examples=60, deadline=None)
-@given(inventory=groups_st, requests=requests_st, data=st.data())
+@given(inventory=groups_st, requests=requests_st, data=st.data(), whole=st.booleans())
 def test_property_adding_a_lowest_priority_model_moves_nothing_and_removing_one_only_lets_priority_act(
-    inventory: Inventory, requests: list[PlacementRequest], data: st.DataObject
+    inventory: Inventory, requests: list[PlacementRequest], data: st.DataObject, whole: bool
 ) -> None:
+    def plan(inventory: Inventory, requests: list[PlacementRequest], now: datetime) -> Plan:
+        return plan_in_mode(inventory, requests, now=now, whole_gpu_tensor_parallel=whole)
+
     first = plan(inventory, requests, now=NOW)
     current = carry(first, requests)
     newcomer = req("zz-new", data.draw(st.floats(0.01, 700)), priority=-3,
