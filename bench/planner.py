@@ -4,14 +4,18 @@
 
 Baselines, measured in the same run:
 - lower bound: total reserved memory / GPU memory, rounded up (no allocator can use fewer GPUs);
+- whole-GPU bound: the same, once each multi-GPU replica holds its k tensor-parallel GPUs whole;
 - NDIF-style allocator, implemented here from research/ndif-reference.md §2.4: each model gets
   `floor(size / gpu_memory) + 1` whole GPUs, largest model first, on the first node with that many
   free GPUs (NDIF picks at random among equally good nodes; first-fit is kinder to it). It is fed
   the SAME per-model sizes as our planner, so the ratio isolates the allocation strategy;
 - for churn, a stateless planner: the same plan recomputed from scratch (no current placements).
 
-The last line is the headline: GPUs our planner uses for the NDIF catalog, as a ratio of the
-NDIF-style allocator's.
+Both planner modes run: the default, where each tensor-parallel rank takes only its memory share
+of its GPU, and `whole_gpu_tensor_parallel=True` (ranks hold whole GPUs), the previous behaviour.
+
+The last line is the headline: GPUs our planner (default mode) uses for the NDIF catalog, as a
+ratio of the NDIF-style allocator's.
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ from datetime import UTC, datetime
 from ndif_operator.api import DType, Level, ModelSpec, RuntimeLimits
 from ndif_operator.evaluation import estimate_from_entry
 from ndif_operator.evaluation.catalog import KNOWN_MODELS, catalog_entry
-from ndif_operator.planning import CurrentPlacement, Inventory, PlacementRequest, Plan, WorkerGroup, plan
+from ndif_operator.planning import (
+    FRACTION_UNITS,
+    CurrentPlacement,
+    Inventory,
+    PlacementRequest,
+    Plan,
+    WorkerGroup,
+    plan,
+)
+from ndif_operator.planning.sizing import TP_SIZES, need_in
 
 GIB = 1024**3
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -36,6 +49,11 @@ H100 = 80 * GIB
 H200 = 141 * GIB
 # Limits a typical NNsight experiment stays within (a few prompts of up to 2k tokens).
 LIMITS = RuntimeLimits(max_batch_size=4, max_sequence_length=2048)
+ANY_K = tuple(range(1, 9))
+# (label, whole_gpu_tensor_parallel, TP sizes "auto" may pick). The default is the first; the last
+# is what a runtime that splits layers (any rank count) instead of attention heads would allow.
+MODES: tuple[tuple[str, bool, tuple[int, ...]], ...] = (
+    ("fractional TP", False, TP_SIZES), ("whole-GPU TP", True, TP_SIZES), ("fractional, any k", False, ANY_K))
 
 
 def cluster(pods: int, gpu_memory: int = H100, gpus: int = 8) -> Inventory:
@@ -75,19 +93,35 @@ def lower_bound(requests: Sequence[PlacementRequest], gpu_memory: int, placed: s
     return math.ceil(total / gpu_memory)
 
 
-def whole_gpu_bound(requests: Sequence[PlacementRequest], gpu_memory: int, placed: set[str] | None = None) -> int:
-    """The bound once multi-GPU replicas take whole GPUs (Ray's num_gpus > 1 must be whole): their
+def whole_gpu_bound(requests: Sequence[PlacementRequest], group: WorkerGroup, placed: set[str] | None = None) -> int:
+    """The bound once multi-GPU replicas take their k TP GPUs whole (the planner's own k): those
     GPUs count whole, the single-GPU models share the rest perfectly."""
     whole, shared = 0, 0
     for r in requests:
         if placed is not None and r.key not in placed:
             continue
-        total = r.total_bytes or 0
-        if total > gpu_memory:
-            whole += math.ceil(total / gpu_memory) * r.replicas
+        need = need_in(r, group, whole_gpu_tensor_parallel=True)
+        assert not isinstance(need, str), need
+        if need.gpus > 1:
+            whole += need.gpus * r.replicas
         else:
-            shared += total * r.replicas
-    return whole + math.ceil(shared / gpu_memory)
+            shared += (r.total_bytes or 0) * r.replicas
+    return whole + math.ceil(shared / group.gpu_memory_bytes)
+
+
+def rank_bound(requests: Sequence[PlacementRequest], group: WorkerGroup, whole: bool, sizes: tuple[int, ...],
+               placed: set[str] | None = None) -> int:
+    """A tighter bound for a given way of splitting models: the memory bound, or the number of
+    pieces (TP ranks and single-GPU replicas) over half a GPU, since no two of those share a GPU."""
+    big = 0
+    for r in requests:
+        if placed is not None and r.key not in placed:
+            continue
+        need = need_in(r, group, whole_gpu_tensor_parallel=whole, auto_sizes=sizes)
+        assert not isinstance(need, str), need
+        if need.units * 2 > FRACTION_UNITS:
+            big += need.gpus * r.replicas
+    return max(big, lower_bound(requests, group.gpu_memory_bytes, placed))
 
 
 def ndif_allocator(inventory: Inventory, requests: Sequence[PlacementRequest]) -> tuple[int, set[str]]:
@@ -135,119 +169,136 @@ def scale(quick: bool) -> None:
     inventory = cluster(250)
     requests = random_mix(rng, 2000)
     repeat = 1 if quick else 3
-    fresh = timed(lambda: plan(inventory, requests, now=NOW), repeat)
-    first = plan(inventory, requests, now=NOW)
-    steady_requests = carry(first, requests)
-    steady = timed(lambda: plan(inventory, steady_requests, now=NOW), repeat)
     ndif = timed(lambda: ndif_allocator(inventory, requests), repeat)
-    print(f"  fresh plan           {fresh * 1000:8.1f} ms   ({len(hot_keys(first))} HOT, "
-          f"{first.gpus_used}/{first.gpus_total} GPUs)")
-    print(f"  re-plan, all placed  {steady * 1000:8.1f} ms")
-    print(f"  NDIF-style allocator {ndif * 1000:8.1f} ms   (ours / NDIF: {fresh / ndif:.1f}x time)")
-    # A full cluster: 3,300 deployments (about 950 fit, all 2,000 GPUs busy), then 300
-    # higher-priority ones arrive and must evict their way in.
+    # A full cluster: 3,300 deployments (all 2,000 GPUs busy), then 300 higher-priority ones
+    # arrive and must evict their way in.
     over = random_mix(random.Random(9), 3600)
     base, late = over[:3300], [replace(r, priority=1) for r in over[3300:]]
-    current = carry(plan(inventory, base, now=NOW), base)
-    contested_plan = plan(inventory, current + late, now=NOW)
-    contested = timed(lambda: plan(inventory, current + late, now=NOW), repeat)
-    placed_late = len(hot_keys(contested_plan) & {r.key for r in late})
-    print(f"  re-plan, full cluster + 300 higher-priority newcomers {contested * 1000:8.1f} ms   "
-          f"({placed_late}/300 placed, {contested_plan.moves} evictions)")
-    print(f"  scale: fresh plan of 2,000 deployments in {fresh:.3f} s (target < 1 s)")
+    headline = 0.0
+    for label, whole, sizes in MODES:
+        def run(reqs: Sequence[PlacementRequest], whole: bool = whole, sizes: tuple[int, ...] = sizes) -> Plan:
+            return plan(inventory, reqs, now=NOW, whole_gpu_tensor_parallel=whole, auto_tensor_parallel_sizes=sizes)
+
+        fresh = timed(lambda: run(requests), repeat)
+        first = run(requests)
+        steady_requests = carry(first, requests)
+        steady = timed(lambda: run(steady_requests), repeat)  # noqa: B023 (called right away)
+        current = carry(run(base), base)
+        contested_plan = run(current + late)
+        contested = timed(lambda: run(current + late), repeat)  # noqa: B023
+        placed_late = len(hot_keys(contested_plan) & {r.key for r in late})
+        print(f"  [{label}] fresh plan {fresh * 1000:7.1f} ms ({len(hot_keys(first))} HOT, "
+              f"{first.gpus_used}/{first.gpus_total} GPUs); re-plan, all placed {steady * 1000:7.1f} ms; "
+              f"full cluster + 300 higher-priority newcomers {contested * 1000:7.1f} ms "
+              f"({placed_late}/300 placed, {contested_plan.moves} evictions)")
+        if not headline:
+            headline = fresh
+    print(f"  NDIF-style allocator {ndif * 1000:7.1f} ms (ours, fractional TP / NDIF: {headline / ndif:.1f}x time)")
+    print(f"  scale: fresh plan of 2,000 deployments in {headline:.3f} s (target < 1 s)")
 
 
 def quality(quick: bool) -> float:
     print("== quality: GPUs used vs the lower bound and vs the NDIF-style allocator (same sizes)")
-    rows = []
+    print("  bound = memory / GPU memory; whole = the bound when multi-GPU replicas hold whole GPUs;")
+    print("  ranks = max(bound, pieces over half a GPU) for the mode's split: no allocator can beat it")
+    print(f"  {'workload':41} {'mode':17} {'ours':>4} {'bound':>5} {'whole':>5} {'ranks':>5} {'NDIF':>4} "
+          f"{'ours/bound':>10} {'ours/whole':>10} {'ours/ranks':>10} {'ours/NDIF':>9}  placed")
+    headline = 0.0
     for name, inventory, requests in (
         ("NDIF catalog, 8x80 GiB pods (no 405B)", cluster(8), catalog_requests(include_405b=False)),
         ("NDIF catalog, 8x141 GiB pods (with 405B)", cluster(8, H200), catalog_requests(include_405b=True)),
     ):
-        p = plan(inventory, requests, now=NOW)
-        mem = inventory.groups[0].gpu_memory_bytes
-        placed = hot_keys(p)
+        group = inventory.groups[0]
         ndif_used, ndif_placed = ndif_allocator(inventory, requests)
-        lb = lower_bound(requests, mem, placed)
-        wb = whole_gpu_bound(requests, mem, placed)
-        rows.append((name, p.gpus_used, lb, wb, ndif_used, len(placed), len(ndif_placed), len(requests)))
+        for label, whole, sizes in MODES:
+            p = plan(inventory, requests, now=NOW, whole_gpu_tensor_parallel=whole, auto_tensor_parallel_sizes=sizes)
+            placed = hot_keys(p)
+            lb = lower_bound(requests, group.gpu_memory_bytes, placed)
+            wb = whole_gpu_bound(requests, group, placed)
+            rb = rank_bound(requests, group, whole, sizes, placed)
+            used = p.gpus_used
+            print(f"  {name:41} {label:17} {used:4d} {lb:5d} {wb:5d} {rb:5d} {ndif_used:4d} {used / lb:10.3f} "
+                  f"{used / wb:10.3f} {used / rb:10.3f} {used / ndif_used:9.3f}  {len(placed)}/{len(requests)} "
+                  f"(NDIF {len(ndif_placed)}/{len(requests)})")
+            if not headline:
+                headline, ours_catalog = used / ndif_used, used
     # NDIF as deployed sizes models as weights x 1.15 (no KV/activation budget, so it can run out of
     # memory under load); shown for completeness, not as a like-for-like comparison.
     as_deployed = [replace(r, total_bytes=int((r.weights_bytes or 0) * 1.15))
                    for r in catalog_requests(include_405b=False)]
     ndif_own, _ = ndif_allocator(cluster(8), as_deployed)
-    ratios = []
-    seeds = range(3 if quick else 10)
-    for seed in seeds:
-        inventory, requests = cluster(64), random_mix(random.Random(seed), 300)
-        p = plan(inventory, requests, now=NOW)
-        placed = hot_keys(p)
-        ndif_used, ndif_placed = ndif_allocator(inventory, requests)
-        # Compare on what both placed (the cluster is large enough that both place everything).
-        assert placed == ndif_placed == {r.key for r in requests}, "random mix must fit entirely"
-        ratios.append((p.gpus_used / lower_bound(requests, H100), p.gpus_used / ndif_used,
-                       p.gpus_used / whole_gpu_bound(requests, H100)))
-    small_ratios = []
-    for seed in seeds:
-        inventory = cluster(64)
-        requests = [r for r in random_mix(random.Random(100 + seed), 400) if (r.total_bytes or 0) <= H100][:300]
-        p = plan(inventory, requests, now=NOW)
-        small_ratios.append(p.gpus_used / lower_bound(requests, H100))
-    print("  bound = memory / GPU memory; whole = the bound when multi-GPU replicas hold whole GPUs")
-    print(f"  {'workload':42} {'ours':>4} {'bound':>5} {'whole':>5} {'NDIF':>4} {'ours/bound':>10} "
-          f"{'ours/whole':>10} {'ours/NDIF':>9}  placed")
-    for name, ours, lb, wb, ndif_used, n_ours, n_ndif, n in rows:
-        print(f"  {name:42} {ours:4d} {lb:5d} {wb:5d} {ndif_used:4d} {ours / lb:10.3f} {ours / wb:10.3f} "
-              f"{ours / ndif_used:9.3f}  {n_ours}/{n} (NDIF {n_ndif}/{n})")
     print(f"  NDIF as deployed (weights x 1.15, whole GPUs) on the 80 GiB catalog: {ndif_own} GPUs "
-          f"(ours with a full runtime budget: {rows[0][1]}, {rows[0][1] / ndif_own:.3f}x)")
-    print(f"  random mixes, 300 models, 10% multi-GPU ({len(ratios)} seeds): ours/bound mean "
-          f"{statistics.mean(r[0] for r in ratios):.3f} max {max(r[0] for r in ratios):.3f}; ours/whole mean "
-          f"{statistics.mean(r[2] for r in ratios):.3f} max {max(r[2] for r in ratios):.3f}; "
-          f"ours/NDIF mean {statistics.mean(r[1] for r in ratios):.3f}")
-    print(f"  random mixes, single-GPU models only: ours/bound mean {statistics.mean(small_ratios):.3f} "
-          f"max {max(small_ratios):.3f}")
-    ours, ndif_used = rows[0][1], rows[0][4]
-    return ours / ndif_used
+          f"(ours, fractional TP, with a full runtime budget: {ours_catalog}, {ours_catalog / ndif_own:.3f}x)")
+    seeds = range(3 if quick else 10)
+    mixes = [random_mix(random.Random(seed), 300) for seed in seeds]
+    small_mixes = [[r for r in random_mix(random.Random(100 + seed), 400) if (r.total_bytes or 0) <= H100][:300]
+                   for seed in seeds]
+    inventory = cluster(64)
+    group = inventory.groups[0]
+    for label, whole, sizes in MODES:
+        ratios = []
+        for requests in mixes:
+            p = plan(inventory, requests, now=NOW, whole_gpu_tensor_parallel=whole, auto_tensor_parallel_sizes=sizes)
+            ndif_used, ndif_placed = ndif_allocator(inventory, requests)
+            # Compare on what both placed (the cluster is large enough that both place everything).
+            assert hot_keys(p) == ndif_placed == {r.key for r in requests}, "random mix must fit entirely"
+            used = p.gpus_used
+            ratios.append((used / lower_bound(requests, H100), used / ndif_used,
+                           used / whole_gpu_bound(requests, group), used / rank_bound(requests, group, whole, sizes)))
+        print(f"  [{label}] random mixes, 300 models, 10% multi-GPU ({len(ratios)} seeds): ours/bound mean "
+              f"{statistics.mean(r[0] for r in ratios):.3f} max {max(r[0] for r in ratios):.3f}; "
+              f"ours/whole mean {statistics.mean(r[2] for r in ratios):.3f}; "
+              f"ours/ranks mean {statistics.mean(r[3] for r in ratios):.3f}; "
+              f"ours/NDIF mean {statistics.mean(r[1] for r in ratios):.3f}")
+        print(f"    ours/bound per mix: {' '.join(f'{r[0]:.3f}' for r in ratios)}")
+    small_ratios = [plan(inventory, requests, now=NOW).gpus_used / lower_bound(requests, H100)
+                    for requests in small_mixes]
+    print(f"  random mixes, single-GPU models only (all modes alike): ours/bound mean "
+          f"{statistics.mean(small_ratios):.3f} max {max(small_ratios):.3f}")
+    return headline
 
 
 def churn(quick: bool) -> None:
     print("== churn: placements moved by adding / removing one deployment in a full cluster")
     inventory = cluster(16)  # 128 GPUs
     trials = 5 if quick else 20
-    add_moves, remove_moves, add_scratch, remove_scratch, promoted = [], [], [], [], []
-    for seed in range(trials):
-        rng = random.Random(1000 + seed)
-        requests = random_mix(rng, 300)  # more than 128 GPUs hold: the cluster is full
-        first = plan(inventory, requests, now=NOW)
-        assert any(d.level != Level.HOT for d in first.decisions), "cluster must be full"
-        current = carry(first, requests)
+    for label, whole, sizes in MODES:
+        def run(reqs: Sequence[PlacementRequest], whole: bool = whole, sizes: tuple[int, ...] = sizes) -> Plan:
+            return plan(inventory, reqs, now=NOW, whole_gpu_tensor_parallel=whole, auto_tensor_parallel_sizes=sizes)
 
-        def changed(before: Plan, after: Plan, keys: set[str]) -> int:
-            return sum(1 for k in keys if before.decision(k).level == Level.HOT
-                       and (after.decision(k).level, after.decision(k).assignments)
-                       != (before.decision(k).level, before.decision(k).assignments))
+        add_moves, remove_moves, add_scratch, remove_scratch, promoted = [], [], [], [], []
+        for seed in range(trials):
+            rng = random.Random(1000 + seed)
+            requests = random_mix(rng, 300)  # more than 128 GPUs hold: the cluster is full
+            first = run(requests)
+            assert any(d.level != Level.HOT for d in first.decisions), "cluster must be full"
+            current = carry(first, requests)
 
-        keys = {r.key for r in requests}
-        newcomer = random_mix(random.Random(seed), 1)[0]
-        newcomer = replace(newcomer, key="mix/new", priority=rng.choice([0, 1]))
-        added = plan(inventory, [*current, newcomer], now=NOW)
-        add_moves.append(changed(first, added, keys))
-        add_scratch.append(changed(first, plan(inventory, [*requests, newcomer], now=NOW), keys))
-        victim = rng.choice([d.key for d in first.decisions if d.level == Level.HOT])
-        rest = [r for r in current if r.key != victim]
-        removed = plan(inventory, rest, now=NOW)
-        remove_moves.append(changed(first, removed, keys - {victim}))
-        promoted.append(sum(1 for r in rest if first.decision(r.key).level != Level.HOT
-                            and removed.decision(r.key).level == Level.HOT))
-        scratch = plan(inventory, [r for r in requests if r.key != victim], now=NOW)
-        remove_scratch.append(changed(first, scratch, keys - {victim}))
-    print(f"  add one (priority 0 or 1), {trials} trials: HOT placements changed mean "
-          f"{statistics.mean(add_moves):.2f} max {max(add_moves)} (from-scratch planner: mean "
-          f"{statistics.mean(add_scratch):.1f})")
-    print(f"  remove one: HOT placements changed mean {statistics.mean(remove_moves):.2f} max "
-          f"{max(remove_moves)} (from-scratch planner: mean {statistics.mean(remove_scratch):.1f}); "
-          f"waiting models promoted into the freed room: mean {statistics.mean(promoted):.2f}")
+            def changed(before: Plan, after: Plan, keys: set[str]) -> int:
+                return sum(1 for k in keys if before.decision(k).level == Level.HOT
+                           and (after.decision(k).level, after.decision(k).assignments)
+                           != (before.decision(k).level, before.decision(k).assignments))
+
+            keys = {r.key for r in requests}
+            newcomer = random_mix(random.Random(seed), 1)[0]
+            newcomer = replace(newcomer, key="mix/new", priority=rng.choice([0, 1]))
+            added = run([*current, newcomer])
+            add_moves.append(changed(first, added, keys))
+            add_scratch.append(changed(first, run([*requests, newcomer]), keys))
+            victim = rng.choice([d.key for d in first.decisions if d.level == Level.HOT])
+            rest = [r for r in current if r.key != victim]
+            removed = run(rest)
+            remove_moves.append(changed(first, removed, keys - {victim}))
+            promoted.append(sum(1 for r in rest if first.decision(r.key).level != Level.HOT
+                                and removed.decision(r.key).level == Level.HOT))
+            scratch = run([r for r in requests if r.key != victim])
+            remove_scratch.append(changed(first, scratch, keys - {victim}))
+        print(f"  [{label}] add one (priority 0 or 1), {trials} trials: HOT placements changed mean "
+              f"{statistics.mean(add_moves):.2f} max {max(add_moves)} (from-scratch planner: mean "
+              f"{statistics.mean(add_scratch):.1f})")
+        print(f"  [{label}] remove one: HOT placements changed mean {statistics.mean(remove_moves):.2f} max "
+              f"{max(remove_moves)} (from-scratch planner: mean {statistics.mean(remove_scratch):.1f}); "
+              f"waiting models promoted into the freed room: mean {statistics.mean(promoted):.2f}")
 
 
 def main() -> None:
@@ -257,7 +308,8 @@ def main() -> None:
     scale(args.quick)
     headline = quality(args.quick)
     churn(args.quick)
-    print(f"headline: NDIF catalog on 8x80 GiB pods uses {headline:.3f}x the GPUs of the NDIF-style allocator")
+    print(f"headline: NDIF catalog on 8x80 GiB pods uses {headline:.3f}x the GPUs of the NDIF-style allocator"
+          " (fractional TP ranks)")
 
 
 if __name__ == "__main__":

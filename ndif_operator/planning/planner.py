@@ -35,7 +35,7 @@ from datetime import datetime
 
 from ndif_operator.api import Level, Reason
 from ndif_operator.planning.capacity import CpuCapacity, GroupCapacity, SlotId
-from ndif_operator.planning.sizing import Need, human_bytes, need_in
+from ndif_operator.planning.sizing import TP_SIZES, Need, check_tp_sizes, human_bytes, need_in
 from ndif_operator.planning.types import (
     FRACTION_UNITS,
     CurrentPlacement,
@@ -92,10 +92,17 @@ def _order(req: PlacementRequest) -> _Order:
 
 class _Planner:
     def __init__(
-        self, inventory: Inventory, requests: Sequence[PlacementRequest], now: datetime, whole_gpu_tp: bool
+        self,
+        inventory: Inventory,
+        requests: Sequence[PlacementRequest],
+        now: datetime,
+        whole_gpu_tp: bool,
+        auto_tp_sizes: tuple[int, ...],
     ) -> None:
+        check_tp_sizes(auto_tp_sizes)
         self.inventory = inventory
         self.whole_gpu_tp = whole_gpu_tp
+        self.auto_tp_sizes = auto_tp_sizes
         self.groups = inventory.groups
         self.now = now
         self.caps = [GroupCapacity.empty(g) for g in self.groups]
@@ -143,7 +150,8 @@ class _Planner:
                 st.group = st.need = None
 
     def _need(self, req: PlacementRequest, gi: int) -> Need | str:
-        return need_in(req, self.groups[gi], whole_gpu_tensor_parallel=self.whole_gpu_tp)
+        return need_in(req, self.groups[gi], whole_gpu_tensor_parallel=self.whole_gpu_tp,
+                       auto_sizes=self.auto_tp_sizes)
 
     @staticmethod
     def _slot_fits(cap: GroupCapacity, rp: ReplicaPlacement, need: Need) -> bool:
@@ -554,6 +562,7 @@ def plan(
     *,
     now: datetime,
     whole_gpu_tensor_parallel: bool = False,
+    auto_tensor_parallel_sizes: tuple[int, ...] = TP_SIZES,
 ) -> Plan:
     """Grant each request a level and a placement; deterministic and stable (see module doc).
 
@@ -561,8 +570,13 @@ def plan(
     other model on a TP replica's GPUs). The default gives each rank only its memory share, so the
     rest of those GPUs packs small models and other ranks; the runtime caps every process's CUDA
     allocator to its share, so a neighbour cannot take a rank's memory.
+
+    `auto_tensor_parallel_sizes` are the rank counts `tensorParallelSize: auto` may pick, smallest
+    first: true tensor parallelism splits attention heads, hence (1, 2, 4, 8); a runtime that
+    splits layers instead (pipeline) can run any count, e.g. (1, 2, ..., 8), which wastes less
+    (docs/placement.md, docs/benchmarks.md).
     """
-    planner = _Planner(inventory, requests, now, whole_gpu_tensor_parallel)
+    planner = _Planner(inventory, requests, now, whole_gpu_tensor_parallel, auto_tensor_parallel_sizes)
     planner.keep_current()
     planner.place_missing()
     planner.place_warm()

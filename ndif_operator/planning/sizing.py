@@ -79,15 +79,29 @@ def _tp_limit(request: PlacementRequest) -> int:
     return request.max_tensor_parallel_size if request.max_tensor_parallel_size is not None else TP_SIZES[-1]
 
 
-def need_in(request: PlacementRequest, group: WorkerGroup, *, whole_gpu_tensor_parallel: bool = False) -> Need | str:
-    """The need of one replica of `request` in `group`, or why it can never fit there."""
+def check_tp_sizes(sizes: tuple[int, ...]) -> None:
+    if not sizes or sizes[0] != 1 or list(sizes) != sorted(set(sizes)):
+        raise ValueError(f"tensor-parallel sizes must be increasing, distinct and start at 1, got {sizes}")
+
+
+def need_in(
+    request: PlacementRequest,
+    group: WorkerGroup,
+    *,
+    whole_gpu_tensor_parallel: bool = False,
+    auto_sizes: tuple[int, ...] = TP_SIZES,
+) -> Need | str:
+    """The need of one replica of `request` in `group`, or why it can never fit there.
+
+    `auto_sizes` are the TP sizes "auto" may pick (the runtime's); explicit sizes are the CRD's.
+    """
     total = request.total_bytes or 0
     mem, per_pod = group.gpu_memory_bytes, group.gpus_per_pod
     if per_pod == 0:
         return f"worker group {group.name} has no GPUs"
     tp, limit = request.tensor_parallel_size, _tp_limit(request)
     if tp == "auto":
-        allowed = [k for k in TP_SIZES if k <= limit]
+        allowed = [k for k in auto_sizes if k <= limit]
         fitting = [k for k in allowed if rank_bytes(total, k) <= mem]
         if not fitting:
             return (

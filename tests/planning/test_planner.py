@@ -149,6 +149,14 @@ def test_leftover_of_tp_gpus_packs_small_models_unless_whole_gpus_are_asked() ->
     assert isolated.decision("ns/s1").level == Level.WARM and isolated.decision("ns/s2").level == Level.WARM
 
 
+def test_auto_may_pick_any_rank_count_when_the_runtime_allows_it() -> None:
+    r = req("m", 190, tensor_parallel_size="auto")
+    d = plan(inv(), [r], now=NOW, auto_tensor_parallel_sizes=tuple(range(1, 9))).decision("ns/m")
+    assert d.tensor_parallel_size == 3 and d.gpu_fraction > 2 / 3  # k minimal: k-1 ranks would not fit
+    with pytest.raises(ValueError, match="tensor-parallel sizes"):
+        plan(inv(), [r], now=NOW, auto_tensor_parallel_sizes=(2, 4))
+
+
 def test_explicit_tensor_parallel_size_is_honoured() -> None:
     d = plan(inv(), [req("tp", 150, tensor_parallel_size=4)], now=NOW).decision("ns/tp")
     # 37.6 GiB per rank is under half a GPU: the share is raised to just over half, so that two
@@ -451,17 +459,21 @@ requests_st = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(inventory=groups_st, requests=requests_st, seed=st.integers(0, 1000), whole=st.booleans())
+@given(inventory=groups_st, requests=requests_st, seed=st.integers(0, 1000), whole=st.booleans(),
+       sizes=st.sampled_from([(1, 2, 4, 8), tuple(range(1, 9))]))
 def test_property_valid_deterministic_and_order_independent(
-    inventory: Inventory, requests: list[PlacementRequest], seed: int, whole: bool
+    inventory: Inventory, requests: list[PlacementRequest], seed: int, whole: bool, sizes: tuple[int, ...]
 ) -> None:
-    p = plan(inventory, requests, now=NOW, whole_gpu_tensor_parallel=whole)
+    def run(requests: list[PlacementRequest]) -> Plan:
+        return plan(inventory, requests, now=NOW, whole_gpu_tensor_parallel=whole, auto_tensor_parallel_sizes=sizes)
+
+    p = run(requests)
     assert_valid(inventory, requests, p, whole)
     shuffled = list(requests)
     random.Random(seed).shuffle(shuffled)
-    assert repr(plan(inventory, shuffled, now=NOW, whole_gpu_tensor_parallel=whole)) == repr(p)
+    assert repr(run(shuffled)) == repr(p)
     # Replanning from the plan's own result moves nothing.
-    again = plan(inventory, carry(p, requests), now=NOW, whole_gpu_tensor_parallel=whole)
+    again = run(carry(p, requests))
     assert again.moves == 0
     assert_valid(inventory, requests, again, whole)
 
