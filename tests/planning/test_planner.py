@@ -442,13 +442,15 @@ groups_st = st.lists(
 
 requests_st = st.lists(
     st.builds(
-        lambda i, gib, level, tp, prio, ded, reps: req(
-            f"r{i}", gib, level=level, tensor_parallel_size=tp, priority=prio, dedicated=ded, replicas=reps
+        lambda i, gib, level, tp, limit, prio, ded, reps: req(
+            f"r{i}", gib, level=level, tensor_parallel_size=tp, max_tensor_parallel_size=limit, priority=prio,
+            dedicated=ded, replicas=reps
         ),
         i=st.integers(0, 10_000),
         gib=st.floats(0.01, 700),
         level=st.sampled_from([Level.HOT, Level.HOT, Level.WARM, Level.COLD]),
         tp=st.sampled_from([1, 2, 4, 8, "auto"]),
+        limit=st.sampled_from([None, None, None, 2, 4]),
         prio=st.integers(-2, 2),
         ded=st.booleans(),
         reps=st.integers(0, 3),
