@@ -10,15 +10,22 @@ the exact format of `ndif_operator.evaluation.CacheEntry.to_json` (the operator 
 
     python -m model_runtime.meta_evaluator --key '<cache key>' --dtype bfloat16 /path/to/checkpoint
 
+The checkpoint is a directory, a Hub repo id (`--revision`), or `s3://bucket/prefix` (only its
+config.json is fetched). `--termination-log /dev/termination-log` also writes the line there: the
+operator runs this as a Kubernetes Job and reads the result from the pod's termination message.
+
 Only `ndif_operator.api` is imported from the operator side (import-linter contract).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from ndif_operator.api import DType, EstimateMethod
@@ -47,12 +54,26 @@ def _shape(config: Any) -> dict[str, Any]:
     }
 
 
-def meta_size(checkpoint: str, dtype: DType, *, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Parameter and buffer bytes of `checkpoint` (a directory or a cached repo id) on the meta device."""
+def _fetch_s3_config(url: str, target: Path, *, endpoint_url: str | None, region: str | None) -> Path:
+    """Download `<url>/config.json` into `target`: the meta device needs nothing else."""
+    import boto3
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    key = f"{prefix.strip('/')}/config.json" if prefix.strip("/") else "config.json"
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+    target.mkdir(parents=True, exist_ok=True)
+    client.download_file(bucket, key, str(target / "config.json"))
+    return target
+
+
+def meta_size(checkpoint: str, dtype: DType, *, trust_remote_code: bool = False,
+              revision: str | None = None) -> dict[str, Any]:
+    """Parameter and buffer bytes of `checkpoint` (a directory or a repo id) on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code,
+                                        **({"revision": revision} if revision else {}))
     torch_dtype = getattr(config, "dtype", None) if dtype == DType.AUTO else getattr(torch, DType(dtype).value)
     if not isinstance(torch_dtype, torch.dtype):
         torch_dtype = torch.float32
@@ -71,8 +92,8 @@ def meta_size(checkpoint: str, dtype: DType, *, trust_remote_code: bool = False)
 
 
 def cache_entry_json(key: str, checkpoint: str, dtype: DType, *, now: datetime | None = None,
-                     trust_remote_code: bool = False) -> str:
-    sized = meta_size(checkpoint, dtype, trust_remote_code=trust_remote_code)
+                     trust_remote_code: bool = False, revision: str | None = None) -> str:
+    sized = meta_size(checkpoint, dtype, trust_remote_code=trust_remote_code, revision=revision)
     body = {
         "v": _ENTRY_VERSION,
         "key": key,
@@ -89,14 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True, help="the cache key the operator reported (EstimatePending)")
     parser.add_argument("--dtype", default=DType.BFLOAT16.value, choices=[d.value for d in DType])
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo id checkpoints)")
+    parser.add_argument("--s3-endpoint-url", default=None)
+    parser.add_argument("--s3-region", default=None)
+    parser.add_argument("--termination-log", default=None,
+                        help="also write the JSON line here (a pod's /dev/termination-log)")
     args = parser.parse_args(argv)
     try:
-        line = cache_entry_json(args.key, args.checkpoint, DType(args.dtype), trust_remote_code=args.trust_remote_code)
+        with tempfile.TemporaryDirectory(prefix="meta-eval-") as scratch:
+            checkpoint = args.checkpoint
+            if checkpoint.startswith("s3://"):
+                checkpoint = str(_fetch_s3_config(checkpoint, Path(scratch), endpoint_url=args.s3_endpoint_url,
+                                                  region=args.s3_region))
+            revision = args.revision if not Path(checkpoint).is_dir() else None
+            line = cache_entry_json(args.key, checkpoint, DType(args.dtype),
+                                    trust_remote_code=args.trust_remote_code, revision=revision)
+        code = 0
     except Exception as exc:  # report any failure as one line the operator can show in status
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}", "key": args.key}), file=sys.stdout)
-        return 1
-    print(line)
-    return 0
+        # A termination message holds at most 4096 bytes: keep the error short enough.
+        line = json.dumps({"error": f"{type(exc).__name__}: {exc}"[:3000], "key": args.key})
+        code = 1
+    print(line, file=sys.stdout)
+    if args.termination_log:
+        with contextlib.suppress(OSError):  # best effort: stdout (FallbackToLogsOnError) carries it too
+            Path(args.termination_log).write_text(line + "\n")
+    return code
 
 
 if __name__ == "__main__":

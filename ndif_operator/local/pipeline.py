@@ -6,15 +6,23 @@ The very functions the operator calls (`evaluation.estimate`, `planning.plan`,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ndif_operator.api import Estimate, GatewayAppArgs, Level, ModelDeployment
-from ndif_operator.evaluation import EstimateCache, EstimateError, estimate
+from ndif_operator.api import Estimate, GatewayAppArgs, Level, ModelDeployment, ModelSpec
+from ndif_operator.evaluation import (
+    CacheEntry,
+    EstimateCache,
+    EstimateError,
+    EstimatePending,
+    estimate,
+    estimate_from_entry,
+)
 from ndif_operator.local.inventory import LocalInventory
 from ndif_operator.local.manifests import deployment_key
+from ndif_operator.local.meta_device import run_meta_evaluator
 from ndif_operator.planning import PlacementRequest, Plan, plan
 from ndif_operator.rendering import RenderOptions, check_serve_config, render_serve_config
 
@@ -53,16 +61,27 @@ def placement_request(md: ModelDeployment, sized: Estimate | None) -> PlacementR
     )
 
 
+MetaEvaluator = Callable[[ModelSpec, str], CacheEntry]
+
+
 def evaluate_all(
-    deployments: Sequence[ModelDeployment], cache: EstimateCache, *, now: datetime
+    deployments: Sequence[ModelDeployment], cache: EstimateCache, *, now: datetime,
+    meta_evaluator: MetaEvaluator = run_meta_evaluator,
 ) -> tuple[dict[str, Estimate], dict[str, str]]:
+    """Size every deployment; a checkpoint without safetensors goes to the meta-device evaluator
+    (a subprocess here, where the operator starts a Job). What cannot be sized is planned unsized."""
     estimates: dict[str, Estimate] = {}
     errors: dict[str, str] = {}
     for md in deployments:
         key = deployment_key(md)
         try:
-            estimates[key] = estimate(md.spec.model, md.spec.limits, cache, now=now)
-        except EstimateError as exc:  # EstimatePending included: planned unsized, as the operator does
+            try:
+                estimates[key] = estimate(md.spec.model, md.spec.limits, cache, now=now)
+            except EstimatePending as pending:
+                entry = meta_evaluator(md.spec.model, pending.cache_key)
+                cache.put(entry)
+                estimates[key] = estimate_from_entry(entry, md.spec.limits)
+        except EstimateError as exc:
             errors[key] = str(exc)
     return estimates, errors
 

@@ -33,6 +33,7 @@ class KubeApi:
         self._client = api_client
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
+        self._batch = client.BatchV1Api(api_client)
 
     @classmethod
     async def connect(cls, url: str | None = None) -> KubeApi:
@@ -129,6 +130,30 @@ class KubeApi:
             raise _error(exc) from exc
         sanitized: dict[str, Any] = self._client.sanitize_for_serialization(written)
         return sanitized
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            body = await self._batch.read_namespaced_job(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _error(exc) from exc
+        sanitized: dict[str, Any] = self._client.sanitize_for_serialization(body)
+        return sanitized
+
+    async def create_job(self, namespace: str, body: dict[str, Any]) -> None:
+        try:
+            await self._batch.create_namespaced_job(namespace, body)  # type: ignore[arg-type]
+        except ApiException as exc:
+            raise _error(exc) from exc
+
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        try:
+            pods = await self._core.list_namespaced_pod(namespace, label_selector=label_selector)
+        except ApiException as exc:
+            raise _error(exc) from exc
+        sanitized: dict[str, Any] = self._client.sanitize_for_serialization(pods)
+        return list(sanitized.get("items") or [])
 
     async def list_nodes(self) -> list[dict[str, Any]]:
         try:

@@ -25,12 +25,19 @@ from pydantic import ValidationError
 
 from ndif_operator.api import Estimate, Level, ModelDeployment, ModelSpec, Reason, RuntimeLimits
 from ndif_operator.api.naming import model_app_name, model_key
-from ndif_operator.evaluation import EstimateError, EstimatePending, estimate
+from ndif_operator.evaluation import (
+    EstimateError,
+    EstimatePending,
+    entry_from_runtime_output,
+    estimate,
+    estimate_from_entry,
+)
 from ndif_operator.operator import metrics
 from ndif_operator.operator.cache_store import CacheStore
 from ndif_operator.operator.events import event_body
 from ndif_operator.operator.inventory import read_inventory
 from ndif_operator.operator.kube import KubeApi, KubeError
+from ndif_operator.operator.meta_job import JOB_LABEL, JobOutcome, job_manifest, job_name, job_outcome
 from ndif_operator.operator.ray_service import (
     application_statuses,
     kuberay_failure,
@@ -121,6 +128,8 @@ class Reconciler:
         self._clock = clock
         self._wake = asyncio.Event()
         self._memo: dict[str, Estimate | tuple[Reason, str]] = {}
+        self._pending: dict[str, str] = {}  # fingerprint → cache key sized by a meta-device Job
+        self._pending_seen = False
         self._written: dict[tuple[str, str], str] = {}
         self.passes = 0
         self.options = RenderOptions(cpu_only=settings.cpu_only, replica_num_cpus=settings.replica_num_cpus,
@@ -176,6 +185,7 @@ class Reconciler:
     async def reconcile_once(self) -> _Outcome:
         self.passes += 1
         now = self._clock()
+        self._pending_seen = False
         if not self.cache_store.loaded:
             await self.cache_store.load()  # before any evaluation: a restart re-reads no checkpoint
         objects = await self.api.list_model_deployments(self.settings.namespace_list)
@@ -203,6 +213,9 @@ class Reconciler:
                 levels[level] += 1
         for level, count in levels.items():
             metrics.DEPLOYMENTS.labels(level).set(count)
+        if self._pending_seen:
+            # Job completions are not watched (no RBAC to watch Jobs): poll while any runs.
+            asyncio.get_running_loop().call_later(self.settings.pending_poll_seconds, self.wake)
         try:
             await self.cache_store.save()
         except KubeError as exc:
@@ -224,21 +237,88 @@ class Reconciler:
                                  sort_keys=True)
         known = self._memo.get(fingerprint)
         if known is None:
-            try:
-                known = await asyncio.to_thread(self._estimator, spec.model, spec.limits)
-            except EstimatePending as exc:
-                entry.estimate_reason, entry.estimate_message = Reason.ESTIMATE_PENDING, str(exc)
-                return  # not memoised: the runtime-side evaluator may produce it later
-            except EstimateError as exc:
-                known = (Reason.ESTIMATE_FAILED, str(exc) or type(exc).__name__)
-            except Exception as exc:
-                logger.exception("estimating %s failed", entry.key)
-                known = (Reason.ESTIMATE_FAILED, f"{type(exc).__name__}: {exc}")
-            self._memo[fingerprint] = known
+            pending_key = self._pending.get(fingerprint)
+            if pending_key is not None:
+                known = await self._meta_evaluation(entry, spec.model, pending_key)
+                if known is None:
+                    return  # still pending: the message is on the entry
+                if isinstance(known, Estimate):
+                    self._pending.pop(fingerprint, None)
+            else:
+                known = await self._run_estimator(entry, fingerprint)
+                if known is None:
+                    return
+            if isinstance(known, Estimate) or fingerprint not in self._pending:
+                self._memo[fingerprint] = known
         if isinstance(known, Estimate):
             entry.estimate = known
         else:
             entry.estimate_reason, entry.estimate_message = known
+
+    async def _run_estimator(self, entry: _Entry, fingerprint: str) -> Estimate | tuple[Reason, str] | None:
+        """The evaluator in a thread; None when it needs the runtime-side meta-device evaluator."""
+        assert entry.md is not None
+        spec = entry.md.spec
+        try:
+            return await asyncio.to_thread(self._estimator, spec.model, spec.limits)
+        except EstimatePending as exc:
+            self._pending[fingerprint] = exc.cache_key
+            result = await self._meta_evaluation(entry, spec.model, exc.cache_key)
+            if isinstance(result, Estimate):
+                self._pending.pop(fingerprint, None)
+            return result
+        except EstimateError as exc:
+            return (Reason.ESTIMATE_FAILED, str(exc) or type(exc).__name__)
+        except Exception as exc:
+            logger.exception("estimating %s failed", entry.key)
+            return (Reason.ESTIMATE_FAILED, f"{type(exc).__name__}: {exc}")
+
+    async def _meta_evaluation(self, entry: _Entry, model: ModelSpec,
+                               key: str) -> Estimate | tuple[Reason, str] | None:
+        """Start, or read, the meta-device evaluator Job of `key` (see meta_job.py).
+
+        Returns the estimate once the Job's entry is in the cache, a failure, or None while it runs
+        (with EstimatePending and a message set on `entry`; the loop polls again soon).
+        """
+        assert entry.md is not None
+        namespace, name = self.settings.operator_namespace, job_name(key)
+        where = f"Job {namespace}/{name}"
+        try:
+            job = await self.api.get_job(namespace, name)
+            if job is None:
+                manifest = job_manifest(model, key, namespace=namespace, image=self.settings.runtime_image,
+                                        service_account=self.settings.meta_evaluator_service_account)
+                try:
+                    await self.api.create_job(namespace, manifest)
+                    logger.info("started the meta-device evaluator %s for %s", where, key)
+                except KubeError as exc:
+                    if exc.status != 409:
+                        raise  # 409: started by an earlier pass or operator, which is what we want
+                outcome = JobOutcome(done=False)
+            else:
+                pods = await self.api.list_pods(namespace, f"{JOB_LABEL}={name}")
+                outcome = job_outcome(job, pods)
+        except KubeError as exc:
+            self._pending_seen = True
+            entry.estimate_reason = Reason.ESTIMATE_PENDING
+            entry.estimate_message = f"no safetensors files; cannot run the meta-device evaluator {where}: {exc}"
+            return None
+        if not outcome.done:
+            self._pending_seen = True
+            entry.estimate_reason = Reason.ESTIMATE_PENDING
+            entry.estimate_message = ("no safetensors files; sizing the checkpoint on the meta device in "
+                                      f"{where} ({self.settings.runtime_image})")
+            return None
+        if outcome.failure:
+            return (Reason.ESTIMATE_FAILED, f"{outcome.failure} (delete the Job to retry)")
+        try:
+            result = entry_from_runtime_output(outcome.output)
+        except ValueError as exc:
+            return (Reason.ESTIMATE_FAILED, f"{where}: {exc} (delete the Job to retry)")
+        if result.key != key:
+            return (Reason.ESTIMATE_FAILED, f"{where} sized {result.key!r}, not {key!r}")
+        self.cache_store.cache.put(result)  # persisted by this pass's cache save
+        return estimate_from_entry(result, entry.md.spec.limits)
 
     @staticmethod
     def _reject_duplicates(entries: list[_Entry]) -> None:

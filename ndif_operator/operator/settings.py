@@ -37,6 +37,17 @@ class OperatorSettings(BaseSettings):
         default="ndif-system", min_length=1,
         description="Namespace of the operator's own objects: the evaluator cache ConfigMap and meta-device Jobs.",
     )
+    runtime_image: str = Field(
+        default="ndif/runtime:latest", min_length=1,
+        description="Image with model_runtime installed; runs the meta-device evaluator Job for checkpoints "
+                    "without safetensors (use the RayService's image).",
+    )
+    meta_evaluator_service_account: str | None = Field(
+        default=None, description="ServiceAccount of the meta-device evaluator Jobs; default: the namespace's.",
+    )
+    pending_poll_seconds: float = Field(
+        default=5.0, gt=0, description="How often to look at a running meta-device evaluator Job.",
+    )
     cache_config_map: str = Field(
         default="ndif-evaluator-cache", min_length=1,
         description="ConfigMap (in operator_namespace) that persists evaluator results across restarts.",

@@ -242,3 +242,24 @@ def test_owner_file_and_pid_checks(tmp_path: Path) -> None:
     owner.write_text(f"{os.getpid()}\n")
     assert read_owner(owner) == os.getpid() and pid_alive(os.getpid())
     assert not pid_alive(2**22 + 12345)  # above Linux's pid_max: never a live process
+
+
+def test_local_mode_sizes_a_bin_checkpoint_with_the_meta_evaluator_subprocess(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from model_runtime.tiny_models import build_tiny_model
+    from ndif_operator.evaluation import EstimateCache
+    from ndif_operator.local.pipeline import evaluate_all
+
+    path = build_tiny_model("gpt2", tmp_path / "tiny-bin", safe_serialization=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "pytorch_model.bin").write_bytes(b"")
+    text = MANIFEST.replace("/models/tiny", str(path)) + "---\n" + MANIFEST.replace("name: tiny", "name: bad").replace(
+        "/models/tiny", str(broken)).replace("tiny-llama", "bad")
+    cache = EstimateCache()
+    estimates, errors = evaluate_all(parse_manifests(text, "m.yaml"), cache, now=datetime.now(UTC))
+    assert estimates["default/tiny"].method == "MetaDevice" and estimates["default/tiny"].weights_bytes > 0
+    assert [e.method for e in cache] == ["MetaDevice"]
+    assert "meta-device evaluator failed" in errors["default/bad"]
