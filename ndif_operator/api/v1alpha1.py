@@ -301,6 +301,10 @@ class ModelDeploymentStatus(_Model):
     replicas: int = Field(default=0, ge=0, description="Replicas granted by the planner.")
     ready_replicas: int = Field(default=0, ge=0)
     message: str = ""
+    activated_until: datetime | None = Field(
+        default=None,
+        description="activateOnRequest: Hot on request until then; in the past when the last activation ended.",
+    )
 
 
 class ModelDeployment(_Model):

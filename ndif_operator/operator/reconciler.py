@@ -35,6 +35,7 @@ from ndif_operator.evaluation import (
 from ndif_operator.operator import metrics
 from ndif_operator.operator.cache_store import CacheStore
 from ndif_operator.operator.events import event_body
+from ndif_operator.operator.gateway_status import GatewayStatus
 from ndif_operator.operator.inventory import read_inventory
 from ndif_operator.operator.kube import KubeApi, KubeError
 from ndif_operator.operator.meta_job import JOB_LABEL, JobOutcome, job_manifest, job_name, job_outcome
@@ -56,6 +57,7 @@ from ndif_operator.operator.requests import (
 from ndif_operator.operator.settings import OperatorSettings
 from ndif_operator.operator.status import Observation, compute_status, status_changed, transitions
 from ndif_operator.planning import Decision, Plan, plan
+from ndif_operator.planning.activation import activation_until, is_active
 from ndif_operator.rendering import (
     RenderOptions,
     ServeConfigInvalid,
@@ -87,6 +89,8 @@ class _Entry:
     estimate: Estimate | None = None
     estimate_reason: Reason | None = None
     estimate_message: str = ""
+    activated_until: datetime | None = None
+    activated: bool = False  # Hot on request in this pass
 
     @property
     def key(self) -> str:
@@ -131,6 +135,7 @@ class Reconciler:
         self._pending: dict[str, str] = {}  # fingerprint → cache key sized by a meta-device Job
         self._pending_seen = False
         self._written: dict[tuple[str, str], str] = {}
+        self._gateway = GatewayStatus(settings.gateway_url, settings.gateway_api_key)
         self.passes = 0
         self.options = RenderOptions(cpu_only=settings.cpu_only, replica_num_cpus=settings.replica_num_cpus,
                                      gateway_num_cpus=settings.gateway_num_cpus)
@@ -340,6 +345,7 @@ class Reconciler:
         live = [e for e in entries if e.md is not None and e.invalid is None and not e.deleting]
 
         await self._each(live, self._estimate)
+        await self._activations(target, live, now)
         ray_service = await self.api.get_ray_service(namespace, name)
         observations: dict[str, Observation] = {}
         release: list[_Entry] = []
@@ -399,9 +405,39 @@ class Reconciler:
 
     def _observation(self, entry: _Entry) -> Observation:
         desired = Level(entry.md.spec.level) if entry.md is not None else None
+        if entry.activated:
+            desired = Level.HOT
         return Observation(generation=entry.generation, desired_level=desired, invalid=entry.invalid,
                            estimate=entry.estimate, estimate_reason=entry.estimate_reason,
-                           estimate_message=entry.estimate_message, deleting=entry.deleting)
+                           estimate_message=entry.estimate_message, deleting=entry.deleting,
+                           activated_until=entry.activated_until, activated=entry.activated)
+
+    async def _activations(self, target: tuple[str, str], live: list[_Entry], now: datetime) -> None:
+        """activateOnRequest: read the gateway's demand and set each Warm model's Hot window."""
+        candidates = [e for e in live if e.md is not None and e.md.spec.activate_on_request
+                      and Level(e.md.spec.level) == Level.WARM]
+        if not candidates:
+            return  # a policy or level change ends any activation: status drops activatedUntil
+        demands = await self._gateway.demands(*target)
+        wake_in = self.settings.activation_poll_seconds
+        for entry in candidates:
+            assert entry.md is not None
+            previous = _parse_time(entry.status.get("activatedUntil"))
+            until = activation_until(
+                activate_on_request=True, spec_level=Level(entry.md.spec.level), demand=demands.get(entry.key),
+                current_until=previous, now=now, minimum_deployment_seconds=entry.md.spec.minimum_deployment_seconds,
+                ttl_seconds=self.settings.activation_ttl_seconds)
+            entry.activated_until = until
+            entry.activated = is_active(until, now)
+            if entry.activated and until != previous:
+                await self._event(entry.obj, "ActivatedOnRequest", f"requested while Warm: Hot until "
+                                  f"{until.isoformat() if until else ''} (activateOnRequest)", warning=False)
+            elif not entry.activated and previous is not None and entry.status.get("level") == Level.HOT.value:
+                await self._event(entry.obj, "ActivationExpired", "no longer Hot on request: back to Warm",
+                                  warning=False)
+            if entry.activated and until is not None:
+                wake_in = min(wake_in, max((until - now).total_seconds(), 0.0) + 0.05)
+        asyncio.get_running_loop().call_later(wake_in, self.wake)  # poll for demand, and expire on time
 
     async def _plan_and_patch(self, target: tuple[str, str], ray_service: dict[str, Any], live: list[_Entry],
                               nodes: list[dict[str, Any]], now: datetime) -> tuple[dict[str, Decision], str | None]:
@@ -414,7 +450,7 @@ class Reconciler:
             assert entry.md is not None
             annotations = entry.obj["metadata"].get("annotations") or {}
             current = current_placement(entry.status, annotations)
-            requests.append(placement_request(entry.key, entry.md, entry.estimate, current))
+            requests.append(placement_request(entry.key, _effective(entry), entry.estimate, current))
         try:
             with metrics.PLAN_SECONDS.time():
                 result: Plan = plan(reading.inventory, requests, now=now)
@@ -425,7 +461,7 @@ class Reconciler:
         label = f"{namespace}/{name}"
         metrics.GPUS_AVAILABLE.labels(label).set(result.gpus_total)
         metrics.GPUS_PLANNED.labels(label).set(result.gpus_used)
-        deployments = {e.key: e.md for e in live if e.md is not None}
+        deployments = {e.key: _effective(e) for e in live if e.md is not None}
         estimates = {e.key: e.estimate for e in live if e.estimate is not None}
         config = render_serve_config(result, deployments, options=self.options, estimates=estimates)
         try:
@@ -519,6 +555,23 @@ class Reconciler:
                                                             now=self._clock()))
         except KubeError as exc:
             logger.info("could not post event %s: %s", reason, exc)  # events are best effort
+
+
+def _effective(entry: _Entry) -> ModelDeployment:
+    """The deployment as planned: a model activated on request is asked for Hot."""
+    assert entry.md is not None
+    if not entry.activated:
+        return entry.md
+    return entry.md.model_copy(update={"spec": entry.md.spec.model_copy(update={"level": Level.HOT})})
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _replace(obs: Observation, **changes: Any) -> Observation:

@@ -48,6 +48,20 @@ class OperatorSettings(BaseSettings):
     pending_poll_seconds: float = Field(
         default=5.0, gt=0, description="How often to look at a running meta-device evaluator Job.",
     )
+    gateway_url: str = Field(
+        default="http://{name}-serve-svc.{namespace}.svc:8000",
+        description="Gateway base URL per RayService ({name}, {namespace} filled in); its GET /status says "
+                    "which Warm models were requested (activateOnRequest).",
+    )
+    gateway_api_key: str | None = Field(default=None, description="API key sent to the gateway's /status.")
+    activation_ttl_seconds: float = Field(
+        default=900.0, gt=0, description="activateOnRequest: how long a requested Warm model stays Hot "
+                                         "(at least its minimumDeploymentSeconds).",
+    )
+    activation_poll_seconds: float = Field(
+        default=10.0, gt=0, description="How often to ask the gateway for demand while an activateOnRequest "
+                                        "model is Warm.",
+    )
     cache_config_map: str = Field(
         default="ndif-evaluator-cache", min_length=1,
         description="ConfigMap (in operator_namespace) that persists evaluator results across restarts.",

@@ -49,6 +49,8 @@ class Observation:
     ray_service_error: str | None = None  # KubeRay failure or our patch failing
     app: AppStatus | None = None
     deleting: bool = False
+    activated_until: datetime | None = None  # activateOnRequest window (kept in status)
+    activated: bool = False  # Hot on request right now (desired_level is then Hot)
 
 
 def human_bytes(value: int) -> str:
@@ -96,6 +98,9 @@ def _placed(obs: Observation, old: Mapping[str, Mapping[str, Any]]) -> tuple[Con
     decision = obs.decision
     as_asked = decision.reason in _PLACED_AS_ASKED and decision.level == obs.desired_level
     message = decision.message or f"granted {decision.level}"
+    if obs.activated and obs.activated_until is not None and as_asked:
+        until = obs.activated_until.isoformat().replace("+00:00", "Z")
+        message = f"Hot on request until {until} (spec level Warm, activateOnRequest); {message}"
     return (ConditionStatus.TRUE if as_asked else ConditionStatus.FALSE), Reason(decision.reason), message
 
 
@@ -170,7 +175,7 @@ def compute_status(obs: Observation, old_status: Mapping[str, Any] | None, now: 
     status = ModelDeploymentStatus(
         observed_generation=obs.generation, level=level, phase=phase.value, conditions=conditions,
         estimate=estimate, placement=placement, replicas=granted, ready_replicas=ready_replicas,
-        message=message[:1024],
+        message=message[:1024], activated_until=obs.activated_until,
     )
     result: dict[str, Any] = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     return result

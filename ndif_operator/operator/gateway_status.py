@@ -1,0 +1,46 @@
+"""The gateway's `GET /status`, read by the operator for activation on request.
+
+Best effort: a gateway that is down, slow or answers garbage means "no demand seen" (a Warm model
+stays Warm), never a failed pass. One short-lived aiohttp session per call keeps no sockets open
+between passes (they are seconds apart).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+
+from ndif_operator.planning.activation import Demand, demands_from_gateway_status
+
+logger = logging.getLogger("ndif_operator.gateway_status")
+
+API_KEY_HEADER = "ndif-api-key"  # = model_runtime.gateway_app.API_KEY_HEADER
+_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
+
+
+class GatewayStatus:
+    def __init__(self, url_template: str, api_key: str | None = None) -> None:
+        self.url_template = url_template
+        self.api_key = api_key
+        self.calls = 0
+
+    def url(self, namespace: str, ray_service: str) -> str:
+        base = self.url_template.format(name=ray_service, namespace=namespace).rstrip("/")
+        return f"{base}/status"
+
+    async def demands(self, namespace: str, ray_service: str) -> dict[str, Demand]:
+        """`namespace/name` → demand; empty when the gateway cannot be read."""
+        url = self.url(namespace, ray_service)
+        headers = {API_KEY_HEADER: self.api_key} if self.api_key else {}
+        self.calls += 1
+        try:
+            async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, session.get(url, headers=headers) as resp:
+                if resp.status != 200:
+                    logger.info("gateway %s answered %d; no activation demand read", url, resp.status)
+                    return {}
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            logger.info("cannot read the gateway %s: %r; no activation demand read", url, exc)
+            return {}
+        return demands_from_gateway_status(body) if isinstance(body, dict) else {}
