@@ -11,9 +11,14 @@ Speaks the unmodified client's protocol (research/nnsight-protocol.md §1.4):
 * `GET /result/{token}`: a result kept by the gateway when no object store is configured.
 * `GET /status` (models with HOT/WARM/COLD and app state), `GET /env`, `GET /ping`.
 
-Routing: a client key's `repo_id` (lower-cased) → `GatewayAppArgs.models` → the model app's
-DeploymentHandle. Unknown → 404; COLD/WARM → 503 with the reason (a WARM model whose policy is
-`activateOnRequest` has the demand recorded in `/status` for the operator). Full queue → 503.
+Routing: a client key's `repo_id` (lower-cased) → the routing table (`GatewayUserConfig`, the
+deployment's `user_config`, replaced in place by `reconfigure`: adding or removing a model never
+restarts the gateway and its in-memory sessions and jobs) → the model app's DeploymentHandle.
+Unknown → 404; COLD (routed, no app) → 503 "COLD"; an app without a running replica → 503 with its
+Serve state (from a status cache refreshed in the background). A served model is asked nothing
+before the request: its `execute` stream's first event is the admission answer (QUEUED, or a
+refusal such as WARM / full queue / revision, which becomes the HTTP error); a WARM model whose
+policy is `activateOnRequest` has the demand recorded in `/status` for the operator.
 
 The gateway imports neither torch nor nnsight: the model app builds inline result frames.
 Job and session state live in this replica's memory, so the gateway runs as one replica.
@@ -23,6 +28,7 @@ Job and session state live in this replica's memory, so the gateway runs as one 
 # that Serve rewrites (string annotations turn `websocket: WebSocket` into a query parameter).
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -37,17 +43,21 @@ from ray import serve
 
 from model_runtime.auth import ApiKeys
 from model_runtime.jobs import Job, JobStore
-from model_runtime.model_keys import client_model_key, repo_key, requested_revision
+from model_runtime.model_keys import client_model_key, repo_key
 from model_runtime.results import MemoryResults, result_store
 from model_runtime.versions import version_refusal
-from ndif_operator.api import GatewayAppArgs
-from ndif_operator.api.naming import GATEWAY_DEPLOYMENT
+from ndif_operator.api import GatewayAppArgs, GatewayRoute, GatewayUserConfig, Level
+from ndif_operator.api.naming import GATEWAY_DEPLOYMENT, model_app_name
 
 log = logging.getLogger("ray.serve")
 
 API_KEY_HEADER = "ndif-api-key"
 _INFO_TIMEOUT_S = 10.0
-_HOT, _WARM, _COLD = "Hot", "Warm", "Cold"
+# The model's first event (its admission answer) comes at once unless Serve has no replica to route to.
+_ADMISSION_TIMEOUT_S = 30.0
+_STATE_REFRESH_S = 2.0  # background refresh of the Serve application states
+_STATE_RECHECK_S = 0.25  # an app not RUNNING in the cache is looked at again at most this often
+_COLD = "Cold"
 
 app = FastAPI(title="NDIF gateway", docs_url=None, redoc_url=None)
 
@@ -75,7 +85,14 @@ async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
 class NnsightGateway:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = GatewayAppArgs.model_validate(args)
-        self.models = {repo_key(k): v for k, v in self.args.models.items()}
+        # Deprecated static routes from args; the user_config table (reconfigure) replaces them.
+        self._static = {repo_key(k): GatewayRoute(deployment="", level=Level.HOT, app=v, repo_id=k)
+                        for k, v in self.args.models.items()}
+        self.routes: dict[str, GatewayRoute] = dict(self._static)
+        self._app_states: dict[str, str] = {}
+        self._states_at = 0.0
+        self._refresher: asyncio.Task[None] | None = None
+        self._payload_limits: dict[str, int] = {}  # app → max_payload_bytes, learned from admissions
         self.keys = ApiKeys.from_env(self.args.api_key_hashes_env)
         self.jobs = JobStore()
         self.results = result_store(self.args.object_store_bucket, self.args.object_store_endpoint_url)
@@ -83,6 +100,16 @@ class NnsightGateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self.activation_requests: dict[str, float] = {}
         self._keepalive_s = float(os.environ.get("NDIF_WS_KEEPALIVE_SECONDS", "20"))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A new routing table, in place: sessions, jobs and open websockets are kept."""
+        table = GatewayUserConfig.model_validate(user_config)
+        self.routes = {**self._static, **{repo_key(k): route for k, route in table.models.items()}}
+        apps = {route.app for route in self.routes.values()}
+        for app_name in [a for a in self._handles if a not in apps]:
+            self._handles.pop(app_name, None)
+            self._payload_limits.pop(app_name, None)
+        log.info("gateway routes: %s", {k: (r.app, r.level) for k, r in sorted(self.routes.items())})
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -98,6 +125,36 @@ class NnsightGateway:
             handle = serve.get_app_handle(app_name)
             self._handles[app_name] = handle
         return handle
+
+    async def _refresh_states(self) -> None:
+        """Serve's application states in one controller call: RUNNING when some replica runs."""
+        try:
+            apps = (await asyncio.to_thread(serve.status)).applications
+        except Exception as exc:
+            log.info("serve.status failed: %s", exc)
+            return
+        states: dict[str, str] = {}
+        for name, app_status in apps.items():
+            running = any(int(d.replica_states.get("RUNNING", 0)) > 0  # ReplicaState is a str enum
+                          for d in app_status.deployments.values())
+            # A rolling update reports DEPLOYING while the old replicas still serve: routable.
+            states[name] = "RUNNING" if running else str(app_status.status)
+        self._app_states, self._states_at = states, time.monotonic()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await self._refresh_states()
+            await asyncio.sleep(_STATE_REFRESH_S)
+
+    async def _app_state_now(self, app_name: str) -> str:
+        """The cached state of an app; one that is not RUNNING is looked at again before refusing."""
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.create_task(self._refresh_forever())
+        state = self._app_states.get(app_name)
+        if state != "RUNNING" and time.monotonic() - self._states_at > _STATE_RECHECK_S:
+            await self._refresh_states()
+            state = self._app_states.get(app_name)
+        return state or "NOT_STARTED"
 
     async def _model_info(self, app_name: str) -> dict[str, Any] | None:
         """The model replica's info, or None when its app is not running (COLD / not deployed)."""
@@ -127,38 +184,40 @@ class NnsightGateway:
     async def status(self, request: Request) -> dict[str, Any]:
         self._auth(request.headers.get(API_KEY_HEADER))
         deployments: dict[str, Any] = {}
-        infos = await asyncio.gather(*(self._model_info(app_name) for app_name in self.models.values()))
-        for (key, app_name), info in zip(self.models.items(), infos, strict=True):
+        routes = sorted(self.routes.items())
+        infos = await asyncio.gather(*(self._model_info(r.app) for _, r in routes if r.app is not None))
+        served = iter(infos)
+        for key, route in routes:
+            info = next(served) if route.app is not None else None
             known = info or {}  # an app that is not running tells nothing: report it COLD
-            repo_id = str(known.get("repo_id", key))
-            revision = str(known.get("revision", "main"))
+            repo_id = str(known.get("repo_id") or route.repo_id or key)
+            revision = str(known.get("revision", route.revision))
             trust = bool(known.get("trust_remote_code"))
-            deployments[app_name] = {
+            name = route.app or (model_app_name(*route.deployment.split("/", 1)) if "/" in route.deployment
+                                 else key)
+            deployments[name] = {
                 "model_key": client_model_key(repo_id, revision, trust),
                 "repo_id": repo_id,
                 "task": "text-generation",
                 "trust_remote_code": trust,
                 "revision": revision,
                 "deployment_level": str(known.get("level", _COLD)).upper(),
-                "application_state": await self._app_state(app_name, info),
+                "application_state": await self._status_state(route.app, info),
                 "queue_depth": known.get("queue_depth", 0),
                 "activation_requested": key in self.activation_requests,
+                "activation_requested_at": self.activation_requests.get(key),  # epoch seconds or None
+                "deployment": route.deployment or str(known.get("deployment", "")),  # namespace/name
+                "granted_level": str(route.level).upper(),
             }
         return {"deployments": deployments}
 
-    async def _app_state(self, app_name: str, info: dict[str, Any] | None) -> str:
+    async def _status_state(self, app_name: str | None, info: dict[str, Any] | None) -> str:
+        if app_name is None:
+            return "NOT_STARTED"  # COLD: no application by design
         if info is not None:
             return "UNHEALTHY" if info.get("wedged") else "RUNNING"
-        try:
-            apps = (await asyncio.to_thread(serve.status)).applications
-        except Exception:
-            return "UNHEALTHY"
-        state = apps.get(app_name)
-        if state is None:
-            return "NOT_STARTED"
-        return {"RUNNING": "RUNNING", "DEPLOYING": "DEPLOYING", "NOT_STARTED": "NOT_STARTED"}.get(
-            str(state.status), "UNHEALTHY"
-        )
+        state = await self._app_state_now(app_name)
+        return state if state in ("RUNNING", "DEPLOYING", "NOT_STARTED") else "UNHEALTHY"
 
     @app.websocket("/subscribe")
     async def subscribe(self, websocket: WebSocket) -> None:
@@ -226,52 +285,66 @@ class NnsightGateway:
             key = repo_key(str(envelope["model_key"]))
         except (ValueError, KeyError) as exc:
             raise HttpError(400, f"Invalid request envelope: {exc}") from None
-        app_name = self.models.get(key)
-        if app_name is None:
-            known = ", ".join(sorted(self.models)) or "none"
+        route = self.routes.get(key)
+        if route is None:
+            known = ", ".join(sorted(self.routes)) or "none"
             raise HttpError(404, f"Model {key!r} is not deployed here (models: {known}).")
-        info = await self._model_info(app_name)
-        level = (info or {}).get("level", _COLD)
-        if info is None:
-            state = await self._app_state(app_name, None)
-            if state == "DEPLOYING":
-                raise HttpError(503, f"Model {key!r} is being deployed (loading); retry shortly.")
+        if route.app is None or route.level == Level.COLD:
+            raise HttpError(503, f"Model {key!r} is COLD (on disk only, not loaded); ask an admin to make it "
+                                 "Hot or Warm.")
+        app_name = route.app
+        state = await self._app_state_now(app_name)
+        if state == "DEPLOYING":
+            raise HttpError(503, f"Model {key!r} is being deployed (loading); retry shortly.")
+        if state != "RUNNING":
             raise HttpError(503, f"Model {key!r} is not running ({state}); ask an admin to make it Hot.")
-        if level == _COLD:
-            raise HttpError(503, f"Model {key!r} is COLD (not loaded); ask an admin to make it Hot.")
-        wanted = requested_revision(str(envelope["model_key"]))
-        if wanted is not None and wanted != info.get("revision"):
-            raise HttpError(404, f"Model {key!r} is served at revision {info.get('revision')!r}, "
-                                 f"not {wanted!r}.")
-        if level == _WARM:
-            if info.get("activate_on_request"):
-                self.activation_requests[key] = time.time()
-                raise HttpError(503, f"Model {key!r} is WARM (in CPU RAM); activation to HOT was requested, "
-                                     "retry shortly.")
-            raise HttpError(503, f"Model {key!r} is WARM (in CPU RAM, not serving); ask an admin to make it Hot.")
-        if info.get("wedged"):
-            raise HttpError(503, f"Model {key!r} is restarting after a job that could not be stopped; "
-                                 "retry shortly.")
-        if info.get("queue_depth", 0) >= info.get("max_queue_depth", 1):
-            raise HttpError(503, f"The queue for model {key!r} is full; try again later.")
-        payload = blob
-        if len(payload) > int(info.get("max_payload_bytes", 0)):
-            raise HttpError(413, f"Payload of {len(payload)} bytes exceeds this model's limit of "
-                                 f"{info.get('max_payload_bytes')} bytes.")
+        limit = self._payload_limits.get(app_name)
+        if limit is not None and len(blob) > limit:  # spare the replica an oversize body
+            raise HttpError(413, f"Payload of {len(blob)} bytes exceeds this model's limit of {limit} bytes.")
         session_id = str(envelope.get("session_id") or "")
         if session_id and not self.jobs.has_session(session_id):
             raise HttpError(400, "Unknown session id: open /subscribe first.")
-        job = self.jobs.new_job(key, owner, session_id)
         envelope["session_id"] = session_id
+        job = self.jobs.new_job(key, owner, session_id)
+        inline_max = self.args.inline_result_max_bytes if session_id else 0
+        stream = self._admit(app_name, job, envelope, blob, inline_max)
+        first = await self._first_event(key, app_name, job, stream)
         received = _response(job.id, "RECEIVED", "Your job has been received and is waiting approval.")
         self._record(job, received, push=False)
-        position = int(info.get("queue_depth", 0)) + 1
-        task = asyncio.create_task(
-            self._process(job, app_name, envelope, payload, str(request.base_url), position)
-        )
+        task = asyncio.create_task(self._process(job, stream, first, str(request.base_url)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return received
+
+    def _admit(self, app_name: str, job: Job, envelope: dict[str, Any], blob: bytes, inline_max: int) -> Any:
+        try:
+            handle = self._handle(app_name).options(method_name="execute", stream=True)
+            return handle.remote(job.id, envelope, blob, inline_max)
+        except Exception as exc:  # the app vanished between the state check and now
+            self.jobs.discard(job.id)
+            self._handles.pop(app_name, None)
+            raise HttpError(503, f"Model {job.model_key!r} is not running ({exc}); retry shortly.") from None
+
+    async def _first_event(self, key: str, app_name: str, job: Job, stream: Any) -> dict[str, Any]:
+        """The model's admission answer: QUEUED, or a refusal that becomes this request's HTTP error."""
+        try:
+            first: dict[str, Any] = await asyncio.wait_for(stream.__anext__(), _ADMISSION_TIMEOUT_S)
+        except Exception as exc:  # timeout, a stream that ended at once, or a dead app
+            self.jobs.discard(job.id)
+            with contextlib.suppress(Exception):
+                stream.cancel()
+            self._handles.pop(app_name, None)
+            log.info("model app %s did not admit job %s: %r", app_name, job.id, exc)
+            raise HttpError(503, f"Model {key!r} did not answer ({type(exc).__name__}); retry shortly.") from None
+        limits = first.get("limits") or {}
+        if "max_payload_bytes" in limits:
+            self._payload_limits[app_name] = int(limits["max_payload_bytes"])
+        if first.get("status") == "QUEUED":
+            return first
+        self.jobs.discard(job.id)
+        if first.get("activation_requested"):
+            self.activation_requests[key] = time.time()
+        raise HttpError(int(first.get("http_status", 503)), str(first.get("description", "Refused.")))
 
     @staticmethod
     async def _multipart(request: Request) -> tuple[str, bytes]:
@@ -308,14 +381,10 @@ class NnsightGateway:
         if push and job.session_id:
             self.jobs.push(job.session_id, json.dumps(event))
 
-    async def _process(
-        self, job: Job, app_name: str, envelope: dict[str, Any], payload: bytes, base_url: str, position: int
-    ) -> None:
+    async def _process(self, job: Job, stream: Any, queued: dict[str, Any], base_url: str) -> None:
         try:
-            self._record(job, _response(job.id, "QUEUED", f"Moved to position {position} in the queue."))
-            handle = self._handle(app_name).options(method_name="execute", stream=True)
-            inline_max = self.args.inline_result_max_bytes if job.session_id else 0
-            async for event in handle.remote(job.id, envelope, payload, inline_max):
+            self._record(job, _response(job.id, "QUEUED", str(queued.get("description", "Queued."))))
+            async for event in stream:
                 await self._forward(job, event, base_url)
                 if event["status"] in ("COMPLETED", "ERROR"):
                     return

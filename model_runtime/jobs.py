@@ -64,6 +64,10 @@ class JobStore:
         self._jobs[job.id] = job
         return job
 
+    def discard(self, job_id: str) -> None:
+        """Forget a job the model refused before admitting it (the client got an HTTP error instead)."""
+        self._jobs.pop(job_id, None)
+
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 

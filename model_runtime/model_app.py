@@ -32,6 +32,7 @@ from model_runtime import levels
 from model_runtime.execution import Envelope, ExecutionLimits, ExecutionResult, execute_request, select_runner
 from model_runtime.garbage import freeze_long_lived
 from model_runtime.metrics import RuntimeMetrics
+from model_runtime.model_keys import requested_revision
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
 
@@ -190,31 +191,30 @@ class ModelReplica:
     async def execute(
         self, job_id: str, envelope: dict[str, Any], blob: bytes, inline_max_bytes: int = 0
     ) -> AsyncIterator[dict[str, Any]]:
-        """Run one request; yields status events. Never raises for the request's own faults."""
+        """Run one request; yields status events. Never raises for the request's own faults.
+
+        The first event is the admission answer, so the gateway routes from it instead of asking
+        `info()` first (one handle round trip per request, not two): either QUEUED (admitted, with
+        the position) or an ERROR with `http_status` (refused before admission: the gateway
+        answers that HTTP error, e.g. 503 for a WARM model or a full queue).
+        """
         key = self.args.model_key
         started = time.monotonic()
-        if len(blob) > self.config.max_payload_bytes:
-            yield _error(f"Payload of {len(blob)} bytes exceeds this model's limit of "
-                         f"{self.config.max_payload_bytes} bytes.")
-            return
-        if self._wedged:
-            yield _error(f"This replica of {key} is being replaced after a job that could not be stopped; "
-                         "retry shortly.")
-            return
-        if self._waiting >= self.config.max_queue_depth:
-            self.metrics.request(key, "rejected", 0.0, len(blob), 0)
-            yield _error(f"The queue for model {key} is full ({self.config.max_queue_depth} requests "
-                         "waiting); try again later.")
+        refusal = self._refusal(envelope, len(blob))
+        if refusal is not None:
+            yield refusal
             return
         try:
             parsed = Envelope.model_validate(envelope)
         except Exception as exc:
-            yield _error(f"Invalid request envelope: {exc}")
+            yield _refused(400, f"Invalid request envelope: {exc}", self._limits())
             return
         self._waiting += 1
         self.metrics.queue_depth(key, self._waiting)
         admitted = False
         try:
+            yield {"status": "QUEUED", "description": f"Moved to position {self._waiting} in the queue.",
+                   "limits": self._limits()}
             async with self._lock:
                 self._waiting -= 1
                 admitted = True
@@ -232,6 +232,38 @@ class ModelReplica:
             if not admitted:  # cancelled while waiting (the client went away)
                 self._waiting -= 1
         log.info("job %s on %s took %.3fs", job_id, key, time.monotonic() - started)
+
+    def _limits(self) -> dict[str, int]:
+        # The gateway caches these to refuse an oversize body before sending it to the replica.
+        return {"max_payload_bytes": self.config.max_payload_bytes}
+
+    def _refusal(self, envelope: dict[str, Any], payload_bytes: int) -> dict[str, Any] | None:
+        """Why this request cannot be admitted now, as the ERROR event the gateway turns into HTTP."""
+        key = self.args.model_key
+        limits = self._limits()
+        if payload_bytes > self.config.max_payload_bytes:
+            return _refused(413, f"Payload of {payload_bytes} bytes exceeds this model's limit of "
+                                 f"{self.config.max_payload_bytes} bytes.", limits)
+        if self._wedged:
+            return _refused(503, f"Model {key!r} is restarting after a job that could not be stopped; "
+                                 "retry shortly.", limits)
+        wanted = requested_revision(str(envelope.get("model_key", "")))
+        if wanted is not None and wanted != self.args.revision:
+            return _refused(404, f"Model {key!r} is served at revision {self.args.revision!r}, not {wanted!r}.",
+                            limits)
+        if self._level == levels.WARM:
+            if self.config.activate_on_request:
+                return {**_refused(503, f"Model {key!r} is WARM (in CPU RAM); activation to HOT was requested, "
+                                        "retry shortly.", limits), "activation_requested": True}
+            return _refused(503, f"Model {key!r} is WARM (in CPU RAM, not serving); ask an admin to make it Hot.",
+                            limits)
+        if self._level != levels.HOT or self._model is None:
+            return _refused(503, f"Model {key!r} is COLD (not loaded); ask an admin to make it Hot.", limits)
+        if self._waiting >= self.config.max_queue_depth:
+            self.metrics.request(key, "rejected", 0.0, payload_bytes, 0)
+            return _refused(503, f"The queue for model {key!r} is full ({self.config.max_queue_depth} requests "
+                                 "waiting); try again later.", limits)
+        return None
 
     async def _run(
         self, job_id: str, envelope: Envelope, blob: bytes, inline_max_bytes: int
@@ -278,6 +310,10 @@ class ModelReplica:
 
 def _error(description: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"status": "ERROR", "description": description, "meta": meta}
+
+
+def _refused(http_status: int, description: str, limits: dict[str, int]) -> dict[str, Any]:
+    return {**_error(description), "http_status": http_status, "limits": limits}
 
 
 def _completed(job_id: str, result: ExecutionResult, inline_max_bytes: int) -> dict[str, Any]:

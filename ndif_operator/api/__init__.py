@@ -5,7 +5,13 @@ Kubernetes client and the ML stack (import-linter contracts in pyproject.toml).
 """
 
 from ndif_operator.api.conditions import ConditionStatus, ConditionType, Phase, Reason
-from ndif_operator.api.serve_args import GatewayAppArgs, ModelAppArgs, ModelUserConfig
+from ndif_operator.api.serve_args import (
+    GatewayAppArgs,
+    GatewayRoute,
+    GatewayUserConfig,
+    ModelAppArgs,
+    ModelUserConfig,
+)
 from ndif_operator.api.v1alpha1 import (
     API_VERSION,
     CRD_NAME,
@@ -52,6 +58,8 @@ __all__ = [
     "Estimate",
     "EstimateMethod",
     "GatewayAppArgs",
+    "GatewayRoute",
+    "GatewayUserConfig",
     "HuggingFaceSource",
     "Level",
     "LocalPathSource",

@@ -6,7 +6,9 @@ import it without pulling in kopf or the Kubernetes client (an import-linter con
 
 What goes where (research/operators-and-kuberay.md §1.2): a change of `args` or
 `ray_actor_options` restarts replicas (a model reload); `user_config` is applied in place by
-`reconfigure()`. So model identity and placement are args; limits are user_config.
+`reconfigure()`. So model identity and placement are args; limits are user_config. The gateway's
+routing table is its user_config too: adding or removing a model must not restart the gateway,
+whose sessions and jobs live in its memory.
 """
 
 from __future__ import annotations
@@ -60,11 +62,33 @@ class ModelAppArgs(_Args):
     gpus_per_replica: float = Field(default=0.0, ge=0, description="0 on CPU-only clusters.")
 
 
+class GatewayRoute(_Args):
+    """One ModelDeployment as the gateway routes to it (an entry of `GatewayUserConfig.models`)."""
+
+    deployment: str = Field(description="`namespace/name` of the ModelDeployment.")
+    level: Level = Field(description="The granted level; COLD models have no application.")
+    app: str | None = Field(default=None, description="Serve application name; None when COLD.")
+    repo_id: str = ""
+    revision: str = "main"
+    # ModelDeployment `activateOnRequest`: a request for a WARM/COLD model records the demand.
+    activate_on_request: bool = False
+
+
+class GatewayUserConfig(_Args):
+    """The gateway's `user_config`: the routing table, applied in place by `reconfigure`."""
+
+    models: dict[str, GatewayRoute] = Field(
+        default_factory=dict, description="model_key → route, for every ModelDeployment (COLD included)."
+    )
+
+
 class GatewayAppArgs(_Args):
-    """`args` of the gateway application (the nnsight ingress)."""
+    """`args` of the gateway application (the nnsight ingress): only what needs a restart."""
 
     models: dict[str, str] = Field(
-        default_factory=dict, description="model_key → Serve application name of that model."
+        default_factory=dict,
+        description="Deprecated static routes (model_key → application name); the renderer leaves this "
+        "empty and routes through `GatewayUserConfig`, whose entries win.",
     )
     min_nnsight_version: str = "0.8.1"
     api_key_hashes_env: str = Field(

@@ -5,6 +5,10 @@ model, named by `model_app_name`; COLD models get no application. What goes wher
 restarts replicas (research/operators-and-kuberay.md §1.2): model identity and placement are
 `args` / `ray_actor_options` (a change reloads the model anyway), the request limits and the level
 are `user_config` (applied in place by `reconfigure`), and replica counts are lightweight.
+
+The gateway's routing table (every ModelDeployment with its granted level, COLD ones included so
+that they answer a clear "COLD" instead of "not deployed") is the gateway's `user_config`: adding
+or removing a model never restarts the gateway, which keeps its sessions and jobs in memory.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 from ndif_operator.api import (
     Estimate,
     GatewayAppArgs,
+    GatewayRoute,
+    GatewayUserConfig,
     Level,
     ModelAppArgs,
     ModelDeployment,
@@ -56,23 +62,36 @@ def render_serve_config(
     Deterministic: the same inputs give an equal dict, and `serve_config_text` an equal string.
     """
     options = options or RenderOptions()
-    models: dict[str, str] = {}
+    routes: dict[str, GatewayRoute] = {}
     applications: list[dict[str, Any]] = []
-    for decision in sorted(plan.decisions, key=lambda d: d.key):
-        if decision.level == Level.COLD:
-            continue
+    # Served models first: a COLD deployment of the same repo id must not shadow a served one.
+    ordered = sorted(plan.decisions, key=lambda d: (d.level == Level.COLD, d.key))
+    for decision in ordered:
         deployment = deployments.get(decision.key)
         if deployment is None:
+            if decision.level == Level.COLD:
+                continue  # nothing to serve and nothing to describe
             raise KeyError(f"the plan places {decision.key!r} but no such ModelDeployment was given")
-        estimate = (estimates or {}).get(decision.key) or (deployment.status.estimate if deployment.status else None)
-        app = _model_app(decision, deployment, estimate, options)
         key = model_key(deployment.spec.model.repo_id)
-        if key in models:
+        if key in routes:
             # Two deployments of one repo id would make the gateway ambiguous; the first by key wins.
             continue
-        models[key] = app["name"]
-        applications.append(app)
-    gateway = _gateway_app(options, models)
+        app: dict[str, Any] | None = None
+        if decision.level != Level.COLD:
+            estimate = (estimates or {}).get(decision.key) or (
+                deployment.status.estimate if deployment.status else None
+            )
+            app = _model_app(decision, deployment, estimate, options)
+            applications.append(app)
+        routes[key] = GatewayRoute(
+            deployment=decision.key,
+            level=Level(decision.level),
+            app=app["name"] if app is not None else None,
+            repo_id=deployment.spec.model.repo_id,
+            revision=deployment.spec.model.revision,
+            activate_on_request=deployment.spec.activate_on_request,
+        )
+    gateway = _gateway_app(options, routes)
     config: ServeConfig = {"applications": [gateway, *sorted(applications, key=lambda a: str(a["name"]))]}
     if options.http_host is not None or options.http_port is not None:
         http: dict[str, Any] = {}
@@ -95,18 +114,21 @@ def _actor_options(num_cpus: float | None, num_gpus: float, memory: int, env: Ma
     return options
 
 
-def _gateway_app(options: RenderOptions, models: Mapping[str, str]) -> dict[str, Any]:
-    args = GatewayAppArgs.model_validate({**options.gateway.model_dump(), "models": dict(sorted(models.items()))})
+def _gateway_app(options: RenderOptions, routes: Mapping[str, GatewayRoute]) -> dict[str, Any]:
+    # The deprecated static `models` stays out of args: any change there would restart the gateway.
+    args = GatewayAppArgs.model_validate(options.gateway.model_dump()).model_dump(mode="json", exclude={"models"})
+    table = GatewayUserConfig(models=dict(sorted(routes.items())))
     return {
         "name": GATEWAY_APP,
         "route_prefix": "/",
         "import_path": GATEWAY_IMPORT_PATH,
-        "args": args.model_dump(mode="json"),
+        "args": args,
         "deployments": [
             {
                 "name": GATEWAY_DEPLOYMENT,
                 "num_replicas": options.gateway_replicas,
                 "ray_actor_options": _actor_options(options.gateway_num_cpus, 0, 0, {}),
+                "user_config": table.model_dump(mode="json"),
             }
         ],
     }

@@ -151,6 +151,7 @@ def test_gateway_requires_the_api_key_and_reports_levels(local_run: LocalRun) ->
     assert by_repo[REPO_ID]["deployment_level"] == "HOT"
     assert by_repo[REPO_ID]["application_state"] == "RUNNING"
     assert by_repo["ndif-test/warm-llama"]["deployment_level"] == "WARM"
+    assert by_repo["ndif-test/cold-one"]["deployment_level"] == "COLD"  # listed, as NDIF's /status does
 
 
 def test_requests_for_warm_and_unknown_models_get_clear_errors(local_run: LocalRun) -> None:
@@ -168,8 +169,8 @@ def test_requests_for_warm_and_unknown_models_get_clear_errors(local_run: LocalR
     assert warm.status_code == 503 and "WARM" in warm.json()["detail"]
     unknown = post("ndif-test/nope")
     assert unknown.status_code == 404 and "not deployed" in unknown.json()["detail"]
-    cold = post("ndif-test/cold-one")  # COLD: no application, so the gateway does not know it
-    assert cold.status_code == 404
+    cold = post("ndif-test/cold-one")  # COLD: no application, but routed with its level
+    assert cold.status_code == 503 and "is COLD (on disk only" in cold.json()["detail"]
 
 
 def test_unmodified_nnsight_client_script(

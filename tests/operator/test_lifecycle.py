@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from operator_harness import MD_TYPE, NAMESPACE, Cluster, OperatorThread, model_deployment, ray_service, wait_for
 
-from ndif_operator.api import GatewayAppArgs, ModelAppArgs
+from ndif_operator.api import GatewayAppArgs, GatewayUserConfig, ModelAppArgs
 
 
 def test_create_places_hot_and_patches_only_serve_config(cluster: Cluster, operator: OperatorThread) -> None:
@@ -21,8 +21,9 @@ def test_create_places_hot_and_patches_only_serve_config(cluster: Cluster, opera
     assert status["observedGeneration"] == 1 and status["estimate"]["totalBytes"] == 20 * 2**30
     assert "ndif.dev/finalizer" in md["metadata"]["finalizers"]
     apps = cluster.apps()
-    gateway = GatewayAppArgs.model_validate(apps["gateway"]["args"])
-    assert gateway.models == {"org/m-20g": "md-ml-small"}
+    GatewayAppArgs.model_validate(apps["gateway"]["args"])
+    routes = GatewayUserConfig.model_validate(apps["gateway"]["deployments"][0]["user_config"]).models
+    assert {k: r.app for k, r in routes.items()} == {"org/m-20g": "md-ml-small"}
     assert ModelAppArgs.model_validate(apps["md-ml-small"]["args"]).repo_id == "org/m-20g"
     after = cluster.rs()
     assert after is not None and after["spec"]["rayClusterConfig"] == rs["spec"]["rayClusterConfig"]
@@ -54,7 +55,8 @@ def test_update_replicas_and_level_then_delete(cluster: Cluster, operator: Opera
     assert deployment["ray_actor_options"]["num_gpus"] == 0 and deployment["user_config"]["level"] == "Warm"
     cluster.emu.delete_sync(MD_TYPE, NAMESPACE, "m")
     wait_for(lambda: cluster.md("m") is None, what="finalizer released")
-    assert "md-ml-m" not in cluster.apps() and cluster.apps()["gateway"]["args"]["models"] == {}
+    assert "md-ml-m" not in cluster.apps()
+    assert cluster.apps()["gateway"]["deployments"][0]["user_config"]["models"] == {}
 
 
 @pytest.mark.slow

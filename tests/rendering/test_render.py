@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from ndif_operator.api import Estimate, GatewayAppArgs, Level, ModelAppArgs, ModelDeployment, ModelUserConfig, Reason
+from ndif_operator.api import (
+    Estimate,
+    GatewayAppArgs,
+    GatewayUserConfig,
+    Level,
+    ModelAppArgs,
+    ModelDeployment,
+    ModelUserConfig,
+    Reason,
+)
 from ndif_operator.api.naming import GATEWAY_APP, MODEL_IMPORT_PATH, model_app_name
 from ndif_operator.planning import Decision, Plan, ReplicaPlacement
 from ndif_operator.rendering import (
@@ -36,7 +45,8 @@ def decision(key: str, level: Level, *, replicas: int = 1, gpus: float = 1.0) ->
     return Decision(
         key=key, level=level, replicas=replicas if hot else 0, gpus_per_replica=gpus if hot else 0.0,
         gpu_fraction=min(gpus, 1.0) if hot else 1.0, worker_group="gpu" if level != Level.COLD else None,
-        assignments=tuple(ReplicaPlacement(pod=i, gpus=(0,), fraction=min(gpus, 1.0)) for i in range(replicas))
+        assignments=tuple(ReplicaPlacement(pod=i, gpus=tuple(range(max(1, int(gpus)))), fraction=min(gpus, 1.0))
+                          for i in range(replicas))
         if hot else (), reason=Reason.PLACED_HOT if hot else Reason.PLACED_WARM, message="",
     )
 
@@ -60,9 +70,16 @@ def test_renders_gateway_and_one_app_per_served_model() -> None:
     config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES)
     apps = {app["name"]: app for app in config["applications"]}
     assert list(apps) == [GATEWAY_APP, "md-ml-gpt2", "md-ml-llama", "md-ml-warm"]  # COLD has no app
-    gateway = GatewayAppArgs.model_validate(apps[GATEWAY_APP]["args"])
-    assert gateway.models == {"openai-community/gpt2": "md-ml-gpt2", "meta-llama/llama-3.1-8b": "md-ml-llama",
-                              "org/warm-model": "md-ml-warm"}
+    GatewayAppArgs.model_validate(apps[GATEWAY_APP]["args"])  # the runtime parses the very same schema
+    assert "models" not in apps[GATEWAY_APP]["args"]  # the routing table is user_config
+    table = GatewayUserConfig.model_validate(apps[GATEWAY_APP]["deployments"][0]["user_config"]).models
+    assert {k: r.app for k, r in table.items()} == {
+        "openai-community/gpt2": "md-ml-gpt2", "meta-llama/llama-3.1-8b": "md-ml-llama",
+        "org/warm-model": "md-ml-warm", "org/cold-model": None,  # COLD: routed, no app
+    }
+    assert (table["org/cold-model"].level, table["org/cold-model"].deployment) == (Level.COLD, "ml/cold")
+    assert table["org/warm-model"].level == Level.WARM and table["org/warm-model"].activate_on_request
+    assert table["meta-llama/llama-3.1-8b"].repo_id == "meta-llama/Llama-3.1-8B"
     llama = apps[model_app_name("ml", "llama")]
     assert llama["import_path"] == MODEL_IMPORT_PATH and llama["route_prefix"] is None
     args = ModelAppArgs.model_validate(llama["args"])  # the runtime parses the very same schema
@@ -77,6 +94,35 @@ def test_renders_gateway_and_one_app_per_served_model() -> None:
     assert warm["user_config"]["level"] == "Warm" and warm["num_replicas"] == 1
     assert warm["user_config"]["activate_on_request"] is True
     assert validate_serve_config(config) == []
+
+
+def test_changing_the_set_of_models_changes_only_the_gateways_user_config() -> None:
+    """Adding, removing or re-levelling a model must not restart the gateway (its sessions and jobs)."""
+    def gateway(plan: Plan, deployments: dict[str, ModelDeployment]) -> dict[str, object]:
+        config = render_serve_config(plan, deployments, estimates=ESTIMATES)
+        app: dict[str, object] = config["applications"][0]
+        assert app["name"] == GATEWAY_APP
+        return app
+
+    full = gateway(PLAN, DEPLOYMENTS)
+    fewer = gateway(Plan(decisions=PLAN.decisions[:2]), {k: DEPLOYMENTS[k] for k in ("ml/cold", "ml/gpt2")})
+    empty = gateway(Plan(decisions=()), {})
+    relevelled = gateway(Plan(decisions=(decision("ml/cold", Level.HOT), *PLAN.decisions[1:])), DEPLOYMENTS)
+    for other in (fewer, empty, relevelled):
+        assert other["deployments"] != full["deployments"]  # the table did change...
+        strip = [{k: v for k, v in d.items() if k != "user_config"}
+                 for d in (full["deployments"], other["deployments"]) for d in d]  # type: ignore[attr-defined]
+        assert strip[0] == strip[1]  # ...but only in user_config
+        assert {k: v for k, v in other.items() if k != "deployments"} == {
+            k: v for k, v in full.items() if k != "deployments"}  # args, import path, route: the same
+
+
+def test_a_cold_deployment_does_not_shadow_a_served_one_of_the_same_repo() -> None:
+    deployments = {"ml/a-cold": md("a-cold", "org/Same"), "ml/b-hot": md("b-hot", "org/Same")}
+    plan = Plan(decisions=(decision("ml/a-cold", Level.COLD), decision("ml/b-hot", Level.HOT)))
+    config = render_serve_config(plan, deployments)
+    table = GatewayUserConfig.model_validate(config["applications"][0]["deployments"][0]["user_config"]).models
+    assert table["org/same"].app == "md-ml-b-hot" and table["org/same"].level == Level.HOT
 
 
 def test_text_is_byte_stable_and_independent_of_input_order() -> None:

@@ -94,27 +94,45 @@ def model_target(name: str, args: dict[str, Any], user_config: dict[str, Any] | 
 
 
 def gateway_target(
-    models: dict[str, str],
+    models: dict[str, str] | None = None,
     *,
+    routes: dict[str, dict[str, Any]] | None = None,
     app_name: str = GATEWAY_APP,
     route_prefix: str = "/",
     env: dict[str, str] | None = None,
     **extra: Any,
 ) -> Any:
+    """A gateway routing by `routes` (its user_config, as the renderer makes it) or by the
+    deprecated static `models` in args."""
     from ray.serve.api import RunTarget
 
     from model_runtime import gateway_app
 
-    args = {"models": models, "api_key_hashes_env": API_KEY_HASHES_ENV, **extra}
+    args = {"models": models or {}, "api_key_hashes_env": API_KEY_HASHES_ENV, **extra}
     options: dict[str, Any] = {"num_cpus": 0}
     if env:
         options["runtime_env"] = {"env_vars": env}
-    app = gateway_app.NnsightGateway.options(ray_actor_options=options).bind(args)
-    return RunTarget(target=app, name=app_name, route_prefix=route_prefix)
+    deployment = gateway_app.NnsightGateway.options(ray_actor_options=options)
+    if routes is not None:
+        deployment = deployment.options(user_config={"models": routes})
+    return RunTarget(target=deployment.bind(args), name=app_name, route_prefix=route_prefix)
+
+
+def route(app: str | None, level: str = "Hot", deployment: str = "default/x", **extra: Any) -> dict[str, Any]:
+    return {"deployment": deployment, "level": level, "app": app, **extra}
 
 
 STRICT_PREFIX = "/strict"
 GHOST_KEY = "ghost/model"
+COLD_KEY = "cold/model"
+
+
+def main_routes(models: dict[str, str]) -> dict[str, dict[str, Any]]:
+    deployments = {MODEL_APP: "default/tiny-llama", SLOW_APP: "default/tiny-slow"}
+    table = {key: route(app, deployment=deployments[app], repo_id=key) for key, app in models.items()}
+    table[GHOST_KEY] = route("md-default-ghost", deployment="default/ghost")
+    table[COLD_KEY] = route(None, "Cold", deployment="default/cold", repo_id="Cold/Model")
+    return table
 # The second model: tight limits for timeout, backpressure, payload size and WARM/COLD tests.
 SLOW_CONFIG = {
     "max_queue_depth": 1,
@@ -137,8 +155,9 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
         # Fast health checks: the wedged-replica test waits for Serve to replace the replica.
         model_target(SLOW_APP, model_args(slow_path, "default/tiny-slow"), SLOW_CONFIG,
                      health_check_period_s=1, health_check_timeout_s=10),
-        # "ghost/model" is routed to an app that was never deployed (a COLD model's key).
-        gateway_target({**models, GHOST_KEY: "md-default-ghost"}),
+        # The routing table as user_config: "ghost/model" is routed to an app that was never deployed,
+        # "cold/model" is COLD (routed, no app). The strict gateway keeps the static args routes.
+        gateway_target(routes=main_routes(models)),
         gateway_target(
             models,
             app_name="gateway-strict",
@@ -158,7 +177,7 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
     ])
     url = f"http://127.0.0.1:{serve_port}"
     return {"url": url, "strict_url": url + STRICT_PREFIX, "path": tiny_llama, "slow_path": slow_path,
-            "s3": s3_endpoint}
+            "s3": s3_endpoint, "models": models}
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import torch
 import websocket
 from nnsight.intervention.backends.remote import RemoteError
 
+from ndif_operator.api.naming import GATEWAY_APP
 from runtime.wire import API_KEY, RESULTS_BUCKET, capture_blob, post, wait_final
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -71,6 +72,8 @@ def test_http_refusals(served: dict[str, Any], valid: tuple[str, bytes]) -> None
     assert other_revision.status_code == 404 and "not 'v2'" in other_revision.json()["detail"]
     ghost = post(served["url"], "ghost/model", blob)
     assert ghost.status_code == 503 and "not running (NOT_STARTED)" in ghost.json()["detail"]
+    cold = post(served["url"], "cold/model", blob)  # routed with level COLD: no app, a clear answer
+    assert cold.status_code == 503 and "is COLD (on disk only" in cold.json()["detail"]
     slow_key = json.dumps({"repo_id": str(served["slow_path"])})
     oversize = post(served["url"], f"x:{slow_key}", b"\x00" * 200_000)
     assert oversize.status_code == 413 and "exceeds" in oversize.json()["detail"]
@@ -169,7 +172,12 @@ def test_status_and_env(served: dict[str, Any]) -> None:
     assert levels[str(served["path"]).lower()] == "HOT"
     assert status["md-default-ghost"]["deployment_level"] == "COLD"
     assert status["md-default-ghost"]["application_state"] == "NOT_STARTED"
-    assert all(v["application_state"] == "RUNNING" for k, v in status.items() if k != "md-default-ghost")
+    cold = status["md-default-cold"]  # COLD: listed like NDIF's /status, under its would-be app name
+    assert (cold["deployment_level"], cold["application_state"], cold["repo_id"]) == ("COLD", "NOT_STARTED",
+                                                                                    "Cold/Model")
+    assert cold["deployment"] == "default/cold" and cold["activation_requested"] is False
+    idle = ("md-default-ghost", "md-default-cold")
+    assert all(v["application_state"] == "RUNNING" for k, v in status.items() if k not in idle)
     table = nnsight.status()  # the client's own reader of /status
     assert str(served["path"]) in table
     env = httpx.get(served["url"] + "/env").json()
@@ -239,3 +247,34 @@ def test_websocket_keepalive_during_a_long_job(client_model: Any, served: dict[s
         connection.close()
     assert statuses[-1] == "COMPLETED", statuses
     assert statuses.count("RUNNING") >= 3, statuses
+
+
+def test_routing_table_changes_in_place_keeping_sessions(served: dict[str, Any], valid: tuple[str, bytes]) -> None:
+    """A new routing table (the gateway's user_config) applies in place: an open session keeps
+    working, a removed model answers 404, a newly routed key is served. Serve calls `reconfigure`
+    for a user_config-only change of a config-deployed app (the renderer test checks that only
+    user_config changes); here the replica gets the very call Serve would make."""
+    from ray import serve
+
+    from runtime.conftest import main_routes, route
+    from runtime.conftest_names import MODEL_APP
+
+    key, blob = valid
+    gateway = serve.get_app_handle(GATEWAY_APP)
+    ws = websocket.create_connection(served["url"].replace("http", "ws") + "/subscribe", timeout=30)
+    try:
+        session_id = json.loads(ws.recv())["session_id"]
+        table = {k: v for k, v in main_routes(served["models"]).items() if k != "ghost/model"}
+        table["alias/model"] = route(MODEL_APP, deployment="default/alias")
+        gateway.reconfigure.remote({"models": table}).result()
+        assert post(served["url"], "ghost/model", blob).status_code == 404
+        accepted = post(served["url"], "alias/model", blob, session_id=session_id)
+        assert accepted.status_code == 200, accepted.text  # the session survived
+        assert wait_final(served["url"], accepted.json()["id"])["status"] == "COMPLETED"
+        assert post(served["url"], key, blob, session_id=session_id).status_code == 200
+        status = httpx.get(served["url"] + "/status").json()["deployments"]
+        assert "md-default-ghost" not in status and status[MODEL_APP]["deployment_level"] == "HOT"
+    finally:
+        ws.close()
+        gateway.reconfigure.remote({"models": main_routes(served["models"])}).result()
+    assert post(served["url"], "ghost/model", blob).status_code == 503

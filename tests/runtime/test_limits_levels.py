@@ -80,6 +80,7 @@ def test_warm_refuses_with_activation_request_then_activates_from_memory(
     status = httpx.get(served["url"] + "/status").json()["deployments"]
     entry = next(v for v in status.values() if v["repo_id"] == str(served["slow_path"]))
     assert entry["deployment_level"] == "WARM" and entry["activation_requested"]
+    assert entry["deployment"] == "default/tiny-slow" and entry["activation_requested_at"] > 0
     warm = handle.activate.remote().result()
     assert warm["from_level"] == "Warm" and warm["source"] == "memory"
     with slow_client_model.trace(PROMPT, remote=True):
