@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         api_key_hashes=tuple(hashlib.sha256(k.encode()).hexdigest() for k in args.api_key),
         object_store_bucket=args.object_store_bucket,
         object_store_endpoint_url=args.object_store_endpoint,
+        gateway_api_key=args.api_key[0] if args.api_key else None,
         **({"num_cpus": args.num_cpus} if args.num_cpus else {}),
     )
     mode = LocalMode(settings, log=log)
@@ -83,8 +84,15 @@ def run(args: argparse.Namespace) -> int:
             if args.exit_when_ready:
                 return 0
             log("press Ctrl-C to stop")
+            polls = 0
             while mode.head is not None and mode.head.running:
                 time.sleep(1.0)
+                polls += 1
+                if polls % 5 == 0:  # activateOnRequest: a Warm model asked for becomes Hot for a while
+                    try:
+                        mode.poll_activation()
+                    except ServeRestError as exc:
+                        log(f"activation on request: could not apply the new config: {exc}")
             log("the Ray head exited on its own; stopping")
             return 1
         except Stopped as stop:

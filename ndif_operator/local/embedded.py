@@ -17,11 +17,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ndif_operator.api import GatewayAppArgs
+from ndif_operator.api import GatewayAppArgs, ModelDeployment
+from ndif_operator.evaluation import EstimateCache
+from ndif_operator.local.activation import DEFAULT_TTL_S, active_keys, candidates, next_windows, read_gateway_demands
 from ndif_operator.local.inventory import DEFAULT_RESERVED_BYTES, LocalInventory, build_inventory, detect_machine
 from ndif_operator.local.manifests import load_manifests
 from ndif_operator.local.pipeline import LocalPlan, plan_local
@@ -49,6 +52,8 @@ class LocalSettings:
     object_store_endpoint_url: str | None = None
     temp_dir: Path | None = None
     extra_pythonpath: tuple[str, ...] = ()
+    activation_ttl_s: float = DEFAULT_TTL_S  # activateOnRequest: how long a requested Warm model is Hot
+    gateway_api_key: str | None = None  # sent to the local gateway's /status (when keys are required)
 
     def gateway_args(self) -> GatewayAppArgs:
         return GatewayAppArgs(
@@ -78,6 +83,11 @@ class LocalMode:
         self.plan: LocalPlan | None = None
         self.head: LocalRayHead | None = None
         self.rest: ServeRestClient | None = None
+        self.deployments: list[ModelDeployment] = []
+        self.local: LocalInventory | None = None
+        self.cache = EstimateCache()  # re-plans on activation read no checkpoint again
+        self.windows: dict[str, datetime] = {}  # activateOnRequest: deployment key → Hot until
+        self.active: frozenset[str] = frozenset()  # keys planned Hot on request in the applied config
 
     @property
     def ndif_host(self) -> str:
@@ -87,8 +97,10 @@ class LocalMode:
         settings = self.settings
         deployments = load_manifests(settings.manifests, on_skip=self._log)
         local = build_inventory(detect_machine(), reserved_bytes=settings.reserved_memory_bytes)
+        self.deployments, self.local = list(deployments), local
         self.plan = plan_local(
-            deployments, local, serve_port=settings.ports.serve_http, gateway=settings.gateway_args()
+            deployments, local, serve_port=settings.ports.serve_http, gateway=settings.gateway_args(),
+            cache=self.cache,
         )
         where = "CPU only (host RAM as the device)" if local.cpu_only else f"{local.gpus} GPU(s)"
         self._log(f"planned {len(deployments)} model(s) on this machine: {where}")
@@ -107,6 +119,29 @@ class LocalMode:
             logs = self.head.spec.resolved_temp_dir / "session_latest" / "logs" / "serve"
             raise ServeRestError(f"{exc}\n  (replica and controller logs: {logs})") from exc
         return self.plan
+
+    def poll_activation(self, now: datetime | None = None, *, gateway_url: str | None = None) -> bool:
+        """activateOnRequest: read the gateway's demand; re-plan and PUT the config when the set of
+        models Hot on request changes. Returns whether a new config was applied."""
+        if self.plan is None or self.rest is None or self.local is None or not candidates(self.deployments):
+            return False
+        now = now or datetime.now(UTC)
+        demands = read_gateway_demands(gateway_url or self.ndif_host, self.settings.gateway_api_key)
+        self.windows = next_windows(self.deployments, demands, self.windows, now=now,
+                                    ttl_s=self.settings.activation_ttl_s)
+        wanted = active_keys(self.windows, now)
+        if wanted == self.active:
+            return False
+        settings = self.settings
+        self.plan = plan_local(self.deployments, self.local, serve_port=settings.ports.serve_http,
+                               gateway=settings.gateway_args(), cache=self.cache, now=now, activated=wanted)
+        self.rest.apply(self.plan.config)
+        for key in sorted(wanted - self.active):
+            self._log(f"{key}: requested while Warm: Hot until {self.windows[key].isoformat()} (activateOnRequest)")
+        for key in sorted(self.active - wanted):
+            self._log(f"{key}: no longer Hot on request: back to Warm")
+        self.active = wanted
+        return True
 
     def progress(self) -> dict[str, AppProgress]:
         return app_progress(self.rest.details()) if self.rest is not None else {}

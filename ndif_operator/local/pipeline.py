@@ -46,13 +46,14 @@ class LocalPlan:
         return {str(app["name"]) for app in self.config["applications"]}
 
 
-def placement_request(md: ModelDeployment, sized: Estimate | None) -> PlacementRequest:
+def placement_request(md: ModelDeployment, sized: Estimate | None, *, hot: bool = False) -> PlacementRequest:
+    """`hot`: activated on request, so asked for Hot whatever its spec level."""
     spec = md.spec
     return PlacementRequest(
         key=deployment_key(md),
         total_bytes=sized.total_bytes if sized else None,
         weights_bytes=sized.weights_bytes if sized else None,
-        level=Level(spec.level),
+        level=Level.HOT if hot else Level(spec.level),
         replicas=spec.replicas,
         tensor_parallel_size=spec.tensor_parallel_size,
         priority=spec.priority,
@@ -86,6 +87,12 @@ def evaluate_all(
     return estimates, errors
 
 
+def _as_planned(md: ModelDeployment, hot: bool) -> ModelDeployment:
+    if not hot:
+        return md
+    return md.model_copy(update={"spec": md.spec.model_copy(update={"level": Level.HOT})})
+
+
 def render_options(local: LocalInventory, *, serve_port: int, gateway: GatewayAppArgs) -> RenderOptions:
     return RenderOptions(
         cpu_only=local.cpu_only,
@@ -107,12 +114,15 @@ def plan_local(
     gateway: GatewayAppArgs | None = None,
     cache: EstimateCache | None = None,
     now: datetime | None = None,
+    activated: frozenset[str] = frozenset(),
 ) -> LocalPlan:
+    """`activated`: deployment keys made Hot on request (local/activation.py)."""
     now = now or datetime.now(UTC)
     estimates, errors = evaluate_all(deployments, cache or EstimateCache(), now=now)
-    requests = [placement_request(md, estimates.get(deployment_key(md))) for md in deployments]
+    requests = [placement_request(md, estimates.get(deployment_key(md)), hot=deployment_key(md) in activated)
+                for md in deployments]
     the_plan = plan(local.inventory, requests, now=now)
-    by_key = {deployment_key(md): md for md in deployments}
+    by_key = {deployment_key(md): _as_planned(md, deployment_key(md) in activated) for md in deployments}
     config = render_serve_config(
         the_plan,
         by_key,

@@ -263,3 +263,63 @@ def test_local_mode_sizes_a_bin_checkpoint_with_the_meta_evaluator_subprocess(tm
     assert estimates["default/tiny"].method == "MetaDevice" and estimates["default/tiny"].weights_bytes > 0
     assert [e.method for e in cache] == ["MetaDevice"]
     assert "meta-device evaluator failed" in errors["default/bad"]
+
+
+def test_local_mode_activates_a_warm_model_on_request_and_returns_it(
+        tmp_path: Path, fake_dashboard: tuple[str, list[Any]]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from model_runtime.tiny_models import build_tiny_model
+    from ndif_operator.api.naming import model_app_name
+    from ndif_operator.local.embedded import LocalMode, LocalSettings
+    from ndif_operator.local.pipeline import plan_local
+
+    dashboard, calls = fake_dashboard
+    status: dict[str, Any] = {"deployments": {}}
+    keys: list[str | None] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            keys.append(self.headers.get("ndif-api-key"))
+            body = json.dumps(status).encode()
+            self.send_response(200 if self.path == "/status" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        path = build_tiny_model("llama", tmp_path / "tiny")
+        text = MANIFEST.replace("/models/tiny", str(path)).replace(
+            "spec:\n", "spec:\n  level: Warm\n  activateOnRequest: true\n")
+        mode = LocalMode(LocalSettings(manifests=(), activation_ttl_s=60, gateway_api_key="k"), log=lambda _: None)
+        mode.deployments = list(parse_manifests(text, "m.yaml"))
+        mode.local = build_inventory(Machine((), 16 * GIB), reserved_bytes=2 * GIB)
+        mode.plan = plan_local(mode.deployments, mode.local, serve_port=8123, cache=mode.cache)
+        mode.rest = ServeRestClient(dashboard)
+        gateway = f"http://127.0.0.1:{server.server_address[1]}"
+        app = model_app_name("default", "tiny")
+
+        def level() -> str:
+            [model] = [a for a in calls[-1]["applications"] if a["name"] == app]
+            return str(model["deployments"][0]["user_config"]["level"])
+
+        now = datetime.now(UTC)
+        assert not mode.poll_activation(now, gateway_url=gateway) and calls == []
+        status["deployments"] = {app: {"deployment": "default/tiny", "activation_requested": True}}
+        assert mode.poll_activation(now, gateway_url=gateway) and level() == "Hot"
+        assert mode.active == {"default/tiny"} and mode.windows["default/tiny"] == now + timedelta(seconds=60)
+        assert not mode.poll_activation(now + timedelta(seconds=30), gateway_url=gateway)  # nothing changed
+        later = now + timedelta(seconds=61)
+        assert mode.poll_activation(later, gateway_url=gateway) and level() == "Warm" and not mode.active
+        assert not mode.poll_activation(later + timedelta(seconds=5), gateway_url=gateway)  # the flag is stale
+        status["deployments"][app]["activation_requested_at"] = (later + timedelta(seconds=9)).timestamp()
+        assert mode.poll_activation(later + timedelta(seconds=10), gateway_url=gateway) and level() == "Hot"
+        assert set(keys) == {"k"} and len(calls) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
