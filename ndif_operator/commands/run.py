@@ -13,9 +13,15 @@ Settings come from the environment (NDIF_ prefix); flags override them:
   NDIF_CPU_ONLY             render HOT replicas with num_gpus 0 (CPU-only clusters)
   NDIF_REPLICA_NUM_CPUS / NDIF_GATEWAY_NUM_CPUS   num_cpus of model / gateway replicas
   NDIF_BACKOFF_INITIAL_SECONDS / NDIF_BACKOFF_MAX_SECONDS   retry delays after API errors
+  NDIF_OPERATOR_NAMESPACE   namespace of the evaluator cache ConfigMap and meta-device Jobs (ndif-system)
+  NDIF_CACHE_CONFIG_MAP     evaluator cache ConfigMap (ndif-evaluator-cache)
+  NDIF_RUNTIME_IMAGE        image of the meta-device evaluator Jobs (checkpoints without safetensors)
+  NDIF_GATEWAY_URL          gateway base URL ({name}, {namespace} of the RayService) for activateOnRequest
+  NDIF_ACTIVATION_TTL_SECONDS   how long a requested Warm model stays Hot (900)
 
 Needs RBAC: get/list/watch/patch modeldeployments (+ /status), get/list/watch/patch rayservices,
-list nodes (optional: GPU memory labels), create events.
+list nodes (optional: GPU memory labels), create events; in the operator namespace get/create/patch
+configmaps (evaluator cache), get/create jobs and list pods (meta-device evaluation).
 """
 
 from __future__ import annotations

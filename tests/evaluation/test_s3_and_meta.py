@@ -145,3 +145,28 @@ def test_meta_evaluator_failure_is_reported(tmp_path: Path, capsys: pytest.Captu
 
 def test_runtime_and_operator_agree_on_the_entry_version() -> None:
     assert meta_evaluator._ENTRY_VERSION == cache_module._SCHEMA_VERSION
+
+
+def test_meta_evaluator_job_command_sizes_an_s3_bin_checkpoint(
+        s3: tuple[Any, list[int]], tiny_models: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact arguments the operator's Job gets (`meta_evaluator_args`): config.json comes from S3,
+    and the entry lands in the termination log as well as on stdout."""
+    from ndif_operator.evaluation.meta_command import meta_evaluator_args
+
+    client, _ = s3
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    model = ModelSpec(repo_id="org/gpt2-bin", dtype=DType.FLOAT32, source=ModelSource(s3=S3Source(
+        bucket="ckpt", prefix="models/gpt2-bin/", endpoint_url=client.meta.endpoint_url, region="us-east-1")))
+    with pytest.raises(EstimatePending) as pending:
+        estimate(model, LIMITS, EstimateCache(), now=NOW, s3_client=client)
+    log = tmp_path / "termination-log"
+    args = meta_evaluator_args(model, pending.value.cache_key, termination_log=str(log))
+    assert args[-1] == "s3://ckpt/models/gpt2-bin"
+    assert meta_evaluator.main(args) == 0
+    entry = entry_from_runtime_output(log.read_text())
+    local = entry_from_runtime_output(meta_evaluator.cache_entry_json(
+        "k", str(tiny_models["gpt2-bin"]), DType.FLOAT32, now=NOW))
+    assert entry.key == pending.value.cache_key and entry.method == "MetaDevice"
+    assert entry.weights_bytes == local.weights_bytes and entry.shape == local.shape
