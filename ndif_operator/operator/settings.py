@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _own_namespace() -> str:
+    """In a pod, its namespace (mounted with the service account token); elsewhere `ndif-system`."""
+    try:
+        return _SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "ndif-system"
+    except OSError:
+        return "ndif-system"
 
 
 class OperatorSettings(BaseSettings):
@@ -34,8 +46,9 @@ class OperatorSettings(BaseSettings):
     backoff_max_seconds: float = Field(default=30.0, gt=0, description="Cap of the exponential retry delay.")
     read_nodes: bool = Field(default=True, description="Read Nodes for GPU memory labels (needs list on nodes).")
     operator_namespace: str = Field(
-        default="ndif-system", min_length=1,
-        description="Namespace of the operator's own objects: the evaluator cache ConfigMap and meta-device Jobs.",
+        default_factory=lambda: _own_namespace(), min_length=1,
+        description="Namespace of the operator's own objects: the evaluator cache ConfigMap and meta-device Jobs "
+                    "(default: the pod's own namespace, else ndif-system).",
     )
     runtime_image: str = Field(
         default="ndif/runtime:latest", min_length=1,
