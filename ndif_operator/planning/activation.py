@@ -1,9 +1,10 @@
 """Activation on request: how long a Warm model with `activateOnRequest` is asked to be Hot. Pure.
 
 The gateway answers 503 for a WARM model and records the demand; its `GET /status` lists
-`activation_requested` per deployment (and, where it knows it, `activation_requested_at`, epoch
-seconds). The operator and local mode read it and call `activation_until`: a new demand makes the
-model Hot for `max(minimumDeploymentSeconds, ttl)`; when that passes it returns to Warm.
+`activation_requested` per deployment and `activation_requested_at` (epoch seconds of the last
+refused request; older gateways leave it out). The operator and local mode read it and call
+`activation_until`: a new demand makes the model Hot for `max(minimumDeploymentSeconds, ttl)`;
+when that passes it returns to Warm.
 
 A demand is new when its time is after the end of the last activation. A gateway that reports
 only the boolean (which it never clears) gives no time: then only the first demand activates, so
