@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from model_runtime import garbage
 from model_runtime.garbage import collect_request_garbage, freeze_long_lived, release_frozen
 
 
@@ -31,11 +32,19 @@ def test_freeze_moves_long_lived_objects_out_of_the_collected_generations(frozen
 
 def test_a_request_cycle_is_freed_after_the_freeze(frozen: None) -> None:
     node = _Node()
-    gc.collect()  # even promoted to the oldest generation...
     ref = weakref.ref(node)
     del node
-    collect_request_garbage()  # ...the per-request collection (a full one, after the freeze) frees it
+    collect_request_garbage()
     assert ref() is None
+
+
+def test_garbage_piled_up_in_the_oldest_generation_gets_a_full_collection(frozen: None) -> None:
+    nodes = [_Node() for _ in range(garbage.FULL_COLLECTION_GEN2_OBJECTS + 1)]
+    ref = weakref.ref(nodes[0])
+    gc.collect()  # promoted to generation 2, as during a long request
+    del nodes
+    collect_request_garbage()
+    assert ref() is None and len(gc.get_objects(generation=2)) < garbage.FULL_COLLECTION_GEN2_OBJECTS
 
 
 def test_without_a_freeze_young_cycles_are_freed() -> None:
