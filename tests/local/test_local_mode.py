@@ -173,6 +173,46 @@ def test_requests_for_warm_and_unknown_models_get_clear_errors(local_run: LocalR
     assert cold.status_code == 503 and "is COLD (on disk only" in cold.json()["detail"]
 
 
+def test_a_routing_change_reconfigures_the_gateway_in_place(local_run: LocalRun) -> None:
+    """Through Serve's own config path (REST PUT, as KubeRay does): a change of the routing table
+    only (the gateway's user_config) reaches the running gateway replica without replacing it."""
+    from ndif_operator.local.serve_rest import ServeRestClient
+
+    rest = ServeRestClient(str(local_run.info["dashboard"]))
+
+    def snapshot() -> tuple[dict[str, Any], str]:
+        details = rest.details()
+        apps = details["applications"]
+        (replica,) = apps["gateway"]["deployments"]["NnsightGateway"]["replicas"]
+        http = {k: details["http_options"][k] for k in ("host", "port")}
+        config = {"http_options": http, "applications": [a["deployed_app_config"] for a in apps.values()]}
+        return config, str(replica["replica_id"])
+
+    def cold_listed() -> bool:
+        status = json.loads(_get(f"{local_run.url}/status", API_KEY)[1])["deployments"]
+        return any(d["repo_id"] == "ndif-test/cold-one" for d in status.values())
+
+    original, replica_id = snapshot()
+    assert cold_listed()
+    changed = json.loads(json.dumps(original))
+    gateway = next(a for a in changed["applications"] if a["name"] == "gateway")
+    del gateway["deployments"][0]["user_config"]["models"]["ndif-test/cold-one"]
+    try:
+        rest.apply(changed)
+        deadline = time.monotonic() + 60
+        while cold_listed():
+            assert time.monotonic() < deadline, "the new routing table never reached the gateway"
+            time.sleep(0.5)
+        assert snapshot()[1] == replica_id  # the same replica: reconfigured, not restarted
+    finally:
+        rest.apply(original)
+    deadline = time.monotonic() + 60
+    while not cold_listed():
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert snapshot()[1] == replica_id
+
+
 def test_unmodified_nnsight_client_script(
     local_run: LocalRun, model_dir: Path, s3_endpoint: str, tmp_path: Path
 ) -> None:
