@@ -282,8 +282,14 @@ class Estimate(_Model):
 
 class Placement(_Model):
     worker_group: str
-    gpus_per_replica: float = Field(ge=0, description="Whole GPUs (TP) or a fraction of one GPU.")
-    gpu_fraction: float = Field(default=1.0, ge=0, le=1)
+    gpus_per_replica: float = Field(
+        ge=0,
+        description="GPU share one replica holds: a fraction of one GPU, or tensorParallelSize * gpuFraction.",
+    )
+    gpu_fraction: float = Field(
+        default=1.0, ge=0, le=1, description="Share of each GPU a replica (or each tensor-parallel rank) uses."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs (ranks) one replica spans.")
     replicas: int = Field(default=0, ge=0)
     since: datetime | None = None
 

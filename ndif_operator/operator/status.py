@@ -137,6 +137,7 @@ def compute_status(obs: Observation, old_status: Mapping[str, Any] | None, now: 
         granted = decision.replicas
         placement = Placement(worker_group=decision.worker_group or "", gpus_per_replica=decision.gpus_per_replica,
                               gpu_fraction=decision.gpu_fraction, replicas=decision.replicas,
+                              tensor_parallel_size=max(1, decision.tensor_parallel_size),
                               since=decision.since or now) if decision.worker_group else None
         if placement is not None and not decision.moved and old.get("placement", {}).get("since"):
             placement = placement.model_copy(update={"since": datetime.fromisoformat(
