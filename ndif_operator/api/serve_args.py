@@ -60,6 +60,9 @@ class ModelAppArgs(_Args):
     trust_remote_code: bool = False
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpus_per_replica: float = Field(default=0.0, ge=0, description="0 on CPU-only clusters.")
+    gpu_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="Share of each GPU one rank may use (caps its CUDA allocator)."
+    )
 
 
 class GatewayRoute(_Args):

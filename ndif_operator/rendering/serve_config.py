@@ -114,6 +114,16 @@ def _actor_options(num_cpus: float | None, num_gpus: float, memory: int, env: Ma
     return options
 
 
+def _rank_bundles(ranks: int, gpus: float, num_cpus: float | None, memory: int) -> list[dict[str, Any]]:
+    """One bundle per rank; the first also holds what the replica actor itself asks for."""
+    first: dict[str, Any] = {"GPU": canonical_number(gpus)}
+    if num_cpus:
+        first["CPU"] = canonical_number(num_cpus)
+    if memory > 0:
+        first["memory"] = memory
+    return [first, *({"GPU": canonical_number(gpus)} for _ in range(ranks - 1))]
+
+
 def _gateway_app(options: RenderOptions, routes: Mapping[str, GatewayRoute]) -> dict[str, Any]:
     # The deprecated static `models` stays out of args: any change there would restart the gateway.
     args = GatewayAppArgs.model_validate(options.gateway.model_dump()).model_dump(mode="json", exclude={"models"})
@@ -150,6 +160,7 @@ def _model_app(
         trust_remote_code=spec.model.trust_remote_code,
         tensor_parallel_size=decision.tensor_parallel_size if hot else 1,
         gpus_per_replica=gpus,
+        gpu_fraction=decision.gpu_fraction if gpus > 0 else 0.0,
     )
     if hot:
         memory = options.hot_host_memory_bytes
@@ -158,11 +169,22 @@ def _model_app(
         memory = estimate.weights_bytes if estimate is not None else 0
     user_config = ModelUserConfig.from_limits(spec.limits, Level(decision.level),
                                               activate_on_request=spec.activate_on_request)
+    ranks = decision.tensor_parallel_size if hot and gpus > 0 else 1
+    # A tensor-parallel replica holds `gpu_fraction` of each of its `ranks` GPUs. Ray refuses a
+    # fractional `num_gpus` above 1, so the replica actor (rank 0) asks for one share and the
+    # placement group reserves one bundle per rank on one node (STRICT_PACK). The planner keeps
+    # each share above half a GPU, so no two bundles of a replica can land on the same GPU.
+    rank_gpus = decision.gpu_fraction if ranks > 1 else gpus
     model_deployment: dict[str, Any] = {
         "name": MODEL_DEPLOYMENT,
-        "ray_actor_options": _actor_options(options.replica_num_cpus, gpus, memory, dict(options.replica_env)),
+        "ray_actor_options": _actor_options(options.replica_num_cpus, rank_gpus, memory, dict(options.replica_env)),
         "user_config": user_config.model_dump(mode="json"),
     }
+    if ranks > 1:
+        model_deployment["placement_group_bundles"] = _rank_bundles(
+            ranks, rank_gpus, options.replica_num_cpus, memory
+        )
+        model_deployment["placement_group_strategy"] = "STRICT_PACK"
     replicas = decision.replicas if hot else 1  # one process holds the WARM copy
     autoscaling = spec.autoscaling
     if hot and autoscaling is not None and replicas > 0:

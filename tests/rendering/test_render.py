@@ -85,7 +85,9 @@ def test_renders_gateway_and_one_app_per_served_model() -> None:
     args = ModelAppArgs.model_validate(llama["args"])  # the runtime parses the very same schema
     assert (args.repo_id, args.tensor_parallel_size, args.gpus_per_replica) == ("meta-llama/Llama-3.1-8B", 2, 2)
     (replica,) = llama["deployments"]
-    assert replica["num_replicas"] == 2 and replica["ray_actor_options"] == {"num_gpus": 2}
+    # Two whole GPUs: the replica actor is rank 0 on one, the placement group holds both.
+    assert replica["num_replicas"] == 2 and replica["ray_actor_options"] == {"num_gpus": 1}
+    assert replica["placement_group_bundles"] == [{"GPU": 1}, {"GPU": 1}]
     gpt2 = apps["md-ml-gpt2"]["deployments"][0]
     assert gpt2["ray_actor_options"]["num_gpus"] == 0.3333
     assert ModelUserConfig.model_validate(gpt2["user_config"]).request_timeout_seconds == 30
@@ -199,3 +201,31 @@ def test_rendered_config_parses_with_ray_serve_itself() -> None:
     config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES, options=RenderOptions(http_port=8000))
     parsed = ServeDeploySchema.model_validate(json.loads(serve_config_text(config)))
     assert [app.name for app in parsed.applications] == [a["name"] for a in config["applications"]]
+
+
+def test_fractional_tensor_parallel_replica_gets_one_bundle_per_rank() -> None:
+    # 4 ranks at 0.6 of a GPU each: Ray refuses num_gpus 2.4, so the replica asks for one rank's
+    # share and a STRICT_PACK placement group reserves one bundle per rank on one node.
+    tp = Decision(
+        key="ml/llama", level=Level.HOT, replicas=1, gpus_per_replica=2.4, gpu_fraction=0.6, worker_group="gpu",
+        assignments=(ReplicaPlacement(pod=0, gpus=(0, 1, 2, 3), fraction=0.6),), reason=Reason.PLACED_HOT,
+        message="",
+    )
+    config = render_serve_config(Plan(decisions=(tp,)), {"ml/llama": DEPLOYMENTS["ml/llama"]},
+                                 options=RenderOptions(hot_host_memory_bytes=2**30))
+    check_serve_config(config)
+    app = next(a for a in config["applications"] if a["name"] == model_app_name("ml", "llama"))
+    deployment = app["deployments"][0]
+    assert deployment["ray_actor_options"]["num_gpus"] == 0.6
+    assert deployment["placement_group_strategy"] == "STRICT_PACK"
+    assert deployment["placement_group_bundles"] == [{"GPU": 0.6, "memory": 2**30}] + [{"GPU": 0.6}] * 3
+    args = ModelAppArgs.model_validate(app["args"])
+    assert args.tensor_parallel_size == 4 and args.gpu_fraction == 0.6 and args.gpus_per_replica == 2.4
+
+
+def test_single_gpu_replica_has_no_placement_group() -> None:
+    config = render_serve_config(PLAN, DEPLOYMENTS)
+    apps = {a["name"]: a["deployments"][0] for a in config["applications"]}
+    for name in (GATEWAY_APP, "md-ml-gpt2", "md-ml-warm"):
+        assert "placement_group_bundles" not in apps[name]
+        assert "placement_group_strategy" not in apps[name]
