@@ -28,6 +28,7 @@ import functools
 import operator
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,7 +157,11 @@ def _compile_text(source: str, filename: str, name: str | None) -> types.CodeTyp
 
 def _compile_tree(tree: str | ast.Module, filename: str, name: str | None) -> types.CodeType:
     try:
-        code = compile_restricted(tree, filename=filename, mode="exec", policy=SandboxPolicy)
+        # RestrictedPython warns (SyntaxWarning) about its own `printed` bookkeeping when a block
+        # prints; the request's stderr is streamed to the user as LOG, so keep that noise out.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            code = compile_restricted(tree, filename=filename, mode="exec", policy=SandboxPolicy)
     except SyntaxError as exc:
         raise CodeRejected(str(exc)) from None
     return code.replace(co_name=name) if name else code

@@ -288,3 +288,14 @@ def test_address_space_cap_is_applied_and_lifted() -> None:
     with address_space_cap(256 * 1024 * 1024), pytest.raises(RuntimeError, match="allocate"):
         torch.ones(2**30)  # 4 GiB
     assert resource.getrlimit(resource.RLIMIT_AS) == before
+
+
+def test_restricted_compile_of_a_printing_block_emits_no_warning() -> None:
+    # A request's stderr is streamed to its user as LOG: RestrictedPython's own SyntaxWarning
+    # about its `printed` bookkeeping must not reach it.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restricted_compile("print('hello from a fresh block 7f3a')\n", "<printing-block>")
+    assert [str(w.message) for w in caught] == []
