@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from ndif_operator.api import KIND, Estimate, Level, ModelDeployment, ModelSpec
-from ndif_operator.evaluation import EstimateCache, EstimateError, estimate, estimate_from_entry, format_bytes
+from ndif_operator.api.units import human_bytes
+from ndif_operator.evaluation import EstimateCache, EstimateError, estimate, estimate_from_entry
 from ndif_operator.evaluation.catalog import catalog_entry
 from ndif_operator.evaluation.sources import hf_cache_snapshot
 from ndif_operator.planning import Decision, Inventory, PlacementRequest, Plan, WorkerGroup, plan
@@ -178,7 +179,7 @@ def table(deployments: list[ModelDeployment], sized: dict[str, Estimate | str], 
              for r in [headers, *rows]]
     lines.append("")
     lines.append(f"GPUs used: {result.gpus_used} of {result.gpus_total}; "
-                 f"GPU memory reserved: {format_bytes(result.gpu_memory_reserved_bytes)}")
+                 f"GPU memory reserved: {human_bytes(result.gpu_memory_reserved_bytes)}")
     unsized = [(k, v) for k, v in sorted(sized.items()) if isinstance(v, str)]
     if unsized:
         lines.append("Could not be sized (planned Cold):")

@@ -18,7 +18,7 @@ from ndif_operator.evaluation.cache import (
     source_id,
 )
 from ndif_operator.evaluation.errors import EstimateError, EstimatePending
-from ndif_operator.evaluation.estimator import estimate, estimate_from_entry, evaluate, format_bytes
+from ndif_operator.evaluation.estimator import estimate, estimate_from_entry, evaluate
 from ndif_operator.evaluation.shape import ModelShape, shape_from_config
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "estimate",
     "estimate_from_entry",
     "evaluate",
-    "format_bytes",
     "runtime_budget",
     "shape_from_config",
     "source_id",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ndif_operator.api import DType, Estimate, EstimateMethod, ModelSpec, RuntimeLimits
+from ndif_operator.api.units import human_bytes
 from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES, runtime_budget
 from ndif_operator.evaluation.cache import CacheEntry, EstimateCache, cache_key
 from ndif_operator.evaluation.errors import EstimateError, EstimatePending
@@ -35,13 +36,6 @@ SINGLE_FILE = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Without a usable config the budget falls back to a share of the weights (docs/placement.md).
 FALLBACK_BUDGET_RATIO = 0.2
-
-
-def format_bytes(n: int) -> str:
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _read_json(files: CheckpointFiles, name: str) -> dict[str, Any]:
@@ -136,7 +130,7 @@ def estimate_from_entry(entry: CacheEntry, limits: RuntimeLimits) -> Estimate:
     return Estimate(
         weights_bytes=entry.weights_bytes,
         total_bytes=total,
-        total=format_bytes(total),
+        total=human_bytes(total),
         method=entry.method,
         evaluated_at=entry.evaluated_at,
     )

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ndif_operator.api import Level
+from ndif_operator.api import Level, units
 from ndif_operator.api.naming import model_app_name, model_key
-from ndif_operator.api.v1alpha1 import GIB, MIB
 from ndif_operator.local.pipeline import LocalPlan
 from ndif_operator.local.serve_rest import AppProgress
 
@@ -14,13 +13,7 @@ HEADERS = ("DEPLOYMENT", "MODEL KEY", "WANTED", "GRANTED", "REPLICAS", "MEMORY",
 
 
 def human_bytes(value: int | None) -> str:
-    if value is None:
-        return "?"
-    if value >= GIB:
-        return f"{value / GIB:.1f}Gi"
-    if value >= MIB:
-        return f"{value / MIB:.1f}Mi"
-    return f"{value / 1024:.0f}Ki"
+    return "?" if value is None else units.human_bytes(value)
 
 
 def table_rows(local_plan: LocalPlan, progress: Mapping[str, AppProgress]) -> list[tuple[str, ...]]:

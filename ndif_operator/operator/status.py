@@ -22,6 +22,7 @@ from ndif_operator.api import (
     Placement,
     Reason,
 )
+from ndif_operator.api.units import human_bytes
 from ndif_operator.operator.ray_service import AppStatus
 from ndif_operator.planning import Decision
 
@@ -51,16 +52,6 @@ class Observation:
     deleting: bool = False
     activated_until: datetime | None = None  # activateOnRequest window (kept in status)
     activated: bool = False  # Hot on request right now (desired_level is then Hot)
-
-
-def human_bytes(value: int) -> str:
-    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
-    size = float(value)
-    for unit in units:
-        if size < 1024 or unit == units[-1]:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _condition(kind: ConditionType, status: ConditionStatus, reason: Reason, message: str,

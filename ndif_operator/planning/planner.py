@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ndif_operator.api import Level, Reason
+from ndif_operator.api.units import human_bytes
 from ndif_operator.planning.capacity import CpuCapacity, GroupCapacity, SlotId
-from ndif_operator.planning.sizing import TP_SIZES, Need, check_tp_sizes, human_bytes, need_in
+from ndif_operator.planning.sizing import TP_SIZES, Need, check_tp_sizes, need_in
 from ndif_operator.planning.types import (
     FRACTION_UNITS,
     CurrentPlacement,

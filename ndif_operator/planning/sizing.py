@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ndif_operator.api.units import human_bytes
 from ndif_operator.planning.types import FRACTION_UNITS, PlacementRequest, WorkerGroup
 
 TP_SIZES = (1, 2, 4, 8)
@@ -24,15 +25,6 @@ TP_SIZES = (1, 2, 4, 8)
 RANK_CONTEXT_BYTES = 512 * 1024**2
 # The smallest share a rank of a multi-GPU replica may take: more than half a GPU (see above).
 MIN_RANK_UNITS = FRACTION_UNITS // 2 + 1
-
-
-def human_bytes(n: float) -> str:
-    """1024-based, short: '80 GiB', '1.5 GiB', '512 MiB'."""
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            value = n / size
-            return f"{value:.0f} {unit}" if value >= 100 or value == int(value) else f"{value:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True, slots=True)

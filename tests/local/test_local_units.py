@@ -178,7 +178,7 @@ def test_manifests_default_namespace_and_validate(tmp_path: Path) -> None:
 
 
 def test_table_formatting() -> None:
-    assert human_bytes(None) == "?" and human_bytes(3 * GIB) == "3.0Gi" and human_bytes(2048) == "2Ki"
+    assert human_bytes(None) == "?" and human_bytes(3 * GIB) == "3 GiB" and human_bytes(2048) == "2 KiB"
     text = format_table([("a", "bb")], headers=("X", "Y"))
     assert text.splitlines() == ["X  Y", "a  bb"]
 

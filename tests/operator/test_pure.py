@@ -100,7 +100,7 @@ def test_status_hot_deploying_then_ready_keeps_transition_times() -> None:
     obs = Observation(generation=3, desired_level=Level.HOT, estimate=ESTIMATE, decision=_decision())
     first = compute_status(obs, None, NOW)
     assert first["phase"] == "Deploying" and first["level"] == "Hot" and first["replicas"] == 2
-    assert first["estimate"]["total"] == "10.0 GiB" and first["placement"]["gpusPerReplica"] == 0.5
+    assert first["estimate"]["total"] == "10 GiB" and first["placement"]["gpusPerReplica"] == 0.5
     conditions = {c["type"]: c for c in first["conditions"]}
     assert conditions["Placed"]["status"] == "True" and conditions["Placed"]["observedGeneration"] == 3
     assert conditions["Ready"]["reason"] == "ApplicationMissing"
