@@ -3,7 +3,6 @@ meta-device fallback whose output becomes a cache entry."""
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -12,7 +11,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from model_runtime import meta_evaluator
 from ndif_operator.api import DType, LocalPathSource, ModelSource, ModelSpec, RuntimeLimits, S3Source
@@ -30,33 +28,21 @@ LIMITS = RuntimeLimits(max_batch_size=2, max_sequence_length=64)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def s3(tiny_models: dict[str, Path]) -> Iterator[tuple[Any, list[int]]]:
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        client = boto3.client(
-            "s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-            aws_access_key_id="test", aws_secret_access_key="test",
-        )
-        client.create_bucket(Bucket="ckpt")
-        for name in ("llama-sharded", "llama", "gpt2-bin"):
-            for f in sorted(tiny_models[name].iterdir()):
-                client.upload_file(str(f), "ckpt", f"models/{name}/{f.name}")
-        received: list[int] = []
-        client.meta.events.register(
-            "after-call.s3.GetObject", lambda parsed, **_: received.append(int(parsed.get("ContentLength", 0)))
-        )
-        yield client, received
-    finally:
-        server.stop()
+def s3(tiny_models: dict[str, Path], s3_endpoint: str) -> Iterator[tuple[Any, list[int]]]:
+    client = boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+        aws_access_key_id="test", aws_secret_access_key="test",
+    )
+    client.create_bucket(Bucket="ckpt")
+    for name in ("llama-sharded", "llama", "gpt2-bin"):
+        for f in sorted(tiny_models[name].iterdir()):
+            client.upload_file(str(f), "ckpt", f"models/{name}/{f.name}")
+    received: list[int] = []
+    client.meta.events.register(
+        "after-call.s3.GetObject", lambda parsed, **_: received.append(int(parsed.get("ContentLength", 0)))
+    )
+    yield client, received
 
 
 def s3_spec(name: str, dtype: DType = DType.FLOAT32) -> ModelSpec:
