@@ -117,6 +117,17 @@ class Cluster:
         return result
 
 
+def deploy_local_checkpoint(cluster: Cluster, checkpoint: Path, name: str = "tiny") -> None:
+    """A tiny llama saved at `checkpoint`, a RayService, and a ModelDeployment reading it from the node."""
+    from model_runtime.tiny_models import build_tiny_model
+
+    build_tiny_model("llama", checkpoint)
+    cluster.emu.create_sync(ray_service())
+    manifest = model_deployment(name, "org/tiny-llama")
+    manifest["spec"]["model"].update(dtype="float32", source={"localPath": {"path": str(checkpoint)}})
+    cluster.emu.create_sync(manifest)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 45.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

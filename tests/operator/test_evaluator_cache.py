@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 from kube_emulator import CONFIG_MAPS, KubeEmulator
-from operator_harness import MD_TYPE, NAMESPACE, Cluster, OperatorThread, model_deployment, ray_service, wait_for
+from operator_harness import (
+    MD_TYPE,
+    NAMESPACE,
+    Cluster,
+    OperatorThread,
+    deploy_local_checkpoint,
+    wait_for,
+)
 
 from ndif_operator.evaluation import CacheEntry, EstimateCache, configmap_key
 from ndif_operator.operator.cache_store import CacheStore
@@ -31,14 +38,8 @@ def _cache_writes(cluster: Cluster) -> int:
 
 @pytest.mark.slow
 def test_restart_reads_the_cache_configmap_instead_of_the_checkpoint(cluster: Cluster, tmp_path: Path) -> None:
-    from model_runtime.tiny_models import build_tiny_model
-
     checkpoint = tmp_path / "tiny-llama"
-    build_tiny_model("llama", checkpoint)
-    cluster.emu.create_sync(ray_service())
-    manifest = model_deployment("tiny", "org/tiny-llama")
-    manifest["spec"]["model"].update(dtype="float32", source={"localPath": {"path": str(checkpoint)}})
-    cluster.emu.create_sync(manifest)
+    deploy_local_checkpoint(cluster, checkpoint)
     running = OperatorThread(cluster.emu.url, estimator=None).start()
     try:
         wait_for(lambda: cluster.condition("tiny", "Placed").get("status") == "True", what="Placed")

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from operator_harness import MD_TYPE, NAMESPACE, Cluster, OperatorThread, model_deployment, ray_service, wait_for
+from operator_harness import (
+    MD_TYPE,
+    NAMESPACE,
+    Cluster,
+    OperatorThread,
+    deploy_local_checkpoint,
+    model_deployment,
+    ray_service,
+    wait_for,
+)
 
 from ndif_operator.api import GatewayAppArgs, GatewayUserConfig, ModelAppArgs
 
@@ -60,18 +71,9 @@ def test_update_replicas_and_level_then_delete(cluster: Cluster, operator: Opera
 
 
 @pytest.mark.slow
-def test_real_evaluator_sizes_a_local_checkpoint(cluster: Cluster, tmp_path: object) -> None:
-    from pathlib import Path
-
-    from model_runtime.tiny_models import build_tiny_model
-
-    assert isinstance(tmp_path, Path)
+def test_real_evaluator_sizes_a_local_checkpoint(cluster: Cluster, tmp_path: Path) -> None:
     checkpoint = tmp_path / "tiny-llama"
-    build_tiny_model("llama", checkpoint)
-    cluster.emu.create_sync(ray_service())
-    manifest = model_deployment("tiny", "org/tiny-llama")
-    manifest["spec"]["model"].update(dtype="float32", source={"localPath": {"path": str(checkpoint)}})
-    cluster.emu.create_sync(manifest)
+    deploy_local_checkpoint(cluster, checkpoint)
     running = OperatorThread(cluster.emu.url, estimator=None).start()
     try:
         wait_for(lambda: cluster.condition("tiny", "Evaluated").get("status") == "True", what="Estimated")
