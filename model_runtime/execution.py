@@ -18,17 +18,18 @@ set env → snapshot linecache + nnsight SOURCES/BLOCKS → `RequestModel.deseri
 model's persistent objects → `inc(); tracer.execute(code)`; keep only the values whose id is in
 the thread's save set; `dec()` → restore caches → `interleaver.cancel()`.
 
-Everything from deserialize to collect runs in ONE fresh worker thread, because nnsight's
-saved-id set and greenlets are thread-bound. A timeout raises `SystemExit` asynchronously in that
-thread (`PyThreadState_SetAsyncExc`), which stops Python-level work at the next bytecode; if the
-thread is stuck inside one long C call and does not stop within a grace period, the result says
-`wedged=True` and the replica reports itself unhealthy so that Serve replaces it.
+Everything from deserialize to collect runs in one request thread (not the caller's), because
+nnsight's saved-id set and greenlets are thread-bound; the thread is long-lived and reused
+(`model_runtime.request_thread`: no thread start and no seccomp install per request). A timeout
+raises `SystemExit` asynchronously in that thread (`PyThreadState_SetAsyncExc`), which stops
+Python-level work at the next bytecode, and the thread is then retired; if it is stuck inside one
+long C call and does not stop within a grace period, the result says `wedged=True` and the
+replica reports itself unhealthy so that Serve replaces it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import linecache
 import sys
@@ -42,6 +43,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from model_runtime.garbage import collect_request_garbage
+from model_runtime.request_thread import Outcome, RequestThreadPool
 
 _RESULT_ZSTD_LEVEL = 3
 
@@ -274,8 +276,9 @@ def precheck(blob: bytes, envelope: Envelope) -> str | None:
     return None
 
 
-def _async_raise(ident: int, exc_type: type[BaseException]) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc_type))
+# Requests reuse long-lived threads (one per runner kind, more only while requests overlap):
+# see model_runtime/request_thread.py for why and how cancellation works.
+_THREADS = RequestThreadPool()
 
 
 def _peak_rss_bytes() -> int:
@@ -335,17 +338,13 @@ def execute_request(
             outcome["error"] = f"Internal error while running the request: {type(exc).__name__}: {exc}"
 
     with _nnsight_caches_restored():
-        worker = threading.Thread(target=work, name="nnsight-request", daemon=True)
-        worker.start()
-        worker.join(limits.timeout_seconds)
-        timed_out = worker.is_alive()
-        if timed_out and worker.ident is not None:
-            # Repeat: an exception raised while the thread sits in a `finally` or C call may be lost.
-            deadline = time.monotonic() + limits.cancel_grace_seconds
-            while worker.is_alive() and time.monotonic() < deadline:
-                _async_raise(worker.ident, SystemExit)
-                worker.join(0.1)
-        wedged = worker.is_alive()
+        thread = _THREADS.acquire(runner, "nnsight-request")
+        try:
+            ended = thread.run(work, limits.timeout_seconds, limits.cancel_grace_seconds, cancel=SystemExit)
+        finally:
+            _THREADS.release(runner, thread)
+        timed_out = ended is not Outcome.DONE
+        wedged = ended is Outcome.WEDGED
         with contextlib.suppress(Exception):
             model.interleaver.cancel()
     collect_request_garbage()  # cheap once the replica froze its long-lived objects

@@ -1,10 +1,11 @@
 """Layer 5: time, size and memory limits, and an optional seccomp filter on the worker thread.
 
-* **Time**: requests run on one long-lived worker thread; on timeout the supervisor injects
-  `RequestTimeout` (a BaseException user code cannot catch: the compiler narrows bare `except:`)
-  with `PyThreadState_SetAsyncExc`, repeatedly until the request unwinds. A thread stuck inside
-  one C call cannot be interrupted that way; after `grace_s` the worker is abandoned, reported
-  unhealthy, and a fresh one serves the next request (the runtime should restart the replica).
+* **Time**: requests run on one long-lived worker thread (`model_runtime.request_thread`); on
+  timeout the supervisor injects `RequestTimeout` (a BaseException user code cannot catch: the
+  compiler narrows bare `except:`) with `PyThreadState_SetAsyncExc`, repeatedly until the request
+  unwinds, and the thread is retired. A thread stuck inside one C call cannot be interrupted that
+  way; after `grace_s` it is abandoned and reported unhealthy (the runtime should restart the
+  replica).
 * **Sizes**: the payload is capped before and after decompression (a zstd bomb is stopped by a
   bounded streaming decompressor); results are capped by tensor bytes before serialising and by
   serialised size after.
@@ -27,19 +28,18 @@ import ctypes
 import functools
 import os
 import platform
-import queue
 import resource
 import struct
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
+from model_runtime.request_thread import Outcome, RequestThread
 from model_runtime.sandbox.errors import LimitExceeded, RequestTimeout
 
 T = TypeVar("T")
 MIB = 1024 * 1024
+_DECOMPRESS_CHUNK = MIB
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,14 @@ def check_payload(blob: bytes, compress: bool, limits: Limits) -> bytes:
         return bytes(blob)
     import zstandard
 
+    # Streamed in 1 MiB chunks and stopped at the cap: the frame header's content size is the
+    # sender's claim, and one `read(cap)` would allocate the whole cap up front.
     reader = zstandard.ZstdDecompressor().stream_reader(bytes(blob))
-    out = reader.read(limits.max_decompressed_bytes + 1)
-    if len(out) > limits.max_decompressed_bytes:
-        raise LimitExceeded(f"payload decompresses past the {limits.max_decompressed_bytes:,}-byte limit")
+    out = bytearray()
+    while chunk := reader.read(_DECOMPRESS_CHUNK):
+        out += chunk
+        if len(out) > limits.max_decompressed_bytes:
+            raise LimitExceeded(f"payload decompresses past the {limits.max_decompressed_bytes:,}-byte limit")
     return bytes(out)
 
 
@@ -103,14 +107,15 @@ class address_space_cap:
         self.previous: tuple[int, int] | None = None
 
     def __enter__(self) -> None:
-        if self.extra is None or not os.path.exists("/proc/self/statm") or _cuda_initialized():
+        if self.extra is None or _cuda_initialized():
             # With CUDA up, the driver maps device memory into the address space as it goes, so
             # an address-space cap would refuse legitimate GPU allocations; GPU memory is capped
             # by the CUDA allocator's fraction instead (the model app sets it).
             return
-        with open("/proc/self/statm") as f:
-            vm_pages = int(f.read().split()[0])
-        target = vm_pages * os.sysconf("SC_PAGE_SIZE") + self.extra
+        vm_bytes = _address_space_bytes()
+        if vm_bytes is None:
+            return  # no procfs (not Linux)
+        target = vm_bytes + self.extra
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
             target = min(target, hard)
@@ -120,6 +125,24 @@ class address_space_cap:
     def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             resource.setrlimit(resource.RLIMIT_AS, self.previous)
+
+
+_STATM: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/statm), opened once
+
+
+def _address_space_bytes() -> int | None:
+    """The process's address-space size, from one `pread` of a kept-open /proc/self/statm."""
+    global _STATM
+    pid = os.getpid()
+    if _STATM is None or _STATM[0] != pid:  # (a forked child must not read its parent's file)
+        try:
+            _STATM = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return None
+    return int(os.pread(_STATM[1], 128, 0).split()[0]) * _PAGE_SIZE
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _cuda_initialized() -> bool:
@@ -239,79 +262,52 @@ def install_seccomp() -> None:
 # The worker thread and the timeout
 
 
-@dataclass
-class _Job(Generic[T]):
-    fn: Callable[[], T]
-    done: threading.Event
-    result: Any = None
-    error: BaseException | None = None
-
-
 class Worker:
-    """One dedicated thread that runs jobs one at a time, optionally under seccomp."""
+    """The sandbox's dedicated request thread, optionally under seccomp (see `RequestThread`)."""
 
     def __init__(self, *, seccomp: bool) -> None:
-        self._jobs: queue.Queue[_Job[Any] | None] = queue.Queue()
-        self._ready = threading.Event()
         self.seccomp_error: str | None = None
         self.seccomp_active = False
-        self.healthy = True
-        self._thread = threading.Thread(
-            target=self._loop, args=(seccomp,), name="nnsight-sandbox-worker", daemon=True
-        )
+        self._thread = RequestThread("nnsight-sandbox-worker", initializer=self._install if seccomp else None)
         self._thread.start()
-        self._ready.wait()
+
+    def _install(self) -> None:
+        # Runs on every thread the worker starts (a fresh one after a cancelled request).
+        try:
+            install_seccomp()
+            self.seccomp_active = True
+        except OSError as exc:
+            self.seccomp_error = str(exc)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.healthy
 
     @property
     def ident(self) -> int | None:
         return self._thread.ident
 
-    def _loop(self, seccomp: bool) -> None:
-        if seccomp:
-            try:
-                install_seccomp()
-                self.seccomp_active = True
-            except OSError as exc:
-                self.seccomp_error = str(exc)
-        self._ready.set()
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                job.result = job.fn()
-            except BaseException as exc:
-                job.error = exc
-            finally:
-                job.done.set()
-
     def run(self, fn: Callable[[], T], timeout_s: float, grace_s: float) -> T:
         """Run `fn` on the worker; raise LimitExceeded if it passes `timeout_s`."""
-        job: _Job[T] = _Job(fn, threading.Event())
-        self._jobs.put(job)
-        if not job.done.wait(timeout_s):
-            deadline = time.monotonic() + grace_s
-            while not job.done.is_set() and time.monotonic() < deadline:
-                _async_raise(self._thread, RequestTimeout)
-                job.done.wait(0.05)
-            if not job.done.is_set():
-                self.healthy = False
-                raise LimitExceeded(
-                    f"the request ran past {timeout_s:g}s and could not be stopped; "
-                    "this replica must be restarted"
-                )
+        box: dict[str, Any] = {}
+
+        def task() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:
+                box["error"] = exc
+
+        outcome = self._thread.run(task, timeout_s, grace_s, cancel=RequestTimeout)
+        if outcome is Outcome.WEDGED:
+            raise LimitExceeded(
+                f"the request ran past {timeout_s:g}s and could not be stopped; this replica must be restarted"
+            )
+        error = box.get("error")
+        if outcome is Outcome.STOPPED or isinstance(error, RequestTimeout):
             raise LimitExceeded(f"the request ran past its {timeout_s:g}s time limit and was stopped")
-        if job.error is not None:
-            if isinstance(job.error, RequestTimeout):
-                raise LimitExceeded(f"the request ran past its {timeout_s:g}s time limit and was stopped")
-            raise job.error
-        return job.result  # type: ignore[no-any-return]
+        if error is not None:
+            raise error
+        return box["result"]  # type: ignore[no-any-return]
 
     def stop(self) -> None:
-        self._jobs.put(None)
-
-
-def _async_raise(thread: threading.Thread, exc_type: type[BaseException]) -> None:
-    if thread.ident is None:
-        return
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
+        self._thread.stop()

@@ -1,0 +1,73 @@
+"""The long-lived request thread: reuse, cancellation, retirement after a cancel, wedging."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from model_runtime.request_thread import Outcome, RequestThread, RequestThreadPool
+
+
+def _ident_on(thread: RequestThread) -> int:
+    seen: list[int] = []
+    assert thread.run(lambda: seen.append(threading.get_ident()), 5, 1, cancel=SystemExit) is Outcome.DONE
+    return seen[0]
+
+
+def test_tasks_reuse_one_thread_and_the_initializer_runs_once() -> None:
+    starts: list[int] = []
+    thread = RequestThread("t", initializer=lambda: starts.append(threading.get_ident()))
+    try:
+        first, second = _ident_on(thread), _ident_on(thread)
+        assert first == second == starts[0] and len(starts) == 1
+        assert first != threading.get_ident()
+    finally:
+        thread.stop()
+
+
+def test_a_cancelled_task_stops_and_the_next_task_gets_a_fresh_thread() -> None:
+    starts: list[int] = []
+    thread = RequestThread("t", initializer=lambda: starts.append(threading.get_ident()))
+    stopped: list[str] = []
+
+    def spin() -> None:
+        try:
+            while True:
+                pass
+        except SystemExit:
+            stopped.append("unwound")
+            raise
+
+    try:
+        before = _ident_on(thread)
+        started = time.monotonic()
+        assert thread.run(spin, 0.2, 2.0, cancel=SystemExit) is Outcome.STOPPED
+        assert time.monotonic() - started < 2 and stopped == ["unwound"]
+        after = _ident_on(thread)
+        assert after != before and len(starts) == 2  # retired, and the new one initialised too
+        assert thread.healthy
+    finally:
+        thread.stop()
+
+
+def test_a_task_stuck_in_one_c_call_is_wedged() -> None:
+    thread = RequestThread("t")
+    assert thread.run(lambda: time.sleep(1.5), 0.1, 0.2, cancel=SystemExit) is Outcome.WEDGED
+    assert not thread.healthy
+    assert _ident_on(thread)  # a fresh thread still serves (the caller decides to restart)
+    thread.stop()
+
+
+def test_pool_reuses_idle_threads_and_drops_wedged_ones() -> None:
+    pool = RequestThreadPool()
+    a = pool.acquire("kind", "t")
+    b = pool.acquire("kind", "t")  # a and b overlap: two threads
+    assert a is not b
+    pool.release("kind", a)
+    assert pool.acquire("kind", "t") is a
+    assert pool.acquire("other", "t") is not a  # kinds do not share threads
+    a.healthy = False
+    pool.release("kind", a)
+    assert pool.acquire("kind", "t") is not a
+    for thread in (a, b):
+        thread.stop()
