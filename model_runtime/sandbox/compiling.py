@@ -329,16 +329,12 @@ class Guards:
 
     # -- namespace ---------------------------------------------------------------------------
     def builtins(self) -> dict[str, Any]:
-        real = vars(builtins)
-        table: dict[str, Any] = {name: _denied_builtin(name) for name in _DENIED_BUILTINS}
-        table.update((name, real[name]) for name in _SAFE_BUILTIN_NAMES)
+        table = dict(_STATIC_BUILTINS)
         table.update(
             __import__=self.import_,
             getattr=self.getattr_,
             hasattr=self.hasattr_,
             iter=self.getiter_,
-            __build_class__=_guarded_build_class,
-            __name__="sandbox",
             print=self._print_function,
         )
         return table
@@ -360,18 +356,18 @@ class Guards:
         """
         return dict(self._namespace)
 
+    def release(self) -> None:
+        """Drop the request's namespace once the request is over.
+
+        The namespace holds bound methods of this object, so the two form a reference cycle that
+        would keep every object the request built alive until the cyclic collector runs (about
+        0.3 ms per request for the young-generation pass). Breaking it here lets reference
+        counting free them when the request's tracer goes.
+        """
+        self.__dict__.pop("_namespace", None)
+
     @functools.cached_property
     def _namespace(self) -> dict[str, Any]:
-        guards = self
-
-        class _Print:
-            # RestrictedPython rewrites `print(...)` to `_print_(_getattr_)._call_print(...)`.
-            def __init__(self, _getattr: Any = None) -> None:
-                pass
-
-            def _call_print(self, *args: Any, **kwargs: Any) -> None:
-                guards._print_function(*args, **kwargs)
-
         return {
             "__builtins__": self.builtins(),
             "_getattr_": self.getattr_,
@@ -382,10 +378,22 @@ class Guards:
             "_apply_": self.apply_,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_unpack_sequence_": guarded_unpack_sequence,
-            "_print_": _Print,
+            "_print_": functools.partial(_Print, self._print_function),
             "__metaclass__": type,
             "__name__": "sandbox",
         }
+
+
+class _Print:
+    """RestrictedPython rewrites `print(...)` to `_print_(_getattr_)._call_print(...)`."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: Callable[..., None], _getattr: Any = None) -> None:
+        self._sink = sink
+
+    def _call_print(self, *args: Any, **kwargs: Any) -> None:
+        self._sink(*args, **kwargs)
 
 
 def _denied_builtin(name: str) -> Callable[..., Any]:
@@ -402,6 +410,16 @@ def _guarded_build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> An
     if bases or kwargs:
         raise CapabilityDenied("classes in the sandbox cannot have base classes or metaclasses")
     return builtins.__build_class__(func, name)
+
+
+# The request-independent part of the sandbox's builtins (built once: denied names raise,
+# safe ones are the real builtins); `Guards.builtins` adds the guarded ones per request.
+_STATIC_BUILTINS: dict[str, Any] = {
+    **{name: _denied_builtin(name) for name in _DENIED_BUILTINS},
+    **{name: vars(builtins)[name] for name in _SAFE_BUILTIN_NAMES},
+    "__build_class__": _guarded_build_class,
+    "__name__": "sandbox",
+}
 
 
 def _is_module(obj: Any) -> bool:

@@ -4,7 +4,7 @@
 
 The blob and the nnsight `RequestModel` envelope in; the serialised, possibly zstd-compressed
 result dict out. The runtime itself uses `run_blob` below, the drop-in for
-`model_runtime.execution.run_blob` (its `execute_request` keeps the per-request thread, the
+`model_runtime.execution.run_blob` (its `execute_request` keeps the request thread, the
 timeout, stdout capture and result encoding; `select_runner()` picks the sandbox unless
 NDIF_SANDBOX=0). Steps:
 
@@ -128,6 +128,7 @@ class Sandbox:
                     result = worker.run(job.run, limits.timeout_s, limits.grace_s)
             finally:
                 t0 = time.perf_counter()
+                guards.release()
                 changed = state.restore()
                 interleaver = getattr(model, "_interleaver", None)
                 if interleaver is not None and hasattr(interleaver, "cancel"):
@@ -308,8 +309,8 @@ def _user_traceback(exc: BaseException) -> str:
 def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
     """Drop-in for `model_runtime.execution.run_blob`: the sandboxed deserialize + execute.
 
-    Runs on the caller's thread, which the runtime creates fresh for every request (so the
-    seccomp filter this installs dies with it; it is never installed on the main thread). The
+    Runs on the caller's thread, one of the runtime's long-lived request threads: the seccomp
+    filter is installed on it at its first request and stays (never on the main thread). The
     runtime keeps its own timeout (async `SystemExit`, which sandboxed code cannot catch), stdout
     capture and result encoding; refusals and user errors become its `RequestError`.
     """
@@ -327,7 +328,7 @@ def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
         with sandbox._lock:
             ctx = sandbox.context(model)
             guards = Guards(ctx.caps, ctx.weights.is_protected, on_print=lambda text: print(text, file=sys.stdout))
-            state = ProcessState.capture()
+            state = ProcessState.capture(caches=False)  # execute_request restores linecache/nnsight caches
             try:
                 if env:
                     model._remoteable_set_env(env)
@@ -336,6 +337,7 @@ def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
                 with address_space_cap(limits.memory_bytes):
                     return job.execute()
             finally:
+                guards.release()
                 state.restore()
     except (SandboxError, RequestFailed) as exc:
         raise RequestError(str(exc)) from None

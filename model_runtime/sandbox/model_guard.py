@@ -103,10 +103,15 @@ class WeightGuard:
         Re-indexed every time (O(number of tensors), microseconds each): moving the model between
         CPU RAM and GPU (WARM ↔ HOT) gives every parameter new storage.
         """
+        # One walk over the module tree reading each module's own tables (what `parameters()` and
+        # `buffers()` yield, without walking the tree twice through their generators).
         seen: dict[int, torch.Tensor] = {}
-        for module in self.modules:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                seen.setdefault(id(tensor), tensor)
+        for root in self.modules:
+            for module in root.modules():
+                for table in (module._parameters, module._buffers):
+                    for tensor in table.values():
+                        if tensor is not None:
+                            seen.setdefault(id(tensor), tensor)
         self._tensors = list(seen.values())
         self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
         self._versions = [t._version for t in self._tensors]
@@ -153,12 +158,13 @@ class ProcessState:
     modules_len: int
     critical_modules: dict[str, Any]
     builtins_dict: dict[str, Any]
-    linecache_entries: dict[str, Any]
-    nnsight_sources: dict[str, Any]
-    nnsight_blocks: dict[Any, Any]
+    # None when the caller restores linecache and nnsight's caches itself (the runtime's seam does).
+    linecache_entries: dict[str, Any] | None
+    nnsight_sources: dict[str, Any] | None
+    nnsight_blocks: dict[Any, Any] | None
 
     @classmethod
-    def capture(cls) -> ProcessState:
+    def capture(cls, *, caches: bool = True) -> ProcessState:
         from nnsight.tracing import globals as nnsight_globals
 
         return cls(
@@ -169,9 +175,9 @@ class ProcessState:
             modules_len=len(sys.modules),
             critical_modules={name: sys.modules.get(name) for name in CRITICAL_MODULES},
             builtins_dict=dict(vars(builtins)),
-            linecache_entries=dict(linecache.cache),
-            nnsight_sources=dict(nnsight_globals.SOURCES),
-            nnsight_blocks=dict(nnsight_globals.BLOCKS),
+            linecache_entries=dict(linecache.cache) if caches else None,
+            nnsight_sources=dict(nnsight_globals.SOURCES) if caches else None,
+            nnsight_blocks=dict(nnsight_globals.BLOCKS) if caches else None,
         )
 
     def restore(self) -> list[str]:
@@ -208,10 +214,12 @@ class ProcessState:
             changed.append("builtins")
             current.clear()
             current.update(self.builtins_dict)
-        linecache.cache.clear()
-        linecache.cache.update(self.linecache_entries)
-        nnsight_globals.SOURCES.clear()
-        nnsight_globals.SOURCES.update(self.nnsight_sources)
-        nnsight_globals.BLOCKS.clear()
-        nnsight_globals.BLOCKS.update(self.nnsight_blocks)
+        for live, saved in (
+            (linecache.cache, self.linecache_entries),
+            (nnsight_globals.SOURCES, self.nnsight_sources),
+            (nnsight_globals.BLOCKS, self.nnsight_blocks),
+        ):
+            if saved is not None:
+                live.clear()
+                live.update(saved)
         return changed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import types
@@ -39,6 +40,22 @@ def _persid(pid: str) -> bytes:
 
 def _short(text: str) -> bytes:
     return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
+def _global(module: str, name: str) -> bytes:
+    return _short(module) + _short(name) + b"\x93"  # STACK_GLOBAL
+
+
+def _server_state() -> dict[str, Any]:
+    """What a crafted stream could change besides the weights: the allowlisted globals' attributes."""
+    from model_runtime.sandbox.unpickling import ALLOWED_GLOBALS, _resolve
+
+    state = {}
+    for key in sorted(ALLOWED_GLOBALS):
+        obj = _resolve(key)
+        state[".".join(key)] = (dict(vars(obj)) if hasattr(obj, "__dict__") else None,
+                                getattr(obj, "__defaults__", None))
+    return state
 
 
 def _crafted() -> dict[str, bytes]:
@@ -80,6 +97,31 @@ def _opcode_attacks() -> dict[str, bytes]:
         + _persid(lm_head) + b"\x85R.",
         # Protocol-0 INST opcode.
         "inst_opcode": b"(icollections\nOrderedDict\n.",
+        # INST with an argument is a call: Envoy(<lm_head>) would run __init__ on a server module.
+        "inst_class_init": head + b"(" + _persid(lm_head) + b"innsight.intervention.envoy\nEnvoy\n.",
+        # BUILD on MethodType(TransformersModel._call, <lm_head>): a bound method's __dict__ is the
+        # server function's, so this would set TransformersModel._call.pwned for every request.
+        "build_on_bound_method": head + _global("cloudpickle.cloudpickle", "_builtin_type") + _short("MethodType")
+        + b"\x85R" + _global("nnsight.modeling.transformers", "TransformersModel._call") + _persid(lm_head)
+        + b"\x86R}" + _short("pwned") + b"Nsb.",
+        # The same bound method made with NEWOBJ instead of REDUCE.
+        "build_on_newobj_bound_method": head + _global("cloudpickle.cloudpickle", "_builtin_type")
+        + _short("MethodType") + b"\x85R" + _global("nnsight.modeling.transformers", "TransformersModel._call")
+        + _persid(lm_head) + b"\x86\x81}" + _short("pwned") + b"Nsb.",
+        # Slot-state BUILD on an allowlisted function: setattr(_rebuild_tensor_v2, "__defaults__", ()).
+        "build_slotstate_on_function": head + _global("torch._utils", "_rebuild_tensor_v2") + b"N}"
+        + _short("__defaults__") + b")s\x86b.",
+        # BUILD on an allowlisted constant (a dtype).
+        "build_on_dtype": head + _global("torch", "float32") + b"}" + _short("pwned") + b"Nsb.",
+        # layers[0] = lm_head through SETITEMS, and a set-style ADDITEMS on the server's ModuleList.
+        "setitems_on_server_modulelist": head + _persid(layers) + b"(K\x00" + _persid(lm_head) + b"u.",
+        "additems_on_server_modulelist": head + _persid(layers) + b"(" + _persid(lm_head) + b"\x90.",
+        # Calling a server function directly: TransformersModel._call(<lm_head>).
+        "reduce_server_function": head + _global("nnsight.modeling.transformers", "TransformersModel._call")
+        + _persid(lm_head) + b"\x85R.",
+        # Truncated stream and an unknown opcode.
+        "truncated": head + _short("nnsight.intervention.envoy"),
+        "unknown_opcode": head + b"\xff.",
     }
 
 
@@ -96,12 +138,13 @@ def test_crafted_blob_is_refused(
     name: str, models: tuple[Any, Any], sandbox: Any, backend: Any, reference: Any
 ) -> None:
     client, server = models
-    before = weights_digest(server)
+    before, globals_before = weights_digest(server), _server_state()
     with pytest.raises(PayloadRejected) as info:
         sandbox.execute(server, CRAFTED[name], _envelope())
     assert "[deserialisation]" in str(info.value)
     assert not Path(TARGET).exists()
     assert weights_digest(server) == before
+    assert _server_state() == globals_before
     assert torch.equal(save_logits(client, backend())["logits"], reference["logits"])
 
 
@@ -185,3 +228,37 @@ def test_works_as_the_unpickler_hook_of_request_deserialize(models: tuple[Any, A
     assert tracer.envoy._module is server._module
     with pytest.raises(PayloadRejected):
         RequestModel.deserialize(CRAFTED["os_system_reduce"], persistent, unpickler=hook)
+
+
+def test_mutated_real_payloads_never_change_the_server(models: tuple[Any, Any], backend: Any) -> None:
+    """Random byte edits of a real payload: each load is refused or builds only fresh objects; the
+    server's modules, weights and allowlisted globals are untouched either way."""
+    import random
+
+    from model_runtime.sandbox.capabilities import Capabilities
+    from model_runtime.sandbox.compiling import Guards
+
+    client, server = models
+    be = backend()
+    save_logits(client, be)
+    assert be.blob is not None
+    raw = zstandard.ZstdDecompressor().decompress(be.blob)
+    persistent = server._remoteable_persistent_objects()
+    guards = Guards(Capabilities(), lambda _v: False)
+    structure = [(name, type(m)) for name, m in server._module.named_modules()]
+    before, globals_before = weights_digest(server), _server_state()
+    rng = random.Random(6)
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(300):
+        data = bytearray(raw)
+        for _edit in range(rng.randint(1, 3)):
+            data[rng.randrange(2, len(data))] = rng.randrange(256)
+        try:
+            SandboxUnpickler(io.BytesIO(bytes(data)), persistent, guards).load()
+            outcomes["loaded"] += 1
+        except Exception:  # any refusal or malformed-stream error is fine here
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0
+    assert weights_digest(server) == before
+    assert _server_state() == globals_before
+    assert [(name, type(m)) for name, m in server._module.named_modules()] == structure
