@@ -5,14 +5,14 @@
 One real client payload (the unmodified nnsight client, a trace that saves two hidden states and
 the logits) is executed over and over against a dispatched tiny llama:
 
-* baseline: the runtime's unsandboxed path, `model_runtime.execution.execute_request` (fresh
-  worker thread, `RequestModel.deserialize`, `tracer.execute`, `torch.save`), including its
+* baseline: the runtime's unsandboxed path, `model_runtime.execution.execute_request` (its
+  long-lived request thread, `RequestModel.deserialize`, `tracer.execute`, `torch.save`), including its
   per-request young-generation collection (`model_runtime.garbage`), which is cheap once the
   model's objects are frozen and costs the same on both sides (a full `gc.collect()` is timed
   separately for reference);
 * sandboxed: the same `execute_request` with `runner=model_runtime.sandbox.executor.run_blob`
   (what `select_runner()` picks unless NDIF_SANDBOX=0), every layer including a seccomp filter on
-  the worker thread;
+  the request thread (installed once per thread, at its first request);
 * standalone: `Sandbox.execute` (dedicated seccomp'd worker thread, own serialisation).
 
 The three alternate request by request so machine noise hits them alike. Then each layer is
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import pickle
 import statistics
 import sys
 import tempfile
@@ -59,7 +60,7 @@ def main(iterations: int) -> None:
     from model_runtime.sandbox.compiling import Guards, restricted_compile
     from model_runtime.sandbox.limits import Worker, address_space_cap, check_payload, install_seccomp
     from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
-    from model_runtime.sandbox.unpickling import loads
+    from model_runtime.sandbox.unpickling import SandboxUnpickler, _DryRun, loads
     from model_runtime.tiny_models import build_tiny_model
 
     torch.set_num_threads(1)
@@ -166,6 +167,10 @@ def main(iterations: int) -> None:
         thread.start()
         thread.join()
 
+    class _RealLoadOnly(SandboxUnpickler):
+        def load(self) -> Any:
+            return pickle.Unpickler.load(self)
+
     def capped() -> None:
         with address_space_cap(8 * 1024**3):
             pass
@@ -180,14 +185,17 @@ def main(iterations: int) -> None:
     fresh = itertools.count()
     layers = [
         ("1 unpickle: stock CustomCloudUnpickler", lambda: CustomCloudUnpickler(io.BytesIO(raw), persistent).load(),
-         "1 unpickle: allowlisted (pure-Python)", lambda: loads(raw, persistent, guards)),
+         "1 unpickle: allowlisted (dry run + load, both C)", lambda: loads(raw, persistent, guards)),
         ("2 compile: stock compile()", lambda: compile(source, filename, "exec"),
          "2 compile: RestrictedPython, first time", lambda: restricted_compile(source + f"\n#{next(fresh)}", filename)),
         ("2 compile: stock compile()", lambda: compile(source, filename, "exec"),
          "2 compile: RestrictedPython, memoised", lambda: restricted_compile(source, filename)),
-        ("5 thread: plain start+join", plain_thread, "5 thread: + seccomp filter", seccomp_thread),
+        ("5 thread: plain start+join", plain_thread,
+         "5 thread: + seccomp filter (once per thread)", seccomp_thread),
     ]
     singles = [
+        ("1 unpickle: of which the dry run on stand-ins", lambda: _DryRun(raw, persistent).load()),
+        ("1 unpickle: of which the real load", lambda: _RealLoadOnly(io.BytesIO(raw), persistent, guards).load()),
         ("4 process state: capture + restore", state_roundtrip),
         ("4 weights: arm + version check", weights_roundtrip),
         ("5 payload: size check + zstd decompress", lambda: check_payload(blob, request.compress, Limits())),
