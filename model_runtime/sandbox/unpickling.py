@@ -147,7 +147,7 @@ def _resolve(key: tuple[str, str]) -> Any:
 
 class _ServerObject:
     """Stands for an object the payload did not create: it may be referenced, never modified or
-    called (no `append`/`extend`/`add` either, so APPEND(S)/ADDITEMS on it fail)."""
+    called."""
 
     __slots__ = ("what",)
 
@@ -160,6 +160,14 @@ class _ServerObject:
     def __setitem__(self, _key: Any, _value: Any) -> None:
         raise PayloadRejected(f"the payload tries to modify {self.what} (SETITEM)")
 
+    def append(self, _item: Any) -> None:  # APPEND(S) look these up on a non-list target
+        raise PayloadRejected(f"the payload tries to modify {self.what} (APPEND)")
+
+    extend = append
+
+    def add(self, _item: Any) -> None:  # ADDITEMS on a non-set target
+        raise PayloadRejected(f"the payload tries to modify {self.what} (ADDITEMS)")
+
     def __call__(self, *_args: Any, **_kwargs: Any) -> Any:
         raise PayloadRejected(f"the payload calls {self.what}, which only real payloads' helpers may do")
 
@@ -167,14 +175,23 @@ class _ServerObject:
 class _Built:
     """Stands for an object this load creates (NEWOBJ/REDUCE result)."""
 
-    __slots__ = ("buildable", "mapping", "what")
+    __slots__ = ("buildable", "envoy", "mapping", "what")
 
-    def __init__(self, what: str, *, buildable: bool = False, mapping: bool = False) -> None:
-        self.what, self.buildable, self.mapping = what, buildable, mapping
+    def __init__(self, what: str, *, buildable: bool = False, mapping: bool = False, envoy: bool = False) -> None:
+        self.what, self.buildable, self.mapping, self.envoy = what, buildable, mapping, envoy
 
-    def __setstate__(self, _state: Any) -> None:
+    def __setstate__(self, state: Any) -> None:
         if not self.buildable:
             raise PayloadRejected(f"the payload tries to modify a {self.what} with BUILD")
+        if self.envoy:
+            # `Envoy.__setstate__` does more than fill in its own `__dict__`: it sets `_parent` on
+            # every object in the state's `_children`. Those must be envoys this load created,
+            # or the stream could write into a server module or an allowlisted class.
+            children = state.get("_children") if type(state) is dict else None
+            if type(children) is not list or not all(
+                isinstance(child, _Built) and child.envoy for child in children
+            ):
+                raise PayloadRejected(f"the payload's {self.what} state links children it did not create")
 
     def __setitem__(self, _key: Any, _value: Any) -> None:
         if not self.mapping:
@@ -246,8 +263,9 @@ def _stand_in_for(key: tuple[str, str]) -> Any:
     real = _resolve(key)
     if isinstance(real, type):
         buildable, mapping = key in _BUILDABLE_GLOBALS, real is OrderedDict
+        envoy = issubclass(real, _resolve(("nnsight.intervention.envoy", "Envoy")))
         return _class_stand_in(
-            what, lambda: _Built(name, buildable=buildable, mapping=mapping), key in REDUCIBLE_GLOBALS
+            what, lambda: _Built(name, buildable=buildable, mapping=mapping, envoy=envoy), key in REDUCIBLE_GLOBALS
         )
     if key in REDUCIBLE_GLOBALS:
         return _Function(what, lambda *_: _Built("tensor"))
@@ -304,7 +322,6 @@ class SandboxUnpickler(pickle.Unpickler):
             self.guards = guards  # per instance; `bind` makes a class for RequestModel.deserialize
         self.persistent_objects = persistent_objects or {}
         self._built_functions: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
-        self.seen: list[tuple[str, str]] = []
 
     def load(self) -> Any:
         """Check the stream on stand-ins, then load it for real."""
@@ -331,7 +348,6 @@ class SandboxUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
-        self.seen.append(key)
         if key in SUBSTITUTED_GLOBALS:
             return self._substitute(name)
         if key not in ALLOWED_GLOBALS:

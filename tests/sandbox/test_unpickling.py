@@ -46,15 +46,20 @@ def _global(module: str, name: str) -> bytes:
     return _short(module) + _short(name) + b"\x93"  # STACK_GLOBAL
 
 
-def _server_state() -> dict[str, Any]:
-    """What a crafted stream could change besides the weights: the allowlisted globals' attributes."""
+def _server_state(server: Any) -> dict[str, Any]:
+    """What a crafted stream could change besides the weights: the allowlisted globals' attributes
+    and the attributes of every server module the stream can reach by persistent id (the other
+    one, the Interleaver, is reset by the server after every request anyway)."""
     from model_runtime.sandbox.unpickling import ALLOWED_GLOBALS, _resolve
 
-    state = {}
+    state: dict[str, Any] = {}
     for key in sorted(ALLOWED_GLOBALS):
         obj = _resolve(key)
         state[".".join(key)] = (dict(vars(obj)) if hasattr(obj, "__dict__") else None,
                                 getattr(obj, "__defaults__", None))
+    for pid, obj in server._remoteable_persistent_objects().items():
+        if pid.startswith("Module:"):
+            state[pid] = {name: id(value) for name, value in vars(obj).items()}
     return state
 
 
@@ -95,7 +100,8 @@ def _opcode_attacks() -> dict[str, bytes]:
         # Envoy(<lm_head>): REDUCE runs a class's __init__ on a server module.
         "reduce_class_init": head + _short("nnsight.intervention.envoy") + _short("Envoy") + b"\x93"
         + _persid(lm_head) + b"\x85R.",
-        # Protocol-0 INST opcode.
+        # Protocol-0 INST without arguments is NEWOBJ: it builds a fresh OrderedDict, which loads
+        # and is then refused by the shape check (INST with an argument is a call, below).
         "inst_opcode": b"(icollections\nOrderedDict\n.",
         # INST with an argument is a call: Envoy(<lm_head>) would run __init__ on a server module.
         "inst_class_init": head + b"(" + _persid(lm_head) + b"innsight.intervention.envoy\nEnvoy\n.",
@@ -119,6 +125,11 @@ def _opcode_attacks() -> dict[str, bytes]:
         # Calling a server function directly: TransformersModel._call(<lm_head>).
         "reduce_server_function": head + _global("nnsight.modeling.transformers", "TransformersModel._call")
         + _persid(lm_head) + b"\x85R.",
+        # A fresh Envoy whose state lists server objects as its children: Envoy.__setstate__ would
+        # set `_parent` on the served lm_head and on the TransformersModel class.
+        "envoy_children_are_server_objects": head + _global("nnsight.intervention.envoy", "Envoy") + b")\x81}"
+        + _short("_children") + b"](" + _persid(lm_head)
+        + _global("nnsight.modeling.transformers", "TransformersModel") + b"esb.",
         # Truncated stream and an unknown opcode.
         "truncated": head + _short("nnsight.intervention.envoy"),
         "unknown_opcode": head + b"\xff.",
@@ -126,6 +137,39 @@ def _opcode_attacks() -> dict[str, bytes]:
 
 
 CRAFTED = _crafted() | _opcode_attacks()
+
+# The refusal each blob must meet (so a blob refused by the wrong check, or only by a later one,
+# fails the test).
+REFUSED_BY = {
+    "os_system_reduce": "references posix.system",
+    "exec_reduce": "references builtins.exec",
+    "eval_in_tuple": "references builtins.eval",
+    "nested_torch_load": "refused by the weights-only loader",
+    "subimport_os": "imports module 'os'",
+    "builtin_codetype": "builtin type 'CodeType'",
+    "fill_server_function": "set globals of a function it did not ship",
+    "dotted_globals_walk": "TransformersModel._call.__globals__, which is not allowed",
+    "not_a_tracer": "not a (tracer, block) pair",
+    "unknown_persistent_id": "UnknownPersistentIdError: Module:evil",
+    "garbage": "could not be read",
+    "build_on_server_module": "modify the server's Module:model.lm_head (BUILD)",
+    "append_to_server_modulelist": "modify the server's Module:model.model.layers (APPEND)",
+    "setitem_on_server_modulelist": "modify the server's Module:model.model.layers (SETITEM)",
+    "build_slotstate_on_class": "modify nnsight.modeling.transformers.TransformersModel (BUILD)",
+    "reduce_class_init": "calls nnsight.intervention.envoy.Envoy",
+    "inst_opcode": "not a (tracer, block) pair",
+    "inst_class_init": "calls nnsight.intervention.envoy.Envoy",
+    "build_on_bound_method": "modify a bound method with BUILD",
+    "build_on_newobj_bound_method": "modify a bound method with BUILD",
+    "build_slotstate_on_function": "modify torch._utils._rebuild_tensor_v2 (BUILD)",
+    "build_on_dtype": "modify torch.float32 (BUILD)",
+    "setitems_on_server_modulelist": "modify the server's Module:model.model.layers (SETITEM)",
+    "additems_on_server_modulelist": "modify the server's Module:model.model.layers (ADDITEMS)",
+    "reduce_server_function": "calls nnsight.modeling.transformers.TransformersModel._call",
+    "envoy_children_are_server_objects": "links children it did not create",
+    "truncated": "could not be read",
+    "unknown_opcode": "could not be read",
+}
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +182,14 @@ def test_crafted_blob_is_refused(
     name: str, models: tuple[Any, Any], sandbox: Any, backend: Any, reference: Any
 ) -> None:
     client, server = models
-    before, globals_before = weights_digest(server), _server_state()
+    before, globals_before = weights_digest(server), _server_state(server)
     with pytest.raises(PayloadRejected) as info:
         sandbox.execute(server, CRAFTED[name], _envelope())
     assert "[deserialisation]" in str(info.value)
+    assert REFUSED_BY[name] in str(info.value)
     assert not Path(TARGET).exists()
     assert weights_digest(server) == before
-    assert _server_state() == globals_before
+    assert _server_state(server) == globals_before
     assert torch.equal(save_logits(client, backend())["logits"], reference["logits"])
 
 
@@ -246,7 +291,7 @@ def test_mutated_real_payloads_never_change_the_server(models: tuple[Any, Any], 
     persistent = server._remoteable_persistent_objects()
     guards = Guards(Capabilities(), lambda _v: False)
     structure = [(name, type(m)) for name, m in server._module.named_modules()]
-    before, globals_before = weights_digest(server), _server_state()
+    before, globals_before = weights_digest(server), _server_state(server)
     rng = random.Random(6)
     outcomes = {"loaded": 0, "refused": 0}
     for _ in range(300):
@@ -258,7 +303,11 @@ def test_mutated_real_payloads_never_change_the_server(models: tuple[Any, Any], 
             outcomes["loaded"] += 1
         except Exception:  # any refusal or malformed-stream error is fine here
             outcomes["refused"] += 1
-    assert outcomes["refused"] > 0
+    assert outcomes["refused"] > 0 and outcomes["loaded"] > 0, outcomes  # both passes really ran
     assert weights_digest(server) == before
-    assert _server_state() == globals_before
+    assert _server_state(server) == globals_before
     assert [(name, type(m)) for name, m in server._module.named_modules()] == structure
+
+
+def test_every_crafted_blob_names_its_refusal() -> None:
+    assert set(REFUSED_BY) == set(CRAFTED)
