@@ -58,7 +58,7 @@ def main(iterations: int) -> None:
     from model_runtime.sandbox import Limits, Sandbox, executor
     from model_runtime.sandbox.capabilities import Capabilities
     from model_runtime.sandbox.compiling import Guards, restricted_compile
-    from model_runtime.sandbox.limits import Worker, address_space_cap, check_payload, install_seccomp
+    from model_runtime.sandbox.limits import address_space_cap, check_payload, install_seccomp
     from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
     from model_runtime.sandbox.unpickling import SandboxUnpickler, _DryRun, loads
     from model_runtime.tiny_models import build_tiny_model
@@ -201,8 +201,6 @@ def main(iterations: int) -> None:
         ("5 payload: size check + zstd decompress", lambda: check_payload(blob, request.compress, Limits())),
         ("5 memory: RLIMIT_AS set + restore", capped),
     ]
-    worker = Worker(seccomp=True)
-    worker.stop()
 
     print(f"tiny llama, payload {len(blob):,} bytes (zstd), {iterations} interleaved requests each, medians")
     print(f"  baseline   execute_request, stock run_blob      {med['baseline']:8.2f} ms")

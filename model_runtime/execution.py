@@ -155,7 +155,7 @@ def _capture_output(sink: Callable[[str], None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _nnsight_caches_restored() -> Iterator[None]:
+def nnsight_caches_restored() -> Iterator[None]:
     """Snapshot and restore linecache and nnsight's memoized block sources.
 
     Without this a later request that reuses a `(filename, line)` trace site would run a stale
@@ -333,11 +333,11 @@ def execute_request(
         except RequestError as exc:
             outcome["error"] = str(exc)
         except SystemExit:
-            outcome["cancelled"] = True
+            pass  # the timeout's cancel: no result, reported from `ended` below
         except BaseException as exc:  # the server's fault, but the user still needs an answer
             outcome["error"] = f"Internal error while running the request: {type(exc).__name__}: {exc}"
 
-    with _nnsight_caches_restored():
+    with nnsight_caches_restored():
         thread = _THREADS.acquire(runner, "nnsight-request")
         try:
             ended = thread.run(work, limits.timeout_seconds, limits.cancel_grace_seconds, cancel=SystemExit)

@@ -22,12 +22,13 @@ other user-code errors are raised as `RequestFailed` with the user's (cleaned) t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,14 @@ class _ModelContext:
     caps: Capabilities
 
 
+@dataclass
+class _Request:
+    ctx: _ModelContext
+    guards: Guards
+    restored: list[str] = field(default_factory=list)  # what the request had changed (restored)
+    restore_s: float = 0.0
+
+
 class Sandbox:
     """One per replica: a worker thread, and the protected-weight index of each model."""
 
@@ -99,6 +108,27 @@ class Sandbox:
         """Drop the cached weight index (call after the model's weights were reloaded or moved)."""
         self._models.pop(model, None)
 
+    @contextlib.contextmanager
+    def request(self, model: Any, env: dict[str, Any], on_print: Callable[[str], None]) -> Iterator[_Request]:
+        """One request's set-up and tear-down around its execution, under the model's lock:
+        guards, the weights armed, the env applied; after it, whatever the outcome, the guards
+        released and the process state restored (linecache and nnsight's caches are the
+        caller's: `model_runtime.execution.nnsight_caches_restored`)."""
+        with self._lock:
+            ctx = self.context(model)
+            request = _Request(ctx, Guards(ctx.caps, ctx.weights.is_protected, on_print=on_print))
+            state = ProcessState.capture()
+            try:
+                if env:
+                    model._remoteable_set_env(env)
+                ctx.weights.arm()
+                yield request
+            finally:
+                t0 = time.perf_counter()
+                request.guards.release()
+                request.restored = state.restore()
+                request.restore_s = time.perf_counter() - t0
+
     def execute(
         self,
         model: Any,
@@ -114,26 +144,20 @@ class Sandbox:
         compress = bool(getattr(envelope, "compress", False))
         raw = check_payload(blob, compress, limits)
         env = _checked_env(getattr(envelope, "env", {}) or {})
-        with self._lock:
-            ctx = self.context(model)
-            guards = Guards(ctx.caps, ctx.weights.is_protected, on_print=on_log or (lambda _t: None))
+        from model_runtime.execution import nnsight_caches_restored
+
+        with self.request(model, env, on_log or (lambda _t: None)) as request, nnsight_caches_restored():
             worker = self.worker(limits.seccomp)
-            state = ProcessState.capture()
+            job = _Job(model, raw, compress, request.guards, request.ctx.weights, limits, timings)
             try:
-                if env:
-                    model._remoteable_set_env(env)
-                ctx.weights.arm()
-                job = _Job(model, raw, compress, guards, ctx.weights, limits, timings)
                 with address_space_cap(limits.memory_bytes):
                     result = worker.run(job.run, limits.timeout_s, limits.grace_s)
             finally:
-                t0 = time.perf_counter()
-                guards.release()
-                changed = state.restore()
-                interleaver = getattr(model, "_interleaver", None)
-                if interleaver is not None and hasattr(interleaver, "cancel"):
-                    interleaver.cancel()
-                timings["restore_s"] = time.perf_counter() - t0
+                with contextlib.suppress(Exception):
+                    model.interleaver.cancel()
+        timings["restore_s"] = request.restore_s
+        guards = request.guards
+        changed = request.restored
         result.meta.update(
             runtime=time.perf_counter() - started,
             sandbox={
@@ -325,20 +349,11 @@ def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
         env = _checked_env(dict(envelope.env))
         if limits.seccomp and threading.current_thread() is not threading.main_thread():
             _seccomp_this_thread()
-        with sandbox._lock:
-            ctx = sandbox.context(model)
-            guards = Guards(ctx.caps, ctx.weights.is_protected, on_print=lambda text: print(text, file=sys.stdout))
-            state = ProcessState.capture(caches=False)  # execute_request restores linecache/nnsight caches
-            try:
-                if env:
-                    model._remoteable_set_env(env)
-                ctx.weights.arm()
-                job = _Job(model, raw, bool(envelope.compress), guards, ctx.weights, limits, {})
-                with address_space_cap(limits.memory_bytes):
-                    return job.execute()
-            finally:
-                guards.release()
-                state.restore()
+        # linecache and nnsight's caches: execute_request restores them around this call.
+        with sandbox.request(model, env, on_print=lambda text: print(text, file=sys.stdout)) as request:
+            job = _Job(model, raw, bool(envelope.compress), request.guards, request.ctx.weights, limits, {})
+            with address_space_cap(limits.memory_bytes):
+                return job.execute()
     except (SandboxError, RequestFailed) as exc:
         raise RequestError(str(exc)) from None
 

@@ -13,14 +13,14 @@ Two mechanisms, because neither is enough alone:
   request (and the replica is reported as tainted so the runtime can reload it).
 
 `ProcessState` snapshots what a request can change in the process (torch default dtype, grad
-mode, RNG state, `sys.modules`, builtins, nnsight's block caches and `linecache`) and restores
-it after every request, whatever the outcome.
+mode, RNG state, `sys.modules`, builtins) and restores it after every request, whatever the
+outcome; nnsight's block caches and `linecache` are restored by the runtime's
+`model_runtime.execution.nnsight_caches_restored`, around both the sandboxed and the plain path.
 """
 
 from __future__ import annotations
 
 import builtins
-import linecache
 import random
 import sys
 from dataclasses import dataclass, field
@@ -158,15 +158,9 @@ class ProcessState:
     modules_len: int
     critical_modules: dict[str, Any]
     builtins_dict: dict[str, Any]
-    # None when the caller restores linecache and nnsight's caches itself (the runtime's seam does).
-    linecache_entries: dict[str, Any] | None
-    nnsight_sources: dict[str, Any] | None
-    nnsight_blocks: dict[Any, Any] | None
 
     @classmethod
-    def capture(cls, *, caches: bool = True) -> ProcessState:
-        from nnsight.tracing import globals as nnsight_globals
-
+    def capture(cls) -> ProcessState:
         return cls(
             default_dtype=torch.get_default_dtype(),
             grad_enabled=torch.is_grad_enabled(),
@@ -175,15 +169,10 @@ class ProcessState:
             modules_len=len(sys.modules),
             critical_modules={name: sys.modules.get(name) for name in CRITICAL_MODULES},
             builtins_dict=dict(vars(builtins)),
-            linecache_entries=dict(linecache.cache) if caches else None,
-            nnsight_sources=dict(nnsight_globals.SOURCES) if caches else None,
-            nnsight_blocks=dict(nnsight_globals.BLOCKS) if caches else None,
         )
 
     def restore(self) -> list[str]:
         """Put everything back; returns the names of what had changed (for the request's meta)."""
-        from nnsight.tracing import globals as nnsight_globals
-
         changed: list[str] = []
         if torch.get_default_dtype() != self.default_dtype:
             changed.append("default_dtype")
@@ -214,12 +203,4 @@ class ProcessState:
             changed.append("builtins")
             current.clear()
             current.update(self.builtins_dict)
-        for live, saved in (
-            (linecache.cache, self.linecache_entries),
-            (nnsight_globals.SOURCES, self.nnsight_sources),
-            (nnsight_globals.BLOCKS, self.nnsight_blocks),
-        ):
-            if saved is not None:
-                live.clear()
-                live.update(saved)
         return changed
