@@ -47,11 +47,10 @@ from model_runtime.model_keys import client_model_key, repo_key
 from model_runtime.results import MemoryResults, result_store
 from model_runtime.versions import version_refusal
 from ndif_operator.api import GatewayAppArgs, GatewayRoute, GatewayUserConfig, Level
-from ndif_operator.api.naming import GATEWAY_DEPLOYMENT, model_app_name
+from ndif_operator.api.naming import API_KEY_HEADER, GATEWAY_DEPLOYMENT, model_app_name
 
 log = logging.getLogger("ray.serve")
 
-API_KEY_HEADER = "ndif-api-key"
 _INFO_TIMEOUT_S = 10.0
 # The model's first event (its admission answer) comes at once unless Serve has no replica to route to.
 _ADMISSION_TIMEOUT_S = 30.0

@@ -103,7 +103,7 @@ class ModelReplica:
         self._model, self._source_kind = loaded.model, loaded.source_kind
         self._device = pick_device(self.args.gpus_per_replica)
         if self._device == "cuda":
-            levels.limit_gpu_share(self.args.gpus_per_replica)
+            levels.limit_gpu_share(self.args.gpu_fraction)  # one rank's share of its GPU
         self.metrics.model_load(self.args.model_key, loaded.source_kind, loaded.load_seconds)
         previous, self._level = self._level, levels.WARM
         freeze_long_lived()

@@ -6,7 +6,9 @@
 Why a long-lived thread instead of a fresh one per request: starting a thread costs ~0.08 ms
 and, when the sandbox is on, installing its per-thread seccomp filter another ~0.18 ms (the
 kernel checks and translates the BPF program), both on every request of a ~7 ms tiny-model trace.
-A thread keeps its filter, so it is installed once (`initializer`).
+A thread keeps its filter, so it is installed once per thread: by the sandbox's runner at the
+thread's first request on the runtime's path (`model_runtime.sandbox.executor.run_blob`), or by
+`initializer` when the thread starts (the standalone sandbox's `Worker`).
 
 Cancellation: on timeout `cancel` is raised asynchronously in the thread
 (`PyThreadState_SetAsyncExc`), repeatedly until the work unwinds or `grace_s` passes (the
@@ -49,10 +51,6 @@ class RequestThread:
         self._thread: threading.Thread | None = None
         #: False once a task could not be stopped (its thread is stuck; the process should go).
         self.healthy = True
-
-    @property
-    def ident(self) -> int | None:
-        return None if self._thread is None else self._thread.ident
 
     def start(self) -> None:
         """Start the thread now (and run the initializer) instead of on the first task."""

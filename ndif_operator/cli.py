@@ -13,13 +13,13 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-# name → module under ndif_operator.commands
-SUBCOMMANDS: dict[str, str] = {
-    "generate": "generate",  # write the generated files (CRD)
-    "plan": "plan",  # dry-run placement preview
-    "run": "run",  # the Kopf operator
-    "local": "local",  # embedded mode: local Ray + gateway on localhost
-}
+# Each is a module under ndif_operator.commands.
+SUBCOMMANDS: tuple[str, ...] = (
+    "generate",  # write the generated files (CRD)
+    "plan",  # dry-run placement preview
+    "run",  # the Kopf operator
+    "local",  # embedded mode: local Ray + gateway on localhost
+)
 
 _DESCRIPTION = """\
 ndif-operator hosts NNsight models on a shared GPU cluster: it reads ModelDeployments, sizes each
@@ -28,13 +28,8 @@ a KubeRay RayService. Run `ndif-operator <command> --help` for a command's optio
 """
 
 
-def _load(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(f"ndif_operator.commands.{SUBCOMMANDS[name]}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"ndif_operator.commands.{SUBCOMMANDS[name]}":
-            return None  # not built yet in this checkout
-        raise
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(f"ndif_operator.commands.{name}")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -48,8 +43,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=f"see `ndif-operator {name} --help`")
             continue
         module = _load(name)
-        if module is None:
-            continue
         child = sub.add_parser(
             name,
             help=module.HELP,

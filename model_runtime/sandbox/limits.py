@@ -238,8 +238,7 @@ class _SockFprog(ctypes.Structure):
 
 @functools.cache
 def _compiled_filter(file_writes: bool) -> tuple[Any, Any, Any]:
-    # Built once per process: installing is then just two prctl calls (a fresh runtime worker
-    # thread per request installs it again).
+    # Built once per process: installing is then just two prctl calls (once per request thread).
     prog = seccomp_program(file_writes)
     buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in prog))
     fprog = _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
@@ -282,10 +281,6 @@ class Worker:
     @property
     def healthy(self) -> bool:
         return self._thread.healthy
-
-    @property
-    def ident(self) -> int | None:
-        return self._thread.ident
 
     def run(self, fn: Callable[[], T], timeout_s: float, grace_s: float) -> T:
         """Run `fn` on the worker; raise LimitExceeded if it passes `timeout_s`."""

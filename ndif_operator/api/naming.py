@@ -1,4 +1,4 @@
-"""Names the operator and the runtime must agree on (Serve application and deployment names)."""
+"""Names the operator and the runtime must agree on (Serve application and deployment names, headers)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ GATEWAY_DEPLOYMENT = "NnsightGateway"
 GATEWAY_IMPORT_PATH = "model_runtime.gateway_app:build_app"
 MODEL_DEPLOYMENT = "ModelReplica"
 MODEL_IMPORT_PATH = "model_runtime.model_app:build_app"
+# The HTTP header nnsight clients (and the operator's own status reads) carry their API key in.
+API_KEY_HEADER = "ndif-api-key"
 
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
 _MAX_APP_NAME = 63

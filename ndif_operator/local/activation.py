@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from ndif_operator.api import Level, ModelDeployment
+from ndif_operator.api.naming import API_KEY_HEADER
 from ndif_operator.local.manifests import deployment_key
 from ndif_operator.planning.activation import Demand, activation_until, demands_from_gateway_status, is_active
 
-API_KEY_HEADER = "ndif-api-key"  # = model_runtime.gateway_app.API_KEY_HEADER
 DEFAULT_TTL_S = 900.0
 
 

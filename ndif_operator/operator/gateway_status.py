@@ -11,11 +11,11 @@ import logging
 
 import aiohttp
 
+from ndif_operator.api.naming import API_KEY_HEADER
 from ndif_operator.planning.activation import Demand, demands_from_gateway_status
 
 logger = logging.getLogger("ndif_operator.gateway_status")
 
-API_KEY_HEADER = "ndif-api-key"  # = model_runtime.gateway_app.API_KEY_HEADER
 _TIMEOUT = aiohttp.ClientTimeout(total=3.0)
 
 
@@ -23,7 +23,6 @@ class GatewayStatus:
     def __init__(self, url_template: str, api_key: str | None = None) -> None:
         self.url_template = url_template
         self.api_key = api_key
-        self.calls = 0
 
     def url(self, namespace: str, ray_service: str) -> str:
         base = self.url_template.format(name=ray_service, namespace=namespace).rstrip("/")
@@ -33,7 +32,6 @@ class GatewayStatus:
         """`namespace/name` → demand; empty when the gateway cannot be read."""
         url = self.url(namespace, ray_service)
         headers = {API_KEY_HEADER: self.api_key} if self.api_key else {}
-        self.calls += 1
         try:
             async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, session.get(url, headers=headers) as resp:
                 if resp.status != 200:

@@ -15,7 +15,7 @@ import websocket
 from nnsight.intervention.backends.remote import RemoteError
 
 from ndif_operator.api.naming import GATEWAY_APP
-from runtime.wire import API_KEY, RESULTS_BUCKET, capture_blob, post, wait_final
+from runtime.wire import API_KEY, RESULTS_BUCKET, capture_blob, poll_backend, post, wait_final
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -122,13 +122,7 @@ def test_client_with_key_and_s3_results(client_model: Any, local_model: Any, ser
             logits = client_model.lm_head.output.save()
         with client_model.trace(PROMPT, remote=served["strict_url"], blocking=False) as tracer:
             hidden = client_model.model.layers[0].output.save()  # noqa: F841 (read back by name)
-        backend = tracer.backend
-        result = None
-        for _ in range(300):
-            result = backend()
-            if result is not None:
-                break
-            time.sleep(0.1)
+        result = poll_backend(tracer.backend)
         assert result is not None
     finally:
         nnsight.CONFIG.API.APIKEY = None

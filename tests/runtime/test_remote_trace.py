@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import nnsight
 import pytest
 import torch
 from nnsight.intervention.backends.remote import RemoteError
+
+from runtime.wire import poll_backend
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,12 +33,7 @@ def test_patch_and_non_blocking(client_model: Any, local_model: Any) -> None:
         logits = client_model.lm_head.output.save()  # noqa: F841 (read back by name)
     backend = tracer.backend
     assert backend.job_id  # minted by the server
-    result = None
-    for _ in range(300):
-        result = backend()
-        if result is not None:
-            break
-        time.sleep(0.1)
+    result = poll_backend(backend)
     assert result is not None, f"job never completed (last status {backend.status})"
     with local_model.trace(PROMPT):
         local_model.model.layers[1].mlp.output[:] = 0

@@ -65,7 +65,9 @@ def test_pool_reuses_idle_threads_and_drops_wedged_ones() -> None:
     assert a is not b
     pool.release("kind", a)
     assert pool.acquire("kind", "t") is a
+    pool.release("kind", a)
     assert pool.acquire("other", "t") is not a  # kinds do not share threads
+    assert pool.acquire("kind", "t") is a
     a.healthy = False
     pool.release("kind", a)
     assert pool.acquire("kind", "t") is not a

@@ -63,6 +63,17 @@ def wait_final(url: str, job_id: str, headers: dict[str, str] | None = None, tim
     raise AssertionError(f"job {job_id} did not finish in {timeout}s")
 
 
+def poll_backend(backend: Any, timeout: float = 30) -> Any:
+    """Call a non-blocking nnsight backend until its job finished; its result (None on timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = backend()
+        if result is not None:
+            return result
+        time.sleep(0.1)
+    return None
+
+
 def fetch_result(url: str) -> dict[str, Any]:
     """Download a COMPLETED job's result URL and load it as the client would (zstd + torch.load)."""
     import io
