@@ -28,9 +28,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 generate: install
 	$(BIN)/ndif-operator generate
+	$(BIN)/python tools/export_serve_schema.py
 
 verify: install
 	$(BIN)/ndif-operator generate --check
+	$(BIN)/python tools/export_serve_schema.py --check
 
 lint: install
 	$(BIN)/ruff check ndif_operator model_runtime tests bench examples

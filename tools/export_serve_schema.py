@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "ndif_operator" / "rendering" / "serve_schema.json"
+from ndif_operator.rendering.schema import SCHEMA_PATH
 
 
 def exported_text() -> str:

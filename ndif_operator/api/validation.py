@@ -42,22 +42,18 @@ def _schema() -> Schema:
     return crd.open_api_schema()
 
 
+@cache
 def _compile(rule: str) -> Any:
     """Compile a CEL rule once (cel-python is imported lazily: only validation needs it)."""
-    return _compile_cached(rule)
-
-
-@cache
-def _compile_cached(rule: str) -> Any:
     import celpy
 
     env = celpy.Environment()
     return env.program(env.compile(rule))
 
 
-def apply_defaults(obj: Any, schema: Schema | None = None) -> Any:
+def apply_defaults(obj: Any) -> Any:
     """Return a copy of `obj` with schema defaults filled in where fields are absent."""
-    return _default(copy.deepcopy(obj), schema if schema is not None else _schema())
+    return _default(copy.deepcopy(obj), _schema())
 
 
 def _default(value: Any, schema: Schema) -> Any:

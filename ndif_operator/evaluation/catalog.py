@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from ndif_operator.api import DType, EstimateMethod, ModelSpec
 from ndif_operator.evaluation.cache import CacheEntry, cache_key
 from ndif_operator.evaluation.shape import ModelShape
-from ndif_operator.evaluation.weights import DTYPE_BYTES
+from ndif_operator.evaluation.weights import DTYPE_BYTES, rope_bytes
 
 CATALOG_DATE = datetime(2026, 1, 1, tzinfo=UTC)  # when these counts were compiled
 
@@ -80,7 +80,7 @@ def known_model(repo_id: str) -> KnownModel | None:
 def catalog_weights(known: KnownModel, dtype: DType) -> tuple[int, int]:
     """(weight bytes, element size) of `known` loaded in `dtype`."""
     element = DTYPE_BYTES.get(DType(dtype)) or DTYPE_BYTES[known.checkpoint_dtype]
-    rope = 2 * (known.shape.head_dim // 2) * 4 if known.rope else 0
+    rope = rope_bytes(known.shape.head_dim) if known.rope else 0
     return known.parameters * element + rope, element
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from ndif_operator.api import DType, Estimate, EstimateMethod, ModelSpec, RuntimeLimits
@@ -87,11 +86,10 @@ def evaluate(
     now: datetime,
     s3_client: Any | None = None,
     hf_token: str | None = None,
-    hf_cache: Path | None = None,
 ) -> CacheEntry:
     """Size `model` from its files (I/O); the result is a cache entry."""
     key = cache_key(model)
-    files = open_checkpoint(model, s3_client=s3_client, hf_token=hf_token, hf_cache=hf_cache)
+    files = open_checkpoint(model, s3_client=s3_client, hf_token=hf_token)
     names = files.names()
     config = _read_json(files, "config.json") if "config.json" in names else None
     shards = safetensors_files(files, names)

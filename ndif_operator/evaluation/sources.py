@@ -147,7 +147,7 @@ def _hub_offline() -> bool:
 
 
 def open_checkpoint(
-    model: ModelSpec, *, s3_client: Any | None = None, hf_token: str | None = None, hf_cache: Path | None = None
+    model: ModelSpec, *, s3_client: Any | None = None, hf_token: str | None = None
 ) -> CheckpointFiles:
     """The files of `model`'s checkpoint, from its declared source."""
     src = model.source
@@ -162,7 +162,7 @@ def open_checkpoint(
 
             s3_client = boto3.client("s3", endpoint_url=src.s3.endpoint_url, region_name=src.s3.region)
         return S3Files(s3_client, src.s3.bucket, src.s3.prefix)
-    snapshot = hf_cache_snapshot(model.repo_id, model.revision, hf_cache)
+    snapshot = hf_cache_snapshot(model.repo_id, model.revision)
     if snapshot is not None:
         return LocalFiles(snapshot)
     if _hub_offline():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ndif_operator.api import DType
-from ndif_operator.evaluation.safetensors_header import CONVERTIBLE, TensorInfo
+from ndif_operator.evaluation.safetensors_header import CONVERTIBLE, DTYPE_SIZES, TensorInfo
 
 DTYPE_BYTES: dict[DType, int] = {DType.FLOAT32: 4, DType.FLOAT16: 2, DType.BFLOAT16: 2}
 _OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
@@ -51,6 +51,11 @@ def _untied(tensors: Sequence[TensorInfo], config: Mapping[str, Any]) -> list[Te
     return [t for t in tensors if not (t.name.endswith(_OUTPUT_EMBEDDINGS) and t.numel in sizes)]
 
 
+def rope_bytes(rotary_dim: int) -> int:
+    """The RoPE buffers a loaded model holds: `inv_freq` and `original_inv_freq`, float32."""
+    return 2 * (rotary_dim // 2) * 4
+
+
 def rope_buffer_bytes(config: Mapping[str, Any]) -> int:
     text = config.get("text_config")
     if isinstance(text, Mapping):
@@ -71,7 +76,7 @@ def rope_buffer_bytes(config: Mapping[str, Any]) -> int:
         if factor is None and isinstance(params, Mapping):
             factor = params.get("partial_rotary_factor")
         rotary = int(head_dim * float(factor)) if isinstance(factor, int | float) else head_dim
-    return 2 * (rotary // 2) * 4  # inv_freq + original_inv_freq, float32
+    return rope_bytes(rotary)
 
 
 def weights_from_tensors(
@@ -93,7 +98,7 @@ def weights_from_tensors(
     elif float_bytes:
         # "auto": compute in the checkpoint's own dtype, i.e. the one holding most bytes.
         dominant = max(sorted(float_bytes), key=lambda d: float_bytes[d])
-        element = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}[dominant]
+        element = int(DTYPE_SIZES[dominant])
     else:
         element = 2
     total += rope_buffer_bytes(config)

@@ -67,12 +67,12 @@ def _event_time(event: Mapping[str, Any]) -> datetime:
         value = event.get(key)
         if value:
             try:
-                parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+                parsed = datetime.fromisoformat(str(value))
             except ValueError:
                 continue
             return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     created = (event.get("metadata") or {}).get("creationTimestamp")
-    return datetime.fromisoformat(str(created).replace("Z", "+00:00")) if created else datetime.min.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(created)) if created else datetime.min.replace(tzinfo=UTC)
 
 
 def serve_update_failure(events: Sequence[Mapping[str, Any]]) -> str | None:

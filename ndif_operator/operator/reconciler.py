@@ -17,7 +17,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -353,12 +353,12 @@ class Reconciler:
         base = {e.key: self._observation(e) for e in entries}
         if ray_service is None:
             missing = f"RayService {namespace}/{name} not found; waiting for it to be created"
-            observations = {k: _replace(o, ray_service_missing=missing) for k, o in base.items()}
+            observations = {k: replace(o, ray_service_missing=missing) for k, o in base.items()}
             release = [e for e in entries if e.deleting]  # nothing to remove a model from
         elif upgrade_in_progress(ray_service):
             apps = application_statuses(ray_service)
             frozen = "RayService upgrade in progress (pending cluster): placement frozen until it completes"
-            observations = {e.key: _replace(base[e.key], frozen=frozen,
+            observations = {e.key: replace(base[e.key], frozen=frozen,
                                             app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}
         else:
             decisions, patch_error = await self._plan_and_patch(target, ray_service, live, nodes, now)
@@ -366,7 +366,7 @@ class Reconciler:
             events = await self.api.list_events(namespace, selector)
             failure = kuberay_failure(ray_service) or patch_error or serve_update_failure(events)
             apps = application_statuses(ray_service)
-            observations = {e.key: _replace(base[e.key], decision=decisions.get(e.key), ray_service_error=failure,
+            observations = {e.key: replace(base[e.key], decision=decisions.get(e.key), ray_service_error=failure,
                                             app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}
             if patch_error is None:
                 release = [e for e in entries if e.deleting]
@@ -569,12 +569,6 @@ def _parse_time(value: Any) -> datetime | None:
     if not value:
         return None
     try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return datetime.fromisoformat(str(value))
     except ValueError:
         return None
-
-
-def _replace(obs: Observation, **changes: Any) -> Observation:
-    from dataclasses import replace
-
-    return replace(obs, **changes)

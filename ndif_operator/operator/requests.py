@@ -34,7 +34,7 @@ def current_placement(status: Mapping[str, Any] | None, annotations: Mapping[str
         return None
     placement = status.get("placement") or {}
     since_text = placement.get("since")
-    since = datetime.fromisoformat(str(since_text).replace("Z", "+00:00")) if since_text else None
+    since = datetime.fromisoformat(str(since_text)) if since_text else None
     return CurrentPlacement(level=Level(status["level"]), worker_group=placement.get("workerGroup") or None,
                             replicas=decode_assignments(annotations.get(ASSIGNMENTS_ANNOTATION)), since=since)
 

@@ -59,7 +59,7 @@ def _condition(kind: ConditionType, status: ConditionStatus, reason: Reason, mes
     previous = old.get(kind.value)
     since = now
     if previous is not None and previous.get("status") == status.value and previous.get("lastTransitionTime"):
-        since = datetime.fromisoformat(str(previous["lastTransitionTime"]).replace("Z", "+00:00"))
+        since = datetime.fromisoformat(str(previous["lastTransitionTime"]))
     return Condition(type=kind.value, status=status, reason=reason.value, message=message[:1024],
                      last_transition_time=since, observed_generation=generation)
 
@@ -132,7 +132,7 @@ def compute_status(obs: Observation, old_status: Mapping[str, Any] | None, now: 
                               since=decision.since or now) if decision.worker_group else None
         if placement is not None and not decision.moved and old.get("placement", {}).get("since"):
             placement = placement.model_copy(update={"since": datetime.fromisoformat(
-                str(old["placement"]["since"]).replace("Z", "+00:00"))})
+                str(old["placement"]["since"]))})
     elif frozen and old.get("level"):
         # Nothing moves while frozen: keep what the last plan granted.
         level = Level(old["level"])

@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ndif_operator.api.units import human_bytes
+from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES
 from ndif_operator.planning.types import FRACTION_UNITS, PlacementRequest, WorkerGroup
 
 TP_SIZES = (1, 2, 4, 8)
 # Every rank is its own process with its own CUDA context; the estimate counts one per replica.
-RANK_CONTEXT_BYTES = 512 * 1024**2
+RANK_CONTEXT_BYTES = CUDA_CONTEXT_BYTES
 # The smallest share a rank of a multi-GPU replica may take: more than half a GPU (see above).
 MIN_RANK_UNITS = FRACTION_UNITS // 2 + 1
 

@@ -9,7 +9,7 @@ No I/O and no ray import: the operator and the local mode both call this.
 
 from ndif_operator.rendering.options import RenderOptions
 from ndif_operator.rendering.schema import ServeConfigInvalid, check_serve_config, validate_serve_config
-from ndif_operator.rendering.serve_config import ServeConfig, deployment_key, render_serve_config
+from ndif_operator.rendering.serve_config import ServeConfig, render_serve_config
 from ndif_operator.rendering.text import canonical_number, canonicalize, serve_config_text
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "canonical_number",
     "canonicalize",
     "check_serve_config",
-    "deployment_key",
     "render_serve_config",
     "serve_config_text",
     "validate_serve_config",

@@ -42,12 +42,6 @@ from ndif_operator.rendering.text import canonical_number
 ServeConfig = dict[str, Any]
 
 
-def deployment_key(deployment: ModelDeployment) -> str:
-    """`namespace/name`: the key of a deployment in plans and in rendered args."""
-    meta = deployment.metadata
-    return f"{meta.get('namespace') or 'default'}/{meta['name']}"
-
-
 def render_serve_config(
     plan: Plan,
     deployments: Mapping[str, ModelDeployment],

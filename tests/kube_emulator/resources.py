@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 Validator = Callable[[dict[str, Any], dict[str, Any] | None], list[str]]
@@ -27,7 +27,6 @@ class ResourceType:
     categories: tuple[str, ...] = ()
     # Kubernetes bumps metadata.generation on spec changes only for types with a status subresource.
     verbs: tuple[str, ...] = ("create", "delete", "get", "list", "patch", "update", "watch")
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def group_version(self) -> str:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import urllib.request
 
+from loopback import free_port
 from operator_harness import ROOT, Cluster, OperatorThread, model_deployment, ray_service, wait_for
 
 from ndif_operator.operator import metrics
@@ -30,11 +31,7 @@ def test_settings_come_from_the_environment(monkeypatch: object) -> None:
 
 
 def test_metrics_are_served(cluster: Cluster) -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     running = OperatorThread(cluster.emu.url, metrics_port=port).start()
     try:
         cluster.emu.create_sync(ray_service())

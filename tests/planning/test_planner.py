@@ -349,14 +349,16 @@ def test_eviction_picks_the_fewest_lowest_priority_victims() -> None:
 
 
 def test_evicted_model_is_replaced_elsewhere_when_room_exists() -> None:
-    i = inv(WorkerGroup("g", pods=2, gpus_per_pod=1, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB))
-    base = [req("low", 50)]
-    first = plan(i, base, now=NOW)
-    # The vip needs the low model's GPU only if it is placed there; the low one can move.
-    requests = [*carry(first, base), req("vip", 60, priority=5), req("vip2", 60, priority=5)]
-    p = plan(i, requests, now=NOW)
-    assert p.decision("ns/vip").level == Level.HOT and p.decision("ns/vip2").level == Level.HOT
-    assert p.decision("ns/low").level == Level.WARM or p.decision("ns/low").level == Level.COLD
+    large = WorkerGroup("large", pods=1, gpus_per_pod=1, gpu_memory_bytes=80 * GIB, cpu_memory_bytes=GIB)
+    small = WorkerGroup("small", pods=1, gpus_per_pod=1, gpu_memory_bytes=40 * GIB, cpu_memory_bytes=GIB)
+    base = [req("low", 30)]
+    first = plan(inv(large), base, now=NOW)  # before the small pod joined: low sits on the large GPU
+    assert first.decision("ns/low").worker_group == "large"
+    # The vip fits only the large GPU; low is evicted from it and fits the new small one.
+    p = plan(inv(large, small), [*carry(first, base), req("vip", 70, priority=5)], now=NOW)
+    assert p.decision("ns/vip").level == Level.HOT and p.decision("ns/vip").worker_group == "large"
+    low = p.decision("ns/low")
+    assert low.level == Level.HOT and low.worker_group == "small" and low.moved
 
 
 # --- stability and determinism ------------------------------------------------------------------
