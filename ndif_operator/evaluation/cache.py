@@ -99,7 +99,7 @@ class EstimateCache:
 
     def __init__(self, entries: Mapping[str, CacheEntry] | None = None) -> None:
         self._entries: dict[str, CacheEntry] = dict(entries or {})
-        self.dirty = False  # set by put(); the operator writes the ConfigMap back when True
+        self.dirty = False  # set by put(); the operator writes the ConfigMap back when True, then clears it
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,8 +1,8 @@
 """Embedded mode end to end: a local Ray head, the operator's plan applied through Serve's REST API.
 
-    with LocalMode(settings) as mode:      # start Ray, plan, apply, wait until RUNNING
+    with stop_on_signals(), LocalMode(settings) as mode:  # start Ray, plan, apply, wait until RUNNING
         print(mode.table())
-        mode.wait_for_stop()               # Ctrl-C / SIGTERM
+        ...                                # serve until Ctrl-C / SIGTERM raises `Stopped`
     # leaving the block stops everything that was started
 
 Nothing in here imports `ray`: Ray runs as `ray start` in a subprocess, Serve is driven over HTTP.

@@ -58,13 +58,27 @@ class CacheStore:
 
     async def save(self) -> None:
         """Write the entries the ConfigMap lacks: one request when nothing races, none when unchanged."""
-        if self._disabled:
-            return
+        if self._disabled or not self.cache.dirty:
+            return  # nothing was put since the last save: no serialising, no request
+        # Cleared first: an entry put while the request below is in flight marks it again.
+        self.cache.dirty = False
+        try:
+            if await self._write():
+                return
+        except BaseException:
+            self.cache.dirty = True
+            raise
+        self.cache.dirty = True
+        logger.warning("evaluator cache %s: still conflicting after %d attempts; next pass retries",
+                       self.where, _ATTEMPTS)
+
+    async def _write(self) -> bool:
+        """Merge-patch what changed; False when every attempt conflicted."""
         for _ in range(_ATTEMPTS):
             wanted = self.cache.to_configmap_data()
             changed = {k: v for k, v in wanted.items() if self._persisted.get(k) != v}
             if not changed:
-                return
+                return True
             try:
                 if self._resource_version is None:
                     body = await self.api.create_config_map(self.namespace, self.name, wanted)
@@ -78,12 +92,10 @@ class CacheStore:
                 if exc.status in (401, 403):
                     logger.warning("cannot write the evaluator cache %s (%s); memory only", self.where, exc)
                     self._disabled = True
-                    return
+                    return True
                 raise
             self.writes += 1
             self._persisted = dict(body.get("data") or {})
             self._resource_version = body.get("metadata", {}).get("resourceVersion")
-            self.cache.dirty = False
-            return
-        logger.warning("evaluator cache %s: still conflicting after %d attempts; next pass retries",
-                       self.where, _ATTEMPTS)
+            return True
+        return False

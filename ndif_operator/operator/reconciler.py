@@ -247,12 +247,12 @@ class Reconciler:
                 known = await self._meta_evaluation(entry, spec.model, pending_key)
                 if known is None:
                     return  # still pending: the message is on the entry
-                if isinstance(known, Estimate):
-                    self._pending.pop(fingerprint, None)
             else:
                 known = await self._run_estimator(entry, fingerprint)
                 if known is None:
                     return
+            if isinstance(known, Estimate):
+                self._pending.pop(fingerprint, None)  # the meta-device Job (if any) is done
             if isinstance(known, Estimate) or fingerprint not in self._pending:
                 self._memo[fingerprint] = known
         if isinstance(known, Estimate):
@@ -268,10 +268,7 @@ class Reconciler:
             return await asyncio.to_thread(self._estimator, spec.model, spec.limits)
         except EstimatePending as exc:
             self._pending[fingerprint] = exc.cache_key
-            result = await self._meta_evaluation(entry, spec.model, exc.cache_key)
-            if isinstance(result, Estimate):
-                self._pending.pop(fingerprint, None)
-            return result
+            return await self._meta_evaluation(entry, spec.model, exc.cache_key)
         except EstimateError as exc:
             return (Reason.ESTIMATE_FAILED, str(exc) or type(exc).__name__)
         except Exception as exc:
@@ -348,13 +345,13 @@ class Reconciler:
         await self._activations(target, live, now)
         ray_service = await self.api.get_ray_service(namespace, name)
         observations: dict[str, Observation] = {}
-        release: list[_Entry] = []
+        release_deleted = False  # whether deleted entries may drop their finalizer this pass
         decisions: dict[str, Decision] = {}
         base = {e.key: self._observation(e) for e in entries}
         if ray_service is None:
             missing = f"RayService {namespace}/{name} not found; waiting for it to be created"
             observations = {k: replace(o, ray_service_missing=missing) for k, o in base.items()}
-            release = [e for e in entries if e.deleting]  # nothing to remove a model from
+            release_deleted = True  # nothing to remove a model from
         elif upgrade_in_progress(ray_service):
             apps = application_statuses(ray_service)
             frozen = "RayService upgrade in progress (pending cluster): placement frozen until it completes"
@@ -369,14 +366,14 @@ class Reconciler:
             observations = {e.key: replace(base[e.key], decision=decisions.get(e.key), ray_service_error=failure,
                                             app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}
             if patch_error is None:
-                release = [e for e in entries if e.deleting]
+                release_deleted = True
             else:
                 outcome.retry = True
                 outcome.errors.append(patch_error)
         granted: list[str] = []
 
         async def finish(entry: _Entry) -> None:
-            if any(entry is released for released in release):
+            if entry.deleting and release_deleted:
                 await self._release(entry)
                 return
             new_status = await self._write_status(entry, observations[entry.key], now)
@@ -445,12 +442,12 @@ class Reconciler:
         reading = read_inventory(ray_service, nodes)
         for warning in reading.warnings:
             logger.warning("RayService %s/%s: %s", namespace, name, warning)
+        deployments = {e.key: _effective(e) for e in live if e.md is not None}
         requests = []
         for entry in live:
-            assert entry.md is not None
             annotations = entry.obj["metadata"].get("annotations") or {}
             current = current_placement(entry.status, annotations)
-            requests.append(placement_request(entry.key, _effective(entry), entry.estimate, current))
+            requests.append(placement_request(entry.key, deployments[entry.key], entry.estimate, current))
         try:
             with metrics.PLAN_SECONDS.time():
                 result: Plan = plan(reading.inventory, requests, now=now)
@@ -461,7 +458,6 @@ class Reconciler:
         label = f"{namespace}/{name}"
         metrics.GPUS_AVAILABLE.labels(label).set(result.gpus_total)
         metrics.GPUS_PLANNED.labels(label).set(result.gpus_used)
-        deployments = {e.key: _effective(e) for e in live if e.md is not None}
         estimates = {e.key: e.estimate for e in live if e.estimate is not None}
         config = render_serve_config(result, deployments, options=self.options, estimates=estimates)
         try:

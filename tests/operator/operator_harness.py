@@ -117,13 +117,16 @@ class Cluster:
         return result
 
 
-def deploy_local_checkpoint(cluster: Cluster, checkpoint: Path, name: str = "tiny") -> None:
-    """A tiny llama saved at `checkpoint`, a RayService, and a ModelDeployment reading it from the node."""
+def deploy_local_checkpoint(
+    cluster: Cluster, checkpoint: Path, name: str = "tiny", repo: str = "org/tiny-llama", **build: Any
+) -> None:
+    """A tiny llama saved at `checkpoint` (`build`: e.g. safe_serialization=False), a RayService,
+    and a ModelDeployment reading it from the node."""
     from model_runtime.tiny_models import build_tiny_model
 
-    build_tiny_model("llama", checkpoint)
+    build_tiny_model("llama", checkpoint, **build)
     cluster.emu.create_sync(ray_service())
-    manifest = model_deployment(name, "org/tiny-llama")
+    manifest = model_deployment(name, repo)
     manifest["spec"]["model"].update(dtype="float32", source={"localPath": {"path": str(checkpoint)}})
     cluster.emu.create_sync(manifest)
 

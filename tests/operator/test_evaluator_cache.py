@@ -37,7 +37,7 @@ def _cache_writes(cluster: Cluster) -> int:
 
 
 @pytest.mark.slow
-def test_restart_reads_the_cache_configmap_instead_of_the_checkpoint(cluster: Cluster, tmp_path: Path) -> None:
+def test_real_evaluator_sizes_a_checkpoint_and_a_restart_reads_the_cache(cluster: Cluster, tmp_path: Path) -> None:
     checkpoint = tmp_path / "tiny-llama"
     deploy_local_checkpoint(cluster, checkpoint)
     running = OperatorThread(cluster.emu.url, estimator=None).start()
@@ -51,8 +51,12 @@ def test_restart_reads_the_cache_configmap_instead_of_the_checkpoint(cluster: Cl
     stored = json.loads(next(iter(config_map["data"].values())))
     assert stored["method"] == "SafetensorsHeaders" and stored["evaluatedAt"]
     assert stored["key"].startswith(f"file:{checkpoint}@main#float32")
-    weights = (cluster.md("tiny") or {})["status"]["estimate"]["weightsBytes"]
-    assert stored["weightsBytes"] == weights
+    estimate = (cluster.md("tiny") or {})["status"]["estimate"]
+    file_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    assert 0.5 * file_bytes <= estimate["weightsBytes"] <= file_bytes  # headers sized, weights not read
+    assert estimate["totalBytes"] > estimate["weightsBytes"]
+    assert "md-ml-tiny" in cluster.apps()
+    assert stored["weightsBytes"] == estimate["weightsBytes"]
     writes = _cache_writes(cluster)
     assert writes == 1  # created once; the later passes found nothing new
 
@@ -67,7 +71,7 @@ def test_restart_reads_the_cache_configmap_instead_of_the_checkpoint(cluster: Cl
         running.stop()
     evaluated = cluster.condition("tiny", "Evaluated")
     assert (evaluated["status"], evaluated["reason"]) == ("True", "Estimated")
-    assert (cluster.md("tiny") or {})["status"]["estimate"]["weightsBytes"] == weights
+    assert (cluster.md("tiny") or {})["status"]["estimate"]["weightsBytes"] == estimate["weightsBytes"]
     assert _cache_writes(cluster) == writes
 
 

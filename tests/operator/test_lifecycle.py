@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 from operator_harness import (
     MD_TYPE,
     NAMESPACE,
     Cluster,
     OperatorThread,
-    deploy_local_checkpoint,
     model_deployment,
     ray_service,
     wait_for,
@@ -68,20 +64,3 @@ def test_update_replicas_and_level_then_delete(cluster: Cluster, operator: Opera
     wait_for(lambda: cluster.md("m") is None, what="finalizer released")
     assert "md-ml-m" not in cluster.apps()
     assert cluster.apps()["gateway"]["deployments"][0]["user_config"]["models"] == {}
-
-
-@pytest.mark.slow
-def test_real_evaluator_sizes_a_local_checkpoint(cluster: Cluster, tmp_path: Path) -> None:
-    checkpoint = tmp_path / "tiny-llama"
-    deploy_local_checkpoint(cluster, checkpoint)
-    running = OperatorThread(cluster.emu.url, estimator=None).start()
-    try:
-        wait_for(lambda: cluster.condition("tiny", "Evaluated").get("status") == "True", what="Estimated")
-        wait_for(lambda: cluster.condition("tiny", "Placed").get("status") == "True", what="Placed")
-    finally:
-        running.stop()
-    status = (cluster.md("tiny") or {})["status"]
-    weights = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
-    assert 0.5 * weights <= status["estimate"]["weightsBytes"] <= weights  # headers sized, weights not read
-    assert status["estimate"]["totalBytes"] > status["estimate"]["weightsBytes"]
-    assert "md-ml-tiny" in cluster.apps()

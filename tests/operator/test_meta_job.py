@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 from kube_emulator import CONFIG_MAPS, JOBS, PODS
-from operator_harness import ROOT, Cluster, OperatorThread, model_deployment, ray_service, wait_for
+from operator_harness import (
+    ROOT,
+    Cluster,
+    OperatorThread,
+    deploy_local_checkpoint,
+    model_deployment,
+    ray_service,
+    wait_for,
+)
 
 from ndif_operator.api import ModelSpec
 from ndif_operator.operator.meta_job import JOB_LABEL, TERMINATION_LOG, job_manifest, job_name, job_outcome
@@ -50,15 +58,9 @@ def _kubelet_runs(cluster: Cluster, job: dict[str, Any], tmp: Path) -> None:
 
 @pytest.mark.slow
 def test_bin_checkpoint_is_sized_by_a_job_once_across_restarts(cluster: Cluster, tmp_path: Path) -> None:
-    from model_runtime.tiny_models import build_tiny_model
-
     checkpoint = tmp_path / "tiny-bin"
-    build_tiny_model("llama", checkpoint, safe_serialization=False)
+    deploy_local_checkpoint(cluster, checkpoint, repo="org/tiny-bin", safe_serialization=False)
     assert not list(checkpoint.glob("*.safetensors"))
-    cluster.emu.create_sync(ray_service())
-    manifest = model_deployment("tiny", "org/tiny-bin")
-    manifest["spec"]["model"].update(dtype="float32", source={"localPath": {"path": str(checkpoint)}})
-    cluster.emu.create_sync(manifest)
     settings = {"estimator": None, "runtime_image": "ndif/runtime:test", "pending_poll_seconds": 0.3}
     running = OperatorThread(cluster.emu.url, **settings).start()
     try:
