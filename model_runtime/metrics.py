@@ -47,10 +47,6 @@ class _Influx:
         except Exception as exc:  # metrics must never take a replica down
             log.warning("InfluxDB disabled: %s", exc)
 
-    @property
-    def enabled(self) -> bool:
-        return self._api is not None
-
     def write(self, measurement: str, tags: dict[str, str], fields: dict[str, float]) -> None:
         if self._api is None:
             return

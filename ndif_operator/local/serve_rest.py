@@ -117,9 +117,6 @@ class ServeRestClient:
         body = self._call("GET")
         return body if isinstance(body, dict) else {}
 
-    def delete_all(self) -> None:
-        self._call("DELETE")
-
     def wait_running(
         self,
         expected: set[str],
