@@ -15,6 +15,7 @@ class ConditionType(StrEnum):
     EVALUATED = "Evaluated"  # the memory estimate is known
     PLACED = "Placed"  # the planner granted a level and a placement
     READY = "Ready"  # the model's Serve application is RUNNING and healthy
+    SCHEDULED = "Scheduled"  # a calendar booking holds the model dedicated (only on booked models)
 
 
 class ConditionStatus(StrEnum):
@@ -48,6 +49,10 @@ class Reason(StrEnum):
     NOT_SERVED = "NotServed"  # Warm or Cold: no Serve replica is expected to answer traces
     RAY_SERVICE_MISSING = "RayServiceMissing"
     RAY_SERVICE_ERROR = "RayServiceError"  # KubeRay reported a failure (see message)
+    # Scheduled (calendar bookings)
+    SCHEDULED_DEDICATED = "ScheduledDedicated"  # booked now: planned dedicated Hot until the end
+    SCHEDULE_ENDED = "ScheduleEnded"  # the last booking ended: back to the spec
+    SCHEDULE_CONFLICT = "ScheduleConflict"  # booked now but cannot be honoured (see message)
 
 
 class Phase(StrEnum):

@@ -294,6 +294,26 @@ class Placement(_Model):
     since: datetime | None = None
 
 
+class ScheduledBooking(_Model):
+    """A calendar booking of this model: dedicated Hot from `start` to `end`."""
+
+    start: datetime
+    end: datetime
+    summary: str = ""
+    schedule: str = Field(default="", description="The CalendarSchedule that holds the booking.")
+
+
+class ModelSchedule(_Model):
+    """What the calendar says about this model (see CalendarSchedule); absent when never booked."""
+
+    booked_until: str = Field(
+        default="", description="End of the booking in force (RFC 3339); empty when not booked now."
+    )
+    current: ScheduledBooking | None = None
+    upcoming: list[ScheduledBooking] = Field(default_factory=list, description="Bookings in the week ahead.")
+    conflict: str = Field(default="", description="Why a booking of this model cannot be honoured.")
+
+
 class ModelDeploymentStatus(_Model):
     observed_generation: int | None = None
     level: Level | None = Field(default=None, description="The granted level.")
@@ -311,6 +331,7 @@ class ModelDeploymentStatus(_Model):
         default=None,
         description="activateOnRequest: Hot on request until then; in the past when the last activation ended.",
     )
+    schedule: ModelSchedule | None = None
 
 
 class ModelDeployment(_Model):

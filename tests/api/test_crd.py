@@ -70,7 +70,7 @@ def test_names_subresources_and_printer_columns() -> None:
     assert version["subresources"]["status"] == {}
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     columns = [c["name"].upper() for c in version["additionalPrinterColumns"] if c.get("priority", 0) == 0]
-    assert columns == ["MODEL", "LEVEL", "READY", "REPLICAS", "GPUS", "MEMORY", "AGE"]
+    assert columns == ["MODEL", "LEVEL", "READY", "REPLICAS", "GPUS", "MEMORY", "BOOKED-UNTIL", "AGE"]
 
 
 def test_every_cel_rule_compiles_in_standard_cel() -> None:
@@ -101,3 +101,17 @@ def test_rewriter_refuses_unions_it_cannot_express() -> None:
         to_structural({"anyOf": [{"type": "integer"}, {"type": "boolean"}]})
     with pytest.raises(SchemaError, match="oneOf"):
         to_structural({"oneOf": [{"type": "integer"}, {"type": "string"}]})
+
+
+def test_every_generated_crd_is_committed_and_structural() -> None:
+    files = crd.generated_files()
+    assert {p.name for p in files} == {"modeldeployments.ndif.dev.yaml", "calendarschedules.ndif.dev.yaml"}
+    for path, text in files.items():
+        assert path.read_text() == text, f"{path} is stale: run `make generate`"
+        assert "&id" not in text  # no YAML anchors: kubectl and Helm read it either way, people too
+    calendar = yaml.safe_load(crd.CALENDAR_CRD_PATH.read_text())
+    version = calendar["spec"]["versions"][0]
+    assert calendar["spec"]["names"]["kind"] == "CalendarSchedule"
+    assert version["subresources"] == {"status": {}}
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["calendarId", "credentialsSecret"]
