@@ -30,7 +30,8 @@ from ndif_operator.api.units import human_bytes
 from ndif_operator.evaluation import EstimateCache, EstimateError, estimate, estimate_from_entry
 from ndif_operator.evaluation.catalog import catalog_entry
 from ndif_operator.evaluation.sources import hf_cache_snapshot
-from ndif_operator.planning import Decision, Inventory, PlacementRequest, Plan, WorkerGroup, plan
+from ndif_operator.planning import Decision, Inventory, Plan, WorkerGroup, plan
+from ndif_operator.planning.requests import placement_request
 
 HELP = "dry-run placement preview of manifests against an inventory file"
 
@@ -228,23 +229,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: no ModelDeployment found in the given files")
         return 2
     sized = {_key(md): size(md, cache, fetch=args.fetch, now=now) for md in deployments}
-    requests = []
-    for md in deployments:
-        s = sized[_key(md)]
-        est = s if isinstance(s, Estimate) else None
-        spec = md.spec
-        requests.append(PlacementRequest(
-            key=_key(md),
-            total_bytes=est.total_bytes if est else None,
-            weights_bytes=est.weights_bytes if est else None,
-            level=Level(spec.level),
-            # With autoscaling, room is reserved for the most replicas Serve may start (as the operator does).
-            replicas=spec.autoscaling.max_replicas if spec.autoscaling is not None else spec.replicas,
-            tensor_parallel_size=spec.tensor_parallel_size,
-            priority=spec.priority,
-            dedicated=spec.dedicated,
-            minimum_deployment_seconds=spec.minimum_deployment_seconds,
-        ))
+    requests = [placement_request(_key(md), md, s if isinstance(s := sized[_key(md)], Estimate) else None)
+                for md in deployments]
     result = plan(inventory, requests, now=now)
     print(table(deployments, sized, result) if args.output == "table" else as_json(sized, result))
     return 0

@@ -6,7 +6,7 @@ The very functions the operator calls (`evaluation.estimate`, `planning.plan`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +23,8 @@ from ndif_operator.evaluation import (
 from ndif_operator.local.inventory import LocalInventory
 from ndif_operator.local.manifests import deployment_key
 from ndif_operator.local.meta_device import run_meta_evaluator
-from ndif_operator.planning import PlacementRequest, Plan, plan
+from ndif_operator.planning import Plan, plan
+from ndif_operator.planning.requests import placement_request
 from ndif_operator.rendering import RenderOptions, check_serve_config, render_serve_config
 
 # Environment of every model replica in local mode: 2 shared cores on small boxes, no model hub.
@@ -44,22 +45,6 @@ class LocalPlan:
     @property
     def expected_apps(self) -> set[str]:
         return {str(app["name"]) for app in self.config["applications"]}
-
-
-def placement_request(md: ModelDeployment, sized: Estimate | None, *, hot: bool = False) -> PlacementRequest:
-    """`hot`: activated on request, so asked for Hot whatever its spec level."""
-    spec = md.spec
-    return PlacementRequest(
-        key=deployment_key(md),
-        total_bytes=sized.total_bytes if sized else None,
-        weights_bytes=sized.weights_bytes if sized else None,
-        level=Level.HOT if hot else Level(spec.level),
-        replicas=spec.replicas,
-        tensor_parallel_size=spec.tensor_parallel_size,
-        priority=spec.priority,
-        dedicated=spec.dedicated,
-        minimum_deployment_seconds=spec.minimum_deployment_seconds,
-    )
 
 
 MetaEvaluator = Callable[[ModelSpec, str], CacheEntry]
@@ -115,12 +100,17 @@ def plan_local(
     cache: EstimateCache | None = None,
     now: datetime | None = None,
     activated: frozenset[str] = frozenset(),
+    sized: Mapping[str, Estimate] | None = None,
 ) -> LocalPlan:
-    """`activated`: deployment keys made Hot on request (local/activation.py)."""
+    """`activated`: deployment keys made Hot on request (local/activation.py). `sized`: estimates
+    already known by key (tests); the others are evaluated."""
     now = now or datetime.now(UTC)
-    estimates, errors = evaluate_all(deployments, cache or EstimateCache(), now=now)
-    requests = [placement_request(md, estimates.get(deployment_key(md)), hot=deployment_key(md) in activated)
-                for md in deployments]
+    known = dict(sized or {})
+    estimates, errors = evaluate_all([md for md in deployments if deployment_key(md) not in known],
+                                     cache or EstimateCache(), now=now)
+    estimates.update(known)
+    requests = [placement_request(deployment_key(md), md, estimates.get(deployment_key(md)),
+                                  hot=deployment_key(md) in activated) for md in deployments]
     the_plan = plan(local.inventory, requests, now=now)
     by_key = {deployment_key(md): _as_planned(md, deployment_key(md) in activated) for md in deployments}
     config = render_serve_config(

@@ -1,4 +1,4 @@
-"""ModelDeployment (+ its estimate and last placement) → the planner's PlacementRequest. Pure."""
+"""Where a ModelDeployment is now (status + assignments annotation), for the shared request builder. Pure."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ndif_operator.api import Estimate, Level, ModelDeployment
-from ndif_operator.planning import CurrentPlacement, Decision, PlacementRequest, ReplicaPlacement
+from ndif_operator.api import Level
+from ndif_operator.planning import CurrentPlacement, Decision, ReplicaPlacement
+from ndif_operator.planning.requests import placement_request
+
+__all__ = ["ASSIGNMENTS_ANNOTATION", "current_placement", "decode_assignments", "encode_assignments",
+           "placement_request"]
 
 # Where each replica sits (pod, GPUs, fraction): the planner keeps it stable across passes and
 # restarts, and the status has no room for it, so it lives in an annotation the operator owns.
@@ -37,22 +41,3 @@ def current_placement(status: Mapping[str, Any] | None, annotations: Mapping[str
     since = datetime.fromisoformat(str(since_text)) if since_text else None
     return CurrentPlacement(level=Level(status["level"]), worker_group=placement.get("workerGroup") or None,
                             replicas=decode_assignments(annotations.get(ASSIGNMENTS_ANNOTATION)), since=since)
-
-
-def placement_request(key: str, md: ModelDeployment, estimate: Estimate | None,
-                      current: CurrentPlacement | None) -> PlacementRequest:
-    spec = md.spec
-    # With autoscaling the planner reserves room for the most replicas Serve may start.
-    replicas = spec.autoscaling.max_replicas if spec.autoscaling is not None else spec.replicas
-    return PlacementRequest(
-        key=key,
-        total_bytes=estimate.total_bytes if estimate else None,
-        weights_bytes=estimate.weights_bytes if estimate else None,
-        level=Level(spec.level),
-        replicas=replicas,
-        tensor_parallel_size=spec.tensor_parallel_size,
-        priority=spec.priority,
-        dedicated=spec.dedicated,
-        minimum_deployment_seconds=spec.minimum_deployment_seconds,
-        current=current,
-    )
