@@ -211,3 +211,34 @@ def test_overlapping_bookings_that_do_not_fit_are_conflicts() -> None:
 def test_event_problem_vocabulary_is_camel_case() -> None:
     for problem in (*EventProblem, *ProblemKind):
         assert problem.value[0].isupper() and " " not in problem.value
+
+
+# --- what a ModelDeployment's status says ------------------------------------------------------
+
+def test_model_status_during_after_and_before_bookings() -> None:
+    from ndif_operator.api import ConditionStatus, Reason
+    from ndif_operator.scheduling.model_status import model_schedule
+
+    s = schedule_of(
+        event("a", "ndif/gpt2", T0, T0 + timedelta(hours=1)),
+        event("b", "ndif/gpt2", T0 + timedelta(days=1), T0 + timedelta(days=1, hours=1)),
+    )
+    before, state = model_schedule("ndif/gpt2", s, T0 - timedelta(hours=1), schedule_name="ndif/cal")
+    assert state is None and before is not None and before.booked_until == ""
+    assert [b.start for b in before.upcoming] == [T0, T0 + timedelta(days=1)]
+
+    during, state = model_schedule("ndif/gpt2", s, T0, schedule_name="ndif/cal")
+    assert during is not None and during.booked_until == "2026-12-07T10:00:00Z"
+    assert state is not None and (state.status, state.reason) == (ConditionStatus.TRUE, Reason.SCHEDULED_DEDICATED)
+
+    _, state = model_schedule("ndif/gpt2", s, T0, conflict="does not fit")
+    assert state is not None and (state.status, state.reason) == (ConditionStatus.FALSE, Reason.SCHEDULE_CONFLICT)
+
+    after, state = model_schedule("ndif/gpt2", s, T0 + timedelta(hours=2), was_scheduled=True)
+    assert after is not None and after.current is None
+    assert state is not None and state.reason == Reason.SCHEDULE_ENDED
+    assert "next booking starts 2026-12-08T09:00:00Z" in state.message
+
+    assert model_schedule("ndif/llama-8b", s, T0) == (None, None)
+    none_left, state = model_schedule("ndif/llama-8b", None, T0, was_scheduled=True)
+    assert state is not None and state.reason == Reason.SCHEDULE_ENDED and none_left is not None
