@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from ndif_operator.api import GROUP, PLURAL, VERSION
-from ndif_operator.operator import metrics
+from ndif_operator.operator import health, metrics
 from ndif_operator.operator.kube import RAY_GROUP, RAY_PLURAL, RAY_VERSION, KubeApi
 from ndif_operator.operator.reconciler import Estimator, Reconciler
 from ndif_operator.operator.settings import OperatorSettings
@@ -25,10 +25,14 @@ from ndif_operator.operator.settings import OperatorSettings
 logger = logging.getLogger("ndif_operator.handlers")
 
 
+_health_ports: set[int] = set()  # one probe server per process (tests restart operators in one process)
+
+
 @dataclass
 class _State:
     reconciler: Reconciler | None = None
     task: asyncio.Task[None] | None = None
+    heartbeat: asyncio.Task[None] | None = None
     api: KubeApi | None = None
 
 
@@ -48,15 +52,21 @@ def build_registry(settings: OperatorSettings, *, estimator: Estimator | None = 
         state.task = asyncio.create_task(state.reconciler.run(), name="ndif-planner")
         state.reconciler.wake()  # the first pass after start: restart-safe, changes nothing if all is done
         metrics.serve(ndif_settings.metrics_port)
+        health.STATE.failing_seconds = ndif_settings.unready_after_failing_seconds
+        state.heartbeat = asyncio.create_task(health.heartbeat(), name="ndif-heartbeat")
+        if ndif_settings.health_port and ndif_settings.health_port not in _health_ports:
+            health.serve(ndif_settings.health_port)
+            _health_ports.add(ndif_settings.health_port)
 
     ndif_settings = settings
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        if state.task is not None:
-            state.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await state.task
+        for task in (state.task, state.heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if state.api is not None:
             await state.api.close()
 

@@ -32,7 +32,7 @@ from ndif_operator.evaluation import (
     estimate,
     estimate_from_entry,
 )
-from ndif_operator.operator import metrics
+from ndif_operator.operator import health, metrics
 from ndif_operator.operator.cache_store import CacheStore
 from ndif_operator.operator.events import event_body
 from ndif_operator.operator.gateway_status import GatewayStatus
@@ -177,6 +177,7 @@ class Reconciler:
                 outcome = _Outcome(retry=True, errors=["unexpected error"])
             metrics.RECONCILE_SECONDS.observe(loop.time() - started)
             metrics.RECONCILES.labels("retry" if outcome.retry else "ok").inc()
+            health.STATE.pass_finished(ok=not outcome.retry, error="; ".join(outcome.errors))
             if outcome.retry:
                 logger.warning("planner pass incomplete (%s); retrying in %.2fs", "; ".join(outcome.errors), backoff)
                 loop.call_later(backoff, self.wake)

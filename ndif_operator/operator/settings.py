@@ -36,6 +36,12 @@ class OperatorSettings(BaseSettings):
     finalizer: str = Field(default="ndif.dev/finalizer", description="Finalizer that holds a deleted model "
                                                                       "until its Serve app is gone.")
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="Prometheus metrics port; 0 disables.")
+    health_port: int = Field(default=8080, ge=0, le=65535,
+                             description="Probe port: /healthz (event loop alive), /readyz (watching, passes not "
+                                         "failing); 0 disables.")
+    unready_after_failing_seconds: float = Field(
+        default=300.0, gt=0, description="/readyz fails once every planner pass has failed for this long.",
+    )
     kube_api_url: str | None = Field(
         default=None, description="API server URL without credentials (dev/tests); default: in-cluster or kubeconfig."
     )

@@ -147,8 +147,9 @@ class OperatorThread:
 
     def __init__(self, url: str, *, estimator: Any = size_estimator, **overrides: Any) -> None:
         self.estimator = estimator  # None: the real evaluator
-        values = {"kube_api_url": url, "metrics_port": 0, "debounce_seconds": 0.2, "resync_seconds": 5.0,
-                  "read_nodes": True, "backoff_initial_seconds": 0.1, "backoff_max_seconds": 1.0, **overrides}
+        values = {"kube_api_url": url, "metrics_port": 0, "health_port": 0, "debounce_seconds": 0.2,
+                  "resync_seconds": 5.0, "read_nodes": True, "backoff_initial_seconds": 0.1,
+                  "backoff_max_seconds": 1.0, **overrides}
         self.settings = OperatorSettings(**values)
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()

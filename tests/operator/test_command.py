@@ -58,7 +58,8 @@ def test_run_command_serves_a_cluster_and_stops_on_sigterm(cluster: Cluster) -> 
 
     cluster.emu.create_sync(ray_service())
     cluster.emu.create_sync(model_deployment("m", "org/m-8g"))
-    env = dict(os.environ, NDIF_KUBE_API_URL=cluster.emu.url, NDIF_METRICS_PORT="0", NDIF_DEBOUNCE_SECONDS="0.1")
+    env = dict(os.environ, NDIF_KUBE_API_URL=cluster.emu.url, NDIF_METRICS_PORT="0", NDIF_HEALTH_PORT="0",
+               NDIF_DEBOUNCE_SECONDS="0.1")
     process = subprocess.Popen([sys.executable, "-m", "ndif_operator.cli", "run"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
