@@ -92,7 +92,7 @@ class NnsightGateway:
         self._states_at = 0.0
         self._refresher: asyncio.Task[None] | None = None
         self._payload_limits: dict[str, int] = {}  # app → max_payload_bytes, learned from admissions
-        self.keys = ApiKeys.from_env(self.args.api_key_hashes_env)
+        self.keys = ApiKeys.from_env(self.args.api_key_hashes_env, self.args.api_key_hashes_dir)
         self.jobs = JobStore()
         self.results = result_store(self.args.object_store_bucket, self.args.object_store_endpoint_url)
         self._handles: dict[str, Any] = {}

@@ -98,6 +98,11 @@ class GatewayAppArgs(_Args):
         default="NDIF_API_KEY_HASHES",
         description="Env var holding comma-separated sha256 hex digests of accepted API keys.",
     )
+    api_key_hashes_dir: str | None = Field(
+        default=None,
+        description="Directory of accepted API-key sha256 digests, one per file (a mounted Secret); re-read "
+        "when it changes, so keys rotate without a restart. Adds to `api_key_hashes_env`.",
+    )
     object_store_bucket: str | None = None
     object_store_endpoint_url: str | None = None
     inline_result_max_bytes: int = 4 * MIB

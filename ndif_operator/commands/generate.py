@@ -1,12 +1,15 @@
-"""Write every generated file from its source of truth (the CRD from the pydantic models)."""
+"""Write every generated file from its source of truth: the CRD from the pydantic API models, the
+chart's values.yaml and values.schema.json from the typed chart values."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ndif_operator.api import crd
+from ndif_operator.chart import generate as chart
 
-HELP = "write generated files (crds/); --check fails on drift"
+HELP = "write generated files (crds/, chart values); --check fails on drift"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,4 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return crd.main(["--check"] if args.check else [])
+    rc = crd.main(["--check"] if args.check else [])
+    stale = chart.write(check=args.check)
+    for path in stale:
+        print(f"{'stale' if args.check else 'wrote'} {path}", file=sys.stderr)
+    return rc or (1 if args.check and stale else 0)

@@ -59,7 +59,6 @@ from ndif_operator.operator.status import Observation, compute_status, status_ch
 from ndif_operator.planning import Decision, Plan, plan
 from ndif_operator.planning.activation import activation_until, is_active
 from ndif_operator.rendering import (
-    RenderOptions,
     ServeConfigInvalid,
     check_serve_config,
     render_serve_config,
@@ -137,8 +136,7 @@ class Reconciler:
         self._written: dict[tuple[str, str], str] = {}
         self._gateway = GatewayStatus(settings.gateway_url, settings.gateway_api_key)
         self.passes = 0
-        self.options = RenderOptions(cpu_only=settings.cpu_only, replica_num_cpus=settings.replica_num_cpus,
-                                     gateway_num_cpus=settings.gateway_num_cpus)
+        self.options = settings.render_options()
 
     def wake(self) -> None:
         self._wake.set()

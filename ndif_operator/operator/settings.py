@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ndif_operator.api import GatewayAppArgs
+from ndif_operator.rendering import RenderOptions
+
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
 
 
 def _own_namespace() -> str:
@@ -85,6 +94,39 @@ class OperatorSettings(BaseSettings):
         default="ndif-evaluator-cache", min_length=1,
         description="ConfigMap (in operator_namespace) that persists evaluator results across restarts.",
     )
+
+    log_format: LogFormat = Field(default=LogFormat.JSON, description="Log lines as JSON objects or plain text.")
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")
+    # The gateway's cluster-wide settings, rendered into its application args (chart values `gateway.*`).
+    gateway_object_store_bucket: str = Field(
+        default="", description="S3 bucket for large results; empty: results stay in the gateway's memory.",
+    )
+    gateway_object_store_endpoint: str = Field(default="", description="S3 endpoint URL; empty: AWS.")
+    gateway_api_keys_dir: str = Field(
+        default="", description="Directory (a mounted Secret) of accepted API-key sha256 digests, re-read on "
+                                "change; empty: the gateway's env var only.",
+    )
+    gateway_min_client_version: str = Field(default="", description="Oldest nnsight client accepted; empty: default.")
+    gateway_max_request_bytes: int | None = Field(default=None, ge=1, description="Request body limit.")
+    gateway_inline_result_max_bytes: int | None = Field(
+        default=None, ge=1, description="Results above this go to the object store.",
+    )
+
+    def gateway_args(self) -> GatewayAppArgs:
+        """The gateway's application args from these settings (unset ones keep the gateway's defaults)."""
+        given: dict[str, object] = {
+            "object_store_bucket": self.gateway_object_store_bucket or None,
+            "object_store_endpoint_url": self.gateway_object_store_endpoint or None,
+            "api_key_hashes_dir": self.gateway_api_keys_dir or None,
+            "min_nnsight_version": self.gateway_min_client_version or None,
+            "max_request_bytes": self.gateway_max_request_bytes,
+            "inline_result_max_bytes": self.gateway_inline_result_max_bytes,
+        }
+        return GatewayAppArgs.model_validate({k: v for k, v in given.items() if v is not None})
+
+    def render_options(self) -> RenderOptions:
+        return RenderOptions(cpu_only=self.cpu_only, replica_num_cpus=self.replica_num_cpus,
+                             gateway_num_cpus=self.gateway_num_cpus, gateway=self.gateway_args())
 
     @property
     def namespace_list(self) -> list[str]:

@@ -190,3 +190,28 @@ def test_hugging_face_source_reads_the_offline_cache(tiny_llama: Path, tmp_path:
     with local_model.trace("Paris"):
         ref = local_model.lm_head.output.save()
     assert kind == "huggingFace" and float(total) == ref.sum().item()
+
+
+def test_api_keys_rotate_from_a_mounted_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_runtime import auth
+
+    # Kubelet's layout of a mounted Secret: a timestamped dir, `..data` pointing at it, keys linking through it.
+    def mount(digests: dict[str, str], stamp: str) -> None:
+        data = tmp_path / stamp
+        data.mkdir()
+        for name, digest in digests.items():
+            (data / name).write_text(digest)
+        (tmp_path / "..data_tmp").symlink_to(stamp)
+        (tmp_path / "..data_tmp").replace(tmp_path / "..data")
+        for name in digests:
+            if not (tmp_path / name).is_symlink():
+                (tmp_path / name).symlink_to(f"..data/{name}")
+
+    mount({"alice": key_digest("a")}, "..2026_01")
+    monkeypatch.setattr(auth, "RELOAD_SECONDS", 0.0)
+    keys = ApiKeys.from_env("UNSET_NDIF_VAR", tmp_path)
+    assert keys.check("a") and keys.check("b") is None
+    mount({"alice": key_digest("b")}, "..2026_02")  # rotated: a's key replaced by b's
+    assert keys.check("b") and keys.check("a") is None
+    empty = ApiKeys(set(), tmp_path / "missing")  # configured but unreadable: closed, never open
+    assert empty.enabled and empty.check("a") is None

@@ -1,0 +1,171 @@
+"""`helm lint` and `helm template` of charts/ndif-operator with several values files, every manifest
+validated against its schema, golden files for the defaults, and the chart's generated parts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+from rendering import (
+    CHART,
+    HERE,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    ROOT,
+    VALUES_FILES,
+    chart_with,
+    manifests,
+    render,
+    validate,
+    values_of,
+)
+
+from ndif_operator.chart import generate
+from ndif_operator.chart.values import ChartValues
+
+GOLDEN = HERE / "golden" / "default.yaml"
+
+
+@pytest.mark.parametrize("name", VALUES_FILES)
+def test_helm_lint_is_clean(name: str) -> None:
+    report = helm_python.lint(CHART, values_of(name), strict=True, namespace=NAMESPACE, kube_version="v1.29.0")
+    assert report["errors"] == [] and report["messages"] == [], report
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("name", VALUES_FILES)
+def test_every_manifest_is_valid(name: str, kube_version: str) -> None:
+    docs = manifests(render(values_of(name)))
+    assert docs
+    for doc in docs:
+        validate(doc, kube_version)
+
+
+def test_the_chart_crd_is_the_generated_file_and_valid() -> None:
+    link = CHART / "crds" / "modeldeployments.ndif.dev.yaml"
+    assert link.is_symlink() and link.resolve() == (ROOT / "crds" / "modeldeployments.ndif.dev.yaml").resolve()
+    chart = helm_python.Chart.load(CHART)
+    try:
+        crds = chart.crds
+    finally:
+        chart.close()
+    assert [c["name"] for c in crds] == ["crds/modeldeployments.ndif.dev.yaml"]
+    assert crds[0]["data"] == link.read_text()  # Helm follows the link: what it installs is the generated file
+    for version in KUBE_VERSIONS:
+        validate(yaml.safe_load(crds[0]["data"]), version)
+
+
+def _kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(f"{d['kind']}/{d['metadata'].get('namespace', '-')}/{d['metadata']['name']}" for d in docs)
+
+
+def test_defaults_match_the_golden_file() -> None:
+    rendered = render({})
+    text = "".join(f"# Source: {path}\n{rendered[path].strip()}\n---\n" for path in sorted(rendered)
+                   if not path.endswith("NOTES.txt"))
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text(), "defaults changed: review, then rerun with UPDATE_GOLDEN=1"
+
+
+def test_deployment_is_locked_down() -> None:
+    docs = manifests(render({}))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+
+
+def _env(values: dict[str, Any]) -> dict[str, str]:
+    deployment = next(d for d in manifests(render(values)) if d["kind"] == "Deployment")
+    return {e["name"]: e.get("value", "") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_the_environment_names_real_settings() -> None:
+    from ndif_operator.operator.settings import OperatorSettings
+
+    env = _env(values_of("rayservice"))
+    known = {f"NDIF_{name.upper()}" for name in OperatorSettings.model_fields}
+    assert set(env) - known == set(), "the chart sets NDIF_* variables the operator does not read"
+    settings = OperatorSettings(**{k.removeprefix("NDIF_").lower(): v for k, v in env.items() if v != ""
+                                   and k != "NDIF_OPERATOR_NAMESPACE"})
+    assert settings.ray_service == "ndif" and settings.read_nodes
+
+
+def test_namespaced_mode_watches_only_its_namespaces() -> None:
+    env = _env(values_of("namespaced"))
+    assert env["NDIF_NAMESPACES"] == "team-a,team-b" and env["NDIF_READ_NODES"] == "false"
+    assert _env({"watch": {"namespaced": True}})["NDIF_NAMESPACES"] == NAMESPACE
+
+
+_RBAC = """\
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: generated}
+rules:
+- {apiGroups: [ndif.dev], resources: [modeldeployments], verbs: [get, list, watch, patch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: generated-own}
+rules:
+- {apiGroups: [""], resources: [configmaps], verbs: [get, create, patch]}
+"""
+
+
+def _rules(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    return {f"{d['metadata'].get('namespace', '-')}/{d['metadata']['name']}": d["rules"] for d in docs
+            if d["kind"] == kind}
+
+
+def test_rbac_template_ships_the_given_rules_unchanged(tmp_path: Path) -> None:
+    given = list(yaml.safe_load_all(_RBAC))
+    chart = chart_with(tmp_path, {"files/rbac.yaml": _RBAC})
+    docs = manifests(render({}, chart))
+    assert list(_rules(docs, "ClusterRole").values()) == [given[0]["rules"]]
+    assert list(_rules(docs, "Role").values()) == [given[1]["rules"]]
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ndif-operator", "namespace": NAMESPACE}]
+    # Namespaced-only: the cluster rules become a Role in each watched namespace; no cluster-wide grant.
+    docs = manifests(render(values_of("namespaced"), chart))
+    assert not _rules(docs, "ClusterRole") and not [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    roles = _rules(docs, "Role")
+    assert roles == {"team-a/ndif-operator": given[0]["rules"], "team-b/ndif-operator": given[0]["rules"],
+                     f"{NAMESPACE}/ndif-operator-own-namespace": given[1]["rules"]}
+    for version in KUBE_VERSIONS:
+        for doc in docs:
+            validate(doc, version)
+
+
+def test_a_wrong_value_fails_with_its_path() -> None:
+    with pytest.raises(helm_python.HelmValuesError, match="/rayService/workerGroups/0/gpus"):
+        render({"rayService": {"create": True, "workerGroups": [{"name": "a", "gpus": -1}]}})
+    with pytest.raises(helm_python.HelmValuesError, match="additional properties 'replica' not allowed"):
+        render({"operator": {"replica": 2}})
+
+
+def test_generated_values_are_current_and_valid() -> None:
+    assert generate.write(check=True) == [], "run `ndif-operator generate`"
+    ChartValues.model_validate(yaml.safe_load((CHART / "values.yaml").read_text()))
+    for name in VALUES_FILES:
+        ChartValues.model_validate(values_of(name))  # partial files: every field has a default
+
+
+def test_worker_group_fallbacks_match_the_model() -> None:
+    """Helm does not default list items: the template's fallbacks must equal the model's defaults."""
+    minimal = render({"rayService": {"create": True, "workerGroups": [{"name": "gpu"}]}})
+    full = render({"rayService": {"create": True}})  # the values.yaml group: every field from the model
+    assert minimal == full

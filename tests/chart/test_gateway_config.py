@@ -1,0 +1,59 @@
+"""One place for the gateway's cluster settings: chart values → the operator's NDIF_* env →
+OperatorSettings → the gateway application's args in the rendered Serve config; Secrets stay
+references (envFrom / a mounted volume), never values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rendering import manifests, render, values_of
+
+from ndif_operator.api.naming import GATEWAY_APP
+from ndif_operator.operator.settings import OperatorSettings
+from ndif_operator.planning import Plan
+from ndif_operator.rendering import render_serve_config
+
+
+def _operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e["value"] for e in env if "value" in e}
+
+
+def test_values_reach_the_rendered_gateway_args(monkeypatch: Any) -> None:
+    docs = manifests(render(values_of("rayservice")))
+    for name, value in _operator_env(docs).items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    config = render_serve_config(Plan(decisions=()), {}, options=settings.render_options())
+    gateway = next(app for app in config["applications"] if app["name"] == GATEWAY_APP)
+    args = gateway["args"]
+    assert args["object_store_bucket"] == "ndif-results"
+    assert args["object_store_endpoint_url"] == "https://s3.example.org"
+    assert args["api_key_hashes_dir"] == "/etc/ndif/api-keys"
+    assert args["min_nnsight_version"] == "0.8.1"
+    assert args["max_request_bytes"] == 1073741824
+    # The same directory is where the RayService mounts the API-key Secret, on the head and every worker.
+    ray_service = next(d for d in docs if d["kind"] == "RayService")
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert mounts["api-keys"] == args["api_key_hashes_dir"]
+        assert volumes["api-keys"]["secret"]["secretName"] == "ndif-api-keys"
+        assert container["envFrom"] == [{"secretRef": {"name": "ndif-s3"}}]
+
+
+def test_defaults_render_the_gateway_defaults() -> None:
+    settings = OperatorSettings(**{k.removeprefix("NDIF_").lower(): v
+                                   for k, v in _operator_env(manifests(render({}))).items() if v != ""})
+    assert settings.gateway_args() == OperatorSettings().gateway_args()
+    assert settings.gateway_args().object_store_bucket is None and settings.gateway_args().api_key_hashes_dir is None
+
+
+def test_no_secret_value_is_inlined() -> None:
+    text = "".join(render(values_of("rayservice")).values())
+    for kind in ("kind: Secret", "AWS_SECRET_ACCESS_KEY:", "stringData"):
+        assert kind not in text
