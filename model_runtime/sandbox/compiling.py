@@ -37,6 +37,7 @@ from RestrictedPython import compile_restricted
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES, RestrictingNodeTransformer
 
+from model_runtime.sandbox import sources
 from model_runtime.sandbox.capabilities import Capabilities, ModuleProxy
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, ModelTampering
 from model_runtime.sandbox.model_guard import MODULE_MUTATORS, TENSOR_ALIASING
@@ -130,6 +131,34 @@ class SandboxPolicy(RestrictingNodeTransformer):
         result: ast.AST = super().visit_ExceptHandler(node)
         return result
 
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
+        # `h[:, -1, :] += v` (the tutorials' steering line) and `acc.total += x` on an object of
+        # the request's own class: RestrictedPython refuses both; here they become one guard call
+        # that reads, applies the in-place operator and writes back, each step guarded.
+        target = node.target
+        if not isinstance(target, (ast.Subscript, ast.Attribute)):
+            result: ast.AST = super().visit_AugAssign(node)
+            return result
+        op = _AUGMENTED_OPS[type(node.op)]
+        obj = self.visit(target.value)
+        value = self.visit(node.value)
+        if isinstance(target, ast.Subscript):
+            key = self.visit(_slice_as_expression(target.slice))
+            guard, args = "_inplace_item_", [obj, key]
+        else:
+            self.check_name(node, target.attr)  # the same rule as a plain attribute access
+            guard, args = "_inplace_attr_", [obj, ast.Constant(target.attr)]
+        call = ast.Expr(ast.Call(ast.Name(guard, ast.Load()), [*args, ast.Constant(op), value], []))
+        for made in ast.walk(call):
+            if not hasattr(made, "lineno") and isinstance(made, (ast.expr, ast.stmt)):
+                ast.copy_location(made, node)
+        return call
+
+    def visit_Try(self, node: ast.Try) -> ast.AST:
+        _refuse_flow_out_of_finally(self, node.finalbody)
+        result: ast.AST = self.node_contents_visit(node)
+        return result
+
     def visit_Global(self, node: ast.Global) -> ast.AST:
         self.error(node, "global statements are not allowed in the sandbox")
         return node
@@ -137,6 +166,42 @@ class SandboxPolicy(RestrictingNodeTransformer):
     def visit_Nonlocal(self, node: ast.Nonlocal) -> ast.AST:
         self.error(node, "nonlocal statements are not allowed in the sandbox")
         return node
+
+
+_AUGMENTED_OPS: dict[type[ast.operator], str] = {
+    ast.Add: "+=", ast.Sub: "-=", ast.Mult: "*=", ast.Div: "/=", ast.FloorDiv: "//=", ast.Mod: "%=",
+    ast.Pow: "**=", ast.MatMult: "@=", ast.LShift: "<<=", ast.RShift: ">>=", ast.BitAnd: "&=",
+    ast.BitOr: "|=", ast.BitXor: "^=",
+}
+
+
+def _slice_as_expression(node: ast.expr) -> ast.expr:
+    """A subscript's key as an ordinary expression: `a:b:c` → `slice(a, b, c)`, in tuples too."""
+    if isinstance(node, ast.Slice):
+        parts = [part if part is not None else ast.Constant(None) for part in (node.lower, node.upper, node.step)]
+        return ast.copy_location(ast.Call(ast.Name("slice", ast.Load()), parts, []), node)
+    if isinstance(node, ast.Tuple):
+        return ast.copy_location(ast.Tuple([_slice_as_expression(e) for e in node.elts], ast.Load()), node)
+    return node
+
+
+def _refuse_flow_out_of_finally(policy: RestrictingNodeTransformer, body: list[ast.stmt]) -> None:
+    """`continue`/`break`/`return` in a `finally` would discard the exception in flight, which
+    may be the request's timeout: a `while True: try: ... finally: continue` loop would absorb
+    every stop. Loops and functions nested inside the `finally` are their own scope for these."""
+    pending = list(body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Continue, ast.Break, ast.Return)):
+            policy.error(node, f"'{type(node).__name__.lower()}' inside 'finally' is not allowed in the sandbox "
+                               "(it would swallow the request's stop); move it after the try statement")
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
+            # break/continue inside a nested loop leave that loop only; a return still leaves.
+            pending.extend(n for n in ast.walk(node) if isinstance(n, ast.Return))
+            continue
+        pending.extend(ast.iter_child_nodes(node))
 
 
 def restricted_compile(source: str | ast.Module, filename: str, name: str | None = None) -> types.CodeType:
@@ -150,9 +215,22 @@ def restricted_compile(source: str | ast.Module, filename: str, name: str | None
     return _compile_tree(copy.deepcopy(source), filename, name)
 
 
-@functools.lru_cache(maxsize=512)
 def _compile_text(source: str, filename: str, name: str | None) -> types.CodeType:
-    return _compile_tree(source, filename, name)
+    # Each request's source has its own server-made file name (sources.py), so the memo is keyed
+    # by text alone and the file name is put into the (immutable) code objects afterwards.
+    return _with_filename(_compile_text_memo(source, name), filename)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile_text_memo(source: str, name: str | None) -> types.CodeType:
+    return _compile_tree(source, "<request>", name)
+
+
+def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
+    if code.co_filename == filename:
+        return code
+    consts = tuple(_with_filename(c, filename) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
 
 
 def _compile_tree(tree: str | ast.Module, filename: str, name: str | None) -> types.CodeType:
@@ -320,6 +398,16 @@ class Guards:
             raise CodeRejected(f"operator {op} is not supported")
         return fn(target, value)
 
+    def inplace_item_(self, obj: Any, key: Any, op: str, value: Any) -> None:
+        """`obj[key] op= value`: read, apply the operator in place, write back (all guarded)."""
+        target = self.write_(obj)
+        target[key] = self.inplacevar_(op, self.getitem_(obj, key), value)
+
+    def inplace_attr_(self, obj: Any, name: str, op: str, value: Any) -> None:
+        """`obj.name op= value`."""
+        target = self.write_(obj)
+        setattr(target, name, self.inplacevar_(op, self.getattr_(obj, name), value))
+
     def apply_(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
@@ -375,6 +463,8 @@ class Guards:
             "_getiter_": self.getiter_,
             "_write_": self.write_,
             "_inplacevar_": self.inplacevar_,
+            "_inplace_item_": self.inplace_item_,
+            "_inplace_attr_": self.inplace_attr_,
             "_apply_": self.apply_,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_unpack_sequence_": guarded_unpack_sequence,
@@ -407,8 +497,10 @@ def _denied_builtin(name: str) -> Callable[..., Any]:
 def _guarded_build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> Any:
     # Classes may only derive from plain object: subclassing a torch/nnsight type would inherit
     # methods (e.g. nn.Module.to) past the attribute guard.
-    if bases or kwargs:
-        raise CapabilityDenied("classes in the sandbox cannot have base classes or metaclasses")
+    # RestrictedPython adds `metaclass=__metaclass__` (our namespace's `type`) to every class.
+    if bases or any(key != "metaclass" or value is not type for key, value in kwargs.items()):
+        raise CapabilityDenied("classes in the sandbox cannot have base classes or metaclasses; "
+                               "write `class Name:` and keep data in attributes")
     return builtins.__build_class__(func, name)
 
 
@@ -526,7 +618,9 @@ def _block_text(module: ast.Module, filename: str) -> str | None:
     lines = linecache.getlines(filename)
     if last is None or last > len(lines):
         return None
-    indent = module.body[0].col_offset
+    # The block's indentation in the file: nnsight parses a block dedented to its `with` line, so
+    # the nodes' col_offset is relative to that line, not to the file.
+    indent = len(lines[first - 1]) - len(lines[first - 1].lstrip())
     chunk = lines[first - 1 : last]
     if any(line.strip() and len(line) - len(line.lstrip()) < indent for line in chunk):
         return None
@@ -540,7 +634,7 @@ def restricted_function(
     """Rebuild a shipped helper function from its source, compiled restricted (cf. nnsight's
     `_load_function`, which compiles with the stock compiler)."""
     padded = "\n" * (max(origin_line, 1) - 1) + source
-    filename = f"[{name}:{origin_line}] {origin_filename}"
+    filename = sources.current().register(padded, origin_filename, part=name)
     module_code = restricted_compile(padded, filename)
     func_code = None
     for const in module_code.co_consts:

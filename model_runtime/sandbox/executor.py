@@ -26,12 +26,12 @@ import contextlib
 import io
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_runtime.sandbox import sources
 from model_runtime.sandbox.capabilities import Capabilities
 from model_runtime.sandbox.compiling import (
     Guards,
@@ -40,6 +40,7 @@ from model_runtime.sandbox.compiling import (
     sandboxed_compilation,
 )
 from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected, SandboxError
+from model_runtime.sandbox.gradients import activations_require_grad, wants_gradients
 from model_runtime.sandbox.limits import Limits, Worker, address_space_cap, check_payload, tensor_bytes
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
 from model_runtime.sandbox.unpickling import loads
@@ -204,6 +205,7 @@ class _Job:
         """Deserialise, compile, run; return the saved values. Runs on the calling thread."""
         from nnsight.tracing.tracer import _saves, dec, inc
 
+        sources.begin()
         with sandboxed_compilation():
             t0 = time.perf_counter()
             tracer, code = self._deserialize()
@@ -212,7 +214,8 @@ class _Job:
             frame = tracer.info.frame
             inc()
             try:
-                tracer.execute(code)
+                with activations_require_grad(self.model, wants_gradients(self.raw)):
+                    tracer.execute(code)
                 saves = {k: v for k, v in frame.f_locals.items() if id(v) in _saves()}
             except SandboxError:
                 raise
@@ -221,7 +224,7 @@ class _Job:
                     raise LimitExceeded(
                         f"the request ran out of memory (its allowance is {self.limits.memory_bytes:,} bytes)"
                     ) from None
-                raise RequestFailed(_user_traceback(exc)) from None
+                raise RequestFailed(sources.user_traceback(exc)) from None
             finally:
                 dec()
             self.timings["execute_s"] = time.perf_counter() - t1
@@ -231,8 +234,6 @@ class _Job:
         return saves
 
     def _deserialize(self) -> tuple[Any, Any]:
-        import linecache
-
         try:
             loaded = loads(self.raw, self.model._remoteable_persistent_objects(), self.guards)
         except SandboxError:
@@ -241,9 +242,10 @@ class _Job:
             raise PayloadRejected(f"the payload could not be read: {type(exc).__name__}: {exc}") from None
         tracer, source, glbls, lcls = _validate(loaded, self.model)
         frame = tracer.info.frame
-        filename = frame.f_code.co_filename
-        code = restricted_compile(source, filename, frame.f_code.co_name)
-        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+        # Compiled and registered under a server-made name, never the client's (sources.py).
+        filename = sources.current().register(source, frame.f_code.co_filename)
+        frame.f_code.co_filename = filename
+        code = restricted_compile(source, filename, _code_name(frame.f_code.co_name))
         namespace = self.guards.namespace()
         glbls.update(namespace)
         lcls["__builtins__"] = namespace["__builtins__"]
@@ -322,12 +324,9 @@ def _validate_call(tracer: Any, model: Any) -> None:
         raise PayloadRejected("the payload's model is not the model this replica serves")
 
 
-def _user_traceback(exc: BaseException) -> str:
-    """The user's part of a traceback: frames from their files, not the server's."""
-    from nnsight.tracing.util import clean_traceback
-
-    lines = traceback.format_exception(type(exc), exc, clean_traceback(exc.__traceback__))
-    return "".join(lines)[-8000:]
+def _code_name(name: object) -> str:
+    """The client's name for the traced frame, as a code object's name (shown in tracebacks)."""
+    return name if isinstance(name, str) and name.isidentifier() and len(name) <= 100 else "<request>"
 
 
 def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:

@@ -78,6 +78,8 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("nnsight.tracing.tracer", "Tracer"),
         ("nnsight.tracing.tracer", "Tracer.Info"),
         ("nnsight.tracing.util", "SerializedFrame"),
+        # captured plain values: `last = slice(-2, None)`, `range(3)`, `...`, complex numbers
+        ("builtins", "slice"), ("builtins", "range"), ("builtins", "complex"), ("builtins", "Ellipsis"),
     }
 )
 # Replaced by a safe stand-in (see the module docstring).
@@ -121,6 +123,7 @@ REDUCIBLE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("torch._utils", "_rebuild_parameter"),
         ("torch", "Size"),
         ("torch", "device"),
+        ("builtins", "slice"), ("builtins", "range"), ("builtins", "complex"),
     }
 )
 

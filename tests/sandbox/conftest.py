@@ -39,6 +39,14 @@ def models(tiny_path: Path) -> Iterator[tuple[Any, Any]]:
 
 
 @pytest.fixture(scope="session")
+def local_model(tiny_path: Path) -> Any:
+    """An ordinary local model (weights not frozen), the reference for research programs."""
+    import nnsight
+
+    return nnsight.TransformersModel(str(tiny_path), task="text-generation", device_map="cpu", dispatch=True)
+
+
+@pytest.fixture(scope="session")
 def sandbox() -> Iterator[Any]:
     from model_runtime.sandbox import Limits, Sandbox
 
