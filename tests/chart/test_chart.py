@@ -45,18 +45,22 @@ def test_every_manifest_is_valid(name: str, kube_version: str) -> None:
         validate(doc, kube_version)
 
 
-def test_the_chart_crd_is_the_generated_file_and_valid() -> None:
-    link = CHART / "crds" / "modeldeployments.ndif.dev.yaml"
-    assert link.is_symlink() and link.resolve() == (ROOT / "crds" / "modeldeployments.ndif.dev.yaml").resolve()
+def test_the_chart_crds_are_the_generated_files_and_valid() -> None:
+    generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    for name in generated:
+        link = CHART / "crds" / name
+        assert link.is_symlink() and link.resolve() == (ROOT / "crds" / name).resolve()
     chart = helm_python.Chart.load(CHART)
     try:
         crds = chart.crds
     finally:
         chart.close()
-    assert [c["name"] for c in crds] == ["crds/modeldeployments.ndif.dev.yaml"]
-    assert crds[0]["data"] == link.read_text()  # Helm follows the link: what it installs is the generated file
-    for version in KUBE_VERSIONS:
-        validate(yaml.safe_load(crds[0]["data"]), version)
+    assert sorted(c["name"] for c in crds) == [f"crds/{name}" for name in generated]
+    for crd in crds:
+        # Helm follows the link: what it installs is the generated file.
+        assert crd["data"] == (ROOT / crd["name"]).read_text()
+        for version in KUBE_VERSIONS:
+            validate(yaml.safe_load(crd["data"]), version)
 
 
 def _kinds(docs: list[dict[str, Any]]) -> list[str]:
