@@ -1,5 +1,6 @@
 """Write every generated file from its source of truth: the CRD from the pydantic API models, the
-chart's values.yaml and values.schema.json from the typed chart values."""
+chart's values.yaml and values.schema.json from the typed chart values, the chart's RBAC
+(files/rbac.yaml) from the operator's declared API calls."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import sys
 
 from ndif_operator.api import crd
 from ndif_operator.chart import generate as chart
+from ndif_operator.operator import rbac
 
-HELP = "write generated files (crds/, chart values); --check fails on drift"
+HELP = "write generated files (crds/, chart values and RBAC); --check fails on drift"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,4 +23,5 @@ def run(args: argparse.Namespace) -> int:
     stale = chart.write(check=args.check)
     for path in stale:
         print(f"{'stale' if args.check else 'wrote'} {path}", file=sys.stderr)
-    return rc or (1 if args.check and stale else 0)
+    rbac_rc = rbac.main(check=args.check)
+    return rc or rbac_rc or (1 if args.check and stale else 0)

@@ -9,7 +9,9 @@ Settings come from the environment (NDIF_ prefix); flags override them:
   NDIF_RESYNC_SECONDS       plan at least this often without events (30)
   NDIF_FINALIZER            finalizer holding deleted models until their app is gone (ndif.dev/finalizer)
   NDIF_METRICS_PORT         Prometheus metrics port, 0 disables (9090)
-  NDIF_KUBE_API_URL         API server URL for development; default: in-cluster, then kubeconfig
+  NDIF_KUBE_API_URL         API server URL (tests, development), with NDIF_KUBE_TOKEN_FILE, NDIF_KUBE_CA_FILE,
+                            NDIF_KUBE_INSECURE_SKIP_TLS_VERIFY; default: $KUBECONFIG, then the pod's service
+                            account, then ~/.kube/config (NDIF_KUBE_CONTEXT picks a context)
   NDIF_CPU_ONLY             render HOT replicas with num_gpus 0 (CPU-only clusters)
   NDIF_REPLICA_NUM_CPUS / NDIF_GATEWAY_NUM_CPUS   num_cpus of model / gateway replicas
   NDIF_BACKOFF_INITIAL_SECONDS / NDIF_BACKOFF_MAX_SECONDS   retry delays after API errors
@@ -19,15 +21,16 @@ Settings come from the environment (NDIF_ prefix); flags override them:
   NDIF_GATEWAY_URL          gateway base URL ({name}, {namespace} of the RayService) for activateOnRequest
   NDIF_ACTIVATION_TTL_SECONDS   how long a requested Warm model stays Hot (900)
 
-Needs RBAC: get/list/watch/patch modeldeployments (+ /status), get/list/watch/patch rayservices,
-list nodes (optional: GPU memory labels), create events; in the operator namespace get/create/patch
-configmaps (evaluator cache), get/create jobs and list pods (meta-device evaluation).
+Needs the RBAC generated from the code (charts/ndif-operator/files/rbac.yaml, `ndif-operator generate`).
+A login failure (no credentials, 401, 403, no CRD, untrusted certificate) exits with status 1 and one
+line that says what to fix.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 HELP = "run the operator (Kopf): ModelDeployments -> RayService serveConfigV2 + status"
 
@@ -42,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ndif_operator.operator.handlers import run_operator
+    from ndif_operator.operator.login import LoginError
     from ndif_operator.operator.settings import OperatorSettings
 
     overrides = {key: value for key, value in {
@@ -50,5 +54,9 @@ def run(args: argparse.Namespace) -> int:
     settings = OperatorSettings(**overrides)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_operator(settings, liveness_endpoint=args.liveness)
+    try:
+        run_operator(settings, liveness_endpoint=args.liveness)
+    except LoginError as exc:
+        print(f"ndif-operator: error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import kopf
 
 from ndif_operator.api import GROUP, PLURAL, VERSION
 from ndif_operator.operator import health, metrics
-from ndif_operator.operator.kube import RAY_GROUP, RAY_PLURAL, RAY_VERSION, KubeApi
+from ndif_operator.operator.kube import RAY_VERSION, KubeApi, KubeError
+from ndif_operator.operator.login import Login, LoginError, describe_failure
+from ndif_operator.operator.rbac import RAY_GROUP, RAY_PLURAL
 from ndif_operator.operator.reconciler import Estimator, Reconciler
 from ndif_operator.operator.settings import OperatorSettings
 
@@ -36,7 +40,8 @@ class _State:
     api: KubeApi | None = None
 
 
-def build_registry(settings: OperatorSettings, *, estimator: Estimator | None = None) -> kopf.OperatorRegistry:
+def build_registry(settings: OperatorSettings, login: Login, *,
+                   estimator: Estimator | None = None) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     state = _State()
 
@@ -47,7 +52,7 @@ def build_registry(settings: OperatorSettings, *, estimator: Estimator | None = 
         settings.networking.error_backoffs = [0.5, 1, 2, 5, 10, 30]
         # One-time discovery instead of watching CRDs and namespaces: narrower RBAC (as poolboy does).
         settings.scanning.disabled = True
-        state.api = await KubeApi.connect(ndif_settings.kube_api_url)
+        state.api = KubeApi.connect(login)
         state.reconciler = Reconciler(state.api, ndif_settings, estimator=estimator)
         state.task = asyncio.create_task(state.reconciler.run(), name="ndif-planner")
         state.reconciler.wake()  # the first pass after start: restart-safe, changes nothing if all is done
@@ -86,26 +91,77 @@ def build_registry(settings: OperatorSettings, *, estimator: Estimator | None = 
     def planner_passes(**_: Any) -> int:
         return state.reconciler.passes if state.reconciler is not None else 0
 
-    if settings.kube_api_url:
-        url = settings.kube_api_url
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=url, insecure=True)
+    @kopf.on.login(registry=registry, errors=kopf.ErrorsMode.PERMANENT)
+    async def log_in(**_: Any) -> kopf.ConnectionInfo:
+        # Kopf logs in again after a 401: resolve afresh (rotated token files, renewed exec credentials).
+        try:
+            credentials = await asyncio.to_thread(login.resolve)
+        except LoginError as exc:
+            raise kopf.PermanentError(str(exc)) from exc  # run_operator reports it as it is
+        return kopf.ConnectionInfo(
+            server=credentials.server, ca_path=credentials.ca_path, insecure=credentials.insecure,
+            scheme="Bearer" if credentials.token else None, token=credentials.token,
+            certificate_path=credentials.certificate_path, private_key_path=credentials.private_key_path,
+            default_namespace=credentials.namespace, expiration=credentials.expires)
 
     return registry
 
 
 def run_operator(settings: OperatorSettings, *, stop_flag: Any = None, ready_flag: Any = None,
-                 estimator: Estimator | None = None, liveness_endpoint: str | None = None) -> None:
-    """Run until `stop_flag` is set (or a signal, when in the main thread)."""
+                 estimator: Estimator | None = None, liveness_endpoint: str | None = None,
+                 login: Login | None = None) -> None:
+    """Run until `stop_flag` is set (or a signal, when in the main thread).
+
+    Raises `LoginError` (one line: what to fix) when there are no usable credentials, the API
+    server refuses them, or the CRD is missing: retrying would not help."""
+    asyncio.run(_operate(settings, login or Login(settings), stop_flag=stop_flag, ready_flag=ready_flag,
+                         estimator=estimator, liveness_endpoint=liveness_endpoint))
+
+
+async def _operate(settings: OperatorSettings, login: Login, *, stop_flag: Any, ready_flag: Any,
+                   estimator: Estimator | None, liveness_endpoint: str | None) -> None:
+    await check_login(login, settings.namespace_list)
     namespaces = settings.namespace_list
-    asyncio.run(kopf.operator(
-        registry=build_registry(settings, estimator=estimator),
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        standalone=True,  # one replica (Recreate); kopf has no lease-based election
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-        liveness_endpoint=liveness_endpoint,
-    ))
+    registry = build_registry(settings, login, estimator=estimator)
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=True,  # one replica (Recreate); kopf has no lease-based election
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            liveness_endpoint=liveness_endpoint,
+        )
+    except Exception as exc:
+        # Kopf gives up when a re-login fails (its ActivityError) or yields nothing valid (LoginError).
+        if login.last_error is not None:
+            raise LoginError(f"logging in again failed: {login.last_error}") from exc
+        if isinstance(exc, kopf.LoginError):
+            raise LoginError(f"the API server stopped accepting the credentials ({exc})") from exc
+        raise
+
+
+async def check_login(login: Login, namespaces: list[str], *, attempts: int = 6) -> None:
+    """Resolve the credentials and make the first request before Kopf starts, so that a login
+    problem is one clear error. An unreachable server is retried for about half a minute."""
+    credentials = await asyncio.to_thread(login.resolve)
+    api = KubeApi.connect(login)
+    try:
+        for attempt in range(attempts):
+            try:
+                await api.list_model_deployments(namespaces[:1])
+                logger.info("logged in to %s with %s", credentials.server, credentials.source)
+                return
+            except KubeError as exc:
+                if exc.status < 500 or attempt == attempts - 1:
+                    raise LoginError(describe_failure(credentials, exc.status, str(exc))) from exc
+                detail = str(exc)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                detail = str(exc) or type(exc).__name__
+                if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError) or attempt == attempts - 1:
+                    raise LoginError(describe_failure(credentials, None, detail)) from exc
+            logger.warning("API server %s not ready (%s); retrying", credentials.server, detail)
+            await asyncio.sleep(min(2 ** attempt, 10))
+    finally:
+        await api.close()

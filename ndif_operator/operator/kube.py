@@ -1,5 +1,8 @@
 """The operator's only Kubernetes API calls (besides kopf's watches), over kubernetes_asyncio.
 
+Each method is declared in rbac.API_CALLS (resource, verbs, scope): the RBAC is generated from
+there, and a test fails when a method is missing there or makes other requests than declared.
+
 Every method returns plain dicts and raises `KubeError` (status code kept) so the reconciler can
 tell a conflict (409, retried at once with fresh reads) from a server error (backoff).
 """
@@ -8,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from ndif_operator.api import GROUP, PLURAL, VERSION
+from ndif_operator.operator.login import Login
+from ndif_operator.operator.rbac import RAY_GROUP, RAY_PLURAL
 
-RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayservices"
+RAY_VERSION = "v1"
 # The generated client picks JSON-patch for list bodies and may guess wrong for dicts: force merge.
 _MERGE_KW: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
 
@@ -36,16 +41,22 @@ class KubeApi:
         self._batch = client.BatchV1Api(api_client)
 
     @classmethod
-    async def connect(cls, url: str | None = None) -> KubeApi:
-        """`url` (no credentials) for dev and tests; else in-cluster, else the kubeconfig."""
-        configuration = client.Configuration()
-        if url:
-            configuration.host = url
-        else:
-            try:
-                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            except config.ConfigException:
-                await config.load_kube_config(client_configuration=configuration)
+    def connect(cls, login: Login) -> KubeApi:
+        """A client with `login`'s credentials; its token is re-read before every request (rotation)."""
+        credentials = login.current()
+        configuration = client.Configuration(host=credentials.server)
+        configuration.verify_ssl = not credentials.insecure
+        configuration.ssl_ca_cert = credentials.ca_path
+        configuration.cert_file = credentials.certificate_path
+        configuration.key_file = credentials.private_key_path
+        if credentials.token:
+            configuration.api_key["BearerToken"] = credentials.token
+            configuration.api_key_prefix["BearerToken"] = "Bearer"
+
+            def refresh(configuration: client.Configuration) -> None:
+                configuration.api_key["BearerToken"] = login.current().token
+
+            configuration.refresh_api_key_hook = refresh
         return cls(client.ApiClient(configuration))
 
     async def close(self) -> None:

@@ -52,8 +52,19 @@ class OperatorSettings(BaseSettings):
         default=300.0, gt=0, description="/readyz fails once every planner pass has failed for this long.",
     )
     kube_api_url: str | None = Field(
-        default=None, description="API server URL without credentials (dev/tests); default: in-cluster or kubeconfig."
+        default=None, description="API server URL (tests, development); default: KUBECONFIG, then the pod's "
+                                  "service account, then ~/.kube/config.",
     )
+    kube_token_file: str | None = Field(
+        default=None, description="With NDIF_KUBE_API_URL: a file holding the bearer token (re-read on rotation).",
+    )
+    kube_ca_file: str | None = Field(
+        default=None, description="With NDIF_KUBE_API_URL: the CA bundle that signs the API server's certificate.",
+    )
+    kube_insecure_skip_tls_verify: bool = Field(
+        default=False, description="With NDIF_KUBE_API_URL: do not verify the server's TLS certificate.",
+    )
+    kube_context: str | None = Field(default=None, description="Kubeconfig context (default: its current one).")
     cpu_only: bool = Field(default=False, description="Render HOT replicas with num_gpus 0 (CPU-only clusters).")
     replica_num_cpus: float | None = Field(default=None, ge=0, description="num_cpus of each model replica.")
     gateway_num_cpus: float | None = Field(default=None, ge=0, description="num_cpus of each gateway replica.")

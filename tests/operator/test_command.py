@@ -69,3 +69,22 @@ def test_run_command_serves_a_cluster_and_stops_on_sigterm(cluster: Cluster) -> 
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0]
     assert process.returncode == 0, output
+
+
+def test_run_without_the_crd_exits_1_with_one_line_saying_what_to_fix() -> None:
+    import os
+
+    from kube_emulator import KubeEmulator
+
+    emulator = KubeEmulator()  # serves no ModelDeployments: the CRD is "not installed"
+    emulator.start()
+    try:
+        env = dict(os.environ, NDIF_KUBE_API_URL=emulator.url, NDIF_METRICS_PORT="0")
+        result = subprocess.run([sys.executable, "-m", "ndif_operator.cli", "run"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        emulator.stop()
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[-1]] and "kubectl apply -f crds/" in errors[-1], result.stderr
+    assert "Traceback" not in result.stderr

@@ -22,6 +22,8 @@ from operator_harness import (
 from ndif_operator.evaluation import CacheEntry, EstimateCache, configmap_key
 from ndif_operator.operator.cache_store import CacheStore
 from ndif_operator.operator.kube import KubeApi
+from ndif_operator.operator.login import Login
+from ndif_operator.operator.settings import OperatorSettings
 
 CACHE_NS, CACHE_NAME = "ndif-system", "ndif-evaluator-cache"
 
@@ -85,7 +87,9 @@ def test_store_merges_after_a_conflict_and_skips_unchanged(tmp_path: Path) -> No
 
 
 async def _conflict_scenario(emulator: KubeEmulator) -> None:
-    api = await KubeApi.connect(emulator.url)
+    login = Login(OperatorSettings(kube_api_url=emulator.url))
+    login.resolve()
+    api = KubeApi.connect(login)
     try:
         store = CacheStore(api, CACHE_NS, CACHE_NAME)
         await store.load()  # missing: empty, created on the first save
