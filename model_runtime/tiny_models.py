@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-Arch = Literal["llama", "gpt2", "llama-tied"]
+Arch = Literal["llama", "gpt2", "llama-tied", "gpt-neox", "opt"]
 
 _CORPUS = [
     "The Eiffel Tower is in the city of Paris.",
@@ -44,9 +44,19 @@ def build_tokenizer(vocab_size: int = 300):  # type: ignore[no-untyped-def]
 
 
 def build_config(arch: Arch, vocab_size: int, **overrides: object):  # type: ignore[no-untyped-def]
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
-    if arch == "gpt2":
+    if arch == "gpt-neox":
+        cfg = GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        )
+    elif arch == "opt":
+        cfg = OPTConfig(
+            vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        )
+    elif arch == "gpt2":
         cfg = GPT2Config(
             vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
             bos_token_id=1, eos_token_id=2, pad_token_id=3,
@@ -121,7 +131,7 @@ def ensure_tiny_model(arch: Arch, out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("arch", choices=["llama", "gpt2", "llama-tied"])
+    parser.add_argument("arch", choices=["llama", "gpt2", "llama-tied", "gpt-neox", "opt"])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-size", default=None)

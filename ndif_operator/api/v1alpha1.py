@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
 from ndif_operator.api.conditions import ConditionStatus
+from ndif_operator.api.parallel import ParallelShape
 
 GROUP = "ndif.dev"
 VERSION = "v1alpha1"
@@ -278,6 +279,9 @@ class Estimate(_Model):
     total: str = Field(default="", description="totalBytes in human units (printer column).")
     method: str
     evaluated_at: datetime | None = None
+    parallel: ParallelShape | None = Field(
+        default=None, description="What decides the tensorParallelSize values this model allows."
+    )
 
 
 class Placement(_Model):

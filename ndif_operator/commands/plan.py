@@ -192,6 +192,12 @@ def table(deployments: list[ModelDeployment], sized: dict[str, Estimate | str], 
     described = {"SafetensorsHeaders": "checkpoint headers", "MetaDevice": "meta-device evaluator",
                  "Config": "seed catalog / config"}
     lines.append("Sized from: " + ", ".join(f"{described.get(m, m)} ({n})" for m, n in sorted(methods.items())))
+    shapes = [(k, v.parallel) for k, v in sorted(sized.items()) if isinstance(v, Estimate) and v.parallel]
+    if shapes:
+        lines.append("tensorParallelSize each model allows (heads / kv heads / MLP width must divide; a TP plan):")
+        lines.extend(f"  {k}: {', '.join(map(str, p.tensor_parallel_sizes))}   ({p.model_type or 'type unknown'}: "
+                     f"{p.num_attention_heads} heads, {p.num_key_value_heads} kv heads, "
+                     f"intermediate {p.intermediate_size})" for k, p in shapes)
     return "\n".join(lines)
 
 

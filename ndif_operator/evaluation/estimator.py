@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ndif_operator.api import DType, Estimate, EstimateMethod, ModelSpec, RuntimeLimits
+from ndif_operator.api.parallel import ParallelShape
 from ndif_operator.api.units import human_bytes
 from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES, runtime_budget
 from ndif_operator.evaluation.cache import CacheEntry, EstimateCache, cache_key
@@ -125,7 +126,10 @@ def estimate_from_entry(entry: CacheEntry, limits: RuntimeLimits) -> Estimate:
     else:
         budget = math.ceil(entry.weights_bytes * FALLBACK_BUDGET_RATIO) + CUDA_CONTEXT_BYTES
     total = entry.weights_bytes + budget
+    shape = entry.shape
     return Estimate(
+        parallel=ParallelShape.of(shape.model_type, shape.num_attention_heads, shape.num_key_value_heads,
+                                  shape.intermediate_size) if shape is not None else None,
         weights_bytes=entry.weights_bytes,
         total_bytes=total,
         total=human_bytes(total),

@@ -35,6 +35,7 @@ class ModelShape:
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None  # the checkpoint's declared dtype, if any
     max_positions: int = 0  # longest sequence the model accepts; 0 = unknown
+    model_type: str = ""  # config.json `model_type` (the text model's, for multimodal configs)
 
 
 def _first_int(config: Mapping[str, Any], names: tuple[str, ...]) -> int | None:
@@ -77,4 +78,5 @@ def shape_from_config(config: Mapping[str, Any]) -> ModelShape:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         torch_dtype=dtype if isinstance(dtype, str) else None,
         max_positions=_first_int(config, _ALIASES["max_positions"]) or 0,
+        model_type=str(config.get("model_type") or ""),
     )

@@ -36,7 +36,7 @@ from datetime import datetime
 from ndif_operator.api import Level, Reason
 from ndif_operator.api.units import human_bytes
 from ndif_operator.planning.capacity import CpuCapacity, GroupCapacity, SlotId
-from ndif_operator.planning.sizing import TP_SIZES, Need, check_tp_sizes, need_in
+from ndif_operator.planning.sizing import TP_SIZES, Need, check_tp_sizes, impossible_tensor_parallel_size, need_in
 from ndif_operator.planning.types import (
     FRACTION_UNITS,
     CurrentPlacement,
@@ -486,6 +486,8 @@ class _Planner:
             msg += ", dedicated)" if evictor.dedicated else ")"
             return self._decision(st, level, Reason.EVICTED, f"{msg}; {where}")
         reason = Reason.INSUFFICIENT_GPU if level == Level.WARM else Reason.INSUFFICIENT_MEMORY
+        if impossible_tensor_parallel_size(req):  # no cluster can fix it: the spec must change
+            reason = Reason.INVALID_SPEC
         return self._decision(st, level, reason, f"{st.why_short}; {where}")
 
     def _decision(self, st: _State, level: Level, reason: Reason, message: str) -> Decision:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ndif_operator.api.parallel import describe_problems, tensor_parallel_problems
 from ndif_operator.api.units import human_bytes
 from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES
 from ndif_operator.planning.types import FRACTION_UNITS, PlacementRequest, WorkerGroup
@@ -72,6 +73,12 @@ def _tp_limit(request: PlacementRequest) -> int:
     return request.max_tensor_parallel_size if request.max_tensor_parallel_size is not None else TP_SIZES[-1]
 
 
+def impossible_tensor_parallel_size(request: PlacementRequest) -> bool:
+    """An explicit size the model cannot be split into (heads, kv heads, MLP width, no plan)."""
+    tp, shape = request.tensor_parallel_size, request.parallel
+    return tp != "auto" and shape is not None and bool(tensor_parallel_problems(shape, tp))
+
+
 def check_tp_sizes(sizes: tuple[int, ...]) -> None:
     if not sizes or sizes[0] != 1 or list(sizes) != sorted(set(sizes)):
         raise ValueError(f"tensor-parallel sizes must be increasing, distinct and start at 1, got {sizes}")
@@ -93,8 +100,9 @@ def need_in(
     if per_pod == 0:
         return f"worker group {group.name} has no GPUs"
     tp, limit = request.tensor_parallel_size, _tp_limit(request)
+    shape = request.parallel
     if tp == "auto":
-        allowed = [k for k in auto_sizes if k <= limit]
+        allowed = [k for k in auto_sizes if k <= limit and (shape is None or not tensor_parallel_problems(shape, k))]
         fitting = [k for k in allowed if rank_bytes(total, k) <= mem]
         if not fitting:
             return (
@@ -105,6 +113,8 @@ def need_in(
     else:
         if tp > limit:
             return f"tensorParallelSize {tp} is above the model's limit of {limit}"
+        if shape is not None and tensor_parallel_problems(shape, tp):
+            return describe_problems(shape, tp)
         count = tp
     if count > per_pod:
         return f"needs {count}x{human_bytes(mem)} GPUs in one pod; pods of {group.name} have {per_pod}"

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Literal
 
 from ndif_operator.api import Level, Reason
+from ndif_operator.api.parallel import ParallelShape
 
 # Fractions of a GPU are multiples of 1/FRACTION_UNITS (Ray accepts 4 decimals for num_gpus).
 FRACTION_UNITS = 10_000
@@ -96,6 +97,9 @@ class PlacementRequest:
     # The largest TP size the model itself supports (e.g. what its attention heads divide into);
     # None = no limit beyond the allowed sizes. "auto" never goes above it.
     max_tensor_parallel_size: int | None = None
+    # Heads / kv heads / intermediate size / model type: `ndif_operator.api.parallel` decides from
+    # them which sizes are possible at all. None = unknown (only the allowed sizes apply).
+    parallel: ParallelShape | None = None
     priority: int = 0
     dedicated: bool = False
     minimum_deployment_seconds: int = 0

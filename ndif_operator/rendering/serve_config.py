@@ -41,6 +41,11 @@ from ndif_operator.rendering.text import canonical_number
 
 ServeConfig = dict[str, Any]
 
+# What Serve 2.60 gives a replica actor whose `num_cpus` is unset (ReplicaConfig's default).
+SERVE_DEFAULT_REPLICA_CPUS = 1.0
+# A rank of a CPU-only tensor-parallel replica with no CPU reserved: Ray refuses empty bundles.
+MIN_RANK_CPU = 0.01
+
 
 def render_serve_config(
     plan: Plan,
@@ -108,14 +113,19 @@ def _actor_options(num_cpus: float | None, num_gpus: float, memory: int, env: Ma
     return options
 
 
-def _rank_bundles(ranks: int, gpus: float, num_cpus: float | None, memory: int) -> list[dict[str, Any]]:
-    """One bundle per rank; the first also holds what the replica actor itself asks for."""
-    first: dict[str, Any] = {"GPU": canonical_number(gpus)}
-    if num_cpus:
-        first["CPU"] = canonical_number(num_cpus)
-    if memory > 0:
-        first["memory"] = memory
-    return [first, *({"GPU": canonical_number(gpus)} for _ in range(ranks - 1))]
+def _rank_bundles(ranks: int, gpus: float, cpus: float, memory: int) -> list[dict[str, Any]]:
+    """One bundle per rank (bundle i holds rank i); the first also holds the replica actor's memory.
+
+    Every bundle names the CPU its rank asks for, so that the replica actor (rank 0, which Serve
+    places in bundle 0 and, unless told otherwise, gives `num_cpus: 1`) and each shard actor fit
+    their bundle. A bundle must ask for something: a CPU-only rank with no CPU reserved asks for
+    `MIN_RANK_CPU`.
+    """
+    rank: dict[str, Any] = {"CPU": canonical_number(cpus if cpus > 0 or gpus > 0 else MIN_RANK_CPU)}
+    if gpus > 0:
+        rank["GPU"] = canonical_number(gpus)
+    first = {**rank, "memory": memory} if memory > 0 else dict(rank)
+    return [first, *(dict(rank) for _ in range(ranks - 1))]
 
 
 def _gateway_app(options: RenderOptions, routes: Mapping[str, GatewayRoute]) -> dict[str, Any]:
@@ -152,7 +162,7 @@ def _model_app(
         source=spec.model.source,
         dtype=spec.model.dtype,
         trust_remote_code=spec.model.trust_remote_code,
-        tensor_parallel_size=decision.tensor_parallel_size if hot else 1,
+        tensor_parallel_size=max(1, decision.tensor_parallel_size) if hot else 1,
         gpus_per_replica=gpus,
         gpu_fraction=decision.gpu_fraction if gpus > 0 else 0.0,
     )
@@ -163,21 +173,23 @@ def _model_app(
         memory = estimate.weights_bytes if estimate is not None else 0
     user_config = ModelUserConfig.from_limits(spec.limits, Level(decision.level),
                                               activate_on_request=spec.activate_on_request)
-    ranks = decision.tensor_parallel_size if hot and gpus > 0 else 1
+    # CPU-only clusters run tensor parallelism too (gloo): the ranks are processes either way.
+    ranks = max(1, decision.tensor_parallel_size) if hot else 1
     # A tensor-parallel replica holds `gpu_fraction` of each of its `ranks` GPUs. Ray refuses a
     # fractional `num_gpus` above 1, so the replica actor (rank 0) asks for one share and the
     # placement group reserves one bundle per rank on one node (STRICT_PACK). The planner keeps
     # each share above half a GPU, so no two bundles of a replica can land on the same GPU.
-    rank_gpus = decision.gpu_fraction if ranks > 1 else gpus
+    rank_gpus = (decision.gpu_fraction if gpus > 0 else 0.0) if ranks > 1 else gpus
+    num_cpus = options.replica_num_cpus
+    if ranks > 1 and num_cpus is None:
+        num_cpus = SERVE_DEFAULT_REPLICA_CPUS  # said explicitly: bundle 0 must hold what Serve gives rank 0
     model_deployment: dict[str, Any] = {
         "name": MODEL_DEPLOYMENT,
-        "ray_actor_options": _actor_options(options.replica_num_cpus, rank_gpus, memory, dict(options.replica_env)),
+        "ray_actor_options": _actor_options(num_cpus, rank_gpus, memory, dict(options.replica_env)),
         "user_config": user_config.model_dump(mode="json"),
     }
     if ranks > 1:
-        model_deployment["placement_group_bundles"] = _rank_bundles(
-            ranks, rank_gpus, options.replica_num_cpus, memory
-        )
+        model_deployment["placement_group_bundles"] = _rank_bundles(ranks, rank_gpus, num_cpus or 0.0, memory)
         model_deployment["placement_group_strategy"] = "STRICT_PACK"
     replicas = decision.replicas if hot else 1  # one process holds the WARM copy
     autoscaling = spec.autoscaling

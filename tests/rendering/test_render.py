@@ -86,8 +86,9 @@ def test_renders_gateway_and_one_app_per_served_model() -> None:
     assert (args.repo_id, args.tensor_parallel_size, args.gpus_per_replica) == ("meta-llama/Llama-3.1-8B", 2, 2)
     (replica,) = llama["deployments"]
     # Two whole GPUs: the replica actor is rank 0 on one, the placement group holds both.
-    assert replica["num_replicas"] == 2 and replica["ray_actor_options"] == {"num_gpus": 1}
-    assert replica["placement_group_bundles"] == [{"GPU": 1}, {"GPU": 1}]
+    # num_cpus is said explicitly (Serve's default of 1) so that bundle 0 holds what rank 0 gets.
+    assert replica["num_replicas"] == 2 and replica["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 1}
+    assert replica["placement_group_bundles"] == [{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
     gpt2 = apps["md-ml-gpt2"]["deployments"][0]
     assert gpt2["ray_actor_options"]["num_gpus"] == 0.3333
     assert ModelUserConfig.model_validate(gpt2["user_config"]).request_timeout_seconds == 30
@@ -218,7 +219,9 @@ def test_fractional_tensor_parallel_replica_gets_one_bundle_per_rank() -> None:
     deployment = app["deployments"][0]
     assert deployment["ray_actor_options"]["num_gpus"] == 0.6
     assert deployment["placement_group_strategy"] == "STRICT_PACK"
-    assert deployment["placement_group_bundles"] == [{"GPU": 0.6, "memory": 2**30}] + [{"GPU": 0.6}] * 3
+    assert deployment["placement_group_bundles"] == (
+        [{"CPU": 1, "GPU": 0.6, "memory": 2**30}] + [{"CPU": 1, "GPU": 0.6}] * 3
+    )
     args = ModelAppArgs.model_validate(app["args"])
     assert args.tensor_parallel_size == 4 and args.gpu_fraction == 0.6 and args.gpus_per_replica == 2.4
 

@@ -1,0 +1,30 @@
+"""TP plans as data: which plan splits a checkpoint, and the list the planner reads without transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_runtime.parallel.plans import replica_dims, resolve_plan, transformers_model_types
+from model_runtime.tiny_models import build_config
+from ndif_operator.api.tp_model_types import TRANSFORMERS_TP_MODEL_TYPES
+
+
+def test_the_planners_model_type_list_matches_the_installed_transformers_and_nnsight() -> None:
+    assert sorted(TRANSFORMERS_TP_MODEL_TYPES) == transformers_model_types(), (
+        "regenerate ndif_operator/api/tp_model_types.py from `python -m model_runtime.parallel.plans --model-types`"
+    )
+
+
+def test_the_checkpoints_own_plan_wins_and_the_project_table_fills_gaps() -> None:
+    llama = resolve_plan(build_config("llama", 300))
+    assert llama.source == "checkpoint" and llama.plan["layers.*.self_attn.o_proj"] == "rowwise"
+    opt = resolve_plan(build_config("opt", 300))  # transformers ships no plan for OPT
+    assert opt.source == "project" and opt.plan["decoder.layers.*.fc2"] == "rowwise"
+    with pytest.raises(ValueError, match="'gpt2' has no tensor-parallel plan"):
+        resolve_plan(build_config("gpt2", 300))
+
+
+def test_replica_dims_refuse_an_impossible_layout_before_loading() -> None:
+    assert replica_dims(build_config("llama", 300), 2).tp == 2
+    with pytest.raises(ValueError, match="key/value heads 2 is not divisible by 4"):
+        replica_dims(build_config("llama", 300), 4)
