@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from importlib import metadata
 from typing import Any
@@ -41,6 +42,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from model_runtime import weight_store
 from model_runtime.auth import ApiKeys
 from model_runtime.jobs import Job, JobStore
 from model_runtime.model_keys import client_model_key, repo_key
@@ -62,9 +64,9 @@ app = FastAPI(title="NDIF gateway", docs_url=None, redoc_url=None)
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.headers = status, detail, headers
 
 
 def _response(job_id: str, status: str, description: str = "", data: Any = None,
@@ -73,10 +75,26 @@ def _response(job_id: str, status: str, description: str = "", data: Any = None,
     return {"id": job_id, "status": status, "description": description, "data": data, "meta": meta}
 
 
+# Module helpers the gateway class uses sit above it: `serve.ingress` pickles the class by value,
+# with the globals that exist at that point.
+def _served(routes: dict[str, GatewayRoute]) -> set[str]:
+    return {key for key, route in routes.items() if route.app is not None and route.level != Level.COLD}
+
+
+def _evict_host_copies(model_keys: list[str]) -> None:
+    try:
+        evicted = weight_store.evict_models(model_keys)
+    except Exception as exc:  # best effort: a store that is gone holds nothing
+        log.info("weight store eviction of %s failed: %r", model_keys, exc)
+        return
+    if evicted:
+        log.info("evicted %d host copies of models now COLD: %s", evicted, model_keys)
+
+
 @app.exception_handler(HttpError)
 async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
     # `{"detail": ...}` is what the nnsight client shows in its RemoteError.
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
 
 @serve.deployment(name=GATEWAY_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000)
@@ -98,12 +116,19 @@ class NnsightGateway:
         self._handles: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.activation_requests: dict[str, float] = {}
+        self._demand_seq = 0  # bumped per recorded demand; `GET /demand` long-polls on it
+        self._demand_waiters: set[asyncio.Future[None]] = set()
         self._keepalive_s = float(os.environ.get("NDIF_WS_KEEPALIVE_SECONDS", "20"))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """A new routing table, in place: sessions, jobs and open websockets are kept."""
         table = GatewayUserConfig.model_validate(user_config)
+        served_before = _served(self.routes)
         self.routes = {**self._static, **{repo_key(k): route for k, route in table.models.items()}}
+        # Models that went COLD (or left the table) free their host copies in the nodes' weight stores.
+        cold = (served_before - _served(self.routes)) | (set(self.routes) - _served(self.routes))
+        if cold:
+            threading.Thread(target=_evict_host_copies, args=(sorted(cold),), daemon=True).start()
         apps = {route.app for route in self.routes.values()}
         for app_name in [a for a in self._handles if a not in apps]:
             self._handles.pop(app_name, None)
@@ -207,6 +232,7 @@ class NnsightGateway:
                 "activation_requested_at": self.activation_requests.get(key),  # epoch seconds or None
                 "deployment": route.deployment or str(known.get("deployment", "")),  # namespace/name
                 "granted_level": str(route.level).upper(),
+                "load_source": known.get("source"),  # nodeMemory: weights mapped from the node's store
             }
         return {"deployments": deployments}
 
@@ -342,8 +368,40 @@ class NnsightGateway:
             return first
         self.jobs.discard(job.id)
         if first.get("activation_requested"):
-            self.activation_requests[key] = time.time()
-        raise HttpError(int(first.get("http_status", 503)), str(first.get("description", "Refused.")))
+            self._note_demand(key)
+        retry = first.get("retry_after_s")
+        headers = {"Retry-After": str(max(1, round(float(retry))))} if retry is not None else None
+        raise HttpError(int(first.get("http_status", 503)), str(first.get("description", "Refused.")), headers)
+
+    def _note_demand(self, key: str) -> None:
+        """Record a WARM model's activation request and wake the `GET /demand` long-polls at once."""
+        self.activation_requests[key] = time.time()
+        self._demand_seq += 1
+        for waiter in self._demand_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @app.get("/demand")
+    async def demand(self, request: Request, since: int = -1, timeout: float = 30.0) -> dict[str, Any]:
+        """Activation demand, pushed: answers as soon as a demand newer than `since` is recorded
+        (or after `timeout` seconds, at most 60). The operator and local mode watch this instead of
+        polling `/status`; the body has `/status`'s shape for the requested models, plus `seq`."""
+        self._auth(request.headers.get(API_KEY_HEADER))
+        if self._demand_seq <= since:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._demand_waiters.add(waiter)
+            try:
+                await asyncio.wait_for(waiter, min(max(timeout, 0.0), 60.0))
+            except TimeoutError:
+                pass
+            finally:
+                self._demand_waiters.discard(waiter)
+        deployments = {
+            key: {"deployment": route.deployment, "activation_requested": True,
+                  "activation_requested_at": self.activation_requests[key], "granted_level": str(route.level).upper()}
+            for key, route in sorted(self.routes.items()) if key in self.activation_requests
+        }
+        return {"seq": self._demand_seq, "deployments": deployments}
 
     @staticmethod
     async def _multipart(request: Request) -> tuple[str, bytes]:

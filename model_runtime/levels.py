@@ -29,6 +29,33 @@ class Transition:
     source: str  # "resident" (already there), "memory" (WARM → HOT), or the load source kind
 
 
+def process_started_at() -> float:
+    """Epoch seconds when this process started (0.0 when unknown)."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:
+        return 0.0
+
+
+# What an activation costs besides this replica's own start-up: the operator's re-plan and PUT, and
+# Serve starting the replacement replica.
+ACTIVATION_REACTION_S = 2.0
+HOST_COPY_BYTES_PER_S = 1e9  # a conservative host → device (or memcpy) rate for the estimate
+
+
+def activation_eta_s(startup: dict[str, float], source_load_seconds: float, weights_bytes: int) -> float:
+    """How long a WARM model takes to serve once activation is requested (the 503's Retry-After).
+
+    The replacement replica starts like this one did (process, imports, skeleton), minus this
+    one's read of the checkpoint (the new one maps the node's copy), plus the copy to the device.
+    """
+    began, loaded = startup.get("process_started", 0.0), startup.get("loaded", 0.0)
+    start_up = max(0.0, loaded - began - source_load_seconds) if began > 0 and loaded > began else 10.0
+    return ACTIVATION_REACTION_S + start_up + weights_bytes / HOST_COPY_BYTES_PER_S
+
+
 def limit_gpu_share(gpus: float) -> None:
     """A fractional grant shares one GPU: cap this process's allocator to its share."""
     import torch
@@ -43,6 +70,14 @@ def move_module(model: Any, device: str) -> None:
 
     model._module.to(device)
     if device == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def free_device_cache() -> None:
+    """Give a GPU's cached blocks back after the replica's tensors there were dropped."""
+    import torch
+
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

@@ -26,6 +26,7 @@ class LoadedModel:
     source_kind: str  # "localPath" | "huggingFace" | "s3"
     load_seconds: float
     device: str
+    checkpoint: str = ""  # what `from_pretrained` read: a local directory, or the repo id (hub cache)
 
 
 def torch_dtype(name: str) -> Any:
@@ -111,4 +112,5 @@ def load_model(args: ModelAppArgs) -> LoadedModel:
         kwargs["revision"] = args.revision
     model = TransformersModel(checkpoint, **kwargs)
     model._module.requires_grad_(False)
-    return LoadedModel(model=model, source_kind=kind, load_seconds=time.monotonic() - started, device=device)
+    return LoadedModel(model=model, source_kind=kind, load_seconds=time.monotonic() - started, device=device,
+                       checkpoint=checkpoint)

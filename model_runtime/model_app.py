@@ -31,6 +31,7 @@ from ray import serve
 from model_runtime import levels
 from model_runtime.execution import Envelope, ExecutionLimits, ExecutionResult, execute_request, select_runner
 from model_runtime.garbage import freeze_long_lived
+from model_runtime.host_copy import NODE_MEMORY
 from model_runtime.metrics import RuntimeMetrics
 from model_runtime.model_keys import requested_revision
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
@@ -40,6 +41,7 @@ log = logging.getLogger("ray.serve")
 
 # Serve's own admission limit; the real bound is `max_queue_depth`, enforced below.
 _MAX_ONGOING = 100_000
+_IMPORTED_AT = time.time()  # this module's imports (ray, serve, the runtime) are done
 
 
 def _preimport_anyio() -> None:
@@ -73,6 +75,9 @@ def _prepare_process() -> None:
 @serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=_MAX_ONGOING)
 class ModelReplica:
     def __init__(self, args: dict[str, Any]) -> None:
+        # Epoch seconds of each start-up phase (bench/runtime.py splits activation time with them).
+        self._startup = {"process_started": levels.process_started_at(), "module_imported": _IMPORTED_AT,
+                         "init_started": time.time()}
         _prepare_process()
         self.args = ModelAppArgs.model_validate(args)
         if self.args.tensor_parallel_size > 1:
@@ -87,44 +92,54 @@ class ModelReplica:
         self._source_kind = ""
         self._level = levels.COLD
         self._transitions: list[dict[str, Any]] = []
+        self._host: Any = None  # host_copy.HostCopy, set by _load
         self._runner = select_runner()
         # Load into CPU RAM (WARM); reconfigure or the first use moves it to its level.
-        self._load()
+        self._transitions.append(self._load().__dict__)
+        self._startup["loaded"] = time.time()
         self._set_level(self.config.level)
+        self._startup["ready"] = time.time()
 
     # --- levels ------------------------------------------------------------------------------
 
     def _load(self) -> levels.Transition:
+        from model_runtime.host_copy import obtain
         from model_runtime.loading import load_model, pick_device
 
         started = time.monotonic()
-        # Always built in CPU RAM first: that copy is what WARM keeps and what HOT moves to the GPU.
-        loaded = load_model(self.args.model_copy(update={"gpus_per_replica": 0.0}))
-        self._model, self._source_kind = loaded.model, loaded.source_kind
+        # The host copy: mapped from the node's weight store when another replica left it there,
+        # else built in CPU RAM from the source and published to the store (model_runtime/host_copy.py).
+        cpu_args = self.args.model_copy(update={"gpus_per_replica": 0.0})
+        self._host = obtain(self.args, lambda: load_model(cpu_args))
+        self._model, self._source_kind = self._host.model, self._host.source_kind
         self._device = pick_device(self.args.gpus_per_replica)
         if self._device == "cuda":
             levels.limit_gpu_share(self.args.gpu_fraction)  # one rank's share of its GPU
-        self.metrics.model_load(self.args.model_key, loaded.source_kind, loaded.load_seconds)
+        self.metrics.model_load(self.args.model_key, self._source_kind, self._host.load_seconds)
         previous, self._level = self._level, levels.WARM
         freeze_long_lived()
-        return levels.timed(previous, levels.WARM, loaded.source_kind, started)
+        return levels.timed(previous, levels.WARM, self._source_kind, started)
 
     def _set_level(self, level: str) -> levels.Transition:
         started = time.monotonic()
         current = self._level
         if level == current:
+            if level == levels.WARM:
+                self._host.to_host()  # a fresh replica's own copy goes once the store holds one
             return levels.timed(current, level, "resident", started)
         if level == levels.COLD:
-            levels.drop(self._model)
+            self._host.release()
             self._model, self._level = None, levels.COLD
             return levels.timed(current, level, "none", started)
         source = "memory"
         if current == levels.COLD:
             source = self._load().source
+        elif self._source_kind == NODE_MEMORY:
+            source = NODE_MEMORY
         if level == levels.HOT:
-            levels.move_module(self._model, self._device)
+            self._host.to_device(self._device)
         else:
-            levels.move_module(self._model, "cpu")
+            self._host.to_host()
         self._level = level
         freeze_long_lived()  # the (re)placed weights leave the collected generations: cheap per-request gc
         transition = levels.timed(current, level, source, started)
@@ -167,6 +182,7 @@ class ModelReplica:
             "activate_on_request": self.config.activate_on_request,
             "wedged": self._wedged,
             "transitions": list(self._transitions[-5:]),
+            "startup": dict(self._startup),
             "metrics": self.metrics.snapshot(),
             "prometheus": self.metrics.exporting,
         }
@@ -233,6 +249,10 @@ class ModelReplica:
                 self._waiting -= 1
         log.info("job %s on %s took %.3fs", job_id, key, time.monotonic() - started)
 
+    def _activation_eta_s(self) -> float:
+        source_load = 0.0 if self._source_kind == NODE_MEMORY else float(getattr(self._host, "load_seconds", 0.0))
+        return levels.activation_eta_s(self._startup, source_load, int(getattr(self._host, "nbytes", 0)))
+
     def _limits(self) -> dict[str, int]:
         # The gateway caches these to refuse an oversize body before sending it to the replica.
         return {"max_payload_bytes": self.config.max_payload_bytes}
@@ -253,8 +273,10 @@ class ModelReplica:
                             limits)
         if self._level == levels.WARM:
             if self.config.activate_on_request:
-                return {**_refused(503, f"Model {key!r} is WARM (in CPU RAM); activation to HOT was requested, "
-                                        "retry shortly.", limits), "activation_requested": True}
+                eta = self._activation_eta_s()
+                return {**_refused(503, f"Model {key!r} is WARM (in CPU RAM); activation to HOT was requested "
+                                        f"and takes about {eta:.0f} s: retry then.", limits),
+                        "activation_requested": True, "retry_after_s": eta}
             return _refused(503, f"Model {key!r} is WARM (in CPU RAM, not serving); ask an admin to make it Hot.",
                             limits)
         if self._level != levels.HOT or self._model is None:

@@ -80,11 +80,13 @@ def build_tiny_model(
     dtype: str = "float32",
     max_shard_size: str | None = None,
     safe_serialization: bool = True,
+    config_overrides: dict[str, object] | None = None,
 ) -> Path:
     """Build and save a tiny model + tokenizer into `out_dir`; return the directory.
 
     `max_shard_size` (e.g. "100KB") writes a sharded checkpoint with an index file;
-    `safe_serialization=False` writes `pytorch_model.bin` (no safetensors headers to read).
+    `safe_serialization=False` writes `pytorch_model.bin` (no safetensors headers to read);
+    `config_overrides` (e.g. `{"hidden_size": 1024, "num_hidden_layers": 8}`) builds a bigger one.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -93,7 +95,8 @@ def build_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(build_config(arch, len(tokenizer)), dtype=getattr(torch, dtype))
+    config = build_config(arch, len(tokenizer), **(config_overrides or {}))
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.eval()
     save_kwargs: dict[str, object] = {}
     if max_shard_size is not None:

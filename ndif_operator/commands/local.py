@@ -85,12 +85,17 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             log("press Ctrl-C to stop")
             polls = 0
+            watcher = mode.demand_watcher()  # activateOnRequest: the gateway pushes demand at once
             while mode.head is not None and mode.head.running:
-                time.sleep(1.0)
+                pushed = None
+                if watcher is not None:
+                    pushed = watcher.wait(1.0)
+                else:
+                    time.sleep(1.0)
                 polls += 1
-                if polls % 5 == 0:  # activateOnRequest: a Warm model asked for becomes Hot for a while
+                if pushed is not None or polls % 5 == 0:  # pushed demand now; window ends every 5 s
                     try:
-                        mode.poll_activation()
+                        mode.poll_activation(demands=pushed)
                     except ServeRestError as exc:
                         log(f"activation on request: could not apply the new config: {exc}")
             log("the Ray head exited on its own; stopping")

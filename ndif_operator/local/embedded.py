@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,13 +24,21 @@ from typing import Any
 
 from ndif_operator.api import GatewayAppArgs, ModelDeployment
 from ndif_operator.evaluation import EstimateCache
-from ndif_operator.local.activation import DEFAULT_TTL_S, active_keys, candidates, next_windows, read_gateway_demands
+from ndif_operator.local.activation import (
+    DEFAULT_TTL_S,
+    DemandWatcher,
+    active_keys,
+    candidates,
+    next_windows,
+    read_gateway_demands,
+)
 from ndif_operator.local.inventory import DEFAULT_RESERVED_BYTES, LocalInventory, build_inventory, detect_machine
 from ndif_operator.local.manifests import load_manifests
 from ndif_operator.local.pipeline import LocalPlan, plan_local
 from ndif_operator.local.ray_head import LocalRayHead, RayHeadSpec, RayPorts
 from ndif_operator.local.serve_rest import AppProgress, ServeRestClient, ServeRestError, app_progress
 from ndif_operator.local.table import model_table
+from ndif_operator.planning.activation import Demand
 
 API_KEY_HASHES_ENV = "NDIF_API_KEY_HASHES"
 
@@ -71,6 +79,9 @@ class LocalSettings:
             temp_dir=self.temp_dir,
             pythonpath=(str(repo_root()), *self.extra_pythonpath),
             env=env,
+            # Host copies of WARM (and HOT) models live in the object store (model_runtime/weight_store.py).
+            object_store_bytes=max(RayHeadSpec.object_store_bytes,
+                                   max(g.cpu_memory_bytes for g in local.inventory.groups)),
         )
 
 
@@ -120,13 +131,22 @@ class LocalMode:
             raise ServeRestError(f"{exc}\n  (replica and controller logs: {logs})") from exc
         return self.plan
 
-    def poll_activation(self, now: datetime | None = None, *, gateway_url: str | None = None) -> bool:
-        """activateOnRequest: read the gateway's demand; re-plan and PUT the config when the set of
-        models Hot on request changes. Returns whether a new config was applied."""
+    def demand_watcher(self) -> DemandWatcher | None:
+        """A started watcher of the gateway's pushed demand, or None when no model activates on request."""
+        if not candidates(self.deployments):
+            return None
+        return DemandWatcher(self.ndif_host, self.settings.gateway_api_key).start()
+
+    def poll_activation(self, now: datetime | None = None, *, gateway_url: str | None = None,
+                        demands: Mapping[str, Demand] | None = None) -> bool:
+        """activateOnRequest: take the gateway's demand (pushed `demands`, else read `/status`);
+        re-plan and PUT the config when the set of models Hot on request changes. Returns whether
+        a new config was applied."""
         if self.plan is None or self.rest is None or self.local is None or not candidates(self.deployments):
             return False
         now = now or datetime.now(UTC)
-        demands = read_gateway_demands(gateway_url or self.ndif_host, self.settings.gateway_api_key)
+        if demands is None:
+            demands = read_gateway_demands(gateway_url or self.ndif_host, self.settings.gateway_api_key)
         self.windows = next_windows(self.deployments, demands, self.windows, now=now,
                                     ttl_s=self.settings.activation_ttl_s)
         wanted = active_keys(self.windows, now)

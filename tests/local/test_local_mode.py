@@ -46,6 +46,7 @@ metadata: {{name: warm, namespace: lt}}
 spec:
   model: {{repoId: ndif-test/warm-llama, source: {{localPath: {{path: {path}}}}}, dtype: float32}}
   level: Warm
+  activateOnRequest: true
 ---
 apiVersion: ndif.dev/v1alpha1
 kind: ModelDeployment
@@ -148,11 +149,45 @@ def test_requests_for_warm_and_unknown_models_get_clear_errors(local_run: LocalR
         )  # fmt: skip
 
     warm = post("ndif-test/warm-llama")
-    assert warm.status_code == 503 and "WARM" in warm.json()["detail"]
+    assert warm.status_code == 503 and "activation to HOT was requested" in warm.json()["detail"]
+    assert int(warm.headers["retry-after"]) >= 1  # how long to wait, also said in the detail
     unknown = post("ndif-test/nope")
     assert unknown.status_code == 404 and "not deployed" in unknown.json()["detail"]
     cold = post("ndif-test/cold-one")  # COLD: no application, but routed with its level
     assert cold.status_code == 503 and "is COLD (on disk only" in cold.json()["detail"]
+
+
+def test_requested_warm_model_becomes_hot_with_weights_from_node_memory(local_run: LocalRun, model_dir: Path) -> None:
+    """The 503 above pushed the demand (`/demand`); local mode re-planned it Hot and PUT the config.
+    The rendered change replaces the replica (other ray_actor_options), and the new replica maps the
+    weights the WARM one left in the node's weight store instead of reading the checkpoint."""
+    deadline = time.monotonic() + 180
+    while True:
+        status = json.loads(_get(f"{local_run.url}/status", API_KEY)[1])["deployments"]
+        warm = next(d for d in status.values() if d["repo_id"] == "ndif-test/warm-llama")
+        if warm["deployment_level"] == "HOT" and warm["application_state"] == "RUNNING":
+            break
+        assert time.monotonic() < deadline, f"never became HOT: {warm}\n{local_run.output()[-3000:]}"
+        time.sleep(0.5)
+    assert warm["load_source"] == "nodeMemory"
+    assert "lt/warm: requested while Warm: Hot until" in local_run.output()
+
+    import nnsight
+    import torch
+    from nnsight import TransformersModel
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    _ID_CACHE[str(model_dir)] = "ndif-test/warm-llama"
+    nnsight.CONFIG.API.HOST, nnsight.CONFIG.API.APIKEY = local_run.url, API_KEY
+    nnsight.CONFIG.APP.REMOTE_LOGGING = False
+    client = TransformersModel(str(model_dir), task="text-generation")
+    with client.trace("The Eiffel Tower is in the city of", remote=True):
+        remote = client.lm_head.output.save()
+    local = TransformersModel(str(model_dir), task="text-generation", dispatch=True, device_map="cpu",
+                              dtype="float32")
+    with local.trace("The Eiffel Tower is in the city of"):
+        expected = local.lm_head.output.save()
+    assert torch.allclose(remote, expected, atol=1e-5)
 
 
 def test_a_routing_change_reconfigures_the_gateway_in_place(local_run: LocalRun) -> None:

@@ -1,0 +1,97 @@
+"""The node-local weight store: a replica that replaces another maps its weights from shared memory.
+
+Through real Ray: the store is a detached actor, the weights live in Ray's object store, and the
+WARM → HOT change is the one the renderer emits (other `ray_actor_options`), which Serve applies by
+replacing the replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from model_runtime.tiny_models import build_tiny_model
+from ndif_operator.api import ModelAppArgs
+from runtime.conftest import model_args
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMPT = "The Eiffel Tower is in the city of"
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with model.trace(PROMPT):
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def test_fill_then_map_gives_the_same_model_and_eviction_frees_it(
+    serve_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import ray
+
+    from model_runtime import host_copy, weight_store
+    from model_runtime.loading import load_model
+
+    path = build_tiny_model("llama-tied", tmp_path_factory.mktemp("store") / "tied")
+    args = ModelAppArgs.model_validate(model_args(path, "default/tied"))
+    filled = host_copy.obtain(args, lambda: load_model(args))
+    assert isinstance(filled, host_copy.StoreCopy) and filled.source_kind == "localPath"
+
+    def no_disk() -> Any:
+        raise AssertionError("a second replica on the node must map the store, not load")
+
+    mapped = host_copy.obtain(args, no_disk)
+    assert mapped.source_kind == host_copy.NODE_MEMORY
+    module = mapped.model._module
+    assert next(module.parameters()).device.type == "meta"  # mapped, nothing copied yet
+    mapped.to_device("cpu")
+    assert module.lm_head.weight is module.model.embed_tokens.weight  # ties survive
+    assert not module.training
+    expected = filled.model._module.state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in module.state_dict().items())
+    assert torch.equal(_logits(mapped.model), _logits(filled.model))
+
+    mapped.to_host()  # WARM: the replica's own copy is gone, the store keeps one
+    assert next(module.parameters()).device.type == "meta"
+    mapped.to_device("cpu")
+    assert torch.equal(_logits(mapped.model), _logits(filled.model))
+
+    store = weight_store.node_store()
+    assert [e["model_key"] for e in ray.get(store.contents.remote())].count(args.model_key) == 1
+    mapped.release()  # COLD
+    assert args.model_key not in [e["model_key"] for e in ray.get(store.contents.remote())]
+
+
+def test_rendered_warm_to_hot_change_replaces_the_replica_which_maps_the_weights(
+    serve_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """WARM asks Ray for the host memory of the copy, HOT does not (renderer): Serve replaces the
+    replica, and the new one gets its weights from the node's store, not from disk."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from model_runtime import model_app
+
+    path = build_tiny_model("llama", tmp_path_factory.mktemp("store") / "swap", seed=3)
+    args = model_args(path, "default/swap")
+    app = "md-default-swap"
+
+    def deploy(level: str, actor_options: dict[str, Any]) -> dict[str, Any]:
+        target = model_app.ModelReplica.options(ray_actor_options=actor_options,
+                                                user_config={"level": level}).bind(args)
+        serve.run_many([RunTarget(target=target, name=app, route_prefix=None)])
+        return dict(serve.get_app_handle(app).info.remote().result())
+
+    try:
+        warm = deploy("Warm", {"num_cpus": 0, "num_gpus": 0, "memory": 2 * 1024**2})
+        assert warm["level"] == "Warm" and warm["source"] == "localPath"
+        hot = deploy("Hot", {"num_cpus": 0, "num_gpus": 0})
+        assert hot["startup"]["process_started"] != warm["startup"]["process_started"]  # a new replica
+        assert hot["level"] == "Hot" and hot["source"] == "nodeMemory"
+        back = deploy("Warm", {"num_cpus": 0, "num_gpus": 0, "memory": 2 * 1024**2})  # HOT → WARM
+        assert back["level"] == "Warm" and back["source"] == "nodeMemory"
+    finally:
+        serve.delete(app)
