@@ -36,6 +36,7 @@ from datetime import datetime
 from ndif_operator.api import Level, Reason
 from ndif_operator.api.units import human_bytes
 from ndif_operator.planning.capacity import CpuCapacity, GroupCapacity, SlotId
+from ndif_operator.planning.schedule import apply_schedule
 from ndif_operator.planning.sizing import TP_SIZES, Need, check_tp_sizes, impossible_tensor_parallel_size, need_in
 from ndif_operator.planning.types import (
     FRACTION_UNITS,
@@ -46,6 +47,7 @@ from ndif_operator.planning.types import (
     Plan,
     ReplicaPlacement,
 )
+from ndif_operator.scheduling.bookings import Schedule
 
 _Order = tuple[int, int, int, int, str]
 
@@ -566,8 +568,12 @@ def plan(
     now: datetime,
     whole_gpu_tensor_parallel: bool = False,
     auto_tensor_parallel_sizes: tuple[int, ...] = TP_SIZES,
+    schedule: Schedule | None = None,
 ) -> Plan:
     """Grant each request a level and a placement; deterministic and stable (see module doc).
+
+    `schedule` is the calendar's bookings (docs/calendar.md): a model booked at `now` is planned
+    dedicated Hot whatever its request says; its request is otherwise unchanged.
 
     `whole_gpu_tensor_parallel=True` gives each tensor-parallel rank a whole GPU (isolation: no
     other model on a TP replica's GPUs). The default gives each rank only its memory share, so the
@@ -579,6 +585,7 @@ def plan(
     splits layers instead (pipeline) can run any count, e.g. (1, 2, ..., 8), which wastes less
     (docs/placement.md, docs/benchmarks.md).
     """
+    requests = apply_schedule(requests, schedule, now)
     planner = _Planner(inventory, requests, now, whole_gpu_tensor_parallel, auto_tensor_parallel_sizes)
     planner.keep_current()
     planner.place_missing()

@@ -2,9 +2,10 @@
 
 An event on the shared calendar means "this model is dedicated (Hot, never evicted) during this
 time". `events` reads the Calendar v3 JSON of one event, `bookings` resolves what it names against
-the ModelDeployments and builds a `Schedule` for a moment `now`, and `overlay` turns the schedule
-into planner input and reads conflicts back from the plan. No I/O, no clock: every function takes
-`now`, so the tests give times as inputs.
+the ModelDeployments and builds a `Schedule` for a moment `now`, and `model_status` says what a
+ModelDeployment's status shows of it. The planner takes the schedule as one more input
+(`ndif_operator.planning.schedule`). No I/O, no clock: every function takes `now`, so the tests
+give times as inputs.
 """
 
 from ndif_operator.scheduling.bookings import (
@@ -15,7 +16,6 @@ from ndif_operator.scheduling.bookings import (
     build_schedule,
 )
 from ndif_operator.scheduling.events import CalendarEvent, EventProblem, parse_event
-from ndif_operator.scheduling.overlay import apply_schedule, unplaced_bookings
 
 __all__ = [
     "Booking",
@@ -24,8 +24,6 @@ __all__ = [
     "EventProblem",
     "Schedule",
     "ScheduleProblem",
-    "apply_schedule",
     "build_schedule",
     "parse_event",
-    "unplaced_bookings",
 ]

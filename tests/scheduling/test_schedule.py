@@ -8,14 +8,9 @@ import pytest
 
 from ndif_operator.api import Level
 from ndif_operator.planning import plan
+from ndif_operator.planning.schedule import apply_schedule, unplaced_bookings
 from ndif_operator.planning.types import Inventory, PlacementRequest, WorkerGroup
-from ndif_operator.scheduling import (
-    DeploymentRef,
-    apply_schedule,
-    build_schedule,
-    parse_event,
-    unplaced_bookings,
-)
+from ndif_operator.scheduling import DeploymentRef, build_schedule, parse_event
 from ndif_operator.scheduling.bookings import ProblemKind
 from ndif_operator.scheduling.events import EventProblem, clean_description
 
@@ -175,10 +170,10 @@ def test_booked_model_is_dedicated_hot_and_evicts_others_then_returns_to_spec() 
     assert before.decision("ndif/llama-70b").level == Level.WARM
     assert before.decision("ndif/llama-8b").level == Level.HOT
 
-    during = plan(INVENTORY, apply_schedule(requests(), s, T0), now=T0)
+    during = plan(INVENTORY, requests(), now=T0, schedule=s)
     assert during.decision("ndif/llama-70b").level == Level.HOT
     assert during.decision("ndif/llama-8b").level != Level.HOT  # higher priority, still evicted
-    assert unplaced_bookings(s, during, T0) == []
+    assert unplaced_bookings(s, during.by_key, T0) == []
 
     after = plan(INVENTORY, apply_schedule(requests(), s, T0 + timedelta(hours=2)), now=T0 + timedelta(hours=2))
     assert after.decision("ndif/llama-70b").level == Level.WARM
@@ -199,9 +194,9 @@ def test_overlapping_bookings_that_do_not_fit_are_conflicts() -> None:
         event("b", "ndif/llama-8b", T0 + timedelta(hours=1), T0 + timedelta(hours=3)),
     )
     now = T0 + timedelta(hours=1, minutes=30)
-    p = plan(INVENTORY, apply_schedule(requests(), s, now), now=now)
+    p = plan(INVENTORY, requests(), now=now, schedule=s)
     hot = {d.key for d in p.decisions if d.level == Level.HOT}
-    conflicts = unplaced_bookings(s, p, now)
+    conflicts = unplaced_bookings(s, p.by_key, now)
     assert len(hot & {"ndif/llama-70b", "ndif/llama-8b"}) == 1
     assert [c.kind for c in conflicts] == [ProblemKind.NOT_PLACED]
     assert conflicts[0].key in {"ndif/llama-70b", "ndif/llama-8b"} - hot

@@ -8,12 +8,12 @@ together, a model too large for the cluster) is a conflict the admin and the boo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 
 from ndif_operator.api import Level
-from ndif_operator.planning.types import PlacementRequest, Plan
+from ndif_operator.planning.types import Decision, PlacementRequest
 from ndif_operator.scheduling.bookings import ProblemKind, Schedule, ScheduleProblem
 
 
@@ -36,13 +36,16 @@ def apply_schedule(
     return out
 
 
-def unplaced_bookings(schedule: Schedule | None, plan: Plan, now: datetime) -> list[ScheduleProblem]:
-    """Bookings current at `now` whose model the plan did not make Hot, with the planner's reason."""
+def unplaced_bookings(
+    schedule: Schedule | None, decisions: Mapping[str, Decision], now: datetime
+) -> list[ScheduleProblem]:
+    """Bookings current at `now` whose model the plan (its decisions by key) did not make Hot, with
+    the planner's reason."""
     if schedule is None:
         return []
     problems: list[ScheduleProblem] = []
     for key, booking in sorted(schedule.active(now).items()):
-        decision = plan.by_key.get(key)
+        decision = decisions.get(key)
         if decision is None or decision.level == Level.HOT:
             continue
         problems.append(ScheduleProblem(
