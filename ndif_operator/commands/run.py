@@ -6,7 +6,7 @@ Settings come from the environment (NDIF_ prefix); flags override them:
   NDIF_NAMESPACES           comma-separated namespaces to watch (default: all)
   NDIF_RAY_SERVICE          RayService used when spec.rayService is unset (default: ndif)
   NDIF_DEBOUNCE_SECONDS     quiet time that turns a burst of changes into one pass (0.5)
-  NDIF_RESYNC_SECONDS       plan at least this often without events (30)
+  NDIF_RESYNC_SECONDS       plan at least this often without events (300)
   NDIF_FINALIZER            finalizer holding deleted models until their app is gone (ndif.dev/finalizer)
   NDIF_METRICS_PORT         Prometheus metrics port, 0 disables (9090)
   NDIF_KUBE_API_URL         API server URL (tests, development), with NDIF_KUBE_TOKEN_FILE, NDIF_KUBE_CA_FILE,
@@ -20,6 +20,7 @@ Settings come from the environment (NDIF_ prefix); flags override them:
   NDIF_RUNTIME_IMAGE        image of the meta-device evaluator Jobs (checkpoints without safetensors)
   NDIF_GATEWAY_URL          gateway base URL ({name}, {namespace} of the RayService) for activateOnRequest
   NDIF_ACTIVATION_TTL_SECONDS   how long a requested Warm model stays Hot (900)
+  NDIF_ESTIMATE_RETRY_INITIAL_SECONDS / NDIF_ESTIMATE_RETRY_MAX_SECONDS   retries of failed estimates (10 / 600)
 
 Needs the RBAC generated from the code (charts/ndif-operator/files/rbac.yaml, `ndif-operator generate`).
 A login failure (no credentials, 401, 403, no CRD, untrusted certificate) exits with status 1 and one

@@ -20,6 +20,7 @@ from ndif_operator.evaluation.cache import (
 from ndif_operator.evaluation.errors import EstimateError, EstimatePending
 from ndif_operator.evaluation.estimator import estimate, estimate_from_entry, evaluate
 from ndif_operator.evaluation.shape import ModelShape, shape_from_config
+from ndif_operator.evaluation.sources import SourceCredentials
 
 __all__ = [
     "Budget",
@@ -28,6 +29,7 @@ __all__ = [
     "EstimateError",
     "EstimatePending",
     "ModelShape",
+    "SourceCredentials",
     "cache_key",
     "configmap_key",
     "entry_from_runtime_output",

@@ -28,7 +28,7 @@ from ndif_operator.evaluation.safetensors_header import (
     parse_header,
 )
 from ndif_operator.evaluation.shape import shape_from_config
-from ndif_operator.evaluation.sources import CheckpointFiles, open_checkpoint
+from ndif_operator.evaluation.sources import CheckpointFiles, SourceCredentials, open_checkpoint
 from ndif_operator.evaluation.weights import weights_from_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -87,10 +87,11 @@ def evaluate(
     now: datetime,
     s3_client: Any | None = None,
     hf_token: str | None = None,
+    credentials: SourceCredentials | None = None,
 ) -> CacheEntry:
     """Size `model` from its files (I/O); the result is a cache entry."""
     key = cache_key(model)
-    files = open_checkpoint(model, s3_client=s3_client, hf_token=hf_token)
+    files = open_checkpoint(model, s3_client=s3_client, hf_token=hf_token, credentials=credentials)
     names = files.names()
     config = _read_json(files, "config.json") if "config.json" in names else None
     shards = safetensors_files(files, names)
@@ -146,6 +147,7 @@ def estimate(
     now: datetime | None = None,
     s3_client: Any | None = None,
     hf_token: str | None = None,
+    credentials: SourceCredentials | None = None,
 ) -> Estimate:
     """Size `model` in its requested dtype for `limits`; a cache hit does no I/O.
 
@@ -154,7 +156,8 @@ def estimate(
     """
     entry = cache.get(cache_key(model)) if cache is not None else None
     if entry is None:
-        entry = evaluate(model, now=now or datetime.now(UTC), s3_client=s3_client, hf_token=hf_token)
+        entry = evaluate(model, now=now or datetime.now(UTC), s3_client=s3_client, hf_token=hf_token,
+                         credentials=credentials)
         if cache is not None:
             cache.put(entry)
     return estimate_from_entry(entry, limits)

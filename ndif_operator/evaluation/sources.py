@@ -9,11 +9,40 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ndif_operator.api import ModelSpec
 from ndif_operator.evaluation.errors import EstimateError
+
+
+@dataclass(frozen=True, slots=True)
+class SourceCredentials:
+    """What the source's Secret holds: a Hub token, or S3 keys (as the AWS environment names them)."""
+
+    hf_token: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+
+    @classmethod
+    def from_secret(cls, data: Mapping[str, str]) -> SourceCredentials:
+        """A decoded Secret: key `token` (Hub) and/or `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+        `AWS_SESSION_TOKEN` (S3, the names the meta-device Job gets through `envFrom`)."""
+        return cls(hf_token=data.get("token") or None, aws_access_key_id=data.get("AWS_ACCESS_KEY_ID") or None,
+                   aws_secret_access_key=data.get("AWS_SECRET_ACCESS_KEY") or None,
+                   aws_session_token=data.get("AWS_SESSION_TOKEN") or None)
+
+    def s3_client_kwargs(self) -> dict[str, str]:
+        """boto3 keyword arguments; empty means boto3's own chain (the pod's identity)."""
+        if not (self.aws_access_key_id and self.aws_secret_access_key):
+            return {}
+        kwargs = {"aws_access_key_id": self.aws_access_key_id, "aws_secret_access_key": self.aws_secret_access_key}
+        if self.aws_session_token:
+            kwargs["aws_session_token"] = self.aws_session_token
+        return kwargs
 
 
 class CheckpointFiles(Protocol):
@@ -147,10 +176,13 @@ def _hub_offline() -> bool:
 
 
 def open_checkpoint(
-    model: ModelSpec, *, s3_client: Any | None = None, hf_token: str | None = None
+    model: ModelSpec, *, s3_client: Any | None = None, hf_token: str | None = None,
+    credentials: SourceCredentials | None = None,
 ) -> CheckpointFiles:
-    """The files of `model`'s checkpoint, from its declared source."""
+    """The files of `model`'s checkpoint, from its declared source (`credentials` from its Secret)."""
     src = model.source
+    credentials = credentials or SourceCredentials()
+    hf_token = credentials.hf_token or hf_token
     if src.local_path is not None:
         root = Path(src.local_path.path)
         if not root.is_dir():
@@ -160,7 +192,8 @@ def open_checkpoint(
         if s3_client is None:
             import boto3
 
-            s3_client = boto3.client("s3", endpoint_url=src.s3.endpoint_url, region_name=src.s3.region)
+            s3_client = boto3.client("s3", endpoint_url=src.s3.endpoint_url, region_name=src.s3.region,
+                                     **credentials.s3_client_kwargs())
         return S3Files(s3_client, src.s3.bucket, src.s3.prefix)
     snapshot = hf_cache_snapshot(model.repo_id, model.revision)
     if snapshot is not None:

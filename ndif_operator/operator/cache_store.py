@@ -1,15 +1,21 @@
-"""The evaluator cache kept in the cluster: one ConfigMap, loaded at start, written back per pass.
+"""The evaluator cache kept in the cluster: one ConfigMap, loaded at start, watched, written back per pass.
 
 Evaluations cost checkpoint I/O (ranged reads, or a meta-device Job); the ConfigMap makes them
 survive operator restarts. Writes are merge patches of only the changed keys, conditional on the
 resourceVersion the operator last saw: a 409 means another writer (an older replica during a
 Recreate rollout, an admin) got there first, so the store re-reads, keeps both sides' entries
-and tries again. Without RBAC on ConfigMaps the cache still works, in memory only.
+and tries again. The ConfigMap is watched (`watch`): entries that others add or change (an
+admin, a second operator, a script pre-sizing checkpoints) are taken in as they land, and the
+planner is told so that failed estimates are retried at once. Without RBAC on ConfigMaps the
+cache still works, in memory only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from ndif_operator.evaluation import EstimateCache
 from ndif_operator.operator.kube import KubeApi, KubeError
@@ -17,6 +23,8 @@ from ndif_operator.operator.kube import KubeApi, KubeError
 logger = logging.getLogger("ndif_operator.cache_store")
 
 _ATTEMPTS = 3
+_WATCH_SECONDS = 300  # one watch request's server-side timeout; it then resumes from the last version
+_WATCH_BACKOFF_MAX = 60.0
 
 
 class CacheStore:
@@ -99,3 +107,56 @@ class CacheStore:
             self._resource_version = body.get("metadata", {}).get("resourceVersion")
             return True
         return False
+
+    def apply(self, body: dict[str, Any] | None) -> bool:
+        """Take in the ConfigMap as the server has it now; True when it brought entries we lacked or
+        changed one (our own writes coming back change nothing)."""
+        data = dict((body or {}).get("data") or {})
+        self._resource_version = (body or {}).get("metadata", {}).get("resourceVersion") if body else None
+        self.loaded = True
+        if data == self._persisted:
+            return False
+        self._persisted = data
+        changed = False
+        for entry in EstimateCache.from_configmap_data(data):
+            if self.cache.get(entry.key) != entry:
+                self.cache.put(entry)
+                changed = True
+        return changed
+
+    async def watch(self, on_change: Callable[[], None]) -> None:
+        """Follow the ConfigMap until cancelled; `on_change()` after each change from elsewhere."""
+        resource_version: str | None = None
+        backoff = 1.0
+        trouble: str | None = None
+        while not self._disabled:
+            try:
+                # No version: the server first sends the ConfigMap as it is (ADDED), then changes.
+                async for kind, body in self.api.watch_config_map(self.namespace, self.name, resource_version or "",
+                                                                  _WATCH_SECONDS):
+                    resource_version = body.get("metadata", {}).get("resourceVersion") or resource_version
+                    if kind == "BOOKMARK":
+                        continue
+                    if kind == "DELETED":
+                        self._persisted, self._resource_version = {}, None  # the next save creates it again
+                        continue
+                    if self.apply(body):
+                        logger.info("evaluator cache %s changed: %d entries", self.where, len(self.cache))
+                        on_change()
+                if trouble is not None:
+                    logger.warning("watching the evaluator cache %s again", self.where)
+                trouble, backoff = None, 1.0
+            except KubeError as exc:
+                if exc.status == 410:
+                    resource_version = None  # too old: start again from the current state
+                    continue
+                if exc.status in (401, 403):
+                    logger.warning("cannot watch the evaluator cache %s (%s); changes by others are seen "
+                                   "after a restart", self.where, exc)
+                    return
+                if str(exc) != trouble:
+                    logger.warning("watching the evaluator cache %s failed (%s); retrying with backoff", self.where,
+                                   exc)
+                    trouble = str(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)

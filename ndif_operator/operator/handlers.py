@@ -1,9 +1,11 @@
-"""Kopf wiring: the handlers only wake the single planner loop (see reconciler.py).
+"""Kopf wiring: the handlers only wake the single planner loop (see loop.py and reconciler.py).
 
 Built per run into a fresh `kopf.OperatorRegistry` (no module-level decorators), so tests can
 start, stop and restart operators in one process. No kopf-tracked create/update/delete handlers
 exist, so kopf writes no progress or diff-base annotations and adds no finalizer of its own: the
-operator's finalizer (settings.finalizer) is managed by the reconciler.
+operator's finalizer (settings.finalizer) is managed by the reconciler. The handlers are
+`async def`: Kopf runs them on the event loop, where the planner's wake-up Event lives (a sync
+handler would run in a worker thread, and setting an asyncio Event from there is not safe).
 """
 
 from __future__ import annotations
@@ -80,15 +82,15 @@ def build_registry(settings: OperatorSettings, login: Login, *,
             state.reconciler.wake()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def model_deployment_changed(**_: Any) -> None:
+    async def model_deployment_changed(**_: Any) -> None:
         wake()
 
     @kopf.on.event(RAY_GROUP, RAY_VERSION, RAY_PLURAL, registry=registry)
-    def ray_service_changed(**_: Any) -> None:
-        wake()  # app statuses, upgrades and foreign edits of serveConfigV2 all matter
+    async def ray_service_changed(**_: Any) -> None:
+        wake()  # app statuses, upgrades, re-creation and foreign edits of serveConfigV2 all matter
 
     @kopf.on.probe(id="plannerPasses", registry=registry)
-    def planner_passes(**_: Any) -> int:
+    async def planner_passes(**_: Any) -> int:
         return state.reconciler.passes if state.reconciler is not None else 0
 
     @kopf.on.login(registry=registry, errors=kopf.ErrorsMode.PERMANENT)

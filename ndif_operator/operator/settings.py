@@ -40,7 +40,8 @@ class OperatorSettings(BaseSettings):
         default=0.5, ge=0, description="Quiet time after a change before planning: a burst becomes one pass."
     )
     resync_seconds: float = Field(
-        default=30.0, gt=0, description="Plan again at least this often even without events (level-triggered)."
+        default=300.0, gt=0, description="Plan again at least this often even without events (level-triggered; "
+                                         "watches wake it on every change)."
     )
     finalizer: str = Field(default="ndif.dev/finalizer", description="Finalizer that holds a deleted model "
                                                                       "until its Serve app is gone.")
@@ -86,6 +87,13 @@ class OperatorSettings(BaseSettings):
     )
     pending_poll_seconds: float = Field(
         default=5.0, gt=0, description="How often to look at a running meta-device evaluator Job.",
+    )
+    estimate_retry_initial_seconds: float = Field(
+        default=10.0, gt=0, description="First retry of a failed size estimate (doubling per failure); a spec "
+                                        "change or a change of the evaluator cache ConfigMap retries at once.",
+    )
+    estimate_retry_max_seconds: float = Field(
+        default=600.0, gt=0, description="Cap of the retry delay of a failed size estimate.",
     )
     gateway_url: str = Field(
         default="http://{name}-serve-svc.{namespace}.svc:8000",

@@ -84,6 +84,9 @@ def _placed(obs: Observation, old: Mapping[str, Mapping[str, Any]]) -> tuple[Con
         return status, Reason.UPGRADE_IN_PROGRESS, obs.frozen
     if obs.decision is None and obs.ray_service_error is not None:
         return ConditionStatus.FALSE, Reason.RAY_SERVICE_ERROR, obs.ray_service_error
+    if obs.estimate is None and obs.estimate_reason == Reason.ESTIMATE_FAILED:
+        # The planner only knows "unsized"; a failed estimate is no wait (see Evaluated for why).
+        return ConditionStatus.FALSE, Reason.ESTIMATE_FAILED, "not placed: the model could not be sized"
     if obs.decision is None:
         return ConditionStatus.FALSE, obs.estimate_reason or Reason.ESTIMATE_PENDING, "waiting for an estimate"
     decision = obs.decision

@@ -1,7 +1,7 @@
 """A faithful-enough Kubernetes API server for the operator's tests (see tests/README.md)."""
 
-from kube_emulator.resources import CONFIG_MAPS, JOBS, PODS, RAY_SERVICE, ResourceType, from_crd
+from kube_emulator.resources import CONFIG_MAPS, JOBS, PODS, RAY_SERVICE, SECRETS, ResourceType, from_crd
 from kube_emulator.server import ApiError, KubeEmulator, merge_patch
 
-__all__ = ["CONFIG_MAPS", "JOBS", "PODS", "RAY_SERVICE", "ApiError", "KubeEmulator", "ResourceType", "from_crd",
-           "merge_patch"]
+__all__ = ["CONFIG_MAPS", "JOBS", "PODS", "RAY_SERVICE", "SECRETS", "ApiError", "KubeEmulator", "ResourceType",
+           "from_crd", "merge_patch"]

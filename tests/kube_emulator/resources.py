@@ -97,6 +97,7 @@ NODES = ResourceType(group="", version="v1", plural="nodes", kind="Node", namesp
 CRDS = ResourceType(group="apiextensions.k8s.io", version="v1", plural="customresourcedefinitions",
                     kind="CustomResourceDefinition", namespaced=False, status_subresource=True)
 CONFIG_MAPS = ResourceType(group="", version="v1", plural="configmaps", kind="ConfigMap", short_names=("cm",))
+SECRETS = ResourceType(group="", version="v1", plural="secrets", kind="Secret")
 # Jobs and Pods are stored only: no controller or kubelet runs them (a test plays that part).
 JOBS = ResourceType(group="batch", version="v1", plural="jobs", kind="Job", status_subresource=True)
 PODS = ResourceType(group="", version="v1", plural="pods", kind="Pod", short_names=("po",),

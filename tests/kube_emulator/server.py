@@ -30,7 +30,18 @@ import jsonpatch
 from aiohttp import web
 
 from kube_emulator import jsonpath
-from kube_emulator.resources import CONFIG_MAPS, CRDS, EVENTS, JOBS, NAMESPACES, NODES, PODS, RAY_SERVICE, ResourceType
+from kube_emulator.resources import (
+    CONFIG_MAPS,
+    CRDS,
+    EVENTS,
+    JOBS,
+    NAMESPACES,
+    NODES,
+    PODS,
+    RAY_SERVICE,
+    SECRETS,
+    ResourceType,
+)
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -139,7 +150,7 @@ class KubeEmulator:
     def __init__(self, types: Iterable[ResourceType] = (), *, history_limit: int = 50_000,
                  bookmark_interval: float = 10.0) -> None:
         self.types: dict[tuple[str, str, str], ResourceType] = {}
-        for rtype in (EVENTS, NAMESPACES, NODES, CRDS, CONFIG_MAPS, JOBS, PODS, RAY_SERVICE, *types):
+        for rtype in (EVENTS, NAMESPACES, NODES, CRDS, CONFIG_MAPS, SECRETS, JOBS, PODS, RAY_SERVICE, *types):
             self.types[rtype.key] = rtype
         self._objects: dict[tuple[str, str, str], dict[tuple[str, str], Obj]] = {k: {} for k in self.types}
         self._history: dict[tuple[str, str, str], list[tuple[int, str, Obj]]] = {k: [] for k in self.types}

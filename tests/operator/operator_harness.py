@@ -28,9 +28,10 @@ KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")
 MD_TYPE: ResourceType = from_crd(build_crd(), validate=lambda obj, old: [str(e) for e in validate_object(obj, old)],
                                  default=apply_defaults)
 NAMESPACE = "ml"
+OPERATOR_NAMESPACE = "ndif-system"  # the settings' default outside a pod: evaluator cache, Jobs, Secrets
 
 
-def size_estimator(model: ModelSpec, limits: RuntimeLimits) -> Estimate:
+def size_estimator(model: ModelSpec, limits: RuntimeLimits, credentials: object = None) -> Estimate:
     """Sizes from the repo id (`org/m-<GiB>`): the real evaluator is another component, and capacity
     scenarios need exact sizes. `org/broken-*` cannot be sized."""
     match = re.search(r"-(\d+(?:\.\d+)?)g$", model.repo_id.lower())
@@ -95,6 +96,14 @@ class Cluster:
     def condition(self, name: str, kind: str) -> dict[str, Any]:
         obj = self.md(name) or {}
         return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind), {})
+
+    def secret(self, name: str, data: dict[str, str], namespace: str = OPERATOR_NAMESPACE) -> None:
+        """A Secret (stringData-style values, stored base64 as the server does)."""
+        import base64
+
+        encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        self.emu.create_sync({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                              "metadata": {"name": name, "namespace": namespace}, "data": encoded})
 
     def rs_patches(self) -> int:
         return len([e for e in self.emu.requests("PATCH", r"/rayservices/[^/]+$") if e.status == 200])

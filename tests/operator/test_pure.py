@@ -173,3 +173,18 @@ def test_kuberay_serve_update_events() -> None:
     assert serve_update_failure([updated, failed]) == "KubeRay: FailedToUpdateServeApplications: bad import_path"
     assert serve_update_failure([failed, {**updated, "lastTimestamp": "2026-11-27T12:01:00Z"}]) is None
     assert serve_update_failure([{"reason": "ServeConfigOverwritten"}]) is None
+
+
+def test_kube_errors_keep_the_servers_message() -> None:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    from ndif_operator.operator.kube import api_error
+
+    exc = ApiException(status=422, reason="Unprocessable Entity")
+    exc.body = ('{"kind":"Status","status":"Failure","reason":"Invalid","code":422,"message":"ModelDeployment.ndif.dev '
+                '\\"m\\" is invalid: status.replicas: Invalid value: -1: should be greater than or equal to 0"}')
+    error = api_error(exc)
+    assert error.status == 422 and error.reason == "Invalid"
+    assert "status.replicas: Invalid value: -1" in str(error) and str(error).startswith("422 Invalid: ")
+    bare = api_error(ApiException(status=503, reason="Service Unavailable"))
+    assert str(bare) == "503 Service Unavailable"

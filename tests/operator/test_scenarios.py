@@ -28,6 +28,9 @@ def placed(cluster: Cluster, name: str, namespace: str = NAMESPACE) -> bool:
 def test_kubectl_apply_get_columns_and_delete(cluster: Cluster, operator: OperatorThread) -> None:
     cluster.emu.create_sync({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ndif"}})
     cluster.emu.create_sync(ray_service(namespace="ndif", groups=(("gpu", 2, 4, "80Gi"),)))
+    # The Secrets the examples name, where the operator reads them (its own namespace).
+    cluster.secret("hf-token", {"token": "hf_example"})
+    cluster.secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "example"})
     cluster.kubectl("apply", *EXAMPLES)
     names = ["gpt2", "llama-3-1-70b", "llama-3-1-8b", "llama-3-1-8b-instruct", "pythia-1-4b"]
     wait_for(lambda: all(placed(cluster, n, "ndif") for n in names), what="all examples placed")
