@@ -36,7 +36,7 @@ def test_kubectl_apply_get_columns_and_delete(cluster: Cluster, operator: Operat
     wait_for(lambda: all(placed(cluster, n, "ndif") for n in names), what="all examples placed")
     table = cluster.kubectl("get", "modeldeployments", "-n", "ndif").stdout
     header, *rows = table.strip().splitlines()
-    assert header.split() == ["NAME", "MODEL", "LEVEL", "READY", "REPLICAS", "GPUS", "MEMORY", "AGE"]
+    assert header.split() == ["NAME", "MODEL", "LEVEL", "READY", "REPLICAS", "GPUS", "MEMORY", "BOOKED-UNTIL", "AGE"]
     gpt2 = next(r for r in rows if r.startswith("gpt2 ")).split()
     assert gpt2[1:4] == ["openai-community/gpt2", "Hot", "False"]
     warm = next(r for r in rows if r.startswith("llama-3-1-8b ")).split()
