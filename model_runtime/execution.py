@@ -42,6 +42,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from model_runtime.bounds import MAX_LOG_BYTES, CappedLog, bounded
 from model_runtime.garbage import collect_request_garbage
 from model_runtime.request_thread import Outcome, RequestThreadPool
 
@@ -65,6 +66,8 @@ class ExecutionLimits:
     max_result_bytes: int = 1024**3
     # How long a timed-out worker gets to unwind after the async exception before it counts as wedged.
     cancel_grace_seconds: float = 5.0
+    # Everything a request writes to stdout/stderr (prints, warnings) that goes back as LOG lines.
+    max_log_bytes: int = MAX_LOG_BYTES
 
 
 @dataclass
@@ -327,15 +330,15 @@ def execute_request(
 
     def work() -> None:
         try:
-            with _capture_output(on_log):
+            with _capture_output(CappedLog(on_log, limits.max_log_bytes)):
                 saves = runner(model, blob, envelope)
                 outcome["result"] = encode_saves(saves, envelope.compress)
         except RequestError as exc:
-            outcome["error"] = str(exc)
+            outcome["error"] = bounded(str(exc))
         except SystemExit:
             pass  # the timeout's cancel: no result, reported from `ended` below
         except BaseException as exc:  # the server's fault, but the user still needs an answer
-            outcome["error"] = f"Internal error while running the request: {type(exc).__name__}: {exc}"
+            outcome["error"] = bounded(f"Internal error while running the request: {type(exc).__name__}: {exc}")
 
     with nnsight_caches_restored():
         thread = _THREADS.acquire(runner, "nnsight-request")

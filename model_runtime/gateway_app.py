@@ -44,7 +44,8 @@ from ray import serve
 
 from model_runtime import weight_store
 from model_runtime.auth import ApiKeys
-from model_runtime.jobs import Job, JobStore
+from model_runtime.gateway_bounds import HttpError, bounded_event, read_body_capped
+from model_runtime.jobs import Job, JobStore, JobStoreFull
 from model_runtime.model_keys import client_model_key, repo_key
 from model_runtime.results import MemoryResults, result_store
 from model_runtime.versions import version_refusal
@@ -61,12 +62,6 @@ _STATE_RECHECK_S = 0.25  # an app not RUNNING in the cache is looked at again at
 _COLD = "Cold"
 
 app = FastAPI(title="NDIF gateway", docs_url=None, redoc_url=None)
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers
 
 
 def _response(job_id: str, status: str, description: str = "", data: Any = None,
@@ -297,11 +292,7 @@ class NnsightGateway:
         refusal = version_refusal(request.headers.get("nnsight-version"), self.args.min_nnsight_version)
         if refusal:
             raise HttpError(400, refusal)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.args.max_request_bytes:
-            # Refuse before the multipart parser spools the body to disk.
-            raise HttpError(413, f"Request of {declared} bytes exceeds the gateway's limit of "
-                                 f"{self.args.max_request_bytes} bytes.")
+        await read_body_capped(request, self.args.max_request_bytes)
         data, blob = await self._multipart(request)
         try:
             envelope = json.loads(data)
@@ -330,7 +321,10 @@ class NnsightGateway:
         if session_id and not self.jobs.has_session(session_id):
             raise HttpError(400, "Unknown session id: open /subscribe first.")
         envelope["session_id"] = session_id
-        job = self.jobs.new_job(key, owner, session_id)
+        try:
+            job = self.jobs.new_job(key, owner, session_id)
+        except JobStoreFull as exc:
+            raise HttpError(503, str(exc)) from None
         inline_max = self.args.inline_result_max_bytes if session_id else 0
         stream = self._admit(app_name, job, envelope, blob, inline_max)
         first = await self._first_event(key, app_name, job, stream)
@@ -433,6 +427,7 @@ class NnsightGateway:
     # --- job processing ----------------------------------------------------------------------
 
     def _record(self, job: Job, event: dict[str, Any], *, push: bool = True) -> None:
+        event = bounded_event(event)
         if event["status"] != "LOG":  # non-blocking polls see lifecycle states, like NDIF
             job.latest = event
         if push and job.session_id:

@@ -2,7 +2,7 @@
 
 State is in the gateway replica's memory, so the gateway runs as ONE replica (a websocket
 session and its `POST /request` must meet in the same process). Finished jobs expire after
-`ttl_seconds`.
+`ttl_seconds`; at most `max_jobs` are kept (the oldest finished ones go first).
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ def mint_id() -> str:
     return secrets.token_urlsafe(24)
 
 
+class JobStoreFull(Exception):
+    """Every slot holds a job still running: a new one cannot be recorded."""
+
+
 @dataclass
 class Job:
     id: str
@@ -33,8 +37,10 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, ttl_seconds: float = 3600.0, max_session_frames: int = 10_000) -> None:
+    def __init__(self, ttl_seconds: float = 3600.0, max_session_frames: int = 10_000, max_jobs: int = 10_000) -> None:
+        # Insertion-ordered: the oldest finished jobs are dropped first when the store is full.
         self._jobs: dict[str, Job] = {}
+        self._max_jobs = max_jobs
         self._sessions: dict[str, asyncio.Queue[Frame]] = {}
         self._ttl = ttl_seconds
         self._max_frames = max_session_frames
@@ -60,6 +66,11 @@ class JobStore:
     # jobs
     def new_job(self, model_key: str, owner: str, session_id: str) -> Job:
         self._expire()
+        if len(self._jobs) >= self._max_jobs:
+            for old in [j.id for j in self._jobs.values() if j.done][: len(self._jobs) - self._max_jobs + 1]:
+                del self._jobs[old]
+            if len(self._jobs) >= self._max_jobs:
+                raise JobStoreFull(f"the gateway holds {self._max_jobs} unfinished jobs; retry later")
         job = Job(id=mint_id(), model_key=model_key, owner=owner, session_id=session_id)
         self._jobs[job.id] = job
         return job

@@ -29,7 +29,14 @@ from typing import Any
 from ray import serve
 
 from model_runtime import levels
-from model_runtime.execution import Envelope, ExecutionLimits, ExecutionResult, execute_request, select_runner
+from model_runtime.execution import (
+    Envelope,
+    ExecutionLimits,
+    ExecutionResult,
+    execute_request,
+    run_blob,
+    select_runner,
+)
 from model_runtime.garbage import freeze_long_lived
 from model_runtime.host_copy import NODE_MEMORY
 from model_runtime.metrics import RuntimeMetrics
@@ -94,6 +101,7 @@ class ModelReplica:
         self._transitions: list[dict[str, Any]] = []
         self._host: Any = None  # host_copy.HostCopy, set by _load
         self._runner = select_runner()
+        self._configure_sandbox()
         # Load into CPU RAM (WARM); reconfigure or the first use moves it to its level.
         self._transitions.append(self._load().__dict__)
         self._startup["loaded"] = time.time()
@@ -150,8 +158,17 @@ class ModelReplica:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = ModelUserConfig.model_validate(user_config)
+        self._configure_sandbox()
         async with self._lock:  # never move weights under a running request
             await asyncio.to_thread(self._set_level, str(self.config.level))
+
+    def _configure_sandbox(self) -> None:
+        """The ModelDeployment's limits, down to the sandbox (the one limits object)."""
+        if self._runner is not run_blob:
+            from model_runtime.sandbox.executor import configure
+            from model_runtime.sandbox.limits import Limits
+
+            configure(Limits.from_config(self.config))
 
     async def activate(self) -> dict[str, Any]:
         """Become HOT now; returns the timed transition (cold vs warm activation)."""

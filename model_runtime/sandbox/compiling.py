@@ -29,6 +29,7 @@ import operator
 import threading
 import types
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,6 +285,26 @@ class _EnvoyWriter:
         object.__getattribute__(self, "_target")[key] = value
 
 
+class _TensorWriter:
+    """What `_write_(tensor)` returns: items may be assigned; of attributes only `grad` and
+    `requires_grad` (an attribute set on a tensor the server keeps would travel into later
+    requests)."""
+
+    __slots__ = ("_target",)
+    WRITABLE = frozenset({"grad", "requires_grad"})
+
+    def __init__(self, target: Any) -> None:
+        object.__setattr__(self, "_target", target)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.WRITABLE:
+            raise CapabilityDenied(f"setting .{name} on a tensor is not allowed; keep the value in a variable or dict")
+        setattr(object.__getattribute__(self, "_target"), name, value)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        object.__getattribute__(self, "_target")[key] = value
+
+
 @dataclass
 class Guards:
     """The guard functions for one request, closed over its capabilities and model guard."""
@@ -291,6 +312,8 @@ class Guards:
     caps: Capabilities
     is_protected: Callable[[Any], bool]
     on_print: Callable[[str], None] = lambda _text: None
+    #: Whether an object belongs to the served model's state (provenance.ServerState.owns).
+    server_owned: Callable[[Any], bool] = lambda _obj: False
     #: Bytes of printed output a request may send back as LOG lines (the rest is dropped).
     max_print_bytes: int = 1024 * 1024
     printed_bytes: int = 0
@@ -305,6 +328,14 @@ class Guards:
             raise CapabilityDenied(f"attribute {name!r} is not available in the sandbox")
         if isinstance(obj, ModuleProxy):
             return getattr(obj, name, *default)
+        unbound = isinstance(obj, type) and any(obj is t for t in _CONTAINER_TYPES)
+        if name in _CONTAINER_MUTATORS and (unbound or self.server_owned(obj)):
+            # `model.kwargs.update(...)`, or `dict.update(server_dict, ...)`: a method call is a
+            # write the write guard never sees.
+            raise ModelTampering(f".{name}() would change the served model's state, which is read-only to "
+                                 "requests; copy the container first (list(x), dict(x))"
+                                 if not unbound else
+                                 f"unbound {obj.__name__}.{name} is not available; call it on the object")
         if isinstance(obj, types.ModuleType):
             raise CapabilityDenied("raw modules are not available in the sandbox")
         if isinstance(obj, _INTERPRETER_TYPES):
@@ -384,7 +415,12 @@ class Guards:
             raise ModelTampering("writing into the model's weights is not allowed")
         if _is_envoy(obj):
             return _EnvoyWriter(obj)
-        if isinstance(obj, (list, dict, set, bytearray, torch.Tensor)) or type(obj).__module__ == "sandbox":
+        if self.server_owned(obj):
+            raise ModelTampering(f"this {type(obj).__name__} belongs to the served model's state and is read-only "
+                                 "to requests; copy it first (list(x), dict(x)) and change the copy")
+        if isinstance(obj, torch.Tensor):
+            return _TensorWriter(obj)
+        if isinstance(obj, (list, dict, set, bytearray)) or type(obj).__module__ == "sandbox":
             return obj
         # Anything else is shared server state (tokenizer, config, nnsight internals).
         raise CapabilityDenied(f"objects of type {type(obj).__name__} are read-only in the sandbox")
@@ -536,6 +572,15 @@ def _is_envoy(obj: Any) -> bool:
 
     return isinstance(obj, Envoy)
 
+
+_CONTAINER_TYPES = (list, dict, set, OrderedDict, bytearray)
+_CONTAINER_MUTATORS = frozenset(
+    {
+        "append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "update", "setdefault",
+        "popitem", "add", "discard", "difference_update", "intersection_update", "symmetric_difference_update",
+        "move_to_end",
+    }
+)
 
 _INPLACE_OPS: Mapping[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+_MAX_MESSAGE_CHARS = 4096
+
 
 class SandboxError(Exception):
     """A request did something the sandbox forbids. The message is safe to show the user."""
@@ -9,6 +11,10 @@ class SandboxError(Exception):
     layer = "sandbox"
 
     def __init__(self, message: str) -> None:
+        # Messages echo request-chosen text (an attribute name, a module name): bounded, so a
+        # 100 MB name does not become a 100 MB error for the gateway to keep.
+        if len(message) > _MAX_MESSAGE_CHARS:
+            message = message[: _MAX_MESSAGE_CHARS // 2] + " [...] " + message[-_MAX_MESSAGE_CHARS // 2 :]
         super().__init__(f"[{self.layer}] {message}")
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_runtime.bounds import CappedLog
 from model_runtime.sandbox import sources
 from model_runtime.sandbox.capabilities import Capabilities
 from model_runtime.sandbox.compiling import (
@@ -42,7 +43,9 @@ from model_runtime.sandbox.compiling import (
 from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected, SandboxError
 from model_runtime.sandbox.gradients import activations_require_grad, wants_gradients
 from model_runtime.sandbox.limits import Limits, Worker, address_space_cap, check_payload, tensor_bytes
+from model_runtime.sandbox.model_calls import check_call_kwargs, shape_limits
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
+from model_runtime.sandbox.provenance import ServerState
 from model_runtime.sandbox.unpickling import loads
 
 _ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
@@ -65,6 +68,7 @@ class ExecutionResult:
 class _ModelContext:
     weights: WeightGuard
     caps: Capabilities
+    state: ServerState
 
 
 @dataclass
@@ -101,7 +105,7 @@ class Sandbox:
         ctx = self._models.get(model)
         if ctx is None or ctx.weights.modules[0] is not model._module:  # new or rebuilt model
             weights = WeightGuard([model._module])
-            ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected))
+            ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected), ServerState(model))
             self._models[model] = ctx
         return ctx
 
@@ -117,7 +121,8 @@ class Sandbox:
         caller's: `model_runtime.execution.nnsight_caches_restored`)."""
         with self._lock:
             ctx = self.context(model)
-            request = _Request(ctx, Guards(ctx.caps, ctx.weights.is_protected, on_print=on_print))
+            request = _Request(ctx, Guards(ctx.caps, ctx.weights.is_protected, on_print=on_print,
+                                           server_owned=ctx.state.owns))
             state = ProcessState.capture()
             try:
                 if env:
@@ -127,7 +132,8 @@ class Sandbox:
             finally:
                 t0 = time.perf_counter()
                 request.guards.release()
-                request.restored = state.restore()
+                changed = ctx.state.verify_and_restore()
+                request.restored = state.restore() + [f"server state {where}" for where in changed]
                 request.restore_s = time.perf_counter() - t0
 
     def execute(
@@ -147,7 +153,7 @@ class Sandbox:
         env = _checked_env(getattr(envelope, "env", {}) or {})
         from model_runtime.execution import nnsight_caches_restored
 
-        with self.request(model, env, on_log or (lambda _t: None)) as request, nnsight_caches_restored():
+        with self.request(model, env, CappedLog(on_log or (lambda _t: None))) as request, nnsight_caches_restored():
             worker = self.worker(limits.seccomp)
             job = _Job(model, raw, compress, request.guards, request.ctx.weights, limits, timings)
             try:
@@ -214,7 +220,9 @@ class _Job:
             frame = tracer.info.frame
             inc()
             try:
-                with activations_require_grad(self.model, wants_gradients(self.raw)):
+                with activations_require_grad(self.model, wants_gradients(self.raw)), shape_limits(
+                    self.model._module, self.limits.max_batch_size, self.limits.max_sequence_length
+                ):
                     tracer.execute(code)
                 saves = {k: v for k, v in frame.f_locals.items() if id(v) in _saves()}
             except SandboxError:
@@ -320,6 +328,7 @@ def _validate_call(tracer: Any, model: Any) -> None:
         raise PayloadRejected("the payload's model call has the wrong shape")
     if not isinstance(tracer.kwargs, dict) or any(not isinstance(k, str) for k in tracer.kwargs):
         raise PayloadRejected("the payload's model call has the wrong shape")
+    check_call_kwargs(tracer.kwargs)
     if tracer.envoy._module is not model._module:
         raise PayloadRejected("the payload's model is not the model this replica serves")
 
@@ -392,6 +401,11 @@ def sandbox_healthy() -> bool:
     """False once the process-wide sandbox saw weights change behind its guards or a request it
     could not stop: the replica must be replaced (for a model app's health check)."""
     return _DEFAULT is None or _DEFAULT.healthy
+
+
+def configure(limits: Limits) -> None:
+    """Set the process-wide sandbox's limits (a model replica: from its ModelDeployment's)."""
+    default_sandbox().limits = limits
 
 
 def default_sandbox() -> Sandbox:

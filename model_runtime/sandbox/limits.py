@@ -36,23 +36,41 @@ from typing import Any, TypeVar
 
 from model_runtime.request_thread import Outcome, RequestThread
 from model_runtime.sandbox.errors import LimitExceeded, RequestTimeout
+from ndif_operator.api import ModelUserConfig
 
 T = TypeVar("T")
 MIB = 1024 * 1024
 _DECOMPRESS_CHUNK = MIB
 
 
+_CONFIG = ModelUserConfig()  # the one set of defaults: the ModelDeployment's (RuntimeLimits)
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits; the defaults match `ModelUserConfig`'s."""
+    """Per-request limits. A replica builds them from its ModelDeployment's limits
+    (`Limits.from_config(ModelUserConfig)`); the defaults are that config's defaults."""
 
-    timeout_s: float = 300.0
-    max_payload_bytes: int = 64 * MIB
-    max_decompressed_bytes: int = 256 * MIB
-    max_result_bytes: int = 1024 * MIB
+    timeout_s: float = float(_CONFIG.request_timeout_seconds)
+    max_payload_bytes: int = _CONFIG.max_payload_bytes
+    max_decompressed_bytes: int = 4 * _CONFIG.max_payload_bytes
+    max_result_bytes: int = _CONFIG.max_result_bytes
     memory_bytes: int | None = 8 * 1024 * MIB
     seccomp: bool = True
     grace_s: float = 5.0
+    max_batch_size: int = _CONFIG.max_batch_size
+    max_sequence_length: int = _CONFIG.max_sequence_length
+
+    @classmethod
+    def from_config(cls, config: ModelUserConfig) -> Limits:
+        return cls(
+            timeout_s=float(config.request_timeout_seconds),
+            max_payload_bytes=config.max_payload_bytes,
+            max_decompressed_bytes=4 * config.max_payload_bytes,
+            max_result_bytes=config.max_result_bytes,
+            max_batch_size=config.max_batch_size,
+            max_sequence_length=config.max_sequence_length,
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ traceback.
 
 `user_traceback(exc)` renders only frames whose code came from the request, labelled with the
 client's names, and `scrub()` takes server paths out of the message; every text that leaves the
-sandbox is bounded by `bounded()`.
+sandbox is bounded (`model_runtime.bounds`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-#: What a client-visible error or traceback may grow to (the rest is cut, with a note).
-MAX_ERROR_CHARS = 16 * 1024
+from model_runtime.bounds import bounded
+
 #: A client-supplied file or function name as shown in a traceback.
 _MAX_LABEL_CHARS = 200
 
@@ -114,12 +114,3 @@ def scrub(text: str) -> str:
     if _PATHS is None:
         _PATHS = re.compile("|".join(re.escape(p) for p in _server_prefixes()) + r"|/tmp/[^\s'\"]*")
     return _PATHS.sub("<server>", text)
-
-
-def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """`text`, cut to `limit` characters (head and tail kept: the error type and the last frame)."""
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n[... {len(text) - limit:,} characters cut ...]\n{text[-half:]}"
-

@@ -31,6 +31,9 @@ class ModelUserConfig(_Args):
     max_payload_bytes: int = 64 * MIB
     max_result_bytes: int = 1024 * MIB
     max_queue_depth: int = 64
+    # The largest batch and longest sequence the memory budget is sized for (enforced per request).
+    max_batch_size: int = 8
+    max_sequence_length: int = 2048
     # A request while WARM asks for HOT (ModelDeployment `activateOnRequest`); see the gateway.
     activate_on_request: bool = False
 
@@ -45,6 +48,8 @@ class ModelUserConfig(_Args):
             max_payload_bytes=limits.max_payload_bytes,
             max_result_bytes=limits.max_result_bytes,
             max_queue_depth=limits.max_queue_depth,
+            max_batch_size=limits.max_batch_size,
+            max_sequence_length=limits.max_sequence_length,
         )
 
 
@@ -107,5 +112,7 @@ class GatewayAppArgs(_Args):
     object_store_endpoint_url: str | None = None
     inline_result_max_bytes: int = 4 * MIB
     max_request_bytes: int = Field(
-        default=4 * 1024 * MIB + MIB, ge=1, description="Bodies above this are refused before parsing."
+        default=256 * MIB, ge=1,
+        description="Bodies above this are refused while they stream in (chunked ones included), before parsing; "
+        "raise it with the models' `maxPayloadBytes`.",
     )

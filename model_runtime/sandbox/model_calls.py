@@ -1,0 +1,97 @@
+"""What a request may pass to the model call, and how big a batch it may run.
+
+**Loaders.** The keyword arguments of `model.trace(...)` / `model.generate(...)` reach
+transformers' `generate` and the model's `forward`. Some of them load code or weights from
+elsewhere (`trust_remote_code`, `custom_generate` fetches a generation loop from the Hub,
+`assistant_model`, a kernel-hub `attn_implementation`), carry objects the server would call
+(`streamer`, `stopping_criteria`, `logits_processor`), or replace server configuration
+(`generation_config`). They are refused by name, at any depth, and every value must be plain data
+(numbers, strings, tensors and containers of them), so no object reaches a loader whatever
+its key.
+
+**Shapes.** A ModelDeployment's `maxBatchSize` and `maxSequenceLength` size its memory budget: a
+larger batch risks a co-tenant's memory. While a request runs, a pre-hook on the model's forward
+refuses inputs with more rows or positions than that (generation included: the attention mask
+grows with each new token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected
+
+LOADER_KWARGS = frozenset(
+    {
+        "trust_remote_code", "custom_generate", "assistant_model", "assistant_tokenizer", "tokenizer",
+        "generation_config", "streamer", "stopping_criteria", "logits_processor", "prefix_allowed_tokens_fn",
+        "negative_prompt_ids", "synced_gpus", "revision", "cache_dir", "token", "use_auth_token",
+        "local_files_only", "force_download", "quantization_config", "device_map", "load_custom_generate",
+        "attn_implementation", "use_kernels", "kernel_config", "past_key_values", "pretrained_model_name_or_path",
+    }
+)
+_PLAIN = (str, int, float, bool, complex, type(None), bytes, slice, range, type(Ellipsis))
+
+
+def check_call_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse loader keywords and anything but plain data in a model call's keyword arguments."""
+    _check(kwargs, "", 0)
+
+
+def _check(value: Any, where: str, depth: int) -> None:
+    import torch
+
+    if depth > 20:
+        raise PayloadRejected("the model call's arguments are nested too deeply")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise PayloadRejected("the model call's keyword names must be strings")
+            if key in LOADER_KWARGS:
+                raise PayloadRejected(
+                    f"the keyword argument {key!r} is not accepted by this server (it loads code or weights, "
+                    "or hands the server an object to call); leave it out"
+                )
+            _check(item, f"{where}{key}.", depth + 1)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _check(item, where, depth + 1)
+    elif not isinstance(value, (*_PLAIN, torch.Tensor, torch.dtype, torch.Size)):
+        name = where.rstrip(".") or "an argument"
+        raise PayloadRejected(
+            f"the model call's argument {name!r} is a {type(value).__name__}; only plain values "
+            "(numbers, strings, tensors, lists and dicts of them) are accepted"
+        )
+
+
+@contextlib.contextmanager
+def shape_limits(module: Any, max_batch_size: int, max_sequence_length: int) -> Iterator[None]:
+    """While active, the model's forward refuses batches or sequences past the limits."""
+    import torch
+
+    def check(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for name in ("input_ids", "inputs_embeds", "attention_mask"):
+            tensor = kwargs.get(name)
+            if tensor is None and name == "input_ids" and args:
+                tensor = args[0]
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
+                continue
+            rows, positions = int(tensor.shape[0]), int(tensor.shape[1])
+            if rows > max_batch_size:
+                raise LimitExceeded(
+                    f"the batch has {rows} rows; this model accepts at most {max_batch_size} (its maxBatchSize, "
+                    "which sizes its memory budget): split the prompts over several requests"
+                )
+            if positions > max_sequence_length:
+                raise LimitExceeded(
+                    f"the sequence has {positions} positions; this model accepts at most {max_sequence_length} "
+                    "(its maxSequenceLength, prompt plus generated tokens): shorten the prompt or max_new_tokens"
+                )
+
+    handle = module.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,144 @@
+"""Sandbox classes beyond the generic attack corpus: request source names (class 1), bounded
+outputs (class 7), batch/sequence limits, and the server-state snapshot (class 2)."""
+
+from __future__ import annotations
+
+import linecache
+from typing import Any
+
+import nnsight
+import pytest
+import torch
+import transformers.models.llama.modeling_llama as modeling_llama
+from nnsight.tracing import util as nnsight_util
+
+import model_runtime.sandbox.compiling as compiling
+from model_runtime.sandbox import LimitExceeded, Limits, RequestFailed
+from model_runtime.sandbox.provenance import ServerState
+from sandbox.attacks import source_names
+from sandbox.harness import SandboxBackend, weights_digest
+from sandbox.test_legit import assert_same
+
+SERVER_FILES = [modeling_llama.__file__, nnsight_util.__file__, compiling.__file__, "<string>", "/etc/passwd"]
+
+
+class ChosenFilenameBackend(SandboxBackend):
+    """A modified client: the request's frame claims any file name the attacker likes."""
+
+    filename = ""
+
+    def _serialize(self, tracer: Any) -> bytes:
+        original = nnsight_util.SerializedFrame.of
+
+        def of(frame: Any) -> Any:
+            return nnsight_util.SerializedFrame(self.filename, 1, "forward")
+
+        nnsight_util.SerializedFrame.of = of  # type: ignore[method-assign]
+        try:
+            return super()._serialize(tracer)
+        finally:
+            nnsight_util.SerializedFrame.of = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("filename", SERVER_FILES)
+@pytest.mark.parametrize("program", source_names.PROGRAMS, ids=lambda p: p.__name__)
+def test_client_file_name_is_never_used_for_source(program: Any, filename: str, models: tuple[Any, Any],
+                                                   local_model: Any, sandbox: Any) -> None:
+    client, server = models
+    before = {name: list(linecache.getlines(name)) for name in SERVER_FILES}
+    digest = weights_digest(server)
+    torch.manual_seed(0)
+    local = program(local_model, None)
+    backend = ChosenFilenameBackend(client, server, sandbox)
+    backend.filename = filename
+    torch.manual_seed(0)
+    remote = program(client, backend)
+    assert_same(local, remote)
+    assert {name: list(linecache.getlines(name)) for name in SERVER_FILES} == before
+    assert weights_digest(server) == digest
+
+
+def test_traceback_never_reads_the_claimed_file(models: tuple[Any, Any], sandbox: Any) -> None:
+    client, server = models
+    backend = ChosenFilenameBackend(client, server, sandbox)
+    backend.filename = "/etc/passwd"
+    with pytest.raises(RequestFailed) as info:
+        with client.trace("hello", backend=backend):
+            client.lm_head.output.save()
+            raise ValueError("mine")
+    text = str(info.value)
+    assert 'File "/etc/passwd", line' in text and "root:" not in text
+    assert "ValueError: mine" in text
+
+
+# -- class 7: outputs are bounded ----------------------------------------------------------------
+
+
+def test_huge_error_texts_are_bounded(models: tuple[Any, Any], backend: Any) -> None:
+    client, _ = models
+    with pytest.raises(RequestFailed) as info:
+        with client.trace("hello", backend=backend()):
+            name = "a" * 20_000_000
+            x = getattr(client.lm_head.output, name)  # noqa: F841
+    assert len(str(info.value)) < 20_000
+    with pytest.raises(RequestFailed) as info:
+        with client.trace("hello", backend=backend()):
+            client.lm_head.output.save()
+            raise ValueError("b" * 50_000_000)
+    assert len(str(info.value)) < 20_000
+
+
+def test_print_flood_is_bounded(models: tuple[Any, Any], backend: Any) -> None:
+    client, _ = models
+    be = backend()
+    with client.trace("hello", backend=be):
+        for _ in range(3000):
+            print("x" * 1000)
+        out = client.lm_head.output.save()  # noqa: F841
+    assert sum(len(line) for line in be.logs) <= 1_100_000
+
+
+# -- batch and sequence limits (the ModelDeployment's maxBatchSize / maxSequenceLength) ---------
+
+
+def test_batch_and_sequence_limits(models: tuple[Any, Any], backend: Any) -> None:
+    client, _ = models
+    small = Limits(timeout_s=10.0, max_batch_size=1, max_sequence_length=6)
+    with pytest.raises(LimitExceeded, match="maxBatchSize"):
+        with client.trace(["one", "two"], backend=backend(limits=small)):
+            client.lm_head.output.save()
+    with pytest.raises(LimitExceeded, match="maxSequenceLength"):
+        with client.trace("a rather long prompt that has more than six tokens", backend=backend(limits=small)):
+            client.lm_head.output.save()
+    with pytest.raises(LimitExceeded, match="maxSequenceLength"):
+        with client.generate("four tokens", max_new_tokens=8, backend=backend(limits=small)) as tracer:
+            tracer.result.save()
+    with client.trace("short", backend=backend(limits=small)):
+        ok = client.lm_head.output.save()
+    assert ok.shape[0] == 1
+
+
+def test_limits_defaults_are_the_model_deployments() -> None:
+    from ndif_operator.api import ModelUserConfig, RuntimeLimits
+
+    config = ModelUserConfig.from_limits(RuntimeLimits(), ModelUserConfig().level)
+    assert Limits.from_config(config) == Limits()
+    custom = RuntimeLimits(max_payload_bytes=128 * 1024 * 1024, max_batch_size=2, request_timeout_seconds=9)
+    limits = Limits.from_config(ModelUserConfig.from_limits(custom, ModelUserConfig().level))
+    assert (limits.max_payload_bytes, limits.max_batch_size, limits.timeout_s) == (128 * 1024 * 1024, 2, 9.0)
+
+
+# -- class 2: the server-state snapshot -----------------------------------------------------------
+
+
+def test_server_state_is_restored_after_a_change_behind_the_guards(models: tuple[Any, Any]) -> None:
+    _, server = models
+    state = ServerState(server)
+    server._module.all_tied_weights_keys["planted"] = print
+    server.model.layers[0]._edits.append("planted")
+    changed = state.verify_and_restore()
+    assert "planted" not in server._module.all_tied_weights_keys
+    assert server.model.layers[0]._edits == []
+    assert any("all_tied_weights_keys" in c for c in changed) and any("_edits" in c for c in changed)
+    assert state.verify_and_restore() == []
+    assert nnsight  # the module the programs use
