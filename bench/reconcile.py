@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,18 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "operator")]
 
 from kube_emulator import RAY_SERVICE, KubeEmulator  # noqa: E402
-from operator_harness import MD_TYPE, OperatorThread, model_deployment, ray_service  # noqa: E402
+from operator_harness import MD_TYPE, Cluster, OperatorThread, model_deployment, ray_service  # noqa: E402
 
 SIZES_GIB = (2, 5, 10, 20, 40)
 
 
 def run_once(models: int, debounce: float) -> dict[str, float]:
-    emulator = KubeEmulator([MD_TYPE])
+    emulator = KubeEmulator([MD_TYPE])  # TLS, the operator's token and the chart's RBAC, as in the tests
     emulator.start()
     try:
         emulator.create_sync({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml"}})
         emulator.create_sync(ray_service(groups=(("gpu", 8, 8, "80Gi"),)))
-        operator = OperatorThread(emulator.url, debounce_seconds=debounce, resync_seconds=30.0).start()
+        cluster = Cluster(emulator, Path(tempfile.mkdtemp(prefix="bench-reconcile-")))
+        operator = OperatorThread(cluster, debounce_seconds=debounce, resync_seconds=30.0).start()
         try:
             started = time.perf_counter()
             for i in range(models):

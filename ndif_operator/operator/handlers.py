@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,14 +154,14 @@ async def check_login(login: Login, namespaces: list[str], *, attempts: int = 6)
                 await api.list_model_deployments(namespaces[:1])
                 logger.info("logged in to %s with %s", credentials.server, credentials.source)
                 return
-            except KubeError as exc:
-                if exc.status < 500 or attempt == attempts - 1:
-                    raise LoginError(describe_failure(credentials, exc.status, str(exc))) from exc
+            except KubeError as exc:  # status 0: no HTTP answer
+                status: int | None = exc.status or None
                 detail = str(exc)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                detail = str(exc) or type(exc).__name__
-                if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError) or attempt == attempts - 1:
-                    raise LoginError(describe_failure(credentials, None, detail)) from exc
+                status, detail = None, str(exc) or type(exc).__name__
+            untrusted = "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail
+            if (status is not None and status < 500) or untrusted or attempt == attempts - 1:
+                raise LoginError(describe_failure(credentials, status, detail))
             logger.warning("API server %s not ready (%s); retrying", credentials.server, detail)
             await asyncio.sleep(min(2 ** attempt, 10))
     finally:

@@ -69,7 +69,7 @@ API_CALLS: tuple[ApiCall, ...] = (
     ApiCall("get_config_map", "", "configmaps", ("get",), Scope.OWN, "evaluator cache"),
     ApiCall("create_config_map", "", "configmaps", ("create",), Scope.OWN, "evaluator cache"),
     ApiCall("patch_config_map_data", "", "configmaps", ("patch",), Scope.OWN, "evaluator cache"),
-    ApiCall("watch_config_map", "", "configmaps", ("list", "watch"), Scope.OWN,
+    ApiCall("watch_config_map", "", "configmaps", ("watch",), Scope.OWN,
             "evaluator cache entries added by others retry failed estimates"),
     ApiCall("read_secret", "", "secrets", ("get",), Scope.OWN, "tokenSecret / credentialsSecret for header reads"),
     ApiCall("get_job", "batch", "jobs", ("get",), Scope.OWN, "meta-device evaluator Jobs"),

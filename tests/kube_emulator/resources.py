@@ -102,3 +102,12 @@ SECRETS = ResourceType(group="", version="v1", plural="secrets", kind="Secret")
 JOBS = ResourceType(group="batch", version="v1", plural="jobs", kind="Job", status_subresource=True)
 PODS = ResourceType(group="", version="v1", plural="pods", kind="Pod", short_names=("po",),
                     status_subresource=True)
+SERVICE_ACCOUNTS = ResourceType(group="", version="v1", plural="serviceaccounts", kind="ServiceAccount",
+                                short_names=("sa",))
+_RBAC = "rbac.authorization.k8s.io"
+ROLES = ResourceType(group=_RBAC, version="v1", plural="roles", kind="Role")
+CLUSTER_ROLES = ResourceType(group=_RBAC, version="v1", plural="clusterroles", kind="ClusterRole", namespaced=False)
+ROLE_BINDINGS = ResourceType(group=_RBAC, version="v1", plural="rolebindings", kind="RoleBinding")
+CLUSTER_ROLE_BINDINGS = ResourceType(group=_RBAC, version="v1", plural="clusterrolebindings",
+                                     kind="ClusterRoleBinding", namespaced=False)
+RBAC_TYPES = (ROLES, CLUSTER_ROLES, ROLE_BINDINGS, CLUSTER_ROLE_BINDINGS)

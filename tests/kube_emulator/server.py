@@ -14,10 +14,14 @@ it with run_coroutine_threadsafe.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import re
 import secrets
+import shutil
+import ssl
+import tempfile
 import threading
 import uuid
 from collections.abc import Coroutine, Iterable
@@ -30,6 +34,7 @@ import jsonpatch
 from aiohttp import web
 
 from kube_emulator import jsonpath
+from kube_emulator.auth import ADMIN, Attributes, Authorizer, Identity, attributes, forbidden
 from kube_emulator.resources import (
     CONFIG_MAPS,
     CRDS,
@@ -39,25 +44,32 @@ from kube_emulator.resources import (
     NODES,
     PODS,
     RAY_SERVICE,
+    RBAC_TYPES,
     SECRETS,
+    SERVICE_ACCOUNTS,
     ResourceType,
 )
+from kube_emulator.tls import CertificateAuthority, client_identity
 
 T = TypeVar("T")
 Obj = dict[str, Any]
 _MERGE = "application/merge-patch+json"
 _JSON_PATCH = "application/json-patch+json"
 _STRATEGIC = "application/strategic-merge-patch+json"
+_LOG_AS = web.RequestKey("log_as", object)  # makes this request's log entry for a given status
+_LOGGED = web.RequestKey("logged", bool)  # already logged (a watch, when it started)
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
+        self.code, self.reason, self.message, self.details = code, reason, message, details
 
     def response(self) -> web.Response:
-        body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "code": self.code}
+        body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                "message": self.message, "reason": self.reason, "code": self.code}
+        if self.details is not None:
+            body["details"] = self.details
         return web.json_response(body, status=self.code)
 
 
@@ -78,6 +90,8 @@ class Logged:
     path: str
     status: int
     content_type: str
+    user: str = ""  # the authenticated user ("" when authentication failed)
+    attrs: Attributes | None = None  # what RBAC saw: verb, group, resource, subresource, namespace
 
 
 def _now() -> str:
@@ -145,12 +159,19 @@ def _matches_fields(obj: Obj, selector: str) -> bool:
 
 
 class KubeEmulator:
-    """Serve `types` on 127.0.0.1:<random port> until `stop()`."""
+    """Serve `types` on 127.0.0.1:<random port> until `stop()`.
+
+    `secure` (the default): HTTPS with a certificate from a CA made for this server (`ca_path`),
+    every request authenticated (bearer token from `issue_token`, or a client certificate from
+    `pki`; 401 otherwise) and authorised by RBAC from the stored roles and bindings (403).
+    `admin_token` belongs to `system:masters`. `secure=False`: plain HTTP, anyone may do anything.
+    """
 
     def __init__(self, types: Iterable[ResourceType] = (), *, history_limit: int = 50_000,
-                 bookmark_interval: float = 10.0) -> None:
+                 bookmark_interval: float = 10.0, secure: bool = True) -> None:
         self.types: dict[tuple[str, str, str], ResourceType] = {}
-        for rtype in (EVENTS, NAMESPACES, NODES, CRDS, CONFIG_MAPS, SECRETS, JOBS, PODS, RAY_SERVICE, *types):
+        for rtype in (EVENTS, NAMESPACES, NODES, CRDS, CONFIG_MAPS, SECRETS, JOBS, PODS, RAY_SERVICE,
+                      SERVICE_ACCOUNTS, *RBAC_TYPES, *types):
             self.types[rtype.key] = rtype
         self._objects: dict[tuple[str, str, str], dict[tuple[str, str], Obj]] = {k: {} for k in self.types}
         self._history: dict[tuple[str, str, str], list[tuple[int, str, Obj]]] = {k: [] for k in self.types}
@@ -166,6 +187,12 @@ class KubeEmulator:
         self._runner: web.AppRunner | None = None
         self._stopping = False
         self.url = ""
+        self.secure = secure
+        self._pki_dir = Path(tempfile.mkdtemp(prefix="kube-emulator-pki-")) if secure else None
+        self.pki = CertificateAuthority(self._pki_dir) if self._pki_dir else None
+        self.tokens: dict[str, Identity] = {}
+        self.admin_token = self.issue_token(ADMIN)
+        self._authorizer = Authorizer(self._rbac_objects)
 
     # --- lifecycle (called from the test thread) ----------------------------------------------
 
@@ -193,10 +220,12 @@ class KubeEmulator:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        ssl_context = self.pki.server_context() if self.pki is not None else None
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         sockets = site._server.sockets  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+        scheme = "https" if ssl_context is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{sockets[0].getsockname()[1]}"
 
     def stop(self) -> None:
         if self._loop is None or self._thread is None:
@@ -215,16 +244,60 @@ class KubeEmulator:
         self._thread.join(10)
         self._loop.close()
         self._loop = None
+        if self._pki_dir is not None:
+            shutil.rmtree(self._pki_dir, ignore_errors=True)
 
-    def write_kubeconfig(self, path: Path) -> Path:
+    # --- identities -----------------------------------------------------------------------------
+
+    @property
+    def ca_path(self) -> Path | None:
+        return self.pki.cert_path if self.pki is not None else None
+
+    def issue_token(self, identity: Identity) -> str:
+        token = secrets.token_urlsafe(24)
+        self.tokens[token] = identity
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        self.tokens.pop(token, None)
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """What a client needs to trust this server (None for plain HTTP)."""
+        return ssl.create_default_context(cafile=str(self.ca_path)) if self.ca_path is not None else None
+
+    def auth_headers(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.admin_token}"}
+
+    def write_kubeconfig(self, path: Path, token: str | None = None) -> Path:
+        """A kubeconfig for `token` (default: the admin's) that trusts this server's CA."""
+        cluster: dict[str, Any] = {"server": self.url}
+        if self.ca_path is not None:
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca_path.read_bytes()).decode()
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "emulator"}}],
+            "clusters": [{"name": "emulator", "cluster": cluster}],
+            "users": [{"name": "tester", "user": {"token": token or self.admin_token}}],
             "contexts": [{"name": "emulator",
                           "context": {"cluster": "emulator", "user": "tester", "namespace": "default"}}],
         }))
         return path
+
+    def _rbac_objects(self, kind: str, namespace: str) -> list[Obj]:
+        rtype = next(t for t in RBAC_TYPES if t.kind == kind)
+        return [o for (ns, _), o in self._objects[rtype.key].items() if ns == namespace]
+
+    def _authenticate(self, request: web.Request) -> Identity:
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            identity = self.tokens.get(header[7:].strip())
+            if identity is not None:
+                return identity
+        else:
+            ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+            peer = client_identity(ssl_object.getpeercert() if ssl_object is not None else None)
+            if peer is not None:
+                return Identity(peer[0], (*peer[1], "system:authenticated"))
+        raise ApiError(401, "Unauthorized", "Unauthorized")
 
     # --- sync accessors for tests -------------------------------------------------------------
 
@@ -484,18 +557,32 @@ class KubeEmulator:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        attrs = attributes(request.method, path, request.query)
+        user = ""
+        try:
+            if self.secure:
+                identity = self._authenticate(request)
+                user = identity.user
+                if not self._authorizer.allowed(identity, attrs):
+                    message, details = forbidden(identity, attrs)
+                    raise ApiError(403, "Forbidden", message, details)
+        except ApiError as exc:
+            self.log.append(Logged(request.method, path, exc.code, content_type, user, attrs))
+            return exc.response()
         for fault in self.faults:
             if fault.remaining > 0 and fault.method == request.method and fault.path.search(path):
                 fault.remaining -= 1
-                self.log.append(Logged(request.method, path, fault.code, content_type))
+                self.log.append(Logged(request.method, path, fault.code, content_type, user, attrs))
                 return ApiError(fault.code, fault.reason, f"injected {fault.code}").response()
+        request[_LOG_AS] = lambda status: Logged(request.method, path, status, content_type, user, attrs)
         try:
             response = await self._route(request)
         except ApiError as exc:
             response = exc.response()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             response = ApiError(400, "BadRequest", f"invalid JSON: {exc}").response()
-        self.log.append(Logged(request.method, path, response.status, content_type))
+        if not request.get(_LOGGED):
+            self.log.append(Logged(request.method, path, response.status, content_type, user, attrs))
         return response
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
@@ -591,6 +678,8 @@ class KubeEmulator:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
+        self.log.append(request[_LOG_AS](200))  # type: ignore[operator]  # a watch is logged when it starts, not when it ends
+        request[_LOGGED] = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
 

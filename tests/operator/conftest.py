@@ -23,7 +23,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 @pytest.fixture
 def operator(cluster: Cluster) -> Iterator[OperatorThread]:
-    running = OperatorThread(cluster.emu.url).start()
+    running = OperatorThread(cluster).start()
     try:
         yield running
     finally:

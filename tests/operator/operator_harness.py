@@ -4,6 +4,7 @@ A module (not conftest.py) so that tests and bench/reconcile.py import it by a u
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,13 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kube_emulator import RAY_SERVICE, KubeEmulator, ResourceType, from_crd
+import yaml
+from kube_emulator import RAY_SERVICE, Identity, KubeEmulator, ResourceType, from_crd, service_account
 
 from ndif_operator.api import Estimate, ModelSpec, RuntimeLimits
 from ndif_operator.api.crd import build_crd
 from ndif_operator.api.v1alpha1 import GIB
 from ndif_operator.api.validation import apply_defaults, validate_object
 from ndif_operator.operator.handlers import run_operator
+from ndif_operator.operator.login import Login
 from ndif_operator.operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +31,26 @@ KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")
 MD_TYPE: ResourceType = from_crd(build_crd(), validate=lambda obj, old: [str(e) for e in validate_object(obj, old)],
                                  default=apply_defaults)
 NAMESPACE = "ml"
-OPERATOR_NAMESPACE = "ndif-system"  # the settings' default outside a pod: evaluator cache, Jobs, Secrets
+OPERATOR_NAMESPACE = "ndif-system"  # the chart's release namespace: evaluator cache, Jobs, Secrets
+CHART = ROOT / "charts" / "ndif-operator"
+_RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+
+
+@functools.cache
+def chart_rbac(namespaces: tuple[str, ...] = ()) -> tuple[dict[str, Any], ...]:
+    """The ServiceAccount, roles and bindings that `helm install` of the chart creates (rendered by
+    the real Helm library): cluster-wide, or namespaced-only for `namespaces`."""
+    import helm_python
+
+    helm_python.disable_logging()
+    values = {"watch": {"namespaced": True, "namespaces": list(namespaces)}} if namespaces else {}
+    chart = helm_python.Chart.load(CHART)
+    try:
+        rendered = chart.render(values, name="ndif-operator", namespace=OPERATOR_NAMESPACE, is_install=True)
+    finally:
+        chart.close()
+    return tuple(doc for name in sorted(rendered) if name.endswith(".yaml")
+                 for doc in yaml.safe_load_all(rendered[name]) if doc and doc.get("kind") in _RBAC_KINDS)
 
 
 def size_estimator(model: ModelSpec, limits: RuntimeLimits, credentials: object = None) -> Estimate:
@@ -73,12 +95,49 @@ def model_deployment(name: str, repo: str, **spec: Any) -> dict[str, Any]:
 
 
 class Cluster:
-    """The emulator plus helpers the scenarios share."""
+    """The emulator with the chart's RBAC installed, plus helpers the scenarios share.
 
-    def __init__(self, emulator: KubeEmulator, tmp: Path) -> None:
+    The operator runs as the chart's ServiceAccount with a token (`operator_settings()`); kubectl
+    (`kubectl()`) and the sync accessors act as the cluster admin. `namespaces`: install the chart
+    namespaced-only for these namespaces instead of cluster-wide."""
+
+    def __init__(self, emulator: KubeEmulator, tmp: Path, *, namespaces: tuple[str, ...] = ()) -> None:
         self.emu = emulator
         self.kubeconfig = emulator.write_kubeconfig(tmp / "kubeconfig.json")
         self.cache = tmp / "kubecache"
+        self.namespaces = namespaces
+        if emulator.get_sync(emulator.rtype("", "v1", "namespaces"), None, OPERATOR_NAMESPACE) is None:
+            emulator.create_sync({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
+        for doc in chart_rbac(namespaces):
+            emulator.create_sync(doc)
+        account = next(d for d in chart_rbac(namespaces) if d["kind"] == "ServiceAccount")["metadata"]["name"]
+        self.operator_identity: Identity = service_account(OPERATOR_NAMESPACE, account)
+        self.token_file = tmp / "operator-token"
+        self.token_file.write_text(emulator.issue_token(self.operator_identity))
+
+    def operator_settings(self) -> dict[str, Any]:
+        """How the operator logs in: the API server's URL and CA, the service account's token file."""
+        settings: dict[str, Any] = {"kube_api_url": self.emu.url, "kube_token_file": str(self.token_file),
+                                    "operator_namespace": OPERATOR_NAMESPACE}
+        if self.emu.ca_path is not None:
+            settings["kube_ca_file"] = str(self.emu.ca_path)
+        if self.namespaces:
+            settings.update(namespaces=",".join(self.namespaces), read_nodes=False)  # as the chart sets them
+        return settings
+
+    def login(self) -> Login:
+        """The operator's credentials, resolved (for a `KubeApi` outside a running operator)."""
+        login = Login(OperatorSettings(**self.operator_settings()))
+        login.resolve()
+        return login
+
+    def operator_env(self) -> dict[str, str]:
+        """`operator_settings()` as the NDIF_* environment of `ndif-operator run`."""
+        return {f"NDIF_{key.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+                for key, value in self.operator_settings().items()}
+
+    def operator_requests(self) -> list[Any]:
+        return [e for e in list(self.emu.log) if e.user == self.operator_identity.user]
 
     def md(self, name: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
         return self.emu.get_sync(MD_TYPE, namespace, name)
@@ -152,13 +211,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 45.0, what: str = "c
 
 
 class OperatorThread:
-    """`run_operator` in its own thread and event loop (research: same-loop embedding costs 5 s)."""
+    """`run_operator` in its own thread and event loop (research: same-loop embedding costs 5 s),
+    logged in as the chart's service account; `stop()` fails if the API server refused it (401/403)."""
 
-    def __init__(self, url: str, *, estimator: Any = size_estimator, **overrides: Any) -> None:
+    def __init__(self, cluster: Cluster, *, estimator: Any = size_estimator, **overrides: Any) -> None:
         self.estimator = estimator  # None: the real evaluator
-        values = {"kube_api_url": url, "metrics_port": 0, "health_port": 0, "debounce_seconds": 0.2,
+        self.cluster = cluster
+        values = {"metrics_port": 0, "health_port": 0, "debounce_seconds": 0.2,
                   "resync_seconds": 5.0, "read_nodes": True, "backoff_initial_seconds": 0.1,
-                  "backoff_max_seconds": 1.0, **overrides}
+                  "backoff_max_seconds": 1.0, **cluster.operator_settings(), **overrides}
         self.settings = OperatorSettings(**values)
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
@@ -183,3 +244,5 @@ class OperatorThread:
         self.thread.join(30)
         assert not self.thread.is_alive(), "operator thread did not stop"
         assert self.error is None, f"operator crashed: {self.error!r}"
+        refused = [e for e in self.cluster.operator_requests() if e.status in (401, 403)]
+        assert not refused, f"the API server refused the operator (RBAC or login): {refused[:5]}"

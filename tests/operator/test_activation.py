@@ -83,7 +83,7 @@ def test_warm_model_becomes_hot_on_request_then_returns_to_warm(cluster: Cluster
     cluster.emu.create_sync(model_deployment("w", "org/m-10g", level="Warm", activateOnRequest=True))
     settings = {"gateway_url": gateway.url, "gateway_api_key": "sekret", "activation_ttl_seconds": 3.0,
                 "activation_poll_seconds": 0.3}
-    running = OperatorThread(cluster.emu.url, **settings).start()
+    running = OperatorThread(cluster, **settings).start()
     try:
         wait_for(lambda: cluster.condition("w", "Placed").get("reason") == "PlacedWarm", what="Warm")
         gateway.demand("ml/w")
@@ -109,7 +109,7 @@ def test_warm_model_becomes_hot_on_request_then_returns_to_warm(cluster: Cluster
     finally:
         running.stop()
     # The window is in status: a restarted operator keeps it (no new window, same end).
-    running = OperatorThread(cluster.emu.url, **settings).start()
+    running = OperatorThread(cluster, **settings).start()
     try:
         wait_for(lambda: _level(cluster, "w") == "Warm", timeout=20, what="Warm after the restored window")
         assert (cluster.md("w") or {})["status"]["activatedUntil"] == until

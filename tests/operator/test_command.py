@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
+from kube_emulator import KubeEmulator, service_account
 from loopback import free_port
 from operator_harness import ROOT, Cluster, OperatorThread, model_deployment, ray_service, wait_for
 
@@ -32,7 +34,7 @@ def test_settings_come_from_the_environment(monkeypatch: object) -> None:
 
 def test_metrics_are_served(cluster: Cluster) -> None:
     port = free_port()
-    running = OperatorThread(cluster.emu.url, metrics_port=port).start()
+    running = OperatorThread(cluster, metrics_port=port).start()
     try:
         cluster.emu.create_sync(ray_service())
         cluster.emu.create_sync(model_deployment("m", "org/m-8g"))
@@ -58,7 +60,7 @@ def test_run_command_serves_a_cluster_and_stops_on_sigterm(cluster: Cluster) -> 
 
     cluster.emu.create_sync(ray_service())
     cluster.emu.create_sync(model_deployment("m", "org/m-8g"))
-    env = dict(os.environ, NDIF_KUBE_API_URL=cluster.emu.url, NDIF_METRICS_PORT="0", NDIF_HEALTH_PORT="0",
+    env = dict(os.environ, **cluster.operator_env(), NDIF_METRICS_PORT="0", NDIF_HEALTH_PORT="0",
                NDIF_DEBOUNCE_SECONDS="0.1")
     process = subprocess.Popen([sys.executable, "-m", "ndif_operator.cli", "run"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -71,20 +73,44 @@ def test_run_command_serves_a_cluster_and_stops_on_sigterm(cluster: Cluster) -> 
     assert process.returncode == 0, output
 
 
-def test_run_without_the_crd_exits_1_with_one_line_saying_what_to_fix() -> None:
+def _run_until_exit(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     import os
 
-    from kube_emulator import KubeEmulator
+    return subprocess.run([sys.executable, "-m", "ndif_operator.cli", "run"], cwd=ROOT, timeout=60, text=True,
+                          env=dict(os.environ, NDIF_METRICS_PORT="0", NDIF_HEALTH_PORT="0", **env),
+                          capture_output=True)
 
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ndif-operator: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_login_failures_exit_1_with_one_line_saying_what_to_fix(cluster: Cluster, tmp_path: Path) -> None:
+    env = cluster.operator_env()
+    bad_token = tmp_path / "bad-token"
+    bad_token.write_text("not-a-token")
+    line = _one_error_line(_run_until_exit({**env, "NDIF_KUBE_TOKEN_FILE": str(bad_token)}))
+    assert "rejected the credentials (401" in line
+    stranger = tmp_path / "stranger-token"
+    stranger.write_text(cluster.emu.issue_token(service_account("ml", "default")))
+    line = _one_error_line(_run_until_exit({**env, "NDIF_KUBE_TOKEN_FILE": str(stranger)}))
+    assert "(403)" in line and 'cannot list resource "modeldeployments"' in line and "files/rbac.yaml" in line
+    untrusted = {k: v for k, v in env.items() if k != "NDIF_KUBE_CA_FILE"}
+    assert "cannot verify the TLS certificate" in _one_error_line(_run_until_exit(untrusted))
+    missing = {**env, "NDIF_KUBE_TOKEN_FILE": str(tmp_path / "absent")}
+    assert "cannot read the token file" in _one_error_line(_run_until_exit(missing))
+
+
+def test_run_without_the_crd_exits_1_with_one_line_saying_what_to_fix(tmp_path: Path) -> None:
     emulator = KubeEmulator()  # serves no ModelDeployments: the CRD is "not installed"
     emulator.start()
     try:
-        env = dict(os.environ, NDIF_KUBE_API_URL=emulator.url, NDIF_METRICS_PORT="0")
-        result = subprocess.run([sys.executable, "-m", "ndif_operator.cli", "run"], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=60)
+        env = Cluster(emulator, tmp_path).operator_env()
+        result = _run_until_exit(env)
     finally:
         emulator.stop()
-    assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [errors[-1]] and "kubectl apply -f crds/" in errors[-1], result.stderr
-    assert "Traceback" not in result.stderr
+    assert "kubectl apply -f crds/" in _one_error_line(result)

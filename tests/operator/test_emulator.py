@@ -15,12 +15,13 @@ BASE = f"/apis/ndif.dev/v1alpha1/namespaces/{NAMESPACE}/modeldeployments"
 
 
 def call(emulator: KubeEmulator, method: str, path: str, body: Any = None,
-         content_type: str = "application/json") -> tuple[int, Any]:
+         content_type: str = "application/json", token: str | None = None) -> tuple[int, Any]:
+    """A request over TLS as the admin (or the holder of `token`; "" sends no credentials)."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(emulator.url + path, data=data, method=method,
-                                     headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type, **(emulator.auth_headers(token) if token != "" else {})}
+    request = urllib.request.Request(emulator.url + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=emulator.client_ssl_context()) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
@@ -91,12 +92,13 @@ def test_watch_resumes_from_a_resource_version_and_expires_when_compacted() -> N
         emu.patch_sync(MD_TYPE, NAMESPACE, "a", {"spec": {"replicas": 2}})
         rv = first["metadata"]["resourceVersion"]
         url = f"{emu.url}{BASE}?watch=true&resourceVersion={rv}&timeoutSeconds=1"
-        with urllib.request.urlopen(url, timeout=10) as response:
+        request = urllib.request.Request(url, headers=emu.auth_headers())
+        with urllib.request.urlopen(request, timeout=10, context=emu.client_ssl_context()) as response:
             events = [json.loads(line) for line in response.read().splitlines()]
         assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "b"), ("MODIFIED", "a")]
         for i in range(4):
             emu.patch_sync(MD_TYPE, NAMESPACE, "b", {"spec": {"replicas": i + 2}})
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=emu.client_ssl_context()) as response:
             (expired,) = [json.loads(line) for line in response.read().splitlines()]
         assert expired["type"] == "ERROR" and expired["object"]["code"] == 410
     finally:

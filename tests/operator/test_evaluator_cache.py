@@ -22,8 +22,6 @@ from operator_harness import (
 from ndif_operator.evaluation import CacheEntry, EstimateCache, configmap_key
 from ndif_operator.operator.cache_store import CacheStore
 from ndif_operator.operator.kube import KubeApi
-from ndif_operator.operator.login import Login
-from ndif_operator.operator.settings import OperatorSettings
 
 CACHE_NS, CACHE_NAME = "ndif-system", "ndif-evaluator-cache"
 
@@ -42,7 +40,7 @@ def _cache_writes(cluster: Cluster) -> int:
 def test_real_evaluator_sizes_a_checkpoint_and_a_restart_reads_the_cache(cluster: Cluster, tmp_path: Path) -> None:
     checkpoint = tmp_path / "tiny-llama"
     deploy_local_checkpoint(cluster, checkpoint)
-    running = OperatorThread(cluster.emu.url, estimator=None).start()
+    running = OperatorThread(cluster, estimator=None).start()
     try:
         wait_for(lambda: cluster.condition("tiny", "Placed").get("status") == "True", what="Placed")
         wait_for(lambda: cluster.emu.get_sync(CONFIG_MAPS, CACHE_NS, CACHE_NAME), what="cache ConfigMap")
@@ -65,7 +63,7 @@ def test_real_evaluator_sizes_a_checkpoint_and_a_restart_reads_the_cache(cluster
     # Gone checkpoint + new generation: only the ConfigMap can size it after the restart.
     shutil.rmtree(checkpoint)
     cluster.emu.patch_sync(MD_TYPE, NAMESPACE, "tiny", {"spec": {"priority": 5}})
-    running = OperatorThread(cluster.emu.url, estimator=None).start()
+    running = OperatorThread(cluster, estimator=None).start()
     try:
         wait_for(lambda: (cluster.md("tiny") or {}).get("status", {}).get("observedGeneration") == 2,
                  what="generation 2 planned")
@@ -81,15 +79,13 @@ def test_store_merges_after_a_conflict_and_skips_unchanged(tmp_path: Path) -> No
     emulator = KubeEmulator()
     emulator.start()
     try:
-        asyncio.run(_conflict_scenario(emulator))
+        asyncio.run(_conflict_scenario(emulator, Cluster(emulator, tmp_path)))
     finally:
         emulator.stop()
 
 
-async def _conflict_scenario(emulator: KubeEmulator) -> None:
-    login = Login(OperatorSettings(kube_api_url=emulator.url))
-    login.resolve()
-    api = KubeApi.connect(login)
+async def _conflict_scenario(emulator: KubeEmulator, cluster: Cluster) -> None:
+    api = KubeApi.connect(cluster.login())
     try:
         store = CacheStore(api, CACHE_NS, CACHE_NAME)
         await store.load()  # missing: empty, created on the first save

@@ -80,7 +80,7 @@ def test_http_codes() -> None:
 
 def test_a_running_operator_becomes_ready(cluster: Cluster) -> None:
     port = free_port()
-    running = OperatorThread(cluster.emu.url, health_port=port).start()
+    running = OperatorThread(cluster, health_port=port).start()
     try:
         cluster.emu.create_sync(ray_service())
         cluster.emu.create_sync(model_deployment("m", "org/m-8g"))

@@ -62,7 +62,7 @@ def test_bin_checkpoint_is_sized_by_a_job_once_across_restarts(cluster: Cluster,
     deploy_local_checkpoint(cluster, checkpoint, repo="org/tiny-bin", safe_serialization=False)
     assert not list(checkpoint.glob("*.safetensors"))
     settings = {"estimator": None, "runtime_image": "ndif/runtime:test", "pending_poll_seconds": 0.3}
-    running = OperatorThread(cluster.emu.url, **settings).start()
+    running = OperatorThread(cluster, **settings).start()
     try:
         wait_for(lambda: cluster.condition("tiny", "Evaluated").get("reason") == "EstimatePending", what="pending")
         wait_for(lambda: _jobs(cluster), what="evaluator Job")
@@ -71,7 +71,7 @@ def test_bin_checkpoint_is_sized_by_a_job_once_across_restarts(cluster: Cluster,
     message = cluster.condition("tiny", "Evaluated")["message"]
     assert "meta device" in message and "ndif-meta-eval-" in message
     # A restarted operator finds its Job: still one, created once.
-    running = OperatorThread(cluster.emu.url, **settings).start()
+    running = OperatorThread(cluster, **settings).start()
     try:
         wait_for(lambda: len(cluster.emu.requests("GET", r"/jobs/ndif-meta-eval-")) >= 3, what="Job polled")
         jobs = _jobs(cluster)
@@ -106,7 +106,7 @@ def test_a_failed_job_reports_the_pods_message(cluster: Cluster, tmp_path: Path)
     manifest = model_deployment("broken", "org/broken-bin")
     manifest["spec"]["model"]["source"] = {"localPath": {"path": str(checkpoint)}}
     cluster.emu.create_sync(manifest)
-    running = OperatorThread(cluster.emu.url, estimator=None, pending_poll_seconds=0.3).start()
+    running = OperatorThread(cluster, estimator=None, pending_poll_seconds=0.3).start()
     try:
         wait_for(lambda: _jobs(cluster), what="evaluator Job")
         _kubelet_runs(cluster, _jobs(cluster)[0], tmp_path)

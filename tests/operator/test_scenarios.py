@@ -62,7 +62,7 @@ def operator_passes_settle(cluster: Cluster) -> None:
 
 def test_restart_midway_loses_nothing_and_repeats_nothing(cluster: Cluster) -> None:
     cluster.emu.create_sync(ray_service(groups=(("gpu", 2, 2, "80Gi"),)))
-    first = OperatorThread(cluster.emu.url).start()
+    first = OperatorThread(cluster).start()
     for i in range(4):
         cluster.emu.create_sync(model_deployment(f"m{i}", f"org/m-{10 + i}g"))
     wait_for(lambda: all(placed(cluster, f"m{i}") for i in range(4)), what="4 placed")
@@ -73,7 +73,7 @@ def test_restart_midway_loses_nothing_and_repeats_nothing(cluster: Cluster) -> N
     cluster.emu.create_sync(model_deployment("late", "org/m-5g"))
     cluster.emu.patch_sync(MD_TYPE, NAMESPACE, "m0", {"spec": {"replicas": 2}})
     patches = cluster.rs_patches()
-    second = OperatorThread(cluster.emu.url).start()
+    second = OperatorThread(cluster).start()
     try:
         wait_for(lambda: placed(cluster, "late") and placed(cluster, "m0"), what="work done after restart")
         wait_for(lambda: all("ndif.dev/assignments" in ((cluster.md(n) or {})["metadata"].get("annotations") or {})
@@ -92,7 +92,7 @@ def test_restart_midway_loses_nothing_and_repeats_nothing(cluster: Cluster) -> N
     config = cluster.rs()["spec"]["serveConfigV2"]  # type: ignore[index]
     patches, writes = cluster.rs_patches(), len(cluster.emu.requests("PATCH", r"/modeldeployments/"))
     reads = len(cluster.emu.requests("GET", r"/rayservices/ndif$"))
-    third = OperatorThread(cluster.emu.url).start()
+    third = OperatorThread(cluster).start()
     try:
         wait_for(lambda: len(cluster.emu.requests("GET", r"/rayservices/ndif$")) > reads, what="a pass")
         operator_passes_settle(cluster)
