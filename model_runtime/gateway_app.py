@@ -46,6 +46,7 @@ from model_runtime import weight_store
 from model_runtime.auth import ApiKeys
 from model_runtime.gateway_bounds import HttpError, bounded_event, read_body_capped
 from model_runtime.jobs import Job, JobStore, JobStoreFull
+from model_runtime.metrics import gateway_metrics
 from model_runtime.model_keys import client_model_key, repo_key
 from model_runtime.results import MemoryResults, result_store
 from model_runtime.versions import version_refusal
@@ -88,6 +89,9 @@ def _evict_host_copies(model_keys: list[str]) -> None:
 
 @app.exception_handler(HttpError)
 async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
+    if request.url.path.endswith("/request"):
+        # Tagged with a model only once it is known to be deployed (request.state.model, set by the endpoint).
+        gateway_metrics().refusal(getattr(request.state, "model", "unknown"), exc.status)
     # `{"detail": ...}` is what the nnsight client shows in its RemoteError.
     return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
@@ -305,6 +309,7 @@ class NnsightGateway:
         if route is None:
             known = ", ".join(sorted(self.routes)) or "none"
             raise HttpError(404, f"Model {key!r} is not deployed here (models: {known}).")
+        request.state.model = key
         if route.app is None or route.level == Level.COLD:
             raise HttpError(503, f"Model {key!r} is COLD (on disk only, not loaded); ask an admin to make it "
                                  "Hot or Warm.")
@@ -330,6 +335,7 @@ class NnsightGateway:
         first = await self._first_event(key, app_name, job, stream)
         received = _response(job.id, "RECEIVED", "Your job has been received and is waiting approval.")
         self._record(job, received, push=False)
+        gateway_metrics().admitted(key)
         task = asyncio.create_task(self._process(job, stream, first, str(request.base_url)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -2,8 +2,17 @@
 
 Ray Serve replicas export `ray.serve.metrics` to the cluster's Prometheus endpoint (every node's
 metrics agent), so that is the Prometheus path here; the same numbers are kept in a plain
-in-process snapshot that `/status` and tests read. Tags are the model key and outcome only:
-never API keys, job ids or anything from a request body.
+in-process snapshot that `/status` and tests read. Tags are the model key, outcome, error kind
+and refusal reason only: never API keys, job ids or anything from a request body (a refused
+request for a model that is not deployed is tagged `unknown`, so callers cannot mint series).
+
+Ray prefixes every name with `ray_` and counters get `_total` (measured on Ray 2.60): the code's
+`ndif_requests` is scraped as `ray_ndif_requests_total`, `ndif_request_seconds` as
+`ray_ndif_request_seconds_bucket/_sum/_count`. `EXPORTED` lists the scraped names; dashboards
+and alerts use those, and a test checks every name they use is in it.
+
+Ray stops exporting a gauge some time after its last `set`, so the queue depth is re-set every
+`KEEPALIVE_SECONDS` by a daemon thread: an idle model reports 0 instead of vanishing.
 
 InfluxDB is optional: set NDIF_INFLUX_URL, NDIF_INFLUX_ORG, NDIF_INFLUX_BUCKET and
 NDIF_INFLUX_TOKEN (the token is read from the environment only, never tagged or logged).
@@ -18,6 +27,61 @@ from collections import defaultdict
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 15.0
+
+# name in the code → (kind, tag keys); the one list both the metric objects and EXPORTED come from.
+REPLICA_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ndif_requests": ("counter", ("model", "outcome")),
+    "ndif_request_errors": ("counter", ("model", "kind")),
+    "ndif_request_seconds": ("histogram", ("model",)),
+    "ndif_request_bytes": ("counter", ("model",)),
+    "ndif_result_bytes": ("counter", ("model",)),
+    "ndif_queue_depth": ("gauge", ("model",)),
+    "ndif_model_load_seconds": ("histogram", ("model", "source")),
+}
+GATEWAY_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ndif_gateway_refusals": ("counter", ("model", "reason")),
+    "ndif_gateway_requests": ("counter", ("model",)),
+    "ndif_result_store_failures": ("counter", ("store",)),
+}
+
+
+def exported_names(name: str, kind: str) -> tuple[str, ...]:
+    """The series names Prometheus scrapes for one of our Ray metrics."""
+    base = f"ray_{name}"
+    if kind == "counter":
+        return (f"{base}_total",)
+    if kind == "histogram":
+        return (f"{base}_bucket", f"{base}_sum", f"{base}_count")
+    return (base,)
+
+
+EXPORTED: frozenset[str] = frozenset(
+    series for table in (REPLICA_METRICS, GATEWAY_METRICS) for name, (kind, _) in table.items()
+    for series in exported_names(name, kind)
+)
+
+# HTTP status of a gateway refusal → the `reason` tag.
+REFUSAL_REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
+                   503: "unavailable"}
+
+
+def error_kind(error: str | None, *, timed_out: bool = False) -> str:
+    """A small fixed vocabulary for a failed request (the `kind` tag): never the text itself."""
+    if timed_out:
+        return "timeout"
+    text = error or ""
+    if text.startswith("[") and "]" in text:
+        return "sandbox_" + text[1:text.index("]")].strip().replace(" ", "_")[:24]
+    if text.startswith("Internal error"):
+        return "internal"
+    if text.startswith("Unreadable request payload"):
+        return "unreadable"
+    if "exceeds this model's limit" in text:
+        return "result_too_large"
+    return "user_code"
+
 
 _LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300]
 _LOAD_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
@@ -71,55 +135,92 @@ class _Influx:
             self._api = None
 
 
+_HELP = {
+    "ndif_requests": "Requests by model and outcome.",
+    "ndif_request_errors": "Failed requests by model and error kind.",
+    "ndif_request_seconds": "Request execution time.",
+    "ndif_request_bytes": "Request payload bytes.",
+    "ndif_result_bytes": "Result bytes.",
+    "ndif_queue_depth": "Requests waiting for the model.",
+    "ndif_model_load_seconds": "Model load/activation time by source.",
+    "ndif_gateway_refusals": "Requests the gateway refused, by model and reason.",
+    "ndif_gateway_requests": "Requests the gateway admitted, by model.",
+    "ndif_result_store_failures": "Results that could not be stored for download.",
+}
+_BOUNDARIES = {"ndif_request_seconds": _LATENCY_BOUNDARIES, "ndif_model_load_seconds": _LOAD_BOUNDARIES}
+
+
+def _ray_metrics(table: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, Any]:
+    """The Ray metric objects of `table`, or {} outside a Ray worker (unit tests: snapshot only)."""
+    try:
+        from ray.serve import metrics as ray_metrics
+    except Exception as exc:
+        log.debug("Ray metrics unavailable: %s", exc)
+        return {}
+    m: Any = ray_metrics  # its tag_keys annotation wants a 1-tuple
+    made: dict[str, Any] = {}
+    for name, (kind, tags) in table.items():
+        try:
+            if kind == "counter":
+                made[name] = m.Counter(name, _HELP[name], tag_keys=tags)
+            elif kind == "gauge":
+                made[name] = m.Gauge(name, _HELP[name], tag_keys=tags)
+            else:
+                made[name] = m.Histogram(name, _HELP[name], _BOUNDARIES[name], tag_keys=tags)
+        except Exception as exc:  # metrics must never take a replica down
+            log.debug("Ray metric %s unavailable: %s", name, exc)
+    return made
+
+
+def _emit(metrics: dict[str, Any], name: str, method: str, value: float, tags: dict[str, str]) -> None:
+    metric = metrics.get(name)
+    if metric is not None:
+        try:
+            getattr(metric, method)(value, tags=tags)
+        except Exception as exc:
+            log.debug("metric %s failed: %s", name, exc)
+
+
 class RuntimeMetrics:
     """One per replica process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._snapshot: dict[str, float] = defaultdict(float)
-        self._ray: dict[str, Any] = {}
-        try:
-            from ray.serve import metrics as ray_metrics
-
-            m: Any = ray_metrics  # its tag_keys annotation wants a 1-tuple
-            self._ray = {
-                "requests": m.Counter(
-                    "ndif_requests", "Requests by model and outcome.", tag_keys=("model", "outcome")
-                ),
-                "latency": m.Histogram(
-                    "ndif_request_seconds", "Request execution time.", _LATENCY_BOUNDARIES, tag_keys=("model",)
-                ),
-                "bytes_in": m.Counter("ndif_request_bytes", "Request payload bytes.", tag_keys=("model",)),
-                "bytes_out": m.Counter("ndif_result_bytes", "Result bytes.", tag_keys=("model",)),
-                "queue": m.Gauge("ndif_queue_depth", "Requests waiting for the model.", tag_keys=("model",)),
-                "load": m.Histogram(
-                    "ndif_model_load_seconds", "Model load/activation time by source.", _LOAD_BOUNDARIES,
-                    tag_keys=("model", "source"),
-                ),
-            }
-        except Exception as exc:  # outside a Ray worker (unit tests) the snapshot still works
-            log.debug("Ray metrics unavailable: %s", exc)
+        self._ray = _ray_metrics(REPLICA_METRICS)
+        self._queues: dict[str, int] = {}
+        self._stop = threading.Event()
+        if self._ray:
+            threading.Thread(target=self._keep_gauges, name="ndif-metrics-keepalive", daemon=True).start()
         self._influx = _Influx()
 
-    def _emit(self, name: str, method: str, value: float, tags: dict[str, str]) -> None:
-        metric = self._ray.get(name)
-        if metric is not None:
-            try:
-                getattr(metric, method)(value, tags=tags)
-            except Exception as exc:
-                log.debug("metric %s failed: %s", name, exc)
+    def _keep_gauges(self) -> None:
+        while not self._stop.wait(KEEPALIVE_SECONDS):
+            with self._lock:
+                queues = dict(self._queues)
+            for model, depth in queues.items():
+                self._emit("ndif_queue_depth", "set", depth, {"model": model})
 
-    def request(self, model: str, outcome: str, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def _emit(self, name: str, method: str, value: float, tags: dict[str, str]) -> None:
+        _emit(self._ray, name, method, value, tags)
+
+    def request(self, model: str, outcome: str, seconds: float, bytes_in: int, bytes_out: int,
+                kind: str = "") -> None:
+        """One finished (or refused) request; `kind` is the error kind of a failed one (see error_kind)."""
         with self._lock:
             self._snapshot[f"requests_{outcome}"] += 1
             self._snapshot["request_seconds_sum"] += seconds
             self._snapshot["bytes_in"] += bytes_in
             self._snapshot["bytes_out"] += bytes_out
-        self._emit("requests", "inc", 1, {"model": model, "outcome": outcome})
-        self._emit("latency", "observe", seconds, {"model": model})
-        self._emit("bytes_in", "inc", bytes_in, {"model": model})
+            if kind:
+                self._snapshot[f"errors_{kind}"] += 1
+        self._emit("ndif_requests", "inc", 1, {"model": model, "outcome": outcome})
+        if kind:
+            self._emit("ndif_request_errors", "inc", 1, {"model": model, "kind": kind})
+        self._emit("ndif_request_seconds", "observe", seconds, {"model": model})
+        self._emit("ndif_request_bytes", "inc", bytes_in, {"model": model})
         if bytes_out:
-            self._emit("bytes_out", "inc", bytes_out, {"model": model})
+            self._emit("ndif_result_bytes", "inc", bytes_out, {"model": model})
         self._influx.write(
             "request", {"model": model, "outcome": outcome},
             {"seconds": seconds, "bytes_in": bytes_in, "bytes_out": bytes_out},
@@ -128,15 +229,17 @@ class RuntimeMetrics:
     def queue_depth(self, model: str, depth: int) -> None:
         with self._lock:
             self._snapshot["queue_depth"] = depth
-        self._emit("queue", "set", depth, {"model": model})
+            self._queues[model] = depth
+        self._emit("ndif_queue_depth", "set", depth, {"model": model})
 
     def model_load(self, model: str, source: str, seconds: float) -> None:
         with self._lock:
             self._snapshot[f"load_seconds_{source}"] = seconds
-        self._emit("load", "observe", seconds, {"model": model, "source": source})
+        self._emit("ndif_model_load_seconds", "observe", seconds, {"model": model, "source": source})
         self._influx.write("model_load", {"model": model, "source": source}, {"seconds": seconds})
 
     def close(self) -> None:
+        self._stop.set()
         self._influx.close()
 
     @property
@@ -147,3 +250,39 @@ class RuntimeMetrics:
     def snapshot(self) -> dict[str, float]:
         with self._lock:
             return dict(self._snapshot)
+
+
+class GatewayMetrics:
+    """The gateway's counters (one per gateway process; see `gateway_metrics`)."""
+
+    def __init__(self) -> None:
+        self._ray = _ray_metrics(GATEWAY_METRICS)
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def refusal(self, model: str, status: int) -> None:
+        reason = REFUSAL_REASONS.get(status, str(status))
+        with self._lock:
+            self.counts[f"refused_{reason}"] += 1
+        _emit(self._ray, "ndif_gateway_refusals", "inc", 1, {"model": model or "unknown", "reason": reason})
+
+    def admitted(self, model: str) -> None:
+        with self._lock:
+            self.counts["admitted"] += 1
+        _emit(self._ray, "ndif_gateway_requests", "inc", 1, {"model": model})
+
+    def result_store_failure(self, store: str) -> None:
+        with self._lock:
+            self.counts["result_store_failures"] += 1
+        _emit(self._ray, "ndif_result_store_failures", "inc", 1, {"store": store})
+
+
+_gateway: GatewayMetrics | None = None
+
+
+def gateway_metrics() -> GatewayMetrics:
+    """Created on first use, inside the gateway's replica process (Ray metrics need a worker)."""
+    global _gateway
+    if _gateway is None:
+        _gateway = GatewayMetrics()
+    return _gateway

@@ -39,7 +39,7 @@ from model_runtime.execution import (
 )
 from model_runtime.garbage import freeze_long_lived
 from model_runtime.host_copy import NODE_MEMORY
-from model_runtime.metrics import RuntimeMetrics
+from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
@@ -91,6 +91,7 @@ class ModelReplica:
             raise ValueError("tensor_parallel_size > 1 is not supported by this runtime yet")
         self.config = ModelUserConfig()
         self.metrics = RuntimeMetrics()
+        self.metrics.queue_depth(self.args.model_key, 0)  # reported from the start: 0, not absent, when idle
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._wedged = False
@@ -299,7 +300,7 @@ class ModelReplica:
         if self._level != levels.HOT or self._model is None:
             return _refused(503, f"Model {key!r} is COLD (not loaded); ask an admin to make it Hot.", limits)
         if self._waiting >= self.config.max_queue_depth:
-            self.metrics.request(key, "rejected", 0.0, payload_bytes, 0)
+            self.metrics.request(key, "rejected", 0.0, payload_bytes, 0, kind="queue_full")
             return _refused(503, f"The queue for model {key!r} is full ({self.config.max_queue_depth} requests "
                                  "waiting); try again later.", limits)
         return None
@@ -337,9 +338,10 @@ class ModelReplica:
         if result.wedged:
             self._wedged = True
         outcome = "completed" if result.result is not None else ("timeout" if result.timed_out else "error")
+        kind = "" if result.result is not None else error_kind(result.error, timed_out=result.timed_out)
         self.metrics.request(
             self.args.model_key, outcome, float(result.meta.get("runtime", 0.0)), len(blob),
-            len(result.result or b""),
+            len(result.result or b""), kind=kind,
         )
         if result.result is None:
             yield _error(result.error or "unknown error", result.meta)

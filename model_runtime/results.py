@@ -13,6 +13,8 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from model_runtime.metrics import gateway_metrics
+
 PRESIGN_SECONDS = 3600
 
 
@@ -39,7 +41,11 @@ class S3Results:
         return url
 
     async def put(self, job_id: str, blob: bytes, base_url: str) -> str:
-        return await asyncio.to_thread(self._put_sync, job_id, blob)
+        try:
+            return await asyncio.to_thread(self._put_sync, job_id, blob)
+        except Exception:
+            gateway_metrics().result_store_failure("s3")
+            raise
 
 
 class MemoryResults:

@@ -1,5 +1,6 @@
-"""Write the chart's generated files from `ChartValues`: `values.yaml` (defaults, each value with its
-description as a comment) and `values.schema.json` (what `helm install/upgrade/template/lint` check).
+"""Write the chart's generated files: from `ChartValues`, `values.yaml` (defaults, each value with its
+description as a comment) and `values.schema.json` (what `helm install/upgrade/template/lint` check);
+from `dashboards.py`, the Grafana dashboards (`dashboards/*.json`).
 
 Run by `ndif-operator generate`; `--check` reports stale files instead of writing them.
 """
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from ndif_operator.chart.dashboards import dashboards
 from ndif_operator.chart.values import ChartValues
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "ndif-operator"
@@ -75,10 +77,13 @@ def values_yaml() -> str:
 
 
 def generated_files() -> dict[Path, str]:
-    return {
+    files = {
         CHART_DIR / "values.yaml": values_yaml(),
         CHART_DIR / "values.schema.json": json.dumps(values_schema(), indent=2, sort_keys=True) + "\n",
     }
+    for name, model in dashboards().items():
+        files[CHART_DIR / "dashboards" / f"{name}.json"] = json.dumps(model, indent=2, sort_keys=True) + "\n"
+    return files
 
 
 def write(check: bool) -> list[Path]:

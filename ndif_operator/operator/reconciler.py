@@ -108,6 +108,7 @@ class Reconciler:
         if not self.cache_store.loaded:
             await self.cache_store.load()  # before any evaluation: a restart re-reads no checkpoint
         objects = await self.api.list_model_deployments(self.settings.namespace_list)
+        metrics.keep_deployments((o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects)
         targets: dict[Target, list[Entry]] = defaultdict(list)
         for obj in objects:
             entry = parse_entry(obj)

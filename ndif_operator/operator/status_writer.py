@@ -39,6 +39,7 @@ class StatusWriter:
         """The new status (written only when it differs from the object's)."""
         old = entry.status
         new = compute_status(obs, old, now)
+        metrics.observe_deployment(entry.namespace, entry.name, entry.md.spec.level if entry.md else None, new)
         if not status_changed(old, new):
             return new
         try:

@@ -47,17 +47,17 @@ def test_every_manifest_is_valid(name: str, kube_version: str) -> None:
 
 def test_the_chart_crds_are_the_generated_files_and_valid() -> None:
     generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
-    for name in generated:
-        link = CHART / "crds" / name
-        assert link.is_symlink() and link.resolve() == (ROOT / "crds" / name).resolve()
+    links = sorted((CHART / "crds").iterdir())
+    assert [p.name for p in links] == generated, "link every generated CRD into the chart's crds/"
+    for link in links:
+        assert link.is_symlink() and link.resolve() == (ROOT / "crds" / link.name).resolve()
     chart = helm_python.Chart.load(CHART)
     try:
         crds = chart.crds
     finally:
         chart.close()
     assert sorted(c["name"] for c in crds) == [f"crds/{name}" for name in generated]
-    for crd in crds:
-        # Helm follows the link: what it installs is the generated file.
+    for crd in crds:  # Helm follows the links: what it installs is the generated file itself
         assert crd["data"] == (ROOT / crd["name"]).read_text()
         for version in KUBE_VERSIONS:
             validate(yaml.safe_load(crd["data"]), version)
