@@ -1,28 +1,58 @@
-# Two images from one file, both installing from the same pinned requirements:
-#   docker build --target operator -t ndif-operator:dev .   # kopf operator: no torch, no ray
-#   docker build --target runtime  -t ndif-runtime:dev .    # Ray Serve replicas (KubeRay head/worker image)
-# The runtime image's Ray and Python versions must match the RayService's rayVersion (2.60.0, py3.11).
+# Two images from one file, each installing only its own pinned requirements
+# (requirements/<image>.txt, generated from the package extras by tools/image_requirements.py):
+#   docker build --target operator -t ndif-operator:0.1.0 .
+#       The Kopf operator: no torch, no ray; non-root; entrypoint `ndif-operator run`.
+#   docker build --target runtime -t ndif-runtime:0.1.0 .                        # GPU nodes (CUDA torch)
+#   docker build --target runtime --build-arg TORCH_VARIANT=cpu -t ndif-runtime:0.1.0-cpu .
+#       What KubeRay (v1.7) runs as the head and the workers of the RayService: Python 3.11 and
+#       Ray 2.60.0 (= the RayService's rayVersion), nnsight, transformers, model_runtime; `bash`
+#       and `wget` for the exec probes KubeRay injects into worker containers; user 1000.
+# `make lint` runs hadolint on this file; tests/images checks the copied paths and the pins.
 
-FROM python:3.11-slim AS base
-ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-WORKDIR /app
-COPY requirements.txt pyproject.toml README.md ./
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- build: one wheel of this package (no dependencies), shared by both images -------------------
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY ndif_operator ./ndif_operator
 COPY model_runtime ./model_runtime
-COPY crds ./crds
-RUN python -m pip install --upgrade pip
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-FROM base AS operator
-# Only the operator's pins (the section of requirements.txt between the operator and runtime headers).
-RUN sed -n '/^# --- operator ---/,/^# --- runtime ---/p' requirements.txt > /tmp/operator.txt \
- && pip install -r /tmp/operator.txt && pip install --no-deps . \
- && python -c "import sys, ndif_operator.cli; assert 'torch' not in sys.modules"
+# --- operator ------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS operator
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 NDIF_LOG_FORMAT=json
+COPY requirements/operator.txt /tmp/requirements.txt
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-cache-dir -r /tmp/requirements.txt \
+ && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels /tmp/requirements.txt \
+ && python -c "import sys, ndif_operator.operator.handlers; assert not {'torch', 'ray'} & set(sys.modules)"
 USER 65532:65532
+EXPOSE 8080 9090
 ENTRYPOINT ["ndif-operator"]
 CMD ["run"]
 
-FROM base AS runtime
-# Everything but the test tools. On GPU nodes, install the CUDA build of torch 2.13.0 instead.
-RUN sed -n '1,/^# --- test ---/p' requirements.txt > /tmp/runtime.txt \
- && pip install -r /tmp/runtime.txt && pip install --no-deps .
+# --- runtime (KubeRay head and workers) -----------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+# gpu: PyPI's Linux torch wheel (CUDA, with its nvidia-* runtime wheels); cpu: PyTorch's CPU index.
+ARG TORCH_VARIANT=gpu
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 NDIF_LOG_FORMAT=json \
+    OMP_NUM_THREADS=1 RAY_USAGE_STATS_ENABLED=0 HOME=/home/ray
+# KubeRay's worker probes run `bash -c "wget ... | grep success"`; ray needs no other system package.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends wget \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 1000 --create-home --home-dir /home/ray --shell /bin/bash ray
+COPY requirements/runtime.txt /tmp/requirements.txt
+COPY --from=build /wheels /tmp/wheels
+RUN if [ "$TORCH_VARIANT" = cpu ]; then \
+      pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0; \
+    fi \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels /tmp/requirements.txt \
+ && python -c "import ray, torch, nnsight, model_runtime.gateway_app; assert ray.__version__ == '2.60.0'"
 USER 1000:1000
+WORKDIR /home/ray

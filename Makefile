@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install generate verify lint test demo bench clean
+.PHONY: install tools generate verify lint test demo bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
 	@touch $(STAMP)
+
+# Tools that are not Python packages: promtool (tests/chart) comes from Debian's prometheus.
+tools:
+	@sh tools/install_promtool.sh
 
 generate: install
 	$(BIN)/ndif-operator generate
@@ -38,8 +42,9 @@ lint: install
 	$(BIN)/ruff check ndif_operator model_runtime tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
 
-test: install verify lint
+test: install tools verify lint
 	$(BIN)/pytest
 
 demo: install
