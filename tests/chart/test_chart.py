@@ -173,3 +173,18 @@ def test_worker_group_fallbacks_match_the_model() -> None:
     minimal = render({"rayService": {"create": True, "workerGroups": [{"name": "gpu"}]}})
     full = render({"rayService": {"create": True}})  # the values.yaml group: every field from the model
     assert minimal == full
+
+
+def test_the_chart_grants_exactly_the_generated_rbac() -> None:
+    """The generated RBAC (ndif_operator/operator/rbac.py → files/rbac.yaml) reaches the cluster unchanged."""
+    generated = [d for d in yaml.safe_load_all((CHART / "files" / "rbac.yaml").read_text()) if d]
+    cluster_rules = [d["rules"] for d in generated if d["kind"] == "ClusterRole"]
+    own_rules = [d["rules"] for d in generated if d["kind"] == "Role"]
+    docs = manifests(render({}))
+    assert list(_rules(docs, "ClusterRole").values()) == cluster_rules
+    assert list(_rules(docs, "Role").values()) == own_rules
+    namespaced = manifests(render(values_of("namespaced")))
+    assert not _rules(namespaced, "ClusterRole")
+    roles = _rules(namespaced, "Role")
+    for ns in ("team-a", "team-b"):
+        assert [roles[f"{ns}/ndif-operator"]] == cluster_rules

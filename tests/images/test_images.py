@@ -71,7 +71,7 @@ def test_image_requirements_are_generated_from_the_extras() -> None:
 
 # import name → distribution, for what `ndif_operator` imports outside the standard library.
 _DISTRIBUTIONS = {
-    "kopf": "kopf", "kubernetes_asyncio": "kubernetes-asyncio", "pydantic": "pydantic",
+    "kopf": "kopf", "kubernetes": "kubernetes", "kubernetes_asyncio": "kubernetes-asyncio", "pydantic": "pydantic",
     "pydantic_settings": "pydantic-settings", "prometheus_client": "prometheus-client", "yaml": "pyyaml",
     "googleapiclient": "google-api-python-client", "google": "google-auth",
     "google_auth_httplib2": "google-auth-httplib2", "httplib2": "httplib2",
