@@ -369,6 +369,10 @@ class Guards:
         if name in _SHARED_OBJECT_MUTATORS and library in ("transformers", "tokenizers", "nnsight"):
             raise CapabilityDenied(f"{owner.__name__}.{name} would change shared server state; not allowed")
         if issubclass(owner, torch.nn.Module) or _is_envoy(obj):
+            if name in ("edit", "clear_edits") and not isinstance(obj, type):
+                raise ModelTampering(f".{name}() is not available remotely: an edit would persist in the served "
+                                     "model for every later user; assign the intervention in the trace body "
+                                     "instead (e.g. `model.layer.output[:] = ...`)")
             if name in MODULE_MUTATORS or (name in _ENVOY_INTERNALS and not isinstance(obj, type)):
                 raise ModelTampering(f".{name}() on a model module is not allowed")
             if isinstance(obj, type) and name not in SAFE_MODULE_METHODS and callable(getattr(obj, name, None)):

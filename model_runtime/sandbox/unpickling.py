@@ -92,6 +92,11 @@ SUBSTITUTED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("nnsight.intervention.serialization", "_fill"),
     }
 )
+EDIT_REFUSAL = (
+    "models edited with `.edit()` cannot run on this server (an edit would persist in the served model "
+    "for every later user): put the intervention in each trace instead, e.g. "
+    "`model.layer.output[:] = ...`, or run several traces in one `model.session()`"
+)
 _BUILTIN_TYPES = {"SimpleNamespace": types.SimpleNamespace, "MethodType": types.MethodType}
 
 # nnsight methods decorated with @traceable ship the *undecorated* function by value (its
@@ -261,6 +266,8 @@ def _stand_in_for(key: tuple[str, str]) -> Any:
             return _Function(what, lambda *_: None)
         made = "function" if name == "_load_function" else "tensor"
         return _Function(what, lambda *_: _Built(made))
+    if key == ("nnsight.intervention.interleaver", "Mediator"):
+        raise PayloadRejected(EDIT_REFUSAL)
     if key not in ALLOWED_GLOBALS:
         raise PayloadRejected(f"the payload references {what}, which is not allowed")
     real = _resolve(key)

@@ -142,3 +142,19 @@ def test_server_state_is_restored_after_a_change_behind_the_guards(models: tuple
     assert any("all_tied_weights_keys" in c for c in changed) and any("_edits" in c for c in changed)
     assert state.verify_and_restore() == []
     assert nnsight  # the module the programs use
+
+
+def test_edit_is_refused_with_what_to_do_instead(models: tuple[Any, Any], backend: Any) -> None:
+    from model_runtime.sandbox import SandboxError
+
+    client, _ = models
+    with client.edit() as (_tracer, edited):
+        client.model.layers[0].mlp.output[:] = 0
+    with pytest.raises(SandboxError, match=r"put the intervention in each trace"):
+        with edited.trace("hello", backend=backend()):
+            edited.lm_head.output.save()
+    with pytest.raises(SandboxError, match=r"assign the intervention in the trace body"):
+        with client.trace("hello", backend=backend()):
+            with client.edit() as (tracer, inner):  # noqa: RUF059
+                pass
+            client.lm_head.output.save()
