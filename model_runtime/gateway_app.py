@@ -113,6 +113,7 @@ class NnsightGateway:
         self.jobs = JobStore()
         self.results = result_store(self.args.object_store_bucket, self.args.object_store_endpoint_url)
         self._handles: dict[str, Any] = {}
+        self._inflight: dict[str, int] = {}  # app → this gateway's jobs admitted and not finished
         self._tasks: set[asyncio.Task[None]] = set()
         self.activation_requests: dict[str, float] = {}
         self._demand_seq = 0  # bumped per recorded demand; `GET /demand` long-polls on it
@@ -128,7 +129,7 @@ class NnsightGateway:
         cold = (served_before - _served(self.routes)) | (set(self.routes) - _served(self.routes))
         if cold:
             threading.Thread(target=_evict_host_copies, args=(sorted(cold),), daemon=True).start()
-        apps = {route.app for route in self.routes.values()}
+        apps = {a for route in self.routes.values() for a in (route.apps or [route.app])}
         for app_name in [a for a in self._handles if a not in apps]:
             self._handles.pop(app_name, None)
             self._payload_limits.pop(app_name, None)
@@ -313,7 +314,7 @@ class NnsightGateway:
         if route.app is None or route.level == Level.COLD:
             raise HttpError(503, f"Model {key!r} is COLD (on disk only, not loaded); ask an admin to make it "
                                  "Hot or Warm.")
-        app_name = route.app
+        app_name = await self._pick_app(route.apps or [route.app])
         state = await self._app_state_now(app_name)
         if state == "DEPLOYING":
             raise HttpError(503, f"Model {key!r} is being deployed (loading); retry shortly.")
@@ -332,14 +333,38 @@ class NnsightGateway:
             raise HttpError(503, str(exc)) from None
         inline_max = self.args.inline_result_max_bytes if session_id else 0
         stream = self._admit(app_name, job, envelope, blob, inline_max)
-        first = await self._first_event(key, app_name, job, stream)
+        self._inflight[app_name] = self._inflight.get(app_name, 0) + 1
+        try:
+            first = await self._first_event(key, app_name, job, stream)
+        except BaseException:
+            self._done(app_name)
+            raise
         received = _response(job.id, "RECEIVED", "Your job has been received and is waiting approval.")
         self._record(job, received, push=False)
         gateway_metrics().admitted(key)
         task = asyncio.create_task(self._process(job, stream, first, str(request.base_url)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._done(app_name))
         return received
+
+    async def _pick_app(self, apps: list[str]) -> str:
+        """The application (one per pinned replica slot) with the fewest of this gateway's jobs in
+        flight, among those Serve can route to; ties go to the lowest slot. An idle slot scaled to
+        zero is picked once the running ones are busy, which is what makes Serve scale it up."""
+        if len(apps) == 1:
+            return apps[0]
+        states = {app: await self._app_state_now(app) for app in apps}
+        routable = [app for app in apps if states[app] in ("RUNNING", "DEPLOYING")] or apps
+        return min(routable, key=lambda app: (self._inflight.get(app, 0), states[app] != "RUNNING",
+                                              apps.index(app)))
+
+    def _done(self, app_name: str) -> None:
+        left = self._inflight.get(app_name, 0) - 1
+        if left > 0:
+            self._inflight[app_name] = left
+        else:
+            self._inflight.pop(app_name, None)
 
     def _admit(self, app_name: str, job: Job, envelope: dict[str, Any], blob: bytes, inline_max: int) -> Any:
         try:

@@ -38,6 +38,7 @@ from model_runtime.execution import (
     select_runner,
 )
 from model_runtime.garbage import freeze_long_lived
+from model_runtime.gpu_binding import bind_pinned_gpu
 from model_runtime.host_copy import NODE_MEMORY
 from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
@@ -71,6 +72,7 @@ _preimport_anyio()
 
 def _prepare_process() -> None:
     """Process-wide settings every replica needs before it loads a model."""
+    bind_pinned_gpu()  # before anything touches CUDA
     _preimport_anyio()
     import torch
 

@@ -76,6 +76,8 @@ class GatewayRoute(_Args):
     deployment: str = Field(description="`namespace/name` of the ModelDeployment.")
     level: Level = Field(description="The granted level; COLD models have no application.")
     app: str | None = Field(default=None, description="Serve application name; None when COLD.")
+    apps: list[str] = Field(default_factory=list, description="Every application serving the model: one per "
+                            "pinned replica slot (the first is `app`); empty when COLD.")
     repo_id: str = ""
     revision: str = "main"
     # ModelDeployment `activateOnRequest`: a request for a WARM/COLD model records the demand.

@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from ndif_operator.api import GatewayAppArgs, ModelDeployment
+from ndif_operator.api.pinning import node_labels, node_resources
 from ndif_operator.evaluation import EstimateCache
 from ndif_operator.local.activation import (
     DEFAULT_TTL_S,
@@ -72,6 +73,9 @@ class LocalSettings:
 
     def head_spec(self, local: LocalInventory) -> RayHeadSpec:
         env = {API_KEY_HASHES_ENV: ",".join(self.api_key_hashes)}
+        # The one pod of the local inventory: declare its GPUs and its name so pinned replicas fit.
+        (group,) = local.inventory.groups
+        pinning = not local.cpu_only
         return RayHeadSpec(
             num_cpus=self.num_cpus,
             num_gpus=local.gpus,
@@ -82,6 +86,8 @@ class LocalSettings:
             # Host copies of WARM (and HOT) models live in the object store (model_runtime/weight_store.py).
             object_store_bytes=max(RayHeadSpec.object_store_bytes,
                                    max(g.cpu_memory_bytes for g in local.inventory.groups)),
+            resources=node_resources(group.gpus_per_pod) if pinning else {},
+            labels=node_labels(group.name, 0),
         )
 
 

@@ -11,6 +11,7 @@ sits next to the running interpreter and through the dashboard's HTTP API.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -88,6 +89,10 @@ class RayHeadSpec:
     pythonpath: tuple[str, ...] = ()
     object_store_bytes: int = 512 * 1024**2
     env: Mapping[str, str] = field(default_factory=dict)
+    # Custom resources and node labels (`--resources`, `--labels`): the GPU pinning declarations
+    # (ndif_operator.api.pinning) of the pod this head stands for.
+    resources: Mapping[str, float] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def resolved_temp_dir(self) -> Path:
@@ -129,6 +134,9 @@ def start_command(spec: RayHeadSpec, ray: str = "ray") -> list[str]:
         f"--num-gpus={spec.num_gpus}",
         f"--object-store-memory={spec.object_store_bytes}",
         f"--temp-dir={spec.resolved_temp_dir}",
+        *([f"--resources={json.dumps(dict(sorted(spec.resources.items())), separators=(',', ':'))}"]
+          if spec.resources else []),
+        *([f"--labels={','.join(f'{k}={v}' for k, v in sorted(spec.labels.items()))}"] if spec.labels else []),
     ]  # fmt: skip
 
 

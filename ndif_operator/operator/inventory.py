@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ndif_operator.api.pinning import POD_LABEL, declares_pinning, gpu_resource
 from ndif_operator.operator.quantity import quantity_bytes
 from ndif_operator.planning import Inventory, WorkerGroup
 
@@ -99,6 +100,12 @@ def read_worker_group(group: Mapping[str, Any], nodes: Sequence[Mapping[str, Any
             gpus = 0
         else:
             gpu_memory = found
+            declared = {**(group.get("rayStartParams") or {}), "resources_api": group.get("resources") or "",
+                        "labels_api": group.get("labels") or ""}
+            if not declares_pinning(declared, gpus):
+                warnings.append(f"worker group {name!r} does not declare the pinning resources "
+                                f"({gpu_resource(0)}..{gpu_resource(gpus - 1)}) and the {POD_LABEL} label: "
+                                "pinned replicas cannot start there (docs/placement.md \"Pinning\")")
     if WARM_MEMORY_ANNOTATION in annotations:
         cpu_memory = quantity_bytes(annotations[WARM_MEMORY_ANNOTATION])
     else:

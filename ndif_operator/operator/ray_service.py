@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ndif_operator.api.naming import model_app_name
+from ndif_operator.rendering.pinned import slot_app_names
+
 # KubeRay Ready-condition reasons that mean KubeRay itself gave up or rejected the object.
 _FAILURE_REASONS = frozenset({"ValidationFailed", "InitializingTimeout"})
 
@@ -17,6 +20,11 @@ class AppStatus:
     message: str = ""
     healthy_deployments: int = 0
     deployments: int = 0
+    unschedulable: str = ""  # Serve's message about replicas Ray has not scheduled, if any
+
+
+# Serve's deployment message when replicas wait for resources (ray/serve/_private/deployment_state.py).
+_UNSCHEDULED_MARKER = "to be scheduled"
 
 
 def serve_config_text(ray_service: Mapping[str, Any]) -> str:
@@ -51,10 +59,33 @@ def application_statuses(ray_service: Mapping[str, Any]) -> dict[str, AppStatus]
     for name, app in (active.get("applicationStatuses") or {}).items():
         deployments = (app or {}).get("serveDeploymentStatuses") or {}
         healthy = sum(1 for d in deployments.values() if (d or {}).get("status") == "HEALTHY")
+        waiting = [str((d or {}).get("message")) for d in deployments.values()
+                   if _UNSCHEDULED_MARKER in str((d or {}).get("message") or "")]
         result[str(name)] = AppStatus(status=str((app or {}).get("status") or "NOT_STARTED"),
                                       message=str((app or {}).get("message") or ""),
-                                      healthy_deployments=healthy, deployments=len(deployments))
+                                      healthy_deployments=healthy, deployments=len(deployments),
+                                      unschedulable="; ".join(waiting))
     return result
+
+
+def model_app_status(apps: Mapping[str, AppStatus], namespace: str, name: str) -> AppStatus | None:
+    """One ModelDeployment's status over its applications (one per pinned replica slot).
+
+    RUNNING only when every slot runs; otherwise the first slot that does not, with the slots
+    whose replicas Ray cannot schedule named in `unschedulable`.
+    """
+    base = model_app_name(namespace, name)
+    slots = [(app, apps[app]) for app in slot_app_names(base, sorted(apps))]
+    if not slots:
+        return None
+    if len(slots) == 1:
+        return slots[0][1]
+    waiting = "; ".join(f"{slot}: {app.unschedulable}" for slot, app in slots if app.unschedulable)
+    lagging = next((app for _, app in slots if app.status != "RUNNING"), None)
+    first = lagging or slots[0][1]
+    return AppStatus(status=first.status, message=first.message,
+                     healthy_deployments=sum(a.healthy_deployments for _, a in slots),
+                     deployments=sum(a.deployments for _, a in slots), unschedulable=waiting)
 
 
 # KubeRay's Events about pushing serveConfigV2 to the Ray dashboard (research §1.4, §1.8).

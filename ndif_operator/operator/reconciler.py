@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ndif_operator.api import Level
-from ndif_operator.api.naming import model_app_name
 from ndif_operator.operator import metrics
 from ndif_operator.operator.activation import Activations
 from ndif_operator.operator.cache_store import CacheStore
@@ -33,6 +32,7 @@ from ndif_operator.operator.loop import PassOutcome, PlannerLoop, Wake
 from ndif_operator.operator.ray_service import (
     application_statuses,
     kuberay_failure,
+    model_app_status,
     serve_update_failure,
     upgrade_in_progress,
 )
@@ -158,7 +158,7 @@ class Reconciler:
             apps = application_statuses(ray_service)
             frozen = "RayService upgrade in progress (pending cluster): placement frozen until it completes"
             observations = {e.key: replace(base[e.key], frozen=frozen,
-                                           app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}
+                                           app=model_app_status(apps, e.namespace, e.name)) for e in entries}
         else:
             patched = await self.patcher.plan_and_patch(target, ray_service, live, nodes, now)
             decisions = patched.decisions
@@ -167,7 +167,7 @@ class Reconciler:
             failure = kuberay_failure(ray_service) or patched.error or serve_update_failure(events)
             apps = application_statuses(ray_service)
             observations = {e.key: replace(base[e.key], decision=decisions.get(e.key), ray_service_error=failure,
-                                           app=apps.get(model_app_name(e.namespace, e.name))) for e in entries}
+                                           app=model_app_status(apps, e.namespace, e.name)) for e in entries}
             if patched.error is None:
                 release_deleted = True
             else:

@@ -67,6 +67,9 @@ class OperatorSettings(BaseSettings):
     )
     kube_context: str | None = Field(default=None, description="Kubeconfig context (default: its current one).")
     cpu_only: bool = Field(default=False, description="Render HOT replicas with num_gpus 0 (CPU-only clusters).")
+    pin_gpus: bool = Field(default=True, description="Pin each replica and TP rank to its planned pod and GPU "
+                           "(worker nodes declare ndif_gpu_<i> resources and the ndif.dev/pod label; "
+                           "docs/placement.md). False leaves placement to Ray.")
     replica_num_cpus: float | None = Field(default=None, ge=0, description="num_cpus of each model replica.")
     gateway_num_cpus: float | None = Field(default=None, ge=0, description="num_cpus of each gateway replica.")
     backoff_initial_seconds: float = Field(default=0.5, gt=0, description="First retry delay after an API error.")
@@ -145,7 +148,8 @@ class OperatorSettings(BaseSettings):
 
     def render_options(self) -> RenderOptions:
         return RenderOptions(cpu_only=self.cpu_only, replica_num_cpus=self.replica_num_cpus,
-                             gateway_num_cpus=self.gateway_num_cpus, gateway=self.gateway_args())
+                             gateway_num_cpus=self.gateway_num_cpus, gateway=self.gateway_args(),
+                             pin_gpus=self.pin_gpus)
 
     @property
     def namespace_list(self) -> list[str]:

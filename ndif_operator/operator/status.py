@@ -109,6 +109,9 @@ def _ready(obs: Observation, level: Level | None) -> tuple[ConditionStatus, Reas
     if app is None:
         missing = "the Serve application is not in the RayService status yet"
         return ConditionStatus.FALSE, Reason.APPLICATION_MISSING, missing
+    if app.unschedulable:
+        # Ray cannot place what the planner placed: say so with Ray's own words, never silently.
+        return ConditionStatus.FALSE, Reason.REPLICAS_UNSCHEDULABLE, app.unschedulable
     if app.status == "RUNNING":
         return ConditionStatus.TRUE, Reason.APPLICATION_RUNNING, app.message
     if app.status == "DEPLOY_FAILED":

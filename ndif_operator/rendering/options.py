@@ -18,6 +18,7 @@ class RenderOptions:
     """
 
     cpu_only: bool = False
+    pin_gpus: bool = True
     replica_num_cpus: float | None = None
     gateway_num_cpus: float | None = None
     gateway_replicas: int = 1

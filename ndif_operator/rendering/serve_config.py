@@ -37,6 +37,7 @@ from ndif_operator.api.naming import (
 )
 from ndif_operator.planning import Decision, Plan
 from ndif_operator.rendering.options import RenderOptions
+from ndif_operator.rendering.pinned import actor_options, pinned_slot, slot_app_name, slot_scaling
 from ndif_operator.rendering.text import canonical_number
 
 ServeConfig = dict[str, Any]
@@ -75,17 +76,18 @@ def render_serve_config(
         if key in routes:
             # Two deployments of one repo id would make the gateway ambiguous; the first by key wins.
             continue
-        app: dict[str, Any] | None = None
+        apps: list[dict[str, Any]] = []
         if decision.level != Level.COLD:
             estimate = (estimates or {}).get(decision.key) or (
                 deployment.status.estimate if deployment.status else None
             )
-            app = _model_app(decision, deployment, estimate, options)
-            applications.append(app)
+            apps = _model_apps(decision, deployment, estimate, options)
+            applications.extend(apps)
         routes[key] = GatewayRoute(
             deployment=decision.key,
             level=Level(decision.level),
-            app=app["name"] if app is not None else None,
+            app=apps[0]["name"] if apps else None,
+            apps=[str(app["name"]) for app in apps],
             repo_id=deployment.spec.model.repo_id,
             revision=deployment.spec.model.revision,
             activate_on_request=deployment.spec.activate_on_request,
@@ -100,17 +102,6 @@ def render_serve_config(
             http["port"] = options.http_port
         config["http_options"] = http
     return config
-
-
-def _actor_options(num_cpus: float | None, num_gpus: float, memory: int, env: Mapping[str, str]) -> dict[str, Any]:
-    options: dict[str, Any] = {"num_gpus": canonical_number(num_gpus)}
-    if num_cpus is not None:
-        options["num_cpus"] = canonical_number(num_cpus)
-    if memory > 0:
-        options["memory"] = memory
-    if env:
-        options["runtime_env"] = {"env_vars": dict(sorted(env.items()))}
-    return options
 
 
 def _rank_bundles(ranks: int, gpus: float, cpus: float, memory: int) -> list[dict[str, Any]]:
@@ -141,16 +132,17 @@ def _gateway_app(options: RenderOptions, routes: Mapping[str, GatewayRoute]) -> 
             {
                 "name": GATEWAY_DEPLOYMENT,
                 "num_replicas": options.gateway_replicas,
-                "ray_actor_options": _actor_options(options.gateway_num_cpus, 0, 0, {}),
+                "ray_actor_options": actor_options(options.gateway_num_cpus, 0, 0, {}),
                 "user_config": table.model_dump(mode="json"),
             }
         ],
     }
 
 
-def _model_app(
+def _model_apps(
     decision: Decision, deployment: ModelDeployment, estimate: Estimate | None, options: RenderOptions
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
+    """The applications of one HOT or WARM model: one per pinned replica slot, else one."""
     spec = deployment.spec
     hot = decision.level == Level.HOT
     gpus = decision.gpus_per_replica if hot and not options.cpu_only else 0.0
@@ -175,19 +167,37 @@ def _model_app(
                                               activate_on_request=spec.activate_on_request)
     # CPU-only clusters run tensor parallelism too (gloo): the ranks are processes either way.
     ranks = max(1, decision.tensor_parallel_size) if hot else 1
+    num_cpus = options.replica_num_cpus
+    if ranks > 1 and num_cpus is None:
+        num_cpus = SERVE_DEFAULT_REPLICA_CPUS  # said explicitly: bundle 0 must hold what Serve gives rank 0
+    base = model_app_name(*decision.key.split("/", 1))
+
+    def app(name: str, model_deployment: dict[str, Any]) -> dict[str, Any]:
+        model_deployment["user_config"] = user_config.model_dump(mode="json")
+        return {
+            "name": name,
+            "route_prefix": None,  # reached through the gateway's handles, never over HTTP directly
+            "import_path": MODEL_IMPORT_PATH,
+            "args": args.model_dump(mode="json"),
+            "deployments": [model_deployment],
+        }
+
+    env = dict(options.replica_env)
+    pinned = options.pin_gpus and not options.cpu_only and decision.worker_group is not None
+    if pinned and decision.assignments and (gpus > 0 or not hot):
+        group = decision.worker_group
+        assert group is not None
+        slots = [pinned_slot(group, a, decision.gpu_fraction, num_cpus, memory, env) for a in decision.assignments]
+        scaling = slot_scaling(spec, len(slots)) if hot else [{"num_replicas": 1}] * len(slots)
+        return [app(slot_app_name(base, n), {"name": MODEL_DEPLOYMENT, **slot, **scale})
+                for n, (slot, scale) in enumerate(zip(slots, scaling, strict=True))]
+    model_deployment: dict[str, Any] = {"name": MODEL_DEPLOYMENT}
     # A tensor-parallel replica holds `gpu_fraction` of each of its `ranks` GPUs. Ray refuses a
     # fractional `num_gpus` above 1, so the replica actor (rank 0) asks for one share and the
     # placement group reserves one bundle per rank on one node (STRICT_PACK). The planner keeps
     # each share above half a GPU, so no two bundles of a replica can land on the same GPU.
     rank_gpus = (decision.gpu_fraction if gpus > 0 else 0.0) if ranks > 1 else gpus
-    num_cpus = options.replica_num_cpus
-    if ranks > 1 and num_cpus is None:
-        num_cpus = SERVE_DEFAULT_REPLICA_CPUS  # said explicitly: bundle 0 must hold what Serve gives rank 0
-    model_deployment: dict[str, Any] = {
-        "name": MODEL_DEPLOYMENT,
-        "ray_actor_options": _actor_options(num_cpus, rank_gpus, memory, dict(options.replica_env)),
-        "user_config": user_config.model_dump(mode="json"),
-    }
+    model_deployment["ray_actor_options"] = actor_options(num_cpus, rank_gpus, memory, env)
     if ranks > 1:
         model_deployment["placement_group_bundles"] = _rank_bundles(ranks, rank_gpus, num_cpus or 0.0, memory)
         model_deployment["placement_group_strategy"] = "STRICT_PACK"
@@ -204,10 +214,4 @@ def _model_app(
         }
     else:
         model_deployment["num_replicas"] = replicas
-    return {
-        "name": model_app_name(*decision.key.split("/", 1)),
-        "route_prefix": None,  # reached through the gateway's handles, never over HTTP directly
-        "import_path": MODEL_IMPORT_PATH,
-        "args": args.model_dump(mode="json"),
-        "deployments": [model_deployment],
-    }
+    return [app(base, model_deployment)]

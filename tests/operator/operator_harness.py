@@ -25,6 +25,7 @@ from ndif_operator.api.validation import apply_defaults, validate_object
 from ndif_operator.operator.handlers import run_operator
 from ndif_operator.operator.login import Login
 from ndif_operator.operator.settings import OperatorSettings
+from ndif_operator.rendering.pinned import slot_app_names
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")
@@ -151,6 +152,16 @@ class Cluster:
 
     def apps(self, name: str = "ndif") -> dict[str, Any]:
         return {app["name"]: app for app in self.serve_config(name).get("applications", [])}
+
+    def replicas(self, app: str, name: str = "ndif") -> int:
+        """Replicas of a model over its applications (one per pinned replica slot)."""
+        return sum(int(d.get("num_replicas", 0)) for a in slot_app_names(app, list(self.apps(name)))
+                   for d in self.apps(name)[a]["deployments"])
+
+    def gpu_share(self, app: str, name: str = "ndif") -> float:
+        """The GPU share one replica of `app` asks Ray for (pinned: its ndif_gpu_<i> resource)."""
+        options = self.apps(name)[app]["deployments"][0]["ray_actor_options"]
+        return float(sum((options.get("resources") or {}).values()) or options["num_gpus"])
 
     def condition(self, name: str, kind: str) -> dict[str, Any]:
         obj = self.md(name) or {}

@@ -54,7 +54,7 @@ def test_update_replicas_and_level_then_delete(cluster: Cluster, operator: Opera
     wait_for(lambda: cluster.condition("m", "Placed").get("status") == "True")
     cluster.emu.patch_sync(MD_TYPE, NAMESPACE, "m", {"spec": {"replicas": 2}})
     wait_for(lambda: (cluster.md("m") or {}).get("status", {}).get("replicas") == 2, what="2 replicas")
-    assert cluster.apps()["md-ml-m"]["deployments"][0]["num_replicas"] == 2
+    assert cluster.replicas("md-ml-m") == 2
     assert (cluster.md("m") or {})["status"]["observedGeneration"] == 2
     cluster.emu.patch_sync(MD_TYPE, NAMESPACE, "m", {"spec": {"level": "Warm"}})
     wait_for(lambda: (cluster.md("m") or {}).get("status", {}).get("level") == "Warm", what="Warm")

@@ -79,7 +79,7 @@ def test_restart_midway_loses_nothing_and_repeats_nothing(cluster: Cluster) -> N
         wait_for(lambda: all("ndif.dev/assignments" in ((cluster.md(n) or {})["metadata"].get("annotations") or {})
                              for n in ("late", "m0", "m1", "m2", "m3")), what="metadata written")
         apps = cluster.apps()
-        assert apps["md-ml-m0"]["deployments"][0]["num_replicas"] == 2 and "md-ml-late" in apps
+        assert cluster.replicas("md-ml-m0") == 2 and "md-ml-late" in apps
         assert cluster.rs_patches() == patches + 1  # one pass picked up both changes
         old_apps = {a["name"]: a for a in json.loads(config_before)["applications"]}
         for name in ("md-ml-m1", "md-ml-m2", "md-ml-m3"):
@@ -115,9 +115,8 @@ def test_capacity_exhausted_evicts_lower_priority_to_warm(cluster: Cluster, oper
     placed_condition = cluster.condition("low", "Placed")
     assert (placed_condition["status"], placed_condition["reason"]) == ("False", "Evicted")
     assert "ml/high" in placed_condition["message"]
-    apps = cluster.apps()
-    assert apps["md-ml-low"]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
-    assert apps["md-ml-high"]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0.75  # 60 of 80 GiB
+    assert cluster.gpu_share("md-ml-low") == 0
+    assert cluster.gpu_share("md-ml-high") == 0.75  # 60 of 80 GiB
     def evicted() -> list[dict[str, str]]:
         events = cluster.emu.list_sync(cluster.emu.rtype("", "v1", "events"))
         return [e for e in events if e["involvedObject"]["name"] == "low" and e["reason"] == "Evicted"]
@@ -186,7 +185,7 @@ def test_app_failure_and_upgrade_freeze(cluster: Cluster, operator: OperatorThre
     cluster.emu.patch_sync(RAY_SERVICE, NAMESPACE, "ndif", {"status": {"conditions": [
         {"type": "UpgradeInProgress", "status": "False", "reason": "NoPendingCluster",
          "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}, subresource="status")
-    wait_for(lambda: placed(cluster, "m") and cluster.apps()["md-ml-m"]["deployments"][0]["num_replicas"] == 2)
+    wait_for(lambda: placed(cluster, "m") and cluster.replicas("md-ml-m") == 2)
 
 
 def test_foreign_edit_of_serve_config_is_restored(cluster: Cluster, operator: OperatorThread) -> None:

@@ -64,10 +64,12 @@ PLAN = Plan(decisions=(
     decision("ml/warm", Level.WARM),
 ))
 ESTIMATES = {"ml/warm": Estimate(weights_bytes=123_456, total_bytes=200_000, method="Config")}
+# Ray's own placement (nodes that declare no pinning resources); pinned slots: test_pinned.py.
+UNPINNED = RenderOptions(pin_gpus=False)
 
 
 def test_renders_gateway_and_one_app_per_served_model() -> None:
-    config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES)
+    config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES, options=UNPINNED)
     apps = {app["name"]: app for app in config["applications"]}
     assert list(apps) == [GATEWAY_APP, "md-ml-gpt2", "md-ml-llama", "md-ml-warm"]  # COLD has no app
     GatewayAppArgs.model_validate(apps[GATEWAY_APP]["args"])  # the runtime parses the very same schema
@@ -163,11 +165,11 @@ def test_cpu_only_requests_no_gpus_and_zero_cpus() -> None:
 def test_autoscaling_stays_within_the_granted_replicas() -> None:
     deployments = {"ml/a": md("a", "org/A", replicas=2, autoscaling={"minReplicas": 1, "maxReplicas": 4})}
     plan = Plan(decisions=(decision("ml/a", Level.HOT, replicas=3),))
-    (replica,) = render_serve_config(plan, deployments)["applications"][1]["deployments"]
+    (replica,) = render_serve_config(plan, deployments, options=UNPINNED)["applications"][1]["deployments"]
     assert "num_replicas" not in replica
     assert replica["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 2,
                                              "target_ongoing_requests": 2}
-    assert validate_serve_config(render_serve_config(plan, deployments)) == []
+    assert validate_serve_config(render_serve_config(plan, deployments, options=UNPINNED)) == []
 
 
 def test_a_decision_without_its_deployment_is_an_error() -> None:
@@ -213,7 +215,7 @@ def test_fractional_tensor_parallel_replica_gets_one_bundle_per_rank() -> None:
         message="",
     )
     config = render_serve_config(Plan(decisions=(tp,)), {"ml/llama": DEPLOYMENTS["ml/llama"]},
-                                 options=RenderOptions(hot_host_memory_bytes=2**30))
+                                 options=RenderOptions(hot_host_memory_bytes=2**30, pin_gpus=False))
     check_serve_config(config)
     app = next(a for a in config["applications"] if a["name"] == model_app_name("ml", "llama"))
     deployment = app["deployments"][0]

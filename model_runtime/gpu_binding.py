@@ -1,0 +1,37 @@
+"""Bind a replica (or tensor-parallel rank) process to the GPU the planner pinned it to.
+
+A pinned replica asks Ray for `num_gpus: 0` and for its share of a per-GPU custom resource
+(`ndif_gpu_<i>`, ndif_operator.api.pinning), so Ray does not set CUDA_VISIBLE_DEVICES for it.
+Before CUDA is initialised the process reads its own grant and makes GPU i its only visible
+device: `cuda:0` is then the planned GPU, and the allocator cap (`levels.limit_gpu_share`)
+applies to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+from ndif_operator.api.pinning import pinned_gpu_index
+
+
+def assigned_resources() -> dict[str, float]:
+    """This Ray worker's granted resources (empty outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    return dict(ray.get_runtime_context().get_assigned_resources())
+
+
+def bind_pinned_gpu(resources: dict[str, float] | None = None,
+                    env: MutableMapping[str, str] | None = None) -> int | None:
+    """Make the pinned GPU the process's only CUDA device; return its index (None: not pinned).
+
+    Must run before the first CUDA call (CUDA reads CUDA_VISIBLE_DEVICES once, at init).
+    """
+    env = os.environ if env is None else env
+    index = pinned_gpu_index(assigned_resources() if resources is None else resources)
+    if index is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(index)
+    return index

@@ -1,0 +1,44 @@
+"""Replicas Ray cannot schedule show in the model's Ready condition, with Ray's own reason."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from ndif_operator.api import Estimate, Level, Reason
+from ndif_operator.operator.ray_service import application_statuses, model_app_status
+from ndif_operator.operator.status import Observation, compute_status
+from ndif_operator.planning import Decision, ReplicaPlacement
+
+# Serve 2.60's deployment message for replicas that wait for resources.
+SERVE_MESSAGE = ("Deployment 'ModelReplica' in application 'md-ml-m_r1' has 1 replicas that have taken more than "
+                 "30s to be scheduled. This may be due to waiting for the cluster to auto-scale or for a runtime "
+                 "environment to be installed. Resources required for each replica: {\"ndif_gpu_3\": 0.6}, total "
+                 "resources available: {}. Use `ray status` for more details.")
+
+
+def _app(status: str, message: str = "") -> dict[str, object]:
+    return {"status": status, "serveDeploymentStatuses": {
+        "ModelReplica": {"status": "HEALTHY" if status == "RUNNING" else "UPDATING", "message": message}}}
+
+
+def test_a_pending_slot_makes_ready_false_with_rays_reason() -> None:
+    ray_service = {"status": {"activeServiceStatus": {"applicationStatuses": {
+        "md-ml-m": _app("RUNNING"), "md-ml-m_r1": _app("DEPLOYING", SERVE_MESSAGE),
+        "md-ml-m-r1": _app("RUNNING"),  # another ModelDeployment named "m-r1": not a slot of "m"
+    }}}}
+    apps = application_statuses(ray_service)
+    merged = model_app_status(apps, "ml", "m")
+    assert merged is not None and merged.status == "DEPLOYING" and merged.deployments == 2
+    assert merged.unschedulable.startswith("md-ml-m_r1: Deployment 'ModelReplica'")
+    decision = Decision(key="ml/m", level=Level.HOT, replicas=2, gpus_per_replica=0.6, gpu_fraction=0.6,
+                        worker_group="gpu",
+                        assignments=(ReplicaPlacement(0, (1,), 0.6), ReplicaPlacement(1, (3,), 0.6)),
+                        reason=Reason.PLACED_HOT, message="2 replicas on gpu")
+    obs = Observation(generation=1, desired_level=Level.HOT, decision=decision, app=merged,
+                      estimate=Estimate(weights_bytes=1, total_bytes=2, method="Config"))
+    status = compute_status(obs, None, datetime(2026, 12, 7, tzinfo=UTC))
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ReplicasUnschedulable")
+    assert "ndif_gpu_3" in ready["message"] and "md-ml-m_r1" in ready["message"]
+    assert model_app_status(apps, "ml", "m-r1") == apps["md-ml-m-r1"]
+    assert model_app_status(apps, "ml", "absent") is None
