@@ -50,17 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def _quantity(value: Any, what: str) -> int:
-    from ndif_operator.operator.quantity import quantity_bytes
-
-    try:
-        return quantity_bytes(value)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{what}: {exc}") from exc
-
-
 def inventory_from_mapping(data: Any) -> Inventory:
-    """Parse an inventory document: `workerGroups: [{name, pods, gpusPerPod, gpuMemory, cpuMemory}]`."""
+    """Parse an inventory document: `workerGroups: [{name, pods, gpusPerPod, gpuMemory, cpuMemory}]`.
+
+    Memory needs its unit (`80Gi`; a bare `80` is refused, not read as 80 bytes); counts must be
+    whole numbers (`pods: 2.7` is refused, not truncated). `gpuMemory` is required with GPUs.
+    """
+    from ndif_operator.operator.quantity import memory_bytes, whole_count
+
     if not isinstance(data, Mapping) or not isinstance(data.get("workerGroups"), list):
         raise ValueError("inventory must be a mapping with a workerGroups list")
     groups = []
@@ -72,12 +69,14 @@ def inventory_from_mapping(data: Any) -> Inventory:
         if unknown:
             raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
         try:
+            gpus = whole_count(g.get("gpusPerPod", 0), f"{where}.gpusPerPod")
             groups.append(WorkerGroup(
                 name=str(g["name"]),
-                pods=int(g["pods"]),
-                gpus_per_pod=int(g.get("gpusPerPod", 0)),
-                gpu_memory_bytes=_quantity(g.get("gpuMemory", 0), f"{where}.gpuMemory"),
-                cpu_memory_bytes=_quantity(g.get("cpuMemory", 0), f"{where}.cpuMemory"),
+                pods=whole_count(g["pods"], f"{where}.pods"),
+                gpus_per_pod=gpus,
+                gpu_memory_bytes=memory_bytes(g["gpuMemory"], f"{where}.gpuMemory") if gpus or "gpuMemory" in g
+                else 0,
+                cpu_memory_bytes=memory_bytes(g["cpuMemory"], f"{where}.cpuMemory") if "cpuMemory" in g else 0,
             ))
         except KeyError as exc:
             raise ValueError(f"{where}: {exc.args[0]} is required") from exc

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ndif_operator.api.pinning import POD_LABEL, declares_pinning, gpu_resource
-from ndif_operator.operator.quantity import quantity_bytes
+from ndif_operator.operator.quantity import memory_bytes, quantity_bytes
 from ndif_operator.planning import Inventory, WorkerGroup
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -63,7 +63,7 @@ def _gpu_memory(group: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) ->
     template = group.get("template") or {}
     annotations = (template.get("metadata") or {}).get("annotations") or {}
     if GPU_MEMORY_ANNOTATION in annotations:
-        return quantity_bytes(annotations[GPU_MEMORY_ANNOTATION])
+        return memory_bytes(annotations[GPU_MEMORY_ANNOTATION], f"annotation {GPU_MEMORY_ANNOTATION}")
     selector: Mapping[str, str] = (template.get("spec") or {}).get("nodeSelector") or {}
     if GFD_MEMORY_LABEL in selector:
         return int(selector[GFD_MEMORY_LABEL]) * 2**20
@@ -107,10 +107,11 @@ def read_worker_group(group: Mapping[str, Any], nodes: Sequence[Mapping[str, Any
                                 f"({gpu_resource(0)}..{gpu_resource(gpus - 1)}) and the {POD_LABEL} label: "
                                 "pinned replicas cannot start there (docs/placement.md \"Pinning\")")
     if WARM_MEMORY_ANNOTATION in annotations:
-        cpu_memory = quantity_bytes(annotations[WARM_MEMORY_ANNOTATION])
+        cpu_memory = memory_bytes(annotations[WARM_MEMORY_ANNOTATION], f"annotation {WARM_MEMORY_ANNOTATION}")
     else:
         memory = _limit(container, "memory")
-        reserved = quantity_bytes(annotations.get(RESERVED_MEMORY_ANNOTATION, DEFAULT_RESERVED_BYTES))
+        reserved = (memory_bytes(annotations[RESERVED_MEMORY_ANNOTATION], f"annotation {RESERVED_MEMORY_ANNOTATION}")
+                    if RESERVED_MEMORY_ANNOTATION in annotations else DEFAULT_RESERVED_BYTES)
         cpu_memory = max(0, quantity_bytes(memory) - reserved) if memory else 0
     return WorkerGroup(name=name, pods=pods, gpus_per_pod=gpus, gpu_memory_bytes=gpu_memory,
                        cpu_memory_bytes=cpu_memory), warnings

@@ -31,3 +31,43 @@ def parse_quantity(value: str | int | float) -> Decimal:
 
 def quantity_bytes(value: str | int | float) -> int:
     return int(parse_quantity(value))
+
+
+_MEMORY_SUFFIXES = ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E")
+
+
+def memory_bytes(value: object, what: str) -> int:
+    """A memory quantity that must carry its unit ("80Gi", "500M"): a bare number is refused.
+
+    `gpuMemory: 80` would otherwise be 80 bytes; Kubernetes reads it that way, no admin means it.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{what}: expected a quantity with a unit such as 80Gi, got {value!r}")
+    text = str(value).strip()
+    match = _QUANTITY.match(text)
+    if match is None:
+        raise ValueError(f"{what}: {value!r} is not a Kubernetes quantity (e.g. 80Gi, 141G)")
+    if match.group(2) not in _MEMORY_SUFFIXES:
+        raise ValueError(f"{what}: {value!r} has no memory unit; write e.g. {match.group(1)}Gi (GiB) or "
+                         f"{match.group(1)}G (GB)")
+    amount = parse_quantity(text)
+    if amount < 0 or amount != amount.to_integral_value():
+        raise ValueError(f"{what}: {value!r} is not a whole number of bytes >= 0")
+    return int(amount)
+
+
+def whole_count(value: object, what: str) -> int:
+    """A count (pods, GPUs per pod): a whole number >= 0; `2.7` is refused, never truncated."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what}: expected a whole number, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    else:
+        raise ValueError(f"{what}: expected a whole number, got {value!r}")
+    if number < 0:
+        raise ValueError(f"{what}: must be >= 0, got {number}")
+    return number

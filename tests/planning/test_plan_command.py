@@ -108,6 +108,27 @@ def test_bad_inventory_is_reported(capsys: pytest.CaptureFixture[str], tmp_path:
         inventory_from_mapping({"workerGroups": [{"name": "a", "pods": 1, "gpus": 8}]})
 
 
+@pytest.mark.parametrize(("group", "message"), [
+    ({"gpuMemory": 80}, r"gpuMemory: 80 has no memory unit; write e.g. 80Gi"),
+    ({"gpuMemory": "80"}, r"has no memory unit"),
+    ({"cpuMemory": "1.5"}, r"cpuMemory: '1.5' has no memory unit"),
+    ({"gpuMemory": "80m"}, r"has no memory unit"),  # milli-bytes: a unit, not a memory unit
+    ({"pods": 2.7}, r"pods: expected a whole number, got 2.7"),
+    ({"pods": "two"}, r"pods: expected a whole number"),
+    ({"gpusPerPod": True}, r"gpusPerPod: expected a whole number"),
+    ({"gpusPerPod": 8, "gpuMemory": None}, r"gpuMemory: expected a quantity with a unit"),
+])
+def test_inventory_quantities_carry_units_and_counts_are_whole(group: dict[str, object], message: str) -> None:
+    entry = {"name": "h100", "pods": 2, "gpusPerPod": 8, "gpuMemory": "80Gi", "cpuMemory": "1500Gi", **group}
+    with pytest.raises(ValueError, match=message):
+        inventory_from_mapping({"workerGroups": [entry]})
+    without = {"name": "h100", "pods": 2, "gpusPerPod": 8}
+    with pytest.raises(ValueError, match="gpuMemory is required"):
+        inventory_from_mapping({"workerGroups": [without]})
+    ok = inventory_from_mapping({"workerGroups": [{"name": "a", "pods": 2.0, "gpusPerPod": "8", "gpuMemory": "141G"}]})
+    assert (ok.groups[0].pods, ok.groups[0].gpus_per_pod, ok.groups[0].gpu_memory_bytes) == (2, 8, 141 * 10**9)
+
+
 def test_catalog_sizes_follow_the_dtype() -> None:
     llama = next(m for m in KNOWN_MODELS if m.repo_id == "meta-llama/Llama-3.1-70B")
     bf16, _ = catalog_weights(llama, "bfloat16")  # type: ignore[arg-type]
