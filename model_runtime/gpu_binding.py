@@ -35,3 +35,14 @@ def bind_pinned_gpu(resources: dict[str, float] | None = None,
     if index is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(index)
     return index
+
+
+def rank_actor_options(bundle: dict[str, float]) -> dict[str, object]:
+    """Ray actor options for the tensor-parallel rank placed in `bundle` (a placement group bundle
+    spec): exactly the bundle's resources, so the rank's pinned `ndif_gpu_<i>` share (or its
+    unpinned GPU share) and CPU are its own; the rank then calls `bind_pinned_gpu()` first thing."""
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
+    options: dict[str, object] = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0)}
+    if custom:
+        options["resources"] = custom
+    return options

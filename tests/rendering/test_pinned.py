@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from model_runtime.gpu_binding import bind_pinned_gpu
+from model_runtime.gpu_binding import bind_pinned_gpu, rank_actor_options
 from ndif_operator.api import Estimate, GatewayUserConfig, Level, ModelDeployment, Reason
 from ndif_operator.api.pinning import node_labels, node_resources, pinned_gpu_index, pod_label_value
 from ndif_operator.local.embedded import LocalSettings
@@ -118,6 +118,8 @@ def test_node_declarations_and_the_runtime_agree_on_names() -> None:
     env: dict[str, str] = {"CUDA_VISIBLE_DEVICES": ""}
     assert bind_pinned_gpu({"ndif_gpu_5": 0.25}, env) == 5 and env["CUDA_VISIBLE_DEVICES"] == "5"
     assert bind_pinned_gpu({}, env := {}) is None and env == {}
+    assert rank_actor_options({"CPU": 0.5, "ndif_gpu_2": 0.6}) == {"num_cpus": 0.5, "num_gpus": 0,
+                                                                  "resources": {"ndif_gpu_2": 0.6}}
 
 
 def test_local_mode_declares_its_gpus_and_pod() -> None:

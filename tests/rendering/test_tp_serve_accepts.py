@@ -55,11 +55,14 @@ def test_serve_accepts_every_rendered_tp_replica(num_cpus: float | None, cpu_onl
     bundles = deployment["placement_group_bundles"]
     assert len(bundles) == ranks and deployment["placement_group_strategy"] == "STRICT_PACK"
     # Serve placed rank 0 in bundle 0 with the resources it will really ask for (defaults applied).
-    assert replica.ray_actor_options["num_cpus"] <= bundles[0]["CPU"]
+    assert replica.ray_actor_options["num_cpus"] <= bundles[0].get("CPU", 0)
     assert replica.ray_actor_options.get("num_gpus", 0) <= bundles[0].get("GPU", 0)
+    # Pinned (the default on GPUs): rank 0's GPU resource is bundle 0's (docs/placement.md "Pinning").
+    for name, amount in (replica.ray_actor_options.get("resources") or {}).items():
+        assert amount <= bundles[0][name]
     # Every shard actor asks for exactly its bundle, so every bundle is a valid actor request too.
     for bundle in bundles:
-        assert bundle["CPU"] > 0 or bundle.get("GPU", 0) > 0
+        assert any(amount > 0 for name, amount in bundle.items() if name != "memory")
 
 
 def test_serve_refuses_the_shape_that_used_to_be_rendered() -> None:
