@@ -129,7 +129,9 @@ class CacheStore:
         resource_version: str | None = None
         backoff = 1.0
         trouble: str | None = None
+        loop = asyncio.get_running_loop()
         while not self._disabled:
+            started = loop.time()
             try:
                 # No version: the server first sends the ConfigMap as it is (ADDED), then changes.
                 async for kind, body in self.api.watch_config_map(self.namespace, self.name, resource_version or "",
@@ -146,6 +148,8 @@ class CacheStore:
                 if trouble is not None:
                     logger.warning("watching the evaluator cache %s again", self.where)
                 trouble, backoff = None, 1.0
+                if loop.time() - started < 1.0:
+                    await asyncio.sleep(1.0)  # a server that ends watches at once is not asked in a loop
             except KubeError as exc:
                 if exc.status == 410:
                     resource_version = None  # too old: start again from the current state

@@ -9,6 +9,7 @@ status, a merge patch of metadata drops keys set to null, 404 as None for reads.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import itertools
@@ -158,8 +159,8 @@ class FakeKubeApi:
     async def watch_config_map(self, namespace: str, name: str, resource_version: str,
                                timeout_seconds: int) -> AsyncIterator[tuple[str, Obj]]:
         self._call("watch_config_map", namespace, name)
-        return
-        yield  # an empty stream: tests call CacheStore.apply directly
+        await asyncio.Event().wait()  # a stream that never sends: tests call CacheStore.apply directly
+        yield "BOOKMARK", {}
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         self._call("read_secret", namespace, name)
