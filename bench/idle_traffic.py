@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "operator")]
 
 from fake_kube import FakeKubeApi  # noqa: E402
+from kube_emulator import merge_patch  # noqa: E402
 from operator_harness import NAMESPACE, model_deployment, ray_service, size_estimator  # noqa: E402
 
 from ndif_operator.operator.reconciler import Reconciler  # noqa: E402
@@ -138,24 +139,11 @@ class WatchedApi(FakeKubeApi):
         """The baseline's write: a JSON merge patch of `status` (keys it omits stay)."""
         self._call("patch_status", namespace, name)
         obj = self.model_deployments[(namespace, name)]
-        merged = _merge(copy.deepcopy(obj.get("status") or {}), status)
+        merged = merge_patch(copy.deepcopy(obj.get("status") or {}), status)
         if merged == obj.get("status"):
             return copy.deepcopy(obj)
         obj["status"] = merged
         return self._bump(obj)
-
-
-def _merge(target: Any, patch: Any) -> Any:
-    """RFC 7386."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _merge(result.get(key), value)
-    return result
 
 
 class QuietGateway:
