@@ -26,8 +26,11 @@ from ndif_operator.operator.rbac import RAY_GROUP, RAY_PLURAL
 
 RAY_VERSION = "v1"
 # The generated client picks JSON-patch for list bodies and may guess wrong for dicts: say which.
-_MERGE_KW: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
-_JSON_PATCH_KW: dict[str, Any] = {"_content_type": "application/json-patch+json"}
+# Every write names the operator as its field manager (managedFields), not the client's user agent.
+FIELD_MANAGER = "ndif-operator"
+_WRITE_KW: dict[str, Any] = {"field_manager": FIELD_MANAGER}
+_MERGE_KW: dict[str, Any] = {"_content_type": "application/merge-patch+json", **_WRITE_KW}
+_JSON_PATCH_KW: dict[str, Any] = {"_content_type": "application/json-patch+json", **_WRITE_KW}
 UNREACHABLE = 0  # KubeError.status when no HTTP answer came back
 
 T = TypeVar("T")
@@ -157,7 +160,7 @@ class KubeApi:
     async def create_config_map(self, namespace: str, name: str, data: dict[str, str]) -> dict[str, Any]:
         body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
                 "data": data}
-        return self._plain(await _must(self._core.create_namespaced_config_map(namespace, body)))  # type: ignore[arg-type]
+        return self._plain(await _must(self._core.create_namespaced_config_map(namespace, body, **_WRITE_KW)))  # type: ignore[arg-type]
 
     async def patch_config_map_data(self, namespace: str, name: str, data: dict[str, str],
                                     resource_version: str) -> dict[str, Any]:
@@ -193,7 +196,7 @@ class KubeApi:
         return None if body is None else self._plain(body)
 
     async def create_job(self, namespace: str, body: dict[str, Any]) -> None:
-        await _call(self._batch.create_namespaced_job(namespace, body))  # type: ignore[arg-type]
+        await _call(self._batch.create_namespaced_job(namespace, body, **_WRITE_KW))  # type: ignore[arg-type]
 
     async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         pods = await _must(self._core.list_namespaced_pod(namespace, label_selector=label_selector))
@@ -211,5 +214,5 @@ class KubeApi:
         return [] if events is None else list(self._plain(events).get("items") or [])
 
     async def post_event(self, namespace: str, body: dict[str, Any]) -> None:
-        await _call(self._core.create_namespaced_event(namespace, body))  # type: ignore[arg-type]
+        await _call(self._core.create_namespaced_event(namespace, body, **_WRITE_KW))  # type: ignore[arg-type]
 

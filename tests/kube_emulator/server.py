@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import copy
 import json
 import re
@@ -31,9 +32,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import jsonpatch
+import yaml
 from aiohttp import web
 
-from kube_emulator import jsonpath
+from kube_emulator import fields, jsonpath
 from kube_emulator.auth import ADMIN, Attributes, Authorizer, Identity, attributes, forbidden
 from kube_emulator.resources import (
     CONFIG_MAPS,
@@ -56,6 +58,9 @@ Obj = dict[str, Any]
 _MERGE = "application/merge-patch+json"
 _JSON_PATCH = "application/json-patch+json"
 _STRATEGIC = "application/strategic-merge-patch+json"
+_APPLY = "application/apply-patch+yaml"
+# The field manager of the write being served (HTTP: ?fieldManager= or the User-Agent; sync accessors: this).
+_MANAGER: contextvars.ContextVar[str] = contextvars.ContextVar("manager", default="kube-emulator-test")
 _LOG_AS = web.RequestKey("log_as", object)  # makes this request's log entry for a given status
 _LOGGED = web.RequestKey("logged", bool)  # already logged (a watch, when it started)
 
@@ -384,7 +389,8 @@ class KubeEmulator:
             raise ApiError(404, "NotFound", f'{group} "{name}" not found')
         return found
 
-    async def _create(self, rtype: ResourceType, namespace: str | None, body: Obj) -> Obj:
+    async def _create(self, rtype: ResourceType, namespace: str | None, body: Obj, *,
+                      applied: Obj | None = None) -> Obj:
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
@@ -407,13 +413,16 @@ class KubeEmulator:
         obj.setdefault("apiVersion", rtype.group_version)
         obj.setdefault("kind", rtype.kind)
         self._validate(rtype, obj, None)
+        meta.pop("managedFields", None)
+        fields.record(None, obj, manager=_MANAGER.get(), subresource=None,
+                      status_subresource=rtype.status_subresource, applied=applied)
         obj["metadata"]["resourceVersion"] = self._next_rv()
         self._objects[rtype.key][key] = obj
         await self._record(rtype, "ADDED", obj)
         return copy.deepcopy(obj)
 
     async def _update(self, rtype: ResourceType, namespace: str | None, name: str, new: Obj,
-                      subresource: str | None, *, require_rv: bool = False) -> Obj:
+                      subresource: str | None, *, require_rv: bool = False, applied: Obj | None = None) -> Obj:
         current = self._get(rtype, namespace, name)
         new_meta = new.get("metadata") or {}
         wanted_rv = new_meta.get("resourceVersion")
@@ -442,7 +451,7 @@ class KubeEmulator:
                     result.pop("status", None)
             meta = result.setdefault("metadata", {})
             for field in ("uid", "creationTimestamp", "namespace", "name", "generation",
-                          "deletionTimestamp", "deletionGracePeriodSeconds"):
+                          "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
                 if field in current["metadata"]:
                     meta[field] = current["metadata"][field]
                 else:
@@ -454,8 +463,12 @@ class KubeEmulator:
                                                    "added if the object is being deleted")
         result["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         result["apiVersion"], result["kind"] = current["apiVersion"], current["kind"]
-        if result == current:
-            return copy.deepcopy(current)  # a no-op write changes nothing, not even the resourceVersion
+        fields.record(current, result, manager=_MANAGER.get(), subresource=subresource,
+                      status_subresource=rtype.status_subresource, applied=applied)
+        if fields.without_times(result) == fields.without_times(current):
+            # A no-op write changes nothing, not even the resourceVersion (an Apply that takes
+            # ownership of fields is a change: managedFields change).
+            return copy.deepcopy(current)
 
         def essence(o: Obj) -> Obj:
             return {k: v for k, v in o.items() if k not in ("metadata", "status", "apiVersion", "kind")}
@@ -498,10 +511,38 @@ class KubeEmulator:
             new.setdefault("metadata", {}).pop("resourceVersion", None)
         else:
             raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
-                                                        f"accepted media types include: {_JSON_PATCH}, {_MERGE}")
+                                                        f"accepted media types include: {_JSON_PATCH}, {_MERGE}, "
+                                                        f"{_APPLY}")
         if subresource == "scale":
             return self._scale_of(rtype, await self._set_scale(rtype, namespace, name, new))
         return await self._update(rtype, namespace, name, new, subresource)
+
+    async def _apply(self, rtype: ResourceType, namespace: str | None, name: str, applied: Any,
+                     subresource: str | None, *, force: bool) -> Obj:
+        """Server-side apply by the current field manager: create, or merge with conflict checks."""
+        if subresource is not None:
+            raise ApiError(415, "UnsupportedMediaType", "server-side apply to a subresource is not emulated")
+        if not isinstance(applied, dict):
+            raise ApiError(400, "BadRequest", "an apply patch must be an object")
+        current = self._objects[rtype.key].get((namespace or "", name) if rtype.namespaced else ("", name))
+        if current is None:
+            body = copy.deepcopy(applied)
+            body.setdefault("metadata", {})["name"] = name
+            return await self._create(rtype, namespace, body, applied=applied)
+        conflicts = fields.apply_conflicts(current, applied, _MANAGER.get(),
+                                           status_subresource=rtype.status_subresource)
+        if conflicts and not force:
+            version = current.get("apiVersion", rtype.group_version)
+            causes = [{"reason": "FieldManagerConflict", "message": f'conflict with "{owner}" using {version}',
+                       "field": "." + ".".join(path)} for path, owner in conflicts]
+            count = f"{len(causes)} conflict{'s' if len(causes) > 1 else ''}"
+            message = f"Apply failed with {count}: " + "; ".join(f"{c['message']}: {c['field']}" for c in causes)
+            raise ApiError(409, "Conflict", message, {"name": name, "kind": rtype.plural, "causes": causes})
+        new = fields.merge_applied(current, applied, _MANAGER.get(), status_subresource=rtype.status_subresource,
+                                   force=force)
+        wanted_rv = (applied.get("metadata") or {}).get("resourceVersion")
+        new["metadata"]["resourceVersion"] = wanted_rv or current["metadata"]["resourceVersion"]
+        return await self._update(rtype, namespace, name, new, None, applied=applied)
 
     async def _delete(self, rtype: ResourceType, namespace: str | None, name: str, options: Obj) -> Obj:
         current = self._get(rtype, namespace, name)
@@ -625,6 +666,7 @@ class KubeEmulator:
     async def _handle(self, request: web.Request, rtype: ResourceType, namespace: str | None,
                       name: str | None, subresource: str | None) -> web.StreamResponse:
         method = request.method
+        _MANAGER.set(fields.manager_of(request.query.get("fieldManager"), request.headers.get("User-Agent", "")))
         wants_table = "as=Table" in request.headers.get("Accept", "")
         if name is None:
             if method == "GET":
@@ -654,6 +696,15 @@ class KubeEmulator:
             return web.json_response(await self._update(rtype, namespace, name, body, subresource, require_rv=True))
         if method == "PATCH":
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+            if content_type == _APPLY:
+                if not request.query.get("fieldManager"):
+                    raise ApiError(400, "BadRequest", "PATCH requests with apply content type require fieldManager")
+                force = request.query.get("force") in ("true", "1")
+                applied = yaml.safe_load(await request.text())
+                key = (namespace or "", name) if rtype.namespaced else ("", name)
+                status = 200 if key in self._objects[rtype.key] else 201  # apply creates a missing object
+                return web.json_response(await self._apply(rtype, namespace, name, applied, subresource, force=force),
+                                         status=status)
             patched = await self._patch(rtype, namespace, name, await request.json(), content_type, subresource)
             return web.json_response(patched)
         if method == "DELETE":

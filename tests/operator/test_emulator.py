@@ -48,7 +48,7 @@ def test_create_defaults_validation_and_conflicts(cluster: Cluster) -> None:
     test_op = [{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
                {"op": "replace", "path": "/spec/replicas", "value": 4}]
     assert call(emu, "PATCH", f"{BASE}/m", test_op, "application/json-patch+json")[0] == 422
-    assert call(emu, "PATCH", f"{BASE}/m", {"spec": {}}, "application/apply-patch+yaml")[0] == 415
+    assert call(emu, "PATCH", f"{BASE}/m", {"spec": {}}, "application/apply-patch+yaml")[0] == 400  # no manager
     current = emu.get_sync(MD_TYPE, NAMESPACE, "m") or {}
     assert current["spec"]["replicas"] == 2 and current["metadata"]["generation"] == 2
 
