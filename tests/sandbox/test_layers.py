@@ -211,7 +211,7 @@ def test_shared_containers_are_copied_not_mutated(models: tuple[Any, Any], backe
 def test_meta_reports_guard_calls_and_layers(models: tuple[Any, Any], backend: Any) -> None:
     from sandbox.legit_programs import invokes
 
-    be = backend()
+    be = backend(production=False)
     invokes(models[0], be)
     meta = be.meta_out["sandbox"]
     assert meta["guard_calls"]["getattr"] > 0  # the inner invoke blocks ran restricted code too
