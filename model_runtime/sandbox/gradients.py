@@ -3,9 +3,12 @@
 The replica loads its model with `requires_grad=False` on every parameter: a forward then builds
 no autograd graph (no saved activations, no parameter `.grad` the size of the model), which is
 what almost every request wants. A request that runs a backward pass (`with loss.backward():`,
-attribution patching) needs activations that require grad, not weights: while such a request
-runs, the input embedding's output is marked `requires_grad`, so every activation after it
-carries a graph and gradients stop there. The weights' flags and `.grad` never change.
+attribution patching) needs activations that require grad: while such a request runs, the input
+embedding's weight (only it) requires grad, so the embedding's output and every activation after
+it carry a graph. Its `.grad` (one embedding-sized tensor, allocated only if the backward pass
+reaches it) is dropped and the flag reset when the request ends; no other weight's flag or
+`.grad` changes. (Marking the embedding's *output* instead would hide it from nnsight, which
+reads a module's output before any forward hook runs.)
 """
 
 from __future__ import annotations
@@ -28,22 +31,16 @@ def wants_gradients(payload: bytes) -> bool:
 
 @contextlib.contextmanager
 def activations_require_grad(model: Any, enabled: bool) -> Iterator[None]:
-    """While active, the input embedding's output requires grad (when grad mode is on)."""
+    """While active, the input embedding's weight requires grad, so its output and every
+    activation after it carry a graph; afterwards its `.grad` is dropped and the flag reset."""
     if not enabled:
         yield
         return
-    import torch
-
-    embeddings = model._module.get_input_embeddings()
-
-    def mark(_module: Any, _inputs: Any, output: Any) -> Any:
-        if (isinstance(output, torch.Tensor) and torch.is_grad_enabled() and output.is_floating_point()
-                and not output.requires_grad):
-            return output.detach().requires_grad_(True)
-        return None
-
-    handle = embeddings.register_forward_hook(mark)
+    weight = model._module.get_input_embeddings().weight
+    was = weight.requires_grad
+    weight.requires_grad_(True)
     try:
         yield
     finally:
-        handle.remove()
+        weight.grad = None
+        weight.requires_grad_(was)

@@ -46,6 +46,40 @@ def local_model(tiny_path: Path) -> Any:
     return nnsight.TransformersModel(str(tiny_path), task="text-generation", device_map="cpu", dispatch=True)
 
 
+_ARCH_MODELS: dict[str, tuple[Any, Any, Any]] = {}
+
+
+@pytest.fixture(scope="session")
+def arch_models(tmp_path_factory: pytest.TempPathFactory, models: tuple[Any, Any], local_model: Any
+                ) -> Callable[[str], tuple[Any, Any, Any]]:
+    """(client, frozen server, ordinary local) for a tiny architecture, built once per session."""
+
+    def get(arch: str) -> tuple[Any, Any, Any]:
+        if arch == "llama":
+            return models[0], models[1], local_model
+        if arch not in _ARCH_MODELS:
+            import nnsight
+            import nnsight.modeling.huggingface as hf
+            from transformers import AutoTokenizer
+
+            from model_runtime.tiny_models import build_tiny_model
+
+            path = tmp_path_factory.mktemp("sandbox") / f"tiny-{arch}"
+            build_tiny_model(arch, path)  # type: ignore[arg-type]
+            hf._ID_CACHE[str(path)] = str(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            client = nnsight.TransformersModel(str(path), task="text-generation", tokenizer=tokenizer, dispatch=False)
+            server = nnsight.TransformersModel(
+                str(path), task="text-generation", tokenizer=tokenizer, device_map="cpu", dispatch=True
+            )
+            server._module.requires_grad_(False)
+            local = nnsight.TransformersModel(str(path), task="text-generation", device_map="cpu", dispatch=True)
+            _ARCH_MODELS[arch] = (client, server, local)
+        return _ARCH_MODELS[arch]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Any]:
     from model_runtime.sandbox import Limits, Sandbox

@@ -15,16 +15,27 @@ from sandbox.test_legit import assert_same
 PROGRAMS = client_only.load(research_programs)
 
 
+ARCHITECTURES = ["llama", "gpt2", "gpt-neox"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("name", [p.__name__ for p in research_programs.PROGRAMS])
-def test_research_program_matches_local(name: str, models: tuple[Any, Any], local_model: Any,
-                                        backend: Any) -> None:
-    client, _server = models
+def test_research_program_matches_local(name: str, arch: str, arch_models: Any, sandbox: Any) -> None:
+    from sandbox.harness import SandboxBackend
+
+    client, server, local_model = arch_models(arch)
     program = getattr(PROGRAMS, name)
     torch.manual_seed(0)
     local = program(local_model, False)
     torch.manual_seed(0)
-    remote = program(client, backend())
+    remote = program(client, SandboxBackend(client, server, sandbox))
     assert_same(local, remote)
+
+
+def test_corpus_size() -> None:
+    from sandbox.legit_programs import PROGRAMS as LEGIT
+
+    assert len(research_programs.PROGRAMS) + len(LEGIT) >= 60
 
 
 def test_user_traceback_shows_only_user_frames(models: tuple[Any, Any], backend: Any) -> None:
