@@ -18,7 +18,7 @@ from model_runtime.auth import key_digest
 from model_runtime.tiny_models import build_tiny_model
 from ndif_operator.api.naming import GATEWAY_APP
 from runtime.conftest_names import MODEL_APP, SLOW_APP
-from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET
+from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET, VICTIM_KEY
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +141,7 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
             app_name="gateway-strict",
             route_prefix=STRICT_PREFIX,
             env={
-                API_KEY_HASHES_ENV: key_hashes(API_KEY),
+                API_KEY_HASHES_ENV: key_hashes(API_KEY, VICTIM_KEY),
                 "AWS_ACCESS_KEY_ID": "testing",
                 "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1",

@@ -10,6 +10,7 @@ import httpx
 
 NNSIGHT_VERSION = "0.8.1"
 API_KEY = "test-key-123"
+VICTIM_KEY = "victim-key-456"  # a second user of the strict gateway (tests/runtime/test_two_keys.py)
 API_KEY_HASHES_ENV = "NDIF_TEST_API_KEY_HASHES"
 RESULTS_BUCKET = "ndif-results"
 
