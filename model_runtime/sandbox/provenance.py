@@ -12,6 +12,7 @@ otherwise run inside other users' requests).
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from typing import Any
 
@@ -22,7 +23,9 @@ class ServerState:
     """The model's state containers, by identity, with a snapshot of each one's contents."""
 
     def __init__(self, model: Any) -> None:
-        self._snapshots: dict[int, tuple[Any, Any, str]] = {}
+        self._where: dict[int, str] = {}
+        self._by_id: dict[int, Any] = {}
+        self._containers: list[Any] = []
         envoys = [model]
         while envoys:
             envoy = envoys.pop()
@@ -31,47 +34,62 @@ class ServerState:
             envoys.extend(state.get("_children", ()))
         for name, module in model._module.named_modules():
             self._record_all(vars(module), f"module {name or '<root>'}")
+        self._snapshot()
 
     def _record_all(self, state: dict[str, Any], where: str) -> None:
         for key, value in state.items():
-            if type(value) in _CONTAINERS and id(value) not in self._snapshots:
-                self._snapshots[id(value)] = (value, _copy(value), f"{where}.{key}")
+            if type(value) in _CONTAINERS and id(value) not in self._where:
+                self._where[id(value)] = f"{where}.{key}"
+                self._by_id[id(value)] = value
+                self._containers.append(value)
+
+    def _snapshot(self) -> None:
+        # Checked at C speed where it can be (a large model has tens of thousands of these,
+        # nearly all empty hook tables): lengths first, then the items of the non-empty ones.
+        self._lengths = list(map(len, self._containers))
+        self._full = [(c, _copy(c)) for c in self._containers if len(c)]
 
     def owns(self, obj: Any) -> bool:
-        return id(obj) in self._snapshots and self._snapshots[id(obj)][0] is obj
+        return self._by_id.get(id(obj)) is obj
 
     def verify_and_restore(self) -> list[str]:
         """Put back every container that changed; the names of those that had."""
+        if list(map(len, self._containers)) == self._lengths and all(_same(c, snap) for c, snap in self._full):
+            return []
+        snapshots = {id(c): snap for c, snap in self._full}
         changed = []
-        for container, snapshot, where in self._snapshots.values():
-            if not _same(container, snapshot):
-                changed.append(where)
+        for container, length in zip(self._containers, self._lengths, strict=True):
+            snapshot = snapshots.get(id(container), [])
+            if len(container) != length or not _same(container, snapshot):
+                changed.append(self._where[id(container)])
                 _restore(container, snapshot)
         return changed
 
 
 def _copy(value: Any) -> Any:
-    return list(value.items()) if isinstance(value, dict) else list(value)
+    if isinstance(value, dict):
+        return (list(value), list(value.values()))
+    if isinstance(value, set):
+        return set(value)
+    return list(value)
 
 
-def _same(container: Any, snapshot: list[Any]) -> bool:
-    if len(container) != len(snapshot):
-        return False
+def _same(container: Any, snapshot: Any) -> bool:
     if isinstance(container, dict):
-        return all(container.get(k, _MISSING) is v for k, v in snapshot)
+        keys, values = snapshot if snapshot else ([], [])
+        return len(container) == len(keys) and list(container) == keys and all(
+            map(operator.is_, container.values(), values))
     if isinstance(container, set):
-        return all(item in container for item in snapshot)
-    return all(a is b for a, b in zip(container, snapshot, strict=True))
+        return container == (snapshot or set())
+    return len(container) == len(snapshot) and all(map(operator.is_, container, snapshot))
 
 
-def _restore(container: Any, snapshot: list[Any]) -> None:
+def _restore(container: Any, snapshot: Any) -> None:
     container.clear()
     if isinstance(container, dict):
-        container.update(snapshot)
+        if snapshot:
+            container.update(zip(*snapshot, strict=True))
     elif isinstance(container, set):
         container.update(snapshot)
     else:
         container.extend(snapshot)
-
-
-_MISSING = object()
