@@ -1,6 +1,6 @@
 """Dry-run placement preview: size and plan ModelDeployment manifests against an inventory.
 
-    ndif-operator plan -f examples --inventory examples/inventory.yaml
+    ndif-operator plan -f examples --inventory inventories/example.yaml
 
 Nothing is applied. Each model is sized the way the operator sizes it: from an evaluator cache
 file (`--cache`, a ConfigMap manifest or its `data`), else from its checkpoint's safetensors

@@ -16,7 +16,7 @@ from ndif_operator.evaluation.catalog import KNOWN_MODELS, catalog_entry, catalo
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-INVENTORY = EXAMPLES / "inventory.yaml"
+INVENTORY = ROOT / "inventories" / "example.yaml"
 
 
 def write_checkpoint(path: Path) -> Path:

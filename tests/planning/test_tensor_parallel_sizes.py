@@ -97,7 +97,7 @@ def test_plan_command_shows_allowed_sizes_and_refuses_an_invalid_one(
                  "tensorParallelSize": 4},
     }
     (tmp_path / "odd.yaml").write_text(yaml.safe_dump(doc))
-    inventory = Path(__file__).resolve().parents[2] / "examples" / "inventory.yaml"
+    inventory = Path(__file__).resolve().parents[2] / "inventories" / "example.yaml"
     code = main(["plan", "-f", str(tmp_path / "odd.yaml"), "--inventory", str(inventory)])
     out = capsys.readouterr().out
     assert code == 0, out
