@@ -51,7 +51,7 @@ def bounded_event(event: dict[str, Any]) -> dict[str, Any]:
     if not (too_long or meta_too_big):
         return event
     event = dict(event)
-    if too_long:
+    if too_long and isinstance(description, str):
         event["description"] = bounded(description, MAX_DESCRIPTION_CHARS)
     if meta_too_big:
         event["meta"] = {"note": f"meta dropped: over {MAX_META_CHARS} characters"}

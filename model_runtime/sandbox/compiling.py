@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from RestrictedPython import compile_restricted
+from RestrictedPython.compile import compile_restricted
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES, RestrictingNodeTransformer
 
@@ -122,7 +122,7 @@ _SAFE_BUILTIN_NAMES = (
 )
 
 
-class SandboxPolicy(RestrictingNodeTransformer):
+class SandboxPolicy(RestrictingNodeTransformer):  # type: ignore[misc]  # RestrictedPython is untyped
     """RestrictedPython's policy plus the rules the timeout and shared state need."""
 
     def visit_ExceptHandler(self, node: ast.ExceptHandler) -> ast.AST:
@@ -141,10 +141,10 @@ class SandboxPolicy(RestrictingNodeTransformer):
             result: ast.AST = super().visit_AugAssign(node)
             return result
         op = _AUGMENTED_OPS[type(node.op)]
-        obj = self.visit(target.value)
-        value = self.visit(node.value)
+        obj: ast.expr = self.visit(target.value)
+        value: ast.expr = self.visit(node.value)
         if isinstance(target, ast.Subscript):
-            key = self.visit(_slice_as_expression(target.slice))
+            key: ast.expr = self.visit(_slice_as_expression(target.slice))
             guard, args = "_inplace_item_", [obj, key]
         else:
             self.check_name(node, target.attr)  # the same rule as a plain attribute access
@@ -190,7 +190,7 @@ def _refuse_flow_out_of_finally(policy: RestrictingNodeTransformer, body: list[a
     """`continue`/`break`/`return` in a `finally` would discard the exception in flight, which
     may be the request's timeout: a `while True: try: ... finally: continue` loop would absorb
     every stop. Loops and functions nested inside the `finally` are their own scope for these."""
-    pending = list(body)
+    pending: list[ast.AST] = list(body)
     while pending:
         node = pending.pop()
         if isinstance(node, (ast.Continue, ast.Break, ast.Return)):
@@ -240,7 +240,7 @@ def _compile_tree(tree: str | ast.Module, filename: str, name: str | None) -> ty
         # prints; the request's stderr is streamed to the user as LOG, so keep that noise out.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SyntaxWarning)
-            code = compile_restricted(tree, filename=filename, mode="exec", policy=SandboxPolicy)
+            code: types.CodeType = compile_restricted(tree, filename=filename, mode="exec", policy=SandboxPolicy)
     except SyntaxError as exc:
         raise CodeRejected(str(exc)) from None
     return code.replace(co_name=name) if name else code
@@ -631,10 +631,11 @@ def install_compile_hook() -> None:
                 if text is not None:  # the same inner block as an earlier request: reuse its code
                     return _compile_text(text, filename, name)
                 return restricted_compile(module, filename, name)
-            return original(self, module, frame)
+            compiled: types.CodeType = original(self, module, frame)
+            return compiled
 
         compile_hook._sandbox_hook = True  # type: ignore[attr-defined]
-        Tracer.compile = compile_hook  # type: ignore[method-assign]
+        Tracer.compile = compile_hook
         _install_remote_hook()
 
 

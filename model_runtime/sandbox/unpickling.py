@@ -329,7 +329,7 @@ class SandboxUnpickler(pickle.Unpickler):
         self._data = file.getvalue() if isinstance(file, io.BytesIO) else file.read()
         super().__init__(io.BytesIO(self._data))
         if guards is not None:
-            self.guards = guards  # per instance; `bind` makes a class for RequestModel.deserialize
+            self.__dict__["guards"] = guards  # per instance; `bind` makes a class for RequestModel.deserialize
         self.persistent_objects = persistent_objects or {}
         self._built_functions: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
 
