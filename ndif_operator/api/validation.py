@@ -52,19 +52,61 @@ def _compile(rule: str) -> Any:
 
 
 def apply_defaults(obj: Any) -> Any:
-    """Return a copy of `obj` with schema defaults filled in where fields are absent."""
-    return _default(copy.deepcopy(obj), _schema())
+    """Return a copy of `obj` as the API server stores it before validation.
+
+    In the server's order: numbers as `kubectl` sends them (it converts YAML to JSON with
+    sigs.k8s.io/yaml, which writes a whole float such as `4.0` as `4`); then nulls of fields
+    that are neither nullable nor defaulted are pruned (`PruneNonNullableNullsWithoutDefaults`);
+    then schema defaults fill absent fields and non-nullable nulls, recursing into what they
+    fill (`defaulting.Default`). A nullable field set to null stays null.
+    """
+    return _default(_prune_nulls(_whole_numbers(copy.deepcopy(obj)), _schema()), _schema())
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
+def _prune_nulls(value: Any, schema: Schema) -> Any:
+    if isinstance(value, dict) and "properties" in schema:
+        for name, sub in schema["properties"].items():
+            if name not in value:
+                continue
+            if value[name] is None and not sub.get("nullable") and "default" not in sub:
+                del value[name]
+            else:
+                value[name] = _prune_nulls(value[name], sub)
+    elif isinstance(value, list) and "items" in schema:
+        return [_prune_nulls(item, schema["items"]) for item in value]
+    return value
 
 
 def _default(value: Any, schema: Schema) -> Any:
     if isinstance(value, dict) and "properties" in schema:
         for name, sub in schema["properties"].items():
-            if name not in value and "default" in sub:
+            absent = name not in value or (value[name] is None and not sub.get("nullable"))
+            if absent and "default" in sub:
                 value[name] = copy.deepcopy(sub["default"])
             if name in value:
                 value[name] = _default(value[name], sub)
     elif isinstance(value, list) and "items" in schema:
         return [_default(item, schema["items"]) for item in value]
+    return value
+
+
+def _cel_value(value: Any) -> Any:
+    """The value CEL sees: a null field of an object reads as absent (`has()` is false), as in the
+    API server's CEL values for objects with properties."""
+    if isinstance(value, dict):
+        return {k: _cel_value(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_cel_value(v) for v in value]
     return value
 
 
@@ -103,9 +145,15 @@ def _json_path(parts: Any) -> str:
 
 
 def _schema_errors(obj: Any) -> list[FieldError]:
-    errors = []
+    errors: list[FieldError] = []
     for err in sorted(_validator().iter_errors(obj), key=lambda e: (list(map(str, e.path)), e.message)):
         path = _json_path(err.path)
+        if err.validator == "required":
+            # The server names the missing field itself: `spec.model: Required value`.
+            missing = sorted(set(err.validator_value) - set(err.instance))
+            errors.extend(FieldError(f"{path}.{name}" if err.path else name, "Required value", "required")
+                          for name in missing)
+            continue
         if err.validator == "additionalProperties":
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
             for name in extra:
@@ -118,6 +166,7 @@ def _schema_errors(obj: Any) -> list[FieldError]:
 def _cel_errors(value: Any, old: Any, schema: Schema, path: str) -> list[FieldError]:
     from celpy.adapter import json_to_cel
     from celpy.celtypes import BoolType
+    from celpy.evaluation import CELEvalError
 
     errors: list[FieldError] = []
     for rule in schema.get("x-kubernetes-validations", []):
@@ -125,10 +174,13 @@ def _cel_errors(value: Any, old: Any, schema: Schema, path: str) -> list[FieldEr
         transition = "oldSelf" in text
         if transition and old is None:
             continue
-        activation = {"self": json_to_cel(value)}
+        activation = {"self": json_to_cel(_cel_value(value))}
         if transition:
-            activation["oldSelf"] = json_to_cel(old)
-        result = _compile(text).evaluate(activation)
+            activation["oldSelf"] = json_to_cel(_cel_value(old))
+        try:
+            result = _compile(text).evaluate(activation)
+        except CELEvalError as exc:
+            result = exc  # the server rejects an object whose rule cannot be evaluated
         # A rule that errors (e.g. a missing field) rejects, as in the API server.
         if not (isinstance(result, BoolType) and bool(result)):
             where = path + rule.get("fieldPath", "")

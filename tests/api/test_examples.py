@@ -73,7 +73,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("unknown field", _mutate("01-small-model-hot.yaml", lambda s: s.update(gpus=2)),
      "spec.gpus", "unknown field"),
     ("missing repoId", _mutate("01-small-model-hot.yaml", lambda s: s["model"].pop("repoId")),
-     "spec.model", "'repoId' is a required property"),
+     "spec.model.repoId", "Required value"),
     ("repoId with spaces", _mutate("01-small-model-hot.yaml", lambda s: s["model"].update(repoId="my model")),
      "spec.model.repoId", "does not match"),
     ("autoscaling min above max",
@@ -90,12 +90,12 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.priority", "maximum"),
     ("s3 without bucket",
      _mutate("05-s3-source.yaml", lambda s: s["model"]["source"]["s3"].pop("bucket")),
-     "spec.model.source.s3", "'bucket' is a required property"),
+     "spec.model.source.s3.bucket", "Required value"),
     ("request timeout zero",
      _mutate("01-small-model-hot.yaml", lambda s: s.update(limits={"requestTimeoutSeconds": 0})),
      "spec.limits.requestTimeoutSeconds", "minimum"),
     ("missing spec", {"apiVersion": "ndif.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "x"}},
-     "<root>", "'spec' is a required property"),
+     "spec", "Required value"),
 ]
 
 
