@@ -57,7 +57,8 @@ def main(iterations: int) -> None:
     from model_runtime import execution
     from model_runtime.sandbox import Limits, Sandbox, executor
     from model_runtime.sandbox.capabilities import Capabilities
-    from model_runtime.sandbox.compiling import Guards, restricted_compile
+    from model_runtime.sandbox.compiling import restricted_compile
+    from model_runtime.sandbox.guards import Guards
     from model_runtime.sandbox.limits import address_space_cap, check_payload, install_seccomp
     from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
     from model_runtime.sandbox.unpickling import SandboxUnpickler, _DryRun, loads

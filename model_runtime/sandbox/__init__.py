@@ -1,9 +1,13 @@
-"""The sandbox untrusted nnsight requests run in (issue 6; threat model in docs/security.md).
+"""The sandbox untrusted nnsight requests run in (threat model in docs/security.md).
 
-Layers, each its own module: `unpickling` (allowlisted deserialisation), `compiling`
-(RestrictedPython with live guards), `capabilities` (module proxies), `model_guard` (weights and
-process state), `limits` (time, size, memory, seccomp); `executor` puts them together behind
-`execute_sandboxed(model, blob, envelope, *, limits, on_log) -> ExecutionResult`.
+Layers, each its own module: `unpickling` (allowlisted deserialisation), `compiling` (the
+RestrictedPython compile policy, request source under server-made names with `sources`),
+`guards` (the run-time guard functions and builtins), `capabilities` (module proxies),
+`model_guard` (weights and process state), `provenance` (the model's state read-only to requests),
+`model_calls` (model-call keywords, batch and sequence limits), `gradients` (backward passes with
+frozen weights), `limits` (time, size, memory, seccomp); `executor` puts them together behind
+`execute_sandboxed(model, blob, envelope, *, limits, on_log) -> ExecutionResult` and the
+runtime's `run_blob`.
 """
 
 from model_runtime.sandbox.errors import (

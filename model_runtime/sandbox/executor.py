@@ -34,14 +34,10 @@ from typing import Any
 from model_runtime.bounds import CappedLog
 from model_runtime.sandbox import sources
 from model_runtime.sandbox.capabilities import Capabilities
-from model_runtime.sandbox.compiling import (
-    Guards,
-    install_compile_hook,
-    restricted_compile,
-    sandboxed_compilation,
-)
+from model_runtime.sandbox.compiling import install_compile_hook, restricted_compile, sandboxed_compilation
 from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected, SandboxError
 from model_runtime.sandbox.gradients import activations_require_grad, wants_gradients
+from model_runtime.sandbox.guards import Guards
 from model_runtime.sandbox.limits import Limits, Worker, address_space_cap, check_payload, tensor_bytes
 from model_runtime.sandbox.model_calls import check_call_kwargs, shape_limits
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
@@ -362,7 +358,9 @@ def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
             job = _Job(model, raw, bool(envelope.compress), request.guards, request.ctx.weights, limits, {})
             with address_space_cap(limits.memory_bytes):
                 return job.execute()
-    except (SandboxError, RequestFailed) as exc:
+    except SandboxError as exc:  # its text may quote a library's error, with server paths
+        raise RequestError(sources.scrub(str(exc))) from None
+    except RequestFailed as exc:  # already the user's frames and a scrubbed message
         raise RequestError(str(exc)) from None
 
 

@@ -70,7 +70,7 @@ CRITICAL_MODULES = (
     "nnsight.intervention.envoy", "nnsight.intervention.tracer", "nnsight.intervention.interleaver",
     "nnsight.intervention.serialization", "nnsight.tracing.tracer", "nnsight.tracing.globals",
     "nnsight.modeling.transformers", "transformers", "cloudpickle", "zstandard", "RestrictedPython",
-    "model_runtime.sandbox.capabilities", "model_runtime.sandbox.compiling",
+    "model_runtime.sandbox.capabilities", "model_runtime.sandbox.compiling", "model_runtime.sandbox.guards",
     "model_runtime.sandbox.executor", "model_runtime.sandbox.limits",
     "model_runtime.sandbox.model_guard", "model_runtime.sandbox.unpickling",
 )

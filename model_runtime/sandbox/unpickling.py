@@ -56,8 +56,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Container
 from typing import Any, ClassVar
 
-from model_runtime.sandbox.compiling import Guards, restricted_function
+from model_runtime.sandbox.compiling import restricted_function
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, PayloadRejected
+from model_runtime.sandbox.guards import Guards
 
 # Exactly the globals real payloads use (see research/nnsight-protocol.md §1.3 and
 # tests/sandbox/test_unpickling.py, which records them from real client payloads).

@@ -15,7 +15,8 @@ import torch
 
 from model_runtime.sandbox import CapabilityDenied, CodeRejected, LimitExceeded, ModelTampering
 from model_runtime.sandbox.capabilities import Capabilities
-from model_runtime.sandbox.compiling import Guards, restricted_compile
+from model_runtime.sandbox.compiling import restricted_compile
+from model_runtime.sandbox.guards import Guards
 from model_runtime.sandbox.limits import Worker, address_space_cap, seccomp_supported
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
 

@@ -254,7 +254,7 @@ def test_works_as_the_unpickler_hook_of_request_deserialize(models: tuple[Any, A
     and refuses crafted ones (it still compiles the body with the stock compiler: the executor
     compiles restricted itself)."""
     from model_runtime.sandbox.capabilities import Capabilities
-    from model_runtime.sandbox.compiling import Guards
+    from model_runtime.sandbox.guards import Guards
 
     client, server = models
     be = backend()
@@ -281,7 +281,7 @@ def test_mutated_real_payloads_never_change_the_server(models: tuple[Any, Any], 
     import random
 
     from model_runtime.sandbox.capabilities import Capabilities
-    from model_runtime.sandbox.compiling import Guards
+    from model_runtime.sandbox.guards import Guards
 
     client, server = models
     be = backend()
