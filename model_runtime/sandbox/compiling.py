@@ -38,6 +38,7 @@ from RestrictedPython.transformer import RestrictingNodeTransformer
 
 from model_runtime.sandbox import sources
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected
+from model_runtime.sandbox.guards import Guards as Guards  # its former home; callers may import it here
 
 
 class SandboxPolicy(RestrictingNodeTransformer):  # type: ignore[misc]  # RestrictedPython is untyped
