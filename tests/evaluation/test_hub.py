@@ -87,3 +87,30 @@ def test_hub_source_reads_headers_over_http(
     with pytest.raises(EstimateError, match="cannot read"):
         estimate(ModelSpec(repo_id="tiny/absent", source=ModelSource(
             hugging_face=HuggingFaceSource(endpoint=hub.url))), LIMITS)
+
+
+def test_the_secrets_credentials_reach_the_hub_and_s3(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the operator reads from `tokenSecret` / `credentialsSecret` is what the reads send."""
+    from ndif_operator.api import S3Source
+    from ndif_operator.evaluation import SourceCredentials
+    from ndif_operator.evaluation.sources import open_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    model = ModelSpec(repo_id="tiny/llama-sharded", dtype=DType.BFLOAT16,
+                      source=ModelSource(hugging_face=HuggingFaceSource(endpoint=hub.url, token_secret="hf")))
+    estimate(model, LIMITS, credentials=SourceCredentials.from_secret({"token": "from-secret"}))
+    assert hub.auth[-1] == "Bearer from-secret"
+    made: list[dict[str, object]] = []
+    import boto3
+
+    monkeypatch.setattr(boto3, "client", lambda service, **kwargs: made.append(kwargs) or object())
+    s3 = ModelSpec(repo_id="org/m", source=ModelSource(s3=S3Source(bucket="models", credentials_secret="s3")))
+    secret = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "shh", "AWS_SESSION_TOKEN": "tok"}
+    open_checkpoint(s3, credentials=SourceCredentials.from_secret(secret))
+    open_checkpoint(s3)  # no Secret: boto3's own chain (the pod's identity)
+    assert made[0] == {"endpoint_url": None, "region_name": None, "aws_access_key_id": "AKIA",
+                       "aws_secret_access_key": "shh", "aws_session_token": "tok"}
+    assert made[1] == {"endpoint_url": None, "region_name": None}

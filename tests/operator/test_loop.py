@@ -12,7 +12,7 @@ from ndif_operator.operator.loop import PassOutcome, PlannerLoop, Timers, Wake
 from ndif_operator.operator.settings import OperatorSettings
 
 
-def _settings(**overrides: float) -> OperatorSettings:
+def _settings(**overrides: object) -> OperatorSettings:
     values = {"debounce_seconds": 0.0, "resync_seconds": 3600.0, "backoff_initial_seconds": 0.01,
               "backoff_max_seconds": 0.04, **overrides}
     return OperatorSettings(**values)  # type: ignore[arg-type]
@@ -126,3 +126,19 @@ async def test_a_bug_logs_its_traceback_once(caplog: pytest.LogCaptureFixture) -
         outcome = await loop.run_once()
         loop._report_trouble(outcome, 0.1)
     assert len([r for r in caplog.records if r.exc_info]) == 1
+
+
+def test_kopf_handlers_run_on_the_event_loop() -> None:
+    """Every handler is `async def`: Kopf runs sync ones in a worker thread, and the planner's
+    wake-up Event must only be set from the loop's own thread."""
+    import inspect
+
+    from ndif_operator.operator.handlers import build_registry
+    from ndif_operator.operator.login import Login
+
+    settings = _settings(kube_api_url="https://127.0.0.1:1")
+    registry = build_registry(settings, Login(settings, environ={}))
+    handlers = [h for part in (registry._activities, registry._watching)
+                for h in part.get_all_handlers()]
+    assert len(handlers) >= 5
+    assert all(inspect.iscoroutinefunction(h.fn) for h in handlers), [h.id for h in handlers]
