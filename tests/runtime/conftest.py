@@ -117,6 +117,8 @@ SLOW_CONFIG = {
     "request_timeout_seconds": 3,
     "max_payload_bytes": 100_000,
     "activate_on_request": True,
+    "max_batch_size": 1,  # the ModelDeployment's limits reach the sandbox (test_remote_research.py)
+    "max_sequence_length": 64,
 }
 
 

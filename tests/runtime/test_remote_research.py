@@ -36,3 +36,16 @@ def test_remote_traceback_shows_only_the_users_frames(client_model: Any) -> None
     assert text.count('File "') == 1, text
     for server_part in ("site-packages", "model_runtime", "nnsight/", "/tmp/", "ray"):
         assert server_part not in text, text
+
+
+def test_the_model_deployments_limits_reach_the_sandbox(slow_client_model: Any) -> None:
+    """The slow app's user_config says maxBatchSize 1, maxSequenceLength 64 (tests/runtime/conftest.py)."""
+    with pytest.raises(RemoteError, match="maxBatchSize"):
+        with slow_client_model.trace(["one prompt", "two prompts"], remote=True):
+            slow_client_model.lm_head.output.save()
+    with pytest.raises(RemoteError, match="maxSequenceLength"):
+        with slow_client_model.trace("word " * 100, remote=True):
+            slow_client_model.lm_head.output.save()
+    with slow_client_model.trace("one prompt", remote=True):
+        ok = slow_client_model.lm_head.output.save()
+    assert ok.shape[0] == 1
