@@ -13,8 +13,8 @@ Requests queue inside the replica (Serve's `max_ongoing_requests` is set high) s
 can be bounded by `max_queue_depth` and refused with a clear error instead of waiting in Serve;
 they run one at a time because nnsight traces on one model are not thread-safe.
 
-A tensor-parallel replica (k GPUs) would own a placement group of k-1 worker actors here; that is
-left to the TP work (`tensor_parallel_size > 1` is refused clearly for now).
+A tensor-parallel replica (`tensor_parallel_size` k > 1) is rank 0 of k: it owns k-1 shard actors
+in its placement group and runs every request on all of them (model_runtime/parallel/ranks.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from model_runtime.gpu_binding import bind_pinned_gpu
 from model_runtime.host_copy import NODE_MEMORY
 from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
+from model_runtime.parallel.ranks import TensorParallelCopy, obtain_ranks, weights_digest
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
 
@@ -89,8 +90,6 @@ class ModelReplica:
                          "init_started": time.time()}
         _prepare_process()
         self.args = ModelAppArgs.model_validate(args)
-        if self.args.tensor_parallel_size > 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported by this runtime yet")
         self.config = ModelUserConfig()
         self.metrics = RuntimeMetrics()
         self.metrics.queue_depth(self.args.model_key, 0)  # reported from the start: 0, not absent, when idle
@@ -121,7 +120,10 @@ class ModelReplica:
         # The host copy: mapped from the node's weight store when another replica left it there,
         # else built in CPU RAM from the source and published to the store (model_runtime/host_copy.py).
         cpu_args = self.args.model_copy(update={"gpus_per_replica": 0.0})
-        self._host = obtain(self.args, lambda: load_model(cpu_args))
+        if self.args.tensor_parallel_size > 1:  # k ranks, each holding its shard (model_runtime/parallel)
+            self._host = obtain_ranks(self.args, self._host)
+        else:
+            self._host = obtain(self.args, lambda: load_model(cpu_args))
         self._model, self._source_kind = self._host.model, self._host.source_kind
         self._device = pick_device(self.args.gpus_per_replica)
         if self._device == "cuda":
@@ -202,10 +204,18 @@ class ModelReplica:
             "activate_on_request": self.config.activate_on_request,
             "wedged": self._wedged,
             "transitions": list(self._transitions[-5:]),
+            "bytes_read_by_rank": getattr(self._host, "bytes_read", None),  # tensor-parallel replicas
             "startup": dict(self._startup),
             "metrics": self.metrics.snapshot(),
             "prometheus": self.metrics.exporting,
         }
+
+    async def weight_digests(self) -> list[str]:
+        """sha256 of each rank's weights, rank 0 first (one entry on a single-device replica)."""
+        async with self._lock:
+            if isinstance(self._host, TensorParallelCopy):
+                return await asyncio.to_thread(self._host.weight_digests)
+            return [await asyncio.to_thread(weights_digest, self._model)] if self._model is not None else []
 
     def __del__(self) -> None:
         # Serve calls this on replica shutdown: flush batched InfluxDB points.
@@ -217,6 +227,8 @@ class ModelReplica:
         # A request thread that ignored cancellation still holds the model: let Serve replace us.
         if self._wedged:
             raise RuntimeError("a timed-out request could not be stopped; this replica must be replaced")
+        if isinstance(self._host, TensorParallelCopy):
+            self._host.check_ranks()  # a dead rank or ranks out of step: Serve replaces the replica
         from model_runtime.sandbox.executor import sandbox_healthy  # lazy: the sandbox is optional
 
         if not sandbox_healthy():  # a request changed weights behind the guards: reload them
@@ -321,9 +333,12 @@ class ModelReplica:
             max_result_bytes=self.config.max_result_bytes,
         )
 
+        # A tensor-parallel replica runs the request on every rank; rank 0's events are the answer.
+        executor = self._host.execute_request if isinstance(self._host, TensorParallelCopy) else execute_request
+
         async def run() -> None:
             result = await asyncio.to_thread(
-                execute_request, self._model, blob, envelope, limits=limits, on_log=on_log, runner=self._runner
+                executor, self._model, blob, envelope, limits=limits, on_log=on_log, runner=self._runner
             )
             events.put_nowait(result)
 

@@ -1,0 +1,313 @@
+"""Tensor parallelism end to end: real Ray Serve, the real gateway, the unmodified nnsight client,
+two ranks over gloo on CPU, for two architectures (Llama: transformers' own plan; GPT-NeoX).
+
+Every TP=2 result is compared with the same checkpoint at TP=1 (max abs diff <= 1e-5, tokens
+identical). The replica is deployed as the renderer renders it: a STRICT_PACK placement group of
+two bundles, the replica (rank 0) in bundle 0 and its shard actor in bundle 1.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+
+from model_runtime.tiny_models import build_tiny_model
+from runtime.conftest import gateway_target, model_args, model_target, route
+from runtime.wire import poll_backend
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMPT = "The Eiffel Tower is in the city of"
+TP_PREFIX = "/tp"
+ARCHS = ("llama", "gpt-neox")
+TOLERANCE = 1e-5
+# What the renderer emits for a CPU-only TP=2 replica with replica_num_cpus 0.
+TP_BUNDLES = [{"CPU": 0.01}, {"CPU": 0.01}]
+
+
+def _app(arch: str) -> str:
+    return f"md-tp-{arch}"
+
+
+@pytest.fixture(scope="module")
+def tp_served(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("tp-models")
+    paths = {arch: build_tiny_model(arch, root / f"tiny-{arch}") for arch in ARCHS}  # type: ignore[arg-type]
+    targets = [
+        model_target(_app(arch), {**model_args(path, f"default/tp-{arch}"), "tensor_parallel_size": 2},
+                     placement_group_bundles=TP_BUNDLES, placement_group_strategy="STRICT_PACK",
+                     health_check_period_s=1, health_check_timeout_s=30)
+        for arch, path in paths.items()
+    ]
+    routes = {str(path).lower(): route(_app(arch), deployment=f"default/tp-{arch}", repo_id=str(path))
+              for arch, path in paths.items()}
+    targets.append(gateway_target(routes=routes, app_name="gateway-tp", route_prefix=TP_PREFIX))
+    serve.run_many(targets)
+    return {"url": f"http://127.0.0.1:{serve_port}{TP_PREFIX}", "paths": paths}
+
+
+def _client(tp_served: dict[str, Any], arch: str) -> Any:
+    from nnsight import TransformersModel
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    path = str(tp_served["paths"][arch])
+    _ID_CACHE[path] = path
+    return TransformersModel(path, task="text-generation")
+
+
+def _local(tp_served: dict[str, Any], arch: str) -> Any:
+    """The same checkpoint at TP=1, loaded the way a single-device replica loads it."""
+    from nnsight import TransformersModel
+
+    return TransformersModel(str(tp_served["paths"][arch]), task="text-generation", dispatch=True,
+                             device_map="cpu", dtype="float32")
+
+
+def _backend(model: Any, url: str, blocking: bool = True) -> RemoteBackend:
+    return RemoteBackend(model.to_model_key(), host=url, env=model._remoteable_get_env(), blocking=blocking)
+
+
+def layers_of(model: Any) -> Any:
+    return model.gpt_neox.layers if hasattr(model, "gpt_neox") else model.model.layers
+
+
+def head_of(model: Any) -> Any:
+    return model.embed_out if hasattr(model, "embed_out") else model.lm_head
+
+
+def _every_layer_and_logits(model: Any, backend: Any) -> dict[str, torch.Tensor]:
+    with model.trace(PROMPT, backend=backend):
+        first = layers_of(model)[0].output.save()
+        last = layers_of(model)[-1].output.save()
+        logits = head_of(model).output.save()
+    return {"first": first, "last": last, "logits": logits}
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a.float() - b.float()).abs().max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp2_equals_tp1_logits_hidden_states_and_tokens(tp_served: dict[str, Any], arch: str) -> None:
+    client, local, url = _client(tp_served, arch), _local(tp_served, arch), tp_served["url"]
+    remote = _every_layer_and_logits(client, _backend(client, url))
+    reference = _every_layer_and_logits(local, None)
+    for name in reference:
+        assert _max_diff(remote[name], reference[name]) <= TOLERANCE, name
+    # Every layer, one save each (a whole tensor: gathered from both ranks).
+    n_layers = len(layers_of(local))
+    for i in range(n_layers):
+        with client.trace(PROMPT, backend=_backend(client, url)):
+            hidden = layers_of(client)[i].output.save()
+        with local.trace(PROMPT):
+            ref = layers_of(local)[i].output.save()
+        assert _max_diff(hidden, ref) <= TOLERANCE, f"layer {i}"
+    # Generated tokens are identical.
+    with client.generate(PROMPT, max_new_tokens=6, do_sample=False, backend=_backend(client, url)) as tracer:
+        tokens = tracer.result.save()
+    with local.generate(PROMPT, max_new_tokens=6, do_sample=False) as tracer:
+        ref_tokens = tracer.result.save()
+    assert torch.equal(tokens, ref_tokens)
+
+
+# --- each rank reads only its shard -------------------------------------------------------------
+
+
+def _checkpoint_split(path: Path, ranks: int) -> tuple[int, int]:
+    """(bytes of tensors the model's TP plan shards, bytes of the replicated ones) in `path`."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plan = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).tp_plan
+    rules = [(re.compile(re.escape(p).replace(r"\*", r"[^.]+") + r"$"), style) for p, style in plan.items()]
+    sharded = replicated = 0
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            piece = f.get_slice(name)
+            nbytes = piece[...].numel() * piece[...].element_size()
+            module, kind = name.rsplit(".", 1)
+            style = next((s for rx, s in rules if rx.match(module)), None)
+            split = style is not None and style != "replicated_with_grad_allreduce" and not (
+                style.startswith("rowwise") and kind == "bias")
+            if split:
+                sharded += nbytes
+            else:
+                replicated += nbytes
+    return sharded, replicated
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_rank_reads_only_its_shard(tp_served: dict[str, Any], arch: str) -> None:
+    from ray import serve
+
+    info = serve.get_app_handle(_app(arch)).info.remote().result()
+    by_rank = info["bytes_read_by_rank"]
+    sharded, replicated = _checkpoint_split(tp_served["paths"][arch], 2)
+    assert sharded > replicated  # the test means something: most bytes are in sharded tensors
+    bound = sharded / 2 + replicated
+    assert sorted(by_rank) == [0, 1]
+    for rank, read in by_rank.items():
+        assert read <= bound * 1.05, (rank, read, bound)
+        assert read >= sharded / 2, (rank, read, sharded)  # counted for real: at least its share
+
+
+# --- levels on every rank -----------------------------------------------------------------------
+
+
+def test_levels_move_every_rank(tp_served: dict[str, Any]) -> None:
+    from ray import serve
+
+    handle = serve.get_app_handle(_app("llama"))
+    client, local, url = _client(tp_served, "llama"), _local(tp_served, "llama"), tp_served["url"]
+    reference = _every_layer_and_logits(local, None)["logits"]
+    assert handle.set_level.remote("Warm").result()["to_level"] == "Warm"
+    with pytest.raises(RemoteError, match="WARM"):
+        _every_layer_and_logits(client, _backend(client, url))
+    assert handle.set_level.remote("Hot").result()["source"] == "memory"
+    assert _max_diff(_every_layer_and_logits(client, _backend(client, url))["logits"], reference) <= TOLERANCE
+    handle.set_level.remote("Cold").result()
+    assert handle.set_level.remote("Hot").result()["source"] == "localPath"  # every rank re-read its shard
+    assert _max_diff(_every_layer_and_logits(client, _backend(client, url))["logits"], reference) <= TOLERANCE
+    assert handle.info.remote().result()["level"] == "Hot"
+
+
+# --- the sandbox's programs on TP ---------------------------------------------------------------
+
+
+def _close(local: Any, remote: Any, path: str = "") -> None:
+    if isinstance(local, torch.Tensor):
+        assert isinstance(remote, torch.Tensor), path
+        if local.is_floating_point():
+            # 1e-5 absolute, plus 1e-6 relative for large values (gradients reach ~30: the ranks
+            # sum in another order).
+            assert torch.allclose(local, remote, atol=TOLERANCE, rtol=1e-6), (path, _max_diff(local, remote))
+        else:
+            assert torch.equal(local, remote), path
+    elif isinstance(local, dict):
+        assert set(local) == set(remote), path
+        for key in local:
+            _close(local[key], remote[key], f"{path}.{key}")
+    elif isinstance(local, (list, tuple)):
+        assert len(local) == len(remote), path
+        for i, (a, b) in enumerate(zip(local, remote, strict=True)):
+            _close(a, b, f"{path}[{i}]")
+    else:
+        assert local == remote, path
+
+
+# Reading a weight inside a trace gives this rank's DTensor on TP (nnsight leaves parameters
+# alone), and mixing it with plain tensors fails: a known limitation (docs/runtime.md).
+TP_WEIGHT_READS = ("read_weights",)
+
+
+def _legit_programs() -> list[Any]:
+    from sandbox.legit_programs import PROGRAMS
+
+    return [pytest.param(p, marks=pytest.mark.xfail(reason="weights are DTensors on TP", strict=True))
+            if p.__name__ in TP_WEIGHT_READS else p for p in PROGRAMS]
+
+
+@pytest.mark.parametrize("program", _legit_programs(), ids=lambda p: getattr(p, "__name__", str(p)))
+def test_legit_program_on_tp_equals_tp1(tp_served: dict[str, Any], program: Any) -> None:
+    client, local, url = _client(tp_served, "llama"), _local_llama(tp_served), tp_served["url"]
+    torch.manual_seed(0)
+    reference = program(local, None)
+    torch.manual_seed(0)
+    _close(reference, program(client, _backend(client, url)))
+
+
+_LOCAL: dict[str, Any] = {}
+
+
+def _local_llama(tp_served: dict[str, Any]) -> Any:
+    if "llama" not in _LOCAL:
+        _LOCAL["llama"] = _local(tp_served, "llama")
+    return _LOCAL["llama"]
+
+
+def _attacks() -> list[Any]:
+    from sandbox.attacks import capabilities, escapes, tampering
+
+    return escapes.ATTACKS + capabilities.ATTACKS + tampering.ATTACKS
+
+
+@pytest.fixture(scope="module")
+def digests_before(tp_served: dict[str, Any]) -> list[str]:
+    from ray import serve
+
+    return serve.get_app_handle(_app("llama")).weight_digests.remote().result()
+
+
+@pytest.mark.parametrize("attack", _attacks(), ids=lambda a: f"{a.__module__.rsplit('.', 1)[-1]}.{a.__name__}")
+def test_attack_is_refused_on_tp_and_every_rank_keeps_its_weights(
+    tp_served: dict[str, Any], attack: Any, digests_before: list[str]
+) -> None:
+    from ray import serve
+    from sandbox.harness import SECRET
+
+    client, url = _client(tp_served, "llama"), tp_served["url"]
+    with pytest.raises(RemoteError) as info:
+        attack(client, _backend(client, url))
+    assert str(info.value).strip() and SECRET not in str(info.value)
+    digests = serve.get_app_handle(_app("llama")).weight_digests.remote().result()
+    assert len(digests) == 2 and digests == digests_before, "a rank's weights changed"
+
+
+# --- a dead rank ---------------------------------------------------------------------------------
+
+
+def _job_status(url: str, job_id: str) -> str:
+    import httpx
+
+    response = httpx.get(f"{url}/response/{job_id}", timeout=10)
+    return str(response.json().get("status", "")) if response.status_code == 200 else ""
+
+
+def test_rank_killed_mid_request_gives_error_and_replica_is_replaced(tp_served: dict[str, Any]) -> None:
+    import ray
+
+    arch, url = "gpt-neox", tp_served["url"]
+    client, local = _client(tp_served, arch), _local(tp_served, arch)
+    backend = _backend(client, url, blocking=False)
+    with client.generate(PROMPT, max_new_tokens=110, do_sample=False, backend=backend) as tracer:
+        tokens = tracer.result.save()  # noqa: F841 (the job fails)
+    deadline = time.monotonic() + 60
+    while _job_status(url, backend.job_id) != "RUNNING":
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.02)
+    prefix = f"ndif-tp-{_app(arch)}-"
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    assert len(named) == 1, named  # rank 1 of the one replica
+    ray.kill(ray.get_actor(named[0]["name"], namespace=named[0]["namespace"]))
+    deadline = time.monotonic() + 120
+    while (status := _job_status(url, backend.job_id)) not in ("ERROR", "COMPLETED"):
+        assert time.monotonic() < deadline, "the job never ended"
+        time.sleep(0.1)
+    assert status == "ERROR"
+    with pytest.raises(RemoteError, match="tensor-parallel rank"):
+        poll_backend(backend, timeout=10)
+    # Serve replaces the unhealthy replica (with a new rank 1); the next request succeeds.
+    deadline = time.monotonic() + 240
+    with local.trace(PROMPT):
+        reference = head_of(local).output.save()
+    while True:
+        try:
+            with client.trace(PROMPT, backend=_backend(client, url)):
+                logits = head_of(client).output.save()
+            break
+        except RemoteError:
+            assert time.monotonic() < deadline, "the replica was not replaced"
+            time.sleep(2)
+    assert _max_diff(logits, reference) <= TOLERANCE
+    renamed = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    assert len(renamed) == 1 and renamed[0]["name"] != named[0]["name"]  # the old rank is not orphaned
