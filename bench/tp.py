@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     one = build_checkpoint(workdir / "tp1", args.hidden, args.layers)
     two = Path(shutil.copytree(one, workdir / "tp2"))  # same bytes, a second key for the gateway
     paths = {1: one, 2: two}
+    checkpoint = checkpoint_tensor_bytes(one)
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE",
@@ -145,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.requests):  # interleaved
             for tp in paths:
                 latency[tp].append(trace_seconds(models[tp]))
+        infos = {tp: handles[tp].info.remote().result() for tp in paths}
         activation: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.rounds):
             for tp in paths:
                 handles[tp].set_level.remote("Warm").result()
                 activation[tp].append(float(handles[tp].set_level.remote("Hot").result()["seconds"]))
-        infos = {tp: handles[tp].info.remote().result() for tp in paths}
     finally:
         try:
             serve.shutdown()
@@ -158,15 +159,17 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
             shutil.rmtree(workdir, ignore_errors=True)
 
-    checkpoint = checkpoint_tensor_bytes(one) if one.exists() else 0
-    load = {tp: float(infos[tp]["transitions"][0]["seconds"]) for tp in paths}
+    # Replica start → loaded: for TP=2 that includes starting the shard actor and both ranks' loads.
+    load = {tp: float(infos[tp]["startup"]["loaded"] - infos[tp]["startup"]["init_started"]) for tp in paths}
     per_rank = infos[2]["bytes_read_by_rank"]
     med = {tp: statistics.median(v) for tp, v in latency.items()}
     act = {tp: statistics.median(v) for tp, v in activation.items()}
+    print(f"machine load average during the run: {os.getloadavg()[0]:.1f} (1 min)")
     print(f"checkpoint: llama hidden {args.hidden}, {args.layers} layers, {checkpoint} tensor bytes (float32)")
     print(f"request latency (median of {args.requests}, interleaved): TP=1 {med[1] * 1000:.1f} ms, "
           f"TP=2 {med[2] * 1000:.1f} ms -> {med[2] / med[1]:.2f}x")
     print(f"load time (all ranks): TP=1 {load[1]:.2f} s, TP=2 {load[2]:.2f} s -> {load[2] / load[1]:.2f}x")
+    print(f"load time counts replica start to loaded (TP=1 load source: {infos[1]['source']})")
     print("bytes read per rank at TP=2: " + ", ".join(f"rank {r}: {b}" for r, b in sorted(per_rank.items()))
           + f"; TP=1 read {infos[1].get('bytes_read_by_rank') or 'n/a (single-device loader, not counted)'}")
     print(f"WARM->HOT activation (median of {args.rounds}): TP=1 {act[1] * 1000:.1f} ms, TP=2 {act[2] * 1000:.1f} ms"
