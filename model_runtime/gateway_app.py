@@ -50,6 +50,7 @@ from model_runtime.metrics import gateway_metrics
 from model_runtime.model_keys import client_model_key, repo_key
 from model_runtime.results import MemoryResults, result_store
 from model_runtime.versions import version_refusal
+from ndif_operator import logs
 from ndif_operator.api import GatewayAppArgs, GatewayRoute, GatewayUserConfig, Level
 from ndif_operator.api.naming import API_KEY_HEADER, GATEWAY_DEPLOYMENT, model_app_name
 
@@ -100,6 +101,7 @@ async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
 @serve.ingress(app)
 class NnsightGateway:
     def __init__(self, args: dict[str, Any]) -> None:
+        logs.setup_runtime()
         self.args = GatewayAppArgs.model_validate(args)
         # Deprecated static routes from args; the user_config table (reconfigure) replaces them.
         self._static = {repo_key(k): GatewayRoute(deployment="", level=Level.HOT, app=v, repo_id=k)
@@ -477,6 +479,11 @@ class NnsightGateway:
             self._record(job, _response(job.id, "ERROR", f"The server failed to run the job: {exc}"))
         finally:
             job.done = True
+            # The one INFO line per request: ids only (never the key, the payload or the user's code).
+            status = (job.latest or {}).get("status", "UNKNOWN")
+            log.info("request %s on %s: %s", job.id, job.model_key, status, extra={
+                "job_id": job.id, "model": job.model_key, "outcome": status, "caller": job.owner[:12] or None,
+                "seconds": round(time.monotonic() - job.created, 3)})
 
     async def _forward(self, job: Job, event: dict[str, Any], base_url: str) -> None:
         status = event["status"]

@@ -43,6 +43,7 @@ from model_runtime.host_copy import NODE_MEMORY
 from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
 from model_runtime.parallel.ranks import TensorParallelCopy, obtain_ranks, weights_digest
+from ndif_operator import logs
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
 
@@ -85,6 +86,7 @@ def _prepare_process() -> None:
 @serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=_MAX_ONGOING)
 class ModelReplica:
     def __init__(self, args: dict[str, Any]) -> None:
+        logs.setup_runtime()
         # Epoch seconds of each start-up phase (bench/runtime.py splits activation time with them).
         self._startup = {"process_started": levels.process_started_at(), "module_imported": _IMPORTED_AT,
                          "init_started": time.time()}

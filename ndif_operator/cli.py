@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from types import ModuleType
 
 # Each is a module under ndif_operator.commands.
@@ -54,13 +57,28 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return metadata.version("ndif-operator")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in args_list if a in SUBCOMMANDS), None)
     parser = build_parser(only=chosen)
+    parser.add_argument("--version", action="version", version=f"ndif-operator {_version()}")
     args = parser.parse_args(args_list)
     module: ModuleType = args._module
-    result: int = module.run(args)
+    try:
+        result: int = module.run(args)
+    except BrokenPipeError:
+        # `plan -o json | head`: the reader left. Silence the final flush too, and end as SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        return 130
     return result
 
 

@@ -67,7 +67,7 @@ class OperatorConfig(_Values):
     ray_service: str = Field(default="ndif", min_length=1,
                              description="RayService used by ModelDeployments that do not name one.")
     cpu_only: bool = Field(default=False, description="Render Hot replicas without GPUs (CPU-only clusters).")
-    resync_seconds: float = Field(default=30, gt=0, description="Plan at least this often without events.")
+    resync_seconds: float = Field(default=300, gt=0, description="Plan at least this often without events.")
     unready_after_failing_seconds: float = Field(
         default=300, gt=0, description="Readiness fails once every planner pass has failed for this long.",
     )

@@ -1,6 +1,7 @@
 """Write every generated file from its source of truth: the CRD from the pydantic API models, the
 chart's values.yaml and values.schema.json from the typed chart values, the chart's RBAC
-(files/rbac.yaml) from the operator's declared API calls."""
+(files/rbac.yaml) from the operator's declared API calls, the chart's dashboards, docs/settings.md
+from OperatorSettings."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 
 from ndif_operator.api import crd
 from ndif_operator.chart import generate as chart
+from ndif_operator.commands import settings_doc
 from ndif_operator.operator import rbac
 
-HELP = "write generated files (crds/, chart values and RBAC); --check fails on drift"
+HELP = "write generated files (crds/, chart values, RBAC and dashboards, docs/settings.md); --check fails on drift"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     rc = crd.main(["--check"] if args.check else [])
     stale = chart.write(check=args.check)
+    if settings_doc.write(check=args.check):
+        stale.append(settings_doc.DOC_PATH)
     for path in stale:
         print(f"{'stale' if args.check else 'wrote'} {path}", file=sys.stderr)
     rbac_rc = rbac.main(check=args.check)

@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ndif_operator.commands.preflight import missing_model_dirs
     from ndif_operator.local.embedded import LocalMode, LocalSettings, Stopped, stop_on_signals, write_ready_file
-    from ndif_operator.local.manifests import ManifestError
+    from ndif_operator.local.manifests import ManifestError, load_manifests
     from ndif_operator.local.ray_head import RayHeadError, RayPorts
     from ndif_operator.local.serve_rest import ServeRestError
 
@@ -73,6 +74,15 @@ def run(args: argparse.Namespace) -> int:
         gateway_api_key=args.api_key[0] if args.api_key else None,
         **({"num_cpus": args.num_cpus} if args.num_cpus else {}),
     )
+    try:
+        missing = missing_model_dirs(load_manifests(args.manifests, on_skip=lambda _: None))
+    except (OSError, ManifestError) as exc:
+        print(f"ndif-operator local: error: {exc}", file=sys.stderr)
+        return 2
+    for problem in missing:
+        print(f"ndif-operator local: {'error' if args.exit_when_ready else 'warning'}: {problem}", file=sys.stderr)
+    if missing and args.exit_when_ready:
+        return 1  # the smoke check would only find it Cold minutes later
     mode = LocalMode(settings, log=log)
     with stop_on_signals():
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 
 from ndif_operator.api import KIND, Estimate, Level, ModelDeployment, ModelSpec
 from ndif_operator.api.units import human_bytes
+from ndif_operator.commands.preflight import missing_model_dirs
 from ndif_operator.evaluation import EstimateCache, EstimateError, estimate, estimate_from_entry
 from ndif_operator.evaluation.catalog import catalog_entry
 from ndif_operator.evaluation.sources import hf_cache_snapshot
@@ -80,6 +82,8 @@ def inventory_from_mapping(data: Any) -> Inventory:
             ))
         except KeyError as exc:
             raise ValueError(f"{where}: {exc.args[0]} is required") from exc
+        except TypeError as exc:  # e.g. `pods: [1]`
+            raise ValueError(f"{where}: {exc}") from exc
     return Inventory(tuple(groups))
 
 
@@ -228,14 +232,17 @@ def run(args: argparse.Namespace) -> int:
         deployments = load_deployments(args.paths, skip={args.inventory.resolve()})
         cache = load_cache(args.cache)
     except (OSError, ValueError, ManifestError, yaml.YAMLError) as exc:
-        print(f"error: {exc}")
+        print(f"ndif-operator plan: error: {exc}", file=sys.stderr)
         return 2
     if not deployments:
-        print("error: no ModelDeployment found in the given files")
+        print("ndif-operator plan: error: no ModelDeployment found in the given files", file=sys.stderr)
         return 2
+    missing = missing_model_dirs(deployments)
     sized = {_key(md): size(md, cache, fetch=args.fetch, now=now) for md in deployments}
     requests = [placement_request(_key(md), md, s if isinstance(s := sized[_key(md)], Estimate) else None)
                 for md in deployments]
     result = plan(inventory, requests, now=now)
     print(table(deployments, sized, result) if args.output == "table" else as_json(sized, result))
-    return 0
+    for problem in missing:
+        print(f"ndif-operator plan: error: {problem}", file=sys.stderr)
+    return 1 if missing else 0

@@ -149,7 +149,8 @@ class OperatorSettings(BaseSettings):
     def render_options(self) -> RenderOptions:
         return RenderOptions(cpu_only=self.cpu_only, replica_num_cpus=self.replica_num_cpus,
                              gateway_num_cpus=self.gateway_num_cpus, gateway=self.gateway_args(),
-                             pin_gpus=self.pin_gpus)
+                             pin_gpus=self.pin_gpus,
+                             log_encoding="JSON" if self.log_format == LogFormat.JSON else "TEXT")
 
     @property
     def namespace_list(self) -> list[str]:

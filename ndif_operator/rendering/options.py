@@ -31,6 +31,8 @@ class RenderOptions:
     http_port: int | None = None
     # `runtime_env.env_vars` every model replica gets (e.g. OMP_NUM_THREADS on CPU nodes).
     replica_env: tuple[tuple[str, str], ...] = ()
+    # Serve's `logging_config.encoding` for every Serve component ("JSON" or "TEXT"); None: Serve's default.
+    log_encoding: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("replica_num_cpus", "gateway_num_cpus"):

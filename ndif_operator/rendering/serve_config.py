@@ -94,6 +94,8 @@ def render_serve_config(
         )
     gateway = _gateway_app(options, routes)
     config: ServeConfig = {"applications": [gateway, *sorted(applications, key=lambda a: str(a["name"]))]}
+    if options.log_encoding is not None:
+        config["logging_config"] = {"encoding": options.log_encoding}
     if options.http_host is not None or options.http_port is not None:
         http: dict[str, Any] = {}
         if options.http_host is not None:

@@ -188,3 +188,16 @@ def test_the_chart_grants_exactly_the_generated_rbac() -> None:
     roles = _rules(namespaced, "Role")
     for ns in ("team-a", "team-b"):
         assert [roles[f"{ns}/ndif-operator"]] == cluster_rules
+
+
+def test_chart_defaults_are_the_operator_defaults() -> None:
+    """The chart sets these variables always: its defaults must not silently change the operator's."""
+    from ndif_operator.operator.settings import OperatorSettings
+
+    env = _env({})
+    defaults = OperatorSettings()
+    for variable in ("NDIF_RAY_SERVICE", "NDIF_CPU_ONLY", "NDIF_RESYNC_SECONDS", "NDIF_UNREADY_AFTER_FAILING_SECONDS",
+                     "NDIF_METRICS_PORT", "NDIF_HEALTH_PORT", "NDIF_LOG_FORMAT", "NDIF_LOG_LEVEL", "NDIF_READ_NODES"):
+        from_chart = OperatorSettings(**{variable.removeprefix("NDIF_").lower(): env[variable]})
+        name = variable.removeprefix("NDIF_").lower()
+        assert getattr(from_chart, name) == getattr(defaults, name), variable

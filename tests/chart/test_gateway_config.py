@@ -57,3 +57,13 @@ def test_no_secret_value_is_inlined() -> None:
     text = "".join(render(values_of("rayservice")).values())
     for kind in ("kind: Secret", "AWS_SECRET_ACCESS_KEY:", "stringData"):
         assert kind not in text
+
+
+def test_log_format_reaches_serve_logging_config() -> None:
+    from ndif_operator.rendering import check_serve_config
+
+    for fmt, encoding in (("json", "JSON"), ("text", "TEXT")):
+        options = OperatorSettings(log_format=fmt).render_options()
+        config = render_serve_config(Plan(decisions=()), {}, options=options)
+        assert config["logging_config"] == {"encoding": encoding}
+        check_serve_config(config)  # Serve's own schema accepts it

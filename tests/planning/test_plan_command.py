@@ -100,8 +100,8 @@ def test_local_checkpoints_are_sized_from_headers_and_cache_files_are_used(
 def test_bad_inventory_is_reported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad = tmp_path / "inv.yaml"
     bad.write_text("workerGroups:\n  - {name: x, pods: 1, gpuMemory: lots}\n")
-    code, out = run_plan(capsys, "-f", str(EXAMPLES), "--inventory", str(bad))
-    assert code == 2 and "gpuMemory" in out
+    code = main(["plan", "-f", str(EXAMPLES), "--inventory", str(bad)])
+    assert code == 2 and "gpuMemory" in capsys.readouterr().err  # errors go to stderr
     with pytest.raises(ValueError, match="name is required"):
         inventory_from_mapping({"workerGroups": [{"pods": 1}]})
     with pytest.raises(ValueError, match="unknown fields"):
