@@ -88,6 +88,31 @@ def test_huge_error_texts_are_bounded(models: tuple[Any, Any], backend: Any) -> 
     assert len(str(info.value)) < 20_000
 
 
+def test_huge_key_and_private_name_errors_are_bounded(models: tuple[Any, Any], backend: Any) -> None:
+    from model_runtime.sandbox import SandboxError
+
+    client, _ = models
+    with pytest.raises(RequestFailed) as info:
+        with client.trace("hello", backend=backend()):
+            table = {}
+            client.lm_head.output.save()
+            value = table["k" * 30_000_000]  # noqa: F841
+    assert len(str(info.value)) < 20_000
+    with pytest.raises(SandboxError) as refused:
+        with client.trace("hello", backend=backend()):
+            x = getattr(client.lm_head, "_" + "p" * 30_000_000)  # noqa: F841
+    assert len(str(refused.value)) < 5_000
+
+
+def test_one_huge_log_line_is_bounded(models: tuple[Any, Any], backend: Any) -> None:
+    client, _ = models
+    be = backend()
+    with client.trace("hello", backend=be):
+        print("y" * 20_000_000)
+        out = client.lm_head.output.save()  # noqa: F841
+    assert be.logs and max(len(line) for line in be.logs) <= 17_000
+
+
 def test_print_flood_is_bounded(models: tuple[Any, Any], backend: Any) -> None:
     client, _ = models
     be = backend()
