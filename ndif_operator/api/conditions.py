@@ -38,6 +38,7 @@ class Reason(StrEnum):
     INSUFFICIENT_GPU = "InsufficientGpu"  # asked for Hot, no GPU room; kept Warm or Cold
     INSUFFICIENT_MEMORY = "InsufficientMemory"  # neither GPU nor CPU RAM room: Cold
     EVICTED = "Evicted"  # displaced by a higher-priority or dedicated model
+    MOVED = "Moved"  # still Hot, but some replicas now run elsewhere (the message says from where to where, why)
     UPGRADE_IN_PROGRESS = "UpgradeInProgress"  # RayService is switching clusters; nothing moves
     INVALID_SPEC = "InvalidSpec"  # rejected by validation the CRD cannot express
     # Ready

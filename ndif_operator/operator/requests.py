@@ -20,15 +20,17 @@ ASSIGNMENTS_ANNOTATION = "ndif.dev/assignments"
 
 
 def encode_assignments(decision: Decision) -> str:
-    return json.dumps([[a.pod, list(a.gpus), a.fraction] for a in decision.assignments], separators=(",", ":"))
+    return json.dumps([[a.pod, list(a.gpus), a.fraction, *([a.group] if a.group is not None else [])]
+                       for a in decision.assignments], separators=(",", ":"))
 
 
 def decode_assignments(text: str | None) -> tuple[ReplicaPlacement, ...]:
     if not text:
         return ()
     try:
-        return tuple(ReplicaPlacement(pod=int(p), gpus=tuple(int(g) for g in gpus), fraction=float(f))
-                     for p, gpus, f in json.loads(text))
+        return tuple(ReplicaPlacement(pod=int(p), gpus=tuple(int(g) for g in gpus), fraction=float(f),
+                                      group=str(rest[0]) if rest else None)
+                     for p, gpus, f, *rest in json.loads(text))
     except (ValueError, TypeError):
         return ()  # a hand-edited annotation only costs stability, never correctness
 

@@ -26,7 +26,7 @@ from ndif_operator.api.units import human_bytes
 from ndif_operator.operator.ray_service import AppStatus
 from ndif_operator.planning import Decision
 
-_PLACED_AS_ASKED = frozenset({Reason.PLACED_HOT, Reason.PLACED_WARM, Reason.PLACED_COLD})
+_PLACED_AS_ASKED = frozenset({Reason.PLACED_HOT, Reason.PLACED_WARM, Reason.PLACED_COLD, Reason.MOVED})
 _WARNING_REASONS = frozenset({
     Reason.INVALID_SPEC, Reason.ESTIMATE_FAILED, Reason.INSUFFICIENT_GPU, Reason.INSUFFICIENT_MEMORY,
     Reason.EVICTED, Reason.APPLICATION_FAILED, Reason.APPLICATION_UNHEALTHY, Reason.RAY_SERVICE_MISSING,

@@ -141,14 +141,18 @@ class _Planner:
                 continue
             st.group, st.need = gi, need
             st.next_replica = len(cur.replicas)
-            cap = self.caps[gi]
             for number, rp in enumerate(cur.replicas[: st.req.replicas]):
-                if not self._slot_fits(cap, rp, need):
+                slot_group = self.group_index.get(rp.group) if rp.group is not None else gi
+                if slot_group is None:
                     continue
-                slot = _Slot(gi, rp.pod, rp.gpus, need.units, incumbent=True)
-                cap.allocate((st.req.key, number), rp.pod, rp.gpus, need.units)
+                slot_need = need if slot_group == gi else self._need(st.req, slot_group)
+                cap = self.caps[slot_group]
+                if isinstance(slot_need, str) or slot_need.gpus != need.gpus or not self._slot_fits(cap, rp, slot_need):
+                    continue
+                slot = _Slot(slot_group, rp.pod, rp.gpus, slot_need.units, incumbent=True)
+                cap.allocate((st.req.key, number), rp.pod, rp.gpus, slot_need.units)
                 st.slots[number] = slot
-                self.incumbents[gi].setdefault(st.req.priority, {})[(st.req.key, number)] = st.req.key
+                self.incumbents[slot_group].setdefault(st.req.priority, {})[(st.req.key, number)] = st.req.key
             if not st.slots:
                 st.group = st.need = None
 
@@ -185,16 +189,22 @@ class _Planner:
         if st.group is None and not self._choose_group(st, evicted):
             return evicted
         assert st.group is not None and st.need is not None
-        cap, need = self.caps[st.group], st.need
+        need = st.need
         while st.missing > 0:
-            where = self._fit(st, cap, need) or self._evict_for(st, st.group, need, evicted)
+            where = self._fit(st, st.group, need)
+            if where is None and self._spill(st):
+                continue  # free room in another group the model can use: never evict for it
+            where = where or self._evict_for(st, st.group, need, evicted)
             if where is None:
                 st.why_short = self._shortage(st, [st.group])
                 break
             self._allocate(st, st.group, where)
         return evicted
 
-    def _choose_group(self, st: _State, evicted: list[str]) -> bool:
+    def _feasible(self, st: _State) -> tuple[list[tuple[int, Need]], list[str]]:
+        """Groups that can hold a replica, best first: the fewest GPUs per replica (one larger GPU
+        over several small ones), then the smallest GPUs that hold it (big GPUs stay free for
+        the models that need them); and why the others cannot."""
         feasible: list[tuple[int, Need]] = []
         reasons: list[str] = []
         for gi in self.group_pref:
@@ -203,12 +213,17 @@ class _Planner:
                 reasons.append(need)
             else:
                 feasible.append((gi, need))
+        feasible.sort(key=lambda item: item[1].gpus)  # stable: GPU size order within a count
+        return feasible, reasons
+
+    def _choose_group(self, st: _State, evicted: list[str]) -> bool:
+        feasible, reasons = self._feasible(st)
         if not feasible:
             st.why_short = "; ".join(reasons) if reasons else "the inventory has no worker groups"
             return False
         for gi, need in feasible:
             st.group, st.need = gi, need
-            where = self._fit(st, self.caps[gi], need)
+            where = self._fit(st, gi, need)
             if where is not None:
                 self._allocate(st, gi, where)
                 return True
@@ -222,23 +237,38 @@ class _Planner:
         st.why_short = self._shortage(st, [gi for gi, _ in feasible])
         return False
 
-    def _fit(self, st: _State, cap: GroupCapacity, need: Need) -> tuple[int, tuple[int, ...]] | None:
+    def _spill(self, st: _State) -> bool:
+        """One more replica in another group with free room and the same rank count (the replicas
+        of one model run the same tensor-parallel plan); False when there is none."""
+        assert st.need is not None
+        for gi, need in self._feasible(st)[0]:
+            if gi == st.group or need.gpus != st.need.gpus:
+                continue
+            where = self._fit(st, gi, need)
+            if where is not None:
+                self._allocate(st, gi, where, need)
+                return True
+        return False
+
+    def _fit(self, st: _State, gi: int, need: Need) -> tuple[int, tuple[int, ...]] | None:
+        cap = self.caps[gi]
         if need.shared:
             # Replicas of one model on one GPU would share its failure and its compute: spread them.
-            avoid = {(s.pod, s.gpus[0]) for s in st.slots.values()}
+            avoid = {(s.pod, s.gpus[0]) for s in st.slots.values() if s.group == gi}
             found = cap.tightest_gpu(need.units, avoid)
             return None if found is None else (found[0], (found[1],))
         if need.whole:
             return cap.whole_gpus(need.gpus)
         return cap.tightest_gpus(need.gpus, need.units)
 
-    def _allocate(self, st: _State, gi: int, where: tuple[int, tuple[int, ...]]) -> None:
-        assert st.need is not None
+    def _allocate(self, st: _State, gi: int, where: tuple[int, tuple[int, ...]], need: Need | None = None) -> None:
+        need = need or st.need
+        assert need is not None
         number = st.next_replica
         st.next_replica += 1
         pod, gpus = where
-        self.caps[gi].allocate((st.req.key, number), pod, gpus, st.need.units)
-        st.slots[number] = _Slot(gi, pod, gpus, st.need.units, incumbent=False)
+        self.caps[gi].allocate((st.req.key, number), pod, gpus, need.units)
+        st.slots[number] = _Slot(gi, pod, gpus, need.units, incumbent=False)
 
     # --- eviction -----------------------------------------------------------------------------
 
@@ -274,7 +304,7 @@ class _Planner:
         if not candidates:
             return None
         prio = {slot: self.states[key].req.priority for slot, key in candidates.items()}
-        avoid = {(s.pod, s.gpus[0]) for s in st.slots.values()} if need.shared else set()
+        avoid = {(s.pod, s.gpus[0]) for s in st.slots.values() if s.group == gi} if need.shared else set()
         best: tuple[tuple[int, int, int], int, tuple[int, ...], set[SlotId]] | None = None
         if need.shared:
             # Fast path: the cheapest single victim (lowest priority, then least memory) whose
@@ -463,10 +493,18 @@ class _Planner:
             return self._decision(st, Level.HOT, Reason.PLACED_HOT, "0 replicas requested")
         if st.wants_hot and st.slots:
             assert st.group is not None and st.need is not None
-            group, need = self.groups[st.group], st.need
-            msg = f"{len(st.slots)} replica{'s' if len(st.slots) > 1 else ''} on {group.name} ({need.describe()} each)"
+            by_group: dict[int, int] = {}
+            for slot in st.slots.values():
+                by_group[slot.group] = by_group.get(slot.group, 0) + 1
+            msg = ", ".join(
+                f"{n} replica{'s' if n > 1 else ''} on {self.groups[gi].name}"
+                f" ({self._slot_need(st, gi).describe()} each)"
+                for gi, n in sorted(by_group.items(), key=lambda item: (item[0] != st.group, item[0])))
             if st.missing > 0:
                 msg = f"{len(st.slots)} of {req.replicas} replicas placed: {st.why_short}"
+            moves = self._moves(st)
+            if moves:
+                return self._decision(st, Level.HOT, Reason.MOVED, f"{moves}; {msg}")
             return self._decision(st, Level.HOT, Reason.PLACED_HOT, msg)
         level = Level.WARM if st.warm_at is not None else Level.COLD
         where = f"kept {level.value}" if level == Level.WARM else "Cold: no pod has CPU RAM for its weights"
@@ -483,10 +521,12 @@ class _Planner:
             return self._decision(st, Level.COLD, Reason.PLACED_COLD, "on disk / object store, as requested")
         was_hot_here = cur is not None and cur.level == Level.HOT
         if st.evicted_by is not None and was_hot_here:
+            assert cur is not None
             evictor = self.states[st.evicted_by].req
             msg = f"evicted by {evictor.key} (priority {evictor.priority}"
             msg += ", dedicated)" if evictor.dedicated else ")"
-            return self._decision(st, level, Reason.EVICTED, f"{msg}; {where}")
+            gone = "; ".join(rp.where(cur.worker_group) for rp in cur.replicas)
+            return self._decision(st, level, Reason.EVICTED, f"{msg} from {gone}; {where}")
         reason = Reason.INSUFFICIENT_GPU if level == Level.WARM else Reason.INSUFFICIENT_MEMORY
         if impossible_tensor_parallel_size(req):  # no cluster can fix it: the spec must change
             reason = Reason.INVALID_SPEC
@@ -503,7 +543,8 @@ class _Planner:
             fraction = st.need.fraction
             gpus_per_replica = st.need.total_units / FRACTION_UNITS  # the sum of the ranks' shares
             assignments = tuple(
-                ReplicaPlacement(pod=s.pod, gpus=s.gpus, fraction=fraction)
+                ReplicaPlacement(pod=s.pod, gpus=s.gpus, fraction=s.units / FRACTION_UNITS,
+                                 group=None if s.group == st.group else self.groups[s.group].name)
                 for _, s in sorted(st.slots.items())
             )
             replicas = len(assignments)
@@ -526,6 +567,42 @@ class _Planner:
             since=since,
             moved=moved,
         )
+
+    def _slot_need(self, st: _State, gi: int) -> Need:
+        assert st.need is not None
+        if gi == st.group:
+            return st.need
+        need = self._need(st.req, gi)
+        assert not isinstance(need, str)
+        return need
+
+    def _moves(self, st: _State) -> str:
+        """'replica 1 moved from h100 pod 0 GPU 3 to h100 pod 1 GPU 2 (why)', for every replica of
+        the current placement that this plan took away while the model stays Hot; '' if none."""
+        cur = st.req.current
+        if cur is None or cur.level != Level.HOT or cur.worker_group is None:
+            return ""
+        kept = {number for number, slot in st.slots.items() if slot.incumbent}
+        lost = [(n, rp) for n, rp in enumerate(cur.replicas[: st.req.replicas]) if n not in kept]
+        if not lost:
+            return ""
+        new = sorted((n, slot) for n, slot in st.slots.items() if not slot.incumbent)
+        if st.evicted_by is not None:
+            evictor = self.states[st.evicted_by].req
+            why = f"evicted by {evictor.key} (priority {evictor.priority})"
+        elif cur.worker_group not in self.group_index:
+            why = f"worker group {cur.worker_group} is no longer in the inventory"
+        elif st.need is not None and any(round(rp.fraction * FRACTION_UNITS) != st.need.units for _, rp in lost):
+            why = "its estimate changed, so its GPU share did"
+        else:
+            why = "its GPUs are no longer in the inventory or taken by a replica placed first"
+        parts = []
+        for index, (number, rp) in enumerate(lost):
+            target = new[index][1] if index < len(new) else None
+            to = (f"{self.groups[target.group].name} pod {target.pod} GPU{'s' if len(target.gpus) > 1 else ''} "
+                  f"{','.join(map(str, target.gpus))}" if target is not None else "nowhere (not re-placed)")
+            parts.append(f"replica {number} moved from {rp.where(cur.worker_group)} to {to}")
+        return f"{'; '.join(parts)} ({why})"
 
     @staticmethod
     def _moved(

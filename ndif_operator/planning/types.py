@@ -72,6 +72,14 @@ class ReplicaPlacement:
     pod: int  # index within the worker group
     gpus: tuple[int, ...] = ()  # GPU indices in the pod; empty for WARM
     fraction: float = 1.0  # share of each listed GPU (1.0 = whole GPUs, < 1 = shared GPU)
+    # The worker group of this replica when it is not the decision's `worker_group` (a replica
+    # added where there was free room rather than evicting a neighbour); None = the decision's.
+    group: str | None = None
+
+    def where(self, default_group: str | None) -> str:
+        """'h100 pod 0 GPU 3' / 'h100 pod 1 GPUs 0,1' / 'h100 pod 2' (a Warm copy)."""
+        gpus = f" GPU{'s' if len(self.gpus) > 1 else ''} {','.join(map(str, self.gpus))}" if self.gpus else ""
+        return f"{self.group or default_group} pod {self.pod}{gpus}"
 
 
 @dataclass(frozen=True, slots=True)

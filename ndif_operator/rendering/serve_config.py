@@ -189,7 +189,7 @@ def _model_apps(
     if pinned and decision.assignments and (gpus > 0 or not hot):
         group = decision.worker_group
         assert group is not None
-        slots = [pinned_slot(group, a, decision.gpu_fraction, num_cpus, memory, env) for a in decision.assignments]
+        slots = [pinned_slot(a.group or group, a, a.fraction, num_cpus, memory, env) for a in decision.assignments]
         scaling = slot_scaling(spec, len(slots)) if hot else [{"num_replicas": 1}] * len(slots)
         return [app(slot_app_name(base, n), {"name": MODEL_DEPLOYMENT, **slot, **scale})
                 for n, (slot, scale) in enumerate(zip(slots, scaling, strict=True))]

@@ -58,7 +58,7 @@ def gpu_load(inventory: Inventory, requests: list[PlacementRequest], p: Plan) ->
         total = by_key[d.key].total_bytes or 0
         for a in d.assignments:
             for g in a.gpus:
-                load[(d.worker_group or "", a.pod, g)] += total // len(a.gpus)
+                load[(a.group or d.worker_group or "", a.pod, g)] += total // len(a.gpus)
     return load
 
 
@@ -79,8 +79,11 @@ def assert_valid(inventory: Inventory, requests: list[PlacementRequest], p: Plan
             if whole:
                 assert d.gpu_fraction == 1.0
         for a in d.assignments:
+            # A replica added where there was room may sit in another group (its own share there).
+            g = groups[a.group or d.worker_group or ""]
             assert 0 <= a.pod < g.pods
-            assert len(a.gpus) == k == len(set(a.gpus)) and a.fraction == d.gpu_fraction
+            assert len(a.gpus) == k == len(set(a.gpus))
+            assert a.fraction == d.gpu_fraction or a.group is not None
             for gpu in a.gpus:
                 assert 0 <= gpu < g.gpus_per_pod
                 units[(g.name, a.pod, gpu)] += round(a.fraction * FRACTION_UNITS)
