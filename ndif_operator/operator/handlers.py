@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +42,8 @@ class _State:
     api: KubeApi | None = None
 
 
-def build_registry(settings: OperatorSettings, login: Login, *,
-                   estimator: Estimator | None = None) -> kopf.OperatorRegistry:
+def build_registry(settings: OperatorSettings, login: Login, *, estimator: Estimator | None = None,
+                   on_login_failure: Callable[[], None] = lambda: None) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     state = _State()
 
@@ -94,11 +95,16 @@ def build_registry(settings: OperatorSettings, login: Login, *,
 
     @kopf.on.login(registry=registry, errors=kopf.ErrorsMode.PERMANENT)
     async def log_in(**_: Any) -> kopf.ConnectionInfo:
-        # Kopf logs in again after a 401: resolve afresh (rotated token files, renewed exec credentials).
+        # Kopf logs in again after a 401: resolve afresh (rotated token files, renewed exec credentials)
+        # and prove them with one request, so that revoked credentials stop the operator with one
+        # line instead of leaving Kopf's watches failing forever.
         try:
-            credentials = await asyncio.to_thread(login.resolve)
+            await check_login(login, settings.namespace_list)
         except LoginError as exc:
-            raise kopf.PermanentError(str(exc)) from exc  # run_operator reports it as it is
+            login.last_error = exc
+            on_login_failure()  # run_operator stops and reports it as it is
+            raise kopf.PermanentError(str(exc)) from exc
+        credentials = login.current()
         return kopf.ConnectionInfo(
             server=credentials.server, ca_path=credentials.ca_path, insecure=credentials.insecure,
             scheme="Bearer" if credentials.token else None, token=credentials.token,
@@ -123,24 +129,40 @@ async def _operate(settings: OperatorSettings, login: Login, *, stop_flag: Any, 
                    estimator: Estimator | None, liveness_endpoint: str | None) -> None:
     await check_login(login, settings.namespace_list)
     namespaces = settings.namespace_list
-    registry = build_registry(settings, login, estimator=estimator)
+    # Kopf only logs a failed re-login and keeps its watches failing: stop on our own flag instead,
+    # set by the caller's flag or by the login handler when the credentials are refused.
+    stop = asyncio.Event()
+    registry = build_registry(settings, login, estimator=estimator, on_login_failure=stop.set)
+    follower = asyncio.create_task(_follow(stop_flag, stop)) if stop_flag is not None else None
     try:
         await kopf.operator(
             registry=registry,
             clusterwide=not namespaces,
             namespaces=namespaces,
             standalone=True,  # one replica (Recreate); kopf has no lease-based election
-            stop_flag=stop_flag,
+            stop_flag=stop,
             ready_flag=ready_flag,
             liveness_endpoint=liveness_endpoint,
         )
     except Exception as exc:
-        # Kopf gives up when a re-login fails (its ActivityError) or yields nothing valid (LoginError).
+        # Kopf re-raises a failed re-login (its ActivityError) or credentials it ran out of (LoginError).
         if login.last_error is not None:
             raise LoginError(f"logging in again failed: {login.last_error}") from exc
         if isinstance(exc, kopf.LoginError):
             raise LoginError(f"the API server stopped accepting the credentials ({exc})") from exc
         raise
+    finally:
+        if follower is not None:
+            follower.cancel()
+    if login.last_error is not None:
+        raise LoginError(f"logging in again failed: {login.last_error}")
+
+
+async def _follow(flag: Any, stop: asyncio.Event) -> None:
+    """Set `stop` once the caller's stop flag (threading.Event, asyncio.Event or Future) is set."""
+    while not (flag.done() if isinstance(flag, asyncio.Future) else flag.is_set()):
+        await asyncio.sleep(0.1)
+    stop.set()
 
 
 async def check_login(login: Login, namespaces: list[str], *, attempts: int = 6) -> None:

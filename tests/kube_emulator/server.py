@@ -191,6 +191,7 @@ class KubeEmulator:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._stopping = False
+        self._watch_epoch = 0  # close_watches() ends every watch started before it
         self.url = ""
         self.secure = secure
         self._pki_dir = Path(tempfile.mkdtemp(prefix="kube-emulator-pki-")) if secure else None
@@ -257,6 +258,15 @@ class KubeEmulator:
     @property
     def ca_path(self) -> Path | None:
         return self.pki.cert_path if self.pki is not None else None
+
+    def close_watches(self) -> None:
+        """End every open watch, as an API server restart does: clients reconnect (and log in)."""
+        async def close() -> None:
+            self._watch_epoch += 1
+            assert self._changed is not None
+            async with self._changed:
+                self._changed.notify_all()
+        self._call(close())
 
     def issue_token(self, identity: Identity) -> str:
         token = secrets.token_urlsafe(24)
@@ -762,7 +772,8 @@ class KubeEmulator:
                                          "message": f"too old resource version: {since}"})
                     return response
             assert self._changed is not None
-            while not self._stopping and loop.time() < deadline:
+            epoch = self._watch_epoch
+            while not self._stopping and epoch == self._watch_epoch and loop.time() < deadline:
                 pending = [(rv, kind, obj) for rv, kind, obj in self._history[rtype.key] if rv > since]
                 for rv, kind, obj in pending:
                     since = rv

@@ -1,4 +1,5 @@
-"""Where the operator's credentials come from (ndif_operator/operator/login.py), without a server."""
+"""Where the operator's credentials come from (ndif_operator/operator/login.py): each source alone,
+then a running operator logging in to the emulated API server with them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from kube_emulator.tls import CertificateAuthority
+from operator_harness import Cluster, OperatorThread, model_deployment, ray_service, wait_for
 
 from ndif_operator.operator.login import Login, LoginError
 from ndif_operator.operator.settings import OperatorSettings
@@ -119,3 +121,81 @@ def test_a_broken_kubeconfig_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(LoginError) as info:
         _login({"KUBECONFIG": str(path)}, kube_context="missing").resolve()
     assert "\n" not in str(info.value) and "missing" in str(info.value) and str(path) in str(info.value)
+
+
+# --- logging in to the emulated API server (TLS, tokens, the chart's RBAC) with a running operator ---
+
+
+def _place_one(cluster: Cluster, running: OperatorThread, name: str) -> None:
+    cluster.emu.create_sync(model_deployment(name, f"org/{name}-8g"))
+    wait_for(lambda: cluster.condition(name, "Placed").get("status") == "True", what=f"{name} placed")
+
+
+def _run_with_kubeconfig(cluster: Cluster, path: Path) -> None:
+    """The operator logs in from `path` alone (KUBECONFIG, no NDIF_KUBE_*) and places a model."""
+    cluster.emu.create_sync(ray_service())
+    running = OperatorThread(cluster, environ={"KUBECONFIG": str(path)}, **_NO_URL).start()
+    try:
+        _place_one(cluster, running, "m")
+    finally:
+        running.stop()
+
+
+_NO_URL = {"kube_api_url": None, "kube_token_file": None, "kube_ca_file": None}
+
+
+def test_operator_logs_in_with_a_kubeconfig_exec_plugin(cluster: Cluster, tmp_path: Path) -> None:
+    token = cluster.token_file.read_text()
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("import json\nprint(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', "
+                      f"'kind': 'ExecCredential', 'status': {{'token': {token!r}}}}}))\n")
+    assert cluster.emu.ca_path is not None
+    path = _kubeconfig(tmp_path / "config", {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(plugin)],
+        "interactiveMode": "Never"}}, server=cluster.emu.url,
+        cluster={"certificate-authority": str(cluster.emu.ca_path)})
+    _run_with_kubeconfig(cluster, path)
+
+
+def test_operator_logs_in_with_a_kubeconfig_client_certificate(cluster: Cluster, tmp_path: Path) -> None:
+    assert cluster.emu.pki is not None and cluster.emu.ca_path is not None
+    # The certificate's common name is the user RBAC sees (here the chart's service account's name).
+    pair = cluster.emu.pki.client(cluster.operator_identity.user, ("system:authenticated",))
+    path = _kubeconfig(tmp_path / "config", {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
+                       server=cluster.emu.url, cluster={"certificate-authority": str(cluster.emu.ca_path)})
+    _run_with_kubeconfig(cluster, path)
+    assert all(e.user == cluster.operator_identity.user for e in cluster.operator_requests())
+
+
+def test_a_rotated_token_file_is_picked_up_without_a_restart(cluster: Cluster) -> None:
+    cluster.emu.create_sync(ray_service())
+    running = OperatorThread(cluster, expect_401=True).start()
+    try:
+        _place_one(cluster, running, "a")
+        old = cluster.token_file.read_text()
+        cluster.token_file.write_text(cluster.emu.issue_token(cluster.operator_identity))  # the kubelet rotates
+        cluster.emu.revoke_token(old)  # ... and the old token expires
+        before = len(cluster.emu.log)
+        cluster.emu.close_watches()  # Kopf reconnects with the old token: 401, then it logs in again
+        wait_for(lambda: any(e.status == 401 for e in list(cluster.emu.log)[before:]), what="a 401")
+
+        def watching_again() -> bool:
+            return any(e.status == 200 and e.attrs is not None and e.attrs.verb == "watch"
+                       and e.user == cluster.operator_identity.user for e in list(cluster.emu.log)[before:])
+
+        wait_for(watching_again, what="Kopf's watches back with the new token")
+        _place_one(cluster, running, "b")
+    finally:
+        running.stop()  # no crash, no 403
+
+
+def test_credentials_revoked_while_running_stop_the_operator_with_one_line(cluster: Cluster) -> None:
+    from ndif_operator.operator.login import LoginError
+
+    running = OperatorThread(cluster, expect_401=True).start()
+    cluster.emu.revoke_token(cluster.token_file.read_text())  # and nothing replaces it
+    cluster.emu.close_watches()
+    running.thread.join(60)
+    assert not running.thread.is_alive(), "the operator kept running without valid credentials"
+    assert isinstance(running.error, LoginError) and "\n" not in str(running.error), running.error
+    assert "credentials" in str(running.error)
