@@ -124,6 +124,7 @@ class Sandbox:
                 if env:
                     model._remoteable_set_env(env)
                 ctx.weights.arm()
+                ctx.state.capture()
                 yield request
             finally:
                 t0 = time.perf_counter()

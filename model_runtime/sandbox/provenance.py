@@ -2,10 +2,11 @@
 
 A request may mutate only what it made. The containers of the served model's state (each nnsight
 envoy's and each module's lists, dicts and sets: `_edits`, hook tables, `_modules`, the
-wrapper's `kwargs`, ...) are recorded by identity when the model is first served; the write
-guard refuses any item or attribute write into one of them (`ServerState.owns`), whatever name
-or alias reached it. After every request each recorded container is compared with its snapshot,
-by length and item identity, and put back if it changed (`verify_and_restore`): whatever slipped
+wrapper's `kwargs`, ...; not the weight tables, which are the weight guard's) are recorded by
+identity when the model is first served; the write guard refuses any item or attribute write
+into one of them (`ServerState.owns`), whatever name or alias reached it. Their contents are
+snapshotted at the start of each request and compared after it, by length and item identity,
+and put back if they changed (`verify_and_restore`): whatever slipped
 past the guards does not reach the next request (a callable planted in an envoy's state would
 otherwise run inside other users' requests).
 """
@@ -17,6 +18,9 @@ from collections import OrderedDict
 from typing import Any
 
 _CONTAINERS = (list, dict, set, OrderedDict)
+# The weight tables are the weight guard's: the server re-places parameters (activation from a
+# host copy, tensor-parallel shards), and putting an old table back would revert the weights.
+_WEIGHT_TABLES = frozenset({"_parameters", "_buffers"})
 
 
 class ServerState:
@@ -34,16 +38,20 @@ class ServerState:
             envoys.extend(state.get("_children", ()))
         for name, module in model._module.named_modules():
             self._record_all(vars(module), f"module {name or '<root>'}")
-        self._snapshot()
+        self.capture()
 
     def _record_all(self, state: dict[str, Any], where: str) -> None:
         for key, value in state.items():
+            if key in _WEIGHT_TABLES:
+                continue
             if type(value) in _CONTAINERS and id(value) not in self._where:
                 self._where[id(value)] = f"{where}.{key}"
                 self._by_id[id(value)] = value
                 self._containers.append(value)
 
-    def _snapshot(self) -> None:
+    def capture(self) -> None:
+        """Snapshot the contents now (at the start of each request: the server itself may change
+        its state between requests, e.g. a level change that re-places the weights)."""
         # Checked at C speed where it can be (a large model has tens of thousands of these,
         # nearly all empty hook tables): lengths first, then the items of the non-empty ones.
         self._lengths = list(map(len, self._containers))
