@@ -225,10 +225,11 @@ class OperatorThread:
     """`run_operator` in its own thread and event loop (research: same-loop embedding costs 5 s),
     logged in as the chart's service account; `stop()` fails if the API server refused it (403,
     and 401 unless `expect_401`). `environ`: log in from these variables (e.g. KUBECONFIG) instead
-    of the process environment."""
+    of the process environment (`service_account_dir`: where a pod's token, ca.crt and namespace are)."""
 
     def __init__(self, cluster: Cluster, *, estimator: Any = size_estimator, expect_401: bool = False,
-                 environ: dict[str, str] | None = None, **overrides: Any) -> None:
+                 environ: dict[str, str] | None = None, service_account_dir: Path | None = None,
+                 **overrides: Any) -> None:
         self.estimator = estimator  # None: the real evaluator
         self.cluster = cluster
         self.expect_401 = expect_401
@@ -236,7 +237,9 @@ class OperatorThread:
                   "resync_seconds": 5.0, "read_nodes": True, "backoff_initial_seconds": 0.1,
                   "backoff_max_seconds": 1.0, **cluster.operator_settings(), **overrides}
         self.settings = OperatorSettings(**values)
-        self.login = Login(self.settings, environ=environ) if environ is not None else None
+        self.login = None if environ is None else Login(
+            self.settings, environ=environ, **({"service_account_dir": service_account_dir}
+                                               if service_account_dir is not None else {}))
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from kube_emulator.tls import CertificateAuthority
-from operator_harness import Cluster, OperatorThread, model_deployment, ray_service, wait_for
+from operator_harness import OPERATOR_NAMESPACE, Cluster, OperatorThread, model_deployment, ray_service, wait_for
 
 from ndif_operator.operator.login import Login, LoginError
 from ndif_operator.operator.settings import OperatorSettings
@@ -165,6 +165,24 @@ def test_operator_logs_in_with_a_kubeconfig_client_certificate(cluster: Cluster,
                        server=cluster.emu.url, cluster={"certificate-authority": str(cluster.emu.ca_path)})
     _run_with_kubeconfig(cluster, path)
     assert all(e.user == cluster.operator_identity.user for e in cluster.operator_requests())
+
+
+def test_operator_logs_in_as_the_pods_service_account(cluster: Cluster, tmp_path: Path) -> None:
+    """In a pod: KUBERNETES_SERVICE_HOST/PORT and the mounted token, CA and namespace (here a copy)."""
+    assert cluster.emu.ca_path is not None
+    mounted = tmp_path / "serviceaccount"
+    mounted.mkdir()
+    (mounted / "token").write_text(cluster.token_file.read_text())
+    (mounted / "ca.crt").write_bytes(cluster.emu.ca_path.read_bytes())
+    (mounted / "namespace").write_text(OPERATOR_NAMESPACE)
+    host, port = cluster.emu.url.removeprefix("https://").rsplit(":", 1)
+    cluster.emu.create_sync(ray_service())
+    running = OperatorThread(cluster, environ={"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port},
+                             service_account_dir=mounted, **_NO_URL).start()
+    try:
+        _place_one(cluster, running, "m")
+    finally:
+        running.stop()
 
 
 def test_a_rotated_token_file_is_picked_up_without_a_restart(cluster: Cluster) -> None:
