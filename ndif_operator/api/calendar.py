@@ -1,6 +1,8 @@
 """`CalendarSchedule` (ndif.dev/v1alpha1): a shared Google Calendar that books models dedicated.
 
-One object per RayService whose models may be booked. The operator reads the calendar's events
+CalendarSchedules live in the operator's own namespace, next to the Secret with the calendar's
+credentials, so only those who administer the operator can point it at a calendar; each names
+the namespace and RayService whose models its events may book. The operator reads the events
 (recurring ones expanded), and during an event the ModelDeployment it names is planned dedicated
 Hot; the user's spec is never edited. The object's status says whether the calendar could be read
 and keeps the bookings of the week ahead, so that the schedule stays in force through calendar
@@ -41,7 +43,8 @@ class SyncReason(StrEnum):
 
 
 class SecretKeyRef(_Model):
-    name: str = Field(min_length=1, max_length=253, description="Secret in the CalendarSchedule's namespace.")
+    name: str = Field(min_length=1, max_length=253, description="Secret in the CalendarSchedule's namespace "
+                                                                "(the operator's).")
     key: str = Field(default="service-account.json", min_length=1, description="Key holding the JSON.")
 
 
@@ -52,11 +55,15 @@ class CalendarScheduleSpec(_Model):
     credentials_secret: SecretKeyRef = Field(
         description="Secret with a Google service-account JSON key that can read (and colour) the calendar's events."
     )
+    namespace: str | None = Field(
+        default=None,
+        max_length=63,
+        description="Namespace of the governed RayService and its ModelDeployments; default: this object's.",
+    )
     ray_service: str | None = Field(
         default=None,
         max_length=63,
-        description="RayService (in this namespace) whose ModelDeployments events may book; default: the "
-                    "operator's setting.",
+        description="RayService whose ModelDeployments events may book; default: the operator's setting.",
     )
     poll_seconds: int = Field(default=60, ge=10, le=3600, description="How often the calendar is read.")
     lookahead_days: int = Field(default=7, ge=1, le=31, description="How far ahead bookings are read and shown.")

@@ -26,7 +26,14 @@ from ndif_operator.api.calendar import (
 )
 from ndif_operator.api.v1alpha1 import Condition
 from ndif_operator.operator.calendar_client import CalendarClient, CalendarError, EventPage, credentials_from_json
-from ndif_operator.scheduling import DeploymentRef, Schedule, ScheduleProblem, build_schedule, parse_event
+from ndif_operator.scheduling import (
+    CalendarEvent,
+    DeploymentRef,
+    Schedule,
+    ScheduleProblem,
+    build_schedule,
+    parse_event,
+)
 from ndif_operator.scheduling.bookings import Booking
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,10 @@ class CalendarState:
     spec: CalendarScheduleSpec
     generation: int = 0
     schedule: Schedule = field(default_factory=Schedule)
+    # The events of the last successful read, resolved again against the ModelDeployments of each
+    # pass (a model created after the read is bookable at once); None until a read succeeds, when
+    # `schedule` holds the bookings a previous process wrote to status.
+    events: tuple[CalendarEvent, ...] | None = None
     reason: SyncReason | None = None  # None: never read in this process
     message: str = "waiting for the first read of the calendar"
     last_sync: datetime | None = None
@@ -73,6 +84,12 @@ class CalendarState:
     @property
     def namespace(self) -> str:
         return self.key.split("/", 1)[0]
+
+    def resolved(self, deployments: Iterable[DeploymentRef], now: datetime) -> CalendarState:
+        """The schedule resolved against `deployments` (known bookings only, while never read)."""
+        if self.events is None:
+            return replace(self, schedule=self.schedule.in_force(now))
+        return replace(self, schedule=build_schedule(self.events, deployments))
 
 
 def schedule_from_status(status: Mapping[str, Any] | None) -> Schedule:
@@ -129,13 +146,15 @@ async def refresh(
         if state.reason != exc.reason:
             log.warning("calendar %s: %s (%s); retrying in %ds, bookings known so far stay in force",
                         state.key, exc, exc.reason.value, delay.total_seconds())
-        return replace(state, schedule=state.schedule.in_force(now), reason=exc.reason, message=str(exc),
-                       failures=failures, next_attempt=now + delay)
-    events = [e for e in (parse_event(item, page.time_zone) for item in page.items) if e is not None]
+        # The bookings already known stay in force until their events end.
+        kept = None if state.events is None else tuple(e for e in state.events if e.end > now)
+        return replace(state, schedule=state.schedule.in_force(now), events=kept,
+                       reason=exc.reason, message=str(exc), failures=failures, next_attempt=now + delay)
+    events = tuple(e for e in (parse_event(item, page.time_zone) for item in page.items) if e is not None)
     schedule = build_schedule(events, deployments)
     if state.reason != SyncReason.CALENDAR_READ:
         log.info("calendar %s: read %d events, %d bookings", state.key, len(events), len(schedule.bookings))
-    return replace(state, schedule=schedule, reason=SyncReason.CALENDAR_READ,
+    return replace(state, schedule=schedule, events=events, reason=SyncReason.CALENDAR_READ,
                    message=f"{len(schedule.bookings)} bookings, {len(schedule.problems)} events not honoured",
                    last_sync=now, failures=0, next_attempt=now + timedelta(seconds=spec.poll_seconds))
 

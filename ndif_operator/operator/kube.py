@@ -21,6 +21,7 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from ndif_operator.api import GROUP, PLURAL, VERSION
+from ndif_operator.api.calendar import PLURAL as CALENDAR_PLURAL
 from ndif_operator.operator.login import Login
 from ndif_operator.operator.rbac import RAY_GROUP, RAY_PLURAL
 
@@ -63,6 +64,19 @@ def api_error(exc: ApiException) -> KubeError:
                 message = str(parsed.get("message") or "")
                 reason = str(parsed.get("reason") or reason)
     return KubeError(status, message or reason or "API error", reason)
+
+
+async def _watch(list_call: Any, *args: Any, **kwargs: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(event type, raw object) of one watch request (bookmarks included), errors as KubeError."""
+    stream = watch.Watch().stream(list_call, *args, allow_watch_bookmarks=True, **kwargs)
+    try:
+        async with stream as events:
+            async for event in events:
+                yield str(event["type"]), dict(event["raw_object"])
+    except ApiException as exc:
+        raise api_error(exc) from exc
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise KubeError(UNREACHABLE, f"{type(exc).__name__}: {exc}") from exc
 
 
 async def _call(awaitable: Awaitable[T], *, absent: tuple[int, ...] = ()) -> T | None:
@@ -171,17 +185,31 @@ class KubeApi:
     async def watch_config_map(self, namespace: str, name: str, resource_version: str,
                                timeout_seconds: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(event type, object) for one ConfigMap from `resource_version` on, for at most the timeout."""
-        stream = watch.Watch().stream(
-            self._core.list_namespaced_config_map, namespace, field_selector=f"metadata.name={name}",
-            resource_version=resource_version, timeout_seconds=timeout_seconds, allow_watch_bookmarks=True)
-        try:
-            async with stream as events:
-                async for event in events:
-                    yield str(event["type"]), dict(event["raw_object"])
-        except ApiException as exc:
-            raise api_error(exc) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise KubeError(UNREACHABLE, f"{type(exc).__name__}: {exc}") from exc
+        async for event in _watch(self._core.list_namespaced_config_map, namespace,
+                                  field_selector=f"metadata.name={name}", resource_version=resource_version,
+                                  timeout_seconds=timeout_seconds):
+            yield event
+
+    async def list_calendar_schedules(self, namespace: str) -> tuple[list[dict[str, Any]], str]:
+        """The CalendarSchedules of `namespace` and the list's resourceVersion (to watch from)."""
+        body: dict[str, Any] = await _must(self._custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, CALENDAR_PLURAL))
+        return list(body.get("items") or []), str((body.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch_calendar_schedules(self, namespace: str, resource_version: str,
+                                       timeout_seconds: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(event type, object) for the CalendarSchedules of `namespace` from `resource_version` on."""
+        async for event in _watch(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace,
+                                  CALENDAR_PLURAL, resource_version=resource_version, timeout_seconds=timeout_seconds):
+            yield event
+
+    async def replace_calendar_schedule_status(self, namespace: str, name: str,
+                                               status: dict[str, Any]) -> dict[str, Any]:
+        """Set a CalendarSchedule's whole `status` (JSON patch `add /status`, as `replace_status`)."""
+        body: dict[str, Any] = await _must(self._custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, CALENDAR_PLURAL, name, [{"op": "add", "path": "/status", "value": status}],
+            **_JSON_PATCH_KW))
+        return body
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """A Secret's data, decoded (None when it does not exist)."""

@@ -39,6 +39,8 @@ class Wake(StrEnum):
     ESTIMATE_RETRY = "estimate-retry"  # a failed estimate's backoff ends
     ACTIVATION_EXPIRY = "activation-expiry"  # an activateOnRequest window ends
     DEMAND_POLL = "demand-poll"  # the gateway may report demand for a Warm activateOnRequest model
+    CALENDAR_POLL = "calendar-poll"  # a CalendarSchedule's calendar is due to be read
+    BOOKING_EDGE = "booking-edge"  # a calendar booking starts or ends
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ndif_operator.api import GROUP, PLURAL
+from ndif_operator.api.calendar import PLURAL as CALENDAR_PLURAL
 
 RAY_GROUP, RAY_PLURAL = "ray.io", "rayservices"  # KubeRay's RayService (kube.py uses the same)
 RBAC_FILE = Path(__file__).resolve().parents[2] / "charts" / "ndif-operator" / "files" / "rbac.yaml"
@@ -71,7 +72,13 @@ API_CALLS: tuple[ApiCall, ...] = (
     ApiCall("patch_config_map_data", "", "configmaps", ("patch",), Scope.OWN, "evaluator cache"),
     ApiCall("watch_config_map", "", "configmaps", ("watch",), Scope.OWN,
             "evaluator cache entries added by others retry failed estimates"),
-    ApiCall("read_secret", "", "secrets", ("get",), Scope.OWN, "tokenSecret / credentialsSecret for header reads"),
+    ApiCall("read_secret", "", "secrets", ("get",), Scope.OWN,
+            "tokenSecret / credentialsSecret for header reads; the calendar's service-account key"),
+    ApiCall("list_calendar_schedules", GROUP, CALENDAR_PLURAL, ("list",), Scope.OWN, "calendar bookings"),
+    ApiCall("watch_calendar_schedules", GROUP, CALENDAR_PLURAL, ("list", "watch"), Scope.OWN,
+            "a new or changed calendar wakes the planner"),
+    ApiCall("replace_calendar_schedule_status", GROUP, f"{CALENDAR_PLURAL}/status", ("patch",), Scope.OWN,
+            "whether the calendar could be read; the bookings in force"),
     ApiCall("get_job", "batch", "jobs", ("get",), Scope.OWN, "meta-device evaluator Jobs"),
     ApiCall("create_job", "batch", "jobs", ("create",), Scope.OWN, "meta-device evaluator Jobs"),
     ApiCall("list_pods", "", "pods", ("list",), Scope.OWN, "the evaluator Job's termination message"),

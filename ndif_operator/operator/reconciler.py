@@ -24,6 +24,7 @@ from ndif_operator.api import Level
 from ndif_operator.operator import metrics
 from ndif_operator.operator.activation import Activations
 from ndif_operator.operator.cache_store import CacheStore
+from ndif_operator.operator.calendars import Calendars
 from ndif_operator.operator.entries import Entry, for_each, parse_entry, reject_duplicates
 from ndif_operator.operator.estimation import Estimations, Estimator
 from ndif_operator.operator.gateway_status import GatewayStatus
@@ -37,11 +38,13 @@ from ndif_operator.operator.ray_service import (
     upgrade_in_progress,
 )
 from ndif_operator.operator.recorder import EventRecorder
-from ndif_operator.operator.serve_config_patch import ServeConfigPatcher
+from ndif_operator.operator.serve_config_patch import PatchResult, ServeConfigPatcher
 from ndif_operator.operator.settings import OperatorSettings
 from ndif_operator.operator.status import Observation
 from ndif_operator.operator.status_writer import StatusWriter
 from ndif_operator.planning import Decision
+from ndif_operator.scheduling import Schedule
+from ndif_operator.scheduling.model_status import model_schedule
 
 logger = logging.getLogger("ndif_operator.reconciler")
 
@@ -55,14 +58,21 @@ def _utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _observation(entry: Entry) -> Observation:
+def _observation(entry: Entry, schedule: Schedule | None, conflicts: dict[str, str], calendars: str,
+                 now: datetime) -> Observation:
     desired = Level(entry.md.spec.level) if entry.md is not None else None
     if entry.activated:
         desired = Level.HOT
+    was_scheduled = any(c.get("type") == "Scheduled" for c in entry.status.get("conditions") or [])
+    shown, scheduled = model_schedule(entry.key, schedule, now, schedule_name=calendars,
+                                      conflict=conflicts.get(entry.key, ""), was_scheduled=was_scheduled)
+    if schedule is not None and schedule.current(entry.key, now) is not None and entry.md is not None:
+        desired = Level.HOT  # booked: planned dedicated Hot whatever the spec says
     return Observation(generation=entry.generation, desired_level=desired, invalid=entry.invalid,
                        estimate=entry.estimate, estimate_reason=entry.estimate_reason,
                        estimate_message=entry.estimate_message, deleting=entry.deleting,
-                       activated_until=entry.activated_until, activated=entry.activated)
+                       activated_until=entry.activated_until, activated=entry.activated, schedule=shown,
+                       scheduled=scheduled)
 
 
 class Reconciler:
@@ -79,8 +89,10 @@ class Reconciler:
                                        self.recorder, clock)
         self.patcher = ServeConfigPatcher(api, settings.render_options(), self.recorder)
         self.writer = StatusWriter(api, settings.finalizer, self.recorder)
+        self.calendars = Calendars(api, settings.operator_namespace, settings.ray_service)
         self.loop = PlannerLoop(settings, self.reconcile_once)
         self.loop.timers.set_check(Wake.DEMAND_POLL, self.activations.check)
+        self.loop.timers.set_check(Wake.CALENDAR_POLL, lambda: self.calendars.poll(self._clock()))
 
     @property
     def passes(self) -> int:
@@ -95,13 +107,15 @@ class Reconciler:
 
     async def run(self) -> None:
         """Plan forever (until cancelled), watching the evaluator cache ConfigMap alongside."""
-        watcher = asyncio.create_task(self.cache_store.watch(self._cache_changed), name="ndif-cache-watch")
+        watchers = [asyncio.create_task(self.cache_store.watch(self._cache_changed), name="ndif-cache-watch"),
+                    asyncio.create_task(self.calendars.watch(self.wake), name="ndif-calendar-watch")]
         try:
             await self.loop.run()
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for watcher in watchers:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
 
     async def reconcile_once(self) -> PassOutcome:
         now = self._clock()
@@ -146,10 +160,19 @@ class Reconciler:
 
         await for_each(live, lambda e: self.estimations.size(e, outcome))
         await self.activations.apply(target, live, now, outcome)
+        schedule = await self.calendars.schedule_for(target, live, now)
         ray_service = await self.api.get_ray_service(namespace, name)
         release_deleted = False  # whether deleted entries may drop their finalizer this pass
         decisions: dict[str, Decision] = {}
-        base = {e.key: _observation(e) for e in entries}
+        conflicts: dict[str, str] = {}
+        patched: PatchResult | None = None
+        if ray_service is not None and not upgrade_in_progress(ray_service):
+            patched = await self.patcher.plan_and_patch(target, ray_service, live, nodes, now, schedule)
+            decisions = patched.decisions
+            conflicts = await self.calendars.finish(target, decisions, now, outcome)
+        else:
+            self.calendars.want_timers(target, now, outcome)
+        base = {e.key: _observation(e, schedule, conflicts, self.calendars.describe(e.key), now) for e in entries}
         if ray_service is None:
             missing = f"RayService {namespace}/{name} not found; waiting for it to be created"
             observations = {k: replace(o, ray_service_missing=missing) for k, o in base.items()}
@@ -160,8 +183,7 @@ class Reconciler:
             observations = {e.key: replace(base[e.key], frozen=frozen,
                                            app=model_app_status(apps, e.namespace, e.name)) for e in entries}
         else:
-            patched = await self.patcher.plan_and_patch(target, ray_service, live, nodes, now)
-            decisions = patched.decisions
+            assert patched is not None
             selector = f"involvedObject.kind=RayService,involvedObject.name={name}"
             events = await self.api.list_events(namespace, selector)
             failure = kuberay_failure(ray_service) or patched.error or serve_update_failure(events)

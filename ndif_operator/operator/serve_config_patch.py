@@ -30,6 +30,7 @@ from ndif_operator.rendering import (
     render_serve_config,
     serve_config_text,
 )
+from ndif_operator.scheduling import Schedule
 
 logger = logging.getLogger("ndif_operator.serve_config_patch")
 
@@ -58,7 +59,8 @@ class ServeConfigPatcher:
         self.patches = 0
 
     async def plan_and_patch(self, target: Target, ray_service: dict[str, Any], live: list[Entry],
-                             nodes: list[dict[str, Any]], now: datetime) -> PatchResult:
+                             nodes: list[dict[str, Any]], now: datetime,
+                             schedule: Schedule | None = None) -> PatchResult:
         namespace, name = target
         label = f"{namespace}/{name}"
         reading = read_inventory(ray_service, nodes)
@@ -72,7 +74,7 @@ class ServeConfigPatcher:
             requests.append(placement_request(entry.key, deployments[entry.key], entry.estimate, current))
         try:
             with metrics.PLAN_SECONDS.time():
-                result: Plan = plan(reading.inventory, requests, now=now)
+                result: Plan = plan(reading.inventory, requests, now=now, schedule=schedule)
         except ValueError as exc:
             # Bad input the CRD cannot rule out (e.g. an inventory the planner refuses): report, keep config.
             logger.error("planning %s failed: %s", label, exc)

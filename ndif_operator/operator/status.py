@@ -23,14 +23,16 @@ from ndif_operator.api import (
     Reason,
 )
 from ndif_operator.api.units import human_bytes
+from ndif_operator.api.v1alpha1 import ModelSchedule
 from ndif_operator.operator.ray_service import AppStatus
 from ndif_operator.planning import Decision
+from ndif_operator.scheduling.model_status import ScheduledState
 
 _PLACED_AS_ASKED = frozenset({Reason.PLACED_HOT, Reason.PLACED_WARM, Reason.PLACED_COLD, Reason.MOVED})
 _WARNING_REASONS = frozenset({
     Reason.INVALID_SPEC, Reason.ESTIMATE_FAILED, Reason.INSUFFICIENT_GPU, Reason.INSUFFICIENT_MEMORY,
     Reason.EVICTED, Reason.APPLICATION_FAILED, Reason.APPLICATION_UNHEALTHY, Reason.RAY_SERVICE_MISSING,
-    Reason.RAY_SERVICE_ERROR})
+    Reason.RAY_SERVICE_ERROR, Reason.SCHEDULE_CONFLICT})
 _FAILED_REASONS = frozenset({Reason.INVALID_SPEC, Reason.ESTIMATE_FAILED, Reason.APPLICATION_FAILED})
 
 
@@ -52,6 +54,8 @@ class Observation:
     deleting: bool = False
     activated_until: datetime | None = None  # activateOnRequest window (kept in status)
     activated: bool = False  # Hot on request right now (desired_level is then Hot)
+    schedule: ModelSchedule | None = None  # status.schedule: calendar bookings of this model
+    scheduled: ScheduledState | None = None  # the Scheduled condition (None: never booked)
 
 
 def _condition(kind: ConditionType, status: ConditionStatus, reason: Reason, message: str,
@@ -152,6 +156,10 @@ def compute_status(obs: Observation, old_status: Mapping[str, Any] | None, now: 
         _condition(ConditionType.PLACED, *placed, obs.generation, old_conditions, now),
         _condition(ConditionType.READY, *ready, obs.generation, old_conditions, now),
     ]
+    if obs.scheduled is not None:
+        booked = obs.scheduled
+        conditions.append(_condition(ConditionType.SCHEDULED, booked.status, booked.reason, booked.message,
+                                     obs.generation, old_conditions, now))
     ready_replicas = granted if ready[0] == ConditionStatus.TRUE else 0
     reasons = {evaluated[1], placed[1], ready[1]}
     if obs.deleting:
@@ -167,13 +175,15 @@ def compute_status(obs: Observation, old_status: Mapping[str, Any] | None, now: 
     message = next((m for s, _, m in (evaluated, placed, ready) if s != ConditionStatus.TRUE and m), "")
     if ready[0] == ConditionStatus.TRUE and placed[0] == ConditionStatus.TRUE:
         message = ""
+    if obs.scheduled is not None and obs.scheduled.reason == Reason.SCHEDULE_CONFLICT and not message:
+        message = obs.scheduled.message
     estimate = obs.estimate
     if estimate is not None and not estimate.total:
         estimate = estimate.model_copy(update={"total": human_bytes(estimate.total_bytes)})
     status = ModelDeploymentStatus(
         observed_generation=obs.generation, level=level, phase=phase.value, conditions=conditions,
         estimate=estimate, placement=placement, replicas=granted, ready_replicas=ready_replicas,
-        message=message[:1024], activated_until=obs.activated_until,
+        message=message[:1024], activated_until=obs.activated_until, schedule=obs.schedule,
     )
     result: dict[str, Any] = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     return result
@@ -205,7 +215,7 @@ def transitions(old_status: Mapping[str, Any] | None, new_status: Mapping[str, A
         # Events mark what a user acts on: placements, readiness gained, and every failure; the
         # routine steps in between (estimated, deploying, not yet reported) stay in the status.
         routine = not warning and (condition["type"] == "Evaluated" or condition["status"] != "True")
-        if routine and condition["type"] != "Placed":
+        if routine and condition["type"] not in ("Placed", "Scheduled"):
             continue
         result.append(Transition(str(condition["type"]), str(condition["status"]), str(condition["reason"]),
                                  str(condition.get("message") or ""), warning))

@@ -53,7 +53,9 @@ class StatusWriter:
         self.writes += 1
         metrics.STATUS_WRITES.inc()
         for change in transitions(old, new):
-            reason = change.reason if change.condition == "Placed" else f"{change.condition}{change.reason}"
+            # Placed and Scheduled reasons read as they are (PlacedHot, ScheduledDedicated, ScheduleEnded).
+            plain = change.condition in ("Placed", "Scheduled")
+            reason = change.reason if plain else f"{change.condition}{change.reason}"
             await self.recorder.post(entry.obj, reason, f"{change.condition}={change.status}: {change.message}"
                                      .rstrip(": "), warning=change.warning)
         return new

@@ -27,6 +27,7 @@ class FakeKubeApi:
         self.model_deployments: dict[Key, Obj] = {}
         self.ray_services: dict[Key, Obj] = {}
         self.config_maps: dict[Key, Obj] = {}
+        self.calendar_schedules: dict[Key, Obj] = {}
         self.secrets: dict[Key, dict[str, str]] = {}
         self.jobs: dict[Key, Obj] = {}
         self.pods: list[Obj] = []
@@ -69,7 +70,7 @@ class FakeKubeApi:
 
     def _store(self, kind: str) -> dict[Key, Obj]:
         return {"ModelDeployment": self.model_deployments, "RayService": self.ray_services,
-                "ConfigMap": self.config_maps, "Job": self.jobs}[kind]
+                "ConfigMap": self.config_maps, "Job": self.jobs, "CalendarSchedule": self.calendar_schedules}[kind]
 
     def _call(self, method: str, namespace: str = "", name: str = "") -> None:
         self.calls.append((method, namespace, name))
@@ -161,6 +162,23 @@ class FakeKubeApi:
         self._call("watch_config_map", namespace, name)
         await asyncio.Event().wait()  # a stream that never sends: tests call CacheStore.apply directly
         yield "BOOKMARK", {}
+
+    async def list_calendar_schedules(self, namespace: str) -> tuple[list[Obj], str]:
+        self._call("list_calendar_schedules", namespace)
+        items = [copy.deepcopy(o) for (ns, _), o in sorted(self.calendar_schedules.items()) if ns == namespace]
+        return items, str(next(self._rv))
+
+    async def watch_calendar_schedules(self, namespace: str, resource_version: str,
+                                       timeout_seconds: int) -> AsyncIterator[tuple[str, Obj]]:
+        self._call("watch_calendar_schedules", namespace)
+        return
+        yield  # an empty stream: tests call Calendars.observe directly
+
+    async def replace_calendar_schedule_status(self, namespace: str, name: str, status: Obj) -> Obj:
+        self._call("replace_calendar_schedule_status", namespace, name)
+        obj = self._get(self.calendar_schedules, namespace, name)
+        obj["status"] = copy.deepcopy(status)
+        return copy.deepcopy(self._bump(obj))
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         self._call("read_secret", namespace, name)

@@ -45,7 +45,8 @@ def test_every_kube_api_method_is_declared() -> None:
 def test_the_file_holds_a_cluster_role_and_an_own_namespace_role_without_wildcards() -> None:
     cluster_role, own = yaml.safe_load_all(rbac.RBAC_FILE.read_text())
     assert (cluster_role["kind"], own["kind"]) == ("ClusterRole", "Role") and "namespace" not in own["metadata"]
-    assert {r["resources"][0] for r in own["rules"]} == {"configmaps", "jobs", "pods", "secrets"}
+    assert {r["resources"][0] for r in own["rules"]} == {
+        "calendarschedules", "calendarschedules/status", "configmaps", "jobs", "pods", "secrets"}
     assert {r["resources"][0] for r in cluster_role["rules"]} == {
         "events", "nodes", "modeldeployments", "modeldeployments/status", "rayservices"}
     for rule in cluster_role["rules"] + own["rules"]:

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.scheduling.fake_calendar import FakeGoogleCalendar
+from scheduling.fake_calendar import FakeGoogleCalendar
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from ndif_operator.api.calendar import SyncReason
 from ndif_operator.operator.calendar_client import CalendarClient, CalendarError, credentials_from_json
 from ndif_operator.scheduling import DeploymentRef, build_schedule, parse_event
-from tests.scheduling.fake_calendar import FakeGoogleCalendar
+from scheduling.fake_calendar import FakeGoogleCalendar
 
 CAL = "research@group.calendar.google.com"
 T0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)

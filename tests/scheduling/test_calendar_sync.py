@@ -18,7 +18,7 @@ from ndif_operator.operator.calendar_sync import (
     state_from_object,
 )
 from ndif_operator.scheduling import DeploymentRef
-from tests.scheduling.fake_calendar import FakeGoogleCalendar
+from scheduling.fake_calendar import FakeGoogleCalendar
 
 CAL = "research@group.calendar.google.com"
 T0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
