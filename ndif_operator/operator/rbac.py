@@ -75,7 +75,7 @@ API_CALLS: tuple[ApiCall, ...] = (
     ApiCall("read_secret", "", "secrets", ("get",), Scope.OWN,
             "tokenSecret / credentialsSecret for header reads; the calendar's service-account key"),
     ApiCall("list_calendar_schedules", GROUP, CALENDAR_PLURAL, ("list",), Scope.OWN, "calendar bookings"),
-    ApiCall("watch_calendar_schedules", GROUP, CALENDAR_PLURAL, ("list", "watch"), Scope.OWN,
+    ApiCall("watch_calendar_schedules", GROUP, CALENDAR_PLURAL, ("watch",), Scope.OWN,
             "a new or changed calendar wakes the planner"),
     ApiCall("replace_calendar_schedule_status", GROUP, f"{CALENDAR_PLURAL}/status", ("patch",), Scope.OWN,
             "whether the calendar could be read; the bookings in force"),

@@ -163,6 +163,14 @@ def _matches_fields(obj: Obj, selector: str) -> bool:
     return True
 
 
+def _fold_string_data(rtype: ResourceType, obj: Obj) -> None:
+    """A Secret's `stringData` is write-only: the API server stores it base64-encoded in `data`."""
+    if rtype.group == "" and rtype.kind == "Secret" and isinstance(obj.get("stringData"), dict):
+        data = obj.setdefault("data", {})
+        for key, value in obj.pop("stringData").items():
+            data[key] = base64.b64encode(str(value).encode()).decode()
+
+
 class KubeEmulator:
     """Serve `types` on 127.0.0.1:<random port> until `stop()`.
 
@@ -420,6 +428,7 @@ class KubeEmulator:
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):
             meta.pop(field, None)
         meta.update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=_now())
+        _fold_string_data(rtype, obj)
         obj.setdefault("apiVersion", rtype.group_version)
         obj.setdefault("kind", rtype.kind)
         self._validate(rtype, obj, None)
@@ -454,6 +463,7 @@ class KubeEmulator:
                 result.pop("status", None)
         else:
             result = copy.deepcopy(new)
+            _fold_string_data(rtype, result)
             if rtype.status_subresource:
                 if "status" in current:
                     result["status"] = copy.deepcopy(current["status"])

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from kube_emulator import KubeEmulator
-from operator_harness import MD_TYPE, NAMESPACE, Cluster, OperatorThread
+from operator_harness import CALENDAR_TYPE, MD_TYPE, NAMESPACE, Cluster, OperatorThread
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    emulator = KubeEmulator([MD_TYPE], bookmark_interval=5.0)
+    emulator = KubeEmulator([MD_TYPE, CALENDAR_TYPE], bookmark_interval=5.0)
     emulator.start()
     emulator.create_sync({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
     try:

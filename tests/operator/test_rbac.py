@@ -80,6 +80,10 @@ METHOD_CALLS: dict[str, Callable[[KubeApi], Awaitable[Any]]] = {
     "get_job": lambda api: api.get_job(OPERATOR_NAMESPACE, "j"),
     "create_job": lambda api: api.create_job(OPERATOR_NAMESPACE, _OWN_JOB),
     "list_pods": lambda api: api.list_pods(OPERATOR_NAMESPACE, "job-name=j"),
+    "list_calendar_schedules": lambda api: api.list_calendar_schedules(OPERATOR_NAMESPACE),
+    "watch_calendar_schedules": lambda api: _drain(api.watch_calendar_schedules(OPERATOR_NAMESPACE, "1", 1)),
+    "replace_calendar_schedule_status": lambda api: api.replace_calendar_schedule_status(
+        OPERATOR_NAMESPACE, "cal", {"message": "read"}),
 }
 
 
@@ -99,6 +103,9 @@ def test_each_kube_api_method_makes_exactly_its_declared_requests(cluster: Clust
     assert set(METHOD_CALLS) == {c.caller for c in rbac.API_CALLS if not c.caller.startswith("kopf.")}
     cluster.emu.create_sync(ray_service())
     cluster.emu.create_sync(model_deployment("m", "org/m"))
+    cluster.emu.create_sync({"apiVersion": "ndif.dev/v1alpha1", "kind": "CalendarSchedule",
+                             "metadata": {"name": "cal", "namespace": OPERATOR_NAMESPACE},
+                             "spec": {"calendarId": "c", "credentialsSecret": {"name": "s"}}})
 
     async def run_all() -> dict[str, set[tuple[str, str, str, str]]]:
         api = KubeApi.connect(cluster.login())
