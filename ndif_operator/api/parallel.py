@@ -59,7 +59,10 @@ _LLAMA_FAMILY: dict[str, TPStyle] = {
 
 # Module-name pattern (relative to the base model, `*` = one path element) → style, per model type.
 # Used when the checkpoint's config has no `base_model_tp_plan` of its own (transformers' wins when
-# present: it is what its modelling code was written against). GPT-NeoX's fused query_key_value
+# present: it is what its modelling code was written against; tests check that these entries equal
+# transformers' plans where both exist). A family can only join this table if its modelling code
+# reshapes by the local head count (`view(..., -1, head_dim)`): OPT, for one, reshapes by the global
+# count and also ties its LM head to the embedding, so splitting it fails at the first forward. GPT-NeoX's fused query_key_value
 # is laid out head by head ([heads, 3, head_dim]), so a colwise split keeps whole heads per rank.
 PROJECT_TP_PLANS: dict[str, dict[str, TPStyle]] = {
     "llama": _LLAMA_FAMILY,
@@ -70,14 +73,6 @@ PROJECT_TP_PLANS: dict[str, dict[str, TPStyle]] = {
         "layers.*.attention.dense": TPStyle.ROWWISE,
         "layers.*.mlp.dense_h_to_4h": TPStyle.COLWISE,
         "layers.*.mlp.dense_4h_to_h": TPStyle.ROWWISE,
-    },
-    "opt": {
-        "decoder.layers.*.self_attn.q_proj": TPStyle.COLWISE,
-        "decoder.layers.*.self_attn.k_proj": TPStyle.COLWISE,
-        "decoder.layers.*.self_attn.v_proj": TPStyle.COLWISE,
-        "decoder.layers.*.self_attn.out_proj": TPStyle.ROWWISE,
-        "decoder.layers.*.fc1": TPStyle.COLWISE,
-        "decoder.layers.*.fc2": TPStyle.ROWWISE,
     },
 }
 

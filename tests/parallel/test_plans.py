@@ -18,8 +18,11 @@ def test_the_planners_model_type_list_matches_the_installed_transformers_and_nns
 def test_the_checkpoints_own_plan_wins_and_the_project_table_fills_gaps() -> None:
     llama = resolve_plan(build_config("llama", 300))
     assert llama.source == "checkpoint" and llama.plan["layers.*.self_attn.o_proj"] == "rowwise"
-    opt = resolve_plan(build_config("opt", 300))  # transformers ships no plan for OPT
-    assert opt.source == "project" and opt.plan["decoder.layers.*.fc2"] == "rowwise"
+    # A config without a plan of its own falls back to the project's table for its model type.
+    bare = build_config("llama", 300)
+    bare.base_model_tp_plan = None
+    fallback = resolve_plan(bare)
+    assert fallback.source == "project" and fallback.plan == llama.plan
     with pytest.raises(ValueError, match="'gpt2' has no tensor-parallel plan"):
         resolve_plan(build_config("gpt2", 300))
 
@@ -28,3 +31,13 @@ def test_replica_dims_refuse_an_impossible_layout_before_loading() -> None:
     assert replica_dims(build_config("llama", 300), 2).tp == 2
     with pytest.raises(ValueError, match="key/value heads 2 is not divisible by 4"):
         replica_dims(build_config("llama", 300), 4)
+
+
+def test_the_project_table_agrees_with_transformers_where_both_have_a_plan() -> None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ndif_operator.api.parallel import PROJECT_TP_PLANS
+
+    for model_type, plan in PROJECT_TP_PLANS.items():
+        theirs = CONFIG_MAPPING[model_type].base_model_tp_plan
+        assert {k: str(v) for k, v in plan.items()} == dict(theirs), model_type

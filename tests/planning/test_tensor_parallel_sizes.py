@@ -36,7 +36,7 @@ def test_sizes_follow_heads_kv_heads_and_intermediate_size() -> None:
         "intermediate size (MLP width) 100 is not divisible by 8"]
     # An architecture with no TP plan anywhere (GPT-2's Conv1D) allows no split at all.
     assert allowed_tensor_parallel_sizes(ParallelShape.of("gpt2", 12, 12, 3072)) == (1,)
-    assert has_tp_plan("opt") and "opt" in PROJECT_TP_PLANS and has_tp_plan("llama") and not has_tp_plan("gpt2")
+    assert "gpt_neox" in PROJECT_TP_PLANS and has_tp_plan("llama") and not has_tp_plan("gpt2")
 
 
 def test_parallel_dims_refuses_impossible_layouts_by_name() -> None:
