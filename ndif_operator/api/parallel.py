@@ -63,7 +63,8 @@ _LLAMA_FAMILY: dict[str, TPStyle] = {
 # transformers' plans where both exist). A family can only join this table if its modelling code
 # reshapes by the local head count (`view(..., -1, head_dim)`): OPT, for one, reshapes by the global
 # count and also ties its LM head to the embedding, so splitting it fails at the first forward.
-# GPT-NeoX's fused query_key_value is laid out head by head ([heads, 3, head_dim]), so a colwise split keeps whole heads per rank.
+# GPT-NeoX's fused query_key_value is laid out head by head ([heads, 3, head_dim]), so a colwise
+# split keeps whole heads per rank.
 PROJECT_TP_PLANS: dict[str, dict[str, TPStyle]] = {
     "llama": _LLAMA_FAMILY,
     "mistral": _LLAMA_FAMILY,
