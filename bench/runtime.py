@@ -1,36 +1,39 @@
-"""Runtime benchmark: what a remote nnsight trace costs, how it scales, and cold vs warm activation.
+"""Runtime benchmark: activation through the operator's rendered change, and the request path.
 
-Same tiny model (tiny Llama, float32), same prompt, same intervention (save the logits) throughout:
+Everything goes through `ndif-operator local`'s own code: the config is re-planned and rendered by
+the operator's pipeline (`local.pipeline.plan_local`, what local mode's activation and the
+operator run) and PUT to Serve's REST API (what KubeRay does). Two models built offline:
 
-1. plain forward (HF model, no nnsight)          ┐ baselines, in this process
-2. local nnsight trace                           ┘
-3. remote round trip: the unmodified nnsight client → `ndif-operator local` (gateway + model app),
-   with two parts of it measured apart: the replica's execution time (`meta.runtime`) and what the
-   client spends building a new `httpx.Client` (an SSL context) for every request
-4. throughput: 8 concurrent client processes vs 1 client process (same requests each), and the
-   server's capacity without client cost: the same request pre-serialized once and sent by 1 vs 8
-   concurrent websocket sessions from one asyncio process
-5. activation, measured as "config PUT → first successful remote trace":
-   cold (the model's Serve app is created: replica start, imports, load from disk) vs
-   warm (the app exists with the weights in CPU RAM; `user_config.level` flips to Hot).
+* **activation** (a Llama of ≥ 500 MB of float32 weights): per round, interleaved,
+  COLD → HOT (the application appears; the replica loads from disk and fills the node's weight
+  store), HOT → WARM and WARM → HOT (the rendered change replaces the replica; the new one maps
+  the weights from the node's store). Each is "config PUT → first successful remote trace". The
+  warm time is split with the replica's own start-up marks (process start, imports, skeleton and
+  mapping, the copy) and set against the host → device copy of the same weights measured in this
+  process in the same round (on a CPU-only box: a clone, i.e. a memcpy).
+* **request path** (a tiny Llama, float32): per iteration, interleaved, a plain HF forward, a
+  local nnsight trace and a remote round trip with the unmodified nnsight client. The client's own
+  per-request costs (serialising the trace, building an `httpx.Client`, parsing and loading the
+  result) are timed inside the client; the server's steps come from the gateway's `GET /timings`.
+  Server-side overhead = round trip - client's own costs - local trace time.
 
-    python bench/runtime.py [--requests 40] [--clients 8] [--per-client 10] [--port-offset 400]
+    python bench/runtime.py [--iterations 40] [--rounds 2] [--layers 10] [--port-offset 400]
 
-Ratios are printed against the baselines; the last line is the headline figure.
+The last line is the headline: `cold/warm activation X.Xx` and `server-side overhead Y.Y ms`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
 import os
+import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +45,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 PROMPT = "The Eiffel Tower is in the city of"
-REPO_ID = "ndif-bench/tiny-llama"
+TINY, BIG = "bench/tiny", "bench/big"
 MANIFEST = """\
 apiVersion: ndif.dev/v1alpha1
 kind: ModelDeployment
 metadata: {{name: tiny, namespace: bench}}
 spec:
-  model: {{repoId: {repo}, source: {{localPath: {{path: {path}}}}}, dtype: float32}}
+  model: {{repoId: ndif-bench/tiny-llama, source: {{localPath: {{path: {tiny}}}}}, dtype: float32}}
   limits: {{maxBatchSize: 1, maxSequenceLength: 128, maxQueueDepth: 256}}
+---
+apiVersion: ndif.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: big, namespace: bench}}
+spec:
+  model: {{repoId: ndif-bench/big-llama, source: {{localPath: {{path: {big}}}}}, dtype: float32}}
+  level: Warm
+  activateOnRequest: true
 """
 
 
@@ -57,38 +68,31 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def median_time(fn: Any, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
-def gc_cost(repeats: int) -> tuple[float, float]:
-    """The per-request collection in this process (torch, transformers, nnsight and a model loaded,
-    like a replica): the former full `gc.collect()` vs `collect_request_garbage()` once the
-    long-lived objects are frozen (what a replica now does after a load or level move)."""
-    from model_runtime.garbage import collect_request_garbage, freeze_long_lived, release_frozen
-
-    full_s = median_time(gc.collect, repeats, warmup=1)
-    freeze_long_lived()
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
     try:
-        cheap_s = median_time(collect_request_garbage, repeats, warmup=1)
-    finally:
-        release_frozen()
-    return full_s, cheap_s
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"machine: {os.cpu_count()} cores ({cpu}), no GPU; load average {load:.1f} at start"
 
 
-def connect_client(model_dir: str, url: str) -> Any:
+# --- the client side ----------------------------------------------------------------------------
+
+
+def connect_client(model_dir: str, repo_id: str, url: str) -> Any:
     import nnsight
     from nnsight import TransformersModel
     from nnsight.modeling.huggingface import _ID_CACHE
 
-    _ID_CACHE[model_dir] = REPO_ID
+    _ID_CACHE[model_dir] = repo_id  # what the Hub would answer; the gateway routes by it
     nnsight.CONFIG.API.HOST = url
     nnsight.CONFIG.APP.REMOTE_LOGGING = False
     return TransformersModel(model_dir, task="text-generation")
@@ -100,287 +104,382 @@ def trace_logits(model: Any, remote: bool) -> Any:
     return logits
 
 
-def server_runtime(model: Any) -> float:
-    """The replica's own execution time of one remote trace (`meta.runtime`, reported by the server)."""
-    with model.trace(PROMPT, remote=True) as tracer:
-        model.lm_head.output.save()
-    return float((tracer.backend.meta or {}).get("runtime", float("nan")))
+class ClientProbe:
+    """Times the nnsight client's own per-request work and marks when its steps happen.
 
+    Wraps, in this process only: `RemoteBackend._serialize`, `httpx.Client.__init__` (a new client,
+    i.e. an SSL context, per request), `RemoteBackend._post`, `RemoteBackend.parse` and `.finalize`,
+    and `websocket.create_connection`.
+    """
 
-# --- worker process (throughput) --------------------------------------------------------------
+    def __init__(self) -> None:
+        import httpx
+        import websocket
+        from nnsight.intervention.backends import remote
 
+        self.marks: dict[str, float] = {}
+        self.costs: dict[str, float] = {}
+        backend = remote.RemoteBackend
 
-def worker(model_dir: str, url: str, count: int) -> int:
-    """Warm up, report ready, wait for `go` on stdin, run `count` traces, print timings as JSON."""
-    model = connect_client(model_dir, url)
-    trace_logits(model, True)
-    print("ready", flush=True)
-    sys.stdin.readline()
-    started = time.time()
-    latencies = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        trace_logits(model, True)
-        latencies.append(time.perf_counter() - t0)
-    print(json.dumps({"start": started, "end": time.time(), "latencies": latencies}), flush=True)
-    return 0
+        def timed(name: str, fn: Callable[..., Any], mark_end: str | None = None) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.costs[name] = self.costs.get(name, 0.0) + time.perf_counter() - started
+                    if mark_end:
+                        self.marks[mark_end] = time.time()
+            return wrapper
 
+        original_post = backend._post
 
-def throughput(model_dir: str, url: str, clients: int, per_client: int) -> tuple[float, float]:
-    """Requests per second over the common window of `clients` processes, and their median latency."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--model-dir", model_dir, "--url", url,
-             "--per-client", str(per_client)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        for _ in range(clients)
-    ]
-    try:
-        for proc in procs:  # imports and a warm-up request happen before the clock starts
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError("a benchmark client failed to start")
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        results = []
-        for proc in procs:
-            assert proc.stdout is not None
-            results.append(json.loads(proc.stdout.readline()))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.wait(timeout=120)
-    window = max(r["end"] for r in results) - min(r["start"] for r in results)
-    latencies = [lat for r in results for lat in r["latencies"]]
-    return clients * per_client / window, statistics.median(latencies)
+        def post(this: Any, request: Any, blob: bytes) -> Any:
+            self.marks["post_start"] = time.time()
+            response = original_post(this, request, blob)
+            self.marks["post_end"] = time.time()
+            self.job_id = response.id
+            return response
 
+        original_parse = backend.parse
 
-# --- server capacity (no per-request client cost) ---------------------------------------------
-
-
-def capture_request(model: Any) -> tuple[dict[str, Any], bytes]:
-    """The envelope and payload the nnsight client would send for `trace_logits` (nothing is sent)."""
-    from nnsight.intervention.backends import remote as remote_backend
-
-    captured: dict[str, Any] = {}
-    original = remote_backend.RemoteBackend.request
-
-    def grab(self: Any, request: Any, tracer: Any) -> None:
-        captured["envelope"] = json.loads(request.metadata())
-        captured["blob"] = self._serialize(tracer)
-        raise InterruptedError("captured")
-
-    remote_backend.RemoteBackend.request = grab  # type: ignore[method-assign]
-    try:
-        trace_logits(model, True)
-    except Exception:
-        if "blob" not in captured:
-            raise
-    finally:
-        remote_backend.RemoteBackend.request = original  # type: ignore[method-assign]
-    return captured["envelope"], captured["blob"]
-
-
-async def _raw_client(url: str, envelope: dict[str, Any], blob: bytes, count: int, http: Any) -> list[float]:
-    """One virtual client: its own websocket session, `count` blocking requests one after another."""
-    from importlib.metadata import version
-
-    import websockets
-
-    headers = {"nnsight-version": version("nnsight")}
-    latencies = []
-    async with websockets.connect(url.replace("http", "ws", 1) + "/subscribe") as ws:
-        session = json.loads(await ws.recv())["session_id"]
-        data = json.dumps({**envelope, "session_id": session})
-        for _ in range(count):
+        def parse(message: Any) -> Any:
             started = time.perf_counter()
-            response = await http.post(f"{url}/request", data={"data": data}, headers=headers,
-                                       files={"blob": ("request", blob, "application/octet-stream")})
-            response.raise_for_status()
-            while True:
-                frame = await ws.recv()
-                if isinstance(frame, bytes):
-                    break  # the inline COMPLETED frame is the only binary one
-                status = json.loads(frame)["status"]
-                if status == "COMPLETED":
-                    break
-                if status == "ERROR":
-                    raise RuntimeError(frame)
-            latencies.append(time.perf_counter() - started)
-    return latencies
+            response = original_parse(message)
+            self.costs["parse"] = self.costs.get("parse", 0.0) + time.perf_counter() - started
+            if str(getattr(response.status, "value", response.status)).upper() == "COMPLETED":
+                self.marks["completed_frame"] = time.time() - (time.perf_counter() - started)
+            return response
+
+        backend._serialize = timed("serialize", backend._serialize)  # type: ignore[method-assign]
+        backend._post = post  # type: ignore[method-assign]
+        backend.parse = staticmethod(parse)  # type: ignore[method-assign,assignment]
+        backend.finalize = timed("finalize", backend.finalize)  # type: ignore[method-assign]
+        httpx.Client.__init__ = timed("httpx_client", httpx.Client.__init__)  # type: ignore[method-assign]
+        websocket.create_connection = timed("ws_connect", websocket.create_connection, "ws_open")
+        self.job_id = ""
+
+    def reset(self) -> None:
+        self.marks, self.costs, self.job_id = {}, {}, ""
+
+    def own_costs(self) -> float:
+        """The client's own CPU work per request (network waits excluded)."""
+        return sum(self.costs.get(k, 0.0) for k in ("serialize", "httpx_client", "parse", "finalize"))
 
 
-def server_capacity(url: str, envelope: dict[str, Any], blob: bytes, clients: int, per_client: int) -> float:
-    """Requests per second the server sustains for `clients` concurrent sessions (one process, asyncio)."""
-    import asyncio
+def gateway_timings(url: str) -> dict[str, dict[str, float]]:
+    with urllib.request.urlopen(f"{url}/timings", timeout=30) as response:
+        return dict(json.loads(response.read())["jobs"])
 
-    import httpx
 
-    async def run() -> float:
-        async with httpx.AsyncClient(timeout=120) as http:
+# --- request path -------------------------------------------------------------------------------
+
+
+def request_path(url: str, model_dir: str, iterations: int) -> dict[str, float]:
+    """Plain forward, local trace, remote round trip: interleaved per iteration. Medians."""
+    import torch
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    inputs = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt")
+    local = TransformersModel(model_dir, task="text-generation", dispatch=True, device_map="cpu",
+                              dtype=torch.float32)
+    client = connect_client(model_dir, "ndif-bench/tiny-llama", url)
+    probe = ClientProbe()
+    assert torch.equal(trace_logits(client, True), trace_logits(local, False)), "remote result differs"
+
+    def plain() -> None:
+        with torch.no_grad():
+            hf(**inputs)
+
+    for _ in range(3):  # warm-up of all three
+        plain()
+        trace_logits(local, False)
+        trace_logits(client, True)
+    rows: list[dict[str, float]] = []
+    for _ in range(iterations):
+        row: dict[str, float] = {}
+        started = time.perf_counter()
+        plain()
+        row["plain"] = time.perf_counter() - started
+        started = time.perf_counter()
+        trace_logits(local, False)
+        row["local"] = time.perf_counter() - started
+        probe.reset()
+        call_start = time.time()
+        started = time.perf_counter()
+        trace_logits(client, True)
+        row["remote"] = time.perf_counter() - started
+        done = time.time()
+        row["client_own"] = probe.own_costs()
+        row.update({f"c_{k}": v for k, v in probe.costs.items()})
+        row["overhead"] = row["remote"] - row["client_own"] - row["local"]
+        row["_call_start"], row["_done"] = call_start, done
+        rows.append(row)
+        rows[-1]["_job"] = probe.job_id  # type: ignore[assignment]
+        rows[-1].update({f"m_{k}": v for k, v in probe.marks.items()})
+    out_gc = gc_cost(15)
+    server = gateway_timings(url)
+    steps: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        steps.setdefault(name, []).append(value)
+
+    for row in rows:
+        s = server.get(str(row["_job"]))
+        if s is None or not {"m_post_start", "m_ws_open", "m_completed_frame"} <= set(row):
+            continue
+        add("websocket open (client connect → session id)", row.get("c_ws_connect", 0.0)
+            + row["m_post_start"] - row["m_ws_open"])
+        add("POST in: client send → gateway handler",
+            s["received"] - row["m_post_start"] - row.get("c_httpx_client", 0.0))
+        add("gateway: auth, multipart parse, routing", s["parsed"] - s["received"])
+        add("handle hop: gateway → replica execute()", s["replica_entered"] - s["parsed"])
+        add("replica admission → QUEUED back at the gateway", s["admitted"] - s["replica_entered"])
+        add("POST out: RECEIVED → client", row["m_post_end"] - s["admitted"])
+        add("queue: replica lock wait", s["replica_admitted"] - s["replica_entered"])
+        add("execution: deserialise, sandbox, trace, serialise", s["replica_done"] - s["replica_admitted"])
+        add("result hop: replica → gateway", s["completed"] - s["replica_done"])
+        add("result delivery: gateway → client websocket frame", row["m_completed_frame"] - s["completed"])
+        add("client after the frame (parse, load, close)", row["_done"] - row["m_completed_frame"])
+    out = {k: med([r[k] for r in rows]) for k in ("plain", "local", "remote", "client_own", "overhead")}
+    out.update({f"client {k}": med([r.get(f"c_{k}", 0.0) for r in rows])
+                for k in ("serialize", "httpx_client", "parse", "finalize")})
+    out.update({f"step {k}": med(v) for k, v in steps.items()})
+    out["gc full"], out["gc request"] = out_gc
+    return out
+
+
+def gc_cost(repeats: int) -> tuple[float, float]:
+    """Per-request collection in this process (torch, transformers, nnsight and models loaded, like a
+    replica): a full `gc.collect()` vs the replica's `collect_request_garbage()` after `gc.freeze()`."""
+    import gc
+
+    from model_runtime.garbage import collect_request_garbage, freeze_long_lived, release_frozen
+
+    def timed(fn: Callable[[], Any]) -> float:
+        samples = []
+        for _ in range(repeats):
             started = time.perf_counter()
-            await asyncio.gather(*(_raw_client(url, envelope, blob, per_client, http) for _ in range(clients)))
-            return clients * per_client / (time.perf_counter() - started)
+            fn()
+            samples.append(time.perf_counter() - started)
+        return med(samples)
 
-    return asyncio.run(run())
+    full = timed(gc.collect)
+    freeze_long_lived()
+    try:
+        cheap = timed(collect_request_garbage)
+    finally:
+        release_frozen()
+    return full, cheap
 
 
-# --- activation -------------------------------------------------------------------------------
+# --- activation ---------------------------------------------------------------------------------
 
 
-def first_trace_after(model: Any, deadline_s: float = 300.0) -> float:
-    """Seconds until a remote trace succeeds (the gateway answers 503 while the model is not HOT)."""
+def replanned(mode: Any, *, big_level: str | None, activated: bool) -> dict[str, Any]:
+    """The config the operator's pipeline renders with the big model at its spec level (or another),
+    activated on request or not: what local mode's activation PUTs."""
+    from ndif_operator.api import Level
+    from ndif_operator.local.manifests import deployment_key
+    from ndif_operator.local.pipeline import plan_local
+
+    deployments = []
+    for md in mode.deployments:
+        if deployment_key(md) == BIG and big_level is not None:
+            md = md.model_copy(update={"spec": md.spec.model_copy(update={"level": Level(big_level)})})
+        deployments.append(md)
+    plan = plan_local(deployments, mode.local, serve_port=mode.settings.ports.serve_http,
+                      gateway=mode.settings.gateway_args(), cache=mode.cache,
+                      activated=frozenset({BIG}) if activated else frozenset())
+    return dict(plan.config)
+
+
+def big_status(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/status", timeout=60) as response:
+        deployments = json.loads(response.read())["deployments"]
+    return next((d for d in deployments.values() if d.get("deployment") == BIG), {})
+
+
+def first_trace_after(model: Any, deadline_s: float = 600.0) -> float:
+    """perf_counter time at which a remote trace first succeeds (503s until the model is HOT)."""
     started = time.perf_counter()
     while True:
         try:
             trace_logits(model, True)
-            return time.perf_counter() - started
+            return time.perf_counter()
         except Exception:
             if time.perf_counter() - started > deadline_s:
                 raise
             time.sleep(0.05)
 
 
-def with_level(config: dict[str, Any], app: str, level: str | None) -> dict[str, Any]:
-    """`config` with the model app at `level`, or without it (None: COLD) — the gateway unchanged."""
-    out = copy.deepcopy(config)
-    if level is None:
-        out["applications"] = [a for a in out["applications"] if a["name"] != app]
-        return out
-    for application in out["applications"]:
-        if application["name"] == app:
-            application["deployments"][0]["user_config"]["level"] = level
-    return out
-
-
-def wait_level(url: str, app: str, level: str, timeout: float = 120.0) -> None:
-    """Poll the gateway's /status until `app` reports `level` (HOT/WARM)."""
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{url}/status", timeout=30) as response:
-            deployments = json.loads(response.read())["deployments"]
-        if deployments.get(app, {}).get("deployment_level") == level:
-            return
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.perf_counter()
+    while not predicate():
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
         time.sleep(0.1)
-    raise TimeoutError(f"{app} did not become {level} within {timeout:.0f}s")
+    return time.perf_counter()
 
 
-def activation(mode: Any, model: Any, app: str, rounds: int) -> tuple[float, float]:
-    hot = mode.plan.config
-    rest = mode.rest
-    cold_times, warm_times = [], []
-    for _ in range(rounds):
-        rest.apply(with_level(hot, app, None))
-        rest.wait_running({"gateway"}, timeout=120)
-        while app in rest.details().get("applications", {}):
-            time.sleep(0.2)  # the old replica must be gone, or "cold" would reuse it
+def copy_seconds(model_dir: str) -> float:
+    """The host → device copy of the weights, measured here: on a CPU box, a clone (memcpy) of them."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update({k: v.clone() for k, v in load_file(shard).items()})  # resident, not mmapped
+    samples = []
+    for _ in range(3):
         started = time.perf_counter()
-        rest.apply(hot)
-        cold_times.append(time.perf_counter() - started + first_trace_after(model))
-
-        rest.apply(with_level(hot, app, "Warm"))
-        wait_level(mode.ndif_host, app, "WARM")  # reconfigure is applied in place, not instantly
-        started = time.perf_counter()
-        rest.apply(hot)
-        warm_times.append(time.perf_counter() - started + first_trace_after(model))
-    return statistics.median(cold_times), statistics.median(warm_times)
+        copies = [t.clone() for t in tensors.values()]
+        samples.append(time.perf_counter() - started)
+        del copies
+    return min(samples)
 
 
-# --- main -------------------------------------------------------------------------------------
+def activate(rest: Any, config: dict[str, Any], client: Any, url: str,
+             source: str) -> tuple[float, dict[str, Any], float]:
+    """PUT `config` (the big model Hot), time it to the first successful trace; check where the new
+    replica's weights came from. Returns (seconds, the model's /status entry, PUT epoch)."""
+    put, put_epoch = time.perf_counter(), time.time()
+    rest.apply(config)
+    seconds = first_trace_after(client) - put
+    status = big_status(url)
+    assert status.get("load_source") == source, f"expected weights from {source}: {status}"
+    return seconds, status, put_epoch
+
+
+def activation_round(mode: Any, client: Any, big_dir: str) -> dict[str, float]:
+    rest, url = mode.rest, mode.ndif_host
+    hot, warm, cold = (replanned(mode, big_level=None, activated=True),
+                       replanned(mode, big_level=None, activated=False),
+                       replanned(mode, big_level="Cold", activated=False))
+    app = next(a["name"] for a in hot["applications"] if a["name"].endswith("-big"))
+    row: dict[str, float] = {}
+
+    # COLD → HOT: the app appears; its replica reads the checkpoint and fills the store.
+    rest.apply(cold)
+    wait_until(lambda: app not in rest.details().get("applications", {}), 180, "the big app's removal")
+    wait_until(lambda: big_status(url).get("deployment_level") == "COLD", 60, "COLD in the routing table")
+    time.sleep(1.0)  # the gateway evicts the host copy in the background
+    row["cold"], status, _ = activate(rest, hot, client, url, "localPath")
+    marks = status.get("replica_startup") or {}
+    if marks:  # the weights phase of a cold start: read the checkpoint, fill the store, (copy)
+        row["cold_weights"] = marks["ready"] - marks["imported"]
+
+    # HOT → WARM: the replica is replaced by one that keeps nothing but the store's copy.
+    put = time.perf_counter()
+    rest.apply(warm)
+    row["hot_to_warm"] = wait_until(lambda: big_status(url).get("deployment_level") == "WARM", 300,
+                                    "WARM") - put
+    wait_until(lambda: rest.details()["applications"].get(app, {}).get("status") == "RUNNING", 300,
+               "the WARM app RUNNING")
+
+    # WARM → HOT: the rendered change replaces the replica; the new one maps the node's copy.
+    row["warm"], status, put_epoch = activate(rest, hot, client, url, "nodeMemory")
+    marks = status.get("replica_startup") or {}
+    copies = [t for t in status.get("transitions") or [] if t.get("to_level") == "Hot"]
+    row["replica_copy"] = float(copies[-1]["seconds"]) if copies else float("nan")
+    if marks:
+        row["to_process"] = marks["process_started"] - put_epoch
+        row["imports"] = marks["imported"] - marks["process_started"]
+        row["map"] = marks["loaded"] - marks["imported"]
+        row["warm_weights"] = marks["ready"] - marks["imported"]
+        row["after_ready"] = row["warm"] - (marks["ready"] - put_epoch)
+    row["bench_copy"] = copy_seconds(big_dir)
+    return row
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def build_models(workdir: Path, layers: int) -> tuple[str, str, int]:
+    from model_runtime.tiny_models import build_tiny_model
+
+    tiny = build_tiny_model("llama", workdir / "tiny-llama")
+    big = build_tiny_model("llama", workdir / "big-llama", config_overrides={
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": layers,
+        "num_attention_heads": 16, "num_key_value_heads": 4})
+    weights = sum(p.stat().st_size for p in big.glob("*.safetensors"))
+    return str(tiny), str(big), weights
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=40, help="timed requests per latency figure")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--per-client", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2, help="cold/warm activation rounds")
+    parser.add_argument("--iterations", type=int, default=40, help="interleaved latency iterations")
+    parser.add_argument("--rounds", type=int, default=2, help="COLD/WARM/HOT activation rounds")
+    parser.add_argument("--layers", type=int, default=10, help="decoder layers of the big model (10: ~600 MB)")
     parser.add_argument("--port-offset", type=int, default=400)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        return worker(args.model_dir, args.url, args.per_client)
 
-    import httpx
     import torch
-    from nnsight import TransformersModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model_runtime.tiny_models import build_tiny_model
-    from ndif_operator.api.naming import model_app_name
     from ndif_operator.local import LocalMode, LocalSettings, RayPorts
 
     torch.set_num_threads(1)
+    print(machine_line(), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="ndif-bench-"))
-    model_dir = str(build_tiny_model("llama", workdir / "tiny-llama"))
-    (workdir / "bench.yaml").write_text(MANIFEST.format(repo=REPO_ID, path=model_dir))
-
-    print("machine: 2-core x86_64 CPU, no GPU (shared); tiny Llama float32; prompt of "
-          f"{len(AutoTokenizer.from_pretrained(model_dir)(PROMPT)['input_ids'])} tokens")
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    inputs = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt")
-
-    def plain() -> None:
-        with torch.no_grad():
-            hf(**inputs)
-
-    plain_s = median_time(plain, args.requests * 5)
-    local_model = TransformersModel(model_dir, task="text-generation", dispatch=True, device_map="cpu",
-                                    dtype=torch.float32)
-    local_s = median_time(lambda: trace_logits(local_model, False), args.requests * 5)
-    print(f"plain forward:        median {ms(plain_s)}")
-    print(f"local nnsight trace:  median {ms(local_s)}  ({local_s / plain_s:.1f}x plain forward)")
-    gc_full_s, gc_cheap_s = gc_cost(15)
-    print(f"per-request gc in this process: full gc.collect() {ms(gc_full_s)} vs collect_request_garbage() "
-          f"after gc.freeze() {gc_cheap_s * 1e6:.0f} us ({gc_full_s / max(gc_cheap_s, 1e-6):.0f}x cheaper)")
-
+    tiny_dir, big_dir, weights = build_models(workdir, args.layers)
+    print(f"models: tiny Llama (latency), Llama with {weights / 1e6:.0f} MB of float32 weights (activation)",
+          flush=True)
+    (workdir / "bench.yaml").write_text(MANIFEST.format(tiny=tiny_dir, big=big_dir))
     settings = LocalSettings(manifests=(workdir / "bench.yaml",), ports=RayPorts.offset(args.port_offset),
-                             num_cpus=2, deploy_timeout_s=600)
+                             num_cpus=2, deploy_timeout_s=900)
     with LocalMode(settings, log=lambda m: print(f"  [local] {m}", flush=True)) as mode:
         url = mode.ndif_host
-        client = connect_client(model_dir, url)
-        remote_logits = trace_logits(client, True)
-        assert torch.equal(remote_logits, trace_logits(local_model, False)), "remote result differs"
-        remote_s = median_time(lambda: trace_logits(client, True), args.requests)
-        print(f"remote round trip:    median {ms(remote_s)}  ({remote_s / local_s:.1f}x local trace, "
-              f"{remote_s / plain_s:.1f}x plain forward)")
-        server_s = statistics.median(server_runtime(client) for _ in range(args.requests))
-        print(f"  of which the model replica's execution (meta.runtime): median {ms(server_s)} "
-              f"({server_s / remote_s:.0%} of the round trip)")
-        httpx_s = median_time(lambda: httpx.Client().close(), args.requests)
-        print(f"  of which the client's own httpx.Client() per request (an SSL context): median {ms(httpx_s)} "
-              f"({httpx_s / remote_s:.0%} of the round trip)")
+        path = request_path(url, tiny_dir, args.iterations)
+        print(f"\nrequest path, {args.iterations} interleaved iterations (medians):")
+        print(f"  plain HF forward:           {ms(path['plain'])}")
+        print(f"  local nnsight trace:        {ms(path['local'])}  ({path['local'] / path['plain']:.1f}x plain)")
+        print(f"  remote round trip:          {ms(path['remote'])}  ({path['remote'] / path['local']:.1f}x local)")
+        print(f"  client's own costs:         {ms(path['client_own'])}  (serialise {ms(path['client serialize'])}, "
+              f"httpx.Client() {ms(path['client httpx_client'])}, parse {ms(path['client parse'])}, "
+              f"load result {ms(path['client finalize'])})")
+        print(f"  server-side overhead:       {ms(path['overhead'])}  (round trip - client's own - local trace)")
+        print(f"  per-request gc here: full gc.collect() {ms(path['gc full'])}, collect_request_garbage() after "
+              f"gc.freeze() {path['gc request'] * 1e6:.1f} us")
+        print("  server-side steps (medians; one clock, one machine):")
+        for key, value in path.items():
+            if key.startswith("step "):
+                print(f"    {key[5:]:<55} {ms(value)}")
 
-        one_rps, one_lat = throughput(model_dir, url, 1, args.per_client)
-        many_rps, many_lat = throughput(model_dir, url, args.clients, args.per_client)
-        print(f"throughput, 1 client:   {one_rps:.1f} req/s (median latency {ms(one_lat)})")
-        print(f"throughput, {args.clients} clients:  {many_rps:.1f} req/s (median latency {ms(many_lat)}); "
-              f"{many_rps / one_rps:.2f}x one client")
+        big_client = connect_client(big_dir, "ndif-bench/big-llama", url)
+        rows = []
+        for index in range(args.rounds):
+            row = activation_round(mode, big_client, big_dir)
+            rows.append(row)
+            print(f"\nactivation round {index + 1}: cold {row['cold']:.2f} s, warm {row['warm']:.2f} s "
+                  f"(cold/warm {row['cold'] / row['warm']:.1f}x), hot→warm {row['hot_to_warm']:.2f} s", flush=True)
+        cold = med([r["cold"] for r in rows])
+        warm = med([r["warm"] for r in rows])
+        bench_copy = med([r["bench_copy"] for r in rows])
+        replica_copy = med([r["replica_copy"] for r in rows])
+        startup = warm - replica_copy
+        print(f"\nactivation to first trace, {args.rounds} interleaved rounds (medians), {weights / 1e6:.0f} MB:")
+        print(f"  COLD → HOT (new app; replica reads the checkpoint, fills the node's store): {cold:.2f} s")
+        print(f"  WARM → HOT (rendered change; new replica maps the node's copy):          {warm:.2f} s")
+        print(f"  HOT → WARM (rendered change; new replica keeps only the store's copy):  "
+              f"{med([r['hot_to_warm'] for r in rows]):.2f} s")
+        def split(key: str) -> float:
+            return med([r.get(key, float("nan")) for r in rows])
 
-        envelope, blob = capture_request(client)
-        server_capacity(url, envelope, blob, 1, 3)  # warm-up
-        raw_one = server_capacity(url, envelope, blob, 1, args.per_client * 2)
-        raw_many = server_capacity(url, envelope, blob, args.clients, args.per_client)
-        print(f"server capacity (pre-serialized requests, one asyncio process): 1 session {raw_one:.1f} req/s, "
-              f"{args.clients} sessions {raw_many:.1f} req/s; {raw_many / raw_one:.2f}x")
-
-        app = model_app_name("bench", "tiny")
-        cold_s, warm_s = activation(mode, client, app, args.rounds)
-        print(f"activation to first trace: cold {cold_s:.2f} s (new replica, load from disk), "
-              f"warm {warm_s:.2f} s (weights in RAM); cold/warm = {cold_s / warm_s:.1f}x")
-
-    print(f"headline: remote round trip {remote_s / local_s:.1f}x a local nnsight trace "
-          f"({ms(remote_s)} vs {ms(local_s)}); {args.clients}-client throughput {many_rps / one_rps:.2f}x "
-          f"one client ({raw_many / raw_one:.2f}x for pre-serialized sessions); "
-          f"warm activation {cold_s / warm_s:.1f}x faster than cold; "
-          f"per-request gc {ms(gc_full_s)} -> {gc_cheap_s * 1e6:.0f} us after the freeze")
+        print(f"  warm split: PUT → replica process {split('to_process'):.2f} s, process start + imports (Ray "
+              f"worker, Serve, torch, nnsight) {split('imports'):.2f} s, skeleton + mapping {split('map'):.2f} s, "
+              f"copy {replica_copy:.2f} s, ready → first trace {split('after_ready'):.2f} s")
+        print(f"  the weights phase alone (imports done → replica ready): cold {split('cold_weights'):.2f} s "
+              f"(read the checkpoint, fill the store) vs warm {split('warm_weights'):.2f} s (skeleton, map, copy): "
+              f"{split('cold_weights') / split('warm_weights'):.1f}x")
+        print(f"  the weights' host → device copy measured here (CPU: clone): {bench_copy:.2f} s; "
+              f"in the replica: {replica_copy:.2f} s")
+        print(f"  fixed start-up (warm - the replica's copy): {startup:.2f} s; warm = {startup:.2f} s + "
+              f"{warm - startup:.2f} s copy; copy / measured copy = {replica_copy / bench_copy:.1f}x (target ≤ 2x)")
+    print(f"headline: cold/warm activation {cold / warm:.1f}x ({cold:.2f} s vs {warm:.2f} s, {weights / 1e6:.0f} MB: "
+          f"{startup:.2f} s start-up + {replica_copy:.2f} s copy, copy {replica_copy / bench_copy:.1f}x the measured "
+          f"memcpy); server-side overhead {path['overhead'] * 1000:.1f} ms (round trip {ms(path['remote'])} - client "
+          f"{ms(path['client_own'])} - local trace {ms(path['local'])})")
     return 0
 
 

@@ -28,6 +28,7 @@ Job and session state live in this replica's memory, so the gateway runs as one 
 # that Serve rewrites (string annotations turn `websocket: WebSocket` into a query parameter).
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -118,6 +119,7 @@ class NnsightGateway:
         self._inflight: dict[str, int] = {}  # app → this gateway's jobs admitted and not finished
         self._tasks: set[asyncio.Task[None]] = set()
         self.activation_requests: dict[str, float] = {}
+        self._recent: collections.deque[tuple[str, str, dict[str, float]]] = collections.deque(maxlen=256)
         self._demand_seq = 0  # bumped per recorded demand; `GET /demand` long-polls on it
         self._demand_waiters: set[asyncio.Future[None]] = set()
         self._keepalive_s = float(os.environ.get("NDIF_WS_KEEPALIVE_SECONDS", "20"))
@@ -235,6 +237,8 @@ class NnsightGateway:
                 "deployment": route.deployment or str(known.get("deployment", "")),  # namespace/name
                 "granted_level": str(route.level).upper(),
                 "load_source": known.get("source"),  # nodeMemory: weights mapped from the node's store
+                "replica_startup": known.get("startup"),  # epoch seconds of the replica's start-up phases
+                "transitions": known.get("transitions"),
             }
         return {"deployments": deployments}
 
@@ -295,6 +299,7 @@ class NnsightGateway:
 
     @app.post("/request")
     async def request(self, request: Request) -> dict[str, Any]:
+        arrived = time.time()
         owner = self._auth(request.headers.get(API_KEY_HEADER))
         refusal = version_refusal(request.headers.get("nnsight-version"), self.args.min_nnsight_version)
         if refusal:
@@ -333,6 +338,7 @@ class NnsightGateway:
             job = self.jobs.new_job(key, owner, session_id)
         except JobStoreFull as exc:
             raise HttpError(503, str(exc)) from None
+        job.timings.update(received=arrived, parsed=time.time())
         inline_max = self.args.inline_result_max_bytes if session_id else 0
         stream = self._admit(app_name, job, envelope, blob, inline_max)
         self._inflight[app_name] = self._inflight.get(app_name, 0) + 1
@@ -341,6 +347,7 @@ class NnsightGateway:
         except BaseException:
             self._done(app_name)
             raise
+        job.timings["admitted"] = time.time()
         received = _response(job.id, "RECEIVED", "Your job has been received and is waiting approval.")
         self._record(job, received, push=False)
         gateway_metrics().admitted(key)
@@ -449,6 +456,14 @@ class NnsightGateway:
             raise HttpError(404, f"No status for job {job_id}.")
         return job.latest
 
+    @app.get("/timings")
+    async def timings(self, request: Request) -> dict[str, Any]:
+        """Where the recent completed jobs spent their time on the server (epoch seconds per step:
+        received, parsed, admitted, replica_entered/admitted/done, completed); for benchmarks."""
+        owner = self._auth(request.headers.get(API_KEY_HEADER))
+        return {"jobs": {job_id: marks for job_id, who, marks in self._recent
+                         if not self.keys.enabled or who == owner}}
+
     @app.get("/result/{token}")
     async def result(self, token: str) -> Response:
         # No API key: the client downloads result URLs without one; the token is unguessable.
@@ -491,6 +506,9 @@ class NnsightGateway:
         if status != "COMPLETED":
             self._record(job, _response(job.id, status, event.get("description", ""), meta=meta))
             return
+        job.timings.update({f"replica_{k}": float(v) for k, v in (event.get("timings") or {}).items()},
+                           completed=time.time())
+        self._recent.append((job.id, job.owner, job.timings))
         frame = event.get("frame")
         if frame is not None and job.session_id:
             job.latest = _response(job.id, "COMPLETED", "Your job has been completed.", meta=meta)

@@ -34,6 +34,7 @@ class Job:
     created: float = field(default_factory=time.monotonic)
     latest: dict[str, Any] | None = None
     done: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # epoch seconds per step (GET /timings)
 
 
 class JobStore:
