@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ndif_operator.api import GatewayAppArgs, ModelDeployment
+from ndif_operator.api import GatewayAppArgs, Level, ModelDeployment
 from ndif_operator.api.pinning import node_labels, node_resources
 from ndif_operator.evaluation import EstimateCache
 from ndif_operator.local.activation import (
@@ -71,7 +71,7 @@ class LocalSettings:
             object_store_endpoint_url=self.object_store_endpoint_url,
         )
 
-    def head_spec(self, local: LocalInventory) -> RayHeadSpec:
+    def head_spec(self, local: LocalInventory, plan: LocalPlan | None = None) -> RayHeadSpec:
         env = {API_KEY_HASHES_ENV: ",".join(self.api_key_hashes)}
         # The one pod of the local inventory: declare its GPUs and its name so pinned replicas fit.
         (group,) = local.inventory.groups
@@ -83,9 +83,7 @@ class LocalSettings:
             temp_dir=self.temp_dir,
             pythonpath=(str(repo_root()), *self.extra_pythonpath),
             env=env,
-            # Host copies of WARM (and HOT) models live in the object store (model_runtime/weight_store.py).
-            object_store_bytes=max(RayHeadSpec.object_store_bytes,
-                                   max(g.cpu_memory_bytes for g in local.inventory.groups)),
+            object_store_bytes=object_store_bytes(plan),
             resources=node_resources(group.gpus_per_pod) if pinning else {},
             labels=node_labels(group.name, 0),
         )
@@ -121,7 +119,7 @@ class LocalMode:
         )
         where = "CPU only (host RAM as the device)" if local.cpu_only else f"{local.gpus} GPU(s)"
         self._log(f"planned {len(deployments)} model(s) on this machine: {where}")
-        self.head = LocalRayHead(settings.head_spec(local), log=self._log)
+        self.head = LocalRayHead(settings.head_spec(local, self.plan), log=self._log)
         self.head.start()
         self.rest = ServeRestClient(self.head.spec.dashboard_url)
         self._log(f"applying the Serve config ({len(self.plan.expected_apps)} applications) ...")
@@ -201,6 +199,19 @@ class LocalMode:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+def object_store_bytes(plan: LocalPlan | None) -> int:
+    """Ray's object store for this run: room for the host copies of every model planned Hot or Warm
+    (the node's weight store keeps them there, model_runtime/weight_store.py), plus Ray's default
+    512 MiB. Sized from the plan, not from the machine: Ray refuses to start when the object store
+    leaves too little of the memory that is free now (other programs share the machine)."""
+    base = RayHeadSpec.object_store_bytes
+    if plan is None:
+        return base
+    weights = sum(plan.estimates[d.key].weights_bytes for d in plan.plan.decisions
+                  if d.level != Level.COLD and d.key in plan.estimates)
+    return base + weights * 5 // 4  # a quarter spare: a new revision is sealed before the old one goes
 
 
 def write_ready_file(path: Path, info: dict[str, Any]) -> None:

@@ -2,13 +2,17 @@
 
 In a pass, `apply` reads the gateway's demand for one RayService, sets each candidate's window
 (planning.activation decides) and posts Events when a model becomes Hot on request or goes back
-to Warm. Between passes, the `Wake.DEMAND_POLL` timer runs `check`: it reads the gateway only and
-wakes the planner when some window would change, so polling costs no Kubernetes API requests.
+to Warm. Between passes, `watch` long-polls each planned RayService's gateway (`GET /demand`),
+which answers the moment a Warm model is requested: the planner wakes at once when some window
+would change, with no polling interval and no Kubernetes API requests. The `Wake.DEMAND_POLL`
+timer (`check`, reading `/status`) stays as the fallback for a gateway that cannot be long-polled.
 A `Wake.ACTIVATION_EXPIRY` timer ends a window on time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,13 +83,51 @@ class Activations:
 
     async def check(self) -> bool:
         """Between passes: True when the gateway's demand would change some model's window."""
-        now = self.clock()
-        for target, candidates in list(self._candidates.items()):
-            demands = await self.gateway.demands(*target)
-            for candidate in candidates:
-                demand = demands.get(candidate.key)
-                if demand is None:
-                    continue
-                if self._until(demand, candidate.until, candidate.minimum_deployment_seconds, now) != candidate.until:
-                    return True
+        for target in list(self._candidates):
+            if self._would_change(target, await self.gateway.demands(*target)):
+                return True
         return False
+
+    def _would_change(self, target: Target, demands: dict[str, Demand]) -> bool:
+        now = self.clock()
+        for candidate in self._candidates.get(target, []):
+            demand = demands.get(candidate.key)
+            if demand is None:
+                continue
+            if self._until(demand, candidate.until, candidate.minimum_deployment_seconds, now) != candidate.until:
+                return True
+        return False
+
+    async def watch(self, wake: Callable[[], None], *, rescan_s: float = 1.0) -> None:
+        """Forever: one long-poll of `/demand` per RayService with activateOnRequest candidates;
+        `wake()` as soon as a pushed demand would change a window."""
+        tasks: dict[Target, asyncio.Task[None]] = {}
+        try:
+            while True:
+                wanted = set(self._candidates)
+                for target in set(tasks) - wanted:
+                    tasks.pop(target).cancel()
+                for target in wanted - set(tasks):
+                    tasks[target] = asyncio.create_task(self._watch_one(target, wake), name=f"ndif-demand-{target}")
+                await asyncio.sleep(rescan_s)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            for task in tasks.values():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _watch_one(self, target: Target, wake: Callable[[], None]) -> None:
+        seq, backoff = -1, 1.0
+        while True:
+            answer = await self.gateway.wait_demand(*target, since=seq)
+            if answer is None:  # not reachable (or an older gateway): the DEMAND_POLL timer covers it
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            new_seq, demands = answer
+            if new_seq > seq:
+                seq = new_seq
+                if self._would_change(target, demands):
+                    wake()

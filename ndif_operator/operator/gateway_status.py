@@ -42,3 +42,21 @@ class GatewayStatus:
             logger.info("cannot read the gateway %s: %r; no activation demand read", url, exc)
             return {}
         return demands_from_gateway_status(body) if isinstance(body, dict) else {}
+
+    async def wait_demand(self, namespace: str, ray_service: str, since: int,
+                          timeout_s: float = 30.0) -> tuple[int, dict[str, Demand]] | None:
+        """Long-poll the gateway's `GET /demand`: (seq, demands) as soon as a demand newer than
+        `since` is recorded (or at `timeout_s`); None when the gateway cannot be read."""
+        base = self.url_template.format(name=ray_service, namespace=namespace).rstrip("/")
+        url = f"{base}/demand?since={since}&timeout={timeout_s:g}"
+        headers = {API_KEY_HEADER: self.api_key} if self.api_key else {}
+        timeout = aiohttp.ClientTimeout(total=timeout_s + 10)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, headers=headers) as resp:
+                if resp.status != 200:
+                    return None
+                body = await resp.json(content_type=None)
+            return int(body["seq"]), demands_from_gateway_status(body)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            logger.debug("cannot long-poll the gateway %s: %r", url, exc)
+            return None

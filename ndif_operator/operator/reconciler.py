@@ -106,9 +106,11 @@ class Reconciler:
         self.wake()
 
     async def run(self) -> None:
-        """Plan forever (until cancelled), watching the evaluator cache ConfigMap alongside."""
+        """Plan forever (until cancelled), watching the evaluator cache ConfigMap, the calendars and
+        the gateways' pushed activation demand alongside."""
         watchers = [asyncio.create_task(self.cache_store.watch(self._cache_changed), name="ndif-cache-watch"),
-                    asyncio.create_task(self.calendars.watch(self.wake), name="ndif-calendar-watch")]
+                    asyncio.create_task(self.calendars.watch(self.wake), name="ndif-calendar-watch"),
+                    asyncio.create_task(self.activations.watch(self.wake), name="ndif-demand-watch")]
         try:
             await self.loop.run()
         finally:

@@ -1,4 +1,5 @@
-"""Local mode hears of demand at once: the gateway's `/demand` long-poll, against a real HTTP server."""
+"""Local mode hears of demand at once (the gateway's `/demand` long-poll, against a real HTTP server)
+and sizes Ray's object store for the weight store."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +88,24 @@ def test_watcher_hands_over_each_new_demand_once(gateway: tuple[str, FakeGateway
     finally:
         watcher.stop()
         fake.record()  # wake the pending long-poll so the thread sees the stop
+
+
+def test_object_store_holds_the_planned_host_copies(tmp_path: Path) -> None:
+    """The node's weight store lives in Ray's object store: local mode sizes it from the plan."""
+    from model_runtime.tiny_models import build_tiny_model
+    from ndif_operator.api.v1alpha1 import GIB
+    from ndif_operator.local.embedded import object_store_bytes
+    from ndif_operator.local.inventory import Machine, build_inventory
+    from ndif_operator.local.manifests import parse_manifests
+    from ndif_operator.local.pipeline import plan_local
+    from ndif_operator.local.ray_head import RayHeadSpec
+
+    path = build_tiny_model("llama", tmp_path / "tiny")
+    manifest = ("apiVersion: ndif.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: {name}}}\n"
+                "spec: {{model: {{repoId: x/{name}, source: {{localPath: {{path: {path}}}}}}}, level: {level}}}\n")
+    text = "---\n".join(manifest.format(name=n, path=path, level=lvl) for n, lvl in
+                        (("hot", "Hot"), ("warm", "Warm"), ("cold", "Cold")))
+    planned = plan_local(parse_manifests(text, "m.yaml"), build_inventory(Machine((), 16 * GIB)), serve_port=8123)
+    weights = planned.estimates["default/hot"].weights_bytes
+    assert object_store_bytes(planned) == RayHeadSpec.object_store_bytes + (2 * weights) * 5 // 4  # not the cold one
+    assert object_store_bytes(None) == RayHeadSpec.object_store_bytes

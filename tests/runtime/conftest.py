@@ -35,6 +35,7 @@ def serve_port() -> Iterator[int]:
     os.environ[API_KEY_HASHES_ENV] = ""
     port = free_port()
     ray.init(
+        address="local",  # a cluster of our own, never another session's head on this machine
         num_cpus=2,
         include_dashboard=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
