@@ -76,9 +76,15 @@ CRITICAL_MODULES = (
 )
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor holding the data on this process: a DTensor's (tensor parallelism) local shard."""
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor
+
+
 def _storage_ptr(tensor: torch.Tensor) -> int | None:
     try:
-        return int(tensor.untyped_storage().data_ptr())
+        return int(_local(tensor).untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):
         return None  # meta / sparse / fake tensors have no inspectable storage
 
@@ -112,7 +118,8 @@ class WeightGuard:
                     for tensor in table.values():
                         if tensor is not None:
                             seen.setdefault(id(tensor), tensor)
-        self._tensors = list(seen.values())
+        # A DTensor parameter's data and version counter are its local shard's.
+        self._tensors = [_local(t) for t in seen.values()]
         self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
         self._versions = [t._version for t in self._tensors]
 
