@@ -35,9 +35,13 @@ from model_runtime.bounds import CappedLog
 from model_runtime.sandbox import sources
 from model_runtime.sandbox.capabilities import Capabilities
 from model_runtime.sandbox.compiling import install_compile_hook, restricted_compile, sandboxed_compilation
+from model_runtime.sandbox.dispatch_guard import WriteGuard
 from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected, SandboxError
+from model_runtime.sandbox.global_state import state_restored
 from model_runtime.sandbox.gradients import activations_require_grad, wants_gradients
 from model_runtime.sandbox.guards import Guards
+from model_runtime.sandbox.integrity import all_healthy as integrity_healthy
+from model_runtime.sandbox.integrity import integrity_for
 from model_runtime.sandbox.limits import Limits, Worker, address_space_cap, check_payload, tensor_bytes
 from model_runtime.sandbox.model_calls import check_call_kwargs, shape_limits
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
@@ -90,7 +94,7 @@ class Sandbox:
         """False once a request could not be stopped or changed weights behind the guards' back:
         the runtime should then replace the replica (reloading the weights)."""
         worker_ok = self._worker is None or self._worker.healthy
-        return worker_ok and not any(ctx.weights.tainted for ctx in self._models.values())
+        return worker_ok and integrity_healthy() and not any(ctx.weights.tainted for ctx in self._models.values())
 
     def worker(self, seccomp: bool) -> Worker:
         if self._worker is None or not self._worker.healthy:
@@ -120,6 +124,8 @@ class Sandbox:
             request = _Request(ctx, Guards(ctx.caps, ctx.weights.is_protected, on_print=on_print,
                                            server_owned=ctx.state.owns))
             state = ProcessState.capture()
+            integrity = integrity_for(model._module)
+            integrity.admit()  # refuses while the weights are untrusted (fail closed)
             try:
                 if env:
                     model._remoteable_set_env(env)
@@ -132,6 +138,11 @@ class Sandbox:
                 changed = ctx.state.verify_and_restore()
                 request.restored = state.restore() + [f"server state {where}" for where in changed]
                 request.restore_s = time.perf_counter() - t0
+                try:
+                    integrity.verify()  # content fingerprint + version counters + identity, every outcome
+                finally:
+                    if not integrity.untrusted:  # restored: the version backstop's alarm is answered
+                        ctx.weights.tainted = False
 
     def execute(
         self,
@@ -209,7 +220,13 @@ class _Job:
         from nnsight.tracing.tracer import _saves, dec, inc
 
         sources.begin()
-        with sandboxed_compilation():
+        # Entered here, on the thread running the request: the write guard is a per-thread dispatch
+        # mode, and much of the global state is per thread.
+        with (
+            state_restored(),
+            sandboxed_compilation(),
+            WriteGuard(integrity_for(self.model._module).storage),
+        ):
             t0 = time.perf_counter()
             tracer, code = self._deserialize()
             t1 = time.perf_counter()

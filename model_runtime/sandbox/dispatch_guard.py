@@ -1,0 +1,220 @@
+"""Tensor rules enforced at torch's dispatcher, below every Python name a request can reach.
+
+    index = ServerStorage.of_modules([model._module])
+    with WriteGuard(index) as guard:      # on the thread that runs the request
+        ...                               # user code, nnsight hooks, the model's forward
+
+`WriteGuard` is a `TorchDispatchMode`: every aten op the request thread dispatches passes through
+it (user code, the model's forward, nnsight's hooks and the backward pass, which inherits the
+thread's dispatch modes), after autograd and composite decomposition, in the form the kernel
+will run. Two rules:
+
+* **No writes into server storage.** An op whose schema marks an argument as written
+  (`alias_info.is_write`: in-place ops, `out=` variants, running-stat updates such as
+  `native_batch_norm`'s `running_mean`/`running_var`, `embedding_renorm_`, `resize_`, `set_`,
+  `copy_`, `detach_`, ...) is refused when the written tensor's storage overlaps the memory of a
+  tensor the server owns. Ownership is a byte range of the storage, not a name: a view, a
+  `detach()`, a `state_dict()` entry, a tensor built over the same storage or any alias a
+  Python-level check did not foresee all overlap the same bytes. The check happens before the
+  kernel runs, so a refused op writes nothing.
+* **No uninitialised memory.** Every allocation that would hand out uninitialised memory
+  (`empty`, `empty_like`, `new_empty`, `empty_strided`, `empty_permuted`, ..., and the part of a
+  tensor `resize_` grows into) comes back zeroed: freed memory can hold an earlier request's
+  activations.
+
+The name lists in the restricted compiler and the capability proxies stay as early, friendlier
+errors; this guard holds without them. What it cannot see: writes that do not go through the
+dispatcher (a raw pointer handed to native code: numpy views, DLPack, storage-level C calls
+such as `UntypedStorage.__init__`), which the Python layers deny and `integrity.py` detects.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model_runtime.sandbox.errors import ModelTampering
+
+# aten ops (by overload packet name) that return memory nobody has written yet.
+UNINITIALISED_ALLOCATORS = frozenset(
+    {
+        "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted",
+        "_empty_affine_quantized", "_empty_per_channel_affine_quantized", "empty_quantized",
+    }
+)
+# Arguments some batch-norm kernels update in place although their schema does not say so
+# (`native_batch_norm`, `cudnn_batch_norm`, `miopen_batch_norm`, the sync-BN stats ops): written
+# when the op's `training` argument is true, or always when it has none.
+_UNDECLARED_RUNNING_STATS = frozenset({"running_mean", "running_var"})
+_STATS_FLAGS = frozenset({"training", "use_input_stats"})
+# ...except in the variants that only read them or return updated copies.
+_STATS_READ_ONLY = ("backward", "no_update", "no_training", "functional")
+# In-place ops that may grow a tensor's storage: the new bytes are uninitialised.
+_GROWING = frozenset({"resize_", "resize_as_", "_resize_output_", "resize_as_sparse_"})
+
+
+def _storage_range(tensor: torch.Tensor) -> tuple[int, int] | None:
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None  # sparse, nested or wrapper tensors: no plain storage of their own
+    start = int(storage.data_ptr())
+    return (start, start + int(storage.nbytes())) if start else None
+
+
+def server_tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    """Every tensor the model owns: parameters, buffers, and tensors kept as plain module
+    attributes (rotary caches and the like), each once."""
+    seen: dict[int, torch.Tensor] = {}
+    for root in modules:
+        for module in root.modules():
+            for table in (module._parameters, module._buffers, module.__dict__):
+                for value in table.values():
+                    if isinstance(value, torch.Tensor):
+                        seen.setdefault(id(value), value)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class ServerStorage:
+    """The byte ranges of the server's tensors' storages, merged and sorted for bisection."""
+
+    starts: tuple[int, ...] = ()
+    ends: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, tensors: Iterable[torch.Tensor]) -> ServerStorage:
+        ranges = sorted(r for r in map(_storage_range, tensors) if r is not None)
+        merged: list[list[int]] = []
+        for start, end in ranges:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return cls(tuple(r[0] for r in merged), tuple(r[1] for r in merged))
+
+    @classmethod
+    def of_modules(cls, modules: Iterable[torch.nn.Module]) -> ServerStorage:
+        return cls.of(server_tensors(modules))
+
+    def owns(self, tensor: Any) -> bool:
+        """True when `tensor`'s storage overlaps memory the server owns."""
+        if not isinstance(tensor, torch.Tensor):
+            return False
+        span = _storage_range(tensor)
+        if span is None:
+            return False
+        # the last server range starting before this storage ends must end after it starts
+        i = bisect.bisect_left(self.starts, span[1]) - 1
+        return i >= 0 and self.ends[i] > span[0]
+
+
+@dataclass(frozen=True)
+class _OpRule:
+    written: tuple[tuple[int, str], ...]  # (position, name) of each argument the op writes
+    stats: tuple[tuple[int, str], ...]  # running statistics it updates without declaring it
+    training: tuple[int, str] | None  # the flag that turns those updates on
+    allocates: bool  # returns uninitialised memory
+    grows: bool  # may grow its first argument's storage
+
+
+def op_rule(func: torch._ops.OpOverload) -> _OpRule:
+    """What the guard must do for `func`, read off its schema (cached per op by the guard)."""
+    schema = func._schema
+    written = tuple(
+        (i, arg.name)
+        for i, arg in enumerate(schema.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write
+    )
+    name = func._opname
+    stats = tuple(
+        (i, arg.name)
+        for i, arg in enumerate(schema.arguments)
+        if arg.name in _UNDECLARED_RUNNING_STATS
+        and (arg.alias_info is None or not arg.alias_info.is_write)
+        and not any(part in name for part in _STATS_READ_ONLY)
+    )
+    training = next(((i, a.name) for i, a in enumerate(schema.arguments) if a.name in _STATS_FLAGS), None)
+    return _OpRule(written, stats, training, name in UNINITIALISED_ALLOCATORS, name in _GROWING)
+
+
+def _argument(position: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[position] if position < len(args) else kwargs.get(name)
+
+
+def written_tensors(rule: _OpRule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors this call of the op will write."""
+    targets = rule.written
+    if rule.stats and (rule.training is None or _argument(*rule.training, args, kwargs)):
+        targets = targets + rule.stats
+    out: list[torch.Tensor] = []
+    for position, name in targets:
+        value = _argument(position, name, args, kwargs)
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, (list, tuple)):  # Tensor(a!)[] (e.g. _foreach_*_)
+            out.extend(v for v in value if isinstance(v, torch.Tensor))
+    return out
+
+
+@dataclass
+class GuardCounters:
+    refused: int = 0
+    zeroed: int = 0
+    refused_ops: list[str] = field(default_factory=list)
+
+
+class WriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """The dispatch mode; enter it on the thread that runs the request (modes are per thread)."""
+
+    def __init__(self, storage: ServerStorage) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.storage = storage
+        self.counters = GuardCounters()
+        self._rules: dict[Any, _OpRule] = {}
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        rule = self._rules.get(func)
+        if rule is None:
+            rule = self._rules[func] = op_rule(func)
+        if rule.written or rule.stats:
+            owns = self.storage.owns
+            for tensor in written_tensors(rule, args, kwargs):
+                if owns(tensor):
+                    self.counters.refused += 1
+                    if len(self.counters.refused_ops) < 16:
+                        self.counters.refused_ops.append(str(func))
+                    raise ModelTampering(
+                        f"{func._opname} would write into memory of the served model (a weight, buffer "
+                        "or a view of one); work on a copy: `x = tensor.clone()`"
+                    )
+            if rule.grows:
+                return self._grow_zeroed(func, args, kwargs)
+        result = func(*args, **kwargs)
+        if rule.allocates and isinstance(result, torch.Tensor):
+            self.counters.zeroed += 1
+            result.zero_()
+        return result
+
+    def _grow_zeroed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        target = args[0] if args else None
+        before = _storage_range(target) if isinstance(target, torch.Tensor) else None
+        result = func(*args, **kwargs)
+        after = _storage_range(target) if isinstance(target, torch.Tensor) else None
+        if isinstance(target, torch.Tensor) and after is not None:
+            # resize_ keeps the old bytes at the front (copied if it reallocated); the rest is new
+            old = 0 if before is None else before[1] - before[0]
+            if after[1] - after[0] > old:
+                self.counters.zeroed += 1
+                raw = torch.empty(0, dtype=torch.uint8, device=target.device)
+                raw.set_(target.untyped_storage())
+                raw[old:].zero_()
+        return result

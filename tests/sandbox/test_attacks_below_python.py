@@ -1,0 +1,107 @@
+"""Classes 3 (weights changed), 4 (uninitialised memory) and 5 (state that outlives the request),
+through the production path.
+
+Each program goes from the unmodified nnsight client through `execution.execute_request` with
+the sandbox's runner, as on a replica. Class 3 runs twice: with every layer, and with the
+Python-level protection checks blinded (`is_protected` answers False for everything), so the
+dispatch guard and the integrity check are shown to hold on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from model_runtime import execution
+from model_runtime.sandbox import executor
+from model_runtime.sandbox.model_guard import WeightGuard
+from sandbox.attacks import below_python, lingering_state
+from sandbox.harness import weights_digest
+from sandbox.legit_programs import save_hidden, save_logits
+from sandbox.test_seam import SeamBackend
+
+
+@pytest.fixture()
+def python_layer(request: pytest.FixtureRequest, models: tuple[Any, Any]) -> Iterator[str]:
+    """'on': every layer; 'blind': the Python-level checks think nothing is protected."""
+    mode = request.param
+    box = executor.default_sandbox()
+    if mode == "blind":
+        original = WeightGuard.is_protected
+        WeightGuard.is_protected = lambda self, value: False  # type: ignore[method-assign]
+        box.forget(models[1])  # rebuild the guards with the blinded check
+        try:
+            yield mode
+        finally:
+            WeightGuard.is_protected = original  # type: ignore[method-assign]
+            box.forget(models[1])
+    else:
+        yield mode
+
+
+@pytest.fixture()
+def sandboxed_runtime(models: tuple[Any, Any]) -> Any:
+    """A client backend that runs each request through `execute_request` with the sandbox's runner."""
+    limits = execution.ExecutionLimits(timeout_seconds=10.0, cancel_grace_seconds=3)
+    return lambda: SeamBackend(models[0], models[1], limits)
+
+
+@pytest.fixture(scope="module")
+def reference(models: tuple[Any, Any]) -> dict[str, Any]:
+    return save_logits(models[1], None)
+
+
+@pytest.mark.parametrize("python_layer", ["on", "blind"], indirect=True)
+@pytest.mark.parametrize("attack", below_python.WEIGHT_ATTACKS, ids=lambda a: a.__name__)
+def test_weight_attack_is_refused(
+    attack: Any, python_layer: str, models: tuple[Any, Any], sandboxed_runtime: Any, reference: Any
+) -> None:
+    client, server = models
+    before = weights_digest(server)
+    shapes = [tuple(p.shape) for p in server._module.parameters()]
+    with pytest.raises(RuntimeError) as info:
+        attack(client, sandboxed_runtime())
+    assert str(info.value).strip()
+    assert weights_digest(server) == before, "the weights changed"
+    assert shapes == [tuple(p.shape) for p in server._module.parameters()], "a weight's shape changed"
+    assert executor.sandbox_healthy()
+    after = save_logits(client, sandboxed_runtime())
+    assert torch.equal(after["logits"], reference["logits"]), "the next request is wrong"
+
+
+@pytest.mark.parametrize("attack", below_python.UNINITIALISED_ATTACKS, ids=lambda a: a.__name__)
+def test_uninitialised_memory_holds_nothing_of_an_earlier_request(
+    attack: Any, models: tuple[Any, Any], sandboxed_runtime: Any
+) -> None:
+    client = models[0]
+    for _ in range(3):  # a victim's activations, freed just before the attacker allocates
+        save_hidden(client, sandboxed_runtime())
+        try:
+            leak = attack(client, sandboxed_runtime())
+        except RuntimeError as exc:  # refused outright by a Python-level check: also fine
+            assert str(exc).strip()
+            continue
+        assert isinstance(leak, torch.Tensor) and leak.numel() > 0
+        assert not leak.any(), "uninitialised memory reached the client"
+
+
+@pytest.mark.parametrize("attack", lingering_state.ATTACKS, ids=lambda a: a.__name__)
+def test_state_does_not_outlive_the_request(attack: Any, models: tuple[Any, Any], sandboxed_runtime: Any) -> None:
+    client = models[0]
+    before = lingering_state.probe(client, sandboxed_runtime())
+    try:
+        attack(client, sandboxed_runtime())
+    except RuntimeError as exc:  # refused outright (the setters are not reachable): also fine
+        assert str(exc).strip()
+    after = lingering_state.probe(client, sandboxed_runtime())
+    assert after["state"][:-1] == before["state"][:-1]
+    assert torch.equal(after["state"][-1], before["state"][-1]), "the RNG stream changed"
+    assert torch.equal(after["logits"], before["logits"])
+
+
+def test_corpus_size() -> None:
+    assert len(below_python.WEIGHT_ATTACKS) >= 5 and len(below_python.UNINITIALISED_ATTACKS) >= 5
+    assert len(lingering_state.ATTACKS) >= 5

@@ -1,0 +1,124 @@
+"""Weight integrity: writes no guard saw are detected after the request, the replica refuses
+requests until the weights are restored, and restores them from the kept copy."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy
+import pytest
+import torch
+
+from model_runtime import execution
+from model_runtime.sandbox import executor
+from model_runtime.sandbox.errors import ModelTampering
+from model_runtime.sandbox.integrity import WeightIntegrity
+from model_runtime.sandbox.model_guard import WeightGuard
+from sandbox.attacks import below_python
+from sandbox.harness import weights_digest
+from sandbox.legit_programs import save_logits
+from sandbox.test_seam import SeamBackend
+
+
+def _model() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    model.register_buffer("scale", torch.ones(8))
+    return model.requires_grad_(False)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    return all(torch.equal(state[k], v) and state[k].shape == v.shape for k, v in snapshot.items())
+
+
+def _numpy_write(model: torch.nn.Module) -> None:
+    numpy.asarray(model[0].weight.detach())[:] = 0  # no dispatcher, no version counter
+
+
+def _set_data(model: torch.nn.Module) -> None:
+    model[0].weight.data = torch.zeros(8, 8)
+
+
+def _requires_grad(model: torch.nn.Module) -> None:
+    model[1].weight.requires_grad_(True)
+
+
+def _version_only(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        model.scale.mul_(1.0)  # same bytes, but an in-place write happened
+
+
+def _buffer_bytes(model: torch.nn.Module) -> None:
+    numpy.asarray(model.scale)[:] = 7.0
+
+
+@pytest.mark.parametrize("tamper", [_numpy_write, _set_data, _requires_grad, _version_only, _buffer_bytes],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_tampering_is_detected_and_restored(tamper: Any) -> None:
+    model = _model()
+    before = _snapshot(model)
+    integrity = WeightIntegrity([model])
+    integrity.admit()
+    tamper(model)
+    with pytest.raises(ModelTampering, match="restored from the kept copy"):
+        integrity.verify()
+    assert _same(model, before)
+    assert not model[1].weight.requires_grad and not integrity.untrusted and integrity.healthy
+    integrity.admit()
+    integrity.verify()  # and clean again
+
+
+def test_without_a_copy_the_replica_fails_closed() -> None:
+    model = _model()
+    integrity = WeightIntegrity([model], keep_copy_bytes=0)
+    integrity.admit()
+    _numpy_write(model)
+    with pytest.raises(ModelTampering, match="replaced"):
+        integrity.verify()
+    assert not integrity.healthy
+    with pytest.raises(ModelTampering, match="not serving"):
+        integrity.admit()
+
+
+def test_a_legitimate_move_reindexes_instead_of_alarming() -> None:
+    model = _model()
+    integrity = WeightIntegrity([model])
+    integrity.admit()
+    integrity.verify()
+    model.to(torch.float64)  # the server moving or retyping its model between requests
+    integrity.admit()
+    integrity.verify()
+
+
+@pytest.fixture()
+def only_integrity(models: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The dispatch guard off and the Python-level checks blinded: only the integrity check stands."""
+    box = executor.default_sandbox()
+    monkeypatch.setattr(executor, "WriteGuard", lambda _storage: contextlib.nullcontext())
+    monkeypatch.setattr(WeightGuard, "is_protected", lambda self, value: False)
+    box.forget(models[1])
+    yield
+    monkeypatch.undo()
+    box.forget(models[1])
+
+
+@pytest.mark.parametrize("attack", below_python.WEIGHT_ATTACKS[:6], ids=lambda a: a.__name__)
+def test_through_execute_request_a_write_no_guard_saw_is_undone(
+    attack: Any, models: tuple[Any, Any], only_integrity: None
+) -> None:
+    client, server = models
+    limits = execution.ExecutionLimits(timeout_seconds=10.0, cancel_grace_seconds=3)
+    reference = save_logits(server, None)
+    before = weights_digest(server)
+    with pytest.raises(RuntimeError, match="changed the served model"):
+        attack(client, SeamBackend(client, server, limits))
+    assert weights_digest(server) == before, "the weights were not restored"
+    assert executor.sandbox_healthy()
+    after = save_logits(client, SeamBackend(client, server, limits))
+    assert torch.equal(after["logits"], reference["logits"])
