@@ -17,7 +17,7 @@ the logits) is executed over and over against a dispatched tiny llama:
 
 The three alternate request by request so machine noise hits them alike. Then each layer is
 timed alone on the same payload (stock vs sandboxed where there is a stock equivalent), and the
-baseline and sandboxed seams are compared again on a ~113M-parameter llama built offline, where a
+baseline and sandboxed seams are compared again on a ~107M-parameter llama built offline, where a
 real model's compute dominates (`large model: sandboxed / unsandboxed = X.XXx`). Medians; the
 LAST line is the tiny model's headline ratio.
 """
@@ -48,8 +48,8 @@ def _median_ms(fn: Callable[[], Any], n: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-# A llama with ~113M parameters, built offline: where a real model's compute dominates.
-LARGE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+# A llama with ~107M parameters, built offline: where a real model's compute dominates.
+LARGE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 14, "num_attention_heads": 12,
          "num_key_value_heads": 12}
 
 
@@ -117,7 +117,7 @@ def _interleaved(runs: dict[str, Callable[[], None]], iterations: int, warmup: i
 
 
 def large_model_ratio(iterations: int) -> tuple[float, float, int]:
-    """(sandboxed ms, unsandboxed ms, parameters) on the ~113M-parameter llama."""
+    """(sandboxed ms, unsandboxed ms, parameters) on the ~107M-parameter llama."""
     from model_runtime import execution
     from model_runtime.sandbox import executor
 
