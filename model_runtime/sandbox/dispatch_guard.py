@@ -77,7 +77,13 @@ def server_tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
                 for value in table.values():
                     if isinstance(value, torch.Tensor):
                         seen.setdefault(id(value), value)
-    return list(seen.values())
+    return [local_shard(t) for t in seen.values()]
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor holding the data in this process: a DTensor's (tensor parallelism) local shard."""
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model_runtime.sandbox.dispatch_guard import ServerStorage, server_tensors
+from model_runtime.sandbox.dispatch_guard import ServerStorage, local_shard, server_tensors
 from model_runtime.sandbox.errors import ModelTampering
 
 _log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def weights_and_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor
                 for tensor in table.values():
                     if tensor is not None:
                         seen.setdefault(id(tensor), tensor)
-    return list(seen.values())
+    return [local_shard(t) for t in seen.values()]
 
 
 def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
