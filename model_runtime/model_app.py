@@ -114,10 +114,6 @@ class ModelReplica:
         self._startup["loaded"] = time.time()
         self._set_level(self.config.level)
         self._startup["ready"] = time.time()
-        if self._runner is not run_blob:  # sandboxed: from now on no thread of this process starts a program
-            from model_runtime.sandbox.process_filter import confine_process
-
-            confine_process()
 
     # --- levels ------------------------------------------------------------------------------
 
