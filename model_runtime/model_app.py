@@ -159,6 +159,7 @@ class ModelReplica:
         else:
             self._host.to_host()
         self._level = level
+        _forget_weight_index(self._model)  # the sandbox re-indexes the weights it guards: they are new tensors
         freeze_long_lived()  # the (re)placed weights leave the collected generations: cheap per-request gc
         transition = levels.timed(current, level, source, started)
         if level == levels.HOT:
@@ -383,6 +384,17 @@ class ModelReplica:
             yield _error(result.error or "unknown error", result.meta)
             return
         yield _completed(job_id, result, inline_max_bytes)
+
+
+def _forget_weight_index(model: Any) -> None:
+    """After a level move the model's tensors are new objects (mapped, copied or moved): the
+    sandbox's weight guard must index them again rather than watch the old ones."""
+    import sys
+
+    executor = sys.modules.get("model_runtime.sandbox.executor")
+    sandbox = getattr(executor, "_DEFAULT", None) if executor is not None else None
+    if sandbox is not None and model is not None:
+        sandbox.forget(model)
 
 
 def _error(description: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
