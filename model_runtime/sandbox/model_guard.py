@@ -117,7 +117,10 @@ class WeightGuard:
                 for table in (module._parameters, module._buffers):
                     for tensor in table.values():
                         if tensor is not None:
-                            seen.setdefault(id(tensor), tensor)
+                            # A tensor-parallel weight is a DTensor: its bytes and version counter are
+                            # its local shard's (in-place ops on the DTensor land there).
+                            local = getattr(tensor, "_local_tensor", tensor)
+                            seen.setdefault(id(local), local)
         # A DTensor parameter's data and version counter are its local shard's.
         self._tensors = [_local(t) for t in seen.values()]
         self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
@@ -131,7 +134,7 @@ class WeightGuard:
             return False
         if isinstance(value, torch.nn.Parameter):
             return True
-        ptr = _storage_ptr(value)
+        ptr = _storage_ptr(getattr(value, "_local_tensor", value))  # a DTensor alias of a shard
         return ptr is not None and ptr in self._ptrs
 
     def check(self) -> None:
