@@ -140,9 +140,11 @@ def operator(b: Any) -> Any:
         .with_panel(_series(b, "plan() duration p99", "s",
                             (f"histogram_quantile(0.99, sum by (le) "
                              f"(rate(ndif_operator_plan_duration_seconds_bucket[{RATE}])))", "p99")))
-        .with_panel(_series(b, "RayService patches (errors are API errors)", "ops",
+        .with_panel(_series(b, "RayService patches by result", "ops",
                             (f"sum by (result) (rate(ndif_operator_rayservice_patches_total[{RATE}]))",
                              "{{result}}")))
+        .with_panel(_series(b, "Kubernetes API errors by status (0: unreachable)", "ops",
+                            (f"sum by (code) (rate(ndif_operator_api_errors_total[{RATE}]))", "{{code}}")))
     )
 
 

@@ -22,6 +22,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from ndif_operator.api import GROUP, PLURAL, VERSION
 from ndif_operator.api.calendar import PLURAL as CALENDAR_PLURAL
+from ndif_operator.operator import metrics
 from ndif_operator.operator.login import Login
 from ndif_operator.operator.rbac import RAY_GROUP, RAY_PLURAL
 
@@ -86,8 +87,10 @@ async def _call(awaitable: Awaitable[T], *, absent: tuple[int, ...] = ()) -> T |
     except ApiException as exc:
         if exc.status in absent:
             return None
+        metrics.API_ERRORS.labels(str(exc.status or UNREACHABLE)).inc()
         raise api_error(exc) from exc
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        metrics.API_ERRORS.labels(str(UNREACHABLE)).inc()
         raise KubeError(UNREACHABLE, f"{type(exc).__name__}: {exc}") from exc
 
 

@@ -25,6 +25,8 @@ GPUS_AVAILABLE = Gauge("ndif_operator_gpus_available", "GPUs in the RayService's
                        registry=REGISTRY)
 PATCHES = Counter("ndif_operator_rayservice_patches_total", "serveConfigV2 patches by result.", ["result"],
                   registry=REGISTRY)
+API_ERRORS = Counter("ndif_operator_api_errors_total", "Kubernetes API requests that failed, by HTTP status "
+                     "(0: no answer: unreachable, timed out).", ["code"], registry=REGISTRY)
 STATUS_WRITES = Counter("ndif_operator_status_writes_total", "ModelDeployment status writes.", registry=REGISTRY)
 
 LEVEL_VALUE = {"Cold": 0, "Warm": 1, "Hot": 2}
