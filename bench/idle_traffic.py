@@ -60,7 +60,7 @@ IDLE_MINUTES = 10.0
 # idle minutes only, which understates it (its rate grows with time), to keep the run short.
 BASELINE_IDLE_MINUTES = 2.0
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
-WATCHES = ("watch_config_map",)
+WATCHES = ("watch_config_map", "watch_calendar_schedules")
 
 
 class VirtualClockSelector(selectors.BaseSelector):
@@ -155,6 +155,13 @@ class QuietGateway:
     async def demands(self, namespace: str, ray_service: str) -> dict[str, Demand]:
         self.reads += 1
         return {}
+
+    async def wait_demand(self, namespace: str, ray_service: str, since: int,
+                          timeout_s: float = 30.0) -> tuple[int, dict[str, Demand]] | None:
+        """The gateway's /demand long-poll: nobody asks, so it answers empty at its timeout."""
+        self.reads += 1
+        await asyncio.sleep(timeout_s)
+        return max(since, 0), {}
 
 
 def _fleet(api: FakeKubeApi) -> None:

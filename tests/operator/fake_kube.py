@@ -171,8 +171,8 @@ class FakeKubeApi:
     async def watch_calendar_schedules(self, namespace: str, resource_version: str,
                                        timeout_seconds: int) -> AsyncIterator[tuple[str, Obj]]:
         self._call("watch_calendar_schedules", namespace)
-        return
-        yield  # an empty stream: tests call Calendars.observe directly
+        await asyncio.Event().wait()  # a stream that never sends: tests call Calendars.observe directly
+        yield "BOOKMARK", {}
 
     async def replace_calendar_schedule_status(self, namespace: str, name: str, status: Obj) -> Obj:
         self._call("replace_calendar_schedule_status", namespace, name)
