@@ -221,12 +221,11 @@ class _Planner:
         if not feasible:
             st.why_short = "; ".join(reasons) if reasons else "the inventory has no worker groups"
             return False
-        for gi, need in feasible:
-            st.group, st.need = gi, need
-            where = self._fit(st, gi, need)
-            if where is not None:
-                self._allocate(st, gi, where)
-                return True
+        found = self._best_free_fit(st, feasible)
+        if found is not None:
+            st.group, st.need = found[0], found[1]
+            self._allocate(st, found[0], found[2])
+            return True
         for gi, need in feasible:
             st.group, st.need = gi, need
             where = self._evict_for(st, gi, need, evicted)
@@ -236,6 +235,29 @@ class _Planner:
         st.group = st.need = None
         st.why_short = self._shortage(st, [gi for gi, _ in feasible])
         return False
+
+    def _best_free_fit(self, st: _State, feasible: list[tuple[int, Need]]
+                       ) -> tuple[int, Need, tuple[int, tuple[int, ...]]] | None:
+        """Where a first replica goes without evicting, to use the fewest GPUs: among the groups
+        needing the fewest GPUs per replica, the partly used GPU(s) it fills tightest (in bytes,
+        across groups); if none, an empty GPU in the group with the largest GPUs, whose rest is
+        the most room for the smaller models placed after it (models are placed largest first)."""
+        for count in sorted({need.gpus for _, need in feasible}):
+            tier = [(gi, need) for gi, need in feasible if need.gpus == count]
+            options = []
+            for gi, need in tier:
+                where = self._fit(st, gi, need)
+                if where is None:
+                    continue
+                cap, group = self.caps[gi], self.groups[gi]
+                pod, gpus = where
+                reuse = all(cap.free[pod][g] < FRACTION_UNITS for g in gpus)
+                left = sum(cap.free[pod][g] - need.units for g in gpus) * group.gpu_memory_bytes // FRACTION_UNITS
+                options.append(((0, left) if reuse else (1, -group.gpu_memory_bytes), gi, need, where))
+            if options:
+                _, gi, need, where = min(options, key=lambda o: (o[0], o[1]))
+                return gi, need, where
+        return None
 
     def _spill(self, st: _State) -> bool:
         """One more replica in another group with free room and the same rank count (the replicas

@@ -19,9 +19,9 @@ def req(key: str, gib: float, **kw: object) -> PlacementRequest:
 
 
 def test_a_new_replica_goes_where_there_is_room_instead_of_evicting() -> None:
-    inventory = Inventory((WorkerGroup("a100", 1, 1, 40 * GIB, 100 * GIB), WorkerGroup("h100", 1, 8, 80 * GIB, 0)))
+    inventory = Inventory((WorkerGroup("a100", 1, 1, 40 * GIB, 100 * GIB), WorkerGroup("l4", 1, 8, 24 * GIB, 0)))
     first = plan(inventory, [req("ml/hi", 20, priority=10), req("ml/lo", 20)], now=NOW)
-    assert {d.worker_group for d in first.decisions} == {"a100"}  # the smallest GPU that holds them
+    assert {d.worker_group for d in first.decisions} == {"a100"} and first.gpus_used == 1  # one GPU for both
 
     def current(key: str) -> CurrentPlacement:
         d = first.decision(key)
@@ -31,8 +31,8 @@ def test_a_new_replica_goes_where_there_is_room_instead_of_evicting() -> None:
                               req("ml/lo", 20, current=current("ml/lo"))], now=NOW)
     lo, hi = second.decision("ml/lo"), second.decision("ml/hi")
     assert lo.level == Level.HOT and not lo.moved and lo.assignments == first.decision("ml/lo").assignments
-    assert hi.replicas == 2 and hi.worker_group == "a100" and hi.assignments[1].group == "h100"
-    assert hi.assignments[1].fraction == 0.25 and "1 replica on h100" in hi.message
+    assert hi.replicas == 2 and hi.worker_group == "a100" and hi.assignments[1].group == "l4"
+    assert hi.assignments[1].fraction == 0.8334 and "1 replica on l4" in hi.message
     # The spilled replica survives the round trip through the annotation and the next plan.
     assert decode_assignments(encode_assignments(hi)) == hi.assignments
     again = plan(inventory, [req("ml/hi", 20, priority=10, replicas=2, current=CurrentPlacement(
@@ -46,8 +46,8 @@ def test_a_new_replica_goes_where_there_is_room_instead_of_evicting() -> None:
     config = render_serve_config(second, deployments)
     check_serve_config(config)
     slot = next(a for a in config["applications"] if a["name"] == "md-ml-hi_r1")["deployments"][0]
-    assert slot["ray_actor_options"]["label_selector"] == {"ndif.dev/pod": "h100-0"}
-    assert slot["ray_actor_options"]["resources"] == {"ndif_gpu_0": 0.25}
+    assert slot["ray_actor_options"]["label_selector"] == {"ndif.dev/pod": "l4-0"}
+    assert slot["ray_actor_options"]["resources"] == {"ndif_gpu_0": 0.8334}
 
 
 def test_one_larger_gpu_before_several_small_ones() -> None:
@@ -56,10 +56,14 @@ def test_one_larger_gpu_before_several_small_ones() -> None:
     result = plan(inventory, [req("ml/m56", 56, tensor_parallel_size="auto"),
                               req("ml/m135", 135, tensor_parallel_size="auto"),
                               req("ml/m20", 20, tensor_parallel_size="auto")], now=NOW)
-    assert (result.decision("ml/m56").worker_group, result.decision("ml/m56").tensor_parallel_size) == ("h100-80", 1)
-    assert (result.decision("ml/m135").worker_group, result.decision("ml/m135").tensor_parallel_size) == (
-        "h200-141", 1)
-    assert result.decision("ml/m20").worker_group == "l4-24"  # one GPU either way: the smallest that holds it
+    # Never split over small GPUs what one larger GPU holds (a 56 GiB model on 2 A100-40s, a 135 GiB
+    # one on 4): one GPU each, and the 20 GiB model fills the room left next to the 56 GiB one.
+    assert all(d.tensor_parallel_size == 1 for d in result.decisions)
+    assert result.decision("ml/m135").worker_group == "h200-141"
+    assert result.decision("ml/m56").worker_group in ("h100-80", "h200-141")
+    assert result.decision("ml/m20").assignments[0] == result.decision("ml/m56").assignments[0].__class__(
+        pod=0, gpus=result.decision("ml/m56").assignments[0].gpus, fraction=result.decision("ml/m20").gpu_fraction)
+    assert result.gpus_used == 2
 
 
 def test_a_moved_model_says_from_where_to_where_and_why() -> None:

@@ -230,14 +230,15 @@ def test_tp_replica_evicts_only_what_its_ranks_need() -> None:
     assert tiny.level == Level.HOT and not tiny.moved  # its GPU keeps room for it next to a rank
 
 
-def test_heterogeneous_groups_small_model_prefers_small_gpus() -> None:
+def test_heterogeneous_groups_small_model_fills_room_before_opening_a_gpu() -> None:
     i = inv(
         WorkerGroup("h200", pods=1, gpus_per_pod=8, gpu_memory_bytes=141 * GIB, cpu_memory_bytes=GIB),
         WorkerGroup("l4", pods=1, gpus_per_pod=4, gpu_memory_bytes=24 * GIB, cpu_memory_bytes=GIB),
     )
     p = plan(i, [req("small", 10), req("mid", 100)], now=NOW)
-    assert p.decision("ns/small").worker_group == "l4"
-    assert p.decision("ns/mid").worker_group == "h200"
+    # Fewest GPUs: the small model shares the H200 the mid one opened rather than opening an L4.
+    assert p.decision("ns/small").worker_group == "h200" and p.decision("ns/mid").worker_group == "h200"
+    assert p.gpus_used == 1
 
 
 def test_replicas_of_a_shared_model_land_on_different_gpus() -> None:
