@@ -308,6 +308,10 @@ def main() -> None:
     scale(args.quick)
     headline = quality(args.quick)
     churn(args.quick)
+    from mixed_fleet import mixed_fleets  # pulp (bench/test extra) solves the exact optimum
+
+    worst_vs_optimum, vs_ndif = mixed_fleets(args.quick)
+    print(f"mixed fleets: ours/optimum worst {worst_vs_optimum:.3f}, ours/NDIF-style mean {vs_ndif:.3f}")
     print(f"headline: NDIF catalog on 8x80 GiB pods uses {headline:.3f}x the GPUs of the NDIF-style allocator"
           " (fractional TP ranks)")
 

@@ -1,0 +1,71 @@
+"""A trivial Serve replica that stands in for a model: it starts its tensor-parallel ranks the way
+the runtime does (one actor per extra bundle of its placement group, with that bundle's resources)
+and records where each rank runs, in a JSON file per actor under $NDIF_PROBE_DIR.
+
+Where: the node's `ndif.dev/pod` label; which GPU: the pinned `ndif_gpu_<i>` grant bound by
+`model_runtime.gpu_binding` (pinned), else the GPU ids Ray granted (`num_gpus`, unpinned).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from model_runtime.gpu_binding import assigned_resources, bind_pinned_gpu, rank_actor_options
+from ndif_operator.api.naming import MODEL_DEPLOYMENT
+from ndif_operator.api.pinning import POD_LABEL
+
+PROBE_DIR_ENV = "NDIF_PROBE_DIR"
+
+
+def where_am_i() -> dict[str, Any]:
+    context = ray.get_runtime_context()
+    granted = assigned_resources()
+    pinned = bind_pinned_gpu(granted)
+    gpus = [int(g) for g in ray.get_gpu_ids()]
+    # Inside a placement group Ray lists the bundle's renamed resources (`<name>_group_...`) only.
+    share = max((v for k, v in granted.items() if k.startswith(("ndif_gpu_", "GPU"))), default=0.0)
+    return {"pod": context.get_node_labels().get(POD_LABEL), "gpu": pinned if pinned is not None else
+            (gpus[0] if gpus else None), "share": round(float(share), 4), "actor": context.get_actor_id()}
+
+
+@ray.remote(num_cpus=0)
+class Rank:
+    def where(self) -> dict[str, Any]:
+        return where_am_i()
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT)  # the name the rendered config configures
+class Probe:
+    def __init__(self, args: dict[str, Any]) -> None:
+        me = where_am_i()
+        ranks = [me]
+        self._actors: list[Any] = []
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            for index, bundle in enumerate(group.bundle_specs[1:], start=1):
+                actor = Rank.options(**rank_actor_options(bundle),  # type: ignore[arg-type]
+                                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
+                ranks.append(ray.get(actor.where.remote()))
+                self._actors.append(actor)  # the ranks live as long as the replica
+        record = {"deployment": args.get("deployment"), "actor": me["actor"], "ranks": ranks}
+        out = Path(os.environ[PROBE_DIR_ENV]) / f"{me['actor']}.json"
+        partial = out.with_suffix(".part")
+        partial.write_text(json.dumps(record))
+        partial.rename(out)  # atomic: the observer never reads half a report
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        pass  # the rendered config carries the model's user_config (limits, level)
+
+    def __call__(self) -> str:
+        return "ok"
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    return Probe.bind(args)  # type: ignore[attr-defined,no-any-return]
