@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install tools generate verify lint test demo bench clean
+.PHONY: install tools generate verify lint test test-placement demo bench clean
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ lint: install
 
 test: install tools verify lint
 	$(BIN)/pytest
+
+# The real-Ray placement proof (two loopback nodes declaring 8 GPUs each; 5-15 minutes here).
+test-placement: install
+	NDIF_TEST_PLACEMENT_ON_RAY=1 $(BIN)/pytest tests/placement
 
 demo: install
 	$(BIN)/python examples/demo.py
