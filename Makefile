@@ -49,7 +49,7 @@ test: install tools verify lint
 
 # The real-Ray placement proof (two loopback nodes declaring 8 GPUs each; 5-15 minutes here).
 test-placement: install
-	NDIF_TEST_PLACEMENT_ON_RAY=1 $(BIN)/pytest tests/placement
+	NDIF_TEST_PLACEMENT_ON_RAY=1 PYTHONPATH=$(CURDIR) $(BIN)/pytest tests/placement
 
 demo: install
 	$(BIN)/python examples/demo.py

@@ -6,10 +6,15 @@ model; unpinned, the same plan does not (so this test can fail)."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+# The harness names its Ray apps and its node launcher by `tests.placement.*` import paths, so the
+# repository root must be importable (pytest puts only tests/ on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.placement import on_ray
 
 # 5-15 minutes on the 2-core box, which would take `make test` past its 20-minute budget: run by
