@@ -261,7 +261,7 @@ class OperatorThread:
 
     def stop(self) -> None:
         self.stop_flag.set()
-        self.thread.join(30)
+        self.thread.join(90)  # Kopf ends its watches and the demand long-poll (up to 40 s) first
         assert not self.thread.is_alive(), "operator thread did not stop"
         assert self.error is None, f"operator crashed: {self.error!r}"
         refused = [e for e in self.cluster.operator_requests() if e.status == 403]
