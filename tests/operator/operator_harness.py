@@ -19,7 +19,7 @@ import yaml
 from kube_emulator import RAY_SERVICE, Identity, KubeEmulator, ResourceType, from_crd, service_account
 
 from ndif_operator.api import Estimate, ModelSpec, RuntimeLimits
-from ndif_operator.api.crd import build_calendar_crd, build_crd
+from ndif_operator.api.crd import CALENDAR_SCHEDULE, MODEL_DEPLOYMENT, build
 from ndif_operator.api.v1alpha1 import GIB
 from ndif_operator.api.validation import apply_defaults, validate_object
 from ndif_operator.operator.handlers import run_operator
@@ -29,9 +29,10 @@ from ndif_operator.rendering.pinned import slot_app_names
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")
-MD_TYPE: ResourceType = from_crd(build_crd(), validate=lambda obj, old: [str(e) for e in validate_object(obj, old)],
+MD_TYPE: ResourceType = from_crd(build(MODEL_DEPLOYMENT),
+                                 validate=lambda obj, old: [str(e) for e in validate_object(obj, old)],
                                  default=apply_defaults)
-CALENDAR_TYPE: ResourceType = from_crd(build_calendar_crd())
+CALENDAR_TYPE: ResourceType = from_crd(build(CALENDAR_SCHEDULE))
 NAMESPACE = "ml"
 OPERATOR_NAMESPACE = "ndif-system"  # the chart's release namespace: evaluator cache, Jobs, Secrets
 CHART = ROOT / "charts" / "ndif-operator"
