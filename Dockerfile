@@ -53,6 +53,6 @@ RUN if [ "$TORCH_VARIANT" = cpu ]; then \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
  && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels /tmp/requirements.txt \
- && python -c "import ray, torch, nnsight, model_runtime.gateway_app; assert ray.__version__ == '2.60.0'"
+ && python -c "import ray, torch, nnsight, model_runtime.gateway.app; assert ray.__version__ == '2.60.0'"
 USER 1000:1000
 WORKDIR /home/ray

@@ -256,7 +256,7 @@ def gc_cost(repeats: int) -> tuple[float, float]:
     replica): a full `gc.collect()` vs the replica's `collect_request_garbage()` after `gc.freeze()`."""
     import gc
 
-    from model_runtime.garbage import collect_request_garbage, freeze_long_lived, release_frozen
+    from model_runtime.replica.garbage import collect_request_garbage, freeze_long_lived, release_frozen
 
     def timed(fn: Callable[[], Any]) -> float:
         samples = []

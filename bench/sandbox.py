@@ -5,9 +5,9 @@
 One real client payload (the unmodified nnsight client, a trace that saves two hidden states and
 the logits) is executed over and over against a dispatched tiny llama:
 
-* baseline: the runtime's unsandboxed path, `model_runtime.execution.execute_request` (its
+* baseline: the runtime's unsandboxed path, `model_runtime.replica.execution.execute_request` (its
   long-lived request thread, `RequestModel.deserialize`, `tracer.execute`, `torch.save`), including its
-  per-request young-generation collection (`model_runtime.garbage`), which is cheap once the
+  per-request young-generation collection (`model_runtime.replica.garbage`), which is cheap once the
   model's objects are frozen and costs the same on both sides (a full `gc.collect()` is timed
   separately for reference);
 * sandboxed: the same `execute_request` with `runner=model_runtime.sandbox.executor.run_blob`
@@ -90,7 +90,7 @@ def _served(config_overrides: dict[str, object] | None) -> tuple[Any, Any, Any, 
 
 def _seam(server: Any, request: Any, blob: bytes, runner: Any) -> Callable[[], None]:
     """One request through the runtime's seam (`execute_request`) with `runner`."""
-    from model_runtime import execution
+    from model_runtime.replica import execution
 
     envelope = execution.Envelope(**request.model_dump())
     limits = execution.ExecutionLimits(timeout_seconds=600)
@@ -118,7 +118,7 @@ def _interleaved(runs: dict[str, Callable[[], None]], iterations: int, warmup: i
 
 def large_model_ratio(iterations: int) -> tuple[float, float, int]:
     """(sandboxed ms, unsandboxed ms, parameters) on the ~107M-parameter llama."""
-    from model_runtime import execution
+    from model_runtime.replica import execution
     from model_runtime.sandbox import executor
 
     _client, server, request, blob = _served(LARGE)
@@ -135,7 +135,7 @@ def main(iterations: int) -> None:
     import torch
     from nnsight.intervention.serialization import CustomCloudUnpickler
 
-    from model_runtime import execution
+    from model_runtime.replica import execution
     from model_runtime.sandbox import Limits, Sandbox, executor
     from model_runtime.sandbox.capabilities import Capabilities
     from model_runtime.sandbox.compiling import restricted_compile
@@ -176,7 +176,7 @@ def main(iterations: int) -> None:
 
     import gc
 
-    from model_runtime.garbage import freeze_long_lived
+    from model_runtime.replica.garbage import freeze_long_lived
 
     gc_ms = _median_ms(gc.collect, 5)
     freeze_long_lived()  # as the model app does after loading

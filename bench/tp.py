@@ -64,7 +64,8 @@ def deploy(paths: dict[int, Path], port: int) -> None:
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from model_runtime import gateway_app, model_app
+    from model_runtime.gateway import app as gateway_app
+    from model_runtime.replica import app as model_app
 
     routes = {}
     targets = []

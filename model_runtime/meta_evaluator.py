@@ -78,7 +78,8 @@ def meta_size(checkpoint: str, dtype: DType, *, trust_remote_code: bool = False,
     if not isinstance(torch_dtype, torch.dtype):
         torch_dtype = torch.float32
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        auto: Any = AutoModelForCausalLM  # untyped classmethods
+        model = auto.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     # parameters()/buffers() yield a tied tensor once, which is what the GPU holds.
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)

@@ -21,10 +21,11 @@ NDIF_INFLUX_TOKEN (the token is read from the environment only, never tagged or 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import defaultdict
 from typing import Any
+
+from model_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,8 @@ class _Influx:
     def __init__(self) -> None:
         self._api: Any = None
         self._client: Any = None
-        url = os.environ.get("NDIF_INFLUX_URL")
-        if not url:
+        settings = RuntimeSettings.from_env()
+        if not settings.influx_url:
             return
         try:
             import influxdb_client
@@ -102,12 +103,12 @@ class _Influx:
 
             influx: Any = influxdb_client  # untyped package
             self._client = influx.InfluxDBClient(
-                url=url, token=os.environ.get("NDIF_INFLUX_TOKEN", ""), org=os.environ.get("NDIF_INFLUX_ORG", "")
+                url=settings.influx_url, token=settings.influx_token, org=settings.influx_org
             )
             self._api = self._client.write_api(
                 write_options=WriteOptions(batch_size=500, flush_interval=5_000, max_retries=2)
             )
-            self._bucket = os.environ.get("NDIF_INFLUX_BUCKET", "ndif")
+            self._bucket = settings.influx_bucket
         except Exception as exc:  # metrics must never take a replica down
             log.warning("InfluxDB disabled: %s", exc)
 

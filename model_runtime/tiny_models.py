@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 Arch = Literal["llama", "gpt2", "llama-tied", "gpt-neox", "opt"]
 
@@ -38,14 +41,16 @@ def build_tokenizer(vocab_size: int = 300):  # type: ignore[no-untyped-def]
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    fast: Any = PreTrainedTokenizerFast  # untyped constructor
+    return fast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
 
 
-def build_config(arch: Arch, vocab_size: int, **overrides: object):  # type: ignore[no-untyped-def]
+def build_config(arch: Arch, vocab_size: int, **overrides: object) -> PretrainedConfig:
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
+    cfg: PretrainedConfig
     if arch == "gpt-neox":
         cfg = GPTNeoXConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -96,7 +101,8 @@ def build_tiny_model(
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     config = build_config(arch, len(tokenizer), **(config_overrides or {}))
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    auto: Any = AutoModelForCausalLM  # untyped classmethods
+    model = auto.from_config(config, dtype=getattr(torch, dtype))
     model.eval()
     save_kwargs: dict[str, object] = {}
     if max_shard_size is not None:

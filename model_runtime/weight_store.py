@@ -27,22 +27,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from model_runtime.settings import RuntimeSettings
 
 log = logging.getLogger("ray.serve")
 
 STORE_NAMESPACE = "ndif-weights"
 STORE_PREFIX = "ndif-weights-"
-# "0" turns the store off: every replica then keeps its own host copy (loads from the source).
-ENABLE_ENV = "NDIF_WEIGHT_STORE"
 DEFAULT_FILL_TIMEOUT_S = 600.0
 
 
 def enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "1") != "0"
+    return RuntimeSettings.from_env().weight_store
 
 
 def identity(fields: dict[str, Any]) -> str:

@@ -70,8 +70,8 @@ def activation_in_fresh_actor(args_json: dict[str, Any], use_store: bool) -> dic
         actor_os.environ["NDIF_WEIGHT_STORE"] = "1" if store else "0"
         import torch
 
-        from model_runtime import host_copy
-        from model_runtime.loading import load_model
+        from model_runtime.replica import host_copy
+        from model_runtime.replica.loading import load_model
         from ndif_operator.api import ModelAppArgs
 
         started = time.perf_counter()
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from model_runtime import host_copy
-    from model_runtime.loading import load_model
+    from model_runtime.replica import host_copy
+    from model_runtime.replica.loading import load_model
     from model_runtime.tiny_models import build_tiny_model
     from ndif_operator.api import ModelAppArgs
 

@@ -60,7 +60,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, bool]:
 
 
 def single_gpu(path: Path) -> float:
-    from model_runtime.loading import load_model
+    from model_runtime.replica.loading import load_model
 
     cpu = _trace(load_model(_args(path, 1, 0.0)).model)
     cuda_model = load_model(_args(path, 1, 1.0)).model
@@ -73,7 +73,7 @@ def single_gpu(path: Path) -> float:
 def _cap_child(fraction: float, alloc_fraction: float) -> None:
     import torch
 
-    from model_runtime import levels
+    from model_runtime.replica import levels
 
     levels.limit_gpu_share(fraction)
     total = torch.cuda.get_device_properties(0).total_memory
@@ -106,7 +106,7 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from model_runtime.parallel.ranks import join_group, load_rank
+    from model_runtime.replica.parallel.ranks import join_group, load_rank
 
     os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)  # as Ray does for each rank's actor
     store = dist.TCPStore("127.0.0.1", port, world, is_master=(rank == 0)) if rank == 0 else None

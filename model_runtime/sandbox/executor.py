@@ -4,7 +4,7 @@
 
 The blob and the nnsight `RequestModel` envelope in; the serialised, possibly zstd-compressed
 result dict out. The runtime itself uses `run_blob` below, the drop-in for
-`model_runtime.execution.run_blob` (its `execute_request` keeps the request thread, the
+`model_runtime.replica.execution.run_blob` (its `execute_request` keeps the request thread, the
 timeout, stdout capture and result encoding; `select_runner()` picks the sandbox unless
 NDIF_SANDBOX=0). Steps:
 
@@ -118,7 +118,7 @@ class Sandbox:
         """One request's set-up and tear-down around its execution, under the model's lock:
         guards, the weights armed, the env applied; after it, whatever the outcome, the guards
         released and the process state restored (linecache and nnsight's caches are the
-        caller's: `model_runtime.execution.nnsight_caches_restored`)."""
+        caller's: `model_runtime.replica.execution.nnsight_caches_restored`)."""
         with self._lock:
             ctx = self.context(model)
             request = _Request(ctx, Guards(ctx.caps, ctx.weights.is_protected, on_print=on_print,
@@ -159,7 +159,7 @@ class Sandbox:
         compress = bool(getattr(envelope, "compress", False))
         raw = check_payload(blob, compress, limits)
         env = _checked_env(getattr(envelope, "env", {}) or {})
-        from model_runtime.execution import nnsight_caches_restored
+        from model_runtime.replica.execution import nnsight_caches_restored
 
         with self.request(model, env, CappedLog(on_log or (lambda _t: None))) as request, nnsight_caches_restored():
             worker = self.worker(limits.seccomp)
@@ -353,7 +353,7 @@ def _code_name(name: object) -> str:
 
 
 def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
-    """Drop-in for `model_runtime.execution.run_blob`: the sandboxed deserialize + execute.
+    """Drop-in for `model_runtime.replica.execution.run_blob`: the sandboxed deserialize + execute.
 
     Runs on the caller's thread, one of the runtime's long-lived request threads: the seccomp
     filter is installed on it at its first request and stays (never on the main thread). The
@@ -362,7 +362,7 @@ def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
     """
     import sys
 
-    from model_runtime.execution import RequestError
+    from model_runtime.replica.execution import RequestError
 
     sandbox = default_sandbox()
     limits = sandbox.limits

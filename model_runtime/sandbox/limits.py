@@ -1,6 +1,6 @@
 """Layer 5: time, size and memory limits, and an optional seccomp filter on the worker thread.
 
-* **Time**: requests run on one long-lived worker thread (`model_runtime.request_thread`); on
+* **Time**: requests run on one long-lived worker thread (`model_runtime.replica.request_thread`); on
   timeout the supervisor injects `RequestTimeout` (a BaseException user code cannot catch: the
   compiler narrows bare `except:`) with `PyThreadState_SetAsyncExc`, repeatedly until the request
   unwinds, and the thread is retired. A thread stuck inside one C call cannot be interrupted that
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from model_runtime.request_thread import Outcome, RequestThread
+from model_runtime.replica.request_thread import Outcome, RequestThread
 from model_runtime.sandbox.errors import LimitExceeded, RequestTimeout
 from ndif_operator.api import ModelUserConfig
 

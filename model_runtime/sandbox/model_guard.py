@@ -15,7 +15,7 @@ Two mechanisms, because neither is enough alone:
 `ProcessState` snapshots what a request can change in the process (torch default dtype, grad
 mode, RNG state, `sys.modules`, builtins) and restores it after every request, whatever the
 outcome; nnsight's block caches and `linecache` are restored by the runtime's
-`model_runtime.execution.nnsight_caches_restored`, around both the sandboxed and the plain path.
+`model_runtime.replica.execution.nnsight_caches_restored`, around both the sandboxed and the plain path.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ import re
 
 GATEWAY_APP = "gateway"
 GATEWAY_DEPLOYMENT = "NnsightGateway"
-GATEWAY_IMPORT_PATH = "model_runtime.gateway_app:build_app"
+GATEWAY_IMPORT_PATH = "model_runtime.gateway.app:build_app"
 MODEL_DEPLOYMENT = "ModelReplica"
-MODEL_IMPORT_PATH = "model_runtime.model_app:build_app"
+MODEL_IMPORT_PATH = "model_runtime.replica.app:build_app"
 # The HTTP header nnsight clients (and the operator's own status reads) carry their API key in.
 API_KEY_HEADER = "ndif-api-key"
 

@@ -8,7 +8,7 @@ A pinned replica asks for `num_gpus: 0`, `resources: {ndif_gpu_<i>: <its share>}
 placement group) `label_selector: {ndif.dev/pod: <group>-<pod>}`; a tensor-parallel replica puts
 one `ndif_gpu_<j>: <share>` in each rank's bundle and selects the pod per bundle. Ray then has
 exactly one place where each request fits, the planner's, whatever the arrival order. The
-replica process binds itself to GPU i (`model_runtime.gpu_binding`), since Ray only sets
+replica process binds itself to GPU i (`model_runtime.replica.gpu_binding`), since Ray only sets
 CUDA_VISIBLE_DEVICES for `num_gpus` grants. docs/placement.md "Pinning" has the why.
 """
 

@@ -54,7 +54,7 @@ class ModelUserConfig(_Args):
 
 
 class ModelAppArgs(_Args):
-    """`args` of one model application (`import_path: model_runtime.model_app:build_app`)."""
+    """`args` of one model application (`import_path: model_runtime.replica.app:build_app`)."""
 
     model_key: str = Field(description="The key nnsight clients send (`repo_id`, lower-cased).")
     deployment: str = Field(description="`namespace/name` of the ModelDeployment.")

@@ -1,7 +1,7 @@
 """Model types whose transformers config ships a `base_model_tp_plan` that nnsight can gather.
 
 The list printed, for the pinned transformers 5.22.2 and nnsight 0.8.1, by
-`python -m model_runtime.parallel.plans --model-types`; tests/parallel checks it against the
+`python -m model_runtime.replica.parallel.plans --model-types`; tests/parallel checks it against the
 installed packages. Pure data: the planner may read it without importing transformers.
 """
 

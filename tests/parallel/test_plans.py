@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from model_runtime.parallel.plans import replica_dims, resolve_plan, transformers_model_types
+from model_runtime.replica.parallel.plans import replica_dims, resolve_plan, transformers_model_types
 from model_runtime.tiny_models import build_config
 from ndif_operator.api.tp_model_types import TRANSFORMERS_TP_MODEL_TYPES
 
 
 def test_the_planners_model_type_list_matches_the_installed_transformers_and_nnsight() -> None:
     assert sorted(TRANSFORMERS_TP_MODEL_TYPES) == transformers_model_types(), (
-        "regenerate ndif_operator/api/tp_model_types.py from `python -m model_runtime.parallel.plans --model-types`"
+        "regenerate ndif_operator/api/tp_model_types.py from "
+        "`python -m model_runtime.replica.parallel.plans --model-types`"
     )
 
 

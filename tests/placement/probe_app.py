@@ -3,7 +3,7 @@ the runtime does (one actor per extra bundle of its placement group, with that b
 and records where each rank runs, in a JSON file per actor under $NDIF_PROBE_DIR.
 
 Where: the node's `ndif.dev/pod` label; which GPU: the pinned `ndif_gpu_<i>` grant bound by
-`model_runtime.gpu_binding` (pinned), else the GPU ids Ray granted (`num_gpus`, unpinned).
+`model_runtime.replica.gpu_binding` (pinned), else the GPU ids Ray granted (`num_gpus`, unpinned).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import ray
 from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from model_runtime.gpu_binding import assigned_resources, bind_pinned_gpu, rank_actor_options
+from model_runtime.replica.gpu_binding import assigned_resources, bind_pinned_gpu, rank_actor_options
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
 from ndif_operator.api.pinning import POD_LABEL
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from model_runtime.gpu_binding import bind_pinned_gpu, rank_actor_options
+from model_runtime.replica.gpu_binding import bind_pinned_gpu, rank_actor_options
 from ndif_operator.api import Estimate, GatewayUserConfig, Level, ModelDeployment, Reason
 from ndif_operator.api.pinning import node_labels, node_resources, pinned_gpu_index, pod_label_value
 from ndif_operator.local.embedded import LocalSettings

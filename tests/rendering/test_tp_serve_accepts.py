@@ -37,7 +37,7 @@ def _serve_replica_config(options: RenderOptions, ranks: int, fraction: float) -
     check_serve_config(config)  # the project's own schema check
     (deployment,) = next(a for a in config["applications"] if a["name"] != "gateway")["deployments"]
     replica = ReplicaConfig.create(
-        "model_runtime.model_app:ModelReplica",
+        "model_runtime.replica.app:ModelReplica",
         ray_actor_options=dict(deployment["ray_actor_options"]),
         placement_group_bundles=deployment.get("placement_group_bundles"),
         placement_group_strategy=deployment.get("placement_group_strategy"),
@@ -68,7 +68,7 @@ def test_serve_accepts_every_rendered_tp_replica(num_cpus: float | None, cpu_onl
 def test_serve_refuses_the_shape_that_used_to_be_rendered() -> None:
     # The regression this guards: bundle 0 with only a GPU and the replica's num_cpus left to Serve.
     with pytest.raises(ValueError, match="the bundle only has 0 `CPU` specified"):
-        ReplicaConfig.create("model_runtime.model_app:ModelReplica", ray_actor_options={"num_gpus": 1},
+        ReplicaConfig.create("model_runtime.replica.app:ModelReplica", ray_actor_options={"num_gpus": 1},
                              placement_group_bundles=[{"GPU": 1}, {"GPU": 1}], placement_group_strategy="STRICT_PACK")
 
 

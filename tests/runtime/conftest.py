@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from loopback import free_port
 
-from model_runtime.auth import key_digest
+from model_runtime.gateway.auth import key_digest
 from model_runtime.tiny_models import build_tiny_model
 from ndif_operator.api.naming import GATEWAY_APP
 from runtime.conftest_names import MODEL_APP, SLOW_APP
@@ -64,7 +64,7 @@ def model_target(name: str, args: dict[str, Any], user_config: dict[str, Any] | 
                  **options: Any) -> Any:
     from ray.serve.api import RunTarget
 
-    from model_runtime import model_app
+    from model_runtime.replica import app as model_app
 
     app = model_app.ModelReplica.options(
         ray_actor_options={"num_cpus": 0}, user_config=user_config or {}, **options
@@ -85,7 +85,7 @@ def gateway_target(
     deprecated static `models` in args."""
     from ray.serve.api import RunTarget
 
-    from model_runtime import gateway_app
+    from model_runtime.gateway import app as gateway_app
 
     args = {"models": models or {}, "api_key_hashes_env": API_KEY_HASHES_ENV, **extra}
     options: dict[str, Any] = {"num_cpus": 0}

@@ -9,8 +9,8 @@ import pytest
 from starlette.requests import Request
 
 from model_runtime.bounds import MAX_ERROR_CHARS, CappedLog, bounded
-from model_runtime.gateway_bounds import MAX_DESCRIPTION_CHARS, HttpError, bounded_event, read_body_capped
-from model_runtime.jobs import JobStore, JobStoreFull
+from model_runtime.gateway.bounds import MAX_DESCRIPTION_CHARS, HttpError, bounded_event, read_body_capped
+from model_runtime.gateway.jobs import JobStore, JobStoreFull
 from model_runtime.sandbox.errors import CapabilityDenied
 
 

@@ -12,7 +12,7 @@ import zstandard
 from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
-from model_runtime.execution import Envelope, ExecutionLimits, execute_request
+from model_runtime.replica.execution import Envelope, ExecutionLimits, execute_request
 
 PROMPT = "Deep inference lets researchers"
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from model_runtime import garbage
-from model_runtime.garbage import collect_request_garbage, freeze_long_lived, release_frozen
+from model_runtime.replica import garbage
+from model_runtime.replica.garbage import collect_request_garbage, freeze_long_lived, release_frozen
 
 
 class _Node:

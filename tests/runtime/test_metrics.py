@@ -58,7 +58,7 @@ def test_queue_depth_is_kept_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_gateway_refusals_by_model_and_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    from model_runtime import gateway_app
+    from model_runtime.gateway import app as gateway_app
 
     recorder = _Recorder()
     gateway = metrics.GatewayMetrics()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from model_runtime.request_thread import Outcome, RequestThread, RequestThreadPool
+from model_runtime.replica.request_thread import Outcome, RequestThread, RequestThreadPool
 
 
 def _ident_on(thread: RequestThread) -> int:

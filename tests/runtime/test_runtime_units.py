@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from model_runtime.auth import ApiKeys, key_digest
-from model_runtime.jobs import JobStore, mint_id
+from model_runtime.gateway.auth import ApiKeys, key_digest
+from model_runtime.gateway.jobs import JobStore, mint_id
+from model_runtime.gateway.results import MemoryResults
 from model_runtime.model_keys import client_model_key, repo_key, requested_revision
-from model_runtime.results import MemoryResults
 from model_runtime.versions import version_refusal
 
 
@@ -91,7 +91,7 @@ def test_s3_checkpoint_loads(tiny_llama: Path, s3_endpoint: str, tmp_path: Path,
     import boto3
     import torch
 
-    from model_runtime.loading import load_model
+    from model_runtime.replica.loading import load_model
     from ndif_operator.api import ModelAppArgs
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -175,7 +175,7 @@ def test_hugging_face_source_reads_the_offline_cache(tiny_llama: Path, tmp_path:
     (repo / "refs" / "main").write_text(commit)
     script = (
         "import torch\n"
-        "from model_runtime.loading import load_model\n"
+        "from model_runtime.replica.loading import load_model\n"
         "from ndif_operator.api import ModelAppArgs\n"
         "m = load_model(ModelAppArgs(model_key='org/tiny-llama', deployment='ns/t', repo_id='org/tiny-llama',"
         " source={'hugging_face': {}}, dtype='float32'))\n"
@@ -193,7 +193,7 @@ def test_hugging_face_source_reads_the_offline_cache(tiny_llama: Path, tmp_path:
 
 
 def test_api_keys_rotate_from_a_mounted_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from model_runtime import auth
+    from model_runtime.gateway import auth
 
     # Kubelet's layout of a mounted Secret: a timestamped dir, `..data` pointing at it, keys linking through it.
     def mount(digests: dict[str, str], stamp: str) -> None:

@@ -32,8 +32,9 @@ def test_fill_then_map_gives_the_same_model_and_eviction_frees_it(
 ) -> None:
     import ray
 
-    from model_runtime import host_copy, weight_store
-    from model_runtime.loading import load_model
+    from model_runtime import weight_store
+    from model_runtime.replica import host_copy
+    from model_runtime.replica.loading import load_model
 
     path = build_tiny_model("llama-tied", tmp_path_factory.mktemp("store") / "tied")
     args = ModelAppArgs.model_validate(model_args(path, "default/tied"))
@@ -73,7 +74,7 @@ def test_rendered_warm_to_hot_change_replaces_the_replica_which_maps_the_weights
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from model_runtime import model_app
+    from model_runtime.replica import app as model_app
 
     path = build_tiny_model("llama", tmp_path_factory.mktemp("store") / "swap", seed=3)
     args = model_args(path, "default/swap")

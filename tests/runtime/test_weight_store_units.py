@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from model_runtime import levels, weight_store
+from model_runtime import weight_store
+from model_runtime.replica import levels
 from model_runtime.weight_store import WeightStore
 
 

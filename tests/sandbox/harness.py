@@ -2,7 +2,7 @@
 
 `SandboxBackend` is a `RemoteBackend` whose `request()` serialises the trace exactly as the
 client does for NDIF (`_serialize`), runs it through the production path in-process
-(`model_runtime.execution.execute_request` with the sandbox's runner, on the runtime's request
+(`model_runtime.replica.execution.execute_request` with the sandbox's runner, on the runtime's request
 threads, with the sandbox configured from the request's `Limits` as a model replica configures
 it), and decodes the result with the client's own `finalize()`. No Ray, no HTTP. An error comes
 back as the exception class its `[layer]` prefix names (`RequestFailed` for the user's own
@@ -17,7 +17,7 @@ from typing import Any
 
 from nnsight.intervention.backends.remote import RemoteBackend
 
-from model_runtime.execution import Envelope, ExecutionLimits, execute_request
+from model_runtime.replica.execution import Envelope, ExecutionLimits, execute_request
 from model_runtime.sandbox import (
     CapabilityDenied,
     CodeRejected,

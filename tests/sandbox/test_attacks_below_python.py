@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from model_runtime import execution
+from model_runtime.replica import execution
 from model_runtime.sandbox import executor
 from model_runtime.sandbox.model_guard import WeightGuard
 from sandbox.attacks import below_python, lingering_state

@@ -11,7 +11,7 @@ import numpy
 import pytest
 import torch
 
-from model_runtime import execution
+from model_runtime.replica import execution
 from model_runtime.sandbox import executor
 from model_runtime.sandbox.errors import ModelTampering
 from model_runtime.sandbox.integrity import WeightIntegrity

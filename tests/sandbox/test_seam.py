@@ -10,7 +10,7 @@ import pytest
 import torch
 from nnsight.intervention.backends.remote import RemoteBackend
 
-from model_runtime import execution
+from model_runtime.replica import execution
 from model_runtime.sandbox import executor
 from sandbox.attacks import escapes, resources, tampering
 from sandbox.harness import SECRET, weights_digest

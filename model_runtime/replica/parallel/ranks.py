@@ -33,29 +33,35 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from model_runtime import execution, levels
-from model_runtime.execution import Envelope, ExecutionLimits, ExecutionResult
-from model_runtime.host_copy import HostCopy
-from model_runtime.loading import pick_device, resolve_checkpoint, torch_dtype
-from model_runtime.parallel.shard_loading import ShardLoad, load_shard
+from model_runtime.replica import execution, levels
+from model_runtime.replica.execution import Envelope, ExecutionLimits, ExecutionResult
+from model_runtime.replica.host_copy import HostCopy
+from model_runtime.replica.loading import pick_device, resolve_checkpoint, torch_dtype
+from model_runtime.replica.parallel.shard_loading import ShardLoad, load_shard
+from model_runtime.settings import RuntimeSettings
 from ndif_operator.api import ModelAppArgs
 
 log = logging.getLogger("ray.serve")
 
-COLLECTIVE_TIMEOUT_ENV = "NDIF_TP_COLLECTIVE_TIMEOUT_SECONDS"
-_DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
-# All ranks of a replica share one node (STRICT_PACK): they meet on its loopback interface.
-MASTER_ADDR_ENV = "NDIF_TP_MASTER_ADDR"
 _START_TIMEOUT_S = 900.0
 _SHARD_ANSWER_MARGIN_S = 30.0
 
 
+def tcp_store(*args: Any, **kwargs: Any) -> Any:
+    """torch's TCPStore (not in torch.distributed's typed exports)."""
+    import torch.distributed
+
+    distributed: Any = torch.distributed
+    return distributed.TCPStore(*args, **kwargs)
+
+
 def collective_timeout_s() -> float:
-    return float(os.environ.get(COLLECTIVE_TIMEOUT_ENV, _DEFAULT_COLLECTIVE_TIMEOUT_S))
+    return RuntimeSettings.from_env().tp_collective_timeout_s
 
 
 def _master_addr() -> str:
-    return os.environ.get(MASTER_ADDR_ENV, "127.0.0.1")
+    # All ranks of a replica share one node (STRICT_PACK): by default they meet on its loopback.
+    return RuntimeSettings.from_env().tp_master_addr
 
 
 def join_group(rank: int, world: int, port: int, device: str, store: Any = None) -> None:
@@ -69,7 +75,7 @@ def join_group(rank: int, world: int, port: int, device: str, store: Any = None)
     # transformers reads these when it builds its device mesh; each rank sees only its own GPU.
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
     if store is None:
-        store = dist.TCPStore(_master_addr(), port, world, is_master=False, timeout=timeout)
+        store = tcp_store(_master_addr(), port, world, is_master=False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
@@ -117,7 +123,7 @@ class ShardRank:
     """Rank i (1..k-1) of one replica, as a Ray actor owned by the replica (`ray.remote` lazily)."""
 
     def __init__(self, rank: int, world: int) -> None:
-        from model_runtime.model_app import _prepare_process
+        from model_runtime.replica.app import _prepare_process
 
         _prepare_process()
         self.rank, self.world = rank, world
@@ -134,7 +140,7 @@ class ShardRank:
         self.held = load_rank(ModelAppArgs.model_validate(args), checkpoint, self.device)
         return {"rank": self.rank, "bytes_read": self.held.shard.bytes_read, "seconds": self.held.shard.seconds}
 
-    def execute(self, blob: bytes, envelope: dict[str, Any], limits: dict[str, float]) -> dict[str, Any]:
+    def execute(self, blob: bytes, envelope: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         from model_runtime.sandbox.executor import sandbox_healthy
 
         if self.held is None:
@@ -199,7 +205,7 @@ def _spawn_shards(world: int) -> list[Any]:
     actors = []
     for rank in range(1, world):
         options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 4}  # ping answers while executing
-        if rank < len(bundles):
+        if group is not None and rank < len(bundles):
             bundle = bundles[rank]
             options.update(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                            scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -232,7 +238,7 @@ class TensorParallelCopy(HostCopy):
         started = time.monotonic()
         timeout = datetime.timedelta(seconds=collective_timeout_s())
         # Port 0: the kernel picks a free port, so replicas on one node never collide.
-        store = dist.TCPStore(_master_addr(), 0, self.world, is_master=True, wait_for_workers=False,
+        store = tcp_store(_master_addr(), 0, self.world, is_master=True, wait_for_workers=False,
                               timeout=timeout)
         self.actors = _spawn_shards(self.world)
         try:

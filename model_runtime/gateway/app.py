@@ -32,7 +32,6 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -44,12 +43,13 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from model_runtime import weight_store
-from model_runtime.auth import ApiKeys
-from model_runtime.gateway_bounds import HttpError, bounded_event, read_body_capped
-from model_runtime.jobs import Job, JobStore, JobStoreFull
+from model_runtime.gateway.auth import ApiKeys
+from model_runtime.gateway.bounds import HttpError, bounded_event, read_body_capped
+from model_runtime.gateway.jobs import Job, JobStore, JobStoreFull
+from model_runtime.gateway.results import MemoryResults, result_store
 from model_runtime.metrics import gateway_metrics
 from model_runtime.model_keys import client_model_key, repo_key
-from model_runtime.results import MemoryResults, result_store
+from model_runtime.settings import RuntimeSettings
 from model_runtime.versions import version_refusal
 from ndif_operator import logs
 from ndif_operator.api import GatewayAppArgs, GatewayRoute, GatewayUserConfig, Level
@@ -122,7 +122,7 @@ class NnsightGateway:
         self._recent: collections.deque[tuple[str, str, dict[str, float]]] = collections.deque(maxlen=256)
         self._demand_seq = 0  # bumped per recorded demand; `GET /demand` long-polls on it
         self._demand_waiters: set[asyncio.Future[None]] = set()
-        self._keepalive_s = float(os.environ.get("NDIF_WS_KEEPALIVE_SECONDS", "20"))
+        self._keepalive_s = RuntimeSettings.from_env().ws_keepalive_s
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """A new routing table, in place: sessions, jobs and open websockets are kept."""
@@ -133,7 +133,7 @@ class NnsightGateway:
         cold = (served_before - _served(self.routes)) | (set(self.routes) - _served(self.routes))
         if cold:
             threading.Thread(target=_evict_host_copies, args=(sorted(cold),), daemon=True).start()
-        apps = {a for route in self.routes.values() for a in (route.apps or [route.app])}
+        apps = {a for route in self.routes.values() for a in (route.apps or ([route.app] if route.app else []))}
         for app_name in [a for a in self._handles if a not in apps]:
             self._handles.pop(app_name, None)
             self._payload_limits.pop(app_name, None)
@@ -163,7 +163,8 @@ class NnsightGateway:
             return
         states: dict[str, str] = {}
         for name, app_status in apps.items():
-            running = any(int(d.replica_states.get("RUNNING", 0)) > 0  # ReplicaState is a str enum
+            # ReplicaState is a str enum: its "RUNNING" key matches the plain string.
+            running = any(int(dict[Any, int](d.replica_states).get("RUNNING", 0)) > 0
                           for d in app_status.deployments.values())
             # A rolling update reports DEPLOYING while the old replicas still serve: routable.
             states[name] = "RUNNING" if running else str(app_status.status)
@@ -519,6 +520,6 @@ class NnsightGateway:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve entry point (`import_path: model_runtime.gateway_app:build_app`)."""
+    """Serve entry point (`import_path: model_runtime.gateway.app:build_app`)."""
     validated = GatewayAppArgs.model_validate(args)
     return NnsightGateway.bind(validated.model_dump(mode="json"))  # type: ignore[attr-defined,no-any-return]

@@ -7,17 +7,15 @@ that transformers reads ordinary files).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_runtime.settings import RuntimeSettings
 from ndif_operator.api import ModelAppArgs
 
 # Where S3 checkpoints are staged; one subdirectory per bucket/prefix.
-S3_CACHE_ENV = "NDIF_MODEL_CACHE_DIR"
-_DEFAULT_S3_CACHE = "/tmp/ndif-model-cache"
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def s3_stage(bucket: str, prefix: str, *, endpoint_url: str | None, region: str 
     """
     import boto3
 
-    root = Path(os.environ.get(S3_CACHE_ENV, _DEFAULT_S3_CACHE))
+    root = RuntimeSettings.from_env().s3_cache
     target = root / bucket / prefix.strip("/")
     client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
     stripped = prefix.strip("/")

@@ -10,6 +10,7 @@ applies to it.
 from __future__ import annotations
 
 import os
+from typing import Any
 from collections.abc import MutableMapping
 
 from ndif_operator.api.pinning import pinned_gpu_index
@@ -21,7 +22,8 @@ def assigned_resources() -> dict[str, float]:
 
     if not ray.is_initialized():
         return {}
-    return dict(ray.get_runtime_context().get_assigned_resources())
+    context: Any = ray.get_runtime_context()  # untyped in ray
+    return dict(context.get_assigned_resources())
 
 
 def bind_pinned_gpu(resources: dict[str, float] | None = None,

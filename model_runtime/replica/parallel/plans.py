@@ -5,7 +5,7 @@ The plan is transformers' kind of data (module-name glob → style name): the ch
 way transformers applies it while loading (`DistributedConfig(tp_plan=...)`) and nnsight 0.8.1
 reads it back off the model to show users whole tensors.
 
-    python -m model_runtime.parallel.plans --model-types   # regenerate api/tp_model_types.py
+    python -m model_runtime.replica.parallel.plans --model-types   # regenerate api/tp_model_types.py
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ the thread's save set; `dec()` → restore caches → `interleaver.cancel()`.
 
 Everything from deserialize to collect runs in one request thread (not the caller's), because
 nnsight's saved-id set and greenlets are thread-bound; the thread is long-lived and reused
-(`model_runtime.request_thread`: no thread start and no seccomp install per request). A timeout
+(`model_runtime.replica.request_thread`: no thread start and no seccomp install per request). A timeout
 raises `SystemExit` asynchronously in that thread (`PyThreadState_SetAsyncExc`), which stops
 Python-level work at the next bytecode, and the thread is then retired; if it is stuck inside one
 long C call and does not stop within a grace period, the result says `wedged=True` and the
@@ -43,8 +43,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from model_runtime.bounds import MAX_LOG_BYTES, CappedLog, bounded
-from model_runtime.garbage import collect_request_garbage
-from model_runtime.request_thread import Outcome, RequestThreadPool
+from model_runtime.replica.garbage import collect_request_garbage
+from model_runtime.replica.request_thread import Outcome, RequestThreadPool
+from model_runtime.settings import RuntimeSettings
 
 _RESULT_ZSTD_LEVEL = 3
 
@@ -233,9 +234,7 @@ Runner = Callable[[Any, bytes, Envelope], dict[str, Any]]
 
 def select_runner() -> Runner:
     """The sandbox's drop-in (the default), or the bare `run_blob` when NDIF_SANDBOX is 0/false/off."""
-    import os
-
-    if os.environ.get("NDIF_SANDBOX", "1").strip().lower() in ("1", "true", "on", "yes"):
+    if RuntimeSettings.from_env().sandbox:
         from model_runtime.sandbox.executor import run_blob as sandboxed
 
         return sandboxed
@@ -280,7 +279,7 @@ def precheck(blob: bytes, envelope: Envelope) -> str | None:
 
 
 # Requests reuse long-lived threads (one per runner kind, more only while requests overlap):
-# see model_runtime/request_thread.py for why and how cancellation works.
+# see model_runtime/replica/request_thread.py for why and how cancellation works.
 _THREADS = RequestThreadPool()
 
 

@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from model_runtime import levels, weight_store
-from model_runtime.loading import LoadedModel, torch_dtype
+from model_runtime import weight_store
+from model_runtime.replica import levels
+from model_runtime.replica.loading import LoadedModel, torch_dtype
 from ndif_operator.api import ModelAppArgs
 
 log = logging.getLogger("ray.serve")
@@ -53,7 +54,7 @@ class Slot:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Slot:
-        return cls([tuple(n) for n in raw["names"]], raw["dtype"], list(raw["shape"]),  # type: ignore[misc]
+        return cls([tuple(n) for n in raw["names"]], raw["dtype"], list(raw["shape"]),
                    int(raw["chunk"]), int(raw["index"]))
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from model_runtime.garbage import release_frozen
+from model_runtime.replica.garbage import release_frozen
 
 HOT, WARM, COLD = "Hot", "Warm", "Cold"
 LEVELS = (HOT, WARM, COLD)

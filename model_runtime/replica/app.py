@@ -14,22 +14,23 @@ can be bounded by `max_queue_depth` and refused with a clear error instead of wa
 they run one at a time because nnsight traces on one model are not thread-safe.
 
 A tensor-parallel replica (`tensor_parallel_size` k > 1) is rank 0 of k: it owns k-1 shard actors
-in its placement group and runs every request on all of them (model_runtime/parallel/ranks.py).
+in its placement group and runs every request on all of them (model_runtime/replica/parallel/ranks.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
-from model_runtime import levels
-from model_runtime.execution import (
+from model_runtime.metrics import RuntimeMetrics, error_kind
+from model_runtime.model_keys import requested_revision
+from model_runtime.replica import levels
+from model_runtime.replica.execution import (
     Envelope,
     ExecutionLimits,
     ExecutionResult,
@@ -37,12 +38,11 @@ from model_runtime.execution import (
     run_blob,
     select_runner,
 )
-from model_runtime.garbage import freeze_long_lived
-from model_runtime.gpu_binding import bind_pinned_gpu
-from model_runtime.host_copy import NODE_MEMORY
-from model_runtime.metrics import RuntimeMetrics, error_kind
-from model_runtime.model_keys import requested_revision
-from model_runtime.parallel.ranks import TensorParallelCopy, obtain_ranks, weights_digest
+from model_runtime.replica.garbage import freeze_long_lived
+from model_runtime.replica.gpu_binding import bind_pinned_gpu
+from model_runtime.replica.host_copy import NODE_MEMORY
+from model_runtime.replica.parallel.ranks import TensorParallelCopy, obtain_ranks, weights_digest
+from model_runtime.settings import RuntimeSettings
 from ndif_operator import logs
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
@@ -80,7 +80,7 @@ def _prepare_process() -> None:
     import nnsight  # noqa: F401 (imported here, so that the start-up marks separate imports from loading)
     import torch
 
-    threads = int(os.environ.get("NDIF_TORCH_THREADS", os.environ.get("OMP_NUM_THREADS", "0")) or 0)
+    threads = RuntimeSettings.from_env().torch_threads
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -118,14 +118,14 @@ class ModelReplica:
     # --- levels ------------------------------------------------------------------------------
 
     def _load(self) -> levels.Transition:
-        from model_runtime.host_copy import obtain
-        from model_runtime.loading import load_model, pick_device
+        from model_runtime.replica.host_copy import obtain
+        from model_runtime.replica.loading import load_model, pick_device
 
         started = time.monotonic()
         # The host copy: mapped from the node's weight store when another replica left it there,
-        # else built in CPU RAM from the source and published to the store (model_runtime/host_copy.py).
+        # else built in CPU RAM from the source and published to the store (model_runtime/replica/host_copy.py).
         cpu_args = self.args.model_copy(update={"gpus_per_replica": 0.0})
-        if self.args.tensor_parallel_size > 1:  # k ranks, each holding its shard (model_runtime/parallel)
+        if self.args.tensor_parallel_size > 1:  # k ranks, each holding its shard (model_runtime/replica/parallel)
             self._host = obtain_ranks(self.args, self._host)
         else:
             self._host = obtain(self.args, lambda: load_model(cpu_args))
@@ -424,6 +424,6 @@ def _completed(job_id: str, result: ExecutionResult, inline_max_bytes: int) -> d
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve entry point (`import_path: model_runtime.model_app:build_app`)."""
+    """Serve entry point (`import_path: model_runtime.replica.app:build_app`)."""
     validated = ModelAppArgs.model_validate(args)  # fail the deploy early on bad args
     return ModelReplica.bind(validated.model_dump(mode="json"))  # type: ignore[attr-defined,no-any-return]

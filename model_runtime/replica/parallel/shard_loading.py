@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_runtime.parallel.plans import ResolvedPlan, replica_dims, resolve_plan
+from model_runtime.replica.parallel.plans import ResolvedPlan, replica_dims, resolve_plan
 
 
 @dataclass
@@ -84,7 +84,9 @@ _PATCH_LOCK = threading.Lock()
 @contextlib.contextmanager
 def counted_reads() -> Iterator[ReadCounter]:
     """Count what transformers reads from safetensors files inside this block (this process)."""
-    import transformers.modeling_utils as modeling_utils
+    import transformers.modeling_utils
+
+    modeling_utils: Any = transformers.modeling_utils  # safe_open is not in its typed exports
 
     counter = ReadCounter()
     with _PATCH_LOCK:
@@ -116,8 +118,11 @@ def load_shard(checkpoint: str, *, tensor_parallel_size: int, dtype: Any, device
     Every rank of the group must call this at the same time (the mesh is built collectively).
     Raises ValueError (before reading any weight) for a layout the model cannot take.
     """
+    import transformers.distributed
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
+
+    distributed: Any = transformers.distributed  # DistributedConfig is not in its typed exports
+    auto: Any = AutoModelForCausalLM  # untyped classmethods
 
     started = time.monotonic()
     config = AutoConfig.from_pretrained(checkpoint, revision=revision, trust_remote_code=trust_remote_code)
@@ -127,11 +132,11 @@ def load_shard(checkpoint: str, *, tensor_parallel_size: int, dtype: Any, device
         text = getattr(config, "text_config", None) or config
         text.base_model_tp_plan = dict(plan.plan)
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code,
-                              "distributed_config": DistributedConfig(tp_size=tensor_parallel_size)}
+                              "distributed_config": distributed.DistributedConfig(tp_size=tensor_parallel_size)}
     if revision:
         kwargs["revision"] = revision
     with counted_reads() as counter:
-        module = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+        module: Any = auto.from_pretrained(checkpoint, **kwargs)
     if device != "cpu":
         module.to(device)
     module.eval()

@@ -1,0 +1,53 @@
+"""The runtime's environment variables: one class reads them all, with the documented defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model_runtime.settings import RuntimeSettings
+
+
+def test_defaults_when_nothing_is_set() -> None:
+    assert RuntimeSettings.from_env({}) == RuntimeSettings()
+
+
+def test_each_variable_reaches_its_field() -> None:
+    settings = RuntimeSettings.from_env({
+        "NDIF_SANDBOX": "off", "NDIF_WEIGHT_STORE": "0", "NDIF_TORCH_THREADS": "3",
+        "NDIF_WS_KEEPALIVE_SECONDS": "0.5", "NDIF_TP_COLLECTIVE_TIMEOUT_SECONDS": "30",
+        "NDIF_TP_MASTER_ADDR": "10.0.0.2", "NDIF_MODEL_CACHE_DIR": "/data/cache",
+        "NDIF_INFLUX_URL": "http://influx:8086", "NDIF_INFLUX_TOKEN": "t", "NDIF_INFLUX_ORG": "o",
+        "NDIF_INFLUX_BUCKET": "b",
+    })
+    assert settings == RuntimeSettings(
+        sandbox=False, weight_store=False, torch_threads=3, ws_keepalive_s=0.5, tp_collective_timeout_s=30.0,
+        tp_master_addr="10.0.0.2", s3_cache=Path("/data/cache"), influx_url="http://influx:8086",
+        influx_token="t", influx_org="o", influx_bucket="b",
+    )
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("true", True), ("ON", True), ("0", False), ("no", False),
+                                           ("", True)])
+def test_the_sandbox_flag(value: str, on: bool) -> None:
+    assert RuntimeSettings.from_env({"NDIF_SANDBOX": value}).sandbox is on
+
+
+def test_torch_threads_fall_back_to_omp() -> None:
+    assert RuntimeSettings.from_env({"OMP_NUM_THREADS": "2"}).torch_threads == 2
+    assert RuntimeSettings.from_env({"OMP_NUM_THREADS": "2", "NDIF_TORCH_THREADS": "1"}).torch_threads == 1
+
+
+def test_no_other_runtime_module_reads_its_configuration_from_the_environment() -> None:
+    root = Path(__file__).resolve().parents[2] / "model_runtime"
+    readers = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        if path.name == "settings.py" or path.parent.name == "sandbox":
+            continue  # the sandbox snapshots and restores os.environ as global state; it reads no settings
+        for needle in ("os.environ.get(", "os.getenv(", "os.environ["):
+            if needle in text:
+                readers.append(f"{path.relative_to(root)}: {needle}")
+    # gateway/auth.py reads the variable its args name (GatewayAppArgs.api_key_hashes_env).
+    assert readers == ["gateway/auth.py: os.environ.get("], readers
