@@ -6,11 +6,13 @@ operator run) and PUT to Serve's REST API (what KubeRay does). Two models built 
 
 * **activation** (a Llama of ≥ 500 MB of float32 weights): per round, interleaved,
   COLD → HOT (the application appears; the replica loads from disk and fills the node's weight
-  store), HOT → WARM and WARM → HOT (the rendered change replaces the replica; the new one maps
-  the weights from the node's store). Each is "config PUT → first successful remote trace". The
-  warm time is split with the replica's own start-up marks (process start, imports, skeleton and
-  mapping, the copy) and set against the host → device copy of the same weights measured in this
-  process in the same round (on a CPU-only box: a clone, i.e. a memcpy).
+  store), HOT → WARM and WARM → HOT (the rendered change; where it only touches what Serve applies
+  in place, the replica process is kept and copies the weights from the node's store, otherwise a
+  new replica maps them). Each is "config PUT → first successful remote trace". The warm time is
+  split with the replica's own marks (PUT → reconfigure → copy done, or, for a replaced replica,
+  process start, imports, skeleton and mapping, the copy) and set against the host → device copy
+  of the same weights measured in this process in the same round (on a CPU-only box: a clone,
+  i.e. a memcpy).
 * **request path** (a tiny Llama, float32): per iteration, interleaved, a plain HF forward, a
   local nnsight trace and a remote round trip with the unmodified nnsight client. The client's own
   per-request costs (serialising the trace, building an `httpx.Client`, parsing and loading the
@@ -370,7 +372,7 @@ def activation_round(mode: Any, client: Any, big_dir: str) -> dict[str, float]:
     if marks:  # the weights phase of a cold start: read the checkpoint, fill the store, (copy)
         row["cold_weights"] = marks["ready"] - marks["imported"]
 
-    # HOT → WARM: the replica is replaced by one that keeps nothing but the store's copy.
+    # HOT → WARM: the replica drops its own copy (the store keeps one); in place where the render allows.
     put = time.perf_counter()
     rest.apply(warm)
     row["hot_to_warm"] = wait_until(lambda: big_status(url).get("deployment_level") == "WARM", 300,
@@ -378,12 +380,20 @@ def activation_round(mode: Any, client: Any, big_dir: str) -> dict[str, float]:
     wait_until(lambda: rest.details()["applications"].get(app, {}).get("status") == "RUNNING", 300,
                "the WARM app RUNNING")
 
-    # WARM → HOT: the rendered change replaces the replica; the new one maps the node's copy.
+    # WARM → HOT: the rendered change; the replica (kept, or a new one) copies the node's copy.
+    before = big_status(url).get("replica_startup") or {}
     row["warm"], status, put_epoch = activate(rest, hot, client, url, "nodeMemory")
     marks = status.get("replica_startup") or {}
     copies = [t for t in status.get("transitions") or [] if t.get("to_level") == "Hot"]
-    row["replica_copy"] = float(copies[-1]["seconds"]) if copies else float("nan")
-    if marks:
+    last = copies[-1] if copies else {}
+    row["replica_move"] = float(last.get("seconds", float("nan")))  # the whole level move in the replica
+    row["replica_copy"] = float(last.get("copy_seconds") or row["replica_move"])  # of it, the weights' copy
+    row["in_place"] = float(bool(marks) and marks.get("process_started") == before.get("process_started"))
+    if row["in_place"] and copies:  # Serve called reconfigure on the WARM replica
+        began = float(copies[-1].get("started_at") or float("nan"))
+        row["to_move"] = began - put_epoch
+        row["after_ready"] = row["warm"] - (began + row["replica_move"] - put_epoch)
+    elif marks:  # Serve replaced the replica
         row["to_process"] = marks["process_started"] - put_epoch
         row["imports"] = marks["imported"] - marks["process_started"]
         row["map"] = marks["loaded"] - marks["imported"]
@@ -460,18 +470,26 @@ def main(argv: list[str] | None = None) -> int:
         startup = warm - replica_copy
         print(f"\nactivation to first trace, {args.rounds} interleaved rounds (medians), {weights / 1e6:.0f} MB:")
         print(f"  COLD → HOT (new app; replica reads the checkpoint, fills the node's store): {cold:.2f} s")
-        print(f"  WARM → HOT (rendered change; new replica maps the node's copy):          {warm:.2f} s")
-        print(f"  HOT → WARM (rendered change; new replica keeps only the store's copy):  "
+        print(f"  WARM → HOT (rendered change; the node's copy → the replica's device):    {warm:.2f} s")
+        print(f"  HOT → WARM (rendered change; the replica keeps only the store's copy):  "
               f"{med([r['hot_to_warm'] for r in rows]):.2f} s")
         def split(key: str) -> float:
             return med([r.get(key, float("nan")) for r in rows])
 
-        print(f"  warm split: PUT → replica process {split('to_process'):.2f} s, process start + imports (Ray "
-              f"worker, Serve, torch, nnsight) {split('imports'):.2f} s, skeleton + mapping {split('map'):.2f} s, "
-              f"copy {replica_copy:.2f} s, ready → first trace {split('after_ready'):.2f} s")
-        print(f"  the weights phase alone (imports done → replica ready): cold {split('cold_weights'):.2f} s "
-              f"(read the checkpoint, fill the store) vs warm {split('warm_weights'):.2f} s (skeleton, map, copy): "
-              f"{split('cold_weights') / split('warm_weights'):.1f}x")
+        in_place = all(r["in_place"] for r in rows)
+        if in_place:
+            print(f"  warm split (replica process kept: Serve applied the level with reconfigure): PUT → "
+                  f"reconfigure {split('to_move'):.2f} s, level move {split('replica_move'):.2f} s (copy "
+                  f"{replica_copy:.2f} s, then gc freeze and weight guard), moved → first trace "
+                  f"{split('after_ready'):.2f} s")
+        else:
+            print(f"  warm split (replica replaced in {sum(not r['in_place'] for r in rows)} of {len(rows)} rounds): "
+                  f"PUT → replica process {split('to_process'):.2f} s, process start + imports (Ray worker, Serve, "
+                  f"torch, nnsight) {split('imports'):.2f} s, skeleton + mapping {split('map'):.2f} s, copy "
+                  f"{replica_copy:.2f} s, ready → first trace {split('after_ready'):.2f} s")
+            print(f"  the weights phase alone (imports done → replica ready): cold {split('cold_weights'):.2f} s "
+                  f"(read the checkpoint, fill the store) vs warm {split('warm_weights'):.2f} s (skeleton, map, "
+                  f"copy): {split('cold_weights') / split('warm_weights'):.1f}x")
         print(f"  the weights' host → device copy measured here (CPU: clone): {bench_copy:.2f} s; "
               f"in the replica: {replica_copy:.2f} s")
         print(f"  fixed start-up (warm - the replica's copy): {startup:.2f} s; warm = {startup:.2f} s + "

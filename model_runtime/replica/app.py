@@ -154,14 +154,17 @@ class ModelReplica:
             source = self._load().source
         elif self._source_kind == NODE_MEMORY:
             source = NODE_MEMORY
+        copy_started = time.monotonic()
         if level == levels.HOT:
-            self._host.to_device(self._device)
+            if self._host.to_device(self._device) == NODE_MEMORY:  # e.g. WARM → HOT in place
+                source = self._source_kind = NODE_MEMORY
         else:
             self._host.to_host()
+        copy_seconds = time.monotonic() - copy_started
         self._level = level
         _forget_weight_index(self._model)  # the sandbox re-indexes the weights it guards: they are new tensors
         freeze_long_lived()  # the (re)placed weights leave the collected generations: cheap per-request gc
-        transition = levels.timed(current, level, source, started)
+        transition = levels.timed(current, level, source, started, copy_seconds)
         if level == levels.HOT:
             self.metrics.model_load(self.args.model_key, f"activate_from_{current.lower()}", transition.seconds)
         self._transitions.append(transition.__dict__)
@@ -292,7 +295,8 @@ class ModelReplica:
 
     def _activation_eta_s(self) -> float:
         source_load = 0.0 if self._source_kind == NODE_MEMORY else float(getattr(self._host, "load_seconds", 0.0))
-        return levels.activation_eta_s(self._startup, source_load, int(getattr(self._host, "nbytes", 0)))
+        return levels.activation_eta_s(self._startup, source_load, int(getattr(self._host, "nbytes", 0)),
+                                       in_place=levels.activates_in_place())
 
     def _limits(self) -> dict[str, int]:
         # The gateway caches these to refuse an oversize body before sending it to the replica.

@@ -176,7 +176,10 @@ class HostCopy:
     load_seconds: float
     nbytes: int = 0  # bytes of the weights (for the activation estimate)
 
-    def to_device(self, device: str) -> None:
+    def to_device(self, device: str) -> str | None:
+        """Put the weights on `device`; returns where they came from: `NODE_MEMORY` (copied from the
+        node's store), "memory" (the replica's own host tensors moved), "resident" (already there)
+        or None (not told: tensor-parallel ranks)."""
         raise NotImplementedError
 
     def to_host(self) -> None:
@@ -193,8 +196,9 @@ class PrivateCopy(HostCopy):
         self.model, self.source_kind, self.load_seconds = loaded.model, loaded.source_kind, loaded.load_seconds
         self.nbytes = sum(t.nbytes for t, _ in _unique_tensors(loaded.model._module))
 
-    def to_device(self, device: str) -> None:
+    def to_device(self, device: str) -> str:
         levels.move_module(self.model, device)
+        return "memory"
 
     def to_host(self) -> None:
         levels.move_module(self.model, "cpu")
@@ -224,15 +228,18 @@ class StoreCopy(HostCopy):
             self._arrays = ray.get(self._refs)  # zero copy: views of the node's shared memory
         return self._arrays
 
-    def to_device(self, device: str) -> None:
+    def to_device(self, device: str) -> str:
         if self._on == device:
-            return
+            return "resident"
+        source = "memory"
         if self._on is not None:  # the filler's own CPU tensors: one move, as from any host copy
             levels.move_module(self.model, device)
         else:
             materialize(self.model._module, self._slots, self._mapped(), device)
             self.model.dispatched = True  # real weights now: nnsight must not load its own
+            source = NODE_MEMORY
         self._on = device
+        return source
 
     def to_host(self) -> None:
         if self._on is None:
@@ -240,6 +247,7 @@ class StoreCopy(HostCopy):
         dematerialize(self.model._module, self._slots)
         self._on = None
         levels.free_device_cache()
+        self._mapped()  # map the store's pages now: becoming HOT is then the copy alone
 
     def release(self) -> None:
         import ray

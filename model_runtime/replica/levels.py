@@ -27,6 +27,8 @@ class Transition:
     to_level: str
     seconds: float
     source: str  # "resident" (already there), "memory" (WARM → HOT), or the load source kind
+    started_at: float = 0.0  # epoch seconds (bench/runtime.py: config PUT → the move began)
+    copy_seconds: float = 0.0  # of `seconds`, the weights' copy itself (the rest: gc freeze, guards)
 
 
 def process_started_at() -> float:
@@ -51,15 +53,27 @@ ACTIVATION_REACTION_S = 2.0
 HOST_COPY_BYTES_PER_S = 1e9  # a conservative host → device (or memcpy) rate for the estimate
 
 
-def activation_eta_s(startup: dict[str, float], source_load_seconds: float, weights_bytes: int) -> float:
+def activation_eta_s(startup: dict[str, float], source_load_seconds: float, weights_bytes: int,
+                     *, in_place: bool = False) -> float:
     """How long a WARM model takes to serve once activation is requested (the 503's Retry-After).
 
-    The replacement replica starts like this one did (process, imports, skeleton), minus this
-    one's read of the checkpoint (the new one maps the node's copy), plus the copy to the device.
+    In place (`reconfigure` keeps this replica): the copy to the device. Otherwise the replacement
+    replica starts like this one did (process, imports, skeleton), minus this one's read of the
+    checkpoint (the new one maps the node's copy), plus the copy to the device.
     """
     began, loaded = startup.get("process_started", 0.0), startup.get("loaded", 0.0)
     start_up = max(0.0, loaded - began - source_load_seconds) if began > 0 and loaded > began else 10.0
+    if in_place:
+        start_up = 0.0
     return ACTIVATION_REACTION_S + start_up + weights_bytes / HOST_COPY_BYTES_PER_S
+
+
+def activates_in_place() -> bool:
+    """Whether WARM → HOT keeps this replica: the operator renders the two levels alike (a
+    `reconfigure`) only where there is no GPU to ask Ray for (docs/runtime.md)."""
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def limit_gpu_share(gpus: float) -> None:
@@ -98,5 +112,6 @@ def drop(model: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def timed(from_level: str, to_level: str, source: str, started: float) -> Transition:
-    return Transition(from_level, to_level, time.monotonic() - started, source)
+def timed(from_level: str, to_level: str, source: str, started: float, copy_seconds: float = 0.0) -> Transition:
+    seconds = time.monotonic() - started
+    return Transition(from_level, to_level, seconds, source, time.time() - seconds, copy_seconds)

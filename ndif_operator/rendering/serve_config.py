@@ -160,11 +160,17 @@ def _model_apps(
         gpus_per_replica=gpus,
         gpu_fraction=decision.gpu_fraction if gpus > 0 else 0.0,
     )
-    if hot:
+    weights = estimate.weights_bytes if estimate is not None else 0
+    if options.cpu_only:
+        # Host RAM is the device: a HOT replica holds the weights in its own memory, and a WARM one
+        # reserves the same, so WARM <-> HOT renders equal `ray_actor_options` and `args` and Serve
+        # applies the level change in place (`reconfigure`), keeping the process (docs/runtime.md).
+        memory = weights
+    elif hot:
         memory = options.hot_host_memory_bytes
     else:
         # A WARM copy holds the weights in CPU RAM: reserve them so Ray does not overcommit a pod.
-        memory = estimate.weights_bytes if estimate is not None else 0
+        memory = weights
     user_config = ModelUserConfig.from_limits(spec.limits, Level(decision.level),
                                               activate_on_request=spec.activate_on_request)
     # CPU-only clusters run tensor parallelism too (gloo): the ranks are processes either way.

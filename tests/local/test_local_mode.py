@@ -159,8 +159,11 @@ def test_requests_for_warm_and_unknown_models_get_clear_errors(local_run: LocalR
 
 def test_requested_warm_model_becomes_hot_with_weights_from_node_memory(local_run: LocalRun, model_dir: Path) -> None:
     """The 503 above pushed the demand (`/demand`); local mode re-planned it Hot and PUT the config.
-    The rendered change replaces the replica (other ray_actor_options), and the new replica maps the
-    weights the WARM one left in the node's weight store instead of reading the checkpoint."""
+    On a CPU-only machine the rendered change is user_config and a replica count only, so Serve
+    reconfigures the WARM replica in place: the same process copies the weights from the node's
+    weight store instead of reading the checkpoint."""
+    before = json.loads(_get(f"{local_run.url}/status", API_KEY)[1])["deployments"]
+    process = next(d for d in before.values() if d["repo_id"] == "ndif-test/warm-llama")["replica_startup"]
     deadline = time.monotonic() + 180
     while True:
         status = json.loads(_get(f"{local_run.url}/status", API_KEY)[1])["deployments"]
@@ -170,6 +173,7 @@ def test_requested_warm_model_becomes_hot_with_weights_from_node_memory(local_ru
         assert time.monotonic() < deadline, f"never became HOT: {warm}\n{local_run.output()[-3000:]}"
         time.sleep(0.5)
     assert warm["load_source"] == "nodeMemory"
+    assert warm["replica_startup"]["process_started"] == process["process_started"]  # kept, not replaced
     assert "lt/warm: requested while Warm: Hot until" in local_run.output()
 
     import nnsight

@@ -162,6 +162,28 @@ def test_cpu_only_requests_no_gpus_and_zero_cpus() -> None:
     assert validate_serve_config(config) == []
 
 
+def test_cpu_only_warm_and_hot_differ_only_in_what_serve_applies_in_place() -> None:
+    """Host RAM is the device: WARM <-> HOT must be a `reconfigure` (user_config) plus a replica
+    count, never a replica restart (`args`, `ray_actor_options`, import path, runtime_env)."""
+    options = RenderOptions(cpu_only=True, replica_num_cpus=0, replica_env=(("OMP_NUM_THREADS", "1"),))
+    estimates = {"ml/warm": ESTIMATES["ml/warm"]}
+    deployments = {"ml/warm": DEPLOYMENTS["ml/warm"]}
+
+    def app(level: Level) -> dict[str, object]:
+        plan = Plan(decisions=(decision("ml/warm", level, replicas=2, gpus=0.5),))
+        config = render_serve_config(plan, deployments, options=options, estimates=estimates)
+        return dict(next(a for a in config["applications"] if a["name"] == "md-ml-warm"))
+
+    warm, hot = app(Level.WARM), app(Level.HOT)
+    lightweight = {"user_config", "num_replicas", "autoscaling_config"}
+    (warm_deployment,), (hot_deployment,) = warm.pop("deployments"), hot.pop("deployments")  # type: ignore[misc]
+    assert warm == hot  # import path, args, route: the same
+    assert {k: v for k, v in warm_deployment.items() if k not in lightweight} == {
+        k: v for k, v in hot_deployment.items() if k not in lightweight}
+    assert warm_deployment["ray_actor_options"]["memory"] == 123_456  # the weights, at both levels
+    assert (warm_deployment["user_config"]["level"], hot_deployment["user_config"]["level"]) == ("Warm", "Hot")
+
+
 def test_autoscaling_stays_within_the_granted_replicas() -> None:
     deployments = {"ml/a": md("a", "org/A", replicas=2, autoscaling={"minReplicas": 1, "maxReplicas": 4})}
     plan = Plan(decisions=(decision("ml/a", Level.HOT, replicas=3),))

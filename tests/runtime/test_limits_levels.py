@@ -82,7 +82,8 @@ def test_warm_refuses_with_activation_request_then_activates_from_memory(
     assert entry["deployment_level"] == "WARM" and entry["activation_requested"]
     assert entry["deployment"] == "default/tiny-slow" and entry["activation_requested_at"] > 0
     warm = handle.activate.remote().result()
-    assert warm["from_level"] == "Warm" and warm["source"] == "memory"
+    # The WARM replica kept only the node store's copy: becoming HOT copies from it, no disk read.
+    assert warm["from_level"] == "Warm" and warm["source"] == "nodeMemory"
     with slow_client_model.trace(PROMPT, remote=True):
         logits = slow_client_model.lm_head.output.save()
     assert logits.ndim == 3

@@ -63,3 +63,5 @@ def test_activation_estimate_is_start_up_without_the_disk_read_plus_the_copy() -
     # 12 s to start and load, 5 s of it reading the checkpoint: 7 s start-up, 2 s copy, 2 s reaction.
     assert levels.activation_eta_s(startup, 5.0, 2_000_000_000) == pytest.approx(11.0)
     assert levels.activation_eta_s({}, 0.0, 0) == pytest.approx(12.0)  # unknown start-up: 10 s
+    # Kept in place (a `reconfigure`): the reaction and the copy only.
+    assert levels.activation_eta_s(startup, 5.0, 2_000_000_000, in_place=True) == pytest.approx(4.0)
