@@ -35,6 +35,7 @@ from datetime import datetime
 
 from ndif_operator.api import Level, Reason
 from ndif_operator.api.units import human_bytes
+from ndif_operator.planning import repack
 from ndif_operator.planning.capacity import CpuCapacity, GroupCapacity, SlotId
 from ndif_operator.planning.schedule import apply_schedule
 from ndif_operator.planning.sizing import TP_SIZES, Need, check_tp_sizes, impossible_tensor_parallel_size, need_in
@@ -291,6 +292,80 @@ class _Planner:
         pod, gpus = where
         self.caps[gi].allocate((st.req.key, number), pod, gpus, need.units)
         st.slots[number] = _Slot(gi, pod, gpus, need.units, incumbent=False)
+
+    # --- phase 2b: re-pack ----------------------------------------------------------------------
+
+    def repack_new(self) -> None:
+        """Re-pack this plan's new replicas (kept ones stay) with the bounded search of repack.py:
+        first to add replicas the placement pass left out (one at a time, in placement order, so
+        priorities hold), then to use fewer GPUs. Keeps the placement pass's packing otherwise."""
+        placed = [(st, number) for st in self.states.values() for number, slot in sorted(st.slots.items())
+                  if not slot.incumbent]
+        if not placed or len(placed) > repack.MAX_PIECES:
+            return
+        free = [[list(pod) for pod in cap.free] for cap in self.caps]
+        for st, number in placed:
+            slot = st.slots[number]
+            for gpu in slot.gpus:
+                free[slot.group][slot.pod][gpu] += slot.units
+        found: dict[repack.PieceId, repack.Spot] | None = None
+        attempts = repack.ATTEMPTS
+        for st in sorted((s for s in self.states.values() if s.missing > 0), key=lambda s: s.order):
+            for extra in range(st.missing):
+                if attempts == 0 or len(placed) == repack.MAX_PIECES:
+                    break
+                attempts -= 1
+                more = [*placed, (st, st.next_replica + extra)]
+                pieces = self._pieces(more)
+                got = None if not pieces[-1].options else repack.repack(
+                    self.groups, free, pieces, steps=repack.ATTEMPT_STEPS, first=True)
+                if got is None:
+                    break
+                placed, found = more, got
+        fewer = repack.repack(self.groups, free, self._pieces(placed),
+                              beat=self.gpus_used() if found is None else self._used_with(free, found))
+        found = fewer or found
+        if found is not None:
+            self._adopt(placed, found)
+
+    def _pieces(self, placed: list[tuple[_State, int]]) -> list[repack.Piece]:
+        pieces = []
+        for st, number in placed:
+            kept = [s for s in st.slots.values() if s.incumbent]
+            # A model with kept replicas keeps their rank count; others may take any count.
+            options = tuple((gi, need) for gi, need in self._feasible(st)[0]
+                            if not kept or st.need is None or need.gpus == st.need.gpus)
+            avoid = frozenset((s.group, s.pod, g) for s in kept for g in s.gpus)
+            pieces.append(repack.Piece(st.req.key, number, options, avoid))
+        return pieces
+
+    @staticmethod
+    def _used_with(free: list[list[list[int]]], found: dict[repack.PieceId, repack.Spot]) -> int:
+        touched = {(s.group, s.pod, g) for s in found.values() for g in s.gpus}
+        return len(touched) + sum(1 for gi, pods in enumerate(free) for pod, gpus in enumerate(pods)
+                                  for gpu, units in enumerate(gpus)
+                                  if units < FRACTION_UNITS and (gi, pod, gpu) not in touched)
+
+    def _adopt(self, placed: list[tuple[_State, int]], found: dict[repack.PieceId, repack.Spot]) -> None:
+        for st, number in placed:
+            slot = st.slots.pop(number, None)
+            if slot is not None:
+                self.caps[slot.group].release((st.req.key, number), slot.pod, slot.gpus)
+        for st, number in placed:
+            spot = found[(st.req.key, number)]
+            self.caps[spot.group].allocate((st.req.key, number), spot.pod, spot.gpus, spot.units)
+            st.slots[number] = _Slot(spot.group, spot.pod, spot.gpus, spot.units, incumbent=False)
+            st.next_replica = max(st.next_replica, number + 1)
+        for st in {st.req.key: st for st, _ in placed}.values():
+            if not any(slot.incumbent for slot in st.slots.values()):
+                # A model with no kept replica belongs to the group of its first replica.
+                st.group = st.slots[min(st.slots)].group
+                need = self._need(st.req, st.group)
+                assert not isinstance(need, str)
+                st.need = need
+
+    def gpus_used(self) -> int:
+        return sum(1 for cap in self.caps for pod in cap.free for f in pod if f < FRACTION_UNITS)
 
     # --- eviction -----------------------------------------------------------------------------
 
@@ -649,7 +724,7 @@ class _Planner:
         return False
 
     def summary(self, decisions: list[Decision]) -> Plan:
-        used = sum(1 for cap in self.caps for pod in cap.free for f in pod if f < FRACTION_UNITS)
+        used = self.gpus_used()
         reserved = sum(d.replicas * (self.states[d.key].req.total_bytes or 0) for d in decisions)
         return Plan(
             decisions=tuple(decisions),
@@ -688,5 +763,6 @@ def plan(
     planner = _Planner(inventory, requests, now, whole_gpu_tensor_parallel, auto_tensor_parallel_sizes)
     planner.keep_current()
     planner.place_missing()
+    planner.repack_new()
     planner.place_warm()
     return planner.summary(planner.decisions())
