@@ -17,7 +17,9 @@ Rules, in the order they apply (docs/placement.md has the rationale):
    (minimumDeploymentSeconds > 0) and have been HOT at least that long. Only placements carried
    over from the previous plan are evicted (never one made in this plan), so the search ends.
    The cheapest location wins: fewest victims, then lowest victim priority, then least memory.
-4. What is not HOT goes WARM in CPU RAM when the request allows it and a pod has room
+4. Re-pack what this plan placed (repack.py): a bounded search moves only the replicas placed in
+   this plan, to add replicas step 2 left out (in placement order) and then to use fewer GPUs.
+5. What is not HOT goes WARM in CPU RAM when the request allows it and a pod has room
    (preferring the pod it is already in, or was HOT in), else COLD; a higher-priority (or
    dedicated) model may send lower-priority WARM models to COLD to make room. Every such decision
    says why.
