@@ -54,5 +54,14 @@ RUN if [ "$TORCH_VARIANT" = cpu ]; then \
  && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels /tmp/requirements.txt \
  && python -c "import ray, torch, nnsight, model_runtime.gateway.app; assert ray.__version__ == '2.60.0'"
+# The sandbox's write guard as dispatcher kernels, compiled against this image's torch; the
+# compiler leaves with the layer. The check fails the build if the replica would fall back.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ ninja-build \
+ && python -m model_runtime.sandbox.native.build \
+ && apt-get purge -y --auto-remove g++ ninja-build \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -c "from model_runtime.sandbox import native_guard as n; assert n.load(), n.failure()"
 USER 1000:1000
 WORKDIR /home/ray

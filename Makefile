@@ -5,6 +5,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NATIVE := model_runtime/sandbox/native/_build/ndif_write_guard.so
 # Tests and demos run on 2 cores next to Ray: keep torch and BLAS to one thread each.
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
@@ -15,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install tools generate verify lint test test-placement demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(NATIVE)
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
 	@touch $(STAMP)
+
+# The sandbox's write guard as dispatcher kernels: C++ compiled against the installed torch (g++ and
+# ninja); ninja recompiles only what changed. Without it, replicas fall back to the slower Python mode.
+$(NATIVE): model_runtime/sandbox/native/write_guard.cpp model_runtime/sandbox/native/build.py $(STAMP)
+	$(BIN)/python -m model_runtime.sandbox.native.build
+	@touch $@
 
 # Tools that are not Python packages: promtool (tests/chart) comes from Debian's prometheus.
 tools:

@@ -1,6 +1,6 @@
 """Per-request cost of the sandbox on the tiny model, end to end and split by layer.
 
-    .venv/bin/python bench/sandbox.py [iterations]
+    .venv/bin/python bench/sandbox.py [iterations]      # default 300 interleaved requests per path
 
 One real client payload (the unmodified nnsight client, a trace that saves two hidden states and
 the logits) is executed over and over against a dispatched tiny llama:
@@ -13,17 +13,21 @@ the logits) is executed over and over against a dispatched tiny llama:
 * sandboxed: the same `execute_request` with `runner=model_runtime.sandbox.executor.run_blob`
   (what `select_runner()` picks unless NDIF_SANDBOX=0), every layer including a seccomp filter on
   the request thread (installed once per thread, at its first request);
-* standalone: `Sandbox.execute` (dedicated seccomp'd worker thread, own serialisation).
+* standalone: `Sandbox.execute` (dedicated seccomp'd worker thread, own serialisation);
+* python_mode: the sandboxed seam with the write guard as the Python dispatch mode (the fallback
+  when the native kernels are not built), for comparison in the same run.
 
-The three alternate request by request so machine noise hits them alike. Then each layer is
-timed alone on the same payload (stock vs sandboxed where there is a stock equivalent), and the
-baseline and sandboxed seams are compared again on a ~107M-parameter llama built offline, where a
-real model's compute dominates (`large model: sandboxed / unsandboxed = X.XXx`). Medians; the
-LAST line is the tiny model's headline ratio.
+The paths alternate request by request so machine noise hits them alike; each ratio is reported
+with the interquartile range of the ratios of interleaved pairs. Then each layer is timed alone
+on the same payload (stock vs sandboxed where there is a stock equivalent), and the baseline,
+sandboxed and Python-mode seams are compared again on a ~107M-parameter llama built offline,
+where a real model's compute dominates (`large model: sandboxed / unsandboxed = X.XXx`). Medians;
+the LAST line is the tiny model's headline ratio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import pickle
@@ -32,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +106,8 @@ def _seam(server: Any, request: Any, blob: bytes, runner: Any) -> Callable[[], N
     return run
 
 
-def _interleaved(runs: dict[str, Callable[[], None]], iterations: int, warmup: int = 5) -> dict[str, float]:
-    """Median ms per path, the paths alternating call by call so machine noise hits them alike."""
+def _interleaved(runs: dict[str, Callable[[], None]], iterations: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Samples (ms) per path, the paths alternating call by call so machine noise hits them alike."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -112,23 +116,58 @@ def _interleaved(runs: dict[str, Callable[[], None]], iterations: int, warmup: i
         for name, fn in runs.items():
             t0 = time.perf_counter()
             fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples
 
 
-def large_model_ratio(iterations: int) -> tuple[float, float, int]:
-    """(sandboxed ms, unsandboxed ms, parameters) on the ~107M-parameter llama."""
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def _spread(samples: dict[str, list[float]], path: str, base: str = "baseline") -> str:
+    """Spread of a path against the baseline: the interquartile range of the ratio of each
+    interleaved pair (request i of `path` over request i of the baseline)."""
+    ratios = sorted(a / b for a, b in zip(samples[path], samples[base], strict=True))
+    q = statistics.quantiles(ratios, n=4)
+    return f"paired ratio IQR {q[0]:.2f}-{q[2]:.2f}x"
+
+
+@contextlib.contextmanager
+def _python_mode() -> Iterator[None]:
+    """Requests run under the Python dispatch mode (the guard's fallback) instead of the native kernels."""
+    from model_runtime.sandbox import executor
+    from model_runtime.sandbox.dispatch_guard import PythonWriteGuard
+
+    previous = executor.WriteGuard
+    executor.WriteGuard = PythonWriteGuard  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        executor.WriteGuard = previous  # type: ignore[misc]
+
+
+def _under_python_mode(run: Callable[[], None]) -> Callable[[], None]:
+    def wrapped() -> None:
+        with _python_mode():
+            run()
+
+    return wrapped
+
+
+def large_model(iterations: int) -> tuple[dict[str, list[float]], int]:
+    """(samples per path, parameters) on the ~107M-parameter llama."""
     from model_runtime.replica import execution
     from model_runtime.sandbox import executor
 
     _client, server, request, blob = _served(LARGE)
     params = sum(p.numel() for p in server._module.parameters())
-    med = _interleaved(
-        {"baseline": _seam(server, request, blob, execution.run_blob),
-         "sandboxed": _seam(server, request, blob, executor.run_blob)},
-        iterations, warmup=2,
+    sandboxed = _seam(server, request, blob, executor.run_blob)
+    samples = _interleaved(
+        {"baseline": _seam(server, request, blob, execution.run_blob), "sandboxed": sandboxed,
+         "python_mode": _under_python_mode(sandboxed)},
+        iterations, warmup=3,
     )
-    return med["sandboxed"], med["baseline"], params
+    return samples, params
 
 
 def main(iterations: int) -> None:
@@ -139,7 +178,7 @@ def main(iterations: int) -> None:
     from model_runtime.sandbox import Limits, Sandbox, executor
     from model_runtime.sandbox.capabilities import Capabilities
     from model_runtime.sandbox.compiling import restricted_compile
-    from model_runtime.sandbox.dispatch_guard import WriteGuard
+    from model_runtime.sandbox.dispatch_guard import PythonWriteGuard, ServerStorage, WriteGuard
     from model_runtime.sandbox.global_state import GlobalState
     from model_runtime.sandbox.guards import Guards
     from model_runtime.sandbox.integrity import WeightIntegrity
@@ -180,10 +219,13 @@ def main(iterations: int) -> None:
 
     gc_ms = _median_ms(gc.collect, 5)
     freeze_long_lived()  # as the model app does after loading
-    med = _interleaved(
-        {"baseline": baseline, "sandboxed": sandboxed, "no_seccomp": sandboxed_no_seccomp, "standalone": standalone},
+    guard_kind = "native dispatcher kernels" if WriteGuard(ServerStorage()).native else "Python mode (fallback!)"
+    samples = _interleaved(
+        {"baseline": baseline, "sandboxed": sandboxed, "no_seccomp": sandboxed_no_seccomp, "standalone": standalone,
+         "python_mode": _under_python_mode(sandboxed)},
         iterations,
     )
+    med = {k: _median(v) for k, v in samples.items()}
     assert sandbox_calls, "the sandbox runner did not run"
 
     # -- layer by layer on the same payload -------------------------------------------------------
@@ -228,6 +270,7 @@ def main(iterations: int) -> None:
 
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
     guard = WriteGuard(integrity.storage)
+    python_guard = PythonWriteGuard(integrity.storage)
 
     def forward() -> None:
         with torch.no_grad():
@@ -235,6 +278,10 @@ def main(iterations: int) -> None:
 
     def guarded_forward() -> None:
         with torch.no_grad(), guard:
+            server._module(ids)
+
+    def python_guarded_forward() -> None:
+        with torch.no_grad(), python_guard:
             server._module(ids)
 
     fresh = itertools.count()
@@ -246,7 +293,9 @@ def main(iterations: int) -> None:
         ("2 compile: stock compile()", lambda: compile(source, filename, "exec"),
          "2 compile: RestrictedPython, memoised", lambda: restricted_compile(source, filename)),
         ("4a model forward (8 tokens)", forward,
-         "4a model forward under the dispatch guard", guarded_forward),
+         "4a model forward under the write guard", guarded_forward),
+        ("4a model forward (8 tokens)", forward,
+         "4a model forward under the Python mode", python_guarded_forward),
         ("5 thread: plain start+join", plain_thread,
          "5 thread: + seccomp filter (once per thread)", seccomp_thread),
     ]
@@ -261,14 +310,18 @@ def main(iterations: int) -> None:
         ("5 memory: RLIMIT_AS set + restore", capped),
     ]
 
-    print(f"tiny llama, payload {len(blob):,} bytes (zstd), {iterations} interleaved requests each, medians")
-    print(f"  baseline   execute_request, stock run_blob      {med['baseline']:8.2f} ms")
-    print(f"  sandboxed  execute_request, sandbox run_blob    {med['sandboxed']:8.2f} ms"
-          f"  ({med['sandboxed'] / med['baseline']:.2f}x)")
-    print(f"  sandboxed, seccomp filter off                   {med['no_seccomp']:8.2f} ms"
-          f"  ({med['no_seccomp'] / med['baseline']:.2f}x)")
-    print(f"  standalone Sandbox.execute (dedicated worker)   {med['standalone']:8.2f} ms"
-          f"  ({med['standalone'] / med['baseline']:.2f}x)")
+    print(f"tiny llama, payload {len(blob):,} bytes (zstd), {iterations} interleaved requests each, medians; "
+          f"write guard: {guard_kind}")
+    rows = [
+        ("baseline", "baseline   execute_request, stock run_blob"),
+        ("sandboxed", "sandboxed  execute_request, sandbox run_blob"),
+        ("no_seccomp", "sandboxed, seccomp filter off"),
+        ("standalone", "standalone Sandbox.execute (dedicated worker)"),
+        ("python_mode", "sandboxed, write guard as the Python mode"),
+    ]
+    for key, label in rows:
+        ratio = "" if key == "baseline" else f"  ({med[key] / med['baseline']:.2f}x, {_spread(samples, key)})"
+        print(f"  {label:47s} {med[key]:8.2f} ms{ratio}")
     print(f"  (for reference: a full gc.collect() in this process costs {gc_ms:.1f} ms; requests collect young)")
     print("cost split by layer (each alone, same payload):")
     for stock_name, stock_fn, box_name, box_fn in layers:
@@ -279,13 +332,18 @@ def main(iterations: int) -> None:
         print(f"  {name:45s} {_median_ms(fn, n):8.3f} ms")
     timings = sandbox.execute(server, blob, request).meta["sandbox"]["timings"]
     print("  standalone request's own split: " + ", ".join(f"{k}={v * 1e3:.2f} ms" for k, v in timings.items()))
-    large_n = max(10, iterations // 10)
-    box_ms, base_ms, params = large_model_ratio(large_n)
-    print(f"large model: sandboxed / unsandboxed = {box_ms / base_ms:.2f}x ({box_ms:.1f} ms vs {base_ms:.1f} ms; "
+    large_n = max(20, iterations // 3)
+    large, params = large_model(large_n)
+    big = {k: _median(v) for k, v in large.items()}
+    print(f"large model, write guard as the Python mode: {big['python_mode'] / big['baseline']:.2f}x "
+          f"({big['python_mode']:.1f} ms; {_spread(large, 'python_mode')})")
+    print(f"large model: sandboxed / unsandboxed = {big['sandboxed'] / big['baseline']:.2f}x "
+          f"({big['sandboxed']:.1f} ms vs {big['baseline']:.1f} ms; {_spread(large, 'sandboxed')}; "
           f"llama {params / 1e6:.0f}M parameters, {large_n} interleaved requests each; target <= 1.1x)")
     print(f"headline: sandboxed / unsandboxed median per request = {med['sandboxed'] / med['baseline']:.2f}x "
-          f"({med['sandboxed']:.2f} ms vs {med['baseline']:.2f} ms; target <= 1.3x)")
+          f"({med['sandboxed']:.2f} ms vs {med['baseline']:.2f} ms; {_spread(samples, 'sandboxed')}; "
+          f"target <= 1.3x)")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)

@@ -31,6 +31,7 @@ such as `UntypedStorage.__init__`), which the Python layers deny and `integrity.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,12 +51,12 @@ UNINITIALISED_ALLOCATORS = frozenset(
 # Arguments some batch-norm kernels update in place although their schema does not say so
 # (`native_batch_norm`, `cudnn_batch_norm`, `miopen_batch_norm`, the sync-BN stats ops): written
 # when the op's `training` argument is true, or always when it has none.
-_UNDECLARED_RUNNING_STATS = frozenset({"running_mean", "running_var"})
-_STATS_FLAGS = frozenset({"training", "use_input_stats"})
+UNDECLARED_RUNNING_STATS = frozenset({"running_mean", "running_var"})
+STATS_FLAGS = frozenset({"training", "use_input_stats"})
 # ...except in the variants that only read them or return updated copies.
-_STATS_READ_ONLY = ("backward", "no_update", "no_training", "functional")
+STATS_READ_ONLY = ("backward", "no_update", "no_training", "functional")
 # In-place ops that may grow a tensor's storage: the new bytes are uninitialised.
-_GROWING = frozenset({"resize_", "resize_as_", "_resize_output_", "resize_as_sparse_"})
+GROWING = frozenset({"resize_", "resize_as_", "_resize_output_", "resize_as_sparse_"})
 
 
 def _storage_range(tensor: torch.Tensor) -> tuple[int, int] | None:
@@ -141,12 +142,12 @@ def op_rule(func: torch._ops.OpOverload) -> _OpRule:
     stats = tuple(
         (i, arg.name)
         for i, arg in enumerate(schema.arguments)
-        if arg.name in _UNDECLARED_RUNNING_STATS
+        if arg.name in UNDECLARED_RUNNING_STATS
         and (arg.alias_info is None or not arg.alias_info.is_write)
-        and not any(part in name for part in _STATS_READ_ONLY)
+        and not any(part in name for part in STATS_READ_ONLY)
     )
-    training = next(((i, a.name) for i, a in enumerate(schema.arguments) if a.name in _STATS_FLAGS), None)
-    return _OpRule(written, stats, training, name in UNINITIALISED_ALLOCATORS, name in _GROWING)
+    training = next(((i, a.name) for i, a in enumerate(schema.arguments) if a.name in STATS_FLAGS), None)
+    return _OpRule(written, stats, training, name in UNINITIALISED_ALLOCATORS, name in GROWING)
 
 
 def _argument(position: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -175,8 +176,10 @@ class GuardCounters:
     refused_ops: list[str] = field(default_factory=list)
 
 
-class WriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """The dispatch mode; enter it on the thread that runs the request (modes are per thread).
+class PythonWriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """The rules as a Python dispatch mode: the fallback when the native kernels are not built.
+
+    Enter it on the thread that runs the request (modes are per thread).
 
     Every op the thread dispatches comes through `__torch_dispatch__`, so its fast path (an op
     with nothing to check) is one set lookup and the call.
@@ -241,3 +244,40 @@ class WriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 raw.set_(target.untyped_storage())
                 raw[old:].zero_()
         return result
+
+
+_fallback_logged = False
+
+
+class WriteGuard:
+    """The guard a request runs under: the native dispatcher kernels (`native_guard.py`) when
+    they are built and load, else `PythonWriteGuard` with the same rules (slower), and the reason
+    logged once. Never unguarded."""
+
+    def __init__(self, storage: ServerStorage) -> None:
+        from model_runtime.sandbox import native_guard
+
+        self.storage = storage
+        self.native = native_guard.load() is not None
+        if self.native:
+            self._impl: Any = native_guard.NativeWriteGuard(storage)
+        else:
+            _log_fallback(native_guard.failure())
+            self._impl = PythonWriteGuard(storage)
+
+    def __enter__(self) -> WriteGuard:
+        self._impl.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._impl.__exit__(*exc)
+
+
+def _log_fallback(reason: str | None) -> None:
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        logging.getLogger(__name__).warning(
+            "native write guard unavailable (%s): requests run under the Python dispatch mode "
+            "(same rules, a Python call per aten op)", reason
+        )

@@ -1,13 +1,17 @@
 """The dispatch-level write guard, against every op with write semantics in torch's registry.
 
-Three checks per op, none of them a list written by hand:
-* the guard's decision: handed the op with a server tensor in each written position, it refuses
-  before the kernel runs (every op in the registry, whether or not it can be called here);
-* the real dispatcher: the op called with a server tensor in its written positions under the
-  guard is refused, or is rejected by the op's own argument checks before anything is written
-  (reason recorded per op), or is one of the autograd-level ops that never reach a dispatch mode
-  and write no tensor data (`AUTOGRAD_LEVEL`, covered by `integrity.py`); the server tensor's
-  bytes are unchanged in every case;
+Two implementations, one set of rules (`op_rule`): the native dispatcher kernels a replica runs
+(`native_guard.py`) and the Python dispatch mode it falls back to (`PythonWriteGuard`). Checks per
+op, none of them a list written by hand:
+* the rules: the native kernels derive, for every op in the registry, the same rule as `op_rule`,
+  and every op with write semantics has the guard's checking kernel on the guard's key;
+* the Python mode's decision: handed the op with a server tensor in each written position, it
+  refuses before the kernel runs (every op in the registry, whether or not it can be called here);
+* the real dispatcher, for both: the op called with a server tensor in its written positions under
+  the guard is refused, or is rejected by the op's own argument checks before anything is written
+  (reason recorded per op), or (Python mode only) is one of the autograd-level ops that never reach
+  a dispatch mode and write no tensor data (`AUTOGRAD_LEVEL`, covered by `integrity.py`); the
+  server tensor's bytes are unchanged in every case;
 * allocation: every op that returns uninitialised memory hands out zeros under the guard.
 """
 
@@ -19,14 +23,17 @@ from typing import Any
 import pytest
 import torch
 
+from model_runtime.sandbox import native_guard
 from model_runtime.sandbox.dispatch_guard import (
     UNINITIALISED_ALLOCATORS,
+    PythonWriteGuard,
     ServerStorage,
     WriteGuard,
+    op_rule,
     server_tensors,
 )
 from model_runtime.sandbox.errors import ModelTampering
-from sandbox.write_ops import build_call, write_ops
+from sandbox.write_ops import build_call, registry_ops, write_ops
 
 # Handled by autograd before any dispatch mode sees them; they change autograd metadata or swap
 # which storage a tensor points at, never the bytes of server memory. `integrity.py` checks the
@@ -39,6 +46,12 @@ AUTOGRAD_LEVEL = {
 }
 
 WRITE_OPS = write_ops()
+GUARDS = {"native": native_guard.NativeWriteGuard, "python": PythonWriteGuard}
+
+
+@pytest.fixture(params=sorted(GUARDS))
+def make_guard(request: pytest.FixtureRequest) -> Any:
+    return GUARDS[request.param]
 
 
 def _server() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -58,11 +71,41 @@ def test_the_registry_lists_the_write_ops_the_issue_names() -> None:
         assert expected in names, expected
 
 
-def test_the_guard_decides_to_refuse_every_write_op() -> None:
+def test_the_native_guard_is_built_and_is_what_requests_run_under() -> None:
+    assert native_guard.load() is not None, native_guard.failure()
+    assert WriteGuard(ServerStorage()).native
+
+
+def test_the_native_kernels_apply_the_same_rule_to_every_op_in_the_registry() -> None:
+    native = native_guard.load()
+    assert native is not None
+    checked = 0
+    for op in registry_ops():
+        rule = op_rule(op)
+        expected = (
+            [p for p, _ in rule.written], [p for p, _ in rule.stats],
+            -1 if rule.training is None else rule.training[0], rule.allocates, rule.grows,
+        )
+        assert tuple(native.rule(op._schema.name, op._schema.overload_name)) == expected, op
+        checked += 1
+    assert checked > 2000
+
+
+def test_every_write_op_has_the_checking_kernel_on_the_guards_key() -> None:
+    native = native_guard.load()
+    assert native is not None
+    for op in WRITE_OPS:
+        name = op._schema.name + (f".{op._overloadname}" if op._overloadname != "default" else "")
+        entry = [line for line in torch._C._dispatch_dump(name).splitlines()
+                 if line.startswith(f"{native.dispatch_key}: ndif write guard")]
+        assert entry and "fallthrough" not in entry[0], (name, entry)
+
+
+def test_the_python_mode_decides_to_refuse_every_write_op() -> None:
     """Handed any write op with a server tensor where the schema says it writes, the guard
     raises before calling the kernel (the kernel is never reached, so no argument is checked)."""
     module, target = _server()
-    guard = WriteGuard(ServerStorage.of_modules([module]))
+    guard = PythonWriteGuard(ServerStorage.of_modules([module]))
     for op in WRITE_OPS:
         args, kwargs = build_call(op, target)
         with pytest.raises(ModelTampering):
@@ -70,7 +113,7 @@ def test_the_guard_decides_to_refuse_every_write_op() -> None:
     assert guard.counters.refused == len(WRITE_OPS)
 
 
-def test_every_write_op_through_the_dispatcher_is_refused_or_unreachable() -> None:
+def test_every_write_op_through_the_dispatcher_is_refused_or_unreachable(make_guard: Any) -> None:
     outcomes: dict[str, str] = {}
     for op in WRITE_OPS:
         module, target = _server()
@@ -78,7 +121,7 @@ def test_every_write_op_through_the_dispatcher_is_refused_or_unreachable() -> No
         before = alias.clone()
         args, kwargs = build_call(op, target)
         try:
-            with WriteGuard(ServerStorage.of_modules([module])):
+            with make_guard(ServerStorage.of_modules([module])):
                 op(*args, **kwargs)
             outcomes[str(op)] = "ran"
         except ModelTampering:
@@ -94,12 +137,12 @@ def test_every_write_op_through_the_dispatcher_is_refused_or_unreachable() -> No
     assert counts["refused"] > 0.85 * len(WRITE_OPS), counts
 
 
-def test_running_stat_updates_and_renorm_are_refused_with_a_clear_message() -> None:
+def test_running_stat_updates_and_renorm_are_refused_with_a_clear_message(make_guard: Any) -> None:
     bn = torch.nn.BatchNorm1d(3)
     emb = torch.nn.Embedding(5, 4)
     root = torch.nn.ModuleList([bn, emb]).requires_grad_(False)
     mean, weight = bn.running_mean.clone(), emb.weight.clone()
-    with WriteGuard(ServerStorage.of_modules([root])):
+    with make_guard(ServerStorage.of_modules([root])):
         with pytest.raises(ModelTampering, match="batch_norm"):
             torch.nn.functional.batch_norm(torch.rand(2, 3), bn.running_mean, bn.running_var, training=True)
         with pytest.raises(ModelTampering, match="embedding_renorm_"):
@@ -111,16 +154,16 @@ def test_running_stat_updates_and_renorm_are_refused_with_a_clear_message() -> N
     assert torch.equal(bn.running_mean, mean) and torch.equal(emb.weight, weight)
 
 
-def test_the_models_own_eval_forward_reads_running_stats_freely() -> None:
+def test_the_models_own_eval_forward_reads_running_stats_freely(make_guard: Any) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)).eval().requires_grad_(False)
     expected = model(torch.ones(2, 3))
-    with WriteGuard(ServerStorage.of_modules([model])):
+    with make_guard(ServerStorage.of_modules([model])):
         assert torch.equal(model(torch.ones(2, 3)), expected)
 
 
-def test_user_tensors_stay_writable_and_gradients_work() -> None:
+def test_user_tensors_stay_writable_and_gradients_work(make_guard: Any) -> None:
     module = torch.nn.Linear(4, 4).requires_grad_(False)
-    with WriteGuard(ServerStorage.of_modules([module])):
+    with make_guard(ServerStorage.of_modules([module])):
         x = torch.rand(2, 4, requires_grad=True)
         y = module(x)
         y[:, 0] += 1
@@ -131,10 +174,10 @@ def test_user_tensors_stay_writable_and_gradients_work() -> None:
     assert x.grad is not None and torch.equal(x.grad, module.weight.sum(0).expand(2, 4))
 
 
-def test_aliases_built_over_server_memory_are_refused() -> None:
+def test_aliases_built_over_server_memory_are_refused(make_guard: Any) -> None:
     module = torch.nn.Linear(4, 4).requires_grad_(False)
     weight = module.weight
-    with WriteGuard(ServerStorage.of_modules([module])):
+    with make_guard(ServerStorage.of_modules([module])):
         over = torch.empty(0).set_(weight.untyped_storage(), 4, (2,), (1,))
         with pytest.raises(ModelTampering):
             over.fill_(0)
@@ -193,11 +236,38 @@ _DIRTY = 4096
     ids=["empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted",
          "Tensor(n)", "FloatTensor(n)", "new(n)", "resize_", "resize_as_"],
 )
-def test_allocations_come_back_zeroed(allocate: Any) -> None:
-    guard = WriteGuard(ServerStorage())
+def test_allocations_come_back_zeroed(allocate: Any, make_guard: Any) -> None:
+    guard = make_guard(ServerStorage())
     for _ in range(20):  # leave freed, non-zero blocks of the same size for the allocator to reuse
         garbage = torch.full((_DIRTY,), 7.0)
         del garbage
         with guard:
             fresh = allocate()
         assert not fresh.any(), "uninitialised memory reached the request"
+
+
+def test_an_op_registered_after_start_up_is_guarded_too() -> None:
+    """A library defining a write op while a request runs: the op is checked on its first call
+    (the key's fallback derives its rule) and gets its own kernel at the next guard entry."""
+    native = native_guard.load()
+    assert native is not None
+    module, target = _server()
+    before = target.clone()
+
+    def scribble(x: torch.Tensor) -> None:  # writes below the dispatcher, as native code could
+        x.detach().numpy().fill(7.0)
+
+    with native_guard.NativeWriteGuard(ServerStorage.of_modules([module])):
+        lib = torch.library.Library("ndif_late_op_test", "DEF")  # kept alive until the test ends
+        lib.define("scribble(Tensor(a!) x) -> ()")
+        lib.impl("scribble", scribble, "CPU")
+        assert "ndif write guard ::" not in torch._C._dispatch_dump("ndif_late_op_test::scribble")
+        with pytest.raises(ModelTampering, match="scribble"):
+            torch.ops.ndif_late_op_test.scribble(target)
+    with native_guard.NativeWriteGuard(ServerStorage.of_modules([module])):
+        assert "ndif write guard ::" in torch._C._dispatch_dump("ndif_late_op_test::scribble")
+        with pytest.raises(ModelTampering, match="scribble"):
+            torch.ops.ndif_late_op_test.scribble(target)
+        mine = torch.zeros(3)
+        torch.ops.ndif_late_op_test.scribble(mine)
+    assert torch.equal(target, before) and torch.equal(mine, torch.full((3,), 7.0))

@@ -18,19 +18,21 @@ import torch
 from model_runtime.sandbox.dispatch_guard import op_rule
 
 
-def write_ops() -> list[Any]:
+def registry_ops() -> list[Any]:
+    """Every operator overload in torch's registry that Python can call."""
     ops = []
     for full in sorted(torch._C._dispatch_get_all_op_names()):
         namespace, _, rest = full.partition("::")
         name, _, overload = rest.partition(".")
         try:
-            op = getattr(getattr(getattr(torch.ops, namespace), name), overload or "default")
+            ops.append(getattr(getattr(getattr(torch.ops, namespace), name), overload or "default"))
         except (AttributeError, RuntimeError):
             continue  # registered schema without a Python binding (e.g. a not-loaded library)
-        rule = op_rule(op)
-        if rule.written or rule.stats:
-            ops.append(op)
     return ops
+
+
+def write_ops() -> list[Any]:
+    return [op for op in registry_ops() if op_rule(op).written or op_rule(op).stats]
 
 
 # running-stat and dropout paths write only when on

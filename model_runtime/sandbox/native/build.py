@@ -1,0 +1,29 @@
+"""Build the native write guard: `python -m model_runtime.sandbox.native.build`.
+
+Compiles `write_guard.cpp` against the installed torch with ninja (torch.utils.cpp_extension)
+into `_build/` next to this file. Idempotent: ninja rebuilds only when the source or the flags
+change. The Makefile's install step and the runtime image run it; the runtime only loads the
+result (native_guard.py) and never compiles.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "write_guard.cpp"
+BUILD_DIR = HERE / "_build"
+NAME = "ndif_write_guard"
+
+
+def build(verbose: bool = False) -> Path:
+    from torch.utils.cpp_extension import load
+
+    BUILD_DIR.mkdir(exist_ok=True)
+    load(name=NAME, sources=[str(SOURCE)], build_directory=str(BUILD_DIR), extra_cflags=["-O2"], verbose=verbose)
+    return BUILD_DIR / f"{NAME}.so"
+
+
+if __name__ == "__main__":
+    print(build(verbose="-v" in sys.argv))

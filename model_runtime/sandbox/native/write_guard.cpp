@@ -1,0 +1,429 @@
+// The dispatch-level write guard as dispatcher kernels (see model_runtime/sandbox/native_guard.py).
+//
+// While a request runs, its thread has the guard's dispatch key in its thread-local include set.
+// The key sits above autograd, so every dispatcher call the thread makes (user code, nnsight's
+// hooks, the model's forward, composite decompositions, calls kernels make, the backward pass,
+// which inherits the thread's dispatch keys) reaches this key first:
+//   * ops with nothing to check (no written argument, no allocation) have a per-op fallthrough
+//     kernel: the dispatcher skips the key at no cost;
+//   * ops that write an argument, update running statistics or hand out memory have a boxed
+//     kernel (GuardKernel) that refuses a write into server memory before anything runs and zeroes
+//     what an allocation returns, then redispatches below the key;
+//   * an op registered later gets its kernel at the next refresh() (each guard entry); until then
+//     it reaches the key's boxed fallback, which derives its rule from the schema (slower, never
+//     unguarded).
+// Server memory is a table of sorted, merged byte ranges of storages, one per active guard.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/Exceptions.h>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// A functionality key above autograd that nothing else in torch registers kernels for; it is
+// dispatched only while in the thread's include set.
+constexpr c10::DispatchKey kKey = c10::DispatchKey::TESTING_ONLY_GenericMode;
+
+// The vocabularies come from Python (dispatch_guard.py), the one place that names them.
+struct Vocabulary {
+  std::set<std::string> allocators;
+  std::set<std::string> growing;
+  std::set<std::string> stats_args;
+  std::set<std::string> stats_flags;
+  std::vector<std::string> stats_read_only;
+};
+Vocabulary g_vocabulary;
+
+struct Rule {
+  std::vector<size_t> written;  // schema positions of written arguments
+  std::vector<size_t> stats;    // running statistics updated without the schema saying so
+  int64_t training = -1;        // the flag that turns those updates on (-1: none, always on)
+  bool allocates = false;       // returns uninitialised memory
+  bool grows = false;           // may grow its first argument's storage
+  bool plain() const { return written.empty() && stats.empty() && !allocates && !grows; }
+};
+
+// Mirrors dispatch_guard.op_rule (a test compares the two over the whole registry).
+Rule rule_of(const c10::FunctionSchema& schema) {
+  Rule rule;
+  const std::string& full = schema.name();
+  const auto sep = full.find("::");
+  const std::string name = sep == std::string::npos ? full : full.substr(sep + 2);
+  bool read_only_variant = false;
+  for (const auto& part : g_vocabulary.stats_read_only) {
+    read_only_variant = read_only_variant || name.find(part) != std::string::npos;
+  }
+  const auto& args = schema.arguments();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    const bool writes = alias != nullptr && alias->isWrite();
+    if (writes) {
+      rule.written.push_back(i);
+    } else if (g_vocabulary.stats_args.count(args[i].name()) && !read_only_variant) {
+      rule.stats.push_back(i);
+    }
+    if (rule.training < 0 && g_vocabulary.stats_flags.count(args[i].name())) {
+      rule.training = static_cast<int64_t>(i);
+    }
+  }
+  rule.allocates = g_vocabulary.allocators.count(name) > 0;
+  rule.grows = g_vocabulary.growing.count(name) > 0;
+  return rule;
+}
+
+// --- server memory ---------------------------------------------------------------------------
+
+struct Ranges {
+  std::vector<uintptr_t> starts;
+  std::vector<uintptr_t> ends;
+};
+
+std::mutex g_tables_mutex;
+std::map<int64_t, Ranges> g_tables;  // by token, one per active guard
+int64_t g_next_token = 1;
+std::shared_ptr<const Ranges> g_merged = std::make_shared<const Ranges>();  // union of g_tables
+
+void publish_locked() {
+  std::vector<std::pair<uintptr_t, uintptr_t>> all;
+  for (const auto& entry : g_tables) {
+    for (size_t i = 0; i < entry.second.starts.size(); ++i) {
+      all.emplace_back(entry.second.starts[i], entry.second.ends[i]);
+    }
+  }
+  std::sort(all.begin(), all.end());
+  auto merged = std::make_shared<Ranges>();
+  for (const auto& r : all) {
+    if (!merged->starts.empty() && r.first <= merged->ends.back()) {
+      merged->ends.back() = std::max(merged->ends.back(), r.second);
+    } else {
+      merged->starts.push_back(r.first);
+      merged->ends.push_back(r.second);
+    }
+  }
+  std::atomic_store(&g_merged, std::shared_ptr<const Ranges>(std::move(merged)));
+}
+
+// The storage's byte range, or {0, 0} when it has no memory of its own (sparse, meta, wrappers).
+std::pair<uintptr_t, uintptr_t> storage_span(const at::Tensor& tensor) {
+  if (!tensor.defined()) {
+    return {0, 0};
+  }
+  const c10::Storage& storage = tensor.unsafeGetTensorImpl()->unsafe_storage();
+  if (!storage) {
+    return {0, 0};
+  }
+  const auto start = reinterpret_cast<uintptr_t>(storage.data_ptr().get());
+  return start ? std::make_pair(start, start + storage.nbytes()) : std::make_pair(uintptr_t{0}, uintptr_t{0});
+}
+
+bool owns(const Ranges& server, const at::Tensor& tensor) {
+  const auto span = storage_span(tensor);
+  if (span.first == 0) {
+    return false;
+  }
+  // the last server range starting before this storage ends must end after it starts
+  const auto it = std::lower_bound(server.starts.begin(), server.starts.end(), span.second);
+  if (it == server.starts.begin()) {
+    return false;
+  }
+  const auto i = static_cast<size_t>(it - server.starts.begin()) - 1;
+  return server.ends[i] > span.first;
+}
+
+bool owns_any(const Ranges& server, const c10::IValue& value) {
+  if (value.isTensor()) {
+    return owns(server, value.toTensor());
+  }
+  if (value.isList()) {  // Tensor(a!)[] (e.g. _foreach_*_), Tensor?[]
+    for (const c10::IValue& item : value.toListRef()) {
+      if (item.isTensor() && owns(server, item.toTensor())) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// --- refusals ----------------------------------------------------------------------------------
+
+PyObject* g_error_type = nullptr;  // model_runtime.sandbox.errors.ModelTampering (a new reference)
+std::atomic<int64_t> g_refused{0};
+std::atomic<int64_t> g_zeroed{0};
+
+// Surfaces in Python as ModelTampering (torch translates PyTorchError by its python_type()).
+struct Refusal : public torch::PyTorchError {
+  using torch::PyTorchError::PyTorchError;
+  PyObject* python_type() override {
+    return g_error_type != nullptr ? g_error_type : PyExc_RuntimeError;
+  }
+};
+
+[[noreturn]] void refuse(const c10::OperatorHandle& op) {
+  g_refused.fetch_add(1, std::memory_order_relaxed);
+  const std::string& full = op.schema().name();
+  const auto sep = full.find("::");
+  throw Refusal(
+      (sep == std::string::npos ? full : full.substr(sep + 2)) +
+      " would write into memory of the served model (a weight, buffer or a view of one); work on a "
+      "copy: `x = tensor.clone()`");
+}
+
+// --- zeroing -----------------------------------------------------------------------------------
+
+// Zero bytes [from, end) of the storage, below autograd and below this key.
+void zero_storage(const c10::Storage& storage, size_t from) {
+  const size_t nbytes = storage.nbytes();
+  if (!storage || nbytes <= from || storage.data_ptr().get() == nullptr) {
+    return;
+  }
+  g_zeroed.fetch_add(1, std::memory_order_relaxed);
+  if (storage.device_type() == c10::DeviceType::CPU) {
+    std::memset(static_cast<char*>(storage.mutable_data()) + from, 0, nbytes - from);
+    return;
+  }
+  c10::impl::ExcludeDispatchKeyGuard below(c10::autograd_dispatch_keyset_with_ADInplaceOrView.add(kKey));
+  at::Tensor raw = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(storage.device()));
+  raw.set_(storage, 0, {static_cast<int64_t>(nbytes)}, {1});
+  raw.narrow(0, static_cast<int64_t>(from), static_cast<int64_t>(nbytes - from)).zero_();
+}
+
+size_t storage_bytes(const at::Tensor& tensor) {
+  if (!tensor.defined()) {
+    return 0;
+  }
+  const c10::Storage& storage = tensor.unsafeGetTensorImpl()->unsafe_storage();
+  return storage ? storage.nbytes() : 0;
+}
+
+// --- the kernels -------------------------------------------------------------------------------
+
+const c10::DispatchKeySet kBelow(c10::DispatchKeySet::FULL_AFTER, kKey);
+
+void guarded_call(const Rule& rule, const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t nargs = schema.arguments().size();
+  auto args = torch::jit::last(*stack, nargs);
+  if (!rule.written.empty() || !rule.stats.empty()) {
+    const auto server = std::atomic_load(&g_merged);
+    if (!server->starts.empty()) {
+      for (size_t position : rule.written) {
+        if (owns_any(*server, args[position])) {
+          refuse(op);
+        }
+      }
+      if (!rule.stats.empty()) {
+        const bool training = rule.training < 0 || (args[rule.training].isBool() && args[rule.training].toBool());
+        if (training) {
+          for (size_t position : rule.stats) {
+            if (owns_any(*server, args[position])) {
+              refuse(op);
+            }
+          }
+        }
+      }
+    }
+  }
+  at::Tensor grown;
+  size_t before = 0;
+  if (rule.grows && nargs > 0 && args[0].isTensor()) {
+    grown = args[0].toTensor();
+    before = storage_bytes(grown);
+  }
+  op.redispatchBoxed(ks & kBelow, stack);
+  if (grown.defined()) {
+    // resize_ keeps the old bytes at the front (copied if it reallocated); the rest is new
+    const c10::Storage& storage = grown.unsafeGetTensorImpl()->unsafe_storage();
+    if (storage && storage.nbytes() > before) {
+      zero_storage(storage, before);
+    }
+  }
+  if (rule.allocates) {
+    for (const c10::IValue& value : torch::jit::last(*stack, schema.returns().size())) {
+      if (value.isTensor() && value.toTensor().defined()) {
+        zero_storage(value.toTensor().unsafeGetTensorImpl()->unsafe_storage(), 0);
+      }
+    }
+  }
+}
+
+class GuardKernel final : public c10::OperatorKernel {
+ public:
+  explicit GuardKernel(Rule rule) : rule_(std::move(rule)) {}
+  void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+    guarded_call(rule_, op, ks, stack);
+  }
+
+ private:
+  Rule rule_;
+};
+
+// Ops registered after the last refresh(): rules derived on first sight, kept by operator name.
+std::mutex g_late_mutex;
+std::unordered_map<c10::OperatorName, std::shared_ptr<const Rule>> g_late_rules;
+
+void late_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  std::shared_ptr<const Rule> rule;
+  {
+    std::lock_guard<std::mutex> lock(g_late_mutex);
+    auto found = g_late_rules.find(op.operator_name());
+    if (found == g_late_rules.end()) {
+      found = g_late_rules.emplace(op.operator_name(), std::make_shared<const Rule>(rule_of(op.schema()))).first;
+    }
+    rule = found->second;
+  }
+  guarded_call(*rule, op, ks, stack);
+}
+
+// --- registration ------------------------------------------------------------------------------
+
+// Op schemas registered with the dispatcher and not yet given a kernel for the key. The listener
+// runs under the dispatcher's lock, where registering is impossible: it only queues the name.
+std::mutex g_pending_mutex;
+std::vector<c10::OperatorName> g_pending;
+std::atomic<bool> g_has_pending{false};
+
+class Listener final : public c10::OpRegistrationListener {
+ public:
+  void onOperatorRegistered(const c10::OperatorHandle& op) override {
+    std::lock_guard<std::mutex> lock(g_pending_mutex);
+    g_pending.push_back(op.operator_name());
+    g_has_pending.store(true);
+  }
+  void onOperatorDeregistered(const c10::OperatorHandle& /*op*/) override {}
+};
+
+std::mutex g_install_mutex;
+bool g_installed = false;
+int64_t g_guarded_ops = 0;
+int64_t g_plain_ops = 0;
+std::vector<c10::RegistrationHandleRAII>* g_registrations = nullptr;  // kept for the process's life
+
+// Give every queued op its kernel for the key: a fallthrough when it has nothing to check, the
+// guard's kernel otherwise. Cheap when nothing is queued (one atomic load).
+void refresh() {
+  if (!g_has_pending.load()) {
+    return;
+  }
+  std::lock_guard<std::mutex> install_lock(g_install_mutex);
+  std::vector<c10::OperatorName> names;
+  {
+    std::lock_guard<std::mutex> lock(g_pending_mutex);
+    names.swap(g_pending);
+    g_has_pending.store(false);
+  }
+  auto& dispatcher = c10::Dispatcher::singleton();
+  for (const c10::OperatorName& name : names) {
+    const auto handle = dispatcher.findSchema(name);
+    if (!handle.has_value()) {
+      continue;  // an implementation without a schema cannot be called
+    }
+    Rule rule = rule_of(handle->schema());
+    c10::KernelFunction kernel;
+    if (rule.plain()) {
+      kernel = c10::KernelFunction::makeFallthrough();
+      ++g_plain_ops;
+    } else {
+      kernel = c10::KernelFunction::makeFromBoxedFunctor(std::make_unique<GuardKernel>(std::move(rule)));
+      ++g_guarded_ops;
+    }
+    g_registrations->push_back(
+        dispatcher.registerImpl(name, kKey, std::move(kernel), std::nullopt, nullptr, "ndif write guard"));
+  }
+}
+
+py::dict install(
+    py::object error_type,
+    const std::vector<std::string>& allocators,
+    const std::vector<std::string>& growing,
+    const std::vector<std::string>& stats_args,
+    const std::vector<std::string>& stats_flags,
+    const std::vector<std::string>& stats_read_only) {
+  {
+    std::lock_guard<std::mutex> lock(g_install_mutex);
+    if (!g_installed) {
+      g_vocabulary.allocators = {allocators.begin(), allocators.end()};
+      g_vocabulary.growing = {growing.begin(), growing.end()};
+      g_vocabulary.stats_args = {stats_args.begin(), stats_args.end()};
+      g_vocabulary.stats_flags = {stats_flags.begin(), stats_flags.end()};
+      g_vocabulary.stats_read_only = stats_read_only;
+      g_error_type = error_type.inc_ref().ptr();
+      g_registrations = new std::vector<c10::RegistrationHandleRAII>();
+      auto& dispatcher = c10::Dispatcher::singleton();
+      g_registrations->push_back(dispatcher.registerFallback(
+          kKey, c10::KernelFunction::makeFromBoxedFunction<&late_fallback>(), "ndif write guard: late ops"));
+      // Reports every op registered so far at once, and each new one as it comes.
+      g_registrations->push_back(dispatcher.addRegistrationListener(std::make_unique<Listener>()));
+      g_installed = true;
+    }
+  }
+  refresh();
+  py::dict out;
+  out["guarded_ops"] = g_guarded_ops;
+  out["plain_ops"] = g_plain_ops;
+  return out;
+}
+
+int64_t add_table(const std::vector<uintptr_t>& starts, const std::vector<uintptr_t>& ends) {
+  TORCH_CHECK(starts.size() == ends.size(), "starts and ends differ in length");
+  std::lock_guard<std::mutex> lock(g_tables_mutex);
+  const int64_t token = g_next_token++;
+  g_tables[token] = Ranges{starts, ends};
+  publish_locked();
+  return token;
+}
+
+void remove_table(int64_t token) {
+  std::lock_guard<std::mutex> lock(g_tables_mutex);
+  g_tables.erase(token);
+  publish_locked();
+}
+
+bool set_active(bool active) {
+  const bool previous = c10::impl::tls_is_dispatch_key_included(kKey);
+  c10::impl::tls_set_dispatch_key_included(kKey, active);
+  return previous;
+}
+
+bool is_active() { return c10::impl::tls_is_dispatch_key_included(kKey); }
+
+py::tuple rule(const std::string& name, const std::string& overload) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({name, overload});
+  TORCH_CHECK(handle.has_value(), "no schema for ", name, ".", overload);
+  const Rule r = rule_of(handle->schema());
+  return py::make_tuple(r.written, r.stats, r.training, r.allocates, r.grows);
+}
+
+py::tuple counters() { return py::make_tuple(g_refused.load(), g_zeroed.load()); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Dispatcher kernels of the sandbox's write guard (model_runtime/sandbox/native_guard.py).";
+  m.def("install", &install, "Register the guard's kernels for every op in the registry (idempotent).");
+  m.def("refresh", &refresh, "Register the guard's kernels for ops registered since (cheap when none).");
+  m.def("add_table", &add_table, "Add a server byte-range table (sorted, merged); returns its token.");
+  m.def("remove_table", &remove_table);
+  m.def("set_active", &set_active, "Put the guard's key in (or out of) this thread's include set; returns the previous state.");
+  m.def("is_active", &is_active);
+  m.def("rule", &rule, "The rule derived for an op: (written, stats, training, allocates, grows).");
+  m.def("counters", &counters, "(refused, zeroed) since the process started.");
+  m.attr("dispatch_key") = py::str(c10::toString(kKey));
+}
