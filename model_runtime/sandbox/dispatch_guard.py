@@ -249,6 +249,17 @@ class PythonWriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
 _fallback_logged = False
 
 
+def prepare() -> bool:
+    """Load and install the native kernels now (a replica at start-up, so its first request does
+    not pay for it); True when requests will run under them, else the fallback is logged."""
+    from model_runtime.sandbox import native_guard
+
+    if native_guard.load() is not None:
+        return True
+    _log_fallback(native_guard.failure())
+    return False
+
+
 class WriteGuard:
     """The guard a request runs under: the native dispatcher kernels (`native_guard.py`) when
     they are built and load, else `PythonWriteGuard` with the same rules (slower), and the reason
@@ -258,12 +269,8 @@ class WriteGuard:
         from model_runtime.sandbox import native_guard
 
         self.storage = storage
-        self.native = native_guard.load() is not None
-        if self.native:
-            self._impl: Any = native_guard.NativeWriteGuard(storage)
-        else:
-            _log_fallback(native_guard.failure())
-            self._impl = PythonWriteGuard(storage)
+        self.native = prepare()
+        self._impl: Any = native_guard.NativeWriteGuard(storage) if self.native else PythonWriteGuard(storage)
 
     def __enter__(self) -> WriteGuard:
         self._impl.__enter__()

@@ -36,6 +36,7 @@ from model_runtime.sandbox import sources
 from model_runtime.sandbox.capabilities import Capabilities
 from model_runtime.sandbox.compiling import install_compile_hook, restricted_compile, sandboxed_compilation
 from model_runtime.sandbox.dispatch_guard import WriteGuard
+from model_runtime.sandbox.dispatch_guard import prepare as prepare_write_guard
 from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected, SandboxError
 from model_runtime.sandbox.global_state import state_restored
 from model_runtime.sandbox.gradients import activations_require_grad, wants_gradients
@@ -88,6 +89,7 @@ class Sandbox:
         self._models: weakref.WeakKeyDictionary[Any, _ModelContext] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # nnsight traces are not thread-safe: one at a time
         install_compile_hook()
+        prepare_write_guard()  # the dispatcher kernels' registration, before the first request
 
     @property
     def healthy(self) -> bool:
