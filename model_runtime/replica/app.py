@@ -40,6 +40,7 @@ from model_runtime.replica.execution import (
 )
 from model_runtime.replica.garbage import freeze_long_lived
 from model_runtime.replica.gpu_binding import bind_pinned_gpu
+from model_runtime.replica.gpu_lease import GpuLease, bind_leased_gpu
 from model_runtime.replica.host_copy import NODE_MEMORY
 from model_runtime.replica.parallel.ranks import TensorParallelCopy, obtain_ranks, weights_digest
 from model_runtime.settings import RuntimeSettings
@@ -95,7 +96,7 @@ class ModelReplica:
         _prepare_process()
         self._startup["imported"] = time.time()
         self.args = ModelAppArgs.model_validate(args)
-        self.config = ModelUserConfig()
+        self.config = _deployment_user_config()  # straight to the rendered level, device and lease
         self.metrics = RuntimeMetrics()
         self.metrics.queue_depth(self.args.model_key, 0)  # reported from the start: 0, not absent, when idle
         self._lock = asyncio.Lock()
@@ -107,6 +108,7 @@ class ModelReplica:
         self._level = levels.COLD
         self._transitions: list[dict[str, Any]] = []
         self._host: Any = None  # host_copy.HostCopy, set by _load
+        self._lease: GpuLease | None = None  # the GPU share a HOT replica holds (config.gpu_lease)
         self._runner = select_runner()
         self._configure_sandbox()
         # Load into CPU RAM (WARM); reconfigure or the first use moves it to its level.
@@ -140,6 +142,9 @@ class ModelReplica:
 
     def _set_level(self, level: str) -> levels.Transition:
         started = time.monotonic()
+        held = self._lease.resources if self._lease is not None else {}
+        if level == self._level == levels.HOT and held != self.config.gpu_lease:
+            self._set_level(levels.WARM)  # the planned GPU changed: leave the old one first
         current = self._level
         if level == current:
             if level == levels.WARM:
@@ -147,6 +152,7 @@ class ModelReplica:
             return levels.timed(current, level, "resident", started)
         if level == levels.COLD:
             self._host.release()
+            self._release_gpu()
             self._model, self._level = None, levels.COLD
             return levels.timed(current, level, "none", started)
         source = "memory"
@@ -156,10 +162,12 @@ class ModelReplica:
             source = NODE_MEMORY
         copy_started = time.monotonic()
         if level == levels.HOT:
+            self._hold_gpu()
             if self._host.to_device(self._device) == NODE_MEMORY:  # e.g. WARM → HOT in place
                 source = self._source_kind = NODE_MEMORY
         else:
             self._host.to_host()
+            self._release_gpu()
         copy_seconds = time.monotonic() - copy_started
         self._level = level
         _forget_weight_index(self._model)  # the sandbox re-indexes the weights it guards: they are new tensors
@@ -169,6 +177,20 @@ class ModelReplica:
             self.metrics.model_load(self.args.model_key, f"activate_from_{current.lower()}", transition.seconds)
         self._transitions.append(transition.__dict__)
         return transition
+
+    def _hold_gpu(self) -> None:
+        """Reserve the planned GPU share when the config leases one (replica/gpu_lease.py)."""
+        if self.config.gpu_lease and self._lease is None:
+            self._lease = GpuLease(self.config.gpu_lease)
+            self._device = bind_leased_gpu(self._lease)
+
+    def _release_gpu(self) -> None:
+        if self._lease is not None:
+            from model_runtime.replica.loading import pick_device
+
+            self._lease.release()
+            self._lease = None
+            self._device = pick_device(self.args.gpus_per_replica)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = ModelUserConfig.model_validate(user_config)
@@ -212,6 +234,7 @@ class ModelReplica:
             "max_payload_bytes": self.config.max_payload_bytes,
             "activate_on_request": self.config.activate_on_request,
             "wedged": self._wedged,
+            "gpu_lease": self._lease.resources if self._lease is not None else {},
             "transitions": list(self._transitions[-5:]),
             "bytes_read_by_rank": getattr(self._host, "bytes_read", None),  # tensor-parallel replicas
             "startup": dict(self._startup),
@@ -388,6 +411,16 @@ class ModelReplica:
             yield _error(result.error or "unknown error", result.meta)
             return
         yield _completed(job_id, result, inline_max_bytes)
+
+
+def _deployment_user_config() -> ModelUserConfig:
+    """The deployment's user_config, read at start so the replica goes straight to its level (and
+    GPU lease) instead of through the default level; Serve then calls `reconfigure` with the same."""
+    try:
+        raw = serve.get_replica_context()._deployment_config.user_config
+    except Exception:  # outside Serve, or Serve's internals moved: the default, then reconfigure
+        raw = None
+    return ModelUserConfig.model_validate(raw or {})
 
 
 def _forget_weight_index(model: Any) -> None:

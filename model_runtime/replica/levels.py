@@ -69,11 +69,22 @@ def activation_eta_s(startup: dict[str, float], source_load_seconds: float, weig
 
 
 def activates_in_place() -> bool:
-    """Whether WARM → HOT keeps this replica: the operator renders the two levels alike (a
-    `reconfigure`) only where there is no GPU to ask Ray for (docs/runtime.md)."""
+    """Whether WARM → HOT is expected to keep this replica: the operator renders the two levels
+    alike (a `reconfigure`) where there is no GPU to ask Ray for, and for a pinned replica whose
+    HOT slot is on its pod (it leases its GPU share; docs/runtime.md). A pinned node carries the
+    pod label."""
     import torch
 
-    return not torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return True
+    try:
+        import ray
+
+        from ndif_operator.api.pinning import POD_LABEL
+
+        return ray.is_initialized() and POD_LABEL in ray.get_runtime_context().get_node_labels()
+    except Exception:  # no Ray context: assume a replacement (the longer wait)
+        return False
 
 
 def limit_gpu_share(gpus: float) -> None:

@@ -36,6 +36,10 @@ class ModelUserConfig(_Args):
     max_sequence_length: int = 2048
     # A request while WARM asks for HOT (ModelDeployment `activateOnRequest`); see the gateway.
     activate_on_request: bool = False
+    # The pinned GPU share (`{ndif_gpu_<i>: share}`) a HOT single-GPU replica holds through a
+    # placement group on its own node instead of through `ray_actor_options`: WARM and HOT then
+    # render the same options, and the level change is a `reconfigure` (docs/runtime.md).
+    gpu_lease: dict[str, float] = Field(default_factory=dict)
 
     @classmethod
     def from_limits(

@@ -10,6 +10,7 @@ its replica alone when another slot moves.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ndif_operator.api import ModelDeploymentSpec
@@ -71,6 +72,20 @@ def pinned_slot(group: str, where: ReplicaPlacement, fraction: float, num_cpus: 
         "placement_group_bundle_label_selector": [dict(selector) for _ in bundles],
         "placement_group_strategy": "STRICT_PACK",
     }
+
+
+def leased_slot(group: str, where: ReplicaPlacement, fraction: float, num_cpus: float | None, memory: int,
+                env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """A single-GPU replica slot whose GPU share the replica leases itself when it becomes HOT.
+
+    The deployment fields are exactly those of a WARM copy on the same pod (no GPU resource), and
+    the share goes to `ModelUserConfig.gpu_lease` (`{ndif_gpu_<i>: share}`), which the replica
+    holds with a placement group on its node (model_runtime/replica/gpu_lease.py). WARM <-> HOT on one pod
+    is then a `reconfigure`: Serve keeps the replica process.
+    """
+    (gpu,) = where.gpus
+    slot = pinned_slot(group, replace(where, gpus=()), 0.0, num_cpus, memory, env)
+    return slot, {gpu_resource(gpu): canonical_number(fraction)}
 
 
 def slot_scaling(spec: ModelDeploymentSpec, slots: int) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from ndif_operator.api.naming import (
 )
 from ndif_operator.planning import Decision, Plan
 from ndif_operator.rendering.options import RenderOptions
-from ndif_operator.rendering.pinned import actor_options, pinned_slot, slot_app_name, slot_scaling
+from ndif_operator.rendering.pinned import actor_options, leased_slot, pinned_slot, slot_app_name, slot_scaling
 from ndif_operator.rendering.text import canonical_number
 
 ServeConfig = dict[str, Any]
@@ -148,6 +148,12 @@ def _model_apps(
     spec = deployment.spec
     hot = decision.level == Level.HOT
     gpus = decision.gpus_per_replica if hot and not options.cpu_only else 0.0
+    # CPU-only clusters run tensor parallelism too (gloo): the ranks are processes either way.
+    ranks = max(1, decision.tensor_parallel_size) if hot else 1
+    pinned = options.pin_gpus and not options.cpu_only and decision.worker_group is not None
+    # A pinned single-GPU replica leases its GPU share when HOT (user_config), so that its args and
+    # options are those of its WARM copy: the level change is a `reconfigure` (docs/runtime.md).
+    leased = pinned and hot and ranks == 1 and gpus > 0 and bool(decision.assignments)
     args = ModelAppArgs(
         model_key=model_key(spec.model.repo_id),
         deployment=decision.key,
@@ -157,8 +163,8 @@ def _model_apps(
         dtype=spec.model.dtype,
         trust_remote_code=spec.model.trust_remote_code,
         tensor_parallel_size=max(1, decision.tensor_parallel_size) if hot else 1,
-        gpus_per_replica=gpus,
-        gpu_fraction=decision.gpu_fraction if gpus > 0 else 0.0,
+        gpus_per_replica=0.0 if leased else gpus,
+        gpu_fraction=decision.gpu_fraction if gpus > 0 and not leased else 0.0,
     )
     weights = estimate.weights_bytes if estimate is not None else 0
     if options.cpu_only:
@@ -166,22 +172,23 @@ def _model_apps(
         # reserves the same, so WARM <-> HOT renders equal `ray_actor_options` and `args` and Serve
         # applies the level change in place (`reconfigure`), keeping the process (docs/runtime.md).
         memory = weights
-    elif hot:
+    elif hot or pinned:
+        # A pinned WARM replica asks for what its HOT render asks (the level change is in place):
+        # its host copy lives in the node's object store (the weight store), sized per node.
         memory = options.hot_host_memory_bytes
     else:
         # A WARM copy holds the weights in CPU RAM: reserve them so Ray does not overcommit a pod.
         memory = weights
     user_config = ModelUserConfig.from_limits(spec.limits, Level(decision.level),
                                               activate_on_request=spec.activate_on_request)
-    # CPU-only clusters run tensor parallelism too (gloo): the ranks are processes either way.
-    ranks = max(1, decision.tensor_parallel_size) if hot else 1
     num_cpus = options.replica_num_cpus
     if ranks > 1 and num_cpus is None:
         num_cpus = SERVE_DEFAULT_REPLICA_CPUS  # said explicitly: bundle 0 must hold what Serve gives rank 0
     base = model_app_name(*decision.key.split("/", 1))
 
-    def app(name: str, model_deployment: dict[str, Any]) -> dict[str, Any]:
-        model_deployment["user_config"] = user_config.model_dump(mode="json")
+    def app(name: str, model_deployment: dict[str, Any], gpu_lease: dict[str, float] | None = None) -> dict[str, Any]:
+        model_deployment["user_config"] = user_config.model_copy(
+            update={"gpu_lease": gpu_lease or {}}).model_dump(mode="json")
         return {
             "name": name,
             "route_prefix": None,  # reached through the gateway's handles, never over HTTP directly
@@ -191,14 +198,15 @@ def _model_apps(
         }
 
     env = dict(options.replica_env)
-    pinned = options.pin_gpus and not options.cpu_only and decision.worker_group is not None
     if pinned and decision.assignments and (gpus > 0 or not hot):
         group = decision.worker_group
         assert group is not None
-        slots = [pinned_slot(a.group or group, a, a.fraction, num_cpus, memory, env) for a in decision.assignments]
+        slots = [leased_slot(a.group or group, a, a.fraction, num_cpus, memory, env) if leased
+                 else (pinned_slot(a.group or group, a, a.fraction, num_cpus, memory, env), None)
+                 for a in decision.assignments]
         scaling = slot_scaling(spec, len(slots)) if hot else [{"num_replicas": 1}] * len(slots)
-        return [app(slot_app_name(base, n), {"name": MODEL_DEPLOYMENT, **slot, **scale})
-                for n, (slot, scale) in enumerate(zip(slots, scaling, strict=True))]
+        return [app(slot_app_name(base, n), {"name": MODEL_DEPLOYMENT, **slot, **scale}, lease)
+                for n, ((slot, lease), scale) in enumerate(zip(slots, scaling, strict=True))]
     model_deployment: dict[str, Any] = {"name": MODEL_DEPLOYMENT}
     # A tensor-parallel replica holds `gpu_fraction` of each of its `ranks` GPUs. Ray refuses a
     # fractional `num_gpus` above 1, so the replica actor (rank 0) asks for one share and the

@@ -18,6 +18,7 @@ from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model_runtime.replica.gpu_binding import assigned_resources, bind_pinned_gpu, rank_actor_options
+from model_runtime.replica.gpu_lease import GpuLease
 from ndif_operator.api.naming import MODEL_DEPLOYMENT
 from ndif_operator.api.pinning import POD_LABEL
 
@@ -45,6 +46,11 @@ class Rank:
 class Probe:
     def __init__(self, args: dict[str, Any]) -> None:
         me = where_am_i()
+        # A single-GPU slot leases its GPU share at run time, as the replica does (replica/gpu_lease.py).
+        lease = (serve.get_replica_context()._deployment_config.user_config or {}).get("gpu_lease") or {}
+        self._lease = GpuLease(lease) if lease else None
+        if self._lease is not None:
+            me = {**me, "gpu": self._lease.gpu_index, "share": round(float(max(lease.values())), 4)}
         ranks = [me]
         self._actors: list[Any] = []
         group = ray.util.get_current_placement_group()

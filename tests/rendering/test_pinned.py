@@ -51,17 +51,36 @@ def test_each_replica_slot_is_an_app_pinned_to_its_pod_and_gpu() -> None:
     config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES)
     check_serve_config(config)
     got = apps(config)
-    assert got["md-ml-small"]["ray_actor_options"] == {
-        "num_gpus": 0, "resources": {"ndif_gpu_3": 0.2501}, "label_selector": {"ndif.dev/pod": "h100-0"}}
-    assert got["md-ml-small_r1"]["ray_actor_options"] == {
-        "num_gpus": 0, "resources": {"ndif_gpu_5": 0.2501}, "label_selector": {"ndif.dev/pod": "h100-1"}}
+    # A single-GPU slot: the replica is pinned to its pod, and leases its GPU share when HOT.
+    assert got["md-ml-small"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-0"}}
+    assert got["md-ml-small"]["user_config"]["gpu_lease"] == {"ndif_gpu_3": 0.2501}
+    assert got["md-ml-small_r1"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-1"}}
+    assert got["md-ml-small_r1"]["user_config"]["gpu_lease"] == {"ndif_gpu_5": 0.2501}
     assert got["md-ml-small"]["num_replicas"] == got["md-ml-small_r1"]["num_replicas"] == 1
-    # A WARM copy is pinned to the pod whose CPU RAM the planner counted it in.
-    assert got["md-ml-warm"]["ray_actor_options"] == {
-        "num_gpus": 0, "memory": 1000, "label_selector": {"ndif.dev/pod": "h100-1"}}
+    # A WARM copy is pinned to the pod whose CPU RAM the planner counted it in (its host copy is in
+    # that node's object store), and holds no GPU.
+    assert got["md-ml-warm"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-1"}}
+    assert got["md-ml-warm"]["user_config"]["gpu_lease"] == {}
     table = GatewayUserConfig.model_validate(config["applications"][0]["deployments"][0]["user_config"]).models
     assert table["org/small"].apps == ["md-ml-small", "md-ml-small_r1"] and table["org/small"].app == "md-ml-small"
     assert slot_app_names("md-ml-small", list(got)) == ["md-ml-small", "md-ml-small_r1"]
+
+
+def test_pinned_warm_to_hot_on_one_pod_is_applied_in_place() -> None:
+    """WARM on pod 1, then HOT on pod 1's GPU 4: only what Serve applies to a running replica
+    differs (user_config: level and GPU lease; replica count), so the process is kept."""
+    deployments = {"ml/warm": DEPLOYMENTS["ml/warm"]}
+    hot_plan = Plan(decisions=(Decision(
+        key="ml/warm", level=Level.HOT, replicas=1, gpus_per_replica=0.5, gpu_fraction=0.5, worker_group="h100",
+        assignments=(ReplicaPlacement(pod=1, gpus=(4,), fraction=0.5),), reason=Reason.PLACED_HOT, message=""),))
+    warm = render_serve_config(Plan(decisions=(WARM,)), deployments, estimates=ESTIMATES)["applications"][1]
+    hot = render_serve_config(hot_plan, deployments, estimates=ESTIMATES)["applications"][1]
+    in_place = {"user_config", "num_replicas", "autoscaling_config"}
+    assert {k: v for k, v in warm.items() if k != "deployments"} == {k: v for k, v in hot.items() if k != "deployments"}
+    (w,), (h,) = warm["deployments"], hot["deployments"]
+    assert {k: v for k, v in w.items() if k not in in_place} == {k: v for k, v in h.items() if k not in in_place}
+    assert (w["user_config"]["gpu_lease"], h["user_config"]["gpu_lease"]) == ({}, {"ndif_gpu_4": 0.5})
+    assert hot["args"]["gpus_per_replica"] == 0  # the device comes from the lease, at run time
 
 
 def test_tensor_parallel_ranks_each_pin_their_gpu_in_their_bundle() -> None:

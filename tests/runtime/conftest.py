@@ -17,6 +17,7 @@ from loopback import free_port
 from model_runtime.gateway.auth import key_digest
 from model_runtime.tiny_models import build_tiny_model
 from ndif_operator.api.naming import GATEWAY_APP
+from ndif_operator.api.pinning import gpu_resource
 from runtime.conftest_names import MODEL_APP, SLOW_APP
 from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET, VICTIM_KEY
 
@@ -24,6 +25,10 @@ from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET, VICTIM_KEY
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+# One pinned GPU resource, as a GPU node declares (api/pinning.py): the GPU lease test reserves it.
+PINNED_GPU = gpu_resource(0)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +42,7 @@ def serve_port() -> Iterator[int]:
     ray.init(
         address="local",  # a cluster of our own, never another session's head on this machine
         num_cpus=2,
+        resources={PINNED_GPU: 1},
         include_dashboard=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
     )
