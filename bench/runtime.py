@@ -17,9 +17,12 @@ operator run) and PUT to Serve's REST API (what KubeRay does). Two models built 
   local nnsight trace and a remote round trip with the unmodified nnsight client. The client's own
   per-request costs (serialising the trace, building an `httpx.Client`, parsing and loading the
   result) are timed inside the client; the server's steps come from the gateway's `GET /timings`.
-  Server-side overhead = round trip - client's own costs - local trace time.
+  Server-side overhead = round trip - client's own costs - local trace time. With
+  `--direct-ingress` the local Ray runs Serve's experimental direct ingress, and each iteration
+  also goes straight to the gateway replica's own HTTP server (no Serve proxy hop); the rendered
+  config still reaches users through Serve's proxy, which stays the headline.
 
-    python bench/runtime.py [--iterations 40] [--rounds 2] [--layers 10] [--port-offset 400]
+    python bench/runtime.py [--iterations 40] [--rounds 2] [--layers 10] [--port-offset 400] [--direct-ingress]
 
 The last line is the headline: `cold/warm activation X.Xx` and `server-side overhead Y.Y ms`.
 """
@@ -177,8 +180,10 @@ def gateway_timings(url: str) -> dict[str, dict[str, float]]:
 # --- request path -------------------------------------------------------------------------------
 
 
-def request_path(url: str, model_dir: str, iterations: int) -> dict[str, float]:
-    """Plain forward, local trace, remote round trip: interleaved per iteration. Medians."""
+def request_path(urls: dict[str, str], model_dir: str, iterations: int) -> dict[str, dict[str, float]]:
+    """Plain forward, local trace, and a remote round trip through each ingress in `urls` (label →
+    gateway URL): interleaved per iteration. Medians per ingress (`plain`/`local` repeated in each)."""
+    import nnsight
     import torch
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,42 +192,54 @@ def request_path(url: str, model_dir: str, iterations: int) -> dict[str, float]:
     inputs = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt")
     local = TransformersModel(model_dir, task="text-generation", dispatch=True, device_map="cpu",
                               dtype=torch.float32)
-    client = connect_client(model_dir, "ndif-bench/tiny-llama", url)
+    client = connect_client(model_dir, "ndif-bench/tiny-llama", next(iter(urls.values())))
     probe = ClientProbe()
-    assert torch.equal(trace_logits(client, True), trace_logits(local, False)), "remote result differs"
+    for url in urls.values():
+        nnsight.CONFIG.API.HOST = url
+        assert torch.equal(trace_logits(client, True), trace_logits(local, False)), f"remote result differs ({url})"
 
     def plain() -> None:
         with torch.no_grad():
             hf(**inputs)
 
-    for _ in range(3):  # warm-up of all three
+    for _ in range(3):  # warm-up of all
         plain()
         trace_logits(local, False)
-        trace_logits(client, True)
-    rows: list[dict[str, float]] = []
+        for url in urls.values():
+            nnsight.CONFIG.API.HOST = url
+            trace_logits(client, True)
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label in urls}
     for _ in range(iterations):
-        row: dict[str, float] = {}
         started = time.perf_counter()
         plain()
-        row["plain"] = time.perf_counter() - started
+        plain_s = time.perf_counter() - started
         started = time.perf_counter()
         trace_logits(local, False)
-        row["local"] = time.perf_counter() - started
-        probe.reset()
-        call_start = time.time()
-        started = time.perf_counter()
-        trace_logits(client, True)
-        row["remote"] = time.perf_counter() - started
-        done = time.time()
-        row["client_own"] = probe.own_costs()
-        row.update({f"c_{k}": v for k, v in probe.costs.items()})
-        row["overhead"] = row["remote"] - row["client_own"] - row["local"]
-        row["_call_start"], row["_done"] = call_start, done
-        rows.append(row)
-        rows[-1]["_job"] = probe.job_id  # type: ignore[assignment]
-        rows[-1].update({f"m_{k}": v for k, v in probe.marks.items()})
+        local_s = time.perf_counter() - started
+        for label, url in urls.items():
+            nnsight.CONFIG.API.HOST = url
+            row: dict[str, float] = {"plain": plain_s, "local": local_s}
+            probe.reset()
+            started = time.perf_counter()
+            trace_logits(client, True)
+            row["remote"] = time.perf_counter() - started
+            row["_done"] = time.time()
+            row["client_own"] = probe.own_costs()
+            row.update({f"c_{k}": v for k, v in probe.costs.items()})
+            row["overhead"] = row["remote"] - row["client_own"] - row["local"]
+            row.update({f"m_{k}": v for k, v in probe.marks.items()})
+            row["_job"] = probe.job_id  # type: ignore[assignment]
+            rows[label].append(row)
     out_gc = gc_cost(15)
-    server = gateway_timings(url)
+    server = gateway_timings(next(iter(urls.values())))  # one gateway replica, whichever door
+    results = {label: _path_medians(label_rows, server) for label, label_rows in rows.items()}
+    for out in results.values():
+        out["gc full"], out["gc request"] = out_gc
+    return results
+
+
+def _path_medians(rows: list[dict[str, float]], server: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Medians of the round trip, the client's own costs and the server-side steps (`/timings`)."""
     steps: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:
@@ -236,7 +253,12 @@ def request_path(url: str, model_dir: str, iterations: int) -> dict[str, float]:
             + row["m_post_start"] - row["m_ws_open"])
         add("POST in: client send → gateway handler",
             s["received"] - row["m_post_start"] - row.get("c_httpx_client", 0.0))
-        add("gateway: auth, multipart parse, routing", s["parsed"] - s["received"])
+        if "body" in s:
+            add("gateway: read the body", s["body"] - s["received"])
+            add("gateway: multipart parse", s["form"] - s["body"])
+            add("gateway: routing, job record", s["parsed"] - s["form"])
+        else:
+            add("gateway: auth, multipart parse, routing", s["parsed"] - s["received"])
         add("handle hop: gateway → replica execute()", s["replica_entered"] - s["parsed"])
         add("replica admission → QUEUED back at the gateway", s["admitted"] - s["replica_entered"])
         add("POST out: RECEIVED → client", row["m_post_end"] - s["admitted"])
@@ -249,8 +271,26 @@ def request_path(url: str, model_dir: str, iterations: int) -> dict[str, float]:
     out.update({f"client {k}": med([r.get(f"c_{k}", 0.0) for r in rows])
                 for k in ("serialize", "httpx_client", "parse", "finalize")})
     out.update({f"step {k}": med(v) for k, v in steps.items()})
-    out["gc full"], out["gc request"] = out_gc
     return out
+
+
+def direct_ingress_url(timeout_s: float = 120.0) -> str:
+    """The gateway replica's own HTTP server under Serve's direct ingress (a port Serve allocates
+    from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT on): the first port there that answers `/ping`."""
+    import urllib.error
+
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for port in range(low, low + 20):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        return f"http://127.0.0.1:{port}"
+            except (urllib.error.URLError, OSError):
+                continue
+        time.sleep(1.0)
+    raise TimeoutError("no direct-ingress gateway answered /ping")
 
 
 def gc_cost(repeats: int) -> tuple[float, float]:
@@ -423,7 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="COLD/WARM/HOT activation rounds")
     parser.add_argument("--layers", type=int, default=10, help="decoder layers of the big model (10: ~600 MB)")
     parser.add_argument("--port-offset", type=int, default=400)
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="run the local Ray with Serve's experimental direct ingress and also time the round "
+                             "trip through the gateway replica's own HTTP server, interleaved with Serve's proxy")
     args = parser.parse_args(argv)
+    if args.direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # the head (and so every replica) inherits it
 
     import torch
 
@@ -440,21 +485,26 @@ def main(argv: list[str] | None = None) -> int:
                              num_cpus=2, deploy_timeout_s=900)
     with LocalMode(settings, log=lambda m: print(f"  [local] {m}", flush=True)) as mode:
         url = mode.ndif_host
-        path = request_path(url, tiny_dir, args.iterations)
-        print(f"\nrequest path, {args.iterations} interleaved iterations (medians):")
-        print(f"  plain HF forward:           {ms(path['plain'])}")
-        print(f"  local nnsight trace:        {ms(path['local'])}  ({path['local'] / path['plain']:.1f}x plain)")
-        print(f"  remote round trip:          {ms(path['remote'])}  ({path['remote'] / path['local']:.1f}x local)")
-        print(f"  client's own costs:         {ms(path['client_own'])}  (serialise {ms(path['client serialize'])}, "
-              f"httpx.Client() {ms(path['client httpx_client'])}, parse {ms(path['client parse'])}, "
-              f"load result {ms(path['client finalize'])})")
-        print(f"  server-side overhead:       {ms(path['overhead'])}  (round trip - client's own - local trace)")
+        urls = {"Serve's proxy": url}
+        if args.direct_ingress:
+            urls["direct ingress"] = direct_ingress_url()
+        paths = request_path(urls, tiny_dir, args.iterations)
+        path = paths["Serve's proxy"]
+        for label, one in paths.items():
+            print(f"\nrequest path through {label}, {args.iterations} interleaved iterations (medians):")
+            print(f"  plain HF forward:           {ms(one['plain'])}")
+            print(f"  local nnsight trace:        {ms(one['local'])}  ({one['local'] / one['plain']:.1f}x plain)")
+            print(f"  remote round trip:          {ms(one['remote'])}  ({one['remote'] / one['local']:.1f}x local)")
+            print(f"  client's own costs:         {ms(one['client_own'])}  (serialise {ms(one['client serialize'])}, "
+                  f"httpx.Client() {ms(one['client httpx_client'])}, parse {ms(one['client parse'])}, "
+                  f"load result {ms(one['client finalize'])})")
+            print(f"  server-side overhead:       {ms(one['overhead'])}  (round trip - client's own - local trace)")
+            print("  server-side steps (medians; one clock, one machine):")
+            for key, value in one.items():
+                if key.startswith("step "):
+                    print(f"    {key[5:]:<55} {ms(value)}")
         print(f"  per-request gc here: full gc.collect() {ms(path['gc full'])}, collect_request_garbage() after "
               f"gc.freeze() {path['gc request'] * 1e6:.1f} us")
-        print("  server-side steps (medians; one clock, one machine):")
-        for key, value in path.items():
-            if key.startswith("step "):
-                print(f"    {key[5:]:<55} {ms(value)}")
 
         big_client = connect_client(big_dir, "ndif-bench/big-llama", url)
         rows = []
@@ -497,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"headline: cold/warm activation {cold / warm:.1f}x ({cold:.2f} s vs {warm:.2f} s, {weights / 1e6:.0f} MB: "
           f"{startup:.2f} s start-up + {replica_copy:.2f} s copy, copy {replica_copy / bench_copy:.1f}x the measured "
           f"memcpy); server-side overhead {path['overhead'] * 1000:.1f} ms (round trip {ms(path['remote'])} - client "
-          f"{ms(path['client_own'])} - local trace {ms(path['local'])})")
+          f"{ms(path['client_own'])} - local trace {ms(path['local'])})"
+          + (f"; direct ingress {paths['direct ingress']['overhead'] * 1000:.1f} ms" if "direct ingress" in paths
+             else ""))
     return 0
 
 

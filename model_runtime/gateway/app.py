@@ -306,7 +306,9 @@ class NnsightGateway:
         if refusal:
             raise HttpError(400, refusal)
         await read_body_capped(request, self.args.max_request_bytes)
+        body_read = time.time()
         data, blob = await self._multipart(request)
+        form_parsed = time.time()
         try:
             envelope = json.loads(data)
             if not isinstance(envelope, dict):
@@ -339,7 +341,7 @@ class NnsightGateway:
             job = self.jobs.new_job(key, owner, session_id)
         except JobStoreFull as exc:
             raise HttpError(503, str(exc)) from None
-        job.timings.update(received=arrived, parsed=time.time())
+        job.timings.update(received=arrived, body=body_read, form=form_parsed, parsed=time.time())
         inline_max = self.args.inline_result_max_bytes if session_id else 0
         stream = self._admit(app_name, job, envelope, blob, inline_max)
         self._inflight[app_name] = self._inflight.get(app_name, 0) + 1
@@ -460,7 +462,8 @@ class NnsightGateway:
     @app.get("/timings")
     async def timings(self, request: Request) -> dict[str, Any]:
         """Where the recent completed jobs spent their time on the server (epoch seconds per step:
-        received, parsed, admitted, replica_entered/admitted/done, completed); for benchmarks."""
+        received, body (read), form (parsed), parsed (routed), admitted, replica_entered/admitted/done,
+        completed); for benchmarks."""
         owner = self._auth(request.headers.get(API_KEY_HEADER))
         return {"jobs": {job_id: marks for job_id, who, marks in self._recent
                          if not self.keys.enabled or who == owner}}
