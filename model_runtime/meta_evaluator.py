@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ndif_operator.api import DType, EstimateMethod
+from ndif_operator.api.attention import attention_of
 
-_ENTRY_VERSION = 1  # = ndif_operator.evaluation.cache._SCHEMA_VERSION; a test keeps them equal
+_ENTRY_VERSION = 2  # = ndif_operator.evaluation.cache._SCHEMA_VERSION; a test keeps them equal
 
 
 def _shape(config: Any) -> dict[str, Any]:
@@ -51,6 +52,8 @@ def _shape(config: Any) -> dict[str, Any]:
         "tie_word_embeddings": bool(getattr(text, "tie_word_embeddings", False)),
         "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "max_positions": int(getattr(text, "max_position_embeddings", None) or 0),
+        "model_type": str(getattr(text, "model_type", "") or ""),
+        "attention": attention_of(config).value,
     }
 
 

@@ -100,7 +100,10 @@ def build_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = build_config(arch, len(tokenizer), **(config_overrides or {}))
+    overrides = dict(config_overrides or {})
+    # A vocabulary larger than the tokenizer's is allowed (sizing benchmarks use real models' sizes).
+    vocab_size = int(overrides.pop("vocab_size", len(tokenizer)))  # type: ignore[call-overload]
+    config = build_config(arch, vocab_size, **overrides)
     auto: Any = AutoModelForCausalLM  # untyped classmethods
     model = auto.from_config(config, dtype=getattr(torch, dtype))
     model.eval()

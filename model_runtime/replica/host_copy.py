@@ -28,7 +28,7 @@ from typing import Any
 
 from model_runtime import weight_store
 from model_runtime.replica import levels
-from model_runtime.replica.loading import LoadedModel, torch_dtype
+from model_runtime.replica.loading import LoadedModel, attention_for, torch_dtype
 from ndif_operator.api import ModelAppArgs
 
 log = logging.getLogger("ray.serve")
@@ -162,6 +162,8 @@ def build_skeleton(args: ModelAppArgs, checkpoint: str) -> Any:
                               "trust_remote_code": args.trust_remote_code}
     if not checkpoint.startswith("/") and args.revision:
         kwargs["revision"] = args.revision
+    kwargs["attn_implementation"] = attention_for(checkpoint, revision=kwargs.get("revision"),
+                                                  trust_remote_code=args.trust_remote_code)
     model = TransformersModel(checkpoint, **kwargs)
     model._module.eval()  # from_pretrained returns eval mode; the meta build does not
     model._module.requires_grad_(False)

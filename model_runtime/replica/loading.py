@@ -14,6 +14,7 @@ from typing import Any
 
 from model_runtime.settings import RuntimeSettings
 from ndif_operator.api import ModelAppArgs
+from ndif_operator.api.attention import attention_of
 
 # Where S3 checkpoints are staged; one subdirectory per bucket/prefix.
 
@@ -92,6 +93,15 @@ def resolve_checkpoint(args: ModelAppArgs) -> tuple[str, str]:
     return args.repo_id, "huggingFace"
 
 
+def attention_for(checkpoint: str, *, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """The attention implementation to load `checkpoint` with: the rule the estimator sizes the
+    budget for (`ndif_operator.api.attention`), so that what runs is what was budgeted."""
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    return attention_of(AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code, **kwargs)).value
+
+
 def load_model(args: ModelAppArgs) -> LoadedModel:
     """Build the dispatched nnsight wrapper the replica serves."""
     from nnsight import TransformersModel
@@ -108,6 +118,8 @@ def load_model(args: ModelAppArgs) -> LoadedModel:
     }
     if kind == "huggingFace" and args.revision:
         kwargs["revision"] = args.revision
+    kwargs["attn_implementation"] = attention_for(checkpoint, revision=kwargs.get("revision"),
+                                                  trust_remote_code=args.trust_remote_code)
     model = TransformersModel(checkpoint, **kwargs)
     model._module.requires_grad_(False)
     return LoadedModel(model=model, source_kind=kind, load_seconds=time.monotonic() - started, device=device,

@@ -36,6 +36,7 @@ from ndif_operator.api.v1alpha1 import (
     ModelSource,
     ModelSpec,
     Placement,
+    RankEstimate,
     RuntimeLimits,
     S3Source,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "ModelUserConfig",
     "Phase",
     "Placement",
+    "RankEstimate",
     "Reason",
     "RuntimeLimits",
     "S3Source",

@@ -273,9 +273,26 @@ class EstimateMethod(StrEnum):
     CACHED = "Cached"  # a previous evaluation (the entry keeps its original method)
 
 
+class RankEstimate(_Model):
+    """GPU memory one rank of a tensor-parallel replica needs at one size."""
+
+    tensor_parallel_size: int = Field(ge=1, le=8)
+    bytes: int = Field(ge=0)
+
+
 class Estimate(_Model):
     weights_bytes: int = Field(ge=0, description="Parameters and buffers in the requested dtype.")
-    total_bytes: int = Field(ge=0, description="Weights plus runtime budget (activations, KV, context).")
+    total_bytes: int = Field(
+        ge=0, description="Weights plus runtime budget (KV cache, working memory, logits, saved values, context)."
+    )
+    ranks: list[RankEstimate] = Field(
+        default_factory=list,
+        max_length=4,
+        description="GPU memory one rank needs at each tensorParallelSize: split weights, KV cache and"
+        " heads divide by the size; replicated weights, gathered logits, saved values and each"
+        " rank's CUDA context do not. Empty when the model's shape is unknown.",
+    )
+    attention: str = Field(default="", description="Attention implementation the budget is sized for (sdpa, eager).")
     total: str = Field(default="", description="totalBytes in human units (printer column).")
     method: str
     evaluated_at: datetime | None = None

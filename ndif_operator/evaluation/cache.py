@@ -22,7 +22,7 @@ from ndif_operator.api import DType, ModelSpec
 from ndif_operator.evaluation.shape import ModelShape
 
 _UNSAFE = re.compile(r"[^-._a-zA-Z0-9]+")
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 
 def source_id(model: ModelSpec) -> str:

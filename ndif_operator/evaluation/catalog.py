@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ndif_operator.api import DType, EstimateMethod, ModelSpec
+from ndif_operator.api.attention import Attention
 from ndif_operator.evaluation.cache import CacheEntry, cache_key
 from ndif_operator.evaluation.shape import ModelShape
 from ndif_operator.evaluation.weights import DTYPE_BYTES, rope_bytes
@@ -29,10 +30,10 @@ class KnownModel:
 
 
 def _shape(layers: int, hidden: int, heads: int, kv: int, inter: int, vocab: int, *, head_dim: int = 0,
-           tied: bool = False, positions: int = 131072) -> ModelShape:
+           tied: bool = False, positions: int = 131072, attention: Attention = Attention.SDPA) -> ModelShape:
     return ModelShape(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
                       head_dim=head_dim or hidden // heads, intermediate_size=inter, vocab_size=vocab,
-                      tie_word_embeddings=tied, max_positions=positions)
+                      tie_word_embeddings=tied, max_positions=positions, attention=attention.value)
 
 
 _LLAMA_8B = _shape(32, 4096, 32, 8, 14336, 128256)
@@ -48,7 +49,8 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
                checkpoint_dtype=DType.FLOAT16),
     KnownModel("EleutherAI/pythia-12b", 11_846_072_320, _shape(36, 5120, 40, 40, 20480, 50688, positions=2048),
                checkpoint_dtype=DType.FLOAT16),
-    KnownModel("EleutherAI/gpt-j-6b", 6_053_381_344, _shape(28, 4096, 16, 16, 16384, 50400, positions=2048),
+    KnownModel("EleutherAI/gpt-j-6b", 6_053_381_344,
+               _shape(28, 4096, 16, 16, 16384, 50400, positions=2048, attention=Attention.EAGER),
                checkpoint_dtype=DType.FLOAT32),
     KnownModel("meta-llama/Llama-3.2-1B", 1_235_814_400, _shape(16, 2048, 32, 8, 8192, 128256, tied=True)),
     KnownModel("meta-llama/Llama-3.2-3B", 3_212_749_824, _shape(28, 3072, 24, 8, 8192, 128256, tied=True)),
@@ -62,10 +64,12 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
     KnownModel("meta-llama/Llama-3.1-405B-Instruct", 405_853_388_800, _shape(126, 16384, 128, 8, 53248, 128256)),
     KnownModel("mistralai/Mistral-7B-v0.1", 7_241_732_096, _shape(32, 4096, 32, 8, 14336, 32000, positions=32768)),
     KnownModel("google/gemma-2-2b", 2_614_341_888,
-               _shape(26, 2304, 8, 4, 9216, 256000, head_dim=256, tied=True, positions=8192),
+               _shape(26, 2304, 8, 4, 9216, 256000, head_dim=256, tied=True, positions=8192,
+                      attention=Attention.EAGER),
                checkpoint_dtype=DType.FLOAT32),
     KnownModel("google/gemma-2-9b", 9_241_705_984,
-               _shape(42, 3584, 16, 8, 14336, 256000, head_dim=256, tied=True, positions=8192),
+               _shape(42, 3584, 16, 8, 14336, 256000, head_dim=256, tied=True, positions=8192,
+                      attention=Attention.EAGER),
                checkpoint_dtype=DType.FLOAT32),
     KnownModel("Qwen/Qwen2.5-7B", 7_615_616_512, _shape(28, 3584, 28, 4, 18944, 152064, positions=32768)),
     KnownModel("Qwen/Qwen2.5-72B", 72_706_203_648, _shape(80, 8192, 64, 8, 29568, 152064, positions=32768)),

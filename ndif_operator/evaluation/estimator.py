@@ -14,10 +14,18 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from ndif_operator.api import DType, Estimate, EstimateMethod, ModelSpec, RuntimeLimits
+from ndif_operator.api import (
+    TENSOR_PARALLEL_SIZES,
+    DType,
+    Estimate,
+    EstimateMethod,
+    ModelSpec,
+    RankEstimate,
+    RuntimeLimits,
+)
 from ndif_operator.api.parallel import ParallelShape
 from ndif_operator.api.units import human_bytes
-from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES, runtime_budget
+from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES, rank_bytes
 from ndif_operator.evaluation.cache import CacheEntry, EstimateCache, cache_key
 from ndif_operator.evaluation.errors import EstimateError, EstimatePending
 from ndif_operator.evaluation.safetensors_header import (
@@ -121,19 +129,25 @@ def evaluate(
 
 
 def estimate_from_entry(entry: CacheEntry, limits: RuntimeLimits) -> Estimate:
-    """Weights from the entry plus the runtime budget for `limits`: pure, no I/O."""
-    if entry.shape is not None:
-        budget = runtime_budget(entry.shape, limits, entry.element_size).total
-    else:
-        budget = math.ceil(entry.weights_bytes * FALLBACK_BUDGET_RATIO) + CUDA_CONTEXT_BYTES
-    total = entry.weights_bytes + budget
+    """Weights from the entry plus the runtime budget for `limits`, per rank at every tensor-parallel
+    size: pure, no I/O."""
     shape = entry.shape
+    if shape is None:
+        total = entry.weights_bytes + math.ceil(entry.weights_bytes * FALLBACK_BUDGET_RATIO) + CUDA_CONTEXT_BYTES
+        return Estimate(weights_bytes=entry.weights_bytes, total_bytes=total, total=human_bytes(total),
+                        method=entry.method, evaluated_at=entry.evaluated_at)
+    ranks = [RankEstimate(tensor_parallel_size=k,
+                          bytes=rank_bytes(shape, limits, entry.element_size, entry.weights_bytes, k))
+             for k in TENSOR_PARALLEL_SIZES]
+    total = ranks[0].bytes
     return Estimate(
         parallel=ParallelShape.of(shape.model_type, shape.num_attention_heads, shape.num_key_value_heads,
-                                  shape.intermediate_size) if shape is not None else None,
+                                  shape.intermediate_size),
         weights_bytes=entry.weights_bytes,
         total_bytes=total,
         total=human_bytes(total),
+        ranks=ranks,
+        attention=shape.attention,
         method=entry.method,
         evaluated_at=entry.evaluated_at,
     )

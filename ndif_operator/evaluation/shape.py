@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ndif_operator.api.attention import Attention, attention_implementation
+
 _ALIASES: dict[str, tuple[str, ...]] = {
     "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
     "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
@@ -36,6 +38,7 @@ class ModelShape:
     torch_dtype: str | None = None  # the checkpoint's declared dtype, if any
     max_positions: int = 0  # longest sequence the model accepts; 0 = unknown
     model_type: str = ""  # config.json `model_type` (the text model's, for multimodal configs)
+    attention: str = Attention.SDPA.value  # what the runtime loads it with (`api.attention`)
 
 
 def _first_int(config: Mapping[str, Any], names: tuple[str, ...]) -> int | None:
@@ -48,6 +51,7 @@ def _first_int(config: Mapping[str, Any], names: tuple[str, ...]) -> int | None:
 
 def shape_from_config(config: Mapping[str, Any]) -> ModelShape:
     """Read a ModelShape from a parsed config.json; raise ValueError when a core field is missing."""
+    attention = attention_implementation(config)
     text = config.get("text_config")
     if isinstance(text, Mapping) and _first_int(text, _ALIASES["num_layers"]) is not None:
         merged = dict(config)
@@ -79,4 +83,5 @@ def shape_from_config(config: Mapping[str, Any]) -> ModelShape:
         torch_dtype=dtype if isinstance(dtype, str) else None,
         max_positions=_first_int(config, _ALIASES["max_positions"]) or 0,
         model_type=str(config.get("model_type") or ""),
+        attention=attention.value,
     )

@@ -64,8 +64,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def rank_bytes(total: int, ranks: int) -> int:
-    """GPU memory one of `ranks` tensor-parallel ranks needs: its part plus its own CUDA context."""
+def rank_bytes(request: PlacementRequest, ranks: int) -> int:
+    """GPU memory one of `ranks` tensor-parallel ranks of `request` needs.
+
+    The estimate's per-rank figure when it has one (what every rank replicates is not divided);
+    otherwise an even split of the total plus each rank's own CUDA context.
+    """
+    for k, need in request.rank_bytes:
+        if k == ranks:
+            return need
+    total = request.total_bytes or 0
     return _ceil_div(total + (ranks - 1) * RANK_CONTEXT_BYTES, ranks)
 
 
@@ -103,10 +111,10 @@ def need_in(
     shape = request.parallel
     if tp == "auto":
         allowed = [k for k in auto_sizes if k <= limit and (shape is None or not tensor_parallel_problems(shape, k))]
-        fitting = [k for k in allowed if rank_bytes(total, k) <= mem]
+        fitting = [k for k in allowed if rank_bytes(request, k) <= mem]
         if not fitting:
             return (
-                f"needs {human_bytes(rank_bytes(total, allowed[-1]))} per GPU at tensorParallelSize"
+                f"needs {human_bytes(rank_bytes(request, allowed[-1]))} per GPU at tensorParallelSize"
                 f" {allowed[-1]} (the largest it allows); {group.name} GPUs have {human_bytes(mem)}"
             )
         count = fitting[0]
@@ -118,7 +126,7 @@ def need_in(
         count = tp
     if count > per_pod:
         return f"needs {count}x{human_bytes(mem)} GPUs in one pod; pods of {group.name} have {per_pod}"
-    per_gpu = rank_bytes(total, count)
+    per_gpu = rank_bytes(request, count)
     if per_gpu > mem:
         if count == 1:
             return (

@@ -112,6 +112,9 @@ class PlacementRequest:
     dedicated: bool = False
     minimum_deployment_seconds: int = 0
     current: CurrentPlacement | None = None
+    # ((k, bytes one rank needs at tensor-parallel size k), ...) from the estimate: what is
+    # replicated on every rank is not divided. Empty = divide total_bytes evenly (`sizing.rank_bytes`).
+    rank_bytes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.key:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -72,6 +73,21 @@ def test_auto_skips_sizes_the_model_cannot_split_into() -> None:
                             tensor_parallel_size="auto", parallel=LLAMA_70B)
     placed = plan(_inventory(), [fine], now=NOW).decision("ml/llama")
     assert placed.level == Level.HOT and placed.tensor_parallel_size == 4
+
+
+def test_ranks_are_sized_by_the_estimates_per_rank_figure() -> None:
+    # 200 GiB in all, but what every rank replicates (logits, saved values, embeddings) makes a
+    # rank of 4 need 70 GiB, not 50: the share follows the per-rank figure, and 2 ranks do not fit.
+    ranks = ((1, 200 * GIB), (2, 110 * GIB), (4, 70 * GIB), (8, 45 * GIB))
+    request = PlacementRequest(key="ml/llama", total_bytes=200 * GIB, weights_bytes=160 * GIB,
+                               tensor_parallel_size="auto", parallel=LLAMA_70B, rank_bytes=ranks)
+    placed = plan(_inventory(), [request], now=NOW).decision("ml/llama")
+    assert placed.level == Level.HOT and placed.tensor_parallel_size == 4
+    assert placed.gpu_fraction == pytest.approx(70 / 80, abs=1e-4)
+    even = plan(_inventory(), [replace(request, rank_bytes=())], now=NOW).decision("ml/llama")
+    assert even.gpu_fraction < placed.gpu_fraction  # an even split would under-reserve each rank
+    tight = replace(request, rank_bytes=((1, 200 * GIB), (2, 110 * GIB), (4, 85 * GIB), (8, 45 * GIB)))
+    assert plan(_inventory(), [tight], now=NOW).decision("ml/llama").tensor_parallel_size == 8
 
 
 def _llama_checkpoint(path: Path, heads: int, kv_heads: int) -> Path:

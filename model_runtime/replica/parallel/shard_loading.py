@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_runtime.replica.parallel.plans import ResolvedPlan, replica_dims, resolve_plan
+from ndif_operator.api.attention import attention_of
 
 
 @dataclass
@@ -131,7 +132,9 @@ def load_shard(checkpoint: str, *, tensor_parallel_size: int, dtype: Any, device
     if plan.source == "project":
         text = getattr(config, "text_config", None) or config
         text.base_model_tp_plan = dict(plan.plan)
+    # The implementation the estimator budgets for (`ndif_operator.api.attention`).
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code,
+                              "attn_implementation": attention_of(config).value,
                               "distributed_config": distributed.DistributedConfig(tp_size=tensor_parallel_size)}
     if revision:
         kwargs["revision"] = revision
