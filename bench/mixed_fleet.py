@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from ndif_operator.planning import Inventory, PlacementRequest, WorkerGroup, plan
+from ndif_operator.planning import Inventory, PlacementRequest, WorkerGroup, plan, repack
 from ndif_operator.planning.sizing import need_in
 from ndif_operator.planning.types import FRACTION_UNITS
 
@@ -63,8 +63,15 @@ def larger_instance(rng: random.Random) -> list[PlacementRequest]:
     return _requests(sizes, [rng.choice((1, 1, 2, 3)) for _ in sizes])
 
 
-def ours(inventory: Inventory, requests: list[PlacementRequest]) -> int | None:
-    p = plan(inventory, requests, now=NOW)
+def ours(inventory: Inventory, requests: list[PlacementRequest], *, search: bool = True) -> int | None:
+    """GPUs our plan uses, None if it leaves a replica out. `search=False`: the placement pass
+    alone, without the re-packing search (planning/repack.py), for comparison in the same run."""
+    saved = repack.MAX_PIECES
+    repack.MAX_PIECES = saved if search else 0
+    try:
+        p = plan(inventory, requests, now=NOW)
+    finally:
+        repack.MAX_PIECES = saved
     if any(d.replicas != r.replicas for d, r in zip(p.decisions, sorted(requests, key=lambda r: r.key),
                                                           strict=True)):
         return None
@@ -153,8 +160,8 @@ def mixed_fleets(quick: bool) -> tuple[float, float]:
         if not wanted:
             continue
         rng, inventory = random.Random(seed), fleet(pods)
-        vs_opt, vs_ndif, vs_relaxed, times = [], [], [], []
-        tries = unproven = ours_short = ndif_short = 0
+        vs_opt, vs_ndif, vs_relaxed, vs_greedy, times = [], [], [], [], []
+        tries = unproven = ours_short = ndif_short = greedy_short = 0
         while len(vs_opt) + ours_short < wanted and tries < 1000:
             tries += 1
             requests = generate(rng)
@@ -166,6 +173,11 @@ def mixed_fleets(quick: bool) -> tuple[float, float]:
             o = ours(inventory, requests)
             times.append(time.perf_counter() - start)
             n = ndif_style(inventory, requests)
+            greedy = ours(inventory, requests, search=False)
+            if greedy is None:
+                greedy_short += 1
+            else:
+                vs_greedy.append(greedy / best)
             if o is None:
                 ours_short += 1
                 continue
@@ -186,6 +198,9 @@ def mixed_fleets(quick: bool) -> tuple[float, float]:
               f" packing of every replica, or none proven optimal in 60 s):"
               f" ours/optimum mean {statistics.mean(vs_opt):.3f}, worst {max(vs_opt):.3f},"
               f" {sum(r > 1 for r in vs_opt)} above 1; ours left replicas out on {ours_short};"
+              f" placement pass alone (no search): mean {statistics.mean(vs_greedy):.3f},"
+              f" worst {max(vs_greedy):.3f}, {sum(r > 1.15 for r in vs_greedy)} above 1.15, left replicas out on"
+              f" {greedy_short};"
               f" ours/relaxed optimum mean {statistics.mean(vs_relaxed):.3f};"
               f" ours/NDIF-style mean {statistics.mean(vs_ndif):.3f}, worst {max(vs_ndif):.3f}"
               f" (NDIF-style left replicas out on {ndif_short}); plan time mean"
