@@ -39,7 +39,7 @@ def test_a_new_replica_goes_where_there_is_room_instead_of_evicting() -> None:
         Level.HOT, "a100", decode_assignments(encode_assignments(hi)), since=NOW)), req("ml/lo", 20, current=current(
             "ml/lo"))], now=NOW)
     assert again.decision("ml/hi").assignments == hi.assignments and not again.decision("ml/hi").moved
-    # Pinned rendering puts that slot on an h100 pod and GPU, with its h100 share.
+    # Pinned rendering puts that slot on its l4 pod and GPU, with its l4 share.
     deployments = {k: ModelDeployment.model_validate({"metadata": {"name": k[3:], "namespace": "ml"},
                                                       "spec": {"model": {"repoId": f"org/{k[3:]}"}}})
                    for k in ("ml/hi", "ml/lo")}
@@ -47,7 +47,7 @@ def test_a_new_replica_goes_where_there_is_room_instead_of_evicting() -> None:
     check_serve_config(config)
     slot = next(a for a in config["applications"] if a["name"] == "md-ml-hi_r1")["deployments"][0]
     assert slot["ray_actor_options"]["label_selector"] == {"ndif.dev/pod": "l4-0"}
-    assert slot["ray_actor_options"]["resources"] == {"ndif_gpu_0": 0.8334}
+    assert slot["user_config"]["gpu_lease"] == {"ndif_gpu_0": 0.8334}  # its l4 share, leased when Hot
 
 
 def test_one_larger_gpu_before_several_small_ones() -> None:
