@@ -31,7 +31,7 @@ def request(name: str, gib: float, replicas: int = 1) -> PlacementRequest:
 
 def pieces(groups: tuple[WorkerGroup, ...], *requests: PlacementRequest) -> list[Piece]:
     """One piece per replica, allowed in every group it fits (with its need there)."""
-    out = []
+    out: list[Piece] = []
     for r in requests:
         options = []
         for gi, g in enumerate(groups):
@@ -144,6 +144,25 @@ def test_a_replica_the_placement_pass_left_out_is_placed_when_a_packing_exists(
     assert [d.replicas for d in p.decisions] == [r.replicas for r in requests]
     assert p.gpus_used == 10  # the ILP optimum (bench/mixed_fleet.py)
     assert_valid(inventory, requests, p)
+
+
+def test_left_out_replicas_are_tried_higher_priority_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[str] = []
+    search = repack_module.repack
+
+    def spy(*args: object, **kwargs: object) -> object:
+        if kwargs.get("first"):
+            tried.append(args[2][-1].key)  # type: ignore[index]
+        return search(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repack_module, "repack", spy)
+    one_gpu = Inventory((WorkerGroup("h100-80", pods=1, gpus_per_pod=1, gpu_memory_bytes=80 * GIB,
+                                     cpu_memory_bytes=0),))
+    requests = [PlacementRequest(key=f"ml/p{priority}", total_bytes=60 * GIB, weights_bytes=60 * GIB,
+                                 priority=priority) for priority in (0, 5, 3)]
+    p = plan(one_gpu, requests, now=NOW)
+    assert p.decision("ml/p5").level == Level.HOT
+    assert tried == ["ml/p3", "ml/p0"]  # neither fits next to it; the search asked in priority order
 
 
 def test_a_new_model_never_moves_kept_replicas_and_a_replan_moves_nothing() -> None:
