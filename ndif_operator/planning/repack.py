@@ -1,17 +1,18 @@
-"""Re-pack the replicas one plan placed, when fewer GPUs can hold them.
+"""Re-pack the replicas one plan placed: room for the ones left out, then fewer GPUs.
 
 The placement pass (planner.py) is greedy: largest first, each replica where it fits tightest, an
-empty GPU only when no used one has room. On mixed fleets that can open GPUs that other choices
-would have avoided: a first model on the GPU whose rest cannot hold the next ones, a second
-replica that must avoid its sibling's GPU landing on a fresh one. `repack` searches, depth first
-and within a fixed number of steps, for a packing of the same replicas into the room the kept
-placements leave that uses fewer GPUs in all; the planner keeps its own packing unless one exists.
+empty GPU only when no used one has room. On mixed fleets that opens GPUs that other choices
+would have avoided (a first model on the GPU whose rest cannot hold the next ones, a second
+replica that must avoid its sibling's GPU landing on a fresh one) and leaves out replicas that
+another packing holds. `repack` searches, depth first and branch-and-bound within a fixed amount
+of work, for a packing of a given set of replicas into the room the kept placements leave: the
+planner asks it first whether a left-out replica fits with the ones placed (any packing will do),
+then for a packing of them all that uses fewer GPUs; it keeps its own packing unless one exists.
 
-What the search may not change, so the planner's rules still hold: only replicas placed in this
-plan move (kept placements never do); exactly the same replicas are placed (priorities and
-evictions were decided before); one model's replicas all need the same rank count (the count of
-its kept replicas, if any); one model's replicas stay on distinct GPUs. The step budget, not a clock,
-bounds the search, so a plan is the same on every machine.
+What the search may not change, so the planner's rules still hold: kept placements never move;
+nothing is evicted; one model's replicas all take the same rank count (its kept replicas' count,
+if any) and stay on distinct GPUs. The work budget, not a clock, bounds the search, so a plan is
+the same on every machine.
 """
 
 from __future__ import annotations
@@ -67,26 +68,25 @@ def lower_bound(groups: Sequence[WorkerGroup], free: Sequence[Sequence[Sequence[
                 pieces: Sequence[Piece]) -> int:
     """GPUs in use that no packing of `pieces` into `free` can beat: those in use now, plus the
     fewest empty GPUs (largest first) whose memory covers what does not fit in the used ones' rest."""
-    used, _, rest, empty = _census(groups, free)
+    used, rest, empty = _census(groups, free)
     extra = _cover(groups, empty, sum(_weight(p, groups) for p in pieces) - rest)
     return used + (extra if extra is not None else 10**9)
 
 
-def _census(groups: Sequence[WorkerGroup], free: Sequence[Sequence[Sequence[int]]]
-            ) -> tuple[int, list[GpuId], int, list[int]]:
-    """(GPUs in use, their ids, their free memory in units x bytes, empty GPUs per group)."""
-    used_ids: list[GpuId] = []
+def _census(groups: Sequence[WorkerGroup], free: Sequence[Sequence[Sequence[int]]]) -> tuple[int, int, list[int]]:
+    """(GPUs in use, their free memory in units x bytes, empty GPUs per group)."""
+    used = 0
     rest = 0
     empty = [0] * len(groups)
     for gi, group in enumerate(groups):
-        for pod, gpus in enumerate(free[gi]):
-            for gpu, units in enumerate(gpus):
+        for gpus in free[gi]:
+            for units in gpus:
                 if units == FRACTION_UNITS:
                     empty[gi] += 1
                 else:
-                    used_ids.append((gi, pod, gpu))
+                    used += 1
                     rest += units * group.gpu_memory_bytes
-    return len(used_ids), used_ids, rest, empty
+    return used, rest, empty
 
 
 def _cover(groups: Sequence[WorkerGroup], empty: Sequence[int], excess: int) -> int | None:
@@ -114,7 +114,7 @@ class _Search:
                                                     p.key, p.number))
         weights = [_weight(p, groups) for p in self.pieces]
         self.suffix = [sum(weights[i:]) for i in range(len(weights) + 1)]
-        self.used, _, self.rest, self.empty = _census(groups, free)
+        self.used, self.rest, self.empty = _census(groups, free)
         self.taken: dict[str, set[GpuId]] = {}
         for p in self.pieces:
             self.taken.setdefault(p.key, set()).update(p.avoid)
