@@ -76,6 +76,22 @@ def test_the_native_guard_is_built_and_is_what_requests_run_under() -> None:
     assert WriteGuard(ServerStorage()).native
 
 
+def test_without_the_native_build_requests_run_under_the_python_mode_and_it_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from model_runtime.sandbox import dispatch_guard
+
+    monkeypatch.setattr(native_guard, "load", lambda: None)
+    monkeypatch.setattr(native_guard, "failure", lambda: "FileNotFoundError: not built")
+    monkeypatch.setattr(dispatch_guard, "_fallback_logged", False)
+    module, target = _server()
+    with caplog.at_level("WARNING"):
+        guard = WriteGuard(ServerStorage.of_modules([module]))
+    assert not guard.native and "native write guard unavailable (FileNotFoundError: not built)" in caplog.text
+    with guard, pytest.raises(ModelTampering):
+        target.add_(1)
+
+
 def test_the_native_kernels_apply_the_same_rule_to_every_op_in_the_registry() -> None:
     native = native_guard.load()
     assert native is not None
