@@ -6,8 +6,8 @@
 For each shape a fresh subprocess (one torch thread):
 
 1. builds a llama offline (`model_runtime.tiny_models`, hidden 512, 4 layers, 8 heads / 4 kv
-   heads, the shape's vocabulary and maximum positions; one shape's config.json asks for eager
-   attention, as a checkpoint that forces it would);
+   heads, the shape's vocabulary and maximum positions; two shapes' config.json asks for eager
+   attention, as a checkpoint that forces it would; one shape is a GPT-2 of the same size);
 2. sizes it with the operator's estimator (`ndif_operator.evaluation.estimate`: safetensors
    headers and config.json), for the shape's maxBatchSize / maxSequenceLength / maxResultBytes;
 3. loads it with the replica's loader (`model_runtime.replica.loading.load_model`, which picks the
@@ -56,6 +56,7 @@ class Shape:
     eager: bool = False  # config.json asks for eager attention
     padded: bool = False  # prompts of different lengths: the batch is padded
     intermediate: int = HIDDEN["intermediate_size"]  # a wide MLP makes the layer phase the peak
+    arch: str = "llama"  # or "gpt2": fused QKV projection, GELU MLP, learned positions
 
 
 SHAPES = (
@@ -68,6 +69,7 @@ SHAPES = (
     # The layer phase is the peak: the score matrix, then a wide MLP (3 x 16384 > the vocabulary).
     Shape("b1-s4096-v32k-eager", 1, 4096, 32000, eager=True),
     Shape("b4-s2048-v32k-wide-mlp", 4, 2048, 32000, intermediate=16384),
+    Shape("gpt2-b4-s1024-v50k", 4, 1024, 50257, intermediate=2048, arch="gpt2"),
 )
 
 
@@ -89,9 +91,14 @@ def _trim() -> None:
 def _build(shape: Shape, root: Path) -> Path:
     from model_runtime.tiny_models import build_tiny_model
 
-    path = build_tiny_model("llama", root / shape.name, dtype=shape.dtype, config_overrides={
-        **HIDDEN, "intermediate_size": shape.intermediate, "vocab_size": shape.vocab,
-        "max_position_embeddings": shape.sequence})
+    if shape.arch == "gpt2":
+        overrides: dict[str, object] = {"n_embd": HIDDEN["hidden_size"], "n_layer": HIDDEN["num_hidden_layers"],
+                                        "n_head": HIDDEN["num_attention_heads"], "n_inner": shape.intermediate,
+                                        "n_positions": shape.sequence}
+    else:
+        overrides = {**HIDDEN, "intermediate_size": shape.intermediate, "max_position_embeddings": shape.sequence}
+    path = build_tiny_model("gpt2" if shape.arch == "gpt2" else "llama", root / shape.name, dtype=shape.dtype,
+                            config_overrides={**overrides, "vocab_size": shape.vocab})
     if shape.eager:
         config = json.loads((path / "config.json").read_text())
         config["attn_implementation"] = "eager"
@@ -121,9 +128,13 @@ def _payload(path: Path, shape: Shape, batch: int, sequence: int) -> tuple[Any, 
     if shape.padded and batch > 1:
         mask[-1, : sequence // 4] = 0  # left padding: the last prompt is shorter
     backend = Capture(client.to_model_key(), host="http://bench.invalid", env=client._remoteable_get_env())
+    # Module envoys picked before the trace: its body must reference nothing of this script's own.
+    gpt2 = shape.arch == "gpt2"
+    embed = client.transformer.wte if gpt2 else client.model.embed_tokens
+    layers = client.transformer.h if gpt2 else client.model.layers
     with client.trace({"input_ids": ids, "attention_mask": mask}, backend=backend):
-        embeddings = client.model.embed_tokens.output.save()  # noqa: F841 - only the payload matters
-        hidden = [layer.output.save() for layer in client.model.layers]  # noqa: F841
+        embeddings = embed.output.save()  # noqa: F841 - only the payload matters
+        hidden = [layer.output.save() for layer in layers]  # noqa: F841
         logits = client.lm_head.output.save()  # noqa: F841
     return captured[0]
 

@@ -71,7 +71,8 @@ def catalog_requests(*, include_405b: bool) -> list[PlacementRequest]:
         assert entry is not None
         est = estimate_from_entry(entry, LIMITS)
         out.append(PlacementRequest(key=f"ndif/{known.repo_id.lower()}", total_bytes=est.total_bytes,
-                                    weights_bytes=est.weights_bytes, tensor_parallel_size="auto"))
+                                    weights_bytes=est.weights_bytes, tensor_parallel_size="auto",
+                                    rank_bytes=tuple((r.tensor_parallel_size, r.bytes) for r in est.ranks)))
     return out
 
 

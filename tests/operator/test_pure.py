@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from operator_harness import ray_service
 
-from ndif_operator.api import Estimate, Level, ModelDeployment, Reason
+from ndif_operator.api import Estimate, Level, ModelDeployment, RankEstimate, Reason
 from ndif_operator.operator.inventory import read_inventory
 from ndif_operator.operator.quantity import parse_quantity, quantity_bytes
 from ndif_operator.operator.ray_service import (
@@ -162,6 +162,10 @@ def test_requests_and_assignments_round_trip() -> None:
         "priority": 5}})
     request = placement_request("ml/m", md, ESTIMATE, current)
     assert (request.replicas, request.priority, request.total_bytes) == (3, 5, 10 * 2**30)
+    # The estimate's per-rank figures reach the planner, which sizes each TP rank's share with them.
+    ranked = ESTIMATE.model_copy(update={"ranks": [RankEstimate(tensor_parallel_size=1, bytes=10 * 2**30),
+                                                   RankEstimate(tensor_parallel_size=2, bytes=6 * 2**30)]})
+    assert placement_request("ml/m", md, ranked, current).rank_bytes == ((1, 10 * 2**30), (2, 6 * 2**30))
 
 
 def test_kuberay_serve_update_events() -> None:
