@@ -161,9 +161,12 @@ class Cluster:
                    for d in self.apps(name)[a]["deployments"])
 
     def gpu_share(self, app: str, name: str = "ndif") -> float:
-        """The GPU share one replica of `app` asks Ray for (pinned: its ndif_gpu_<i> resource)."""
-        options = self.apps(name)[app]["deployments"][0]["ray_actor_options"]
-        return float(sum((options.get("resources") or {}).values()) or options["num_gpus"])
+        """The GPU share one replica of `app` asks Ray for (pinned: its ndif_gpu_<i> resource, which
+        a single-GPU replica leases itself from its user_config's gpu_lease)."""
+        deployment = self.apps(name)[app]["deployments"][0]
+        options = deployment["ray_actor_options"]
+        lease = (deployment.get("user_config") or {}).get("gpu_lease") or {}
+        return float(sum(lease.values()) or sum((options.get("resources") or {}).values()) or options["num_gpus"])
 
     def condition(self, name: str, kind: str) -> dict[str, Any]:
         obj = self.md(name) or {}
