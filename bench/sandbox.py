@@ -187,8 +187,9 @@ def main(iterations: int) -> None:
     from model_runtime.sandbox.global_state import GlobalState
     from model_runtime.sandbox.guards import Guards
     from model_runtime.sandbox.integrity import WeightIntegrity
-    from model_runtime.sandbox.limits import address_space_cap, check_payload, install_seccomp
+    from model_runtime.sandbox.limits import address_space_cap, check_payload
     from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
+    from model_runtime.sandbox.seccomp import install_request_filter as install_seccomp
     from model_runtime.sandbox.unpickling import SandboxUnpickler, _DryRun, loads
 
     torch.set_num_threads(1)

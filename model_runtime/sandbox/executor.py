@@ -388,12 +388,12 @@ _SECCOMP = threading.local()
 
 
 def _seccomp_this_thread() -> None:
-    from model_runtime.sandbox.limits import install_seccomp, seccomp_supported
+    from model_runtime.sandbox import seccomp
 
-    if getattr(_SECCOMP, "installed", False) or not seccomp_supported():
+    if getattr(_SECCOMP, "installed", False) or not seccomp.supported():
         return
     try:
-        install_seccomp()
+        seccomp.install_request_filter()
         _SECCOMP.installed = True
     except OSError:
         _SECCOMP.installed = False  # the platform refuses it; the other layers still apply

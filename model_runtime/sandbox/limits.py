@@ -1,4 +1,4 @@
-"""Layer 5: time, size and memory limits, and an optional seccomp filter on the worker thread.
+"""Layer 5: time, size and memory limits of a request, and the request thread that enforces them.
 
 * **Time**: requests run on one long-lived worker thread (`model_runtime.replica.request_thread`); on
   timeout the supervisor injects `RequestTimeout` (a BaseException user code cannot catch: the
@@ -14,28 +14,23 @@
   error instead of taking the node down. Process-wide (it also binds other threads for that
   time) and Linux-only; skipped once CUDA is initialised (the driver grows the address space with
   device allocations); GPU memory is capped by `torch.cuda.set_per_process_memory_fraction`.
-* **seccomp** (Linux x86_64): the worker thread installs a filter that makes `execve`,
-  `fork`/`vfork`/non-thread `clone`, `socket`, `connect`, `bind`, `ptrace`, file-creating or
-  write-mode `open`/`openat`, `unlink`/`rename`/`mkdir`/`chmod`/`truncate` and friends fail with
-  EPERM (`clone3` reports ENOSYS so glibc falls back to `clone`). The filter is per thread and
-  permanent, which is why the worker thread is dedicated. It does not stop reading files
-  (imports need it) nor writes to already-open descriptors.
+* **seccomp**: each request thread installs the request filter (`model_runtime.sandbox.seccomp`,
+  `REQUEST_THREAD`) before its first request; the filter is per thread and permanent, which is why
+  the threads are dedicated. The whole replica process carries its own filter too
+  (`model_runtime.sandbox.process_filter`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import platform
 import resource
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from model_runtime.replica.request_thread import Outcome, RequestThread
 from model_runtime.sandbox.errors import LimitExceeded, RequestTimeout
+from model_runtime.sandbox.seccomp import install_request_filter
 from ndif_operator.api import ModelUserConfig
 
 T = TypeVar("T")
@@ -171,111 +166,6 @@ def _cuda_initialized() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# seccomp
-
-# x86_64 syscall numbers.
-_AUDIT_ARCH_X86_64 = 0xC000003E
-_DENIED_SYSCALLS = {
-    "execve": 59, "execveat": 322, "fork": 57, "vfork": 58, "socket": 41, "socketpair": 53,
-    "connect": 42, "bind": 49, "listen": 50, "accept": 43, "accept4": 288, "ptrace": 101,
-    "process_vm_readv": 310, "process_vm_writev": 311, "creat": 85, "unlink": 87,
-    "unlinkat": 263, "rename": 82, "renameat": 264, "renameat2": 316, "mkdir": 83,
-    "mkdirat": 258, "rmdir": 84, "chmod": 90, "fchmod": 91, "fchmodat": 268, "truncate": 76,
-    "link": 86, "linkat": 265, "symlink": 88, "symlinkat": 266, "mount": 165, "kill": 62,
-    "tkill": 200, "memfd_create": 319, "seccomp": 317,
-    "chroot": 161, "init_module": 175, "finit_module": 313, "bpf": 321, "unshare": 272,
-    "setns": 308,
-}
-_NR_CLONE, _NR_CLONE3, _NR_OPEN, _NR_OPENAT, _NR_OPENAT2 = 56, 435, 2, 257, 437
-_X32_BIT = 0x40000000
-_O_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_CLONE_THREAD = 0x00010000
-_EPERM, _ENOSYS = 1, 38
-
-# BPF opcodes (linux/filter.h, linux/seccomp.h).
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
-_RET_ALLOW = 0x7FFF0000
-_RET_ERRNO = 0x00050000
-_RET_KILL_PROCESS = 0x80000000
-_OFF_NR, _OFF_ARCH = 0, 4
-
-
-def _arg_low(i: int) -> int:
-    return 16 + 8 * i  # seccomp_data.args[i], low 32 bits on little-endian
-
-
-def seccomp_program(file_writes: bool = True) -> list[tuple[int, int, int, int]]:
-    """The BPF filter as (code, jt, jf, k) tuples (x86_64 syscall numbers).
-
-    `file_writes=False` leaves `open`/`openat` alone: used once CUDA is initialised, because the
-    driver may open `/dev/nvidia*` read-write from the request's thread (untested on a GPU here).
-    """
-    prog: list[tuple[int, int, int, int]] = [
-        (_LD_W_ABS, 0, 0, _OFF_ARCH),
-        (_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64),
-        (_RET_K, 0, 0, _RET_KILL_PROCESS),
-        (_LD_W_ABS, 0, 0, _OFF_NR),
-        (_JGE_K, 0, 1, _X32_BIT),  # the x32 ABI aliases every syscall: refuse it outright
-        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
-    ]
-    for nr in _DENIED_SYSCALLS.values():
-        prog += [(_JEQ_K, 0, 1, nr), (_RET_K, 0, 0, _RET_ERRNO | _EPERM)]
-    prog += [(_JEQ_K, 0, 1, _NR_CLONE3), (_RET_K, 0, 0, _RET_ERRNO | _ENOSYS)]
-    # clone: a thread (CLONE_THREAD set) is fine, a new process is not.
-    prog += [
-        (_JEQ_K, 0, 4, _NR_CLONE),
-        (_LD_W_ABS, 0, 0, _arg_low(0)),
-        (_JSET_K, 1, 0, _CLONE_THREAD),
-        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
-        (_RET_K, 0, 0, _RET_ALLOW),
-    ]
-    # open(path, flags) / openat(dirfd, path, flags); openat2 keeps flags in a struct: refuse.
-    if not file_writes:
-        prog.append((_RET_K, 0, 0, _RET_ALLOW))
-        return prog
-    prog += [(_JEQ_K, 0, 1, _NR_OPENAT2), (_RET_K, 0, 0, _RET_ERRNO | _ENOSYS)]
-    for nr, flags_arg in ((_NR_OPEN, 1), (_NR_OPENAT, 2)):
-        prog += [
-            (_JEQ_K, 0, 4, nr),
-            (_LD_W_ABS, 0, 0, _arg_low(flags_arg)),
-            (_JSET_K, 0, 1, _O_WRITE_FLAGS),
-            (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
-            (_RET_K, 0, 0, _RET_ALLOW),
-        ]
-    prog.append((_RET_K, 0, 0, _RET_ALLOW))
-    return prog
-
-
-def seccomp_supported() -> bool:
-    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
-@functools.cache
-def _compiled_filter(file_writes: bool) -> tuple[Any, Any, Any]:
-    # Built once per process: installing is then just two prctl calls (once per request thread).
-    prog = seccomp_program(file_writes)
-    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in prog))
-    fprog = _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
-    return buf, fprog, ctypes.CDLL(None, use_errno=True)
-
-
-def install_seccomp() -> None:
-    """Install the filter on the *calling thread* (permanent for that thread). Raises OSError."""
-    if not seccomp_supported():
-        raise OSError("seccomp filter is only built for Linux x86_64")
-    _buf, fprog, libc = _compiled_filter(file_writes=not _cuda_initialized())
-    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
-    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    if libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(fprog), 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
-
-
-# --------------------------------------------------------------------------------------------
 # The worker thread and the timeout
 
 
@@ -291,7 +181,7 @@ class Worker:
     def _install(self) -> None:
         # Runs on every thread the worker starts (a fresh one after a cancelled request).
         try:
-            install_seccomp()
+            install_request_filter()
             self.seccomp_active = True
         except OSError as exc:
             self.seccomp_error = str(exc)

@@ -1,118 +1,133 @@
-"""A seccomp filter on every thread of the replica process (TSYNC), installed after the model loads.
+"""The replica process's seccomp filter: every thread (TSYNC), installed once the model is loaded.
 
-    confine_process()   # once, after loading; every existing and future thread is bound
+    confine_process()   # after loading; every existing and future thread of the process is bound
 
-The request threads carry their own, stricter filter (`limits.install_seccomp`: no sockets, no
-write-mode opens); this one binds the threads a request does not run on but could reach after
-an escape (the event loop, Ray's core-worker and gRPC threads, the executor's pool), so that no
-thread of the process can start a program. It refuses, with EPERM:
+Request threads add their own, stricter filter on top (`seccomp.install_request_filter`: no
+sockets either). This one binds the threads a request does not run on but could reach after an
+escape (the event loop, Ray's core-worker and gRPC threads, Serve's threads, the executor's pool).
+What it refuses, and why each class that stays allowed is needed, is measured by running the
+Ray Serve end-to-end tests under it (docs/security.md, "The replica process's filter"):
 
-* starting programs: `execve`, `execveat`, `fork`, `vfork`, `clone` without `CLONE_THREAD`
-  (`clone3` reports ENOSYS so libc falls back to `clone`);
-* reaching other processes or the kernel's configuration: `ptrace`, `process_vm_readv/writev`,
-  `kill`-family signals to other processes are left alone (Ray signals its own workers),
-  `mount`, `umount2`, `pivot_root`, `chroot`, `unshare`, `setns`, module loading, `bpf`,
-  `perf_event_open`, `userfaultfd`, `kexec_load`, `reboot`, `swapon`/`swapoff`, the key
-  management calls.
+* programs and processes: `execve`/`execveat`, `fork`/`vfork`, `clone` without `CLONE_THREAD`
+  (`clone3` answers ENOSYS so libc falls back to `clone`);
+* writing to the file system: `open`/`openat` with any of O_WRONLY, O_RDWR, O_CREAT, O_TRUNC,
+  O_APPEND (`openat2` answers ENOSYS), `creat`, and every call that renames, removes, links,
+  creates, truncates, or changes the mode, owner, times or attributes of a path. Nothing in Ray,
+  Serve, torch or the runtime opens a file for writing once the model is loaded (descriptors
+  opened before, Ray's and Serve's log files, stay writable);
+* other processes and the kernel: `ptrace`, `process_vm_*`, `pidfd_*`, `kcmp`, mounts and
+  namespaces, module loading, `bpf`, `perf_event_open`, `userfaultfd`, `io_uring` (its
+  operations bypass seccomp), keys, clocks, `kexec`, `reboot`, swap, `personality`;
+* signals to any process but this one (`kill`, `tgkill`, `rt_*sigqueueinfo` with another target
+  and a signal other than 0; `tkill`, which names no process, and `pidfd_send_signal`).
 
-What Ray and the runtime need after start-up, and therefore stays allowed process-wide (measured
-by running the replica's request path and Ray's end-to-end tests under the filter): sockets
-(`socket`, `connect`, `bind`, `accept`: gRPC to the raylet and GCS, the metrics agent, the
-object store's Unix socket), opening files for writing (Ray's log files and the weight store's
-cache when a model changes level), `memfd_create` and `mmap` (the object store). Paths cannot be
-checked by seccomp (it sees pointers, not strings); the pod's read-only root filesystem and
-the request threads' own filter cover writes.
+Sockets stay (gRPC to the raylet and GCS, the object store's Unix socket, the metrics agent,
+Serve's handles), as do reads, `mmap`, writes to descriptors already open, `kill(pid, 0)` (Ray's
+core worker checks the raylet is alive every second) and `seccomp` itself (request threads add
+their stricter filter on top; a filter can only be added, never removed). libuv, inside
+torch.distributed's TCPStore, is told not to use io_uring (`UV_USE_IO_URING=0`, set by
+`no_io_uring()` before the store starts): with io_uring it aborts the process at its next
+`io_uring_enter`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import struct
+import logging
+import os
+import threading
 
-from model_runtime.sandbox.limits import (
-    _AUDIT_ARCH_X86_64,
-    _CLONE_THREAD,
-    _ENOSYS,
-    _EPERM,
-    _JEQ_K,
-    _JGE_K,
-    _JSET_K,
-    _LD_W_ABS,
-    _NR_CLONE,
-    _NR_CLONE3,
-    _OFF_ARCH,
-    _OFF_NR,
-    _RET_ALLOW,
-    _RET_ERRNO,
-    _RET_K,
-    _RET_KILL_PROCESS,
-    _X32_BIT,
-    _arg_low,
-    _SockFprog,
-    seccomp_supported,
+from model_runtime import credentials
+from model_runtime.sandbox import seccomp
+
+log = logging.getLogger("ray.serve")
+
+# "0" leaves the process unconfined (a platform where seccomp is refused; never the default).
+ENABLE_ENV = "NDIF_PROCESS_FILTER"
+
+_PROCESS_DENIED = frozenset(
+    {
+        "execve", "execveat", "fork", "vfork",
+        "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "kcmp", "pidfd_open",
+        "pidfd_getfd", "pidfd_send_signal", "tkill",
+        "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_tree", "move_mount", "fsopen",
+        "fsconfig", "fsmount", "fspick", "mount_setattr", "init_module", "finit_module", "delete_module",
+        "bpf", "perf_event_open", "userfaultfd", "kexec_load", "kexec_file_load", "reboot", "swapon",
+        "swapoff", "add_key", "request_key", "keyctl", "acct", "syslog", "quotactl", "iopl", "ioperm",
+        "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
+        "vhangup", "uselib", "personality", "lookup_dcookie", "fanotify_init", "open_by_handle_at",
+        "name_to_handle_at", "io_uring_setup", "io_uring_enter", "io_uring_register",
+        "creat", "unlink", "unlinkat", "rename", "renameat", "renameat2", "mkdir", "mkdirat", "rmdir",
+        "link", "linkat", "symlink", "symlinkat", "mknod", "mknodat", "chmod", "fchmod", "fchmodat",
+        "fchmodat2", "chown", "fchown", "lchown", "fchownat", "truncate", "ftruncate", "utime", "utimes",
+        "utimensat", "futimesat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
+        "fremovexattr", "memfd_create",
+    }
 )
+_SIGNALS_TO_SELF = frozenset({"kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"})
 
-# x86_64 syscall numbers of what no thread of a replica needs once the model is loaded.
-PROCESS_DENIED = {
-    "execve": 59, "execveat": 322, "fork": 57, "vfork": 58, "ptrace": 101, "process_vm_readv": 310,
-    "process_vm_writev": 311, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
-    "unshare": 272, "setns": 308, "init_module": 175, "finit_module": 313, "delete_module": 176,
-    "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "kexec_load": 246, "kexec_file_load": 320,
-    "reboot": 169, "swapon": 167, "swapoff": 168, "add_key": 248, "request_key": 249, "keyctl": 250,
-}
+PROCESS = seccomp.Policy(deny=_PROCESS_DENIED | _SIGNALS_TO_SELF, write_opens=False,
+                         signals_to_self_only=_SIGNALS_TO_SELF)
 
-_NR_SECCOMP = 317
-_SECCOMP_SET_MODE_FILTER = 1
-_SECCOMP_FILTER_FLAG_TSYNC = 1
-_PR_SET_NO_NEW_PRIVS = 38
+_LOCK = threading.Lock()
+_INSTALLED_IN: int | None = None  # the pid that installed it (a filter is inherited, never removed)
 
 
-def process_program() -> list[tuple[int, int, int, int]]:
-    prog: list[tuple[int, int, int, int]] = [
-        (_LD_W_ABS, 0, 0, _OFF_ARCH),
-        (_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64),
-        (_RET_K, 0, 0, _RET_KILL_PROCESS),
-        (_LD_W_ABS, 0, 0, _OFF_NR),
-        (_JGE_K, 0, 1, _X32_BIT),
-        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
-    ]
-    for nr in PROCESS_DENIED.values():
-        prog += [(_JEQ_K, 0, 1, nr), (_RET_K, 0, 0, _RET_ERRNO | _EPERM)]
-    prog += [(_JEQ_K, 0, 1, _NR_CLONE3), (_RET_K, 0, 0, _RET_ERRNO | _ENOSYS)]
-    prog += [
-        (_JEQ_K, 0, 4, _NR_CLONE),
-        (_LD_W_ABS, 0, 0, _arg_low(0)),
-        (_JSET_K, 1, 0, _CLONE_THREAD),
-        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
-        (_RET_K, 0, 0, _RET_ALLOW),
-    ]
-    prog.append((_RET_K, 0, 0, _RET_ALLOW))
-    return prog
+def no_io_uring() -> None:
+    """Keep libuv (torch.distributed's TCPStore) off io_uring: call before any libuv loop starts."""
+    os.environ["UV_USE_IO_URING"] = "0"
 
 
-_INSTALLED = False
+def enabled() -> bool:
+    return os.environ.get(ENABLE_ENV, "1") != "0"
+
+
+def confined() -> bool:
+    return _INSTALLED_IN == os.getpid()
 
 
 def confine_process() -> bool:
     """Install the filter on every thread of this process (once). False where unsupported.
 
-    Raises OSError if the kernel refuses (TSYNC fails when a thread already carries a filter
-    that is not an ancestor of this one: call it before the request threads install theirs).
+    Raises OSError if the kernel refuses: TSYNC fails when a thread already carries a filter that is
+    not an ancestor of this one, so call it before any request thread installs its own.
     """
-    global _INSTALLED
-    if _INSTALLED:
+    global _INSTALLED_IN
+    with _LOCK:
+        if confined():
+            return True
+        if not seccomp.supported():
+            return False
+        pid = os.getpid()
+        seccomp.compile_policy(PROCESS, own_pid=pid).install(all_threads=True)
+        _INSTALLED_IN = pid
         return True
-    if not seccomp_supported():
+
+
+def open_device(device: str) -> None:
+    """Open what the device needs while files may still be opened read-write: the CUDA driver opens
+    /dev/nvidia* O_RDWR when it creates the context, and cuBLAS loads on its first matmul."""
+    if device != "cuda":
+        return
+    import torch
+
+    x = torch.ones(8, 8, device="cuda")
+    (x @ x).sum().item()
+
+
+def confine_replica(what: str, device: str) -> bool:
+    """A model replica or rank once its model is loaded: it forgets the credentials it loaded with
+    (model_runtime/credentials.py), then `confine_process()`; logs the outcome.
+
+    The filter is off only with NDIF_PROCESS_FILTER=0. A platform without seccomp (not Linux x86_64)
+    runs unconfined, with a warning; a kernel that refuses the filter is an error.
+    """
+    credentials.forget()
+    if not enabled():
+        log.warning("%s: NDIF_PROCESS_FILTER=0, the process is not confined", what)
         return False
-    prog = process_program()
-    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in prog))
-    fprog = _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    rc = libc.syscall(_NR_SECCOMP, _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC, ctypes.byref(fprog))
-    if rc != 0:
-        detail = f"thread {rc} could not be synchronised" if rc > 0 else "seccomp(TSYNC) failed"
-        raise OSError(ctypes.get_errno(), detail)
-    _INSTALLED = True
+    open_device(device)
+    if not confine_process():
+        log.warning("%s: seccomp is not available on this platform; the process is not confined", what)
+        return False
+    log.info("%s: process confined (seccomp on every thread)", what)
     return True

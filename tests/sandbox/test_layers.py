@@ -17,8 +17,9 @@ from model_runtime.sandbox import CapabilityDenied, CodeRejected, LimitExceeded,
 from model_runtime.sandbox.capabilities import Capabilities
 from model_runtime.sandbox.compiling import restricted_compile
 from model_runtime.sandbox.guards import Guards
-from model_runtime.sandbox.limits import Worker, address_space_cap, seccomp_supported
+from model_runtime.sandbox.limits import Worker, address_space_cap
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
+from model_runtime.sandbox.seccomp import supported as seccomp_supported
 
 
 def _run(source: str, guards: Guards) -> dict[str, Any]:
@@ -252,17 +253,17 @@ def test_seccomp_worker_denies_exec_socket_and_writes(tmp_path: Path) -> None:
         worker.stop()
 
 
-@pytest.mark.parametrize("file_writes", [True, False])
-def test_seccomp_program_is_well_formed(file_writes: bool) -> None:
-    from model_runtime.sandbox.limits import seccomp_program
+@pytest.mark.parametrize("write_opens", [True, False])
+def test_seccomp_program_is_well_formed(write_opens: bool) -> None:
+    from model_runtime.sandbox import seccomp
 
-    prog = seccomp_program(file_writes)
+    prog = seccomp.build(seccomp.request_policy(write_opens))
     for pc, (code, jt, jf, _k) in enumerate(prog):
         if code & 0x07 == 0x05:  # BPF_JMP: both targets inside the program
             assert pc + 1 + max(jt, jf) < len(prog)
     assert prog[-1] == (0x06, 0, 0, 0x7FFF0000)  # falls through to ALLOW
     opens = [insn for insn in prog if insn[0] == 0x15 and insn[3] in (2, 257)]
-    assert bool(opens) is file_writes
+    assert bool(opens) is not write_opens
 
 
 def test_timeout_stops_the_job_and_the_worker_survives() -> None:
