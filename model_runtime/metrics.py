@@ -15,7 +15,7 @@ Ray stops exporting a gauge some time after its last `set`, so the queue depth i
 `KEEPALIVE_SECONDS` by a daemon thread: an idle model reports 0 instead of vanishing.
 
 InfluxDB is optional: set NDIF_INFLUX_URL, NDIF_INFLUX_ORG, NDIF_INFLUX_BUCKET and
-NDIF_INFLUX_TOKEN (the token is read from the environment only, never tagged or logged).
+NDIF_INFLUX_TOKEN (the token is read as a credential (model_runtime/credentials.py), never tagged or logged).
 """
 
 from __future__ import annotations

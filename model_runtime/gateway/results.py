@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from model_runtime import credentials
 from model_runtime.metrics import gateway_metrics
 
 PRESIGN_SECONDS = 3600
@@ -23,7 +24,9 @@ class S3Results:
         import boto3
 
         self.bucket = bucket
-        self._client = boto3.client("s3", endpoint_url=endpoint_url)
+        # Read as files (a mounted Secret) or taken out of the environment: model_runtime/credentials.py.
+        taken = credentials.current()
+        self._client = boto3.client("s3", endpoint_url=endpoint_url, region_name=taken.region(), **taken.s3())
         self._bucket_ready = False
 
     def _put_sync(self, job_id: str, blob: bytes) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from ray import serve
 
+from model_runtime import credentials
 from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
 from model_runtime.replica import levels
@@ -43,6 +44,7 @@ from model_runtime.replica.gpu_binding import bind_pinned_gpu
 from model_runtime.replica.gpu_lease import GpuLease, bind_leased_gpu
 from model_runtime.replica.host_copy import NODE_MEMORY
 from model_runtime.replica.parallel.ranks import TensorParallelCopy, obtain_ranks, weights_digest
+from model_runtime.sandbox.process_filter import confine_replica, no_io_uring
 from model_runtime.settings import RuntimeSettings
 from ndif_operator import logs
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
@@ -76,6 +78,8 @@ _preimport_anyio()
 
 def _prepare_process() -> None:
     """Process-wide settings every replica needs before it loads a model."""
+    credentials.take()  # out of the environment before anything else reads it (model_runtime/credentials.py)
+    no_io_uring()  # the process filter refuses io_uring (sandbox/process_filter.py)
     bind_pinned_gpu()  # before anything touches CUDA
     _preimport_anyio()
     import nnsight  # noqa: F401 (imported here, so that the start-up marks separate imports from loading)
@@ -115,6 +119,8 @@ class ModelReplica:
         self._transitions.append(self._load().__dict__)
         self._startup["loaded"] = time.time()
         self._set_level(self.config.level)
+        # From here on no thread of this process starts a program or writes to the file system.
+        self.confined = confine_replica(f"replica of {self.args.model_key}", self._device)
         self._startup["ready"] = time.time()
 
     # --- levels ------------------------------------------------------------------------------
@@ -240,6 +246,7 @@ class ModelReplica:
             "startup": dict(self._startup),
             "metrics": self.metrics.snapshot(),
             "prometheus": self.metrics.exporting,
+            "confined": self.confined,
         }
 
     async def weight_digests(self) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_runtime import credentials
 from model_runtime.settings import RuntimeSettings
 from ndif_operator.api import ModelAppArgs
 from ndif_operator.api.attention import attention_of
@@ -57,7 +58,8 @@ def s3_stage(bucket: str, prefix: str, *, endpoint_url: str | None, region: str 
 
     root = RuntimeSettings.from_env().s3_cache
     target = root / bucket / prefix.strip("/")
-    client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+    taken = credentials.current()  # files or environment, read once (model_runtime/credentials.py)
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region or taken.region(), **taken.s3())
     stripped = prefix.strip("/")
     listing_prefix = f"{stripped}/" if stripped else ""
     found = 0
@@ -118,9 +120,10 @@ def load_model(args: ModelAppArgs) -> LoadedModel:
     }
     if kind == "huggingFace" and args.revision:
         kwargs["revision"] = args.revision
-    kwargs["attn_implementation"] = attention_for(checkpoint, revision=kwargs.get("revision"),
-                                                  trust_remote_code=args.trust_remote_code)
-    model = TransformersModel(checkpoint, **kwargs)
+    with credentials.hub_token_in_environment():  # the config read and the load may reach the Hub
+        kwargs["attn_implementation"] = attention_for(checkpoint, revision=kwargs.get("revision"),
+                                                      trust_remote_code=args.trust_remote_code)
+        model = TransformersModel(checkpoint, **kwargs)
     model._module.requires_grad_(False)
     return LoadedModel(model=model, source_kind=kind, load_seconds=time.monotonic() - started, device=device,
                        checkpoint=checkpoint)

@@ -38,11 +38,12 @@ import threading
 
 from model_runtime import credentials
 from model_runtime.sandbox import seccomp
+from model_runtime.settings import RuntimeSettings
 
 log = logging.getLogger("ray.serve")
 
-# "0" leaves the process unconfined (a platform where seccomp is refused; never the default).
-ENABLE_ENV = "NDIF_PROCESS_FILTER"
+# NDIF_PROCESS_FILTER=0 (RuntimeSettings.process_filter) leaves the process unconfined: for a
+# platform where seccomp is refused; never the default.
 
 _PROCESS_DENIED = frozenset(
     {
@@ -78,7 +79,7 @@ def no_io_uring() -> None:
 
 
 def enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "1") != "0"
+    return RuntimeSettings.from_env().process_filter
 
 
 def confined() -> bool:

@@ -38,6 +38,7 @@ from model_runtime.replica.execution import Envelope, ExecutionLimits, Execution
 from model_runtime.replica.host_copy import HostCopy
 from model_runtime.replica.loading import pick_device, resolve_checkpoint, torch_dtype
 from model_runtime.replica.parallel.shard_loading import ShardLoad, load_shard
+from model_runtime.sandbox.process_filter import confine_replica
 from model_runtime.settings import RuntimeSettings
 from ndif_operator.api import ModelAppArgs
 
@@ -77,6 +78,12 @@ def join_group(rank: int, world: int, port: int, device: str, store: Any = None)
     if store is None:
         store = tcp_store(_master_addr(), port, world, is_master=False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    if backend == "nccl":
+        # The communicator is made at its first collective and opens /dev/shm segments then: make it
+        # now, while the process may still open files for writing (sandbox/process_filter.py).
+        import torch
+
+        dist.all_reduce(torch.zeros(1, device="cuda"))
 
 
 @dataclass
@@ -134,7 +141,9 @@ class ShardRank:
         parsed = ModelAppArgs.model_validate(args)
         self.device = pick_device(parsed.gpus_per_replica)
         join_group(self.rank, self.world, port, self.device)
-        return self.load(args, checkpoint)
+        loaded = self.load(args, checkpoint)
+        confine_replica(f"rank {self.rank} of {parsed.model_key}", self.device)  # as rank 0 is
+        return loaded
 
     def load(self, args: dict[str, Any], checkpoint: str) -> dict[str, Any]:
         self.held = load_rank(ModelAppArgs.model_validate(args), checkpoint, self.device)

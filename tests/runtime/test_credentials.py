@@ -1,0 +1,91 @@
+"""Credentials are read once (files before variables), removed from `os.environ` and from the
+block the kernel shows in /proc/self/environ, and forgotten after loading.
+
+Each case runs in a child process: scrubbing changes the process's own environment.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from model_runtime import credentials
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHILD = textwrap.dedent(
+    """
+    import json, os, subprocess, sys
+    from model_runtime import credentials
+    taken = credentials.take()
+    with open("/proc/self/environ", "rb") as handle:
+        block = handle.read()
+    secret_values = sys.argv[1].split(",")
+    report = {
+        "names": taken.names(),
+        "s3": taken.s3(),
+        "hf": taken.hf_token(),
+        "influx": credentials.lookup(credentials.INFLUX_TOKEN),
+        "repr shows no value": not any(v in repr(taken) for v in secret_values),
+        "in os.environ": sorted(k for k, v in os.environ.items() if v in secret_values),
+        "in /proc/self/environ": [v for v in secret_values if v.encode() in block],
+        "inherited by a child": subprocess.run(["env"], capture_output=True, text=True).stdout.count("value-"),
+        "kept": os.environ.get("KEEP_ME"),
+    }
+    with credentials.hub_token_in_environment():
+        report["hub token during a load"] = os.environ.get("HF_TOKEN")
+    report["hub token after"] = os.environ.get("HF_TOKEN")
+    credentials.forget()
+    report["after forget"] = credentials.lookup("AWS_SECRET_ACCESS_KEY")
+    print(json.dumps(report))
+    """
+)
+
+
+def _run(env: dict[str, str]) -> dict[str, object]:
+    values = [v for k, v in env.items() if v.startswith("value-")]
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, ",".join(values)], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "KEEP_ME": "plain", **env},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_environment_credentials_are_taken_and_scrubbed() -> None:
+    report = _run({
+        "AWS_ACCESS_KEY_ID": "value-akid", "AWS_SECRET_ACCESS_KEY": "value-secret", "HF_TOKEN": "value-hf",
+        "NDIF_INFLUX_TOKEN": "value-influx", "ANOTHER_SERVICE_PASSWORD": "value-pw",
+    })
+    assert report["names"] == ["ANOTHER_SERVICE_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN",
+                               "NDIF_INFLUX_TOKEN"]
+    assert report["s3"] == {"aws_access_key_id": "value-akid", "aws_secret_access_key": "value-secret"}
+    assert report["hf"] == "value-hf" and report["influx"] == "value-influx"
+    assert report["repr shows no value"] is True
+    assert report["in os.environ"] == [] and report["in /proc/self/environ"] == []
+    assert report["inherited by a child"] == 0
+    assert report["kept"] == "plain"  # other variables stay
+    assert report["hub token during a load"] == "value-hf" and report["hub token after"] is None
+    assert report["after forget"] is None
+
+
+def test_files_in_the_credentials_directory_win(tmp_path: Path) -> None:
+    mounted = tmp_path / "creds"
+    (mounted / "..data").mkdir(parents=True)  # kubelet's layout: dot entries are skipped
+    (mounted / "AWS_ACCESS_KEY_ID").write_text("file-akid\n")
+    (mounted / "AWS_SECRET_ACCESS_KEY").write_text("file-secret")
+    report = _run({credentials.DIR_ENV: str(mounted), "AWS_SECRET_ACCESS_KEY": "value-from-env"})
+    assert report["s3"] == {"aws_access_key_id": "file-akid", "aws_secret_access_key": "file-secret"}
+    assert report["in os.environ"] == [] and report["in /proc/self/environ"] == []
+
+
+@pytest.mark.parametrize(("name", "secret"), [("AWS_SESSION_TOKEN", True), ("GITHUB_TOKEN", True),
+                                              ("DB_PASSWORD", True), ("OMP_NUM_THREADS", False),
+                                              ("NDIF_MODEL_CACHE_DIR", False), ("AWS_REGION", False)])
+def test_credential_names(name: str, secret: bool) -> None:
+    assert credentials.is_credential_name(name) is secret
