@@ -101,8 +101,9 @@ class ObjectStore(_Values):
     endpoint: str = Field(default="", description="S3 endpoint URL (MinIO, Ceph, ...); empty: AWS.")
     credentials_secret: str = Field(
         default="",
-        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_REGION), "
-        "given to the Ray pods as env; empty: the pods' own identity.",
+        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN, "
+        "AWS_REGION), mounted into the Ray pods as files (never environment variables); the gateway uses them "
+        "for results, replicas for S3 model sources and only while loading; empty: the pods' own identity.",
     )
 
 
@@ -174,6 +175,45 @@ class WorkerGroup(_Values):
     )
 
 
+class NetworkPolicyObjectStore(_Values):
+    cidrs: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of the object store (S3, MinIO) the workers read model weights from; empty: no rule.",
+    )
+    ports: list[int] = Field(default_factory=lambda: [443], description="Its TCP ports.")
+
+
+def _kube_dns() -> list[dict[str, Any]]:
+    return [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+             "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+
+
+class NetworkPolicy(_Values):
+    enabled: bool = Field(
+        default=True,
+        description="A NetworkPolicy on the Ray worker pods, where model replicas run user code: egress only to "
+        "the Ray pods, DNS and the object store; ingress only from the Ray pods, plus Serve (8000) and metrics "
+        "(8080). Selects the chart's Ray worker pods by label; needs a CNI that enforces NetworkPolicy.",
+    )
+    object_store: NetworkPolicyObjectStore = Field(
+        default_factory=NetworkPolicyObjectStore, description="Where the workers may read model weights.",
+    )
+    dns: list[dict[str, Any]] = Field(
+        default_factory=_kube_dns, description="Peers (NetworkPolicyPeer) answering DNS on port 53.",
+    )
+    public_https: bool = Field(
+        default=True,
+        description="Also allow HTTPS (443) to public addresses (not private, link-local or metadata ranges): "
+        "models with a huggingFace source download from the Hub. Turn off when every model comes from S3 or "
+        "a local path, so that replicas reach only Ray, DNS and the object store.",
+    )
+    extra_egress: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="More egress rules (NetworkPolicyEgressRule): e.g. the Hugging Face Hub for huggingFace "
+        "sources, or InfluxDB when the runtime writes to it.",
+    )
+
+
 class RayService(_Values):
     create: bool = Field(
         default=False,
@@ -187,6 +227,9 @@ class RayService(_Values):
     head: HeadGroup = Field(default_factory=HeadGroup, description="The Ray head (gateway, no GPU).")
     worker_groups: list[WorkerGroup] = Field(
         default_factory=lambda: [WorkerGroup(name="gpu")], min_length=1, description="GPU worker groups.",
+    )
+    network_policy: NetworkPolicy = Field(
+        default_factory=NetworkPolicy, description="What the worker pods (model replicas) may reach.",
     )
 
 

@@ -201,3 +201,54 @@ def test_chart_defaults_are_the_operator_defaults() -> None:
         from_chart = OperatorSettings(**{variable.removeprefix("NDIF_").lower(): env[variable]})
         name = variable.removeprefix("NDIF_").lower()
         assert getattr(from_chart, name) == getattr(defaults, name), variable
+
+
+def test_ray_workers_reach_only_ray_dns_and_the_object_store() -> None:
+    docs = manifests(render(values_of("rayservice")))
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    ray_pods = {"app.kubernetes.io/name": "ndif-operator", "app.kubernetes.io/instance": "ndif-operator",
+                "app.kubernetes.io/component": "ray"}
+    assert spec["podSelector"]["matchLabels"] == {**ray_pods, "ray.io/node-type": "worker"}
+    # The selected pods are the RayService's workers (KubeRay adds ray.io/node-type to its pods).
+    rayservice = next(d for d in docs if d["kind"] == "RayService")
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert ray_pods.items() <= group["template"]["metadata"]["labels"].items()
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    ray_peer, dns, store, influx = spec["egress"]
+    assert ray_peer == {"to": [{"podSelector": {"matchLabels": ray_pods}}]}
+    assert {p["port"] for p in dns["ports"]} == {53} and dns["to"][0]["podSelector"]["matchLabels"] == {
+        "k8s-app": "kube-dns"}
+    assert store == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+                     "ports": [{"port": 443, "protocol": "TCP"}, {"port": 9000, "protocol": "TCP"}]}
+    assert influx["to"] == [{"ipBlock": {"cidr": "10.30.0.5/32"}}]
+    assert spec["ingress"][0] == {"from": [{"podSelector": {"matchLabels": ray_pods}}]}
+    assert {p["port"] for p in spec["ingress"][1]["ports"]} == {8000, 8080} and "from" not in spec["ingress"][1]
+
+
+def test_by_default_the_workers_also_reach_public_https_for_the_hub() -> None:
+    (policy,) = [d for d in manifests(render({})) if d["kind"] == "NetworkPolicy"]
+    hub = policy["spec"]["egress"][-1]
+    assert hub["ports"] == [{"port": 443, "protocol": "TCP"}]
+    (block,) = hub["to"]
+    assert block["ipBlock"]["cidr"] == "0.0.0.0/0" and "169.254.0.0/16" in block["ipBlock"]["except"]
+    assert "10.0.0.0/8" in block["ipBlock"]["except"]
+
+
+def test_the_network_policy_can_be_turned_off() -> None:
+    docs = manifests(render({"rayService": {"networkPolicy": {"enabled": False}}}))
+    assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
+
+
+def test_object_store_credentials_reach_the_ray_pods_as_files_not_environment() -> None:
+    rayservice = next(d for d in manifests(render(values_of("rayservice"))) if d["kind"] == "RayService")
+    config = rayservice["spec"]["rayClusterConfig"]
+    pods = [config["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in config["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["containers"]
+        assert "envFrom" not in container  # a Secret in env would be in every Ray process's environment
+        assert {"name": "NDIF_CREDENTIALS_DIR", "value": "/etc/ndif/object-store"} in container["env"]
+        assert {"name": "object-store-credentials", "mountPath": "/etc/ndif/object-store", "readOnly": True} in (
+            container["volumeMounts"])
+        volume = next(v for v in pod["volumes"] if v["name"] == "object-store-credentials")
+        assert volume["secret"] == {"secretName": "ndif-s3", "defaultMode": 0o440}

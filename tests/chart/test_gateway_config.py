@@ -1,6 +1,6 @@
 """One place for the gateway's cluster settings: chart values → the operator's NDIF_* env →
 OperatorSettings → the gateway application's args in the rendered Serve config; Secrets stay
-references (envFrom / a mounted volume), never values."""
+references (mounted volumes), never values."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_values_reach_the_rendered_gateway_args(monkeypatch: Any) -> None:
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
         assert mounts["api-keys"] == args["api_key_hashes_dir"]
         assert volumes["api-keys"]["secret"]["secretName"] == "ndif-api-keys"
-        assert container["envFrom"] == [{"secretRef": {"name": "ndif-s3"}}]
+        assert mounts["object-store-credentials"] == "/etc/ndif/object-store"  # files, never env
+        assert volumes["object-store-credentials"]["secret"]["secretName"] == "ndif-s3"
 
 
 def test_defaults_render_the_gateway_defaults() -> None:

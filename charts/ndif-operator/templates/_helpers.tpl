@@ -54,6 +54,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.rayService.image.repository }}:{{ default .Chart.AppVersion .Values.rayService.image.tag }}
 {{- end }}
 
+{{/* Where the runtime reads the object store's credentials (a mounted Secret, one file per key). */}}
+{{- define "ndif.credentialsDir" -}}
+/etc/ndif/object-store
+{{- end }}
+
 {{/* Where the gateway reads the API-key hashes (a mounted Secret: kubelet refreshes it, no restart). */}}
 {{- define "ndif.apiKeysDir" -}}
 /etc/ndif/api-keys

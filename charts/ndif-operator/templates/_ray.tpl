@@ -6,18 +6,22 @@
   value: "0"
 - name: OMP_NUM_THREADS
   value: "1"
+{{- if .Values.gateway.objectStore.credentialsSecret }}
+# The object store's credentials are files, never environment variables (a variable would be in
+# every Ray process's environment); the runtime reads them (model_runtime/credentials.py).
+- name: NDIF_CREDENTIALS_DIR
+  value: {{ include "ndif.credentialsDir" . | quote }}
 {{- end }}
-
-{{- define "ndif.rayEnvFrom" -}}
-envFrom:
-  # The object store's credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...): referenced, never inlined.
-  - secretRef:
-      name: {{ .Values.gateway.objectStore.credentialsSecret }}
 {{- end }}
 
 {{- define "ndif.rayVolumeMounts" -}}
 - name: dshm
   mountPath: /dev/shm
+{{- if .Values.gateway.objectStore.credentialsSecret }}
+- name: object-store-credentials
+  mountPath: {{ include "ndif.credentialsDir" . }}
+  readOnly: true
+{{- end }}
 {{- if .Values.gateway.apiKeys.secret }}
 - name: api-keys
   mountPath: {{ include "ndif.apiKeysDir" . }}
@@ -29,6 +33,12 @@ envFrom:
 - name: dshm
   emptyDir:
     medium: Memory
+{{- if .Values.gateway.objectStore.credentialsSecret }}
+- name: object-store-credentials
+  secret:
+    secretName: {{ .Values.gateway.objectStore.credentialsSecret }}
+    defaultMode: 0440
+{{- end }}
 {{- if .Values.gateway.apiKeys.secret }}
 - name: api-keys
   # A mounted Secret (not env, not subPath): kubelet refreshes the files, the gateway re-reads them.
