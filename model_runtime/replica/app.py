@@ -44,7 +44,7 @@ from model_runtime.replica.gpu_binding import bind_pinned_gpu
 from model_runtime.replica.gpu_lease import GpuLease, bind_leased_gpu
 from model_runtime.replica.host_copy import NODE_MEMORY
 from model_runtime.replica.parallel.ranks import TensorParallelCopy, obtain_ranks, weights_digest
-from model_runtime.sandbox.process_filter import confine_replica, no_io_uring
+from model_runtime.sandbox.process_filter import confine_replica
 from model_runtime.settings import RuntimeSettings
 from ndif_operator import logs
 from ndif_operator.api import ModelAppArgs, ModelUserConfig
@@ -79,7 +79,6 @@ _preimport_anyio()
 def _prepare_process() -> None:
     """Process-wide settings every replica needs before it loads a model."""
     credentials.take()  # out of the environment before anything else reads it (model_runtime/credentials.py)
-    no_io_uring()  # the process filter refuses io_uring (sandbox/process_filter.py)
     bind_pinned_gpu()  # before anything touches CUDA
     _preimport_anyio()
     import nnsight  # noqa: F401 (imported here, so that the start-up marks separate imports from loading)

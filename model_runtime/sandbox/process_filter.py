@@ -24,10 +24,9 @@ Ray Serve end-to-end tests under it (docs/security.md, "The replica process's fi
 Sockets stay (gRPC to the raylet and GCS, the object store's Unix socket, the metrics agent,
 Serve's handles), as do reads, `mmap`, writes to descriptors already open, `kill(pid, 0)` (Ray's
 core worker checks the raylet is alive every second) and `seccomp` itself (request threads add
-their stricter filter on top; a filter can only be added, never removed). libuv, inside
-torch.distributed's TCPStore, is told not to use io_uring (`UV_USE_IO_URING=0`, set by
-`no_io_uring()` before the store starts): with io_uring it aborts the process at its next
-`io_uring_enter`.
+their stricter filter on top; a filter can only be added, never removed). A tensor-parallel
+replica's TCPStore runs without libuv (`parallel/ranks.tcp_store`): libuv's io_uring rings abort
+the process at their next `io_uring_enter` once it is refused.
 """
 
 from __future__ import annotations
@@ -71,11 +70,6 @@ PROCESS = seccomp.Policy(deny=_PROCESS_DENIED | _SIGNALS_TO_SELF, write_opens=Fa
 
 _LOCK = threading.Lock()
 _INSTALLED_IN: int | None = None  # the pid that installed it (a filter is inherited, never removed)
-
-
-def no_io_uring() -> None:
-    """Keep libuv (torch.distributed's TCPStore) off io_uring: call before any libuv loop starts."""
-    os.environ["UV_USE_IO_URING"] = "0"
 
 
 def enabled() -> bool:

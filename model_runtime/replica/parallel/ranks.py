@@ -49,11 +49,15 @@ _SHARD_ANSWER_MARGIN_S = 30.0
 
 
 def tcp_store(*args: Any, **kwargs: Any) -> Any:
-    """torch's TCPStore (not in torch.distributed's typed exports)."""
+    """torch's TCPStore (not in torch.distributed's typed exports), on its own socket threads.
+
+    Not on libuv: libuv sets up io_uring rings, which the replica's process filter refuses once the
+    model is loaded (sandbox/process_filter.py); the libuv store then aborted the process at its
+    next `io_uring_enter`, and UV_USE_IO_URING=0 did not stop it."""
     import torch.distributed
 
     distributed: Any = torch.distributed
-    return distributed.TCPStore(*args, **kwargs)
+    return distributed.TCPStore(*args, use_libuv=False, **kwargs)
 
 
 def collective_timeout_s() -> float:
