@@ -10,8 +10,8 @@ applies to it.
 from __future__ import annotations
 
 import os
-from typing import Any
 from collections.abc import MutableMapping
+from typing import Any
 
 from ndif_operator.api.pinning import pinned_gpu_index
 

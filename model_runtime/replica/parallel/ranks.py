@@ -246,7 +246,6 @@ class TensorParallelCopy(HostCopy):
 
     def start(self) -> None:
         import ray
-        import torch.distributed as dist
 
         started = time.monotonic()
         timeout = datetime.timedelta(seconds=collective_timeout_s())
