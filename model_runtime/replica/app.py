@@ -165,9 +165,10 @@ class ModelReplica:
             source = self._load().source
         elif self._source_kind == NODE_MEMORY:
             source = NODE_MEMORY
+        if level == levels.HOT:
+            self._hold_gpu()  # before the copy is timed: waiting for the GPU is not the copy
         copy_started = time.monotonic()
         if level == levels.HOT:
-            self._hold_gpu()
             if self._host.to_device(self._device) == NODE_MEMORY:  # e.g. WARM → HOT in place
                 source = self._source_kind = NODE_MEMORY
         else:

@@ -45,29 +45,40 @@ class Rank:
 @serve.deployment(name=MODEL_DEPLOYMENT)  # the name the rendered config configures
 class Probe:
     def __init__(self, args: dict[str, Any]) -> None:
-        me = where_am_i()
-        # A single-GPU slot leases its GPU share at run time, as the replica does (replica/gpu_lease.py).
-        lease = (serve.get_replica_context()._deployment_config.user_config or {}).get("gpu_lease") or {}
-        self._lease = GpuLease(lease) if lease else None
-        if self._lease is not None:
-            me = {**me, "gpu": self._lease.gpu_index, "share": round(float(max(lease.values())), 4)}
-        ranks = [me]
+        self._deployment = args.get("deployment")
+        self._lease: GpuLease | None = None
+        self._base = where_am_i()  # rank 0 without a lease
+        self._ranks = [self._base]
         self._actors: list[Any] = []
         group = ray.util.get_current_placement_group()
         if group is not None:
             for index, bundle in enumerate(group.bundle_specs[1:], start=1):
                 actor = Rank.options(**rank_actor_options(bundle),  # type: ignore[arg-type]
                                      scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
-                ranks.append(ray.get(actor.where.remote()))
+                self._ranks.append(ray.get(actor.where.remote()))
                 self._actors.append(actor)  # the ranks live as long as the replica
-        record = {"deployment": args.get("deployment"), "actor": me["actor"], "ranks": ranks}
+        # A single-GPU slot leases its GPU share at run time, as the replica does (replica/gpu_lease.py).
+        self.reconfigure(serve.get_replica_context()._deployment_config.user_config or {})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Take (or move, or give back) the GPU lease the rendered user_config asks for, as the
+        replica does, and report where this replica now holds its GPU."""
+        lease = dict(user_config.get("gpu_lease") or {})
+        held = self._lease.resources if self._lease is not None else {}
+        if held == lease and getattr(self, "_reported", False):
+            return
+        if self._lease is not None:
+            self._lease.release()
+        self._lease = GpuLease(lease) if lease else None
+        self._ranks[0] = self._base if self._lease is None else {
+            **self._base, "gpu": self._lease.gpu_index, "share": round(float(max(lease.values())), 4)}
+        me = self._ranks[0]
+        record = {"deployment": self._deployment, "actor": me["actor"], "ranks": self._ranks}
         out = Path(os.environ[PROBE_DIR_ENV]) / f"{me['actor']}.json"
         partial = out.with_suffix(".part")
         partial.write_text(json.dumps(record))
         partial.rename(out)  # atomic: the observer never reads half a report
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        pass  # the rendered config carries the model's user_config (limits, level)
+        self._reported = True
 
     def __call__(self) -> str:
         return "ok"
