@@ -72,7 +72,8 @@ _TAKEN: Credentials | None = None
 
 
 def is_credential_name(name: str) -> bool:
-    return name in KNOWN or bool(_CREDENTIAL_NAME.search(name))
+    # Digests are not credentials: the gateway's API-key hashes (NDIF_API_KEY_HASHES) stay where it reads them.
+    return name in KNOWN or (bool(_CREDENTIAL_NAME.search(name)) and "HASH" not in name.upper())
 
 
 def _read_dir(directory: Path) -> dict[str, str]:

@@ -86,6 +86,7 @@ def test_files_in_the_credentials_directory_win(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "secret"), [("AWS_SESSION_TOKEN", True), ("GITHUB_TOKEN", True),
                                               ("DB_PASSWORD", True), ("OMP_NUM_THREADS", False),
-                                              ("NDIF_MODEL_CACHE_DIR", False), ("AWS_REGION", False)])
+                                              ("NDIF_MODEL_CACHE_DIR", False), ("AWS_REGION", False),
+                                              ("NDIF_API_KEY_HASHES", False)])
 def test_credential_names(name: str, secret: bool) -> None:
     assert credentials.is_credential_name(name) is secret
