@@ -31,6 +31,7 @@ import contextlib
 import io
 import itertools
 import pickle
+import random
 import statistics
 import sys
 import tempfile
@@ -130,11 +131,17 @@ def _median(samples: list[float]) -> float:
 
 
 def _spread(samples: dict[str, list[float]], path: str, base: str = "baseline") -> str:
-    """Spread of a path against the baseline: the interquartile range of the ratio of each
-    interleaved pair (request i of `path` over request i of the baseline)."""
-    ratios = sorted(a / b for a, b in zip(samples[path], samples[base], strict=True))
-    q = statistics.quantiles(ratios, n=4)
-    return f"paired ratio IQR {q[0]:.2f}-{q[2]:.2f}x"
+    """Spread and precision of a path's ratio to the baseline: the interquartile range of the ratio
+    of each interleaved pair (request i of `path` over request i of the baseline), and a 95%
+    bootstrap interval of the ratio of medians (resampling the interleaved rounds)."""
+    pairs = list(zip(samples[path], samples[base], strict=True))
+    q = statistics.quantiles(sorted(a / b for a, b in pairs), n=4)
+    rng = random.Random(0)
+    boot = sorted(
+        statistics.median(a for a, _ in draw) / statistics.median(b for _, b in draw)
+        for draw in ([rng.choice(pairs) for _ in pairs] for _ in range(1000))
+    )
+    return f"paired ratio IQR {q[0]:.2f}-{q[2]:.2f}x, 95% CI {boot[25]:.2f}-{boot[974]:.2f}x"
 
 
 @contextlib.contextmanager
