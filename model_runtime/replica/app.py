@@ -243,6 +243,7 @@ class ModelReplica:
             "gpu_lease": self._lease.resources if self._lease is not None else {},
             "transitions": list(self._transitions[-5:]),
             "bytes_read_by_rank": getattr(self._host, "bytes_read", None),  # tensor-parallel replicas
+            "tp_group_rebuilds": getattr(self._host, "regroups", None),
             "startup": dict(self._startup),
             "metrics": self.metrics.snapshot(),
             "prometheus": self.metrics.exporting,

@@ -318,8 +318,12 @@ def execute_request(
     limits: ExecutionLimits,
     on_log: Callable[[str], None],
     runner: Runner = run_blob,
+    stop: threading.Event | None = None,
 ) -> ExecutionResult:
-    """Run one request to completion, error or timeout. Blocking; callers serialize calls per model."""
+    """Run one request to completion, error or timeout. Blocking; callers serialize calls per model.
+
+    `stop`, when set by another thread, stops the request as the timeout does (tensor-parallel
+    ranks stop together when rank 0 says so: model_runtime/parallel/stopping.py)."""
     refusal = precheck(blob, envelope)
     if refusal is not None:
         return ExecutionResult(error=refusal, meta={"runtime": 0.0})
@@ -342,7 +346,8 @@ def execute_request(
     with nnsight_caches_restored():
         thread = _THREADS.acquire(runner, "nnsight-request")
         try:
-            ended = thread.run(work, limits.timeout_seconds, limits.cancel_grace_seconds, cancel=SystemExit)
+            ended = thread.run(work, limits.timeout_seconds, limits.cancel_grace_seconds, cancel=SystemExit,
+                               stop=stop)
         finally:
             _THREADS.release(runner, thread)
         timed_out = ended is not Outcome.DONE

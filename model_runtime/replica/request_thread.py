@@ -83,12 +83,14 @@ class RequestThread:
             finally:
                 task.done.set()
 
-    def run(self, fn: Callable[[], None], timeout_s: float, grace_s: float, cancel: type[BaseException]) -> Outcome:
-        """Run `fn` on the thread and wait for it; cancel it with `cancel` after `timeout_s`."""
+    def run(self, fn: Callable[[], None], timeout_s: float, grace_s: float, cancel: type[BaseException],
+            stop: threading.Event | None = None) -> Outcome:
+        """Run `fn` on the thread and wait for it; cancel it with `cancel` after `timeout_s`, or as
+        soon as `stop` is set (another thread decided the request ends: a tensor-parallel rank 0)."""
         thread, tasks = self._ensure_started()
         task = _Task(fn, threading.Event())
         tasks.put(task)
-        if task.done.wait(timeout_s):
+        if _wait_done(task.done, timeout_s, stop):
             return Outcome.DONE
         deadline = time.monotonic() + grace_s
         while not task.done.is_set() and thread.is_alive() and time.monotonic() < deadline:
@@ -107,6 +109,23 @@ class RequestThread:
         if self._queue is not None:
             self._queue.put(None)
         self._thread = self._queue = None
+
+
+def _wait_done(done: threading.Event, timeout_s: float, stop: threading.Event | None) -> bool:
+    """Whether `done` was set within `timeout_s` (and before `stop`, when given)."""
+    if stop is None:
+        return done.wait(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return done.is_set()
+        if done.wait(min(left, _STOP_POLL_S)):
+            return True
+    return done.is_set()
+
+
+_STOP_POLL_S = 0.02  # how soon a stop set by another thread is seen (returns at once when done)
 
 
 class RequestThreadPool:

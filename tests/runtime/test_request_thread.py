@@ -73,3 +73,24 @@ def test_pool_reuses_idle_threads_and_drops_wedged_ones() -> None:
     assert pool.acquire("kind", "t") is not a
     for thread in (a, b):
         thread.stop()
+
+
+def test_a_stop_set_by_another_thread_cancels_before_the_timeout() -> None:
+    """A tensor-parallel rank 0 decides when every rank's request ends (parallel/stopping.py)."""
+    thread = RequestThread("t")
+    stop = threading.Event()
+
+    def spin() -> None:
+        while True:
+            pass
+
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    try:
+        assert thread.run(spin, 60, 5, cancel=SystemExit, stop=stop) is Outcome.STOPPED
+        assert time.monotonic() - started < 10
+        done = threading.Event()
+        assert thread.run(done.set, 5, 1, cancel=SystemExit, stop=threading.Event()) is Outcome.DONE
+        assert done.is_set()
+    finally:
+        thread.stop()

@@ -10,84 +10,58 @@ and GPU (`PlacementGroupSchedulingStrategy` with the replica's current group). T
 owned by the replica process, so Ray kills them when it exits (replaced, scaled down, app
 deleted): nothing is orphaned.
 
-Process group: rank 0 opens a `TCPStore` on port 0 of the loopback address (the kernel picks a
-free port, so replicas on one node never collide; STRICT_PACK keeps all ranks on one node) and
-the others join it; gloo on CPU, NCCL on GPU; every collective times out after
+Process group (model_runtime/replica/parallel/group.py): rank 0 opens a `TCPStore` on a free loopback
+port and the others join it; gloo on CPU, NCCL on GPU; every collective times out after
 `NDIF_TP_COLLECTIVE_TIMEOUT_SECONDS` (default 120), so a dead rank cannot hang the others.
 
 Requests: rank 0 hands the same blob and envelope to every shard actor, then runs it itself; each
 rank deserialises and executes it under its own sandbox (`select_runner()`), and nnsight 0.8.1's
 TP support (`TPFragments`) shows every rank whole tensors, so user code takes the same path on
-every rank and the collectives stay matched. Only rank 0's events reach the user. Ranks that end
-differently (one completed, another failed), a dead rank, or a timeout (the async stop lands at a
-different point on each rank, so their collectives may be out of step) make the replica unhealthy:
-Serve replaces it, and the user gets a clear ERROR.
+every rank and the collectives stay matched. Only rank 0's events reach the user. A user
+exception ends the request on every rank at the same point (the code is the same). A timeout is
+rank 0's decision, applied on every rank at once (model_runtime/replica/parallel/stopping.py); after any
+stop, or when the ranks issued different numbers of collectives, the ranks rebuild their process
+group, so the replica keeps serving on the same ranks. A dead rank, a request thread that could
+not be stopped, or a sandbox that saw weights change makes the replica unhealthy: Serve replaces
+it, and the user gets a clear ERROR.
 """
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import logging
-import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from model_runtime.replica import execution, levels
 from model_runtime.replica.execution import Envelope, ExecutionLimits, ExecutionResult
+from model_runtime.replica.gpu_binding import rank_actor_options
 from model_runtime.replica.host_copy import HostCopy
 from model_runtime.replica.loading import pick_device, resolve_checkpoint, torch_dtype
+from model_runtime.replica.parallel.group import (
+    collectives_issued,
+    join_group,
+    leave_group,
+    open_store,
+    rejoin_group,
+)
 from model_runtime.replica.parallel.shard_loading import ShardLoad, load_shard
+from model_runtime.replica.parallel.stopping import TIMEOUT, RequestStop
 from model_runtime.sandbox.process_filter import confine_replica
-from model_runtime.settings import RuntimeSettings
 from ndif_operator.api import ModelAppArgs
 
 log = logging.getLogger("ray.serve")
 
 _START_TIMEOUT_S = 900.0
-_SHARD_ANSWER_MARGIN_S = 30.0
-
-
-def tcp_store(*args: Any, **kwargs: Any) -> Any:
-    """torch's TCPStore (not in torch.distributed's typed exports), on its own socket threads.
-
-    Not on libuv: libuv sets up io_uring rings, which the replica's process filter refuses once the
-    model is loaded (sandbox/process_filter.py); the libuv store then aborted the process at its
-    next `io_uring_enter`, and UV_USE_IO_URING=0 did not stop it."""
-    import torch.distributed
-
-    distributed: Any = torch.distributed
-    return distributed.TCPStore(*args, use_libuv=False, **kwargs)
-
-
-def collective_timeout_s() -> float:
-    return RuntimeSettings.from_env().tp_collective_timeout_s
-
-
-def _master_addr() -> str:
-    # All ranks of a replica share one node (STRICT_PACK): by default they meet on its loopback.
-    return RuntimeSettings.from_env().tp_master_addr
-
-
-def join_group(rank: int, world: int, port: int, device: str, store: Any = None) -> None:
-    """Join the replica's process group (rank 0 passes the store it opened)."""
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=collective_timeout_s())
-    backend = "nccl" if device == "cuda" else "gloo"
-    if backend == "gloo":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # peers are on this node: stay on loopback
-    # transformers reads these when it builds its device mesh; each rank sees only its own GPU.
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
-    if store is None:
-        store = tcp_store(_master_addr(), port, world, is_master=False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    if backend == "nccl":
-        # The communicator is made at its first collective and opens /dev/shm segments then: make it
-        # now, while the process may still open files for writing (sandbox/process_filter.py).
-        import torch
-
-        dist.all_reduce(torch.zeros(1, device="cuda"))
+# Rank 0 stops every rank (RequestStop); a shard's own clock is only a safety net behind it.
+_SHARD_SAFETY_MARGIN_S = 30.0
+# How long the shard ranks may take to finish once rank 0 has (they run in lockstep with it:
+# only the work after the last collective, e.g. encoding the saves, is left).
+_STRAGGLER_S = 15.0
+_REGROUP_TIMEOUT_S = 60.0
+_STOP_GRACE_S = 20.0
 
 
 @dataclass
@@ -113,6 +87,8 @@ def load_rank(args: ModelAppArgs, checkpoint: str, device: str) -> RankModel:
     from nnsight import TransformersModel
     from transformers import AutoTokenizer
 
+    from model_runtime.replica.parallel.whole_weights import install_whole_weights
+
     if device == "cuda":
         levels.limit_gpu_share(args.gpu_fraction)  # before the first allocation on the shared GPU
     shard = load_shard(checkpoint, tensor_parallel_size=args.tensor_parallel_size,
@@ -120,14 +96,30 @@ def load_rank(args: ModelAppArgs, checkpoint: str, device: str) -> RankModel:
                        trust_remote_code=args.trust_remote_code)
     shard.module.to("cpu")  # built in CPU RAM first: the WARM copy (transformers may load onto the GPU)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+    install_whole_weights()  # weights read inside a trace come back whole and read-only
     return RankModel(model=TransformersModel(shard.module, tokenizer=tokenizer), shard=shard)
 
 
 def run_on_rank(model: Any, blob: bytes, envelope: dict[str, Any], limits: ExecutionLimits,
-                on_log: Any = None) -> ExecutionResult:
+                on_log: Any = None, stop: threading.Event | None = None) -> ExecutionResult:
     """The request on this rank, exactly as a single-device replica runs it (sandbox included)."""
     return execution.execute_request(model, blob, Envelope.model_validate(envelope), limits=limits,
-                                     on_log=on_log or (lambda _line: None), runner=execution.select_runner())
+                                     on_log=on_log or (lambda _line: None), runner=execution.select_runner(),
+                                     stop=stop)
+
+
+def move_rank(held: RankModel | None, where: str, device: str) -> RankModel | None:
+    """One rank's level move ("device", "host" or "release"); returns what the rank still holds."""
+    if held is None:
+        return None
+    if where == "device":
+        levels.move_module(held.model, device)
+    elif where == "host":
+        levels.move_module(held.model, "cpu")
+    else:
+        levels.drop(held.model)
+        return None
+    return held
 
 
 class ShardRank:
@@ -140,6 +132,10 @@ class ShardRank:
         self.rank, self.world = rank, world
         self.held: RankModel | None = None
         self.device = "cpu"
+        self.stop_event = threading.Event()  # the current request's (ShardRank.stop sets it)
+        self.request_no = 0
+        self.stopped_up_to = 0  # requests are numbered by rank 0; a stop may arrive before its request
+        self._stop_lock = threading.Lock()
 
     def start(self, args: dict[str, Any], checkpoint: str, port: int) -> dict[str, Any]:
         parsed = ModelAppArgs.model_validate(args)
@@ -153,25 +149,49 @@ class ShardRank:
         self.held = load_rank(ModelAppArgs.model_validate(args), checkpoint, self.device)
         return {"rank": self.rank, "bytes_read": self.held.shard.bytes_read, "seconds": self.held.shard.seconds}
 
-    def execute(self, blob: bytes, envelope: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    def execute(self, blob: bytes, envelope: dict[str, Any], limits: dict[str, Any],
+                sandbox_limits: dict[str, Any] | None = None, request_no: int = 0) -> dict[str, Any]:
         from model_runtime.sandbox.executor import sandbox_healthy
 
+        with self._stop_lock:
+            self.stop_event, self.request_no = threading.Event(), request_no
+            if request_no <= self.stopped_up_to:  # rank 0 stopped it before it reached this rank
+                issued = collectives_issued()
+                leave_group()  # rank 0 may be blocked in the request's first collective
+                return {"ok": False, "error": "stopped before it started on this rank", "timed_out": True,
+                        "wedged": False, "collectives": issued}
+        if sandbox_limits is not None:  # rank 0's ModelDeployment limits, so every rank refuses alike
+            from model_runtime.sandbox.executor import configure
+            from model_runtime.sandbox.limits import Limits
+
+            configure(Limits(**sandbox_limits))
         if self.held is None:
-            return {"ok": False, "error": f"rank {self.rank} holds no model", "timed_out": False, "wedged": False}
-        result = run_on_rank(self.held.model, blob, envelope, ExecutionLimits(**limits))
+            return {"ok": False, "error": f"rank {self.rank} holds no model", "timed_out": False, "wedged": False,
+                    "collectives": collectives_issued()}
+        result = run_on_rank(self.held.model, blob, envelope, ExecutionLimits(**limits), stop=self.stop_event)
+        issued = collectives_issued()
+        if self.stop_event.is_set():
+            leave_group()  # frees a peer blocked in a collective this rank never entered
+        if result.wedged:  # where it is stuck, for whoever reads the rank's log
+            import faulthandler
+            import sys
+
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         return {"ok": result.result is not None, "error": result.error, "timed_out": result.timed_out,
-                "wedged": result.wedged, "sandbox_healthy": sandbox_healthy()}
+                "wedged": result.wedged, "sandbox_healthy": sandbox_healthy(), "collectives": issued}
+
+    def stop(self, request_no: int) -> None:
+        """Rank 0 ended request `request_no`: stop it here now, or as soon as it arrives."""
+        with self._stop_lock:
+            self.stopped_up_to = max(self.stopped_up_to, request_no)
+            if self.request_no == request_no:
+                self.stop_event.set()
+
+    def rejoin(self, port: int) -> None:
+        rejoin_group(self.rank, self.world, port, self.device)
 
     def move(self, where: str) -> None:
-        if self.held is None:
-            return
-        if where == "device":
-            levels.move_module(self.held.model, self.device)
-        elif where == "host":
-            levels.move_module(self.held.model, "cpu")
-        else:
-            levels.drop(self.held.model)
-            self.held = None
+        self.held = move_rank(self.held, where, self.device)
 
     def ping(self) -> int:
         return self.rank
@@ -206,6 +226,14 @@ def weights_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
+def shard_actor_options(bundle: dict[str, float] | None) -> dict[str, Any]:
+    """Ray options of the rank placed in `bundle`: exactly the bundle's resources (its pinned
+    `ndif_gpu_<i>` share or GPU, and CPU), so the rank binds the GPU the planner chose
+    (`ShardRank.__init__` → `bind_pinned_gpu`); ping, stop and rejoin answer during a request."""
+    options = rank_actor_options(bundle) if bundle is not None else {"num_cpus": 0}
+    return {**options, "max_concurrency": 4}
+
+
 def _spawn_shards(world: int) -> list[Any]:
     """Actors for ranks 1..world-1, each in its own bundle of the replica's placement group."""
     import ray
@@ -217,12 +245,10 @@ def _spawn_shards(world: int) -> list[Any]:
     bundles = group.bundle_specs if group is not None else []
     actors = []
     for rank in range(1, world):
-        options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 4}  # ping answers while executing
+        options = shard_actor_options(bundles[rank] if rank < len(bundles) else None)
         if group is not None and rank < len(bundles):
-            bundle = bundles[rank]
-            options.update(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(
-                               placement_group=group, placement_group_bundle_index=rank))
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=rank)
         # Named (by replica and rank) so that operators can find a replica's ranks in the dashboard.
         actors.append(remote.options(name=f"{prefix}-rank{rank}", **options).remote(rank, world))
     return actors
@@ -238,9 +264,12 @@ class TensorParallelCopy(HostCopy):
         self.actors: list[Any] = []
         self.broken: str | None = None
         self.bytes_read: dict[int, int] = {}
-        self.checkpoint, self.source_kind = resolve_checkpoint(args)  # S3: staged once for the node
+        # S3: the node's index staged once; each rank GETs its own byte ranges (s3_slices.py)
+        self.checkpoint, self.source_kind = resolve_checkpoint(args, by_ranges=True)
         self.held: RankModel | None = None
         self.load_seconds = 0.0
+        self.regroups = 0  # process groups rebuilt after stopped requests (same ranks, same replica)
+        self.requests = 0  # numbers each request, so a shard can tell which one a stop is for
 
     # --- start / load ---------------------------------------------------------------------
 
@@ -248,10 +277,7 @@ class TensorParallelCopy(HostCopy):
         import ray
 
         started = time.monotonic()
-        timeout = datetime.timedelta(seconds=collective_timeout_s())
-        # Port 0: the kernel picks a free port, so replicas on one node never collide.
-        store = tcp_store(_master_addr(), 0, self.world, is_master=True, wait_for_workers=False,
-                              timeout=timeout)
+        store = open_store(self.world)
         self.actors = _spawn_shards(self.world)
         try:
             args = self.args.model_dump(mode="json")
@@ -290,14 +316,7 @@ class TensorParallelCopy(HostCopy):
         import ray
 
         refs = [a.move.remote(where) for a in self.actors]
-        if self.held is not None:
-            if where == "device":
-                levels.move_module(self.held.model, self.device)
-            elif where == "host":
-                levels.move_module(self.held.model, "cpu")
-            else:
-                levels.drop(self.held.model)
-                self.held = None
+        self.held = move_rank(self.held, where, self.device)
         ray.get(refs, timeout=_START_TIMEOUT_S)
 
     def to_device(self, device: str) -> None:
@@ -313,46 +332,109 @@ class TensorParallelCopy(HostCopy):
 
     def execute_request(self, model: Any, blob: bytes, envelope: Envelope, *, limits: ExecutionLimits,
                         on_log: Any, runner: Any = None) -> ExecutionResult:
-        """`execution.execute_request` on every rank; rank 0's result, unless the ranks disagree."""
-        import ray
+        """`execution.execute_request` on every rank; rank 0's result, unless the ranks disagree.
 
+        Rank 0's clock decides a timeout and stops every rank (`RequestStop`); after any stop,
+        or when the ranks issued different numbers of collectives, the process group is rebuilt
+        so that the next request starts in step on the same ranks. Only a rank that died or
+        could not be stopped, or a sandbox that saw weights change, costs the replica.
+        """
         if self.broken is not None:
             return ExecutionResult(error=f"This tensor-parallel replica is being replaced ({self.broken}); "
                                          "retry shortly.", meta={"runtime": 0.0})
-        shard_limits = {"timeout_seconds": limits.timeout_seconds, "max_result_bytes": limits.max_result_bytes,
+        # A rank blocked in a collective is freed only once its peers' stopped requests ended and
+        # they left the group: give it longer than a single-device request gets.
+        limits = dataclasses.replace(limits, cancel_grace_seconds=max(limits.cancel_grace_seconds, _STOP_GRACE_S))
+        shard_limits = {"timeout_seconds": limits.timeout_seconds + _SHARD_SAFETY_MARGIN_S,
+                        "max_result_bytes": limits.max_result_bytes,
                         "cancel_grace_seconds": limits.cancel_grace_seconds}
-        refs = [a.execute.remote(blob, envelope.model_dump(), shard_limits) for a in self.actors]
-        result = run_on_rank(model, blob, envelope.model_dump(), limits, on_log)
-        deadline = time.monotonic() + limits.timeout_seconds + limits.cancel_grace_seconds + _SHARD_ANSWER_MARGIN_S
-        problems: list[str] = []
+        sandbox_limits = _sandbox_limits(runner)
+        self.requests += 1
+        refs = [a.execute.remote(blob, envelope.model_dump(), shard_limits, sandbox_limits, self.requests)
+                for a in self.actors]
+        with RequestStop(self.actors, self.requests, limits.timeout_seconds) as stop:
+            result = run_on_rank(model, blob, envelope.model_dump(), limits, on_log, stop=stop.event)
+            issued = {0: collectives_issued()}
+            if result.timed_out:
+                stop.fire(TIMEOUT)  # rank 0's own clock may run out just before the stop's timer
+            if stop.fired:
+                leave_group()  # frees a shard blocked in a collective rank 0 never entered
+            answers, lost = self._shard_answers(refs, stop, limits)
+        issued.update({rank: int(a.get("collectives", -1)) for rank, a in answers.items()})
+        problems = self._replica_problems(result, answers, lost)
+        if not problems and (stop.fired or len(set(issued.values())) > 1):
+            problems = self._regroup(f"stopped ({stop.reason})" if stop.fired else f"collectives issued {issued}")
+        if problems:
+            self.broken = "; ".join(problems)
+            log.error("tensor-parallel replica of %s must be replaced: %s", self.args.model_key, self.broken)
+            if result.timed_out:
+                return result  # the user's answer is the timeout; the replica is replaced behind it
+            return ExecutionResult(
+                error=f"A tensor-parallel rank of this model failed during your request ({self.broken}). "
+                      "The replica is being replaced; retry shortly.", meta=result.meta)
+        if result.timed_out and stop.reason not in (None, TIMEOUT):
+            return ExecutionResult(error=f"The request was stopped on every tensor-parallel rank: {stop.reason}.",
+                                   meta=result.meta)
+        differing = {rank: a for rank, a in answers.items() if a["ok"] != (result.result is not None)}
+        if differing and not result.timed_out:
+            rank, answer = next(iter(differing.items()))
+            return ExecutionResult(error=f"The tensor-parallel ranks ended your request differently: rank {rank} "
+                                         f"{answer['error'] or 'completed'!s}; rank 0 "
+                                         f"{result.error or 'completed'!s}", meta=result.meta)
+        return result
+
+    def _shard_answers(self, refs: list[Any], stop: RequestStop,
+                       limits: ExecutionLimits) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        """Every shard's answer (rank → answer), and the ranks lost (rank → why)."""
+        import ray
+
+        _ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=_STRAGGLER_S)
+        if waiting:  # rank 0 is done; a shard still running is out of step with it
+            stop.fire(f"{len(waiting)} rank(s) had not finished {_STRAGGLER_S:g} s after rank 0")
+            leave_group()
+        deadline = time.monotonic() + limits.cancel_grace_seconds + _SHARD_SAFETY_MARGIN_S
+        answers: dict[int, dict[str, Any]] = {}
+        lost: dict[int, str] = {}
         for rank, ref in enumerate(refs, start=1):
             try:
-                answer = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+                answers[rank] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
-                problems.append(f"rank {rank} did not finish")
-                continue
+                lost[rank] = f"rank {rank} did not stop"
             except ray.exceptions.RayError as exc:
-                problems.append(f"rank {rank} died ({type(exc).__name__})")
-                continue
-            if answer["timed_out"] or answer["wedged"] or result.timed_out:
-                problems.append(f"rank {rank} was stopped by the timeout")
-            elif answer["ok"] != (result.result is not None):
-                problems.append(f"rank {rank} ended differently ({answer['error'] or 'completed'})")
+                lost[rank] = f"rank {rank} died ({type(exc).__name__})"
+        return answers, lost
+
+    @staticmethod
+    def _replica_problems(result: ExecutionResult, answers: dict[int, dict[str, Any]],
+                          lost: dict[int, str]) -> list[str]:
+        """What no rebuilt group mends: a lost rank, a stuck request thread, changed weights."""
+        problems = list(lost.values())
+        if result.wedged:
+            problems.append("rank 0's request could not be stopped")
+        for rank, answer in answers.items():
+            if answer["wedged"]:
+                problems.append(f"rank {rank}'s request could not be stopped")
             if not answer.get("sandbox_healthy", True):
                 problems.append(f"the sandbox on rank {rank} saw its weights change")
-        if result.timed_out and not problems:
-            problems.append("rank 0 was stopped by the timeout")
-        if not problems:
-            return result
-        self.broken = "; ".join(problems)
-        log.error("tensor-parallel replica of %s is out of step: %s", self.args.model_key, self.broken)
-        if result.timed_out:
-            return result  # the user's answer is the timeout; the replica is replaced behind it
-        return ExecutionResult(
-            error=f"A tensor-parallel rank of this model failed during your request ({self.broken}). "
-                  "The replica is being replaced; retry shortly.",
-            meta=result.meta,
-        )
+        return problems
+
+    def _regroup(self, why: str) -> list[str]:
+        """A new process group on every rank (the old one is aborted); problems if that fails."""
+        import ray
+
+        started = time.monotonic()
+        try:
+            store = open_store(self.world)
+            refs = [a.rejoin.remote(store.port) for a in self.actors]
+            rejoin_group(0, self.world, store.port, self.device, store=store)
+            ray.get(refs, timeout=_REGROUP_TIMEOUT_S)
+        except Exception as exc:  # the ranks cannot talk again: only a new replica helps
+            return [f"the process group could not be rebuilt after the request {why} ({type(exc).__name__}: {exc})"]
+        self._store = store
+        self.regroups += 1
+        log.warning("tensor-parallel replica of %s rebuilt its process group in %.2f s: the request %s",
+                    self.args.model_key, time.monotonic() - started, why)
+        return []
 
     def weight_digests(self) -> list[str]:
         """Each rank's sha256 over its own weights, rank 0 first (for operators and tests)."""
@@ -382,6 +464,17 @@ class TensorParallelCopy(HostCopy):
             except Exception:  # already gone
                 pass
         self.actors = []
+
+
+def _sandbox_limits(runner: Any) -> dict[str, Any] | None:
+    """Rank 0's sandbox limits (set from its ModelDeployment), for the shard ranks' sandboxes."""
+    import dataclasses
+
+    if runner is None or runner is execution.run_blob:
+        return None
+    from model_runtime.sandbox.executor import default_sandbox
+
+    return dataclasses.asdict(default_sandbox().limits)
 
 
 def obtain_ranks(args: ModelAppArgs, current: HostCopy | None) -> TensorParallelCopy:
