@@ -96,7 +96,16 @@ class ServerStorage:
 
     @classmethod
     def of(cls, tensors: Iterable[torch.Tensor]) -> ServerStorage:
-        ranges = sorted(r for r in map(_storage_range, tensors) if r is not None)
+        return cls._merged([r for r in map(_storage_range, tensors) if r is not None])
+
+    def including(self, tensors: Iterable[torch.Tensor]) -> ServerStorage:
+        """These ranges and the storages of `tensors`."""
+        return self._merged([*zip(self.starts, self.ends, strict=True),
+                             *(r for r in map(_storage_range, tensors) if r is not None)])
+
+    @classmethod
+    def _merged(cls, spans: list[tuple[int, int]]) -> ServerStorage:
+        ranges = sorted(spans)
         merged: list[list[int]] = []
         for start, end in ranges:
             if merged and start <= merged[-1][1]:
@@ -119,6 +128,18 @@ class ServerStorage:
         # the last server range starting before this storage ends must end after it starts
         i = bisect.bisect_left(self.starts, span[1]) - 1
         return i >= 0 and self.ends[i] > span[0]
+
+
+def guard_also(tensors: Iterable[torch.Tensor]) -> None:
+    """Refuse writes into `tensors` too for the rest of this thread's request, as into the model's
+    own (a server-made copy the request may read, e.g. a tensor-parallel weight gathered whole).
+    Nothing to do when no guard is active (the sandbox is off)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    tensors = list(tensors)
+    for mode in _get_current_dispatch_mode_stack():
+        if isinstance(mode, WriteGuard):
+            mode.storage = mode.storage.including(tensors)
 
 
 @dataclass(frozen=True)
