@@ -323,7 +323,7 @@ def execute_request(
     """Run one request to completion, error or timeout. Blocking; callers serialize calls per model.
 
     `stop`, when set by another thread, stops the request as the timeout does (tensor-parallel
-    ranks stop together when rank 0 says so: model_runtime/parallel/stopping.py)."""
+    ranks stop together when rank 0 says so: model_runtime/replica/parallel/stopping.py)."""
     refusal = precheck(blob, envelope)
     if refusal is not None:
         return ExecutionResult(error=refusal, meta={"runtime": 0.0})

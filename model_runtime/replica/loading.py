@@ -17,8 +17,6 @@ from model_runtime.settings import RuntimeSettings
 from ndif_operator.api import ModelAppArgs
 from ndif_operator.api.attention import attention_of
 
-# Where S3 checkpoints are staged; one subdirectory per bucket/prefix.
-
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -49,39 +47,39 @@ def pick_device(gpus: float) -> str:
     return "cpu"
 
 
+def s3_cache_root() -> Path:
+    """Where S3 checkpoints are staged; one subdirectory per bucket/prefix."""
+    return RuntimeSettings.from_env().s3_cache
+
+
 def s3_stage(bucket: str, prefix: str, *, endpoint_url: str | None, region: str | None) -> Path:
     """Download every object under `bucket/prefix` into the local cache; return the directory.
 
     Objects already present with the same size are not downloaded again.
     """
-    import boto3
 
-    root = RuntimeSettings.from_env().s3_cache
-    target = root / bucket / prefix.strip("/")
-    taken = credentials.current()  # files or environment, read once (model_runtime/credentials.py)
-    client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region or taken.region(), **taken.s3())
-    stripped = prefix.strip("/")
-    listing_prefix = f"{stripped}/" if stripped else ""
+    from model_runtime.replica.parallel.s3_slices import s3_client, s3_objects
+
+    target = s3_cache_root() / bucket / prefix.strip("/")
+    client = s3_client(endpoint_url, region)
     found = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=listing_prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            rel = key[len(listing_prefix) :]
-            if not rel or rel.endswith("/"):
-                continue
-            dest = target / rel
-            found += 1
-            if dest.exists() and dest.stat().st_size == obj["Size"]:
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(dest))
+    for key, rel, size in s3_objects(client, bucket, prefix):
+        dest = target / rel
+        found += 1
+        if dest.exists() and dest.stat().st_size == size:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(dest))
     if found == 0:
-        raise FileNotFoundError(f"no objects under s3://{bucket}/{listing_prefix}")
+        stripped = prefix.strip("/")
+        raise FileNotFoundError(f"no objects under s3://{bucket}/{stripped + '/' if stripped else ''}")
     return target
 
 
-def resolve_checkpoint(args: ModelAppArgs) -> tuple[str, str]:
-    """(what to hand `from_pretrained`, source kind)."""
+def resolve_checkpoint(args: ModelAppArgs, *, by_ranges: bool = False) -> tuple[str, str]:
+    """(what to hand `from_pretrained`, source kind). `by_ranges`: a tensor-parallel load, whose
+    ranks read their slices of an S3 checkpoint by ranged GETs (parallel/s3_slices.py), so only
+    the small files are staged."""
     source = args.source
     if source.local_path is not None:
         path = Path(source.local_path.path)
@@ -90,6 +88,10 @@ def resolve_checkpoint(args: ModelAppArgs) -> tuple[str, str]:
         return str(path), "localPath"
     if source.s3 is not None:
         s3 = source.s3
+        if by_ranges:
+            from model_runtime.replica.parallel.s3_slices import stage_s3_index
+
+            return str(stage_s3_index(s3.bucket, s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region)), "s3"
         staged = s3_stage(s3.bucket, s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region)
         return str(staged), "s3"
     return args.repo_id, "huggingFace"

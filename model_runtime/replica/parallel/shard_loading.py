@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_runtime.replica.parallel.plans import ResolvedPlan, replica_dims, resolve_plan
+from model_runtime.replica.parallel.s3_slices import RemoteCheckpoint
 from ndif_operator.api.attention import attention_of
 
 
@@ -83,8 +84,10 @@ _PATCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def counted_reads() -> Iterator[ReadCounter]:
-    """Count what transformers reads from safetensors files inside this block (this process)."""
+def counted_reads(remote: RemoteCheckpoint | None = None) -> Iterator[ReadCounter]:
+    """Count what transformers reads from safetensors files inside this block (this process).
+
+    With `remote`, the files it stands for are read from S3 by byte ranges instead."""
     import transformers.modeling_utils
 
     modeling_utils: Any = transformers.modeling_utils  # safe_open is not in its typed exports
@@ -94,6 +97,8 @@ def counted_reads() -> Iterator[ReadCounter]:
         original = modeling_utils.safe_open
 
         def counting_open(*args: Any, **kwargs: Any) -> _CountingFile:
+            if remote is not None and remote.covers(args[0] if args else kwargs.get("filename")):
+                return _CountingFile(remote.open(args[0] if args else kwargs["filename"]), counter)
             return _CountingFile(original(*args, **kwargs), counter)
 
         modeling_utils.safe_open = counting_open
@@ -138,8 +143,11 @@ def load_shard(checkpoint: str, *, tensor_parallel_size: int, dtype: Any, device
                               "distributed_config": distributed.DistributedConfig(tp_size=tensor_parallel_size)}
     if revision:
         kwargs["revision"] = revision
-    with counted_reads() as counter:
+    remote = RemoteCheckpoint.find(checkpoint)  # an S3 index: this rank's byte ranges only
+    with counted_reads(remote) as counter:
         module: Any = auto.from_pretrained(checkpoint, **kwargs)
+    if remote is not None:  # every byte fetched from S3 counts: the files' headers too
+        counter.add("<safetensors headers>", remote.fetched - counter.total)
     if device != "cpu":
         module.to(device)
     module.eval()
