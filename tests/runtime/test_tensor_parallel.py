@@ -8,14 +8,13 @@ two bundles, the replica (rank 0) in bundle 0 and its shard actor in bundle 1.
 
 from __future__ import annotations
 
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+from parallel.checkpoint_split import checkpoint_split
 
 from model_runtime.tiny_models import build_tiny_model
 from runtime.conftest import gateway_target, model_args, model_target, route
@@ -122,37 +121,13 @@ def test_tp2_equals_tp1_logits_hidden_states_and_tokens(tp_served: dict[str, Any
 # --- each rank reads only its shard -------------------------------------------------------------
 
 
-def _checkpoint_split(path: Path, ranks: int) -> tuple[int, int]:
-    """(bytes of tensors the model's TP plan shards, bytes of the replicated ones) in `path`."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        plan = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).tp_plan
-    rules = [(re.compile(re.escape(p).replace(r"\*", r"[^.]+") + r"$"), style) for p, style in plan.items()]
-    sharded = replicated = 0
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            piece = f.get_slice(name)
-            nbytes = piece[...].numel() * piece[...].element_size()
-            module, kind = name.rsplit(".", 1)
-            style = next((s for rx, s in rules if rx.match(module)), None)
-            split = style is not None and style != "replicated_with_grad_allreduce" and not (
-                style.startswith("rowwise") and kind == "bias")
-            if split:
-                sharded += nbytes
-            else:
-                replicated += nbytes
-    return sharded, replicated
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_rank_reads_only_its_shard(tp_served: dict[str, Any], arch: str) -> None:
     from ray import serve
 
     info = serve.get_app_handle(_app(arch)).info.remote().result()
     by_rank = info["bytes_read_by_rank"]
-    sharded, replicated = _checkpoint_split(tp_served["paths"][arch], 2)
+    sharded, replicated = checkpoint_split(tp_served["paths"][arch])
     assert sharded > replicated  # the test means something: most bytes are in sharded tensors
     bound = sharded / 2 + replicated
     assert sorted(by_rank) == [0, 1]
@@ -205,16 +180,10 @@ def _close(local: Any, remote: Any, path: str = "") -> None:
         assert local == remote, path
 
 
-# Reading a weight inside a trace gives this rank's DTensor on TP (nnsight leaves parameters
-# alone), and mixing it with plain tensors fails: a known limitation (docs/runtime.md).
-TP_WEIGHT_READS = ("read_weights",)
-
-
 def _legit_programs() -> list[Any]:
     from sandbox.legit_programs import PROGRAMS
 
-    return [pytest.param(p, marks=pytest.mark.xfail(reason="weights are DTensors on TP", strict=True))
-            if p.__name__ in TP_WEIGHT_READS else p for p in PROGRAMS]
+    return list(PROGRAMS)  # read_weights included: a weight read in a trace is whole on TP too
 
 
 @pytest.mark.parametrize("program", _legit_programs(), ids=lambda p: getattr(p, "__name__", str(p)))
@@ -311,3 +280,101 @@ def test_rank_killed_mid_request_gives_error_and_replica_is_replaced(tp_served: 
     assert _max_diff(logits, reference) <= TOLERANCE
     renamed = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     assert len(renamed) == 1 and renamed[0]["name"] != named[0]["name"]  # the old rank is not orphaned
+
+
+# --- stops: a timeout or a user exception ends the request on every rank; the replica stays ----
+
+
+TIGHT = {"request_timeout_seconds": 2, "max_result_bytes": 4 * 1024**2}
+
+
+def _rank_actors(arch: str) -> list[tuple[str, str]]:
+    """(name, actor id) of the app's shard actors: the same pairs mean the same replica and ranks."""
+    import ray
+
+    prefix = f"ndif-tp-{_app(arch)}-"
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return sorted((a["name"], ray.get_actor(a["name"], namespace=a["namespace"])._actor_id.hex()) for a in named)
+
+
+def _stopped_then_served(tp_served: dict[str, Any], arch: str, program: Any, match: str,
+                         config: dict[str, Any] = TIGHT) -> int:
+    """Run `program` under `config` (it must fail with `match`), then one normal request on the
+    same replica and ranks, equal to TP=1; returns the process-group rebuild count."""
+    from ray import serve
+
+    handle = serve.get_app_handle(_app(arch))
+    client, local, url = _client(tp_served, arch), _local(tp_served, arch), tp_served["url"]
+    ranks_before = _rank_actors(arch)
+    assert len(ranks_before) == 1
+    handle.reconfigure.remote(config).result()
+    try:
+        with pytest.raises(RemoteError, match=match):
+            program(client, _backend(client, url))
+    finally:
+        handle.reconfigure.remote({}).result()
+    with local.trace(PROMPT):
+        reference = head_of(local).output.save()
+    with client.trace(PROMPT, backend=_backend(client, url)):
+        logits = head_of(client).output.save()
+    assert _max_diff(logits, reference) <= TOLERANCE
+    assert _rank_actors(arch) == ranks_before, "the replica or its ranks were replaced"
+    info = handle.info.remote().result()
+    assert info["level"] == "Hot" and not info["wedged"]
+    handle.check_health.remote().result()  # healthy: Serve keeps it
+    return int(info["tp_group_rebuilds"])
+
+
+def _resource_attacks() -> list[Any]:
+    """The sandbox's resource attacks, less `memory_bomb_tensor`: through Serve the memory cap is
+    the sandbox's default 8 GiB, which its 8 GiB tensor fits; filling it is one native call that
+    outlasts the 2 s timeout and that no stop interrupts, on one device as on TP (the replica is
+    then replaced as wedged). tests/sandbox runs it under a 2 GiB cap. It would also put 8 GiB
+    per rank on the test machine."""
+    from sandbox.attacks import resources
+
+    return [a for a in resources.ATTACKS if a is not resources.memory_bomb_tensor]
+
+
+@pytest.mark.parametrize("attack", _resource_attacks(), ids=lambda a: a.__name__)
+def test_resource_attack_on_tp_keeps_the_replica(tp_served: dict[str, Any], attack: Any) -> None:
+    from sandbox.harness import SECRET
+
+    def program(client: Any, backend: Any) -> None:
+        try:
+            attack(client, backend)
+        except RemoteError as exc:
+            assert SECRET not in str(exc)
+            raise
+
+    _stopped_then_served(tp_served, "llama", program, r"\S")
+
+
+def _long_generate(client: Any, backend: Any) -> None:
+    """A generate whose every step gathers the hidden states: collectives all the way through."""
+    with client.generate(PROMPT, max_new_tokens=120, do_sample=False, backend=backend) as tracer:
+        hidden = list().save()
+        with tracer.iter[:]:
+            hidden.append(layers_of(client)[0].output)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_timeout_mid_forward_rebuilds_the_group_on_the_same_ranks(tp_served: dict[str, Any], arch: str) -> None:
+    from ray import serve
+
+    before = int(serve.get_app_handle(_app(arch)).info.remote().result()["tp_group_rebuilds"])
+    after = _stopped_then_served(tp_served, arch, _long_generate, "timeout")
+    assert after == before + 1  # the stop landed mid-forward: the ranks' group was rebuilt, once
+
+
+def test_user_exception_mid_forward_ends_every_rank_in_step(tp_served: dict[str, Any]) -> None:
+    from ray import serve
+
+    def failing(client: Any, backend: Any) -> None:
+        with client.trace(PROMPT, backend=backend):
+            hidden = layers_of(client)[0].output
+            raise ValueError(f"user boom {hidden.shape}")
+
+    before = int(serve.get_app_handle(_app("llama")).info.remote().result()["tp_group_rebuilds"])
+    after = _stopped_then_served(tp_served, "llama", failing, "user boom", config={})
+    assert after == before  # every rank ended at the same point: nothing to rebuild
