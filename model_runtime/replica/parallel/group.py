@@ -4,20 +4,23 @@ and build it anew after a stop.
     store = open_store(world)                 # rank 0: a TCPStore on a free loopback port
     join_group(rank, world, store.port, device, store=store if rank == 0 else None)
     collectives_issued()                      # this rank's count of collectives on the group
-    leave_group()                             # after a stop: close this rank's connections
+    leave_group()                             # after a stop, once this rank's request ended
     rejoin_group(rank, world, port, device)   # every rank: a fresh group on a fresh store
 
 Why a stop rebuilds the group: a timeout stops each rank's request at its own point. A rank
-stopped in Python before collective N leaves a peer blocked inside N (native code, which no
-Python-level stop reaches) or, with an asynchronous collective, N pending in the peer's queue,
-where it would pair with the next request's first collective and shift every later one. So each
-rank leaves the group as soon as its stopped request has ended: destroying it closes the rank's
-connections, and a peer blocked in a collective fails at once instead of waiting out the
-collective timeout (aborting alone leaves the connections open). Then the ranks join a new group
-on a new store. The new default group
-takes the old one's name, so the model's device mesh (and every DTensor weight on it) keeps
-working without a reload. Whether the ranks are in step is read off the group's own count of
-collectives issued, compared across ranks after every request.
+stopped before collective N can leave N pending in a peer's queue (an asynchronous collective),
+where it would pair with the next request's first collective and shift every later one. So after
+a stop every rank leaves the group once its request has ended (abort, destroy) and the ranks join
+a new group on a new store. The new default group takes the old one's name, so the model's
+device mesh (and every DTensor weight on it) keeps working without a reload. Whether the ranks
+are in step is read off the group's own count of collectives issued, compared across ranks after
+every request.
+
+Not mended here: a rank blocked inside a collective its peer never enters (a synchronous
+all-reduce the peer was stopped just before). gloo's abort and destroy leave the connections
+open, so that rank stays in native code, which no stop reaches, until the collective timeout: its
+request cannot be stopped and the replica is replaced, as a single-device replica is when a
+request is stuck in native code.
 """
 
 from __future__ import annotations
@@ -91,18 +94,14 @@ def collectives_issued() -> int:
 
 
 def leave_group() -> None:
-    """Abort and destroy this rank's group (idempotent); call it once this rank's request ended.
-
-    Destroying it closes this rank's connections, so a peer blocked in a collective this rank
-    never entered fails at once (an abort alone does not close them: the peer would wait out the
-    collective timeout)."""
+    """Abort and destroy this rank's group (idempotent); call it once this rank's request ended."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
     try:
         dist.group.WORLD.abort()  # type: ignore[union-attr]
-    except Exception:  # already aborted, or a backend without abort: destroying still closes it
+    except Exception:  # already aborted, or a backend without abort: destroying it still follows
         pass
     dist.destroy_process_group()
 

@@ -28,7 +28,6 @@ it, and the user gets a clear ERROR.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -61,7 +60,6 @@ _SHARD_SAFETY_MARGIN_S = 30.0
 # only the work after the last collective, e.g. encoding the saves, is left).
 _STRAGGLER_S = 15.0
 _REGROUP_TIMEOUT_S = 60.0
-_STOP_GRACE_S = 20.0
 
 
 @dataclass
@@ -157,7 +155,7 @@ class ShardRank:
             self.stop_event, self.request_no = threading.Event(), request_no
             if request_no <= self.stopped_up_to:  # rank 0 stopped it before it reached this rank
                 issued = collectives_issued()
-                leave_group()  # rank 0 may be blocked in the request's first collective
+                leave_group()
                 return {"ok": False, "error": "stopped before it started on this rank", "timed_out": True,
                         "wedged": False, "collectives": issued}
         if sandbox_limits is not None:  # rank 0's ModelDeployment limits, so every rank refuses alike
@@ -171,7 +169,7 @@ class ShardRank:
         result = run_on_rank(self.held.model, blob, envelope, ExecutionLimits(**limits), stop=self.stop_event)
         issued = collectives_issued()
         if self.stop_event.is_set():
-            leave_group()  # frees a peer blocked in a collective this rank never entered
+            leave_group()
         if result.wedged:  # where it is stuck, for whoever reads the rank's log
             import faulthandler
             import sys
@@ -342,9 +340,6 @@ class TensorParallelCopy(HostCopy):
         if self.broken is not None:
             return ExecutionResult(error=f"This tensor-parallel replica is being replaced ({self.broken}); "
                                          "retry shortly.", meta={"runtime": 0.0})
-        # A rank blocked in a collective is freed only once its peers' stopped requests ended and
-        # they left the group: give it longer than a single-device request gets.
-        limits = dataclasses.replace(limits, cancel_grace_seconds=max(limits.cancel_grace_seconds, _STOP_GRACE_S))
         shard_limits = {"timeout_seconds": limits.timeout_seconds + _SHARD_SAFETY_MARGIN_S,
                         "max_result_bytes": limits.max_result_bytes,
                         "cancel_grace_seconds": limits.cancel_grace_seconds}
@@ -358,7 +353,7 @@ class TensorParallelCopy(HostCopy):
             if result.timed_out:
                 stop.fire(TIMEOUT)  # rank 0's own clock may run out just before the stop's timer
             if stop.fired:
-                leave_group()  # frees a shard blocked in a collective rank 0 never entered
+                leave_group()
             answers, lost = self._shard_answers(refs, stop, limits)
         issued.update({rank: int(a.get("collectives", -1)) for rank, a in answers.items()})
         problems = self._replica_problems(result, answers, lost)

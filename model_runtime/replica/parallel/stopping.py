@@ -11,9 +11,9 @@ points of the model's forward. Here only rank 0's clock counts: the shard ranks 
 safety deadline, and on a stop rank 0 asks every shard actor to stop its request now
 (`ShardRank.stop`: its request thread is cancelled as a single-device request is; a stop that
 arrives before its request does stops that request on arrival). Each rank whose stopped request
-has ended leaves the process group (`group.leave_group`), which frees a peer blocked in a
-collective this rank never entered. What each rank had issued no longer matters: the replica
-then rebuilds the group (`group.rejoin_group`) and the next request starts in step.
+has ended leaves the process group (`group.leave_group`); what each rank had issued no longer
+matters: the replica then rebuilds the group (`group.rejoin_group`) and the next request starts
+in step.
 """
 
 from __future__ import annotations

@@ -51,4 +51,4 @@ def install_whole_weights() -> None:
         return whole_if_sharded(original(self, name))
 
     __getattr__._gathers_dtensors = True  # type: ignore[attr-defined]
-    Envoy.__getattr__ = __getattr__  # type: ignore[method-assign]
+    Envoy.__getattr__ = __getattr__
