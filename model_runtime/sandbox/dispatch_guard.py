@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,13 +134,13 @@ class ServerStorage:
 def guard_also(tensors: Iterable[torch.Tensor]) -> None:
     """Refuse writes into `tensors` too for the rest of this thread's request, as into the model's
     own (a server-made copy the request may read, e.g. a tensor-parallel weight gathered whole).
-    Nothing to do when no guard is active (the sandbox is off)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    Nothing to do when no guard is active on this thread (the sandbox is off)."""
+    active = getattr(_ACTIVE, "guards", None)
+    if active:
+        active[-1].also(list(tensors))
 
-    tensors = list(tensors)
-    for mode in _get_current_dispatch_mode_stack():
-        if isinstance(mode, WriteGuard):
-            mode.storage = mode.storage.including(tensors)
+
+_ACTIVE = threading.local()  # this thread's entered WriteGuards, innermost last
 
 
 @dataclass(frozen=True)
@@ -295,10 +296,30 @@ class WriteGuard:
 
     def __enter__(self) -> WriteGuard:
         self._impl.__enter__()
+        self._extra_tokens: list[int] = []
+        self._kept: list[torch.Tensor] = []
+        if not hasattr(_ACTIVE, "guards"):
+            _ACTIVE.guards = []
+        _ACTIVE.guards.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.guards.remove(self)
+        for token in self._extra_tokens:
+            self._impl._native.remove_table(token)
+        self._kept.clear()
         self._impl.__exit__(*exc)
+
+    def also(self, tensors: list[torch.Tensor]) -> None:
+        """Guard these tensors' storage until this guard exits. They are kept alive until then:
+        freed, their memory could be handed to a later allocation of the same request, which the
+        guard would then refuse to write."""
+        self._kept.extend(tensors)
+        extra = ServerStorage.of(tensors)
+        if self.native:
+            self._extra_tokens.append(self._impl._native.add_table(list(extra.starts), list(extra.ends)))
+        else:
+            self._impl.storage = self._impl.storage.including(tensors)
 
 
 def _log_fallback(reason: str | None) -> None:
