@@ -353,7 +353,7 @@ def test_resource_attack_on_tp_keeps_the_replica(tp_served: dict[str, Any], atta
 def _long_generate(client: Any, backend: Any) -> None:
     """A generate whose every step gathers the hidden states: collectives all the way through
     (`min_new_tokens`: a random tiny model may otherwise emit its end token early)."""
-    with client.generate(PROMPT, max_new_tokens=120, min_new_tokens=120, do_sample=False,
+    with client.generate(PROMPT, max_new_tokens=400, min_new_tokens=400, do_sample=False,
                          backend=backend) as tracer:
         hidden = list().save()
         with tracer.iter[:]:
