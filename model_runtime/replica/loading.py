@@ -57,7 +57,6 @@ def s3_stage(bucket: str, prefix: str, *, endpoint_url: str | None, region: str 
 
     Objects already present with the same size are not downloaded again.
     """
-
     from model_runtime.replica.parallel.s3_slices import s3_client, s3_objects
 
     target = s3_cache_root() / bucket / prefix.strip("/")
