@@ -47,6 +47,11 @@ def _rank_main(rank: int, port: int, checkpoint: str, out: str) -> None:
     from model_runtime.replica.parallel.shard_loading import load_shard
 
     torch.set_num_threads(1)
+    # The suite's S3 server takes any key; earlier tests in the session may have scrubbed the
+    # parent's environment (model_runtime/credentials.py), so each rank is given them here.
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(name, value)
     os.environ["NDIF_TP_MASTER_ADDR"] = "127.0.0.1"
     store = None
     if rank == 0:
