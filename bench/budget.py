@@ -23,6 +23,12 @@ For each shape a fresh subprocess (one torch thread):
    request. glibc is told to map every allocation above 64 KiB on its own
    (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the resident set at once.
 
+Tensor-parallel shapes (TP=2) run both ranks as the replica's ranks run (`parallel.ranks`:
+`join_group` over a loopback gloo group, `load_rank`, `execute_request` with the sandbox) in two
+subprocesses, each measured the same way; their budget is one rank's
+(`runtime_budget(..., ranks=2)`). Their payload leaves the embedding output out: saving it on a
+tensor-parallel replica fails inside nnsight 0.8.1.
+
 budget = the estimate's total minus the weights and the CUDA context (absent on CPU). The target
 is budget / peak within [1.0, 1.25] for every shape. The LAST line is the headline:
 `headline: budget/peak worst X.XX (lowest), highest Y.YY over N shapes; every shape within [1.00, 1.25]: yes`
@@ -71,6 +77,11 @@ SHAPES = (
     Shape("b4-s2048-v32k-wide-mlp", 4, 2048, 32000, intermediate=16384),
     Shape("gpt2-b4-s1024-v50k", 4, 1024, 50257, intermediate=2048, arch="gpt2"),
 )
+# Tensor-parallel shapes: two ranks (gloo, loopback), each measured; the budget is one rank's.
+TP_SHAPES = (
+    Shape("tp2-b2-s2048-v32k", 2, 2048, 32000),
+    Shape("tp2-b1-s2048-v128k", 1, 2048, 128256),
+)
 
 
 def _status(field: str) -> int:
@@ -106,8 +117,12 @@ def _build(shape: Shape, root: Path) -> Path:
     return path
 
 
-def _payload(path: Path, shape: Shape, batch: int, sequence: int) -> tuple[Any, bytes]:
-    """A real client payload: a full batch, saving the embeddings, every layer and the logits."""
+def _payload(path: Path, shape: Shape, batch: int, sequence: int, *, embeddings: bool = True) -> tuple[Any, bytes]:
+    """A real client payload: a full batch, saving the embeddings, every layer and the logits.
+
+    `embeddings=False` leaves the embedding output out: on a tensor-parallel replica saving it
+    fails inside nnsight 0.8.1 (a bare AssertionError), so the TP shapes save the layers and logits.
+    """
     import nnsight
     import nnsight.modeling.huggingface as hf
     import torch
@@ -132,45 +147,47 @@ def _payload(path: Path, shape: Shape, batch: int, sequence: int) -> tuple[Any, 
     gpt2 = shape.arch == "gpt2"
     embed = client.transformer.wte if gpt2 else client.model.embed_tokens
     layers = client.transformer.h if gpt2 else client.model.layers
-    with client.trace({"input_ids": ids, "attention_mask": mask}, backend=backend):
-        embeddings = embed.output.save()  # noqa: F841 - only the payload matters
-        hidden = [layer.output.save() for layer in layers]  # noqa: F841
-        logits = client.lm_head.output.save()  # noqa: F841
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if embeddings:
+        with client.trace(inputs, backend=backend):
+            embedded = embed.output.save()  # noqa: F841 - only the payload matters
+            hidden = [layer.output.save() for layer in layers]
+            logits = client.lm_head.output.save()
+    else:
+        with client.trace(inputs, backend=backend):
+            hidden = [layer.output.save() for layer in layers]  # noqa: F841
+            logits = client.lm_head.output.save()  # noqa: F841
     return captured[0]
 
 
-def measure(shape: Shape) -> dict[str, Any]:
-    """Run in the subprocess: budget and measured peak for `shape`."""
-    import torch
+RESULT_CAP = 16 * 1024 * MIB  # larger than every save here: the budget's saved term is the hidden states
 
-    torch.set_num_threads(1)
+
+def _limits(shape: Shape) -> Any:
+    from ndif_operator.api import RuntimeLimits
+
+    return RuntimeLimits(max_batch_size=shape.batch, max_sequence_length=shape.sequence, max_result_bytes=RESULT_CAP)
+
+
+def _spec(shape: Shape, path: Path) -> Any:
+    from ndif_operator.api import ModelSpec
+
+    return ModelSpec.model_validate({"repoId": f"bench/{shape.name}", "dtype": shape.dtype,
+                                     "source": {"localPath": {"path": str(path)}}})
+
+
+def _request_peak(model: Any, path: Path, shape: Shape, *, embeddings: bool = True) -> tuple[int, float]:
+    """(peak bytes, seconds) of one full-batch request through the replica's seam, after a warm-up:
+    the sandbox configured with the shape's limits, as the replica configures it."""
     from model_runtime.replica import execution
-    from model_runtime.replica.loading import load_model
     from model_runtime.sandbox.executor import configure
     from model_runtime.sandbox.limits import Limits
-    from ndif_operator.api import ModelAppArgs, ModelSpec, ModelUserConfig, RuntimeLimits
-    from ndif_operator.evaluation import estimate
-    from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES
+    from ndif_operator.api import ModelUserConfig
 
-    root = Path(tempfile.mkdtemp(prefix="bench-budget-"))
-    path = _build(shape, root)
-    result_cap = 16 * 1024 * MIB  # larger than every save here: the budget's saved term is the hidden states
-    limits = RuntimeLimits(max_batch_size=shape.batch, max_sequence_length=shape.sequence,
-                           max_result_bytes=result_cap)
-    spec = ModelSpec.model_validate({"repoId": f"bench/{shape.name}", "dtype": shape.dtype,
-                                     "source": {"localPath": {"path": str(path)}}})
-    sized = estimate(spec, limits)
-    budget = sized.total_bytes - sized.weights_bytes - CUDA_CONTEXT_BYTES
-
-    args = ModelAppArgs.model_validate({"model_key": "bench", "deployment": "bench/budget", "repo_id": str(path),
-                                        "source": {"local_path": {"path": str(path)}}, "dtype": shape.dtype})
-    server = load_model(args).model
-    attention = server._module.config._attn_implementation
-    config = ModelUserConfig(max_batch_size=shape.batch, max_sequence_length=shape.sequence,
-                             max_result_bytes=result_cap, request_timeout_seconds=3600)
-    configure(Limits.from_config(config))
+    configure(Limits.from_config(ModelUserConfig(max_batch_size=shape.batch, max_sequence_length=shape.sequence,
+                                                 max_result_bytes=RESULT_CAP, request_timeout_seconds=3600)))
     runner = execution.select_runner()
-    exec_limits = execution.ExecutionLimits(timeout_seconds=3600, max_result_bytes=result_cap)
+    exec_limits = execution.ExecutionLimits(timeout_seconds=3600, max_result_bytes=RESULT_CAP)
     peaks: list[int] = []
 
     def measured(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
@@ -179,13 +196,13 @@ def measure(shape: Shape) -> dict[str, Any]:
         return saves
 
     def run(batch: int, sequence: int) -> float:
-        request, blob = _payload(path, shape, batch, sequence)
+        request, blob = _payload(path, shape, batch, sequence, embeddings=embeddings)
         envelope = execution.Envelope(**request.model_dump())
         _trim()
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         before = _status("VmRSS")
         started = time.perf_counter()
-        out = execution.execute_request(server, blob, envelope, limits=exec_limits, on_log=lambda _l: None,
+        out = execution.execute_request(model, blob, envelope, limits=exec_limits, on_log=lambda _l: None,
                                         runner=measured)
         assert out.error is None, out.error
         peaks.append(peaks.pop() - before)
@@ -193,19 +210,107 @@ def measure(shape: Shape) -> dict[str, Any]:
 
     run(min(2, shape.batch), 16)  # warm-up: imports, the request thread, nnsight's caches
     seconds = run(shape.batch, shape.sequence)
-    peak = peaks[-1]
+    return peaks[-1], seconds
+
+
+def measure(shape: Shape) -> dict[str, Any]:
+    """Run in the subprocess: budget and measured peak for `shape`."""
+    import torch
+
+    torch.set_num_threads(1)
+    from model_runtime.replica.loading import load_model
+    from ndif_operator.api import ModelAppArgs
+    from ndif_operator.evaluation import estimate
+    from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES
+
+    root = Path(tempfile.mkdtemp(prefix="bench-budget-"))
+    path = _build(shape, root)
+    sized = estimate(_spec(shape, path), _limits(shape))
+    budget = sized.total_bytes - sized.weights_bytes - CUDA_CONTEXT_BYTES
+    args = ModelAppArgs.model_validate({"model_key": "bench", "deployment": "bench/budget", "repo_id": str(path),
+                                        "source": {"local_path": {"path": str(path)}}, "dtype": shape.dtype})
+    server = load_model(args).model
+    attention = server._module.config._attn_implementation
+    peak, seconds = _request_peak(server, path, shape)
     return {**asdict(shape), "attention": attention, "estimate_attention": sized.attention, "budget": budget,
             "peak": peak, "ratio": budget / peak, "seconds": seconds,
             "ranks": {r.tensor_parallel_size: r.bytes for r in sized.ranks}}
 
 
-def _child(name: str) -> dict[str, Any]:
+def measure_tp(shape: Shape, rank: int, port: int, root: Path) -> dict[str, Any]:
+    """Run in each rank's subprocess: one rank of a TP=2 replica, joined, loaded and run as the
+    replica's ranks are (`parallel.ranks.join_group`, `load_rank`, `execute_request`); its own peak."""
+    import datetime
+
+    import torch
+
+    torch.set_num_threads(1)
+    from model_runtime.replica.parallel.ranks import join_group, load_rank, tcp_store
+    from ndif_operator.api import ModelAppArgs
+    from ndif_operator.evaluation import estimate
+    from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES, runtime_budget
+    from ndif_operator.evaluation.cache import EstimateCache
+
+    path = root / shape.name
+    store = None
+    if rank == 0:
+        store = tcp_store("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=900))
+        print(f"PORT {store.port}", flush=True)
+        port = store.port
+    join_group(rank, 2, port, "cpu", store=store)
+    args = ModelAppArgs.model_validate({"model_key": "bench", "deployment": "bench/budget", "repo_id": str(path),
+                                        "source": {"local_path": {"path": str(path)}}, "dtype": shape.dtype,
+                                        "tensor_parallel_size": 2})
+    held = load_rank(args, str(path), "cpu")
+    cache = EstimateCache()
+    estimate(_spec(shape, path), _limits(shape), cache)
+    entry = cache.get_for(_spec(shape, path))
+    assert entry is not None and entry.shape is not None
+    budget = runtime_budget(entry.shape, _limits(shape), entry.element_size, ranks=2).total - CUDA_CONTEXT_BYTES
+    even = (runtime_budget(entry.shape, _limits(shape), entry.element_size).total - CUDA_CONTEXT_BYTES) // 2
+    peak, _seconds = _request_peak(held.model, path, shape, embeddings=False)
+    return {**asdict(shape), "rank": rank, "budget": budget, "peak": peak, "ratio": budget / peak,
+            "even_split_budget": even}
+
+
+def _env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
            "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GLOO_SOCKET_IFNAME": "lo"}
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    proc = subprocess.run([sys.executable, __file__, "--child", name], env=env, capture_output=True, text=True,
+    return env
+
+
+def _tp_children(name: str) -> list[dict[str, Any]]:
+    """Both ranks of a TP=2 shape: rank 0 opens the store and prints its port, rank 1 joins."""
+    shape = next(s for s in TP_SHAPES if s.name == name)
+    root = Path(tempfile.mkdtemp(prefix="bench-budget-tp-"))
+    _build(shape, root)
+    cmd = [sys.executable, __file__, "--tp-rank", name, str(root)]
+    first = subprocess.Popen([*cmd, "0", "0"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert first.stdout is not None
+    port = next((line.split()[1] for line in first.stdout if line.startswith("PORT ")), "")
+    second = subprocess.Popen([*cmd, "1", port], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    rows = []
+    try:
+        for proc in (first, second):
+            out, err = proc.communicate(timeout=3600)
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"{name} failed (rc {proc.returncode}):\n{err[-3000:]}")
+            rows.append(json.loads(lines[-1]))
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+    return rows
+
+
+def _child(name: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child", name], env=_env(), capture_output=True, text=True,
                           timeout=3600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -218,7 +323,12 @@ def main(argv: list[str]) -> int:
         shape = next(s for s in SHAPES if s.name == argv[1])
         print(json.dumps(measure(shape)), flush=True)
         return 0
+    if argv[:1] == ["--tp-rank"]:
+        shape = next(s for s in TP_SHAPES if s.name == argv[1])
+        print(json.dumps(measure_tp(shape, int(argv[3]), int(argv[4]), Path(argv[2]))), flush=True)
+        return 0
     chosen = [s for s in SHAPES if not argv or s.name in argv]
+    chosen_tp = [s for s in TP_SHAPES if not argv or s.name in argv]
     print(f"load average at start: {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs", flush=True)
     print(f"{'shape':<24} {'attention':<9} {'budget MiB':>11} {'peak MiB':>9} {'budget/peak':>11} {'run s':>6}")
     ratios = []
@@ -229,6 +339,12 @@ def main(argv: list[str]) -> int:
               f" {row['ratio']:>11.3f} {row['seconds']:>6.1f}", flush=True)
         if row["attention"] != row["estimate_attention"]:
             print(f"  MISMATCH: runtime runs {row['attention']}, the estimate assumed {row['estimate_attention']}")
+    for shape in chosen_tp:
+        for row in _tp_children(shape.name):
+            ratios.append(row["ratio"])
+            print(f"{shape.name + ' rank ' + str(row['rank']):<24} {'sdpa':<9} {row['budget'] / MIB:>11.1f}"
+                  f" {row['peak'] / MIB:>9.1f} {row['ratio']:>11.3f}   (TP=1 budget / 2:"
+                  f" {row['even_split_budget'] / row['peak']:.3f})", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     within = all(1.0 <= r <= 1.25 for r in ratios)
     print(f"headline: budget/peak worst {min(ratios):.2f} (lowest), highest {max(ratios):.2f} over {len(ratios)}"

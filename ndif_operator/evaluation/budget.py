@@ -27,12 +27,15 @@ Working memory, of which only the larger phase exists at once:
   intermediate widths), split over ranks. Under eager attention the score matrix too,
   B * heads * S^2 * (e + 4), the softmax taken in float32 (plus its cast back for 2-byte dtypes);
 - head: the final norm's output and the logits, T * vocab * e (transformers 5 computes them in
-  the model's dtype); on k > 1 ranks the lm_head output is gathered, so every rank holds the full
-  logits plus its 1/k shard.
+  the model's dtype). On k > 1 ranks the lm_head is split and every rank holds 3 + 1/k logits at
+  the peak: its 1/k shard, nnsight's whole copy for the trace (it all-gathers the shard when user
+  code touches the logits), and the lm_head's own all-gather (its buffers and the gathered
+  result); measured at 3.5 for k = 2 (bench/budget.py).
 
 Per rank, what is split (weights except the input embedding and norms, KV cache, heads, MLP width)
-divides by k; what is replicated does not: `rank_bytes` is the figure the planner sizes a rank's
-GPU share with, for every tensor-parallel size.
+divides by k; what is replicated (the residual stream, saved values, the gathered logits) does
+not: `rank_bytes` is the figure the planner sizes a rank's GPU share with, for every
+tensor-parallel size.
 
 The CUDA context and allocator slack: a constant per rank (each rank is its own process).
 """
@@ -116,7 +119,7 @@ def forward_budget(shape: ModelShape, batch: int, sequence: int, element_size: i
         saved=min((shape.num_layers + 1) * t * h * e, max_result_bytes),
         constants=2 * t * hd * e + mask,
         layer=stream + max(attention_bytes, mlp_bytes),
-        head=t * h * (e + _NORM_BYTES) + logits + (_split(logits, k) if k > 1 else 0),
+        head=t * h * (e + _NORM_BYTES) + logits + (2 * logits + _split(logits, k) if k > 1 else 0),
         context=CUDA_CONTEXT_BYTES,
     )
 

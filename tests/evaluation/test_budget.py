@@ -83,9 +83,10 @@ def test_tensor_parallel_ranks_divide_only_what_is_split() -> None:
     one, four = runtime_budget(LLAMA_70B, limits, BF16), runtime_budget(LLAMA_70B, limits, BF16, ranks=4)
     assert four.kv_cache == one.kv_cache // 4  # kv heads are split
     assert four.saved == one.saved and four.context == one.context  # whole tensors on every rank
-    # The lm_head's output is gathered: every rank holds the full logits plus its own shard.
+    # The lm_head is split and its output gathered: every rank holds its shard, nnsight's whole
+    # copy for the trace and the all-gather's buffers and result.
     logits = 8 * 2048 * 128256 * BF16
-    assert four.head == one.head + logits // 4
+    assert four.head == one.head + 2 * logits + logits // 4
     weights = 70_553_706_496 * BF16
     per_rank = rank_bytes(LLAMA_70B, limits, BF16, weights, 4)
     replicated = replicated_weight_bytes(LLAMA_70B, BF16)
