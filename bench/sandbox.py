@@ -15,7 +15,8 @@ the logits) is executed over and over against a dispatched tiny llama:
   the request thread (installed once per thread, at its first request);
 * standalone: `Sandbox.execute` (dedicated seccomp'd worker thread, own serialisation);
 * python_mode: the sandboxed seam with the write guard as the Python dispatch mode (the fallback
-  when the native kernels are not built), for comparison in the same run.
+  when the native kernels are not built), for comparison in the same run;
+* no_write_guard: the sandboxed seam with every layer but the write guard (the guard's share).
 
 The paths alternate request by request so machine noise hits them alike; each ratio is reported
 with the interquartile range of the ratios of interleaved pairs. Then each layer is timed alone
@@ -166,6 +167,21 @@ def _under_python_mode(run: Callable[[], None]) -> Callable[[], None]:
     return wrapped
 
 
+def _without_write_guard(run: Callable[[], None]) -> Callable[[], None]:
+    """The sandboxed seam with no write guard at all (every other layer on): the guard's share."""
+    from model_runtime.sandbox import executor
+
+    def wrapped() -> None:
+        previous = vars(executor)["WriteGuard"]
+        setattr(executor, "WriteGuard", lambda _storage: contextlib.nullcontext())  # noqa: B010
+        try:
+            run()
+        finally:
+            setattr(executor, "WriteGuard", previous)  # noqa: B010
+
+    return wrapped
+
+
 def large_model(iterations: int) -> tuple[dict[str, list[float]], int]:
     """(samples per path, parameters) on the ~107M-parameter llama."""
     from model_runtime.replica import execution
@@ -235,7 +251,7 @@ def main(iterations: int) -> None:
     guard_kind = "native dispatcher kernels" if WriteGuard(ServerStorage()).native else "Python mode (fallback!)"
     samples = _interleaved(
         {"baseline": baseline, "sandboxed": sandboxed, "no_seccomp": sandboxed_no_seccomp, "standalone": standalone,
-         "python_mode": _under_python_mode(sandboxed)},
+         "python_mode": _under_python_mode(sandboxed), "no_write_guard": _without_write_guard(sandboxed)},
         iterations,
     )
     med = {k: _median(v) for k, v in samples.items()}
@@ -331,14 +347,16 @@ def main(iterations: int) -> None:
         ("no_seccomp", "sandboxed, seccomp filter off"),
         ("standalone", "standalone Sandbox.execute (dedicated worker)"),
         ("python_mode", "sandboxed, write guard as the Python mode"),
+        ("no_write_guard", "sandboxed, no write guard (for its share)"),
     ]
     for key, label in rows:
         ratio = "" if key == "baseline" else f"  ({med[key] / med['baseline']:.2f}x, {_spread(samples, key)})"
         print(f"  {label:47s} {med[key]:8.2f} ms{ratio}")
-    cpu = {k: med[f"{k}/cpu"] for k in ("baseline", "sandboxed", "python_mode")}
+    cpu = {k: med[f"{k}/cpu"] for k in ("baseline", "sandboxed", "python_mode", "no_write_guard")}
     print(f"  process CPU time per request: baseline {cpu['baseline']:.2f} ms, sandboxed {cpu['sandboxed']:.2f} ms "
           f"({cpu['sandboxed'] / cpu['baseline']:.2f}x), Python mode {cpu['python_mode']:.2f} ms "
-          f"({cpu['python_mode'] / cpu['baseline']:.2f}x)")
+          f"({cpu['python_mode'] / cpu['baseline']:.2f}x), no write guard {cpu['no_write_guard']:.2f} ms "
+          f"({cpu['no_write_guard'] / cpu['baseline']:.2f}x)")
     print(f"  (for reference: a full gc.collect() in this process costs {gc_ms:.1f} ms; requests collect young)")
     print("cost split by layer (each alone, same payload):")
     for stock_name, stock_fn, box_name, box_fn in layers:
