@@ -16,11 +16,10 @@ device mesh (and every DTensor weight on it) keeps working without a reload. Whe
 are in step is read off the group's own count of collectives issued, compared across ranks after
 every request.
 
-Not mended here: a rank blocked inside a collective its peer never enters (a synchronous
-all-reduce the peer was stopped just before). gloo's abort and destroy leave the connections
-open, so that rank stays in native code, which no stop reaches, until the collective timeout: its
-request cannot be stopped and the replica is replaced, as a single-device replica is when a
-request is stuck in native code.
+A rank blocked inside a collective its peer never enters (a synchronous all-reduce the peer was
+stopped just before) is not freed by gloo's abort or destroy: they leave the connections open.
+`release_blocked_peers` half-closes them from the side that left, and the blocked collective
+fails at once.
 """
 
 from __future__ import annotations
@@ -75,13 +74,84 @@ def join_group(rank: int, world: int, port: int, device: str, store: Any = None)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
     if store is None:
         store = tcp_store(master_addr(), port, world, is_master=False, timeout=_timeout())
+    before = _tcp_sockets()
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=_timeout())
+    _record_pair_ports(store, rank, world, before)
     if backend == "nccl":
         # The communicator is made at its first collective and opens /dev/shm segments then: make it
         # now, while the process may still open files for writing (sandbox/process_filter.py).
         import torch
 
         dist.all_reduce(torch.zeros(1, device="cuda"))
+
+
+# This rank's side of the group's pair connections: its gloo listening ports (pairs accepted
+# there) and the peers' (pairs it connected to). Ray's own connections match neither.
+_PAIR_PORTS: dict[str, set[int]] = {"mine": set(), "peers": set()}
+
+
+def _tcp_sockets() -> dict[int, tuple[int, int | None, bool]]:
+    """This process's TCP sockets: fd → (local port, remote port or None, listening)."""
+    import socket
+
+    found: dict[int, tuple[int, int | None, bool]] = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:["):
+                continue
+            with socket.socket(fileno=os.dup(int(name))) as sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                    continue
+                listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+                try:
+                    remote: int | None = int(sock.getpeername()[1])
+                except OSError:
+                    remote = None
+                found[int(name)] = (int(sock.getsockname()[1]), remote, listening)
+        except OSError:
+            continue
+    return found
+
+
+def _record_pair_ports(store: Any, rank: int, world: int, before: dict[int, tuple[int, int | None, bool]]) -> None:
+    """gloo listens on new ports while the group is built: publish this rank's through the group's
+    store and read the peers', so `release_blocked_peers` can tell gloo's pairs from Ray's."""
+    mine = {local for fd, (local, _, listening) in _tcp_sockets().items() if listening and fd not in before}
+    store.set(f"ndif-gloo-listen/{rank}", ",".join(map(str, sorted(mine))))
+    peers: set[int] = set()
+    for other in range(world):
+        if other != rank:
+            text = store.get(f"ndif-gloo-listen/{other}").decode()
+            peers.update(int(p) for p in text.split(",") if p)
+    _PAIR_PORTS["mine"], _PAIR_PORTS["peers"] = mine, peers
+
+
+def release_blocked_peers() -> int:
+    """Half-close (FIN) this rank's pair connections of the group it left; returns how many.
+
+    A peer blocked in a collective this rank never entered waits on one of them; gloo's abort and
+    destroy leave them open, so without this it waits out the collective timeout. Only for peers
+    known to be blocked: a peer that is idle and has not aborted its own group takes the FIN as a
+    fatal error (gloo terminates the process), and a full shutdown ends this process likewise."""
+    import socket
+
+    mine, peers = _PAIR_PORTS["mine"], _PAIR_PORTS["peers"]
+    released = 0
+    for fd, (local, remote, listening) in _tcp_sockets().items():
+        if listening or remote is None or not (local in mine or remote in peers):
+            continue
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_WR)
+            released += 1
+        except OSError:
+            pass
+    _PAIR_PORTS["mine"], _PAIR_PORTS["peers"] = set(), set()
+    return released
 
 
 def collectives_issued() -> int:

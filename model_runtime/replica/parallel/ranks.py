@@ -45,6 +45,7 @@ from model_runtime.replica.parallel.group import (
     leave_group,
     open_store,
     rejoin_group,
+    release_blocked_peers,
 )
 from model_runtime.replica.parallel.shard_loading import ShardLoad, load_shard
 from model_runtime.replica.parallel.stopping import TIMEOUT, RequestStop
@@ -60,6 +61,11 @@ _SHARD_SAFETY_MARGIN_S = 30.0
 # only the work after the last collective, e.g. encoding the saves, is left).
 _STRAGGLER_S = 15.0
 _REGROUP_TIMEOUT_S = 60.0
+# After a stop, a shard that has not answered within this is blocked in a collective (a stopped
+# request in Python ends within milliseconds); rank 0 then releases it (group.release_blocked_peers).
+_RELEASE_AFTER_S = 2.0
+# The shards' grace after a stop covers that wait (a single-device request gets 5 s).
+_SHARD_STOP_GRACE_S = 10.0
 
 
 @dataclass
@@ -342,7 +348,7 @@ class TensorParallelCopy(HostCopy):
                                          "retry shortly.", meta={"runtime": 0.0})
         shard_limits = {"timeout_seconds": limits.timeout_seconds + _SHARD_SAFETY_MARGIN_S,
                         "max_result_bytes": limits.max_result_bytes,
-                        "cancel_grace_seconds": limits.cancel_grace_seconds}
+                        "cancel_grace_seconds": max(limits.cancel_grace_seconds, _SHARD_STOP_GRACE_S)}
         sandbox_limits = _sandbox_limits(runner)
         self.requests += 1
         refs = [a.execute.remote(blob, envelope.model_dump(), shard_limits, sandbox_limits, self.requests)
@@ -383,10 +389,16 @@ class TensorParallelCopy(HostCopy):
         """Every shard's answer (rank → answer), and the ranks lost (rank → why)."""
         import ray
 
-        _ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=_STRAGGLER_S)
-        if waiting:  # rank 0 is done; a shard still running is out of step with it
+        _ready, waiting = ray.wait(refs, num_returns=len(refs),
+                                   timeout=_RELEASE_AFTER_S if stop.fired else _STRAGGLER_S)
+        if waiting and not stop.fired:  # rank 0 is done; a shard still running is out of step with it
             stop.fire(f"{len(waiting)} rank(s) had not finished {_STRAGGLER_S:g} s after rank 0")
             leave_group()
+            _ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=_RELEASE_AFTER_S)
+        if waiting:  # stopped, yet still running: blocked in a collective rank 0 never entered
+            released = release_blocked_peers()
+            log.warning("tensor-parallel replica of %s: %d rank(s) blocked after the stop; released %d "
+                        "connection(s)", self.args.model_key, len(waiting), released)
         deadline = time.monotonic() + limits.cancel_grace_seconds + _SHARD_SAFETY_MARGIN_S
         answers: dict[int, dict[str, Any]] = {}
         lost: dict[int, str] = {}
