@@ -23,7 +23,7 @@ For each shape a fresh subprocess (one torch thread):
    request. glibc is told to map every allocation above 64 KiB on its own
    (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the resident set at once.
 
-Tensor-parallel shapes (TP=2) run both ranks as the replica's ranks run (`parallel.ranks`:
+Tensor-parallel shapes (TP=2) run both ranks as the replica's ranks run (`parallel.group`:
 `join_group` over a loopback gloo group, `load_rank`, `execute_request` with the sandbox) in two
 subprocesses, each measured the same way; their budget is one rank's
 (`runtime_budget(..., ranks=2)`). Their payload leaves the embedding output out: saving it on a
@@ -239,13 +239,13 @@ def measure(shape: Shape) -> dict[str, Any]:
 
 def measure_tp(shape: Shape, rank: int, port: int, root: Path) -> dict[str, Any]:
     """Run in each rank's subprocess: one rank of a TP=2 replica, joined, loaded and run as the
-    replica's ranks are (`parallel.ranks.join_group`, `load_rank`, `execute_request`); its own peak."""
-    import datetime
-
+    replica's ranks are (`parallel.group.open_store` / `join_group`, `parallel.ranks.load_rank`,
+    `execute_request`); its own peak."""
     import torch
 
     torch.set_num_threads(1)
-    from model_runtime.replica.parallel.ranks import join_group, load_rank, tcp_store
+    from model_runtime.replica.parallel.group import join_group, open_store
+    from model_runtime.replica.parallel.ranks import load_rank
     from ndif_operator.api import ModelAppArgs
     from ndif_operator.evaluation import estimate
     from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES, runtime_budget
@@ -254,8 +254,7 @@ def measure_tp(shape: Shape, rank: int, port: int, root: Path) -> dict[str, Any]
     path = root / shape.name
     store = None
     if rank == 0:
-        store = tcp_store("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=900))
+        store = open_store(2)
         print(f"PORT {store.port}", flush=True)
         port = store.port
     join_group(rank, 2, port, "cpu", store=store)
