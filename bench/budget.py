@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -218,12 +219,19 @@ def measure(shape: Shape) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="bench-budget-"))
+    try:
+        return _measure_in(shape, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # a model of up to ~1 GB per shape
+
+
+def _measure_in(shape: Shape, root: Path) -> dict[str, Any]:
     from model_runtime.replica.loading import load_model
     from ndif_operator.api import ModelAppArgs
     from ndif_operator.evaluation import estimate
     from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES
 
-    root = Path(tempfile.mkdtemp(prefix="bench-budget-"))
     path = _build(shape, root)
     sized = estimate(_spec(shape, path), _limits(shape))
     budget = sized.total_bytes - sized.weights_bytes - CUDA_CONTEXT_BYTES
@@ -305,6 +313,7 @@ def _tp_children(name: str) -> list[dict[str, Any]]:
         for proc in (first, second):
             if proc.poll() is None:
                 proc.kill()
+        shutil.rmtree(root, ignore_errors=True)
     return rows
 
 
