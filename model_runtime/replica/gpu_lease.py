@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ndif_operator.api.pinning import pinned_gpu_index
+from ndif_operator.api.pinning import GPU_LEASE_UNAVAILABLE, pinned_gpu_index
 
 LEASE_TIMEOUT_S = 300.0  # a GPU the plan gave us but another replica still holds (rolling update)
 
@@ -38,7 +38,7 @@ class GpuLease:
                                            bundle_label_selector=[{_NODE_ID_LABEL: node}])
         if not self._group.wait(timeout_seconds=timeout_s):
             self.release()
-            raise GpuLeaseTimeout(f"GPU share {self.resources} not free on this node after {timeout_s:.0f} s")
+            raise GpuLeaseTimeout(f"{GPU_LEASE_UNAVAILABLE} after {timeout_s:.0f} s: {self.resources}")
 
     def release(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -61,6 +61,9 @@ def pinned_gpu_index(resources: dict[str, float] | None) -> int | None:
 
 
 # KubeRay gives each worker pod its index in the group as this pod label (RayMultiHostIndexing).
+# What a HOT replica's error says when its planned GPU share did not come free on its node (the
+# runtime raises it; the operator finds it in Serve's messages and reports ReplicasUnschedulable).
+GPU_LEASE_UNAVAILABLE = "GPU share not free on this node"
 KUBERAY_REPLICA_INDEX_LABEL = "ray.io/worker-group-replica-index"
 POD_INDEX_ENV = "NDIF_POD_INDEX"
 

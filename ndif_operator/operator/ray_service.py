@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ndif_operator.api.naming import model_app_name
+from ndif_operator.api.pinning import GPU_LEASE_UNAVAILABLE
 from ndif_operator.rendering.pinned import slot_app_names
 
 # KubeRay Ready-condition reasons that mean KubeRay itself gave up or rejected the object.
@@ -23,8 +24,13 @@ class AppStatus:
     unschedulable: str = ""  # Serve's message about replicas Ray has not scheduled, if any
 
 
-# Serve's deployment message when replicas wait for resources (ray/serve/_private/deployment_state.py).
-_UNSCHEDULED_MARKER = "to be scheduled"
+# Serve's deployment message when replicas wait for resources (ray/serve/_private/deployment_state.py),
+# and the replica's own error when the GPU share it leases going HOT stays taken (Serve quotes it).
+_UNSCHEDULED_MARKERS = ("to be scheduled", GPU_LEASE_UNAVAILABLE)
+
+
+def _unscheduled(message: object) -> bool:
+    return any(marker in str(message or "") for marker in _UNSCHEDULED_MARKERS)
 
 
 def serve_config_text(ray_service: Mapping[str, Any]) -> str:
@@ -60,7 +66,9 @@ def application_statuses(ray_service: Mapping[str, Any]) -> dict[str, AppStatus]
         deployments = (app or {}).get("serveDeploymentStatuses") or {}
         healthy = sum(1 for d in deployments.values() if (d or {}).get("status") == "HEALTHY")
         waiting = [str((d or {}).get("message")) for d in deployments.values()
-                   if _UNSCHEDULED_MARKER in str((d or {}).get("message") or "")]
+                   if _unscheduled((d or {}).get("message"))]
+        if not waiting and _unscheduled((app or {}).get("message")):
+            waiting = [str((app or {}).get("message"))]
         result[str(name)] = AppStatus(status=str((app or {}).get("status") or "NOT_STARTED"),
                                       message=str((app or {}).get("message") or ""),
                                       healthy_deployments=healthy, deployments=len(deployments),

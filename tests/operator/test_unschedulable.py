@@ -42,3 +42,27 @@ def test_a_pending_slot_makes_ready_false_with_rays_reason() -> None:
     assert "ndif_gpu_3" in ready["message"] and "md-ml-m_r1" in ready["message"]
     assert model_app_status(apps, "ml", "m-r1") == apps["md-ml-m-r1"]
     assert model_app_status(apps, "ml", "absent") is None
+
+
+def test_a_gpu_lease_that_stays_taken_is_reported_as_unschedulable() -> None:
+    """A WARM replica made HOT in place leases its GPU share; when the share stays taken, its
+    reconfigure fails and Serve quotes the error in the application's status."""
+    from ndif_operator.api.pinning import GPU_LEASE_UNAVAILABLE
+
+    error = (f"The deployment failed to reconfigure. Error:\nTraceback (most recent call last):\n  ...\n"
+             f"model_runtime.replica.gpu_lease.GpuLeaseTimeout: {GPU_LEASE_UNAVAILABLE} after 300 s: "
+             "{'ndif_gpu_2': 0.5}")
+    failed = {"status": "DEPLOY_FAILED", "message": error,
+              "serveDeploymentStatuses": {"ModelReplica": {"status": "UNHEALTHY", "message": ""}}}
+    apps = application_statuses({"status": {"activeServiceStatus": {"applicationStatuses": {"md-ml-m": failed}}}})
+    merged = model_app_status(apps, "ml", "m")
+    assert merged is not None and "ndif_gpu_2" in merged.unschedulable
+    decision = Decision(key="ml/m", level=Level.HOT, replicas=1, gpus_per_replica=0.5, gpu_fraction=0.5,
+                        worker_group="gpu", assignments=(ReplicaPlacement(0, (2,), 0.5),),
+                        reason=Reason.PLACED_HOT, message="1 replica on gpu")
+    obs = Observation(generation=1, desired_level=Level.HOT, decision=decision, app=merged,
+                      estimate=Estimate(weights_bytes=1, total_bytes=2, method="Config"))
+    ready = next(c for c in compute_status(obs, None, datetime(2026, 12, 7, tzinfo=UTC))["conditions"]
+                 if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ReplicasUnschedulable")
+    assert GPU_LEASE_UNAVAILABLE in ready["message"]
