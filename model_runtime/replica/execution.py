@@ -352,6 +352,7 @@ def execute_request(
             _THREADS.release(runner, thread)
         timed_out = ended is not Outcome.DONE
         wedged = ended is Outcome.WEDGED
+        forced = thread.forced
         with contextlib.suppress(Exception):
             model.interleaver.cancel()
     collect_request_garbage()  # cheap once the replica froze its long-lived objects
@@ -361,6 +362,8 @@ def execute_request(
         **_gpu_meta(),
     }
     if timed_out:
+        # How the stop took: at the request code's next check, or only by the asynchronous exception.
+        meta["stop"] = "wedged" if wedged else "forced" if forced else "cooperative"
         return ExecutionResult(
             error=f"Job took longer than the timeout of {limits.timeout_seconds:g} seconds and was stopped.",
             meta=meta,

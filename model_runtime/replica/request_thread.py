@@ -10,12 +10,17 @@ A thread keeps its filter, so it is installed once per thread: by the sandbox's 
 thread's first request on the runtime's path (`model_runtime.sandbox.executor.run_blob`), or by
 `initializer` when the thread starts (the standalone sandbox's `Worker`).
 
-Cancellation: on timeout `cancel` is raised asynchronously in the thread
-(`PyThreadState_SetAsyncExc`), repeatedly until the work unwinds or `grace_s` passes (the
-exception is lost if it lands in a `finally` or is swallowed by C code). A thread that was
-cancelled is then retired and the next request gets a fresh one: an injected exception still
-pending could otherwise land between two requests. A thread that did not stop is WEDGED (stuck in
-one long C call): it is abandoned and the caller should have the replica replaced.
+Cancellation, in two steps. First the task's `StopSignal` is set: code that cooperates (the
+sandbox's guards, which run at every loop iteration and function entry of request code, and its
+stop-aware `time.sleep`) raises `cancel` at its next check, and keeps raising it at every later
+check, so catching it does not let request code go on. `current_stop()` is the signal of the task
+running on the calling thread. If the work has not ended after half of `grace_s`, `cancel` is also
+raised asynchronously in the thread (`PyThreadState_SetAsyncExc`), repeatedly until the work
+unwinds or `grace_s` passes: that stops Python code that never checks the signal (the unsandboxed
+runner), at whatever bytecode it is running. A thread that was cancelled is then retired and the
+next request gets a fresh one: an injected exception still pending could otherwise land between
+two requests. A thread that did not stop is WEDGED (stuck in one long C call): it is abandoned and
+the caller should have the replica replaced.
 """
 
 from __future__ import annotations
@@ -35,10 +40,46 @@ class Outcome(enum.Enum):
     WEDGED = "wedged"  # timed out and could not be stopped
 
 
+class StopSignal:
+    """One task's stop request: set by the thread that timed it out, checked by the task's code."""
+
+    __slots__ = ("_event", "cancel", "stopped")
+
+    def __init__(self, cancel: type[BaseException] = SystemExit) -> None:
+        self.stopped = False  # a plain attribute: the sandbox reads it at every loop iteration
+        self.cancel = cancel
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self.stopped = True
+        self._event.set()
+
+    def check(self) -> None:
+        """Raise the task's `cancel` if the task was stopped (every time it is called)."""
+        if self.stopped:
+            raise self.cancel("the request ran past its time limit and was stopped")
+
+    def sleep(self, seconds: float) -> None:
+        """`time.sleep` that ends early, raising `cancel`, when the task is stopped."""
+        self._event.wait(max(0.0, seconds))
+        self.check()
+
+
+_NEVER_STOPPED = StopSignal()
+_CURRENT = threading.local()
+
+
+def current_stop() -> StopSignal:
+    """The stop signal of the task running on this thread (one that never fires elsewhere)."""
+    signal: StopSignal = getattr(_CURRENT, "stop", _NEVER_STOPPED)
+    return signal
+
+
 @dataclass
 class _Task:
     fn: Callable[[], None]
     done: threading.Event
+    stop: StopSignal
 
 
 class RequestThread:
@@ -51,6 +92,8 @@ class RequestThread:
         self._thread: threading.Thread | None = None
         #: False once a task could not be stopped (its thread is stuck; the process should go).
         self.healthy = True
+        #: Whether the last stopped task needed the asynchronous exception (it ignored its signal).
+        self.forced = False
 
     def start(self) -> None:
         """Start the thread now (and run the initializer) instead of on the first task."""
@@ -76,11 +119,13 @@ class RequestThread:
             task = tasks.get()
             if task is None:
                 return
+            _CURRENT.stop = task.stop
             try:
                 task.fn()
             except BaseException:  # the work reports its own errors; this can only be a stray cancel
                 pass
             finally:
+                _CURRENT.stop = _NEVER_STOPPED
                 task.done.set()
 
     def run(self, fn: Callable[[], None], timeout_s: float, grace_s: float, cancel: type[BaseException],
@@ -88,11 +133,13 @@ class RequestThread:
         """Run `fn` on the thread and wait for it; cancel it with `cancel` after `timeout_s`, or as
         soon as `stop` is set (another thread decided the request ends: a tensor-parallel rank 0)."""
         thread, tasks = self._ensure_started()
-        task = _Task(fn, threading.Event())
+        task = _Task(fn, threading.Event(), StopSignal(cancel))
         tasks.put(task)
         if _wait_done(task.done, timeout_s, stop):
             return Outcome.DONE
-        deadline = time.monotonic() + grace_s
+        task.stop.set()  # cooperative first: raised at request code's next check, never in cleanup
+        self.forced = not task.done.wait(grace_s / 2)
+        deadline = time.monotonic() + grace_s / 2
         while not task.done.is_set() and thread.is_alive() and time.monotonic() < deadline:
             if thread.ident is not None:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(cancel))

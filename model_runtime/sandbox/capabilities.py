@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_runtime.request_thread import current_stop
 from model_runtime.sandbox.errors import CapabilityDenied
 
 # Names hidden in every proxied module: file, network, native code, (de)serialisation, process.
@@ -94,6 +95,12 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
 # Uninitialised memory can hold an earlier request's activations (the CPU heap and the CUDA
 # caching allocator reuse freed blocks), so the `empty` family hands out zeroed tensors.
 _ZEROED = {"empty": "zeros", "empty_like": "zeros_like"}
+
+
+def _stoppable_sleep(seconds: float) -> None:
+    """`time.sleep` for request code: a plain sleep is one C call that no stop can interrupt (the
+    replica would count as wedged); this one waits on the request's stop signal instead."""
+    current_stop().sleep(float(seconds))
 
 
 def _zeroed_after(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -205,6 +212,8 @@ class ModuleProxy:
             value = getattr(module, _ZEROED[name])
         elif module.__name__ == "torch" and name == "empty_strided":
             value = _zeroed_after(module.empty_strided)
+        elif module.__name__ == "time" and name == "sleep":
+            value = _stoppable_sleep
         else:
             value = getattr(module, name)
         if isinstance(value, types.ModuleType):

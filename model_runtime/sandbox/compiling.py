@@ -15,10 +15,14 @@ compiled by `restricted_compile`:
   thread, it compiles restricted too;
 * helper functions shipped by value (the unpickler routes `_load_function` here).
 
-Our policy adds to RestrictedPython's: a bare `except:` is rewritten to `except Exception:` and
-`continue`/`break`/`return` inside `finally` are refused, so the timeout (a BaseException)
-cannot be swallowed; `global`/`nonlocal` are refused; augmented assignment on items and
-attributes becomes one guarded call. The guard functions themselves are `guards.py`; request
+Our policy adds to RestrictedPython's: every loop iteration, function (and lambda) entry and
+comprehension step first calls `_check_stop_()`, which raises the request's stop once it timed
+out, again at every later call, so code that catches the stop cannot go on running (a stop
+delivered only once could be absorbed by a handler, a `finally` that starts new work, or a
+library that catches it); a bare `except:` is rewritten to `except Exception:` and
+`continue`/`break`/`return` inside `finally` are refused, friendly early errors for the same
+rule; `global`/`nonlocal` are refused; augmented assignment on items and attributes becomes one
+guarded call. The guard functions themselves are `guards.py`; request
 source is compiled under server-made names (`sources.py`).
 """
 
@@ -74,6 +78,29 @@ class SandboxPolicy(RestrictingNodeTransformer):  # type: ignore[misc]  # Restri
                 ast.copy_location(made, node)
         return call
 
+    # -- the stop: a check at every place where request code can run on without end ----------
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
+        return _check_first(super().visit_FunctionDef(node))
+
+    def visit_While(self, node: ast.While) -> ast.AST:
+        return _check_first(super().visit_While(node))
+
+    def visit_For(self, node: ast.For) -> ast.AST:
+        return _check_first(super().visit_For(node))
+
+    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:
+        result: ast.AST = super().visit_Lambda(node)
+        if isinstance(result, ast.Lambda):  # `lambda: body` -> `lambda: _check_stop_() or body`
+            result.body = ast.copy_location(ast.BoolOp(ast.Or(), [_check_call(result.body), result.body]), result.body)
+        return result
+
+    def visit_comprehension(self, node: ast.comprehension) -> ast.AST:
+        result: ast.AST = super().visit_comprehension(node)
+        if isinstance(result, ast.comprehension):  # one more condition: `if not _check_stop_()`
+            check = ast.UnaryOp(ast.Not(), _check_call(result.iter))
+            result.ifs = [ast.copy_location(check, result.iter), *result.ifs]
+        return result
+
     def visit_Try(self, node: ast.Try) -> ast.AST:
         _refuse_flow_out_of_finally(self, node.finalbody)
         result: ast.AST = self.node_contents_visit(node)
@@ -86,6 +113,23 @@ class SandboxPolicy(RestrictingNodeTransformer):  # type: ignore[misc]  # Restri
     def visit_Nonlocal(self, node: ast.Nonlocal) -> ast.AST:
         self.error(node, "nonlocal statements are not allowed in the sandbox")
         return node
+
+
+def _check_call(near: ast.AST) -> ast.Call:
+    call = ast.Call(ast.Name("_check_stop_", ast.Load()), [], [])
+    for made in (call, call.func):
+        ast.copy_location(made, near)
+    return call
+
+
+def _check_first(node: Any) -> ast.AST:
+    """Put `_check_stop_()` first in a loop's or function's body (after RestrictedPython's own
+    rewriting, so the inserted name is not refused for its underscore)."""
+    if isinstance(node, (ast.FunctionDef, ast.While, ast.For)) and node.body:
+        first = node.body[0]
+        node.body.insert(0, ast.copy_location(ast.Expr(_check_call(first)), first))
+    result: ast.AST = node
+    return result
 
 
 _AUGMENTED_OPS: dict[type[ast.operator], str] = {

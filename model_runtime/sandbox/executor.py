@@ -124,7 +124,7 @@ class Sandbox:
         with self._lock:
             ctx = self.context(model)
             request = _Request(ctx, Guards(ctx.caps, ctx.weights.is_protected, on_print=on_print,
-                                           server_owned=ctx.state.owns))
+                                           server_owned=ctx.state.owns, adopt=ctx.state.adopt))
             state = ProcessState.capture()
             integrity = integrity_for(model._module)
             integrity.admit()  # refuses while the weights are untrusted (fail closed)
@@ -222,6 +222,7 @@ class _Job:
         from nnsight.tracing.tracer import _saves, dec, inc
 
         sources.begin()
+        self.guards.bind_stop()  # this thread's task: its stop is what request code checks
         # Entered here, on the thread running the request: the write guard is a per-thread dispatch
         # mode, and much of the global state is per thread.
         with (

@@ -21,6 +21,7 @@ from typing import Any
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
+from model_runtime.request_thread import StopSignal, current_stop
 from model_runtime.sandbox.capabilities import Capabilities, ModuleProxy
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, ModelTampering
 from model_runtime.sandbox.model_guard import MODULE_MUTATORS, TENSOR_ALIASING
@@ -169,10 +170,27 @@ class Guards:
     on_print: Callable[[str], None] = lambda _text: None
     #: Whether an object belongs to the served model's state (provenance.ServerState.owns).
     server_owned: Callable[[Any], bool] = lambda _obj: False
+    #: Marks a container handed to the request from server state as the server's; returns it
+    #: (provenance.ServerState.adopt).
+    adopt: Callable[[Any], Any] = lambda value: value
     #: Bytes of printed output a request may send back as LOG lines (the rest is dropped).
     max_print_bytes: int = 1024 * 1024
     printed_bytes: int = 0
     counters: GuardCounters = field(default_factory=GuardCounters)
+    #: The request's stop (set by its request thread once it timed out); `bind_stop` picks it up.
+    stop: StopSignal = field(default_factory=current_stop)
+
+    # -- the stop ----------------------------------------------------------------------------
+    def bind_stop(self) -> None:
+        """Take the stop signal of the task running on this thread (call on the request thread)."""
+        self.stop = current_stop()
+
+    def check_stop_(self) -> None:
+        """Called at every loop iteration, function entry and comprehension step of request code
+        (compiling.py inserts the calls): once the request is stopped, every call raises again, so
+        a handler or `finally` that catches the stop cannot run any loop or call afterwards."""
+        if self.stop.stopped:
+            self.stop.check()
 
     # -- attribute reads ---------------------------------------------------------------------
     def getattr_(self, obj: Any, name: str, *default: Any) -> Any:
@@ -181,8 +199,8 @@ class Guards:
             raise CapabilityDenied("attribute names must be strings")
         if name.startswith("_") or name in DENIED_ATTRIBUTES:
             raise CapabilityDenied(f"attribute {name!r} is not available in the sandbox")
-        if isinstance(obj, ModuleProxy):
-            return getattr(obj, name, *default)
+        if isinstance(obj, ModuleProxy):  # a library module's containers are the server's
+            return self.adopt(getattr(obj, name, *default))
         unbound = isinstance(obj, type) and any(obj is t for t in _CONTAINER_TYPES)
         if name in _CONTAINER_MUTATORS and (unbound or self.server_owned(obj)):
             # `model.kwargs.update(...)`, or `dict.update(server_dict, ...)`: a method call is a
@@ -212,7 +230,9 @@ class Guards:
             # Containers owned by the shared tokenizer/config: hand out a copy, so mutating it
             # cannot change what the next request sees.
             return copy.deepcopy(value)
-        return value
+        if type(obj).__module__ == "sandbox" or name in _REQUEST_DATA:  # the request's own objects
+            return value
+        return self.adopt(value)  # a container of a library or server object is the server's
 
     def _check_object_attr(self, obj: Any, name: str) -> None:
         import torch
@@ -254,10 +274,14 @@ class Guards:
         self.counters.getitem += 1
         if isinstance(obj, (types.ModuleType, ModuleProxy)):
             raise CapabilityDenied("modules are not subscriptable in the sandbox")
+        if self.server_owned(obj):  # a container inside server state is the server's too
+            return self.adopt(obj[index])
         return obj[index]
 
     def getiter_(self, obj: Any) -> Any:
         self.counters.iter += 1
+        if self.server_owned(obj):
+            return map(self.adopt, obj)
         return iter(obj)
 
     # -- writes ------------------------------------------------------------------------------
@@ -361,6 +385,7 @@ class Guards:
             "_inplace_item_": self.inplace_item_,
             "_inplace_attr_": self.inplace_attr_,
             "_apply_": self.apply_,
+            "_check_stop_": self.check_stop_,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_unpack_sequence_": guarded_unpack_sequence,
             "_print_": functools.partial(_Print, self._print_function),
@@ -431,6 +456,9 @@ def _is_envoy(obj: Any) -> bool:
 
     return isinstance(obj, Envoy)
 
+
+# Attributes whose values are the request's own data (activations, a trace's result), not state.
+_REQUEST_DATA = frozenset({"output", "input", "inputs", "grad", "result", "value"})
 
 _CONTAINER_TYPES = (list, dict, set, OrderedDict, bytearray)
 _CONTAINER_MUTATORS = frozenset(

@@ -69,6 +69,7 @@ class SandboxBackend(RemoteBackend):
         self.logs: list[str] = []
         self.blob: bytes | None = None
         self.meta_out: dict[str, Any] = {}
+        self.outcome: Any = None  # the production path's ExecutionResult
 
     def request(self, request: Any, tracer: Any) -> Any:
         self.blob = self._serialize(tracer)
@@ -88,6 +89,7 @@ class SandboxBackend(RemoteBackend):
             on_log=self.logs.append, runner=sandboxed_run_blob,
         )
         self.meta_out = outcome.meta
+        self.outcome = outcome
         if outcome.error is not None:
             raise_for(outcome.error, outcome.timed_out)
         return self.finalize(outcome.result)
