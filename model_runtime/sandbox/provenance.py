@@ -1,23 +1,39 @@
-"""Provenance of Python objects: the server's model state is read-only to a request.
+"""Provenance of Python objects: the server's state is read-only to a request.
 
-A request may mutate only what it made. The containers of the served model's state (each nnsight
-envoy's and each module's lists, dicts and sets: `_edits`, hook tables, `_modules`, the
-wrapper's `kwargs`, ...; not the weight tables, which are the weight guard's) are recorded by
-identity when the model is first served; the write guard refuses any item or attribute write
-into one of them (`ServerState.owns`), whatever name or alias reached it. Their contents are
-snapshotted at the start of each request and compared after it, by length and item identity,
-and put back if they changed (`verify_and_restore`): whatever slipped
-past the guards does not reach the next request (a callable planted in an envoy's state would
-otherwise run inside other users' requests).
+A request may mutate only what it made. Two rules make every other container read-only to it
+(the write guard refuses item and attribute writes into one, the attribute guard its mutating
+methods: `ServerState.owns`), whatever name or alias reached it:
+
+* Recorded: every list, dict and set reachable from the served model when a request starts:
+  each envoy's and module's containers (`_edits`, hook tables, `_modules`, the wrapper's
+  `kwargs`, ...), and those of the nnsight objects behind them, which nnsight creates or
+  replaces after the model was first served: the interleaver (`mediators`, `sourced`, `counts`,
+  `observers`, ...), each module's controller and source state (`routes`, the `.source`
+  instrumentation's `Compiled` tables) and the process-wide `.source` cache. The weight tables
+  (`_parameters`, `_buffers`) are the weight guard's.
+* Adopted: a container the request reads as an attribute of an object it did not create (a
+  library object, a module, an envoy), or as an item of a server container, is the server's for
+  the rest of the request, even if the server made it during this request (the recorded set is
+  taken at the start).
+
+The recorded containers' contents are snapshotted at the start of each request and compared
+after it, by length and item identity, and put back if they changed (`verify_and_restore`):
+whatever slipped past the guards does not reach the next request (a callable planted in an
+envoy's or the interleaver's state would otherwise run inside other users' requests).
 """
 
 from __future__ import annotations
 
+import enum
 import operator
-from collections import OrderedDict
+import sys
+from collections import OrderedDict, deque
+from collections.abc import MutableMapping, MutableSequence, MutableSet
 from typing import Any
 
 _CONTAINERS = (list, dict, set, OrderedDict)
+# What adoption makes read-only: any mutable container, subclasses and weak ones included.
+_MUTABLE = (list, dict, set, bytearray, deque, MutableMapping, MutableSet, MutableSequence)
 # The weight tables are the weight guard's: the server re-places parameters (activation from a
 # host copy, tensor-parallel shards), and putting an old table back would revert the weights.
 _WEIGHT_TABLES = frozenset({"_parameters", "_buffers"})
@@ -27,41 +43,101 @@ class ServerState:
     """The model's state containers, by identity, with a snapshot of each one's contents."""
 
     def __init__(self, model: Any) -> None:
-        self._where: dict[int, str] = {}
-        self._by_id: dict[int, Any] = {}
-        self._containers: list[Any] = []
+        # Modules' own containers keep their identity for the model's life (the write guard
+        # refuses assigning new ones): found once. nnsight's objects behind them (envoys, each
+        # module's controller and source state, the interleaver) replace theirs at run time
+        # (a new `routes` list per registration, new per-run tables per trace): walked at every
+        # request's start, from these owners.
+        self._static: list[tuple[Any, str]] = []
+        self._owners: list[tuple[Any, str]] = []
+        for name, module in model._module.named_modules():
+            where = f"module {name or '<root>'}"
+            for key, value in vars(module).items():
+                if key in _WEIGHT_TABLES:
+                    continue
+                if type(value) in _CONTAINERS:
+                    self._static.append((value, f"{where}.{key}"))
+                elif _is_server_type(type(value)):
+                    self._owners.append((value, f"{where}.{key}"))
         envoys = [model]
         while envoys:
             envoy = envoys.pop()
-            state = vars(envoy)
-            self._record_all(state, f"envoy {state.get('path', '?')}")
-            envoys.extend(state.get("_children", ()))
-        for name, module in model._module.named_modules():
-            self._record_all(vars(module), f"module {name or '<root>'}")
+            self._owners.append((envoy, f"envoy {vars(envoy).get('path', '?')}"))
+            envoys.extend(vars(envoy).get("_children", ()))
+        self._static_containers = [c for c, _ in self._static]
+        self._static_where = {id(c): where for c, where in self._static}
+        self._static_by_id = {id(c): c for c in self._static_containers}
+        self._adopted: dict[int, Any] = {}
         self.capture()
 
-    def _record_all(self, state: dict[str, Any], where: str) -> None:
-        for key, value in state.items():
-            if key in _WEIGHT_TABLES:
+    def _walk(self) -> None:
+        """Record the modules' containers and every container reachable from nnsight's objects
+        (depth first, each object once; modules are not entered again: theirs are static)."""
+        self._where = dict(self._static_where)
+        self._by_id = dict(self._static_by_id)
+        self._containers = list(self._static_containers)
+        self._per_run = set()
+        seen: set[int] = set(self._static_by_id)
+        kinds = _KINDS
+        # (object, its parent's label, its key in the parent): labels are built only for what
+        # is walked, and only what can hold server state is pushed at all.
+        stack: list[tuple[Any, str, str]] = [(obj, where, "") for obj, where in self._owners]
+        source = sys.modules.get("nnsight.intervention.source")
+        if source is not None:  # `.source`'s process-wide cache of instrumented forwards
+            stack.append((vars(source).get("FORWARD_CACHE", {}), "nnsight .source cache", ""))
+        while stack:
+            obj, parent, key = stack.pop()
+            if id(obj) in seen:
                 continue
-            if type(value) in _CONTAINERS and id(value) not in self._where:
-                self._where[id(value)] = f"{where}.{key}"
-                self._by_id[id(value)] = value
-                self._containers.append(value)
+            seen.add(id(obj))
+            kind = kinds[type(obj)]
+            where = f"{parent}.{key}" if key else parent
+            if kind is _Kind.CONTAINER:
+                if ".interleaver." in where:  # nnsight's per-run tables: every trace changes them
+                    self._per_run.add(id(obj))
+                self._where[id(obj)] = where
+                self._by_id[id(obj)] = obj
+                self._containers.append(obj)
+                values = obj.values() if isinstance(obj, dict) else obj
+                stack.extend((value, where, "[]") for value in values if kinds[type(value)] is not _Kind.LEAF)
+            elif kind is _Kind.SEQUENCE:  # a NamedTuple's items are labelled by field
+                fields = getattr(obj, "_fields", None) or ("",) * len(obj)
+                pairs = zip(obj, fields, strict=False)
+                stack.extend((v, where, f) for v, f in pairs if kinds[type(v)] is not _Kind.LEAF)
+            elif kind is _Kind.SERVER:
+                state = getattr(obj, "__dict__", None)
+                if isinstance(state, dict):
+                    stack.extend((v, where, k) for k, v in state.items() if kinds[type(v)] is not _Kind.LEAF)
+                for slot in getattr(type(obj), "__slots__", ()):
+                    value = getattr(obj, slot, None) if isinstance(slot, str) else None
+                    if kinds[type(value)] is not _Kind.LEAF:
+                        stack.append((value, where, slot))
 
     def capture(self) -> None:
-        """Snapshot the contents now (at the start of each request: the server itself may change
-        its state between requests, e.g. a level change that re-places the weights)."""
+        """Find the state and snapshot its contents now (at the start of each request: the server
+        itself creates and replaces state between requests, e.g. nnsight's per-run interleaver
+        tables or a level change that re-places the weights)."""
+        self._walk()
+        self._adopted = {}
         # Checked at C speed where it can be (a large model has tens of thousands of these,
         # nearly all empty hook tables): lengths first, then the items of the non-empty ones.
         self._lengths = list(map(len, self._containers))
         self._full = [(c, _copy(c)) for c in self._containers if len(c)]
 
     def owns(self, obj: Any) -> bool:
-        return self._by_id.get(id(obj)) is obj
+        key = id(obj)
+        return self._by_id.get(key) is obj or self._adopted.get(key) is obj
+
+    def adopt(self, value: Any) -> Any:
+        """Mark a container the request got from the server as the server's; returns it."""
+        if isinstance(value, _MUTABLE):
+            self._adopted[id(value)] = value
+        return value
 
     def verify_and_restore(self) -> list[str]:
-        """Put back every container that changed; the names of those that had."""
+        """Put back every container that changed; the names of those that had (nnsight's per-run
+        interleaver tables, which every trace changes, are put back without being named)."""
+        self._adopted = {}
         if list(map(len, self._containers)) == self._lengths and all(_same(c, snap) for c, snap in self._full):
             return []
         snapshots = {id(c): snap for c, snap in self._full}
@@ -69,9 +145,43 @@ class ServerState:
         for container, length in zip(self._containers, self._lengths, strict=True):
             snapshot = snapshots.get(id(container), [])
             if len(container) != length or not _same(container, snapshot):
-                changed.append(self._where[id(container)])
+                if id(container) not in self._per_run:
+                    changed.append(self._where[id(container)])
                 _restore(container, snapshot)
         return changed
+
+
+def _is_server_type(kind: type) -> bool:
+    """Types whose instances hold the served model's runtime state (nnsight's)."""
+    return str(getattr(kind, "__module__", "")).startswith("nnsight")
+
+
+class _Kind(enum.Enum):
+    CONTAINER = "container"  # recorded, and its items walked
+    SEQUENCE = "sequence"  # a tuple (NamedTuples too): its items walked
+    SERVER = "server"  # an nnsight object: its attributes walked
+    LEAF = "leaf"  # holds no server state a request could reach (or is a module: static)
+
+
+class _Kinds(dict[type, _Kind]):
+    """What the walk does with each type, decided once per type."""
+
+    def __missing__(self, kind: type) -> _Kind:
+        import torch
+
+        if kind in _CONTAINERS:
+            decided = _Kind.CONTAINER
+        elif issubclass(kind, tuple) and (kind is tuple or _is_server_type(kind)):
+            decided = _Kind.SEQUENCE
+        elif _is_server_type(kind) and not issubclass(kind, (torch.Tensor, torch.nn.Module)):
+            decided = _Kind.SERVER
+        else:
+            decided = _Kind.LEAF
+        self[kind] = decided
+        return decided
+
+
+_KINDS = _Kinds()
 
 
 def _copy(value: Any) -> Any:
@@ -83,12 +193,13 @@ def _copy(value: Any) -> Any:
 
 
 def _same(container: Any, snapshot: Any) -> bool:
+    # By identity only: an `==` could call a planted object's `__eq__` inside the server's clean-up.
     if isinstance(container, dict):
         keys, values = snapshot if snapshot else ([], [])
-        return len(container) == len(keys) and list(container) == keys and all(
+        return len(container) == len(keys) and all(map(operator.is_, container, keys)) and all(
             map(operator.is_, container.values(), values))
     if isinstance(container, set):
-        return container == (snapshot or set())
+        return len(container) == len(snapshot or ()) and set(map(id, container)) == set(map(id, snapshot or ()))
     return len(container) == len(snapshot) and all(map(operator.is_, container, snapshot))
 
 
