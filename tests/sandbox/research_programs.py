@@ -1,8 +1,8 @@
 """Everyday research programs, written the way nnsight's tutorials write them.
 
 Each takes `(model, remote)` and returns a dict of what it saved: `remote=False` with a dispatched
-local model is the reference; `remote=True` (through the real gateway) or a backend object (the
-in-process sandbox) is the remote run. `client_only.load()` compiles this file under a name that
+local model is the reference; `remote=True` or a gateway URL (through the real gateway) or a
+backend object (the in-process sandbox) is the remote run. `client_only.load()` compiles this file under a name that
 exists only in the client's linecache, as a notebook or a deleted script would: the server can
 never read it, so the tests see what a real server sees.
 
@@ -20,7 +20,8 @@ PROMPTS = ["The Eiffel Tower is in the city of", "Madison Square Garden is in", 
 
 
 def _kw(remote):
-    return {"remote": remote} if isinstance(remote, bool) else {"backend": remote}
+    # True or a gateway URL: nnsight's own remote backend; anything else is a backend object.
+    return {"remote": remote} if isinstance(remote, (bool, str)) else {"backend": remote}
 
 
 def find_module(model, paths):

@@ -3,70 +3,31 @@
 (`model.kwargs` and the envoy tree are the request's own unpickled copies; the modules behind them
 and their dicts, reached through the envoys' attribute fall-through, are the server's.)
 """
-# ruff: noqa: F841
+# ruff: noqa: F401 (the table's programs use the imports as their globals)
 
-from sandbox.attacks import PROMPT
+from sandbox.attacks import PROMPT, in_trace
 
 
 def plant(*args):
     return "planted"
 
 
-def module_dict_setitem(model, backend):
-    with model.trace(PROMPT, backend=backend):
-        model.all_tied_weights_keys["hook"] = plant
-        out = model.lm_head.output.save()
-
-
-def module_dict_update_method(model, backend):
-    with model.trace(PROMPT, backend=backend):
-        model.model.all_tied_weights_keys.update({"hook": plant})
-        out = model.lm_head.output.save()
-
-
-def module_dict_setdefault_method(model, backend):
-    with model.trace(PROMPT, backend=backend):
-        model.all_tied_weights_keys.setdefault("hook", plant)
-        out = model.lm_head.output.save()
-
-
-def unbound_dict_update(model, backend):
-    with model.trace(PROMPT, backend=backend):
-        dict.update(model.all_tied_weights_keys, {"hook": plant})
-        out = model.lm_head.output.save()
-
-
-def module_dict_augmented_item(model, backend):
-    with model.trace(PROMPT, backend=backend):
-        model.all_tied_weights_keys["x"] += 1
-        out = model.lm_head.output.save()
-
-
-def weight_tensor_attribute(model, backend):
-    with model.trace(PROMPT, backend=backend):
-        model.lm_head.weight.callback = plant
-        out = model.lm_head.output.save()
-
-
-def activation_tensor_attribute(model, backend):
-    with model.trace(PROMPT, backend=backend):
+IN_TRACE = in_trace(globals(), {
+    "module_dict_setitem": 'model.all_tied_weights_keys["hook"] = plant',
+    "module_dict_update_method": 'model.model.all_tied_weights_keys.update({"hook": plant})',
+    "module_dict_setdefault_method": 'model.all_tied_weights_keys.setdefault("hook", plant)',
+    "unbound_dict_update": 'dict.update(model.all_tied_weights_keys, {"hook": plant})',
+    "module_dict_augmented_item": 'model.all_tied_weights_keys["x"] += 1',
+    "weight_tensor_attribute": "model.lm_head.weight.callback = plant",
+    "activation_tensor_attribute": """
         h = model.model.layers[0].output
         h.callback = plant
-        out = model.lm_head.output.save()
+    """,
+    "module_attribute_via_envoy": "model.model.layers[0].self_attn.layer_idx = 1",
+    "server_dict_bound_method": "adder = model.model.all_tied_weights_keys.pop",
+})
 
 
-def module_attribute_via_envoy(model, backend):
-    with model.trace(PROMPT, backend=backend):
-        model.model.layers[0].self_attn.layer_idx = 1
-        out = model.lm_head.output.save()
-
-
-def server_dict_bound_method(model, backend):
-    with model.trace(PROMPT, backend=backend):
-        adder = model.model.all_tied_weights_keys.pop
-        out = model.lm_head.output.save()
-
-
-ATTACKS = [module_dict_setitem, module_dict_update_method, module_dict_setdefault_method, unbound_dict_update,
-           module_dict_augmented_item, weight_tensor_attribute, activation_tensor_attribute,
-           module_attribute_via_envoy, server_dict_bound_method]
+ATTACKS = [
+    *IN_TRACE,
+]
