@@ -203,3 +203,27 @@ def slow_client_model(served: dict[str, Any], client_model: Any) -> Any:
     path = str(served["slow_path"])
     _ID_CACHE[path] = path
     return TransformersModel(path, task="text-generation")
+
+
+ARCHS_PREFIX = "/archs"
+# More architectures through the real gateway, deployed only when a test asks for them.
+ARCHS = ("gpt2", "gpt-neox")
+
+
+@pytest.fixture(scope="session")
+def served_archs(served: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Tiny gpt2 and gpt-neox apps behind their own gateway at /archs: {arch: (url, path)}."""
+    from ray import serve
+
+    from ndif_operator.api.naming import model_app_name
+
+    paths = {arch: build_tiny_model(arch, tmp_path_factory.mktemp("models") / f"tiny-{arch}")  # type: ignore[arg-type]
+             for arch in ARCHS}
+    apps = {arch: model_app_name("default", f"tiny-{arch}") for arch in ARCHS}
+    serve.run_many([
+        *(model_target(apps[arch], model_args(paths[arch], f"default/tiny-{arch}")) for arch in ARCHS),
+        gateway_target({str(paths[arch]).lower(): apps[arch] for arch in ARCHS}, app_name="gateway-archs",
+                       route_prefix=ARCHS_PREFIX),
+    ])
+    url = served["url"] + ARCHS_PREFIX
+    return {arch: (url, paths[arch]) for arch in ARCHS}

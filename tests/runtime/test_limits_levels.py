@@ -41,6 +41,26 @@ def test_timeout_stops_the_job_and_the_model_keeps_serving(slow_client_model: An
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("name", ["finally_recurses", "catch_in_a_hook", "long_sleep"])
+def test_a_program_that_catches_its_stop_ends_and_the_same_replica_serves_on(name: str,
+                                                                             slow_client_model: Any) -> None:
+    """Programs built to outlive their stop (tests/sandbox/attacks/uncatchable.py), from a file
+    only the client has: each ends at the timeout, the replica is not wedged (not replaced: its
+    timeout count goes up) and the next request is correct."""
+    from sandbox import client_only
+    from sandbox.attacks import uncatchable
+
+    program = getattr(client_only.load(uncatchable), name)
+    before = _slow_handle().info.remote().result()["metrics"].get("requests_timeout", 0)
+    with pytest.raises(RemoteError, match="timeout of 3 seconds"):
+        program(slow_client_model, slow_client_model._remote_backend(True, True, None, False))
+    info = _slow_handle().info.remote().result()
+    assert not info["wedged"] and info["metrics"].get("requests_timeout", 0) == before + 1
+    with slow_client_model.trace(PROMPT, remote=True):
+        logits = slow_client_model.lm_head.output.save()
+    assert logits.ndim == 3
+
+
 def test_full_queue_is_refused_not_hung(slow_client_model: Any, served: dict[str, Any]) -> None:
     def submit_sleeper() -> Any:
         with slow_client_model.trace(PROMPT, remote=True, blocking=False) as tracer:
@@ -123,12 +143,14 @@ def test_payload_limit_enforced_in_the_replica_too(slow_client_model: Any) -> No
 
 
 def test_wedged_replica_is_replaced_and_serves_again(slow_client_model: Any, served: dict[str, Any]) -> None:
-    """A job stuck in one C call ignores the async exception: the replica fails its health check
-    and Serve starts a fresh one; the next request is correct."""
+    """A job stuck in one C call ignores its stop and the async exception: the replica fails its
+    health check and Serve starts a fresh one; the next request is correct."""
     with pytest.raises(RemoteError, match="timeout"):
         with slow_client_model.trace(PROMPT, remote=True):
             slow_client_model.model.layers[0].output.save()
-            time.sleep(20)  # one C call, longer than timeout (3 s) + cancel grace (5 s)
+            # One torch kernel over 10**11 elements of a stride-0 view (no memory, GIL released),
+            # far longer than timeout (3 s) + grace (5 s). (`time.sleep` in a request ends at the stop.)
+            torch.ones(1).expand(10**6, 10**5).sum()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

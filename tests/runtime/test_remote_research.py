@@ -17,14 +17,19 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PROGRAMS = client_only.load(research_programs)
 
 
+def assert_remote_equals_local(program: Any, local_model: Any, client_model: Any, local_arg: Any,
+                               remote_arg: Any) -> None:
+    """`program(local_model, local_arg)` and `program(client_model, remote_arg)` save the same values."""
+    torch.manual_seed(0)
+    local = program(local_model, local_arg)
+    torch.manual_seed(0)
+    remote = program(client_model, remote_arg)
+    assert_same(local, remote)
+
+
 @pytest.mark.parametrize("name", [p.__name__ for p in research_programs.PROGRAMS])
 def test_program_from_a_client_only_file_equals_local(name: str, client_model: Any, local_model: Any) -> None:
-    program = getattr(PROGRAMS, name)
-    torch.manual_seed(0)
-    local = program(local_model, False)
-    torch.manual_seed(0)
-    remote = program(client_model, True)
-    assert_same(local, remote)
+    assert_remote_equals_local(getattr(PROGRAMS, name), local_model, client_model, False, True)
 
 
 def test_remote_traceback_shows_only_the_users_frames(client_model: Any) -> None:
