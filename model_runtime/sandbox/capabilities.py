@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_runtime.request_thread import current_stop
+from model_runtime.replica.request_thread import current_stop
 from model_runtime.sandbox.errors import CapabilityDenied
 
 # Names hidden in every proxied module: file, network, native code, (de)serialisation, process.

@@ -21,7 +21,7 @@ from typing import Any
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
-from model_runtime.request_thread import StopSignal, current_stop
+from model_runtime.replica.request_thread import StopSignal, current_stop
 from model_runtime.sandbox.capabilities import Capabilities, ModuleProxy
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, ModelTampering
 from model_runtime.sandbox.model_guard import MODULE_MUTATORS, TENSOR_ALIASING

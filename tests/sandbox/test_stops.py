@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from model_runtime.request_thread import RequestThread, StopSignal, current_stop
+from model_runtime.replica.request_thread import RequestThread, StopSignal, current_stop
 from model_runtime.sandbox import CodeRejected, LimitExceeded, Limits
 from model_runtime.sandbox.compiling import restricted_compile
 from sandbox.attacks import uncatchable
@@ -92,7 +92,7 @@ def test_a_task_that_ignores_its_signal_is_still_stopped() -> None:
         while True:  # unsandboxed code: never checks the signal
             time.sleep(0.001)
 
-    from model_runtime.request_thread import Outcome
+    from model_runtime.replica.request_thread import Outcome
 
     assert thread.run(ignores, timeout_s=0.2, grace_s=2, cancel=SystemExit) is Outcome.STOPPED
     assert thread.forced
