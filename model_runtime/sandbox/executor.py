@@ -124,7 +124,7 @@ class Sandbox:
         with self._lock:
             ctx = self.context(model)
             request = _Request(ctx, Guards(ctx.caps, ctx.weights.is_protected, on_print=on_print,
-                                           server_owned=ctx.state.owns, adopt=ctx.state.adopt))
+                                           server_owned=ctx.state.owns))
             state = ProcessState.capture()
             integrity = integrity_for(model._module)
             integrity.admit()  # refuses while the weights are untrusted (fail closed)

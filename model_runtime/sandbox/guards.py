@@ -170,9 +170,6 @@ class Guards:
     on_print: Callable[[str], None] = lambda _text: None
     #: Whether an object belongs to the served model's state (provenance.ServerState.owns).
     server_owned: Callable[[Any], bool] = lambda _obj: False
-    #: Marks a container handed to the request from server state as the server's; returns it
-    #: (provenance.ServerState.adopt).
-    adopt: Callable[[Any], Any] = lambda value: value
     #: Bytes of printed output a request may send back as LOG lines (the rest is dropped).
     max_print_bytes: int = 1024 * 1024
     printed_bytes: int = 0
@@ -199,8 +196,8 @@ class Guards:
             raise CapabilityDenied("attribute names must be strings")
         if name.startswith("_") or name in DENIED_ATTRIBUTES:
             raise CapabilityDenied(f"attribute {name!r} is not available in the sandbox")
-        if isinstance(obj, ModuleProxy):  # a library module's containers are the server's
-            return self.adopt(getattr(obj, name, *default))
+        if isinstance(obj, ModuleProxy):
+            return getattr(obj, name, *default)
         unbound = isinstance(obj, type) and any(obj is t for t in _CONTAINER_TYPES)
         if name in _CONTAINER_MUTATORS and (unbound or self.server_owned(obj)):
             # `model.kwargs.update(...)`, or `dict.update(server_dict, ...)`: a method call is a
@@ -230,9 +227,7 @@ class Guards:
             # Containers owned by the shared tokenizer/config: hand out a copy, so mutating it
             # cannot change what the next request sees.
             return copy.deepcopy(value)
-        if type(obj).__module__ == "sandbox" or name in _REQUEST_DATA:  # the request's own objects
-            return value
-        return self.adopt(value)  # a container of a library or server object is the server's
+        return value
 
     def _check_object_attr(self, obj: Any, name: str) -> None:
         import torch
@@ -274,14 +269,10 @@ class Guards:
         self.counters.getitem += 1
         if isinstance(obj, (types.ModuleType, ModuleProxy)):
             raise CapabilityDenied("modules are not subscriptable in the sandbox")
-        if self.server_owned(obj):  # a container inside server state is the server's too
-            return self.adopt(obj[index])
         return obj[index]
 
     def getiter_(self, obj: Any) -> Any:
         self.counters.iter += 1
-        if self.server_owned(obj):
-            return map(self.adopt, obj)
         return iter(obj)
 
     # -- writes ------------------------------------------------------------------------------
@@ -456,9 +447,6 @@ def _is_envoy(obj: Any) -> bool:
 
     return isinstance(obj, Envoy)
 
-
-# Attributes whose values are the request's own data (activations, a trace's result), not state.
-_REQUEST_DATA = frozenset({"output", "input", "inputs", "grad", "result", "value"})
 
 _CONTAINER_TYPES = (list, dict, set, OrderedDict, bytearray)
 _CONTAINER_MUTATORS = frozenset(

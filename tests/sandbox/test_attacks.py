@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from model_runtime.sandbox import Limits, RequestFailed, SandboxError
-from sandbox.attacks import TARGET, capabilities, escapes, late_state, loaders, provenance, resources, stops, tampering
+from sandbox.attacks import TARGET, capabilities, escapes, loaders, provenance, resources, stops, tampering
 from sandbox.harness import SECRET, weights_digest
 from sandbox.legit_programs import save_logits
 
 ATTACKS = (escapes.ATTACKS + capabilities.ATTACKS + tampering.ATTACKS + resources.ATTACKS
-           + provenance.ATTACKS + late_state.ATTACKS + stops.ATTACKS + loaders.ATTACKS)
+           + provenance.ATTACKS + stops.ATTACKS + loaders.ATTACKS)
 ATTACK_DIR = Path(TARGET).parent
 # Resource attacks get a short clock so the suite stays fast.
 SHORT = Limits(timeout_s=1.5, grace_s=3.0, memory_bytes=2 * 1024**3, max_result_bytes=4 * 1024**2)

@@ -15,7 +15,7 @@ from nnsight.tracing import util as nnsight_util
 import model_runtime.sandbox.compiling as compiling
 from model_runtime.sandbox import LimitExceeded, Limits, RequestFailed
 from model_runtime.sandbox.provenance import ServerState
-from sandbox.attacks import PROMPT, source_names
+from sandbox.attacks import source_names
 from sandbox.harness import SandboxBackend, weights_digest
 from sandbox.test_legit import assert_same
 
@@ -183,22 +183,3 @@ def test_edit_is_refused_with_what_to_do_instead(models: tuple[Any, Any], backen
             with client.edit() as (tracer, inner):  # noqa: RUF059
                 pass
             client.lm_head.output.save()
-
-
-def test_state_nnsight_creates_after_first_serve_is_restored(models: tuple[Any, Any], backend: Any) -> None:
-    """Containers nnsight creates or replaces at run time (after the snapshot of first serve):
-    each module's controller routes, the interleaver's tables, `.source`'s instrumentation."""
-    client, server = models
-    with client.trace(PROMPT, backend=backend()):  # instruments a module's source now
-        client.model.layers[0].mlp.source.self_down_proj_0.output.save()
-    state = ServerState(server)
-    routes = server.model.layers[0]._module.forward.state.routes
-    interleaver = server.interleaver
-    lines = server.model.layers[0].mlp._module.forward.state.compiled.lines
-    routes.append(("planted",))
-    interleaver.mediators.append("planted")
-    lines["planted"] = 1
-    changed = state.verify_and_restore()
-    assert "planted" not in lines and ("planted",) not in routes and "planted" not in interleaver.mediators
-    assert any("routes" in c for c in changed) and any("lines" in c for c in changed)
-    assert state.verify_and_restore() == []
