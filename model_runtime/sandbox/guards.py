@@ -67,6 +67,9 @@ _TRACER_INTERNALS = frozenset(
      "kwargs", "envoy", "batcher", "node", "push", "interleaver", "mediators"}
 )
 
+# nnsight's per-module runtime objects, whose attributes lead to server state made at run time.
+_NNSIGHT_RUNTIME_STATE = frozenset({"Controller", "State", "Interleaver", "Mediator"})
+
 # Envoy methods that persist edits or re-point the envoy tree at other modules.
 _ENVOY_INTERNALS = frozenset({"edit", "clear_edits", "export_edits", "import_edits", "interleaver", "update"})
 
@@ -252,6 +255,12 @@ class Guards:
             return
         if _is_tracer(obj) and name in _TRACER_INTERNALS:
             raise CapabilityDenied(f"tracer.{name} is internal to the server")
+        if library == "nnsight" and owner.__name__ in _NNSIGHT_RUNTIME_STATE:
+            # A module's controller (`module.forward` once nnsight wraps it) and its source state
+            # hold the routes to the server's interleaver: nnsight creates and replaces them after
+            # first serve, so the provenance snapshot does not cover them.
+            raise CapabilityDenied(f"the attributes of nnsight's {owner.__name__} are internal to the server; "
+                                   "call the module instead")
         if issubclass(owner, torch.Tensor):
             mutating = name in TENSOR_ALIASING or (name.endswith("_") and not name.endswith("__"))
             if mutating and (isinstance(obj, type) or self.is_protected(obj)):

@@ -13,6 +13,13 @@ def plant(*args):
 
 
 IN_TRACE = in_trace(globals(), {
+    # nnsight's controller of a served module: its routes lead to the server's interleaver, whose
+    # tables nnsight makes after first serve (a planted route or mediator reaches later requests).
+    "plant_a_controller_route": 'model.model.layers[0].forward.state.routes.append((plant, "spy", ("a", "b", "c")))',
+    "interleaver_through_a_route": """
+        interleaver = model.model.layers[0].forward.state.routes[0][0]()
+        interleaver.mediators.append(plant)
+    """,
     "module_dict_setitem": 'model.all_tied_weights_keys["hook"] = plant',
     "module_dict_update_method": 'model.model.all_tied_weights_keys.update({"hook": plant})',
     "module_dict_setdefault_method": 'model.all_tied_weights_keys.setdefault("hook", plant)',
