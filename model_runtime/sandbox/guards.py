@@ -255,6 +255,9 @@ class Guards:
             return
         if _is_tracer(obj) and name in _TRACER_INTERNALS:
             raise CapabilityDenied(f"tracer.{name} is internal to the server")
+        if library == "nnsight" and owner.__name__ == "Source" and name == "compiled":
+            # The instrumented forward's tables, shared through nnsight's process-wide cache.
+            raise CapabilityDenied("source.compiled is internal to the server; use source.<operation> and .names")
         if library == "nnsight" and owner.__name__ in _NNSIGHT_RUNTIME_STATE:
             # A module's controller (`module.forward` once nnsight wraps it) and its source state
             # hold the routes to the server's interleaver: nnsight creates and replaces them after

@@ -16,6 +16,8 @@ IN_TRACE = in_trace(globals(), {
     # nnsight's controller of a served module: its routes lead to the server's interleaver, whose
     # tables nnsight makes after first serve (a planted route or mediator reaches later requests).
     "plant_a_controller_route": 'model.model.layers[0].forward.state.routes.append((plant, "spy", ("a", "b", "c")))',
+    # `.source`'s instrumented forward: its tables sit in nnsight's process-wide cache.
+    "source_line_table": 'model.model.layers[0].self_attn.source.compiled.lines["planted"] = 1',
     "interleaver_through_a_route": """
         interleaver = model.model.layers[0].forward.state.routes[0][0]()
         interleaver.mediators.append(plant)
