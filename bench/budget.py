@@ -26,8 +26,7 @@ For each shape a fresh subprocess (one torch thread):
 Tensor-parallel shapes (TP=2) run both ranks as the replica's ranks run (`parallel.group`:
 `join_group` over a loopback gloo group, `load_rank`, `execute_request` with the sandbox) in two
 subprocesses, each measured the same way; their budget is one rank's
-(`runtime_budget(..., ranks=2)`). Their payload leaves the embedding output out: saving it on a
-tensor-parallel replica fails inside nnsight 0.8.1.
+(`runtime_budget(..., ranks=2)`). Their payload saves the same embedding output, layers and logits.
 
 budget = the estimate's total minus the weights and the CUDA context (absent on CPU). The target
 is budget / peak within [1.0, 1.25] for every shape. The LAST line is the headline:
@@ -118,12 +117,8 @@ def _build(shape: Shape, root: Path) -> Path:
     return path
 
 
-def _payload(path: Path, shape: Shape, batch: int, sequence: int, *, embeddings: bool = True) -> tuple[Any, bytes]:
-    """A real client payload: a full batch, saving the embeddings, every layer and the logits.
-
-    `embeddings=False` leaves the embedding output out: on a tensor-parallel replica saving it
-    fails inside nnsight 0.8.1 (a bare AssertionError), so the TP shapes save the layers and logits.
-    """
+def _payload(path: Path, shape: Shape, batch: int, sequence: int) -> tuple[Any, bytes]:
+    """A real client payload: a full batch, saving the embeddings, every layer and the logits."""
     import nnsight
     import nnsight.modeling.huggingface as hf
     import torch
@@ -149,15 +144,10 @@ def _payload(path: Path, shape: Shape, batch: int, sequence: int, *, embeddings:
     embed = client.transformer.wte if gpt2 else client.model.embed_tokens
     layers = client.transformer.h if gpt2 else client.model.layers
     inputs = {"input_ids": ids, "attention_mask": mask}
-    if embeddings:
-        with client.trace(inputs, backend=backend):
-            embedded = embed.output.save()  # noqa: F841 - only the payload matters
-            hidden = [layer.output.save() for layer in layers]
-            logits = client.lm_head.output.save()
-    else:
-        with client.trace(inputs, backend=backend):
-            hidden = [layer.output.save() for layer in layers]  # noqa: F841
-            logits = client.lm_head.output.save()  # noqa: F841
+    with client.trace(inputs, backend=backend):
+        embedded = embed.output.save()  # noqa: F841 - only the payload matters
+        hidden = [layer.output.save() for layer in layers]  # noqa: F841
+        logits = client.lm_head.output.save()  # noqa: F841
     return captured[0]
 
 
@@ -177,7 +167,7 @@ def _spec(shape: Shape, path: Path) -> Any:
                                      "source": {"localPath": {"path": str(path)}}})
 
 
-def _request_peak(model: Any, path: Path, shape: Shape, *, embeddings: bool = True) -> tuple[int, float]:
+def _request_peak(model: Any, path: Path, shape: Shape) -> tuple[int, float]:
     """(peak bytes, seconds) of one full-batch request through the replica's seam, after a warm-up:
     the sandbox configured with the shape's limits, as the replica configures it."""
     from model_runtime.replica import execution
@@ -197,7 +187,7 @@ def _request_peak(model: Any, path: Path, shape: Shape, *, embeddings: bool = Tr
         return saves
 
     def run(batch: int, sequence: int) -> float:
-        request, blob = _payload(path, shape, batch, sequence, embeddings=embeddings)
+        request, blob = _payload(path, shape, batch, sequence)
         envelope = execution.Envelope(**request.model_dump())
         _trim()
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
@@ -276,7 +266,7 @@ def measure_tp(shape: Shape, rank: int, port: int, root: Path) -> dict[str, Any]
     assert entry is not None and entry.shape is not None
     budget = runtime_budget(entry.shape, _limits(shape), entry.element_size, ranks=2).total - CUDA_CONTEXT_BYTES
     even = (runtime_budget(entry.shape, _limits(shape), entry.element_size).total - CUDA_CONTEXT_BYTES) // 2
-    peak, _seconds = _request_peak(held.model, path, shape, embeddings=False)
+    peak, _seconds = _request_peak(held.model, path, shape)
     return {**asdict(shape), "rank": rank, "budget": budget, "peak": peak, "ratio": budget / peak,
             "even_split_budget": even}
 

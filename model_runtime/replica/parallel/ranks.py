@@ -91,6 +91,7 @@ def load_rank(args: ModelAppArgs, checkpoint: str, device: str) -> RankModel:
     from nnsight import TransformersModel
     from transformers import AutoTokenizer
 
+    from model_runtime.replica.parallel.vocab_handoff import install_vocab_handoff
     from model_runtime.replica.parallel.whole_weights import install_whole_weights
 
     if device == "cuda":
@@ -101,6 +102,7 @@ def load_rank(args: ModelAppArgs, checkpoint: str, device: str) -> RankModel:
     shard.module.to("cpu")  # built in CPU RAM first: the WARM copy (transformers may load onto the GPU)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
     install_whole_weights()  # weights read inside a trace come back whole and read-only
+    install_vocab_handoff()  # a vocabulary-parallel embedding's output reads and edits whole
     return RankModel(model=TransformersModel(shard.module, tokenizer=tokenizer), shard=shard)
 
 
