@@ -118,6 +118,30 @@ def test_tp2_equals_tp1_logits_hidden_states_and_tokens(tp_served: dict[str, Any
     assert torch.equal(tokens, ref_tokens)
 
 
+def embed_of(model: Any) -> Any:
+    return model.gpt_neox.embed_in if hasattr(model, "gpt_neox") else model.model.embed_tokens
+
+
+def _embedding_read_and_edit(model: Any, backend: Any) -> dict[str, torch.Tensor]:
+    with model.trace(PROMPT, backend=backend):
+        ids = embed_of(model).input.save()
+        embedded = embed_of(model).output.save()
+        embed_of(model).output[:, 1] = 0.0
+        logits = head_of(model).output.save()
+    return {"ids": ids, "embedded": embedded, "logits": logits}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_embedding_input_output_and_edit_equal_tp1(tp_served: dict[str, Any], arch: str) -> None:
+    """Llama's embed_tokens is split by vocabulary rows on TP (transformers adds it to the plan)."""
+    client, local, url = _client(tp_served, arch), _local(tp_served, arch), tp_served["url"]
+    remote = _embedding_read_and_edit(client, _backend(client, url))
+    reference = _embedding_read_and_edit(local, None)
+    for name in reference:
+        assert type(remote[name]) is torch.Tensor, name
+        assert _max_diff(remote[name], reference[name]) <= TOLERANCE, name
+
+
 # --- each rank reads only its shard -------------------------------------------------------------
 
 
