@@ -95,13 +95,21 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def _remote_equals_tp1(tp_served: dict[str, Any], arch: str, program: Any) -> tuple[Any, Any, str]:
+    """`program(model, backend)` through the gateway (TP=2) equals it at TP=1: plain tensors, each
+    within TOLERANCE. Returns (client, local model, url) for further checks."""
+    client, local, url = _client(tp_served, arch), _local(tp_served, arch), tp_served["url"]
+    remote = program(client, _backend(client, url))
+    reference = program(local, None)
+    for name in reference:
+        assert type(remote[name]) is torch.Tensor, name
+        assert _max_diff(remote[name], reference[name]) <= TOLERANCE, name
+    return client, local, url
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tp2_equals_tp1_logits_hidden_states_and_tokens(tp_served: dict[str, Any], arch: str) -> None:
-    client, local, url = _client(tp_served, arch), _local(tp_served, arch), tp_served["url"]
-    remote = _every_layer_and_logits(client, _backend(client, url))
-    reference = _every_layer_and_logits(local, None)
-    for name in reference:
-        assert _max_diff(remote[name], reference[name]) <= TOLERANCE, name
+    client, local, url = _remote_equals_tp1(tp_served, arch, _every_layer_and_logits)
     # Every layer, one save each (a whole tensor: gathered from both ranks).
     n_layers = len(layers_of(local))
     for i in range(n_layers):
@@ -134,12 +142,7 @@ def _embedding_read_and_edit(model: Any, backend: Any) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("arch", ARCHS)
 def test_embedding_input_output_and_edit_equal_tp1(tp_served: dict[str, Any], arch: str) -> None:
     """Llama's embed_tokens is split by vocabulary rows on TP (transformers adds it to the plan)."""
-    client, local, url = _client(tp_served, arch), _local(tp_served, arch), tp_served["url"]
-    remote = _embedding_read_and_edit(client, _backend(client, url))
-    reference = _embedding_read_and_edit(local, None)
-    for name in reference:
-        assert type(remote[name]) is torch.Tensor, name
-        assert _max_diff(remote[name], reference[name]) <= TOLERANCE, name
+    _remote_equals_tp1(tp_served, arch, _embedding_read_and_edit)
 
 
 # --- each rank reads only its shard -------------------------------------------------------------
