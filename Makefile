@@ -21,7 +21,7 @@ install: $(STAMP) $(NATIVE)
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# pip, not uv: only pip sees the local CPU build of torch (research/runtime-on-cpu.md).
+	# pip, not uv: only pip sees the local CPU build of torch.
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/pip check

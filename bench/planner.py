@@ -5,7 +5,7 @@
 Baselines, measured in the same run:
 - lower bound: total reserved memory / GPU memory, rounded up (no allocator can use fewer GPUs);
 - whole-GPU bound: the same, once each multi-GPU replica holds its k tensor-parallel GPUs whole;
-- NDIF-style allocator, implemented here from research/ndif-reference.md §2.4: each model gets
+- NDIF-style allocator, implemented here after NDIF's own allocator: each model gets
   `floor(size / gpu_memory) + 1` whole GPUs, largest model first, on the first node with that many
   free GPUs (NDIF picks at random among equally good nodes; first-fit is kinder to it). It is fed
   the SAME per-model sizes as our planner, so the ratio isolates the allocation strategy;

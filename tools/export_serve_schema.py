@@ -1,7 +1,7 @@
 """Export Ray Serve's config schema (`ServeDeploySchema`) as JSON for the operator.
 
 The operator must not import ray, yet it validates every serveConfigV2 it renders against Serve's
-own schema (KubeRay does not, research/operators-and-kuberay.md §0.4). So the schema is exported
+own schema (KubeRay does not). So the schema is exported
 here, committed as `ndif_operator/rendering/serve_schema.json`, and a test (which may import ray)
 fails when the installed Ray's schema drifts from the committed file.
 

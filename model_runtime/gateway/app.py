@@ -1,6 +1,6 @@
 """The gateway application: the nnsight 0.8.1 ingress (`NnsightGateway`, route prefix `/`).
 
-Speaks the unmodified client's protocol (research/nnsight-protocol.md §1.4):
+Speaks the unmodified client's protocol:
 
 * `WS /subscribe`: first frame `{"session_id": ...}`; then one frame per status of that session's
   jobs: JSON text, or a binary `ResponseModel.pickle()` for an inline COMPLETED result.

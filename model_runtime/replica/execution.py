@@ -13,7 +13,7 @@ collect): `execute_request(..., runner=...)` takes any function with `run_blob`'
 `select_runner()` picks `model_runtime.sandbox.executor.run_blob` unless NDIF_SANDBOX=0. Callers (the
 model app) never touch nnsight directly.
 
-The recipe is nnsight 0.8.1's (research/nnsight-protocol.md §2.1):
+The recipe is nnsight 0.8.1's:
 set env → snapshot linecache + nnsight SOURCES/BLOCKS → `RequestModel.deserialize` with the
 model's persistent objects → `inc(); tracer.execute(code)`; keep only the values whose id is in
 the thread's save set; `dec()` → restore caches → `interleaver.cancel()`.
@@ -163,7 +163,7 @@ def nnsight_caches_restored() -> Iterator[None]:
     """Snapshot and restore linecache and nnsight's memoized block sources.
 
     Without this a later request that reuses a `(filename, line)` trace site would run a stale
-    memoized block (research/nnsight-protocol.md §2.1 step 5).
+    memoized block.
     """
     from nnsight.tracing import globals as nns_globals
 

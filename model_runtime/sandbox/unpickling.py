@@ -60,7 +60,7 @@ from model_runtime.sandbox.compiling import restricted_function
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, PayloadRejected
 from model_runtime.sandbox.guards import Guards
 
-# Exactly the globals real payloads use (see research/nnsight-protocol.md §1.3 and
+# Exactly the globals real payloads use (see
 # tests/sandbox/test_unpickling.py, which records them from real client payloads).
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {

@@ -4,7 +4,7 @@ One schema, shared: the operator renders these into `serveConfigV2`, the runtime
 `build_app(args)` validates them with the very same models. Pure pydantic, so the runtime may
 import it without pulling in kopf or the Kubernetes client (an import-linter contract checks).
 
-What goes where (research/operators-and-kuberay.md §1.2): a change of `args` or
+What goes where: a change of `args` or
 `ray_actor_options` restarts replicas (a model reload); `user_config` is applied in place by
 `reconfigure()`. So model identity and placement are args; limits are user_config. The gateway's
 routing table is its user_config too: adding or removing a model must not restart the gateway,

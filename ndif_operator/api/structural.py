@@ -1,6 +1,6 @@
 """Rewrite a pydantic JSON schema into a Kubernetes *structural* OpenAPI v3 schema.
 
-The API server rejects what pydantic emits by default (research/style-anchors.md §2):
+The API server rejects what pydantic emits by default:
 `$ref`/`$defs` ("not supported"), `type: null` ("use nullable"), and it prunes or refuses
 `additionalProperties: false` next to `properties`. This module inlines references, turns
 null-unions into `nullable: true`, turns `int | "auto"` into `x-kubernetes-int-or-string`, drops

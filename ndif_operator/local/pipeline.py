@@ -81,7 +81,7 @@ def _as_planned(md: ModelDeployment, hot: bool) -> ModelDeployment:
 def render_options(local: LocalInventory, *, serve_port: int, gateway: GatewayAppArgs) -> RenderOptions:
     return RenderOptions(
         cpu_only=local.cpu_only,
-        # One machine: CPU accounting only risks stuck rolling updates (research/runtime-on-cpu.md §4).
+        # One machine: CPU accounting only risks stuck rolling updates.
         replica_num_cpus=0,
         gateway_num_cpus=0,
         gateway=gateway,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Environment every Ray process (and so every Serve replica) inherits. Token auth is on by default in
-# Ray 2.60; a loopback-only cluster runs without it (research/runtime-on-cpu.md §4).
+# Ray 2.60; a loopback-only cluster runs without it.
 _RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

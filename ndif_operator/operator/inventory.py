@@ -2,7 +2,7 @@
 
 Per worker group:
 - pods: `replicas` (KubeRay's desired count; `maxReplicas` when the in-tree autoscaler is on and
-  the group may grow, since Serve demand is what scales it, research §0.2);
+  the group may grow, since Serve demand is what scales it);
 - GPUs per pod: the Ray container's `nvidia.com/gpu` limit (KubeRay advertises the same to Ray);
 - GPU memory per GPU, first match wins: the group template annotation `ndif.dev/gpu-memory`
   (a quantity, e.g. "80Gi"); the GPU Feature Discovery label `nvidia.com/gpu.memory` (MiB) in the

@@ -96,7 +96,7 @@ def model_app_status(apps: Mapping[str, AppStatus], namespace: str, name: str) -
                      deployments=sum(a.deployments for _, a in slots), unschedulable=waiting)
 
 
-# KubeRay's Events about pushing serveConfigV2 to the Ray dashboard (research §1.4, §1.8).
+# KubeRay's Events about pushing serveConfigV2 to the Ray dashboard.
 SERVE_UPDATE_FAILED = "FailedToUpdateServeApplications"
 SERVE_UPDATED = "UpdatedServeApplications"
 

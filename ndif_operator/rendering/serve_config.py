@@ -2,7 +2,7 @@
 
 One gateway application (the nnsight ingress, route `/`) and one application per HOT or WARM
 model, named by `model_app_name`; COLD models get no application. What goes where follows what
-restarts replicas (research/operators-and-kuberay.md §1.2): model identity and placement are
+restarts replicas: model identity and placement are
 `args` / `ray_actor_options` (a change reloads the model anyway), the request limits and the level
 are `user_config` (applied in place by `reconfigure`), and replica counts are lightweight.
 

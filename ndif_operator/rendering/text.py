@@ -1,6 +1,6 @@
 """The byte-stable text of a Serve config.
 
-KubeRay re-submits `serveConfigV2` whenever the string differs from its cache (research §1.6), so
+KubeRay re-submits `serveConfigV2` whenever the string differs from its cache, so
 the same config must always produce the same bytes: sorted keys, one number format, no timestamps.
 JSON is valid YAML, so the string goes into `serveConfigV2` as is and stays diffable.
 """

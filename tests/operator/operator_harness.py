@@ -227,7 +227,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 45.0, what: str = "c
 
 
 class OperatorThread:
-    """`run_operator` in its own thread and event loop (research: same-loop embedding costs 5 s),
+    """`run_operator` in its own thread and event loop (embedded in the test's own loop, it costs 5 s),
     logged in as the chart's service account; `stop()` fails if the API server refused it (403,
     and 401 unless `expect_401`). `environ`: log in from these variables (e.g. KUBECONFIG) instead
     of the process environment (`service_account_dir`: where a pod's token, ca.crt and namespace are)."""
