@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from kube_emulator import KubeEmulator
 from operator_harness import CALENDAR_TYPE, MD_TYPE, NAMESPACE, Cluster, OperatorThread
+from scheduling.fake_calendar import BOOKINGS, FakeGoogleCalendar
 
 
 @pytest.fixture
@@ -28,3 +29,13 @@ def operator(cluster: Cluster) -> Iterator[OperatorThread]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def google() -> Iterator[FakeGoogleCalendar]:
+    """A fake Google Calendar over HTTP with the (empty) bookings calendar."""
+    fake = FakeGoogleCalendar()
+    fake.start()
+    fake.calendar(BOOKINGS)
+    yield fake
+    fake.stop()

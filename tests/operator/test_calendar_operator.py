@@ -4,10 +4,8 @@ the real Google client against the local Calendar fake over HTTP, wall-clock tim
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 import yaml
 from operator_harness import (
     NAMESPACE,
@@ -18,18 +16,8 @@ from operator_harness import (
     ray_service,
     wait_for,
 )
+from scheduling.fake_calendar import BOOKINGS as CAL
 from scheduling.fake_calendar import FakeGoogleCalendar
-
-CAL = "bookings@group.calendar.google.com"
-
-
-@pytest.fixture
-def google() -> Iterator[FakeGoogleCalendar]:
-    fake = FakeGoogleCalendar()
-    fake.start()
-    fake.calendar(CAL)
-    yield fake
-    fake.stop()
 
 
 def test_a_booked_model_is_hot_for_its_event_and_kubectl_shows_it(cluster: Cluster, google: FakeGoogleCalendar) -> None:

@@ -4,13 +4,12 @@ the real Google client against the local Calendar fake over HTTP, and the clock 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from fake_kube import READS, WRITES, FakeKubeApi
 from operator_harness import NAMESPACE, model_deployment, ray_service, size_estimator
+from scheduling.fake_calendar import BOOKINGS as CAL
 from scheduling.fake_calendar import FakeGoogleCalendar
 
 from ndif_operator.operator.loop import Wake
@@ -18,7 +17,6 @@ from ndif_operator.operator.reconciler import Reconciler
 from ndif_operator.operator.settings import OperatorSettings
 from ndif_operator.planning.activation import Demand
 
-CAL = "bookings@group.calendar.google.com"
 OPERATOR_NS = "ndif-system"
 T0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
 SETTINGS = OperatorSettings(metrics_port=0, read_nodes=False, operator_namespace=OPERATOR_NS)
@@ -35,15 +33,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture
-def google() -> Iterator[FakeGoogleCalendar]:
-    fake = FakeGoogleCalendar()
-    fake.start()
-    fake.calendar(CAL)
-    yield fake
-    fake.stop()
 
 
 def calendar_schedule(google: FakeGoogleCalendar, **spec: Any) -> dict[str, Any]:

@@ -95,6 +95,22 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def _serves_the_next_request_as_tp1(client: Any, local: Any, url: str, failure: str, wait_s: float = 240) -> None:
+    """After a failure, requests are retried until one succeeds (within `wait_s`); its logits equal TP=1's."""
+    with local.trace(PROMPT):
+        reference = head_of(local).output.save()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with client.trace(PROMPT, backend=_backend(client, url)):
+                logits = head_of(client).output.save()
+            break
+        except RemoteError:
+            assert time.monotonic() < deadline, failure
+            time.sleep(2)
+    assert _max_diff(logits, reference) <= TOLERANCE
+
+
 def _remote_equals_tp1(tp_served: dict[str, Any], arch: str, program: Any) -> tuple[Any, Any, str]:
     """`program(model, backend)` through the gateway (TP=2) equals it at TP=1: plain tensors, each
     within TOLERANCE. Returns (client, local model, url) for further checks."""
@@ -293,18 +309,7 @@ def test_rank_killed_mid_request_gives_error_and_replica_is_replaced(tp_served: 
     with pytest.raises(RemoteError, match="tensor-parallel rank"):
         poll_backend(backend, timeout=10)
     # Serve replaces the unhealthy replica (with a new rank 1); the next request succeeds.
-    deadline = time.monotonic() + 240
-    with local.trace(PROMPT):
-        reference = head_of(local).output.save()
-    while True:
-        try:
-            with client.trace(PROMPT, backend=_backend(client, url)):
-                logits = head_of(client).output.save()
-            break
-        except RemoteError:
-            assert time.monotonic() < deadline, "the replica was not replaced"
-            time.sleep(2)
-    assert _max_diff(logits, reference) <= TOLERANCE
+    _serves_the_next_request_as_tp1(client, local, url, "the replica was not replaced")
     renamed = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     assert len(renamed) == 1 and renamed[0]["name"] != named[0]["name"]  # the old rank is not orphaned
 
@@ -409,18 +414,7 @@ def test_timeout_mid_forward_ends_the_request_and_the_model_serves_again(tp_serv
             handle.reconfigure.remote({}).result()
         except Exception:  # the replica is being replaced: its successor starts with {} anyway
             pass
-    with local.trace(PROMPT):
-        reference = head_of(local).output.save()
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            with client.trace(PROMPT, backend=_backend(client, url)):
-                logits = head_of(client).output.save()
-            break
-        except RemoteError:
-            assert time.monotonic() < deadline, "the model did not serve again"
-            time.sleep(2)
-    assert _max_diff(logits, reference) <= TOLERANCE
+    _serves_the_next_request_as_tp1(client, local, url, "the model did not serve again")
     ranks_after = _rank_actors(arch)
     assert len(ranks_after) == 1  # no orphaned rank
     if ranks_after == ranks_before:

@@ -55,6 +55,10 @@ def _bounds(event: dict[str, Any]) -> tuple[datetime, datetime]:
     return one(event["start"]), one(event["end"])
 
 
+# The calendar the operator tests book on (the `google` fixture of tests/operator creates it).
+BOOKINGS = "bookings@group.calendar.google.com"
+
+
 class FakeGoogleCalendar:
     def __init__(self, page_size: int = 250) -> None:
         self.calendars: dict[str, FakeCalendarData] = {}
