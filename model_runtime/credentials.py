@@ -8,11 +8,14 @@ A model replica runs code from users who may find an escape; whatever sits in it
   file per key, as Kubernetes writes it), else from the environment variable of that name;
 * removes every credential-like variable from `os.environ` and overwrites it in the process's
   initial environment block, so that neither shows it any more;
-* uses them only while loading the model (object-store or Hub reads) and forgets them after
-  (`forget()`); the one exception is the InfluxDB token, which the metrics writer holds for the
-  replica's life when InfluxDB is configured.
+* keeps only what loading a model needs (`LOADING`: the object store's keys for S3 sources, the
+  Hub token), drops every other value at once, uses those only while loading (object-store or Hub
+  reads) and forgets them after (`forget()`), before its process is confined.
 
-The gateway reads the same way but keeps what it needs (the results bucket's credentials).
+A model replica therefore holds no credential while it serves requests: it never uploads results
+and never writes metrics anywhere that needs a token (it reports its figures to the gateway in its
+reply, model_runtime/metrics.py). The gateway reads the same way and keeps what it needs: the
+results bucket's keys and the InfluxDB token.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import ctypes
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 DIR_ENV = "NDIF_CREDENTIALS_DIR"  # RuntimeSettings.credentials_dir
@@ -31,6 +34,8 @@ S3_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 HF_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 INFLUX_TOKEN = "NDIF_INFLUX_TOKEN"
 KNOWN = (*S3_NAMES, *HF_NAMES, INFLUX_TOKEN)
+# What a model replica keeps, until its model is loaded: object-store reads and Hub downloads.
+LOADING = (*S3_NAMES, "AWS_REGION", "AWS_DEFAULT_REGION", *HF_NAMES)
 # Any other variable whose name says it is a credential is removed too (and kept, unused).
 _CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|API_KEY", re.I)
 
@@ -69,6 +74,7 @@ class Credentials:
 
 _LOCK = threading.Lock()
 _TAKEN: Credentials | None = None
+_KEEP: frozenset[str] | None = None  # the first `take(keep=...)`'s names: later reads keep no more
 
 
 def is_credential_name(name: str) -> bool:
@@ -85,12 +91,19 @@ def _read_dir(directory: Path) -> dict[str, str]:
     return found
 
 
-def take() -> Credentials:
-    """Read the credentials (once per process) and remove them from the environment."""
-    global _TAKEN
+def take(keep: Collection[str] | None = None) -> Credentials:
+    """Read the credentials (once per process) and remove them from the environment.
+
+    `keep`: the names to hold (a model replica passes `LOADING`); the others are scrubbed and
+    dropped at once, in this read and every later one of the process (a reload after `forget()`).
+    None keeps every one read (the gateway).
+    """
+    global _TAKEN, _KEEP
     with _LOCK:
         if _TAKEN is not None:
             return _TAKEN
+        if keep is not None and _KEEP is None:
+            _KEEP = frozenset(keep)
         values = {name: value for name, value in os.environ.items() if is_credential_name(name)}
         from model_runtime.settings import RuntimeSettings
 
@@ -98,6 +111,8 @@ def take() -> Credentials:
         if directory is not None and directory.is_dir():
             values.update(_read_dir(directory))  # files win over variables
         scrub(list(values) + [name for name in KNOWN if name not in values])
+        if _KEEP is not None:
+            values = {name: value for name, value in values.items() if name in _KEEP}
         _TAKEN = Credentials(values)
         return _TAKEN
 
@@ -128,7 +143,8 @@ def hub_token_in_environment() -> Iterator[None]:
 
 
 def forget() -> None:
-    """Drop every value (a replica, once its model is loaded). A later load reads the files again."""
+    """Drop every value (a replica, once its model is loaded). A later read finds none: the
+    variables are gone, `NDIF_CREDENTIALS_DIR` with them (its name is credential-like)."""
     global _TAKEN
     with _LOCK:
         if _TAKEN is not None:

@@ -14,15 +14,23 @@ and alerts use those, and a test checks every name they use is in it.
 Ray stops exporting a gauge some time after its last `set`, so the queue depth is re-set every
 `KEEPALIVE_SECONDS` by a daemon thread: an idle model reports 0 instead of vanishing.
 
-InfluxDB is optional: set NDIF_INFLUX_URL, NDIF_INFLUX_ORG, NDIF_INFLUX_BUCKET and
-NDIF_INFLUX_TOKEN (the token is read as a credential (model_runtime/credentials.py), never tagged or logged).
+InfluxDB is optional (NDIF_INFLUX_URL, NDIF_INFLUX_ORG, NDIF_INFLUX_BUCKET, and the token
+NDIF_INFLUX_TOKEN, read as a credential: model_runtime/credentials.py). Only the gateway writes
+points, because writing needs the token and a model replica, which runs users' code, holds no
+credential: `RuntimeMetrics.request` returns the replica's *report* (the request's figures and any
+model loads not reported yet), the replica sends it in its reply's final event, and the gateway
+writes it (`GatewayMetrics.replica_report`). The gateway takes only numbers and a fixed
+vocabulary from a report, and tags points with the model it routed the request to.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
+import re
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 from model_runtime.settings import RuntimeSettings
@@ -89,7 +97,8 @@ _LOAD_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
 
 
 class _Influx:
-    """Batched writes on a background thread: a slow or absent InfluxDB never delays a request."""
+    """Batched writes on a background thread: a slow or absent InfluxDB never delays a request.
+    Made by the gateway only (it holds the token)."""
 
     def __init__(self) -> None:
         self._api: Any = None
@@ -101,9 +110,12 @@ class _Influx:
             import influxdb_client
             from influxdb_client.client.write_api import WriteOptions
 
+            from model_runtime import credentials
+
             influx: Any = influxdb_client  # untyped package
             self._client = influx.InfluxDBClient(
-                url=settings.influx_url, token=settings.influx_token, org=settings.influx_org
+                url=settings.influx_url, token=credentials.current().get(credentials.INFLUX_TOKEN) or "",
+                org=settings.influx_org,
             )
             self._api = self._client.write_api(
                 write_options=WriteOptions(batch_size=500, flush_interval=5_000, max_retries=2)
@@ -182,18 +194,24 @@ def _emit(metrics: dict[str, Any], name: str, method: str, value: float, tags: d
             log.debug("metric %s failed: %s", name, exc)
 
 
+# A replica's report (see the module's docstring): what the gateway accepts from one.
+OUTCOMES = ("completed", "error", "timeout", "rejected")
+_LOAD_SOURCE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+MAX_REPORTED_LOADS = 8
+
+
 class RuntimeMetrics:
-    """One per replica process."""
+    """One per replica process: Prometheus through Ray, and the reports the gateway writes to InfluxDB."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._snapshot: dict[str, float] = defaultdict(float)
         self._ray = _ray_metrics(REPLICA_METRICS)
         self._queues: dict[str, int] = {}
+        self._loads: deque[dict[str, Any]] = deque(maxlen=MAX_REPORTED_LOADS)  # not reported yet
         self._stop = threading.Event()
         if self._ray:
             threading.Thread(target=self._keep_gauges, name="ndif-metrics-keepalive", daemon=True).start()
-        self._influx = _Influx()
 
     def _keep_gauges(self) -> None:
         while not self._stop.wait(KEEPALIVE_SECONDS):
@@ -206,8 +224,11 @@ class RuntimeMetrics:
         _emit(self._ray, name, method, value, tags)
 
     def request(self, model: str, outcome: str, seconds: float, bytes_in: int, bytes_out: int,
-                kind: str = "") -> None:
-        """One finished (or refused) request; `kind` is the error kind of a failed one (see error_kind)."""
+                kind: str = "") -> dict[str, Any]:
+        """One finished (or refused) request; `kind` is the error kind of a failed one (see error_kind).
+
+        Returns the report for the gateway (its reply's final event carries it): this request's
+        figures and the model loads since the last report."""
         with self._lock:
             self._snapshot[f"requests_{outcome}"] += 1
             self._snapshot["request_seconds_sum"] += seconds
@@ -222,10 +243,11 @@ class RuntimeMetrics:
         self._emit("ndif_request_bytes", "inc", bytes_in, {"model": model})
         if bytes_out:
             self._emit("ndif_result_bytes", "inc", bytes_out, {"model": model})
-        self._influx.write(
-            "request", {"model": model, "outcome": outcome},
-            {"seconds": seconds, "bytes_in": bytes_in, "bytes_out": bytes_out},
-        )
+        with self._lock:
+            loads = list(self._loads)
+            self._loads.clear()
+        return {"outcome": outcome, "seconds": seconds, "bytes_in": bytes_in, "bytes_out": bytes_out,
+                "loads": loads}
 
     def queue_depth(self, model: str, depth: int) -> None:
         with self._lock:
@@ -236,12 +258,11 @@ class RuntimeMetrics:
     def model_load(self, model: str, source: str, seconds: float) -> None:
         with self._lock:
             self._snapshot[f"load_seconds_{source}"] = seconds
+            self._loads.append({"source": source, "seconds": seconds})
         self._emit("ndif_model_load_seconds", "observe", seconds, {"model": model, "source": source})
-        self._influx.write("model_load", {"model": model, "source": source}, {"seconds": seconds})
 
     def close(self) -> None:
         self._stop.set()
-        self._influx.close()
 
     @property
     def exporting(self) -> bool:
@@ -253,13 +274,57 @@ class RuntimeMetrics:
             return dict(self._snapshot)
 
 
+def _number(value: Any) -> float | None:
+    """A finite, non-negative number from a report, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def report_points(report: Any) -> list[tuple[str, dict[str, str], dict[str, float]]]:
+    """The InfluxDB points (measurement, tags without the model, fields) of a replica's report.
+
+    A replica runs users' code, so its report is data to check, not to trust: only the known
+    fields, finite non-negative numbers, an outcome and load sources from a fixed vocabulary, at
+    most `MAX_REPORTED_LOADS` loads; anything else is dropped."""
+    if not isinstance(report, dict):
+        return []
+    points: list[tuple[str, dict[str, str], dict[str, float]]] = []
+    fields = {name: _number(report.get(name)) for name in ("seconds", "bytes_in", "bytes_out")}
+    if report.get("outcome") in OUTCOMES and all(v is not None for v in fields.values()):
+        points.append(("request", {"outcome": str(report["outcome"])},
+                       {k: v for k, v in fields.items() if v is not None}))
+    loads = report.get("loads")
+    for load in loads[:MAX_REPORTED_LOADS] if isinstance(loads, list) else []:
+        if not isinstance(load, dict):
+            continue
+        source, seconds = load.get("source"), _number(load.get("seconds"))
+        if isinstance(source, str) and _LOAD_SOURCE.match(source) and seconds is not None:
+            points.append(("model_load", {"source": source}, {"seconds": seconds}))
+    return points
+
+
 class GatewayMetrics:
-    """The gateway's counters (one per gateway process; see `gateway_metrics`)."""
+    """The gateway's counters (one per gateway process; see `gateway_metrics`), and the InfluxDB
+    writer for the replicas' reports."""
 
     def __init__(self) -> None:
         self._ray = _ray_metrics(GATEWAY_METRICS)
         self._lock = threading.Lock()
         self.counts: dict[str, int] = defaultdict(int)
+        self._influx = _Influx()
+        atexit.register(self._influx.close)  # flush what is batched when the gateway's process ends
+
+    def replica_report(self, model: str, report: Any) -> None:
+        """Write a model replica's report (see `report_points`) as points tagged with `model`, the
+        model the gateway routed the request to."""
+        for measurement, tags, fields in report_points(report):
+            self._influx.write(measurement, {"model": model, **tags}, fields)
+
+    def close(self) -> None:
+        """Flush what is batched (tests; the process's exit does it too)."""
+        self._influx.close()
 
     def refusal(self, model: str, status: int) -> None:
         reason = REFUSAL_REASONS.get(status, str(status))

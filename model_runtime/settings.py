@@ -42,9 +42,9 @@ class RuntimeSettings:
     tp_master_addr: str = "127.0.0.1"
     # NDIF_MODEL_CACHE_DIR: where checkpoints from S3 are staged on the node.
     s3_cache: Path = Path("/tmp/ndif-model-cache")
-    # NDIF_INFLUX_URL / _TOKEN / _ORG / _BUCKET: optional InfluxDB points; no URL, no points.
+    # NDIF_INFLUX_URL / _ORG / _BUCKET: optional InfluxDB points, written by the gateway; no URL, no
+    # points. Its token is a credential, not a setting (model_runtime/credentials.py).
     influx_url: str = ""
-    influx_token: str = ""
     influx_org: str = ""
     influx_bucket: str = "ndif"
     # NDIF_PROCESS_FILTER: a model replica confines its process once loaded ("0" turns it off).
@@ -68,16 +68,8 @@ class RuntimeSettings:
             tp_master_addr=env.get("NDIF_TP_MASTER_ADDR", default.tp_master_addr),
             s3_cache=Path(env.get("NDIF_MODEL_CACHE_DIR", str(default.s3_cache))),
             influx_url=env.get("NDIF_INFLUX_URL", ""),
-            # A credential: a replica took it out of its environment at start (model_runtime/credentials.py).
-            influx_token=env.get("NDIF_INFLUX_TOKEN") or (_taken("NDIF_INFLUX_TOKEN") if environ is None else "") or "",
             influx_org=env.get("NDIF_INFLUX_ORG", ""),
             influx_bucket=env.get("NDIF_INFLUX_BUCKET", default.influx_bucket),
             process_filter=env.get("NDIF_PROCESS_FILTER", "1").strip() != "0",
             credentials_dir=Path(env["NDIF_CREDENTIALS_DIR"]) if env.get("NDIF_CREDENTIALS_DIR") else None,
         )
-
-
-def _taken(name: str) -> str | None:
-    from model_runtime import credentials
-
-    return credentials.lookup(name)

@@ -404,6 +404,7 @@ class NnsightGateway:
         if first.get("status") == "QUEUED":
             return first
         self.jobs.discard(job.id)
+        gateway_metrics().replica_report(key, first.get("report"))  # InfluxDB: a full queue's refusal
         if first.get("activation_requested"):
             self._note_demand(key)
         retry = first.get("retry_after_s")
@@ -491,6 +492,7 @@ class NnsightGateway:
             async for event in stream:
                 await self._forward(job, event, base_url)
                 if event["status"] in ("COMPLETED", "ERROR"):
+                    gateway_metrics().replica_report(job.model_key, event.get("report"))  # InfluxDB
                     return
             self._record(job, _response(job.id, "ERROR", "The model ended the job without a result."))
         except Exception as exc:

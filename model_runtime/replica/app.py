@@ -78,7 +78,9 @@ _preimport_anyio()
 
 def _prepare_process() -> None:
     """Process-wide settings every replica needs before it loads a model."""
-    credentials.take()  # out of the environment before anything else reads it (model_runtime/credentials.py)
+    # Out of the environment before anything else reads it; only what loading needs is kept, and
+    # that only until the model is loaded (model_runtime/credentials.py).
+    credentials.take(keep=credentials.LOADING)
     bind_pinned_gpu()  # before anything touches CUDA
     _preimport_anyio()
     import nnsight  # noqa: F401 (imported here, so that the start-up marks separate imports from loading)
@@ -258,7 +260,7 @@ class ModelReplica:
             return [await asyncio.to_thread(weights_digest, self._model)] if self._model is not None else []
 
     def __del__(self) -> None:
-        # Serve calls this on replica shutdown: flush batched InfluxDB points.
+        # Serve calls this on replica shutdown: stop the metrics' keep-alive thread.
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
@@ -358,9 +360,9 @@ class ModelReplica:
         if self._level != levels.HOT or self._model is None:
             return _refused(503, f"Model {key!r} is COLD (not loaded); ask an admin to make it Hot.", limits)
         if self._waiting >= self.config.max_queue_depth:
-            self.metrics.request(key, "rejected", 0.0, payload_bytes, 0, kind="queue_full")
-            return _refused(503, f"The queue for model {key!r} is full ({self.config.max_queue_depth} requests "
-                                 "waiting); try again later.", limits)
+            report = self.metrics.request(key, "rejected", 0.0, payload_bytes, 0, kind="queue_full")
+            return {**_refused(503, f"The queue for model {key!r} is full ({self.config.max_queue_depth} "
+                                    "requests waiting); try again later.", limits), "report": report}
         return None
 
     async def _run(
@@ -411,14 +413,15 @@ class ModelReplica:
             self._wedged = True
         outcome = "completed" if result.result is not None else ("timeout" if result.timed_out else "error")
         kind = "" if result.result is not None else error_kind(result.error, timed_out=result.timed_out)
-        self.metrics.request(
+        # The figures go to the gateway in the final event; it writes them where a token is needed.
+        report = self.metrics.request(
             self.args.model_key, outcome, float(result.meta.get("runtime", 0.0)), len(blob),
             len(result.result or b""), kind=kind,
         )
         if result.result is None:
-            yield _error(result.error or "unknown error", result.meta)
+            yield {**_error(result.error or "unknown error", result.meta), "report": report}
             return
-        yield _completed(job_id, result, inline_max_bytes)
+        yield {**_completed(job_id, result, inline_max_bytes), "report": report}
 
 
 def _deployment_user_config() -> ModelUserConfig:

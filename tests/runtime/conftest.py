@@ -19,7 +19,7 @@ from model_runtime.tiny_models import build_tiny_model
 from ndif_operator.api.naming import GATEWAY_APP
 from ndif_operator.api.pinning import gpu_resource
 from runtime.conftest_names import MODEL_APP, SLOW_APP
-from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET, VICTIM_KEY
+from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET, VICTIM_KEY, InfluxSink
 
 
 @pytest.fixture(scope="session")
@@ -129,10 +129,21 @@ SLOW_CONFIG = {
 }
 
 
+INFLUX_TOKEN = "influx-test-token"  # the strict gateway's; no model replica is given it
+
+
 @pytest.fixture(scope="session")
-def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
-           ) -> dict[str, Any]:
-    """Two tiny model apps, the open gateway at `/` and a strict one (API keys, S3 results) at /strict."""
+def influx_sink() -> Iterator[InfluxSink]:
+    """Where the strict gateway writes its InfluxDB points."""
+    with InfluxSink() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="session")
+def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, influx_sink: InfluxSink,
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two tiny model apps, the open gateway at `/` and a strict one (API keys, S3 results,
+    InfluxDB points) at /strict."""
     slow_path = build_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-slow", seed=1)
     from ray import serve
 
@@ -155,6 +166,9 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, tmp_path_factory
                 "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1",
                 "NDIF_WS_KEEPALIVE_SECONDS": "0.5",
+                "NDIF_INFLUX_URL": influx_sink.url,
+                "NDIF_INFLUX_ORG": "ndif",
+                "NDIF_INFLUX_TOKEN": INFLUX_TOKEN,
             },
             object_store_bucket=RESULTS_BUCKET,
             object_store_endpoint_url=s3_endpoint,

@@ -105,10 +105,14 @@ def _probe_target(args: dict[str, Any]) -> Any:
             report["secrets in os.environ"] = sorted(k for k, v in os.environ.items() if v in secrets)
             report["secrets in /proc/self/environ"] = [s for s in secrets if s.encode() in environ]
             report["credentials held"] = credentials._TAKEN is not None
+            # InfluxDB is configured (NDIF_INFLUX_URL): the gateway writes the points, the replica
+            # has no writer and no token.
+            report["influx token"] = credentials.lookup(credentials.INFLUX_TOKEN)
+            report["influx writer"] = [name for name in vars(self.metrics) if "influx" in name.lower()]
             return report
 
     deployment = serve.deployment(ConfinementProbe, name=MODEL_DEPLOYMENT).options(
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SECRETS}}
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {**SECRETS, "NDIF_INFLUX_URL": "http://127.0.0.1:9"}}}
     )
     return RunTarget(target=deployment.bind(args), name=PROBE_APP, route_prefix=None)
 
@@ -147,4 +151,5 @@ def test_every_thread_of_a_live_replica_is_confined(probe_handle: Any, client_mo
     assert report["secrets in os.environ"] == []
     assert report["secrets in /proc/self/environ"] == []
     assert report["credentials held"] is False
+    assert report["influx token"] is None and report["influx writer"] == []
     assert probe_handle.info.remote().result()["confined"] is True

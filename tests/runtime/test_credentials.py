@@ -22,7 +22,8 @@ CHILD = textwrap.dedent(
     """
     import json, os, subprocess, sys
     from model_runtime import credentials
-    taken = credentials.take()
+    keep = json.loads(os.environ.pop("KEEP", "null"))
+    taken = credentials.take(keep=keep)
     with open("/proc/self/environ", "rb") as handle:
         block = handle.read()
     secret_values = sys.argv[1].split(",")
@@ -42,16 +43,17 @@ CHILD = textwrap.dedent(
     report["hub token after"] = os.environ.get("HF_TOKEN")
     credentials.forget()
     report["after forget"] = credentials.lookup("AWS_SECRET_ACCESS_KEY")
+    report["read again"] = credentials.current().names()
     print(json.dumps(report))
     """
 )
 
 
-def _run(env: dict[str, str]) -> dict[str, object]:
+def _run(env: dict[str, str], keep: tuple[str, ...] | None = None) -> dict[str, object]:
     values = [v for k, v in env.items() if v.startswith("value-")]
     done = subprocess.run(
         [sys.executable, "-c", CHILD, ",".join(values)], capture_output=True, text=True, timeout=60, cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "KEEP_ME": "plain", **env},
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "KEEP_ME": "plain", "KEEP": json.dumps(keep), **env},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -72,6 +74,23 @@ def test_environment_credentials_are_taken_and_scrubbed() -> None:
     assert report["kept"] == "plain"  # other variables stay
     assert report["hub token during a load"] == "value-hf" and report["hub token after"] is None
     assert report["after forget"] is None
+
+
+def test_a_model_replica_keeps_only_what_loading_needs(tmp_path: Path) -> None:
+    """A replica takes with `keep=LOADING`: the InfluxDB token and every other credential are
+    scrubbed and dropped at once, and a later read (a reload after `forget()`) keeps no more."""
+    mounted = tmp_path / "creds"
+    mounted.mkdir()
+    (mounted / "NDIF_INFLUX_TOKEN").write_text("value-influx-file")
+    (mounted / "AWS_SECRET_ACCESS_KEY").write_text("value-secret")
+    (mounted / "AWS_REGION").write_text("eu-west-1")
+    report = _run({credentials.DIR_ENV: str(mounted), "AWS_ACCESS_KEY_ID": "value-akid",
+                   "NDIF_INFLUX_TOKEN": "value-influx", "DB_PASSWORD": "value-pw"}, keep=credentials.LOADING)
+    assert report["names"] == ["AWS_ACCESS_KEY_ID", "AWS_REGION", "AWS_SECRET_ACCESS_KEY"]
+    assert report["influx"] is None
+    assert report["in os.environ"] == [] and report["in /proc/self/environ"] == []
+    # Once forgotten, nothing is read again (the directory's variable went with the credentials).
+    assert report["read again"] == []
 
 
 def test_files_in_the_credentials_directory_win(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import websocket
 from nnsight.intervention.backends.remote import RemoteError
 
 from ndif_operator.api.naming import GATEWAY_APP
-from runtime.wire import API_KEY, RESULTS_BUCKET, capture_blob, poll_backend, post, wait_final
+from runtime.wire import API_KEY, RESULTS_BUCKET, InfluxSink, capture_blob, poll_backend, post, wait_final
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -112,6 +112,26 @@ def test_api_keys_guard_every_endpoint(served: dict[str, Any], valid: tuple[str,
         assert "session_id" in json.loads(connection.recv())
     finally:
         connection.close()
+
+
+def test_the_gateway_writes_the_replicas_metrics_to_influx(client_model: Any, served: dict[str, Any],
+                                                           influx_sink: InfluxSink) -> None:
+    """The model replica holds no InfluxDB token: it reports its figures in its reply, and the
+    strict gateway, which holds the token, writes them as points tagged with the routed model."""
+    from runtime.conftest import INFLUX_TOKEN
+
+    nnsight.CONFIG.API.APIKEY = API_KEY
+    try:
+        with client_model.trace(PROMPT, remote=served["strict_url"]):
+            client_model.lm_head.output.save()
+    finally:
+        nnsight.CONFIG.API.APIKEY = None
+    wanted = f"request,model={str(served['path']).lower()},outcome=completed"
+    deadline = time.monotonic() + 60  # the writer flushes its batch every 5 s
+    while wanted not in influx_sink.text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert wanted in influx_sink.text()
+    assert {auth for auth, _ in influx_sink.writes} == {f"Token {INFLUX_TOKEN}"}
 
 
 def test_client_with_key_and_s3_results(client_model: Any, local_model: Any, served: dict[str, Any]) -> None:

@@ -117,48 +117,63 @@ def test_s3_checkpoint_loads(tiny_llama: Path, s3_endpoint: str, tmp_path: Path,
         load_model(empty)
 
 
-def test_influx_points_carry_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Points reach an InfluxDB v2 write endpoint; tags are model/outcome/source only."""
-    import http.server
-    import threading
+def test_the_gateway_writes_the_replicas_influx_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica's metrics hold no InfluxDB writer or token; its report, written by the gateway,
+    reaches an InfluxDB v2 write endpoint with tags model/outcome/source only."""
+    from runtime.wire import InfluxSink
 
-    bodies: list[str] = []
-
-    class Write(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", 0))
-            raw = self.rfile.read(length)
-            if self.headers.get("Content-Encoding") == "gzip":
-                import gzip
-
-                raw = gzip.decompress(raw)
-            bodies.append(self.path + "\n" + raw.decode())
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Write)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("NDIF_INFLUX_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    with InfluxSink() as sink:
+        monkeypatch.setenv("NDIF_INFLUX_URL", sink.url)
         monkeypatch.setenv("NDIF_INFLUX_TOKEN", "influx-secret-token")
         monkeypatch.setenv("NDIF_INFLUX_ORG", "ndif")
-        from model_runtime.metrics import RuntimeMetrics
+        from model_runtime import credentials
+        from model_runtime.metrics import GatewayMetrics, RuntimeMetrics
 
-        metrics = RuntimeMetrics()
-        metrics.request("org/model", "completed", 0.25, 1000, 2000)
-        metrics.model_load("org/model", "s3", 3.5)
-        metrics.close()
-    finally:
-        server.shutdown()
-    text = "\n".join(bodies)
+        monkeypatch.setattr(credentials, "_TAKEN", None)
+        monkeypatch.setattr(credentials, "_KEEP", None)
+        monkeypatch.setattr(credentials, "scrub", lambda names: None)  # this process is the test's
+        replica = RuntimeMetrics()
+        assert "influx-secret-token" not in repr(vars(replica))
+        assert not any("influx" in name.lower() for name in vars(replica))
+        replica.model_load("org/model", "s3", 3.5)
+        report = replica.request("org/model", "completed", 0.25, 1000, 2000)
+        assert replica.request("org/model", "completed", 0.1, 1, 1)["loads"] == []  # each load reported once
+        gateway = GatewayMetrics()
+        gateway.replica_report("org/model", report)
+        gateway.close()
+        credentials.forget()
+    text = sink.text()
     assert "request,model=org/model,outcome=completed" in text
     assert "model_load,model=org/model,source=s3" in text
     assert "influx-secret-token" not in text and "bucket=ndif" in text
-    snapshot = metrics.snapshot()
-    assert snapshot["requests_completed"] == 1 and snapshot["bytes_out"] == 2000
+    assert {auth for auth, _ in sink.writes} == {"Token influx-secret-token"}  # the gateway holds it
+    snapshot = replica.snapshot()
+    assert snapshot["requests_completed"] == 2 and snapshot["bytes_out"] == 2001
+
+
+def test_a_forged_replica_report_writes_only_checked_points() -> None:
+    """A replica runs users' code: the gateway keeps only known fields, finite numbers and the
+    fixed vocabularies of a report, and the model tag is the gateway's own."""
+    from model_runtime.metrics import MAX_REPORTED_LOADS, report_points
+
+    assert report_points({"outcome": "completed", "seconds": 0.5, "bytes_in": 3, "bytes_out": 4, "loads": []}) == [
+        ("request", {"outcome": "completed"}, {"seconds": 0.5, "bytes_in": 3.0, "bytes_out": 4.0})]
+    forged: list[Any] = [
+        None, "text", [], {"outcome": "pwned", "seconds": 1, "bytes_in": 1, "bytes_out": 1},
+        {"outcome": "completed", "seconds": float("nan"), "bytes_in": 1, "bytes_out": 1},
+        {"outcome": "completed", "seconds": -1, "bytes_in": 1, "bytes_out": 1},
+        {"outcome": "completed", "seconds": True, "bytes_in": 1, "bytes_out": 1},
+        {"outcome": "completed", "seconds": "1", "bytes_in": 1, "bytes_out": 1},
+        {"loads": [{"source": "s3,model=other", "seconds": 1}, {"source": "x" * 40, "seconds": 1},
+                   {"source": "s3", "seconds": float("inf")}, "s3", {"source": 3, "seconds": 1}]},
+    ]
+    for report in forged:
+        assert report_points(report) == [], report
+    many = report_points({"loads": [{"source": "s3", "seconds": 1}] * 1000})
+    assert len(many) == MAX_REPORTED_LOADS
+    tags = report_points({"outcome": "error", "seconds": 1, "bytes_in": 1, "bytes_out": 0, "model": "other",
+                          "extra": "x"})[0][1]
+    assert tags == {"outcome": "error"}
 
 
 @pytest.mark.slow

@@ -18,13 +18,13 @@ def test_each_variable_reaches_its_field() -> None:
         "NDIF_SANDBOX": "off", "NDIF_WEIGHT_STORE": "0", "NDIF_TORCH_THREADS": "3",
         "NDIF_WS_KEEPALIVE_SECONDS": "0.5", "NDIF_TP_COLLECTIVE_TIMEOUT_SECONDS": "30",
         "NDIF_TP_MASTER_ADDR": "10.0.0.2", "NDIF_MODEL_CACHE_DIR": "/data/cache",
-        "NDIF_INFLUX_URL": "http://influx:8086", "NDIF_INFLUX_TOKEN": "t", "NDIF_INFLUX_ORG": "o",
+        "NDIF_INFLUX_URL": "http://influx:8086", "NDIF_INFLUX_ORG": "o",
         "NDIF_INFLUX_BUCKET": "b", "NDIF_PROCESS_FILTER": "0", "NDIF_CREDENTIALS_DIR": "/etc/ndif/object-store",
     })
     assert settings == RuntimeSettings(
         sandbox=False, weight_store=False, torch_threads=3, ws_keepalive_s=0.5, tp_collective_timeout_s=30.0,
         tp_master_addr="10.0.0.2", s3_cache=Path("/data/cache"), influx_url="http://influx:8086",
-        influx_token="t", influx_org="o", influx_bucket="b", process_filter=False,
+        influx_org="o", influx_bucket="b", process_filter=False,
         credentials_dir=Path("/etc/ndif/object-store"),
     )
 
@@ -54,3 +54,9 @@ def test_no_other_runtime_module_reads_its_configuration_from_the_environment() 
                 readers.append(f"{path.relative_to(root)}: {needle}")
     # gateway/auth.py reads the variable its args name (GatewayAppArgs.api_key_hashes_env).
     assert readers == ["gateway/auth.py: os.environ.get("], readers
+
+
+def test_no_credential_is_a_setting() -> None:
+    """Tokens are credentials (model_runtime/credentials.py), read and held apart from the settings."""
+    settings = RuntimeSettings.from_env({"NDIF_INFLUX_URL": "http://influx:8086", "NDIF_INFLUX_TOKEN": "t"})
+    assert "t" not in vars(settings).values() and not any("token" in name for name in vars(settings))

@@ -87,3 +87,44 @@ def fetch_result(url: str) -> dict[str, Any]:
         io.BytesIO(zstandard.ZstdDecompressor().decompress(content)), map_location="cpu", weights_only=False
     )
     return loaded
+
+
+class InfluxSink:
+    """An InfluxDB v2 write endpoint on loopback that records what it is sent: (Authorization
+    header, path and line-protocol body). Use as a context manager; `url` while it runs."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        writes: list[tuple[str, str]] = []
+        self.writes = writes
+
+        class Write(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                import gzip
+
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    raw = gzip.decompress(raw)
+                writes.append((self.headers.get("Authorization", ""), self.path + "\n" + raw.decode()))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Write)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def text(self) -> str:
+        return "\n".join(body for _, body in self.writes)
+
+    def __enter__(self) -> InfluxSink:
+        import threading
+
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
