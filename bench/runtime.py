@@ -264,6 +264,12 @@ def _path_medians(rows: list[dict[str, float]], server: dict[str, dict[str, floa
         add("POST out: RECEIVED → client", row["m_post_end"] - s["admitted"])
         add("queue: replica lock wait", s["replica_admitted"] - s["replica_entered"])
         add("execution: deserialise, sandbox, trace, serialise", s["replica_done"] - s["replica_admitted"])
+        if {"replica_started", "replica_ran", "replica_encoded", "replica_collected"} <= set(s):
+            add("  … lock held → request thread starts", s["replica_started"] - s["replica_admitted"])
+            add("  … the runner: deserialise, sandbox, trace", s["replica_ran"] - s["replica_started"])
+            add("  … torch.save of the saves", s["replica_encoded"] - s["replica_ran"])
+            add("  … back from the request thread, young-gen gc", s["replica_collected"] - s["replica_encoded"])
+            add("  … result event, metrics, websocket frame", s["replica_done"] - s["replica_collected"])
         add("result hop: replica → gateway", s["completed"] - s["replica_done"])
         add("result delivery: gateway → client websocket frame", row["m_completed_frame"] - s["completed"])
         add("client after the frame (parse, load, close)", row["_done"] - row["m_completed_frame"])

@@ -319,7 +319,7 @@ class ModelReplica:
                     return
                 async for event in self._run(job_id, parsed, blob, inline_max_bytes):
                     if event["status"] in ("COMPLETED", "ERROR"):
-                        event["timings"] = {**timings, "done": time.time()}
+                        event["timings"] = {**timings, **event.pop("marks", {}), "done": time.time()}
                     yield event
         finally:
             if not admitted:  # cancelled while waiting (the client went away)
@@ -419,9 +419,9 @@ class ModelReplica:
             len(result.result or b""), kind=kind,
         )
         if result.result is None:
-            yield {**_error(result.error or "unknown error", result.meta), "report": report}
+            yield {**_error(result.error or "unknown error", result.meta), "report": report, "marks": result.marks}
             return
-        yield {**_completed(job_id, result, inline_max_bytes), "report": report}
+        yield {**_completed(job_id, result, inline_max_bytes), "report": report, "marks": result.marks}
 
 
 def _deployment_user_config() -> ModelUserConfig:
@@ -454,13 +454,14 @@ def _refused(http_status: int, description: str, limits: dict[str, int]) -> dict
 
 
 def _completed(job_id: str, result: ExecutionResult, inline_max_bytes: int) -> dict[str, Any]:
-    """COMPLETED with the result blob; small ones also as the ready binary websocket frame.
+    """COMPLETED with the result blob, or, for a small one, the ready binary websocket frame instead.
 
     The frame is `nnsight.schema.response.ResponseModel.pickle()` (a `torch.save`), built here so
-    that the gateway needs neither torch nor nnsight.
+    that the gateway needs neither torch nor nnsight. It carries the result blob, so the event does
+    not carry it a second time through the handle.
     """
     assert result.result is not None
-    event: dict[str, Any] = {"status": "COMPLETED", "result": result.result, "meta": result.meta}
+    event: dict[str, Any] = {"status": "COMPLETED", "meta": result.meta}
     if inline_max_bytes and len(result.result) <= inline_max_bytes:
         from nnsight.schema.response import ResponseModel, Status
 
@@ -468,6 +469,9 @@ def _completed(job_id: str, result: ExecutionResult, inline_max_bytes: int) -> d
             id=job_id, status=Status.COMPLETED, description="Your job has been completed.",
             data=result.result, meta=result.meta,
         ).pickle()
+        result.marks["framed"] = time.time()
+    else:
+        event["result"] = result.result
     return event
 
 

@@ -80,6 +80,9 @@ class ExecutionResult:
     meta: dict[str, Any] = field(default_factory=dict)
     timed_out: bool = False
     wedged: bool = False  # the worker thread could not be stopped: replace this replica
+    # Epoch seconds of the request's steps in this replica (started on the request thread, ran,
+    # encoded, collected): the gateway's request-path breakdown (`GET /timings`), not the client's.
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 class RequestError(Exception):
@@ -328,14 +331,18 @@ def execute_request(
     if refusal is not None:
         return ExecutionResult(error=refusal, meta={"runtime": 0.0})
     outcome: dict[str, Any] = {}
+    marks: dict[str, float] = {}
     started = time.monotonic()
     _reset_gpu_peaks()
 
     def work() -> None:
+        marks["started"] = time.time()
         try:
             with _capture_output(CappedLog(on_log, limits.max_log_bytes)):
                 saves = runner(model, blob, envelope)
+                marks["ran"] = time.time()
                 outcome["result"] = encode_saves(saves, envelope.compress)
+                marks["encoded"] = time.time()
         except RequestError as exc:
             outcome["error"] = bounded(str(exc))
         except SystemExit:
@@ -356,6 +363,7 @@ def execute_request(
         with contextlib.suppress(Exception):
             model.interleaver.cancel()
     collect_request_garbage()  # cheap once the replica froze its long-lived objects
+    marks["collected"] = time.time()
     meta: dict[str, Any] = {
         "runtime": time.monotonic() - started,
         "max_memory_usage": _peak_rss_bytes(),
@@ -369,9 +377,10 @@ def execute_request(
             meta=meta,
             timed_out=True,
             wedged=wedged,
+            marks=marks,
         )
     if "error" in outcome:
-        return ExecutionResult(error=outcome["error"], meta=meta)
+        return ExecutionResult(error=outcome["error"], meta=meta, marks=marks)
     result = outcome.get("result")
     if result is None:
         return ExecutionResult(error="The request was cancelled.", meta=meta)
@@ -382,4 +391,4 @@ def execute_request(
             meta=meta,
         )
     meta["result_bytes"] = len(result)
-    return ExecutionResult(result=result, meta=meta)
+    return ExecutionResult(result=result, meta=meta, marks=marks)

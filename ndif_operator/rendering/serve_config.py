@@ -46,6 +46,11 @@ ServeConfig = dict[str, Any]
 SERVE_DEFAULT_REPLICA_CPUS = 1.0
 # A rank of a CPU-only tensor-parallel replica with no CPU reserved: Ray refuses empty bundles.
 MIN_RANK_CPU = 0.01
+# Environment every model replica gets whatever the options say. Model apps are reached only through
+# the gateway's handles (route_prefix None), so they never serve HTTP themselves: with Serve's direct
+# ingress on (the gateway's own HTTP server) a model replica would otherwise start one too, on a
+# uvloop whose io_uring rings abort the process once the replica's process filter refuses io_uring.
+MODEL_REPLICA_ENV: Mapping[str, str] = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
 def render_serve_config(
@@ -197,7 +202,7 @@ def _model_apps(
             "deployments": [model_deployment],
         }
 
-    env = dict(options.replica_env)
+    env = {**MODEL_REPLICA_ENV, **dict(options.replica_env)}
     if pinned and decision.assignments and (gpus > 0 or not hot):
         group = decision.worker_group
         assert group is not None

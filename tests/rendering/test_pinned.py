@@ -15,6 +15,10 @@ from ndif_operator.local.ray_head import start_command
 from ndif_operator.planning import Decision, Plan, ReplicaPlacement
 from ndif_operator.rendering import RenderOptions, check_serve_config, render_serve_config
 from ndif_operator.rendering.pinned import slot_app_names
+from ndif_operator.rendering.serve_config import MODEL_REPLICA_ENV
+
+# What every rendered model replica carries (rendering/serve_config.py MODEL_REPLICA_ENV).
+MODEL_ENV = {"runtime_env": {"env_vars": dict(MODEL_REPLICA_ENV)}}
 
 
 def md(name: str, **spec: object) -> ModelDeployment:
@@ -52,14 +56,17 @@ def test_each_replica_slot_is_an_app_pinned_to_its_pod_and_gpu() -> None:
     check_serve_config(config)
     got = apps(config)
     # A single-GPU slot: the replica is pinned to its pod, and leases its GPU share when HOT.
-    assert got["md-ml-small"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-0"}}
+    assert got["md-ml-small"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-0"},
+                                                 **MODEL_ENV}
     assert got["md-ml-small"]["user_config"]["gpu_lease"] == {"ndif_gpu_3": 0.2501}
-    assert got["md-ml-small_r1"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-1"}}
+    assert got["md-ml-small_r1"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-1"},
+                                                 **MODEL_ENV}
     assert got["md-ml-small_r1"]["user_config"]["gpu_lease"] == {"ndif_gpu_5": 0.2501}
     assert got["md-ml-small"]["num_replicas"] == got["md-ml-small_r1"]["num_replicas"] == 1
     # A WARM copy is pinned to the pod whose CPU RAM the planner counted it in (its host copy is in
     # that node's object store), and holds no GPU.
-    assert got["md-ml-warm"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-1"}}
+    assert got["md-ml-warm"]["ray_actor_options"] == {"num_gpus": 0, "label_selector": {"ndif.dev/pod": "h100-1"},
+                                                 **MODEL_ENV}
     assert got["md-ml-warm"]["user_config"]["gpu_lease"] == {}
     table = GatewayUserConfig.model_validate(config["applications"][0]["deployments"][0]["user_config"]).models
     assert table["org/small"].apps == ["md-ml-small", "md-ml-small_r1"] and table["org/small"].app == "md-ml-small"
@@ -85,7 +92,7 @@ def test_pinned_warm_to_hot_on_one_pod_is_applied_in_place() -> None:
 
 def test_tensor_parallel_ranks_each_pin_their_gpu_in_their_bundle() -> None:
     got = apps(render_serve_config(PLAN, DEPLOYMENTS, options=RenderOptions(replica_num_cpus=0)))["md-ml-tp"]
-    assert got["ray_actor_options"] == {"num_gpus": 0, "num_cpus": 0, "resources": {"ndif_gpu_0": 0.6}}
+    assert got["ray_actor_options"] == {"num_gpus": 0, "num_cpus": 0, "resources": {"ndif_gpu_0": 0.6}, **MODEL_ENV}
     assert got["placement_group_bundles"] == [{"ndif_gpu_0": 0.6}, {"ndif_gpu_1": 0.6}, {"ndif_gpu_2": 0.6},
                                               {"ndif_gpu_6": 0.6}]
     assert got["placement_group_bundle_label_selector"] == [{"ndif.dev/pod": "h100-1"}] * 4

@@ -29,8 +29,12 @@ from ndif_operator.rendering import (
     serve_config_text,
     validate_serve_config,
 )
+from ndif_operator.rendering.serve_config import MODEL_REPLICA_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# What every rendered model replica carries (rendering/serve_config.py MODEL_REPLICA_ENV).
+MODEL_ENV = {"runtime_env": {"env_vars": dict(MODEL_REPLICA_ENV)}}
 
 
 def md(name: str, repo: str, **spec: object) -> ModelDeployment:
@@ -89,13 +93,13 @@ def test_renders_gateway_and_one_app_per_served_model() -> None:
     (replica,) = llama["deployments"]
     # Two whole GPUs: the replica actor is rank 0 on one, the placement group holds both.
     # num_cpus is said explicitly (Serve's default of 1) so that bundle 0 holds what rank 0 gets.
-    assert replica["num_replicas"] == 2 and replica["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 1}
+    assert replica["num_replicas"] == 2 and replica["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 1, **MODEL_ENV}
     assert replica["placement_group_bundles"] == [{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
     gpt2 = apps["md-ml-gpt2"]["deployments"][0]
     assert gpt2["ray_actor_options"]["num_gpus"] == 0.3333
     assert ModelUserConfig.model_validate(gpt2["user_config"]).request_timeout_seconds == 30
     warm = apps["md-ml-warm"]["deployments"][0]
-    assert warm["ray_actor_options"] == {"num_gpus": 0, "memory": 123_456}
+    assert warm["ray_actor_options"] == {"num_gpus": 0, "memory": 123_456, **MODEL_ENV}
     assert warm["user_config"]["level"] == "Warm" and warm["num_replicas"] == 1
     assert warm["user_config"]["activate_on_request"] is True
     assert validate_serve_config(config) == []
@@ -158,7 +162,8 @@ def test_cpu_only_requests_no_gpus_and_zero_cpus() -> None:
         actor = app["deployments"][0]["ray_actor_options"]
         assert actor["num_gpus"] == 0 and actor["num_cpus"] == 0
     llama = next(a for a in config["applications"] if a["name"] == "md-ml-llama")
-    assert llama["deployments"][0]["ray_actor_options"]["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "1"}}
+    assert llama["deployments"][0]["ray_actor_options"]["runtime_env"] == {
+        "env_vars": {"OMP_NUM_THREADS": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}}
     assert validate_serve_config(config) == []
 
 
