@@ -18,6 +18,11 @@ import json
 import re
 
 POD_LABEL = "ndif.dev/pod"
+# Ray gives the head node this resource (1 unit, ray._common.constants.HEAD_NODE_RESOURCE_NAME):
+# asking for a sliver of it is how Ray's own singletons stay on the head. The gateway does, so that
+# the credentials it needs (results bucket, InfluxDB) are mounted on the head pod only.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+HEAD_NODE_SHARE = 0.001
 GPU_RESOURCE_PREFIX = "ndif_gpu_"
 # Inside a placement group Ray renames a bundle's resources `<name>_group_<pg id>` and
 # `<name>_group_<bundle index>_<pg id>`; both still start with the declared name.

@@ -102,9 +102,22 @@ class ObjectStore(_Values):
     credentials_secret: str = Field(
         default="",
         description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN, "
-        "AWS_REGION), mounted into the Ray pods as files (never environment variables); the gateway uses them "
-        "for results, replicas for S3 model sources and only while loading; empty: the pods' own identity.",
+        "AWS_REGION) with which the gateway uploads results: mounted as files on the Ray head only, where the "
+        "operator pins the gateway (never on the workers, never as environment variables). Model replicas read "
+        "S3 model sources with `rayService.weightsCredentialsSecret`; empty: the head pod's own identity.",
     )
+
+
+class Influx(_Values):
+    url: str = Field(default="", description="InfluxDB v2 URL the gateway writes request and model-load points "
+                     "to; empty: no points.")
+    org: str = Field(default="", description="InfluxDB organisation.")
+    bucket: str = Field(default="ndif", description="InfluxDB bucket.")
+    token_secret: str = Field(
+        default="", description="Secret holding the InfluxDB token (a write-only token for `bucket`): mounted as a "
+        "file on the Ray head only, for the gateway; model replicas never hold it.",
+    )
+    token_key: str = Field(default="token", min_length=1, description="The token's key in `tokenSecret`.")
 
 
 class ApiKeys(_Values):
@@ -142,12 +155,13 @@ class Gateway(_Values):
     min_client_version: str = Field(default="", description="Oldest nnsight client accepted; empty: the default.")
     service: GatewayService = Field(default_factory=GatewayService, description="The gateway Service.")
     ingress: Ingress = Field(default_factory=Ingress, description="Optional Ingress in front of the Service.")
+    influx: Influx = Field(default_factory=Influx, description="Optional InfluxDB points, written by the gateway.")
 
 
 class HeadGroup(_Values):
     resources: Resources = Field(
         default_factory=lambda: Resources(requests={"cpu": "2", "memory": "8Gi"}, limits={"memory": "8Gi"}),
-        description="Resources of the Ray head container (runs the gateway; no GPU).",
+        description="Resources of the Ray head container (runs the gateway, pinned there, and no model replica).",
     )
     node_selector: NodeSelector = Field(default_factory=dict, description="nodeSelector of the head pod.")
     tolerations: Tolerations = Field(default_factory=list, description="Tolerations of the head pod.")
@@ -209,8 +223,9 @@ class NetworkPolicy(_Values):
     )
     extra_egress: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="More egress rules (NetworkPolicyEgressRule): e.g. the Hugging Face Hub for huggingFace "
-        "sources, or InfluxDB when the runtime writes to it.",
+        description="More egress rules (NetworkPolicyEgressRule) for the workers: e.g. a Hugging Face Hub mirror. "
+        "The gateway's destinations (results bucket, InfluxDB) are reached from the head, which this policy "
+        "does not select.",
     )
 
 
@@ -225,6 +240,14 @@ class RayService(_Values):
                          description="The runtime image (head and workers).")
     autoscaler: bool = Field(default=False, description="enableInTreeAutoscaling: Serve demand scales worker pods.")
     head: HeadGroup = Field(default_factory=HeadGroup, description="The Ray head (gateway, no GPU).")
+    weights_credentials_secret: str = Field(
+        default="",
+        description="Secret with read-only object-store keys (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+        "optionally AWS_SESSION_TOKEN, AWS_REGION; HF_TOKEN for gated Hub models) for models with an s3 "
+        "source: mounted as files on the worker pods only. A replica keeps them only while it loads its "
+        "model. Grant read on the model prefixes and nothing else: a replica runs users' code. Empty: the "
+        "worker pods' own identity.",
+    )
     worker_groups: list[WorkerGroup] = Field(
         default_factory=lambda: [WorkerGroup(name="gpu")], min_length=1, description="GPU worker groups.",
     )

@@ -70,8 +70,15 @@ class OperatorSettings(BaseSettings):
     pin_gpus: bool = Field(default=True, description="Pin each replica and TP rank to its planned pod and GPU "
                            "(worker nodes declare ndif_gpu_<i> resources and the ndif.dev/pod label; "
                            "docs/placement.md). False leaves placement to Ray.")
-    replica_num_cpus: float | None = Field(default=None, ge=0, description="num_cpus of each model replica.")
-    gateway_num_cpus: float | None = Field(default=None, ge=0, description="num_cpus of each gateway replica.")
+    replica_num_cpus: float | None = Field(
+        default=None, ge=0, description="num_cpus of each model replica (default: Serve's, 1). Keep it above 0 on "
+        "a cluster: the chart's Ray head declares no CPU so that no model replica runs where the gateway's "
+        "credentials are.",
+    )
+    gateway_num_cpus: float | None = Field(
+        default=None, ge=0, description="num_cpus of each gateway replica (default: 0, so that it fits the Ray head, "
+        "where it is pinned and which the chart starts with num-cpus 0).",
+    )
     backoff_initial_seconds: float = Field(default=0.5, gt=0, description="First retry delay after an API error.")
     backoff_max_seconds: float = Field(default=30.0, gt=0, description="Cap of the exponential retry delay.")
     read_nodes: bool = Field(default=True, description="Read Nodes for GPU memory labels (needs list on nodes).")

@@ -12,9 +12,10 @@ class RenderOptions:
     """How the plan becomes Serve config.
 
     `cpu_only` renders HOT replicas with `num_gpus: 0` (local mode and CPU test clusters): the plan
-    still decides the level, but no GPU is requested from Ray. `replica_num_cpus` /
-    `gateway_num_cpus` of None leave Ray's default; local mode and tests pass 0 so replicas never
-    wait for a CPU on a 2-core box.
+    still decides the level, but no GPU is requested from Ray. `replica_num_cpus` of None leaves
+    Serve's default (1); local mode and tests pass 0 so replicas never wait for a CPU on a 2-core
+    box. `gateway_num_cpus` of None is 0: the gateway is pinned to Ray's head node, which a cluster
+    starts with no CPU to hand out so that model replicas stay off it.
     """
 
     cpu_only: bool = False

@@ -1,8 +1,8 @@
 """Plan + ModelDeployments → a Ray Serve multi-application config (a plain dict). Pure.
 
-One gateway application (the nnsight ingress, route `/`) and one application per HOT or WARM
-model, named by `model_app_name`; COLD models get no application. What goes where follows what
-restarts replicas: model identity and placement are
+One gateway application (the nnsight ingress, route `/`, pinned to Ray's head node) and one
+application per HOT or WARM model, named by `model_app_name`; COLD models get no application.
+What goes where follows what restarts replicas: model identity and placement are
 `args` / `ray_actor_options` (a change reloads the model anyway), the request limits and the level
 are `user_config` (applied in place by `reconfigure`), and replica counts are lightweight.
 
@@ -35,6 +35,7 @@ from ndif_operator.api.naming import (
     model_app_name,
     model_key,
 )
+from ndif_operator.api.pinning import HEAD_NODE_RESOURCE, HEAD_NODE_SHARE
 from ndif_operator.planning import Decision, Plan
 from ndif_operator.rendering.options import RenderOptions
 from ndif_operator.rendering.pinned import actor_options, leased_slot, pinned_slot, slot_app_name, slot_scaling
@@ -139,7 +140,9 @@ def _gateway_app(options: RenderOptions, routes: Mapping[str, GatewayRoute]) -> 
             {
                 "name": GATEWAY_DEPLOYMENT,
                 "num_replicas": options.gateway_replicas,
-                "ray_actor_options": actor_options(options.gateway_num_cpus, 0, 0, {}),
+                # On the head node, the one Ray pod given the gateway's credentials (docs/security.md).
+                "ray_actor_options": {**actor_options(options.gateway_num_cpus or 0, 0, 0, {}),
+                                      "resources": {HEAD_NODE_RESOURCE: HEAD_NODE_SHARE}},
                 "user_config": table.model_dump(mode="json"),
             }
         ],

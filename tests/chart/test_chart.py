@@ -215,13 +215,13 @@ def test_ray_workers_reach_only_ray_dns_and_the_object_store() -> None:
     for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         assert ray_pods.items() <= group["template"]["metadata"]["labels"].items()
     assert spec["policyTypes"] == ["Ingress", "Egress"]
-    ray_peer, dns, store, influx = spec["egress"]
+    ray_peer, dns, store, mirror = spec["egress"]
     assert ray_peer == {"to": [{"podSelector": {"matchLabels": ray_pods}}]}
     assert {p["port"] for p in dns["ports"]} == {53} and dns["to"][0]["podSelector"]["matchLabels"] == {
         "k8s-app": "kube-dns"}
     assert store == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
                      "ports": [{"port": 443, "protocol": "TCP"}, {"port": 9000, "protocol": "TCP"}]}
-    assert influx["to"] == [{"ipBlock": {"cidr": "10.30.0.5/32"}}]
+    assert mirror["to"] == [{"ipBlock": {"cidr": "10.30.0.5/32"}}]
     assert spec["ingress"][0] == {"from": [{"podSelector": {"matchLabels": ray_pods}}]}
     assert {p["port"] for p in spec["ingress"][1]["ports"]} == {8000, 8080} and "from" not in spec["ingress"][1]
 
@@ -240,15 +240,58 @@ def test_the_network_policy_can_be_turned_off() -> None:
     assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
 
 
-def test_object_store_credentials_reach_the_ray_pods_as_files_not_environment() -> None:
-    rayservice = next(d for d in manifests(render(values_of("rayservice"))) if d["kind"] == "RayService")
+def _ray_pods(values: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(head pod spec, worker pod specs, the head group) of the chart's RayService."""
+    rayservice = next(d for d in manifests(render(values)) if d["kind"] == "RayService")
     config = rayservice["spec"]["rayClusterConfig"]
-    pods = [config["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in config["workerGroupSpecs"]]
-    for pod in pods:
+    head = config["headGroupSpec"]
+    return head["template"]["spec"], [g["template"]["spec"] for g in config["workerGroupSpecs"]], head
+
+
+def _secret_names(pod: dict[str, Any]) -> set[str]:
+    """Every Secret a pod's volumes or its container's env reach."""
+    names = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    names |= {s["secret"]["name"] for v in pod["volumes"] for s in v.get("projected", {}).get("sources", [])}
+    (container,) = pod["containers"]
+    names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
+              if "secretKeyRef" in e.get("valueFrom", {})}
+    return names | {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+
+
+def test_the_gateways_credentials_are_files_on_the_head_only() -> None:
+    """The results bucket's keys and the InfluxDB token are mounted where the gateway runs (the head,
+    where the operator pins it) and nowhere else; the workers, where model replicas run users' code,
+    get only the read-only weights keys. Never as environment variables."""
+    head, workers, head_group = _ray_pods(values_of("rayservice"))
+    (container,) = head["containers"]
+    assert "envFrom" not in container
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NDIF_CREDENTIALS_DIR"] == "/etc/ndif/gateway-credentials"
+    assert (env["NDIF_INFLUX_URL"], env["NDIF_INFLUX_ORG"], env["NDIF_INFLUX_BUCKET"]) == (
+        "http://influx.monitoring:8086", "ndif", "ndif")
+    assert {"name": "gateway-credentials", "mountPath": "/etc/ndif/gateway-credentials", "readOnly": True} in (
+        container["volumeMounts"])
+    volume = next(v for v in head["volumes"] if v["name"] == "gateway-credentials")
+    assert volume["projected"] == {"defaultMode": 0o440, "sources": [
+        {"secret": {"name": "ndif-s3"}},
+        {"secret": {"name": "ndif-influx", "items": [{"key": "token", "path": "NDIF_INFLUX_TOKEN"}]}}]}
+    assert _secret_names(head) == {"ndif-s3", "ndif-influx", "ndif-api-keys"}
+    assert head_group["rayStartParams"]["num-cpus"] == "0"  # no model replica fits on the head
+    for pod in workers:
         (container,) = pod["containers"]
-        assert "envFrom" not in container  # a Secret in env would be in every Ray process's environment
-        assert {"name": "NDIF_CREDENTIALS_DIR", "value": "/etc/ndif/object-store"} in container["env"]
-        assert {"name": "object-store-credentials", "mountPath": "/etc/ndif/object-store", "readOnly": True} in (
-            container["volumeMounts"])
-        volume = next(v for v in pod["volumes"] if v["name"] == "object-store-credentials")
-        assert volume["secret"] == {"secretName": "ndif-s3", "defaultMode": 0o440}
+        assert "envFrom" not in container
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["NDIF_CREDENTIALS_DIR"] == "/etc/ndif/weights-credentials"
+        assert not any(name.startswith("NDIF_INFLUX") for name in env)
+        assert _secret_names(pod) == {"ndif-weights-readonly"}
+        assert [m["name"] for m in container["volumeMounts"]] == ["dshm", "weights-credentials"]
+
+
+def test_without_a_weights_secret_the_workers_get_no_credentials() -> None:
+    values = values_of("rayservice")
+    del values["rayService"]["weightsCredentialsSecret"]
+    _, workers, _ = _ray_pods(values)
+    for pod in workers:
+        (container,) = pod["containers"]
+        assert _secret_names(pod) == set() and [v["name"] for v in pod["volumes"]] == ["dshm"]
+        assert not any(e["name"] in ("NDIF_CREDENTIALS_DIR", "NDIF_INFLUX_URL") for e in container["env"])

@@ -33,18 +33,17 @@ def test_values_reach_the_rendered_gateway_args(monkeypatch: Any) -> None:
     assert args["api_key_hashes_dir"] == "/etc/ndif/api-keys"
     assert args["min_nnsight_version"] == "0.8.1"
     assert args["max_request_bytes"] == 1073741824
-    # The same directory is where the RayService mounts the API-key Secret, on the head and every worker.
+    # The same directory is where the RayService mounts the API-key Secret, on the head, where the
+    # gateway is pinned (its Ray resource) and where its credentials are (test_chart.py).
+    assert gateway["deployments"][0]["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
     ray_service = next(d for d in docs if d["kind"] == "RayService")
-    cluster = ray_service["spec"]["rayClusterConfig"]
-    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    for pod in pods:
-        (container,) = pod["spec"]["containers"]
-        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-        assert mounts["api-keys"] == args["api_key_hashes_dir"]
-        assert volumes["api-keys"]["secret"]["secretName"] == "ndif-api-keys"
-        assert mounts["object-store-credentials"] == "/etc/ndif/object-store"  # files, never env
-        assert volumes["object-store-credentials"]["secret"]["secretName"] == "ndif-s3"
+    head = ray_service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    (container,) = head["spec"]["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in head["spec"]["volumes"]}
+    assert mounts["api-keys"] == args["api_key_hashes_dir"]
+    assert volumes["api-keys"]["secret"]["secretName"] == "ndif-api-keys"
+    assert mounts["gateway-credentials"] == "/etc/ndif/gateway-credentials"  # files, never env
 
 
 def test_defaults_render_the_gateway_defaults() -> None:

@@ -261,3 +261,18 @@ def test_single_gpu_replica_has_no_placement_group() -> None:
     for name in (GATEWAY_APP, "md-ml-gpt2", "md-ml-warm"):
         assert "placement_group_bundles" not in apps[name]
         assert "placement_group_strategy" not in apps[name]
+
+
+@pytest.mark.parametrize("options", [UNPINNED, RenderOptions(), RenderOptions(cpu_only=True, gateway_num_cpus=0)])
+def test_the_gateway_is_pinned_to_the_head_node_and_no_model_replica_is(options: RenderOptions) -> None:
+    """The gateway asks for a sliver of Ray's head-node resource, so it runs where the chart mounts
+    the credentials it needs (results bucket, InfluxDB) and never on a worker pod."""
+    config = render_serve_config(PLAN, DEPLOYMENTS, estimates=ESTIMATES, options=options)
+    apps = {app["name"]: app for app in config["applications"]}
+    (gateway,) = apps.pop(GATEWAY_APP)["deployments"]
+    assert gateway["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
+    for app in apps.values():
+        for deployment in app["deployments"]:
+            asked = [deployment["ray_actor_options"], *deployment.get("placement_group_bundles", [])]
+            assert not any(name.startswith("node:") for options in asked for name in options.get("resources", options))
+    assert validate_serve_config(config) == []

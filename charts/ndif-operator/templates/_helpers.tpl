@@ -54,9 +54,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.rayService.image.repository }}:{{ default .Chart.AppVersion .Values.rayService.image.tag }}
 {{- end }}
 
-{{/* Where the runtime reads the object store's credentials (a mounted Secret, one file per key). */}}
-{{- define "ndif.credentialsDir" -}}
-/etc/ndif/object-store
+{{/* Where the gateway reads its credentials on the Ray head (mounted Secrets, one file per key). */}}
+{{- define "ndif.gatewayCredentialsDir" -}}
+/etc/ndif/gateway-credentials
+{{- end }}
+
+{{/* Where model replicas on the Ray workers read the read-only weights credentials. */}}
+{{- define "ndif.weightsCredentialsDir" -}}
+/etc/ndif/weights-credentials
 {{- end }}
 
 {{/* Where the gateway reads the API-key hashes (a mounted Secret: kubelet refreshes it, no restart). */}}
