@@ -15,6 +15,7 @@ import pytest
 from loopback import free_port
 
 from model_runtime.gateway.auth import key_digest
+from model_runtime.replica.garbage import freeze_long_lived
 from model_runtime.tiny_models import build_tiny_model
 from ndif_operator.api.naming import GATEWAY_APP
 from ndif_operator.api.pinning import gpu_resource
@@ -198,11 +199,14 @@ def client_model(served: dict[str, Any]) -> Any:
 
 @pytest.fixture(scope="session")
 def local_model(tiny_llama: Path) -> Any:
-    """The same checkpoint loaded locally, for reference results."""
+    """The same checkpoint loaded locally, for reference results (and for in-process requests:
+    frozen after the load as a replica freezes it, so a request's collection stays young)."""
     from nnsight import TransformersModel
 
-    return TransformersModel(str(tiny_llama), task="text-generation", dispatch=True, device_map="cpu",
-                             dtype="float32")
+    model = TransformersModel(str(tiny_llama), task="text-generation", dispatch=True, device_map="cpu",
+                              dtype="float32")
+    freeze_long_lived()
+    return model
 
 
 def key_hashes(*keys: str) -> str:
