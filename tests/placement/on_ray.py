@@ -36,6 +36,7 @@ from ndif_operator.rendering import RenderOptions, check_serve_config, render_se
 GIB = 2**30
 GROUP, PODS, GPUS = "gpu", 2, 8
 PROBE_IMPORT_PATH = "tests.placement.probe_app:build_app"
+GATEWAY_PROBE_IMPORT_PATH = "tests.placement.probe_app:build_gateway"
 ROOT = Path(__file__).resolve().parents[2]
 # (name, GiB per replica, replicas, tensorParallelSize): ~99 % of 16 x 80 GiB with TP=4 and TP=2.
 MIX = (("tp4", 190, 2, 4), ("tp2", 130, 2, 2), ("big", 78, 4, 1), ("mid", 32, 8, 1), ("small", 14.5, 4, 1))
@@ -306,3 +307,30 @@ def redeploy(cluster: Cluster, second: Plan, *, pinned: bool, timeout: float) ->
     config = render(second, pinned=pinned, probe_dir=cluster.probe_dir)
     cluster.client.apply(config)
     return observe(cluster, second, timeout=timeout)
+
+
+def gateway_nodes(cluster: Cluster, *, replicas: int, pinned: bool, timeout: float = 300) -> list[bool]:
+    """Deploy the rendered gateway application (`replicas` replicas, a probe in place of the
+    gateway) and return, per replica, whether it runs on the head node. `pinned` False drops the
+    rendered head-node resource, to show that Ray would otherwise spread the gateway."""
+    from ndif_operator.api.naming import GATEWAY_APP
+
+    clear(cluster)
+    options = RenderOptions(gateway_replicas=replicas, http_host=LOOPBACK)
+    config = render_serve_config(Plan(decisions=()), {}, options=options)
+    config["proxy_location"] = "HeadOnly"
+    check_serve_config(config)
+    (gateway,) = [app for app in config["applications"] if app["name"] == GATEWAY_APP]
+    (deployment,) = gateway["deployments"]
+    actor = dict(deployment["ray_actor_options"], runtime_env={"env_vars": {"NDIF_PROBE_DIR": str(cluster.probe_dir)}})
+    if not pinned:
+        actor.pop("resources")
+    probe = {**gateway, "import_path": GATEWAY_PROBE_IMPORT_PATH,
+             "deployments": [{**deployment, "ray_actor_options": actor}]}
+    cluster.client.apply({**config, "applications": [probe]})
+    deadline = time.monotonic() + timeout
+    while len(reports := sorted(cluster.probe_dir.glob("gateway-*.json"))) < replicas:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(reports)}/{replicas} gateway replicas reported within {timeout:.0f}s")
+        time.sleep(1)
+    return [bool(json.loads(path.read_text())["on_head"]) for path in reports]

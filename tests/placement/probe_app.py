@@ -19,8 +19,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model_runtime.replica.gpu_binding import assigned_resources, bind_pinned_gpu, rank_actor_options
 from model_runtime.replica.gpu_lease import GpuLease
-from ndif_operator.api.naming import MODEL_DEPLOYMENT
-from ndif_operator.api.pinning import POD_LABEL
+from ndif_operator.api.naming import GATEWAY_DEPLOYMENT, MODEL_DEPLOYMENT
+from ndif_operator.api.pinning import HEAD_NODE_RESOURCE, POD_LABEL
 
 PROBE_DIR_ENV = "NDIF_PROBE_DIR"
 
@@ -86,3 +86,23 @@ class Probe:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     return Probe.bind(args)  # type: ignore[attr-defined,no-any-return]
+
+
+@serve.deployment(name=GATEWAY_DEPLOYMENT)  # stands in for the gateway: records whether it runs on the head
+class GatewayProbe:
+    def __init__(self, args: dict[str, Any]) -> None:
+        context = ray.get_runtime_context()
+        node = context.get_node_id()
+        head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and HEAD_NODE_RESOURCE in n["Resources"])
+        record = {"gateway": True, "on_head": node == head, "pod": context.get_node_labels().get(POD_LABEL)}
+        out = Path(os.environ[PROBE_DIR_ENV]) / f"gateway-{context.get_actor_id()}.json"
+        partial = out.with_suffix(".part")
+        partial.write_text(json.dumps(record))
+        partial.rename(out)
+
+    def __call__(self) -> str:
+        return "ok"
+
+
+def build_gateway(args: dict[str, Any]) -> serve.Application:
+    return GatewayProbe.bind(args)  # type: ignore[attr-defined,no-any-return]

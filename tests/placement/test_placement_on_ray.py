@@ -56,3 +56,12 @@ def test_unpinned_the_same_plan_does_not_deploy_as_planned(cluster: on_ray.Clust
     outcome = on_ray.run_orders(cluster, the_plan, pinned=False, orders=["all-at-once"], timeout=600,
                                 settle=45)["all-at-once"]
     assert outcome.running < outcome.replicas or outcome.gpus_as_planned < outcome.gpus, outcome
+
+
+def test_the_rendered_gateway_runs_on_the_head_only(cluster: on_ray.Cluster) -> None:
+    """The gateway is where the chart mounts its credentials: the head. Unpinned, Serve spreads its
+    replicas over both nodes (so this test can fail); as rendered, every replica is on the head."""
+    spread = on_ray.gateway_nodes(cluster, replicas=4, pinned=False)
+    assert not all(spread), spread
+    assert on_ray.gateway_nodes(cluster, replicas=4, pinned=True) == [True] * 4
+    on_ray.clear(cluster)
