@@ -99,7 +99,9 @@ class S3Source(_Model):
     region: str | None = Field(default=None, description="Bucket region.")
     credentials_secret: str | None = Field(
         default=None,
-        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; default: the pod's identity.",
+        description="Secret (in the operator's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY with which "
+        "the operator reads the checkpoint's headers to size it; default: the operator's identity. Model replicas "
+        "load with the read-only keys mounted on the Ray workers (chart value rayService.weightsCredentialsSecret).",
     )
 
 
