@@ -50,24 +50,30 @@ def tp_served(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> dict
               for arch, path in paths.items()}
     targets.append(gateway_target(routes=routes, app_name="gateway-tp", route_prefix=TP_PREFIX))
     serve.run_many(targets)
-    return {"url": f"http://127.0.0.1:{serve_port}{TP_PREFIX}", "paths": paths}
+    # Client and TP=1 models, built once per architecture for the module (a trace never changes
+    # either: edits last one trace; the served weights are the digest tests' business).
+    return {"url": f"http://127.0.0.1:{serve_port}{TP_PREFIX}", "paths": paths, "clients": {}, "locals": {}}
 
 
 def _client(tp_served: dict[str, Any], arch: str) -> Any:
     from nnsight import TransformersModel
     from nnsight.modeling.huggingface import _ID_CACHE
 
-    path = str(tp_served["paths"][arch])
-    _ID_CACHE[path] = path
-    return TransformersModel(path, task="text-generation")
+    if arch not in tp_served["clients"]:
+        path = str(tp_served["paths"][arch])
+        _ID_CACHE[path] = path
+        tp_served["clients"][arch] = TransformersModel(path, task="text-generation")
+    return tp_served["clients"][arch]
 
 
 def _local(tp_served: dict[str, Any], arch: str) -> Any:
     """The same checkpoint at TP=1, loaded the way a single-device replica loads it."""
     from nnsight import TransformersModel
 
-    return TransformersModel(str(tp_served["paths"][arch]), task="text-generation", dispatch=True,
-                             device_map="cpu", dtype="float32")
+    if arch not in tp_served["locals"]:
+        tp_served["locals"][arch] = TransformersModel(str(tp_served["paths"][arch]), task="text-generation",
+                                                      dispatch=True, device_map="cpu", dtype="float32")
+    return tp_served["locals"][arch]
 
 
 def _backend(model: Any, url: str, blocking: bool = True) -> RemoteBackend:
@@ -231,20 +237,11 @@ def _legit_programs() -> list[Any]:
 
 @pytest.mark.parametrize("program", _legit_programs(), ids=lambda p: getattr(p, "__name__", str(p)))
 def test_legit_program_on_tp_equals_tp1(tp_served: dict[str, Any], program: Any) -> None:
-    client, local, url = _client(tp_served, "llama"), _local_llama(tp_served), tp_served["url"]
+    client, local, url = _client(tp_served, "llama"), _local(tp_served, "llama"), tp_served["url"]
     torch.manual_seed(0)
     reference = program(local, None)
     torch.manual_seed(0)
     _close(reference, program(client, _backend(client, url)))
-
-
-_LOCAL: dict[str, Any] = {}
-
-
-def _local_llama(tp_served: dict[str, Any]) -> Any:
-    if "llama" not in _LOCAL:
-        _LOCAL["llama"] = _local(tp_served, "llama")
-    return _LOCAL["llama"]
 
 
 def _attacks() -> list[Any]:
