@@ -1,9 +1,10 @@
 """Each tensor-parallel rank reads only its slices of an S3 checkpoint, by ranged GETs.
 
 Against a real S3 API (the suite's moto server on loopback): two ranks over gloo load the same
-tiny checkpoint once from a local directory and once from S3; each rank holds the same tensors
-either way, and the bytes it fetched from S3 (headers included) stay within
-(1/k of the sharded tensors + the replicated ones) x 1.05.
+tiny checkpoint first from S3, then from a local directory (the same two rank processes: the S3
+load is each process's first); each rank holds the same tensors either way, and the bytes it
+fetched from S3 (headers included) stay within (1/k of the sharded tensors + the replicated ones)
+x 1.05.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def test_region_and_runs_of_a_row_split_merge_into_one() -> None:
     assert element_runs(*region(..., [5])[:1], [5]) == [(0, 5)]
 
 
-def _rank_main(rank: int, port: int, checkpoint: str, out: str) -> None:
+def _rank_main(rank: int, port: int, checkpoints: dict[str, str], out: str) -> None:
     import torch.distributed as dist
 
     from model_runtime.replica.parallel.group import join_group
@@ -57,16 +58,20 @@ def _rank_main(rank: int, port: int, checkpoint: str, out: str) -> None:
     if rank == 0:
         store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=True, wait_for_workers=False)
     join_group(rank, WORLD, port, "cpu", store=store)
-    shard = load_shard(checkpoint, tensor_parallel_size=WORLD, dtype=torch.float32, device="cpu")
-    state = {n: getattr(t, "_local_tensor", t).detach().clone() for n, t in shard.module.state_dict().items()}
-    torch.save({"bytes": shard.bytes_read, "state": state}, f"{out}.{rank}")
+    loaded = {}
+    for label, checkpoint in checkpoints.items():  # in order: the first load is the process's first
+        shard = load_shard(checkpoint, tensor_parallel_size=WORLD, dtype=torch.float32, device="cpu")
+        state = {n: getattr(t, "_local_tensor", t).detach().clone() for n, t in shard.module.state_dict().items()}
+        loaded[label] = {"bytes": shard.bytes_read, "state": state}
+    torch.save(loaded, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-def _load_on_two_ranks(checkpoint: str, out: Path) -> list[dict[str, Any]]:
+def _load_on_two_ranks(checkpoints: dict[str, str], out: Path) -> list[dict[str, Any]]:
+    """Each rank process loads `checkpoints` in order; per rank, {label: {"bytes", "state"}}."""
     context = multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [context.Process(target=_rank_main, args=(rank, port, checkpoint, str(out))) for rank in range(WORLD)]
+    procs = [context.Process(target=_rank_main, args=(rank, port, checkpoints, str(out))) for rank in range(WORLD)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -91,13 +96,13 @@ def test_each_rank_reads_its_slices_from_s3(s3_endpoint: str, tmp_path: Path,
     index = stage_s3_index("tp-ranges", "ckpt", endpoint_url=s3_endpoint, region=None)
     assert (index / "model.safetensors").stat().st_size == 0  # nothing of the weights staged
 
-    local = _load_on_two_ranks(str(path), tmp_path / "local")
-    remote = _load_on_two_ranks(str(index), tmp_path / "s3")
+    ranks = _load_on_two_ranks({"s3": str(index), "local": str(path)}, tmp_path / "loaded")
     sharded, replicated = checkpoint_split(path)
     assert sharded > replicated
-    for rank in range(WORLD):
-        assert remote[rank]["state"].keys() == local[rank]["state"].keys()
-        for name, tensor in local[rank]["state"].items():
-            assert torch.equal(remote[rank]["state"][name], tensor), (rank, name)
-        fetched = remote[rank]["bytes"]
+    for rank, loaded in enumerate(ranks):
+        remote, local = loaded["s3"], loaded["local"]
+        assert remote["state"].keys() == local["state"].keys()
+        for name, tensor in local["state"].items():
+            assert torch.equal(remote["state"][name], tensor), (rank, name)
+        fetched = remote["bytes"]
         assert sharded / WORLD <= fetched <= (sharded / WORLD + replicated) * 1.05, (rank, fetched)
