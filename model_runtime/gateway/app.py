@@ -63,6 +63,10 @@ _ADMISSION_TIMEOUT_S = 30.0
 _STATE_REFRESH_S = 2.0  # background refresh of the Serve application states
 _STATE_RECHECK_S = 0.25  # an app not RUNNING in the cache is looked at again at most this often
 _COLD = "Cold"
+# A job first in its model's queue starts at once: its QUEUED frame goes to the client only if the job
+# is still queued this long after admission (one websocket frame through the proxy fewer per small
+# request). A job behind others hears its position at once.
+_QUIET_QUEUED_S = 0.05
 
 app = FastAPI(title="NDIF gateway", docs_url=None, redoc_url=None)
 
@@ -479,16 +483,25 @@ class NnsightGateway:
 
     # --- job processing ----------------------------------------------------------------------
 
-    def _record(self, job: Job, event: dict[str, Any], *, push: bool = True) -> None:
+    def _record(self, job: Job, event: dict[str, Any], *, push: bool = True) -> dict[str, Any]:
         event = bounded_event(event)
         if event["status"] != "LOG":  # non-blocking polls see lifecycle states, like NDIF
             job.latest = event
         if push and job.session_id:
             self.jobs.push(job.session_id, json.dumps(event))
+        return event
+
+    def _push_if_still_latest(self, job: Job, event: dict[str, Any]) -> None:
+        if job.latest is event and not job.done and job.session_id:
+            self.jobs.push(job.session_id, json.dumps(event))
 
     async def _process(self, job: Job, stream: Any, queued: dict[str, Any], base_url: str) -> None:
         try:
-            self._record(job, _response(job.id, "QUEUED", str(queued.get("description", "Queued."))))
+            first = queued.get("position") == 1
+            event = self._record(job, _response(job.id, "QUEUED", str(queued.get("description", "Queued."))),
+                                 push=not first)
+            if first and job.session_id:
+                asyncio.get_running_loop().call_later(_QUIET_QUEUED_S, self._push_if_still_latest, job, event)
             async for event in stream:
                 await self._forward(job, event, base_url)
                 if event["status"] in ("COMPLETED", "ERROR"):

@@ -305,7 +305,7 @@ class ModelReplica:
         admitted = False
         try:
             yield {"status": "QUEUED", "description": f"Moved to position {self._waiting} in the queue.",
-                   "limits": self._limits()}
+                   "position": self._waiting, "limits": self._limits()}
             async with self._lock:
                 self._waiting -= 1
                 admitted = True

@@ -230,3 +230,36 @@ def test_api_keys_rotate_from_a_mounted_secret(tmp_path: Path, monkeypatch: pyte
     assert keys.check("b") and keys.check("a") is None
     empty = ApiKeys(set(), tmp_path / "missing")  # configured but unreadable: closed, never open
     assert empty.enabled and empty.check("a") is None
+
+
+def test_queued_frame_goes_out_only_for_a_job_that_waits() -> None:
+    """A job behind others hears its position at once; the first in line is told only if it is still
+    queued after a short quiet period (a small job goes straight to COMPLETED: one frame fewer)."""
+    from model_runtime.gateway.app import NnsightGateway
+
+    gateway_cls = NnsightGateway.func_or_class
+
+    async def scenario() -> None:
+        gateway = object.__new__(gateway_cls)
+        gateway.jobs = JobStore()
+        session, frames = gateway.jobs.open_session()
+        release = asyncio.Event()
+
+        async def held_stream() -> Any:  # the replica has not answered past QUEUED yet
+            await release.wait()
+            return
+            yield
+
+        first = gateway.jobs.new_job("m", "", session)
+        behind = gateway.jobs.new_job("m", "", session)
+        # The first in line is processed first, yet its QUEUED frame comes second: it was held back.
+        tasks = [asyncio.create_task(gateway_cls._process(gateway, job, held_stream(), queued, "http://gw"))
+                 for job, queued in ((first, {"position": 1, "description": "Moved to position 1 in the queue."}),
+                                     (behind, {"position": 2, "description": "Moved to position 2 in the queue."}))]
+        told = [json.loads(await frames.get()) for _ in range(2)]
+        assert [(f["id"], f["status"]) for f in told] == [(behind.id, "QUEUED"), (first.id, "QUEUED")]
+        assert "position 2" in told[0]["description"]
+        release.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
