@@ -12,11 +12,14 @@ environment.
 from __future__ import annotations
 
 import linecache
+import os
 import textwrap
 from collections.abc import Callable
 from typing import Any
 
-TARGET = "/tmp/ndif-sandbox-attack/pwned"
+# One directory per test process: test runs that share the machine never remove each other's.
+ATTACK_DIR = f"/tmp/ndif-sandbox-attack-{os.getpid()}"
+TARGET = f"{ATTACK_DIR}/pwned"
 PROMPT = "The Eiffel Tower is in the city of"
 
 

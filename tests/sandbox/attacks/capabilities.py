@@ -4,7 +4,7 @@
 import numpy
 import torch
 
-from sandbox.attacks import PROMPT, TARGET, in_trace
+from sandbox.attacks import ATTACK_DIR, PROMPT, TARGET, in_trace
 
 
 def uninitialised_memory_resize(model, backend):
@@ -33,7 +33,7 @@ IN_TRACE = in_trace(globals(), {
     "import_ctypes": """
         import ctypes
 
-        ctypes.CDLL(None).system(b"touch /tmp/ndif-sandbox-attack/pwned")
+        ctypes.CDLL(None).system(f"touch {TARGET}".encode())
     """,
     "import_os_system": """
         import os
@@ -78,8 +78,8 @@ IN_TRACE = in_trace(globals(), {
         with open(TARGET, "w") as f:
             f.write("pwned")
     """,
-    "tokenizer_save_pretrained": 'model.tokenizer.save_pretrained("/tmp/ndif-sandbox-attack")',
-    "model_save_pretrained": 'model.save_pretrained("/tmp/ndif-sandbox-attack")',
+    "tokenizer_save_pretrained": 'model.tokenizer.save_pretrained(ATTACK_DIR)',
+    "model_save_pretrained": 'model.save_pretrained(ATTACK_DIR)',
     "rust_tokenizer_save": "model.tokenizer.backend_tokenizer.save(TARGET)",
 })
 
