@@ -109,3 +109,71 @@ def test_files_in_the_credentials_directory_win(tmp_path: Path) -> None:
                                               ("NDIF_API_KEY_HASHES", False)])
 def test_credential_names(name: str, secret: bool) -> None:
     assert credentials.is_credential_name(name) is secret
+
+
+LOAD_AND_FORGET = textwrap.dedent(
+    """
+    import gc, hashlib, json, os, sys
+    from model_runtime import credentials
+    from model_runtime.replica.loading import load_model
+    from ndif_operator.api import ModelAppArgs
+    digests = set(sys.argv[2].split(","))  # the values' sha256: the scan itself must not hold them
+
+    def secret(item):
+        return isinstance(item, str) and 16 <= len(item) <= 64 and hashlib.sha256(item.encode()).hexdigest() in digests
+
+    credentials.take(keep=credentials.LOADING)  # what a model replica does at start
+    args = ModelAppArgs(model_key="org/tiny", deployment="ns/tiny", repo_id="org/tiny", dtype="float32",
+                        source={"s3": {"bucket": "weights", "prefix": "tiny", "endpoint_url": sys.argv[1]}})
+    loaded = load_model(args)
+    credentials.forget()  # what confine_replica does once the model is loaded
+    gc.collect()
+    from botocore.credentials import Credentials
+    found = {"credential objects": sum(isinstance(o, Credentials) for o in gc.get_objects()), "holders": []}
+
+    def holds(obj, depth=0):
+        # Strings, and dicts or tuples of only strings, are not tracked by the collector: look into
+        # what each tracked object refers to, and into untracked containers below it.
+        for ref in gc.get_referents(obj):
+            if secret(ref) or (depth < 3 and isinstance(ref, (dict, tuple, list, set, frozenset))
+                               and not gc.is_tracked(ref) and holds(ref, depth + 1)):
+                return True
+        return False
+
+    for obj in gc.get_objects():
+        if holds(obj):
+            found["holders"].append(type(obj).__name__)
+    found["environ"] = sorted(k for k, v in os.environ.items() if secret(v))
+    print(json.dumps(found))
+    """
+)
+
+
+def test_after_an_s3_load_the_replica_holds_no_credential(tiny_llama: Path, s3_endpoint: str, tmp_path: Path) -> None:
+    """A COLD load from S3 with keys from the replica's credentials directory: once the model is
+    loaded and the credentials forgotten, no botocore credentials object and no dict, list or tuple
+    holding a key's value is left in the process (a request that escaped could read it)."""
+    import hashlib
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="weights")
+    for file in tiny_llama.iterdir():
+        s3.upload_file(str(file), "weights", f"tiny/{file.name}")
+    mounted = tmp_path / "weights-credentials"
+    mounted.mkdir()
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAWEIGHTSREADONLY1", "AWS_SECRET_ACCESS_KEY": "weights-secret-5d1e0c",
+               "AWS_REGION": "us-east-1"}
+    for name, value in secrets.items():
+        (mounted / name).write_text(value)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_FORGET, s3_endpoint,
+         ",".join(hashlib.sha256(v.encode()).hexdigest() for v in list(secrets.values())[:2])],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", credentials.DIR_ENV: str(mounted),
+             "NDIF_MODEL_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"credential objects": 0, "holders": [], "environ": []}
