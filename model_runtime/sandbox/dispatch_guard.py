@@ -69,21 +69,45 @@ def _storage_range(tensor: torch.Tensor) -> tuple[int, int] | None:
     return (start, start + int(storage.nbytes())) if start else None
 
 
+def module_tree(roots: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules under `roots`, each once, in `Module.modules()` order (depth first, parents
+    before children), read straight from each module's `_modules` table: `modules()` goes through
+    `named_modules()`, which builds every module's dotted name, and the integrity checks walk the
+    tree on every request."""
+    out: list[torch.nn.Module] = []
+    seen: set[int] = set()
+    stack = list(roots)[::-1]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        children = [child for child in module._modules.values() if child is not None]
+        children.reverse()
+        stack += children
+    return out
+
+
 def server_tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
     """Every tensor the model owns: parameters, buffers, and tensors kept as plain module
     attributes (rotary caches and the like), each once."""
     seen: dict[int, torch.Tensor] = {}
-    for root in modules:
-        for module in root.modules():
-            for table in (module._parameters, module._buffers, module.__dict__):
-                for value in table.values():
-                    if isinstance(value, torch.Tensor):
-                        seen.setdefault(id(value), value)
+    for module in module_tree(modules):
+        for table in (module._parameters, module._buffers, module.__dict__):
+            for value in table.values():
+                if isinstance(value, torch.Tensor):
+                    seen.setdefault(id(value), value)
     return [local_shard(t) for t in seen.values()]
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor holding the data in this process: a DTensor's (tensor parallelism) local shard."""
+    if type(tensor) in _PLAIN_TENSORS:  # the usual case, without a failed attribute lookup
+        return tensor
     local = getattr(tensor, "_local_tensor", None)
     return local if isinstance(local, torch.Tensor) else tensor
 

@@ -131,7 +131,7 @@ class Sandbox:
             try:
                 if env:
                     model._remoteable_set_env(env)
-                ctx.weights.arm()
+                ctx.weights.arm(integrity.tensors)
                 ctx.state.capture()
                 yield request
             finally:

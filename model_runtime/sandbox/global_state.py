@@ -28,7 +28,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -338,22 +338,65 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
+# Positions of the settings compared between requests (all but the RNG states) and of the RNG
+# states, and their getters: one list comprehension reads them all.
+_PLAIN = [i for i, s in enumerate(SETTINGS) if not s.rng]
+_PLAIN_GETTERS = [SETTINGS[i].get for i in _PLAIN]
+_RNG = [i for i, s in enumerate(SETTINGS) if s.rng]
+
+
+def _plain_values() -> list[Any]:
+    return [get() for get in _PLAIN_GETTERS]
+
+
+def _unchanged(current: list[Any], recorded: list[Any]) -> bool:
+    """True when every value equals the recorded one, compared at C speed (list equality: the
+    identity, then `==`, of each item). Values that refuse a plain truth value (tensors, arrays)
+    or raise answer False: the caller then compares setting by setting (`_same`)."""
+    try:
+        return bool(current == recorded)
+    except Exception:
+        return False
+
+
 @dataclass
 class GlobalState:
     values: list[Any]
+    plain: list[Any] = field(init=False)  # the values of `_PLAIN`, in order
+
+    def __post_init__(self) -> None:
+        self.plain = [self.values[i] for i in _PLAIN]
 
     @classmethod
     def capture(cls) -> GlobalState:
         return cls([setting.get() for setting in SETTINGS])
 
-    def restore(self, *, rng: bool = True) -> list[str]:
-        """Put every setting back; return the names of those that had changed."""
+    @classmethod
+    def _of(cls, plain: list[Any]) -> GlobalState:
+        """A capture from values of the plain settings just read (`_plain_values()`): only the
+        RNG states are read here."""
+        values: list[Any] = [None] * len(SETTINGS)
+        for i, value in zip(_PLAIN, plain, strict=True):
+            values[i] = value
+        for i in _RNG:
+            values[i] = SETTINGS[i].get()
+        return cls(values)
+
+    def restore(self, *, rng: bool = True, current: list[Any] | None = None) -> list[str]:
+        """Put every setting back; return the names of those that had changed. `current`: the
+        plain settings' values already read now (saves reading them again)."""
+        if rng:
+            for i in _RNG:
+                SETTINGS[i].set(self.values[i])  # cheaper to set than to compare
+        try:
+            now = current if current is not None else _plain_values()
+        except Exception:  # a getter that raises in the state the request left: one by one below
+            now = None
+        if now is not None and _unchanged(now, self.plain):
+            return []
         changed: list[str] = []
-        for setting, value in zip(SETTINGS, self.values, strict=True):
-            if setting.rng:
-                if rng:
-                    setting.set(value)  # cheaper to set than to compare
-                continue
+        for i in _PLAIN:
+            setting, value = SETTINGS[i], self.values[i]
             try:
                 same = _same(setting.get(), value)
             except Exception:  # a getter that raises in the state the request left: set it
@@ -376,12 +419,23 @@ def state_restored(changed: list[str] | None = None) -> Iterator[None]:
     request on this thread was restored."""
     report = changed if changed is not None else []
     last: GlobalState | None = getattr(_LAST, "state", None)
+    state: GlobalState | None = None
     if last is not None:
-        between = last.restore(rng=False)
+        # One read of every setting serves both as the between-requests check and, when nothing
+        # changed (the usual case), as this request's capture: the values are the ones the
+        # previous request was restored to.
+        try:
+            now: list[Any] | None = _plain_values()
+        except Exception:
+            now = None
+        between = last.restore(rng=False, current=now)
         if between:
             _log.warning("global state changed between requests, restored: %s", ", ".join(between))
             report.extend(f"{name} (between requests)" for name in between)
-    state = GlobalState.capture()
+        elif now is not None:
+            state = GlobalState._of(now)
+    if state is None:
+        state = GlobalState.capture()
     try:
         yield
     finally:

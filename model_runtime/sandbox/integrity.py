@@ -26,15 +26,17 @@ check fails; Serve starts a fresh one that loads the model again).
 from __future__ import annotations
 
 import logging
+import operator
 import random
 import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from model_runtime.sandbox.dispatch_guard import ServerStorage, local_shard, server_tensors
+from model_runtime.sandbox.dispatch_guard import ServerStorage, local_shard, module_tree, server_tensors
 from model_runtime.sandbox.errors import ModelTampering
 
 _log = logging.getLogger(__name__)
@@ -47,12 +49,11 @@ _SAMPLE_SETS = 8
 def weights_and_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
     """The parameters and buffers of the served model, each once (tied weights once)."""
     seen: dict[int, torch.Tensor] = {}
-    for root in modules:
-        for module in root.modules():
-            for table in (module._parameters, module._buffers):
-                for tensor in table.values():
-                    if tensor is not None:
-                        seen.setdefault(id(tensor), tensor)
+    for module in module_tree(modules):
+        for table in (module._parameters, module._buffers):
+            for tensor in table.values():
+                if tensor is not None:
+                    seen.setdefault(id(tensor), tensor)
     return [local_shard(t) for t in seen.values()]
 
 
@@ -61,9 +62,9 @@ def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
     return raw.set_(storage)
 
 
-@dataclass(frozen=True)
-class _Identity:
-    """What a server tensor is, apart from its bytes."""
+class _Identity(NamedTuple):
+    """What a server tensor is, apart from its bytes (a tuple: made and compared at C speed, for
+    every server tensor after every request)."""
 
     ptr: int
     nbytes: int
@@ -148,9 +149,7 @@ class WeightIntegrity:
     def _moved(self) -> bool:
         """True when the server moved or reloaded the model since indexing (new storages)."""
         current = weights_and_buffers(self.modules)
-        if len(current) != len(self._tensors) or any(a is not b for a, b in zip(current, self._tensors, strict=True)):
-            return True
-        return False
+        return len(current) != len(self._tensors) or not all(map(operator.is_, current, self._tensors))
 
     # -- per request ----------------------------------------------------------------------------
 
@@ -163,13 +162,18 @@ class WeightIntegrity:
                     "this replica's weights failed an integrity check and it is not serving until it is "
                     "replaced; retry shortly"
                 )
-            if self._moved() or any(
-                int(t.untyped_storage().data_ptr()) != ident.ptr
-                for t, ident in zip(self._tensors, self._identities, strict=True)
-            ):
+            if self._moved() or [int(t.untyped_storage().data_ptr()) for t in self._tensors] != [
+                ident.ptr for ident in self._identities
+            ]:
                 self._index()
             else:
                 self._versions = [t._version for t in self._tensors]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The served parameters and buffers as indexed (one list until the next re-index: a
+        caller may key its own per-index work on the list's identity)."""
+        return self._tensors
 
     def problems(self) -> list[str]:
         """What differs from the recorded state (empty when the weights are intact)."""
@@ -177,14 +181,10 @@ class WeightIntegrity:
         if self._moved():
             found.append("the model's set of tensors changed")
             return found
-        for t, version in zip(self._tensors, self._versions, strict=True):
-            if t._version != version:
-                found.append("a weight's version counter moved (an in-place write)")
-                break
-        for t, ident in zip(self._tensors, self._identities, strict=True):
-            if _Identity.of(t) != ident:
-                found.append("a weight's storage, layout or autograd flags changed")
-                break
+        if [t._version for t in self._tensors] != self._versions:
+            found.append("a weight's version counter moved (an in-place write)")
+        if [_Identity.of(t) for t in self._tensors] != self._identities:
+            found.append("a weight's storage, layout or autograd flags changed")
         chosen = random.randrange(len(self._samples)) if self._samples else None
         if chosen is not None and self._samples[chosen]:
             with torch.no_grad():

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from model_runtime.sandbox.dispatch_guard import local_shard, module_tree
 from model_runtime.sandbox.errors import ModelTampering
 
 # Module methods that move, retype, reload or re-hook a module: all change what the next
@@ -78,8 +79,7 @@ CRITICAL_MODULES = (
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor holding the data on this process: a DTensor's (tensor parallelism) local shard."""
-    local = getattr(tensor, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else tensor
+    return local_shard(tensor)
 
 
 def _storage_ptr(tensor: torch.Tensor) -> int | None:
@@ -97,30 +97,42 @@ class WeightGuard:
     _ptrs: frozenset[int] = frozenset()
     _tensors: list[torch.Tensor] = field(default_factory=list)
     _versions: list[int] = field(default_factory=list)
+    _source: list[torch.Tensor] | None = None  # the integrity index the tensors came from
     #: Set when `check()` found a change: the weights must be reloaded before serving again.
     tainted: bool = False
 
     def __post_init__(self) -> None:
         self.arm()
 
-    def arm(self) -> None:
+    def arm(self, tensors: list[torch.Tensor] | None = None) -> None:
         """Index the weights and record their version counters at the start of a request.
 
-        Re-indexed every time (O(number of tensors), microseconds each): moving the model between
-        CPU RAM and GPU (WARM ↔ HOT) gives every parameter new storage.
+        `tensors`: the parameters and buffers as the integrity check has just indexed and
+        admitted them (`WeightIntegrity.tensors`), saving a second walk of the module tree; while
+        it is the same list, its storages are the ones indexed (the integrity check re-indexes,
+        giving a new list, when a pointer moved), so only the version counters are read again.
+        Without it the tree is walked here. Moving the model between CPU RAM and GPU
+        (WARM <-> HOT) gives every parameter new storage.
         """
+        if tensors is not None:
+            if tensors is not self._source:
+                self._source = tensors
+                self._tensors = [_local(t) for t in tensors]
+                self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
+            self._versions = [t._version for t in self._tensors]
+            return
+        self._source = None
         # One walk over the module tree reading each module's own tables (what `parameters()` and
         # `buffers()` yield, without walking the tree twice through their generators).
         seen: dict[int, torch.Tensor] = {}
-        for root in self.modules:
-            for module in root.modules():
-                for table in (module._parameters, module._buffers):
-                    for tensor in table.values():
-                        if tensor is not None:
-                            # A tensor-parallel weight is a DTensor: its bytes and version counter are
-                            # its local shard's (in-place ops on the DTensor land there).
-                            local = getattr(tensor, "_local_tensor", tensor)
-                            seen.setdefault(id(local), local)
+        for module in module_tree(self.modules):
+            for table in (module._parameters, module._buffers):
+                for tensor in table.values():
+                    if tensor is not None:
+                        # A tensor-parallel weight is a DTensor: its bytes and version counter are
+                        # its local shard's (in-place ops on the DTensor land there).
+                        local = local_shard(tensor)
+                        seen.setdefault(id(local), local)
         # A DTensor parameter's data and version counter are its local shard's.
         self._tensors = [_local(t) for t in seen.values()]
         self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
@@ -134,7 +146,7 @@ class WeightGuard:
             return False
         if isinstance(value, torch.nn.Parameter):
             return True
-        ptr = _storage_ptr(getattr(value, "_local_tensor", value))  # a DTensor alias of a shard
+        ptr = _storage_ptr(value)  # a DTensor alias of a shard: its local shard's
         return ptr is not None and ptr in self._ptrs
 
     def check(self) -> None:
