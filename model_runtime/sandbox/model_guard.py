@@ -13,15 +13,15 @@ Two mechanisms, because neither is enough alone:
   request (and the replica is reported as tainted so the runtime can reload it).
 
 `ProcessState` snapshots what a request can change in the process (torch default dtype, grad
-mode, RNG state, `sys.modules`, builtins) and restores it after every request, whatever the
-outcome; nnsight's block caches and `linecache` are restored by the runtime's
+mode, `sys.modules`, builtins) and restores it after every request, whatever the outcome (the RNG
+states and the other torch and interpreter settings are `global_state.py`'s, restored on the
+request's thread); nnsight's block caches and `linecache` are restored by the runtime's
 `model_runtime.replica.execution.nnsight_caches_restored`, around both the sandboxed and the plain path.
 """
 
 from __future__ import annotations
 
 import builtins
-import random
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,13 +162,6 @@ class WeightGuard:
             )
 
 
-def _rng_states() -> tuple[Any, ...]:
-    # numpy.random is not reachable from the sandbox (capabilities), and its get/set_state costs
-    # more than everything else here together, so it is not snapshotted.
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return (torch.random.get_rng_state(), random.getstate(), cuda)
-
-
 @dataclass
 class ProcessState:
     """A snapshot of the process-wide state a request can reach, restored by `restore()`."""
@@ -176,7 +169,6 @@ class ProcessState:
     default_dtype: torch.dtype
     grad_enabled: bool
     inference_mode: bool
-    rng: tuple[Any, ...]
     modules_len: int
     critical_modules: dict[str, Any]
     builtins_dict: dict[str, Any]
@@ -187,7 +179,6 @@ class ProcessState:
             default_dtype=torch.get_default_dtype(),
             grad_enabled=torch.is_grad_enabled(),
             inference_mode=torch.is_inference_mode_enabled(),
-            rng=_rng_states(),
             modules_len=len(sys.modules),
             critical_modules={name: sys.modules.get(name) for name in CRITICAL_MODULES},
             builtins_dict=dict(vars(builtins)),
@@ -202,10 +193,6 @@ class ProcessState:
         if torch.is_grad_enabled() != self.grad_enabled:
             changed.append("grad_mode")
             torch.set_grad_enabled(self.grad_enabled)
-        torch.random.set_rng_state(self.rng[0])
-        random.setstate(self.rng[1])
-        if self.rng[2] is not None:
-            torch.cuda.set_rng_state_all(self.rng[2])
         # sys.modules: sandboxed code cannot reach it (no `sys`, no raw modules), so this is a
         # backstop after an escape, kept cheap (copying ~3,000 entries cost ~1 ms a request):
         # the modules the sandbox and the server rely on are checked by identity. New entries
