@@ -43,11 +43,14 @@ class Outcome(enum.Enum):
 class StopSignal:
     """One task's stop request: set by the thread that timed it out, checked by the task's code."""
 
-    __slots__ = ("_event", "cancel", "stopped")
+    __slots__ = ("_event", "cancel", "shielded", "stopped")
 
     def __init__(self, cancel: type[BaseException] = SystemExit) -> None:
         self.stopped = False  # a plain attribute: the sandbox reads it at every loop iteration
         self.cancel = cancel
+        # Set by server clean-up that must run whole (the sandbox's tear-down): the asynchronous
+        # exception is not raised while it is set (a clean-up that never ends is WEDGED).
+        self.shielded = False
         self._event = threading.Event()
 
     def set(self) -> None:
@@ -141,7 +144,7 @@ class RequestThread:
         self.forced = not task.done.wait(grace_s / 2)
         deadline = time.monotonic() + grace_s / 2
         while not task.done.is_set() and thread.is_alive() and time.monotonic() < deadline:
-            if thread.ident is not None:
+            if thread.ident is not None and not task.stop.shielded:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(cancel))
             task.done.wait(0.05)
         tasks.put(None)  # retire it: a fresh thread serves the next task

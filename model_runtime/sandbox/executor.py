@@ -38,6 +38,11 @@ from model_runtime.sandbox.compiling import install_compile_hook, restricted_com
 from model_runtime.sandbox.dispatch_guard import WriteGuard
 from model_runtime.sandbox.dispatch_guard import prepare as prepare_write_guard
 from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected, SandboxError
+from model_runtime.sandbox.finalisers import (
+    keep_thread_state_across_collections,
+    release_request_objects,
+    request_scope,
+)
 from model_runtime.sandbox.global_state import state_restored
 from model_runtime.sandbox.gradients import activations_require_grad, wants_gradients
 from model_runtime.sandbox.guards import Guards
@@ -89,6 +94,7 @@ class Sandbox:
         self._models: weakref.WeakKeyDictionary[Any, _ModelContext] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # nnsight traces are not thread-safe: one at a time
         install_compile_hook()
+        keep_thread_state_across_collections()
         prepare_write_guard()  # the dispatcher kernels' registration, before the first request
 
     @property
@@ -219,43 +225,62 @@ class _Job:
 
     def execute(self) -> dict[str, Any]:
         """Deserialise, compile, run; return the saved values. Runs on the calling thread."""
-        from nnsight.tracing.tracer import _saves, dec, inc
-
         sources.begin()
         self.guards.bind_stop()  # this thread's task: its stop is what request code checks
+        stop = self.guards.stop
         # Entered here, on the thread running the request: the write guard is a per-thread dispatch
         # mode, and much of the global state is per thread.
         with (
+            request_scope(),
             state_restored(),
             sandboxed_compilation(),
             WriteGuard(integrity_for(self.model._module).storage),
         ):
-            t0 = time.perf_counter()
-            tracer, code = self._deserialize()
-            t1 = time.perf_counter()
-            self.timings["deserialize_s"] = t1 - t0
-            frame = tracer.info.frame
-            inc()
+            error: BaseException | None = None
             try:
-                with activations_require_grad(self.model, wants_gradients(self.raw)), shape_limits(
-                    self.model._module, self.limits.max_batch_size, self.limits.max_sequence_length
-                ):
-                    tracer.execute(code)
-                saves = {k: v for k, v in frame.f_locals.items() if id(v) in _saves()}
-            except SandboxError:
+                saves = self._run()
+            except BaseException as exc:
+                error = exc
                 raise
-            except Exception as exc:  # the user's error, reported as such
-                if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
-                    raise LimitExceeded(
-                        f"the request ran out of memory (its allowance is {self.limits.memory_bytes:,} bytes)"
-                    ) from None
-                raise RequestFailed(sources.user_traceback(exc)) from None
             finally:
-                dec()
-            self.timings["execute_s"] = time.perf_counter() - t1
+                # Server clean-up from here: a forced stop waits for it rather than cutting it short.
+                stop.shielded = True
+                # The request's objects are freed here, under its guards, not on another thread;
+                # its code left in them (a generator's cleanup) no longer runs loops or calls.
+                self.guards.end()
+                release_request_objects(self.model, error)
         self.weights.check()
         if tensor_bytes(saves) > self.limits.max_result_bytes:
             raise LimitExceeded(f"the saved values exceed the {self.limits.max_result_bytes:,}-byte result limit")
+        return saves
+
+    def _run(self) -> dict[str, Any]:
+        from nnsight.tracing.tracer import _saves, dec, inc
+
+        t0 = time.perf_counter()
+        tracer, code = self._deserialize()
+        t1 = time.perf_counter()
+        self.timings["deserialize_s"] = t1 - t0
+        frame = tracer.info.frame
+        inc()
+        try:
+            with activations_require_grad(self.model, wants_gradients(self.raw)), shape_limits(
+                self.model._module, self.limits.max_batch_size, self.limits.max_sequence_length
+            ):
+                tracer.execute(code)
+            saves = {k: v for k, v in frame.f_locals.items() if id(v) in _saves()}
+        except SandboxError:
+            raise
+        except Exception as exc:  # the user's error, reported as such
+            if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+                raise LimitExceeded(
+                    f"the request ran out of memory (its allowance is {self.limits.memory_bytes:,} bytes)"
+                ) from None
+            raise RequestFailed(sources.user_traceback(exc)) from None
+        finally:
+            dec()
+            frame.f_locals.clear()  # the request's variables: freed now, on this thread
+        self.timings["execute_s"] = time.perf_counter() - t1
         return saves
 
     def _deserialize(self) -> tuple[Any, Any]:
@@ -384,6 +409,8 @@ def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
     except RequestFailed as exc:  # already the user's frames and a scrubbed message
         raise RequestError(str(exc)) from None
 
+
+run_blob.collects_garbage = True  # type: ignore[attr-defined]  # (finalisers.py): execute_request skips its own
 
 _SECCOMP = threading.local()
 

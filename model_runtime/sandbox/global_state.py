@@ -99,16 +99,16 @@ def _set_autocast_nesting(depth: int) -> None:
         current = int(torch.autocast_increment_nesting())
 
 
-_INFERENCE_GUARDS = threading.local()
+# Never freed: a guard's destructor puts back the state it saw, on whichever thread frees it. Kept
+# per thread, a retired request thread's guards were freed on the runtime's caller thread and put
+# that thread in inference mode. A guard is made only when a request left the mode changed after
+# its objects were freed (finalisers.py): rare, a few bytes each.
+_INFERENCE_GUARDS: list[Any] = []
 
 
-def _set_inference_mode(enabled: bool) -> None:
-    # Inference mode is a RAII guard in C++: the only way to change it is to hold a guard. The
-    # guard is kept for the thread's life (a few bytes), so the mode stays as set.
-    guard = _C._InferenceMode(enabled)
-    if not hasattr(_INFERENCE_GUARDS, "held"):
-        _INFERENCE_GUARDS.held = []
-    _INFERENCE_GUARDS.held.append(guard)
+def set_inference_mode(enabled: bool) -> None:
+    # Inference mode is a RAII guard in C++: the only way to change it is to hold a guard.
+    _INFERENCE_GUARDS.append(_C._InferenceMode(enabled))
 
 
 def _set_stack_length(length: int, size: Callable[[], int], pop: Callable[[], Any]) -> None:
@@ -272,7 +272,7 @@ def _settings() -> list[Setting]:
     settings += [
         Setting("grad_mode", torch.is_grad_enabled, torch.set_grad_enabled,
                 ("torch.set_grad_enabled", "torch._C._set_grad_enabled", "torch.autograd.set_grad_enabled")),
-        Setting("inference_mode", torch.is_inference_mode_enabled, _set_inference_mode, ("torch.inference_mode",)),
+        Setting("inference_mode", torch.is_inference_mode_enabled, set_inference_mode, ("torch.inference_mode",)),
         Setting("autocast_cache", torch.is_autocast_cache_enabled, torch.set_autocast_cache_enabled,
                 ("torch.set_autocast_cache_enabled",)),
         Setting("autocast_nesting", _autocast_nesting, _set_autocast_nesting,

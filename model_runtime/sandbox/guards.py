@@ -366,8 +366,13 @@ class Guards:
         """
         return dict(self._namespace)
 
+    def end(self) -> None:
+        """The request is over: its code raises at every check from now on, so what it left
+        behind (a generator's cleanup, an intervention unwound late) runs no loop or call."""
+        self.stop = _ENDED
+
     def release(self) -> None:
-        """Drop the request's namespace once the request is over.
+        """End the request and drop its namespace.
 
         The namespace holds bound methods of this object, so the two form a reference cycle that
         would keep every object the request built alive until the cyclic collector runs (about
@@ -395,6 +400,22 @@ class Guards:
             "__metaclass__": type,
             "__name__": "sandbox",
         }
+
+
+class _Ended(StopSignal):
+    """The stop of a request that is over."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(CapabilityDenied)
+        self.stopped = True
+
+    def check(self) -> None:
+        raise CapabilityDenied("the request has ended; its code cannot run any more")
+
+
+_ENDED = _Ended()
 
 
 class _Print:

@@ -54,6 +54,11 @@ def load() -> ModuleType | None:
         return _loaded
 
 
+def loaded() -> ModuleType | None:
+    """The extension if it is already loaded (never loads it)."""
+    return _loaded
+
+
 def failure() -> str | None:
     load()
     return _failure

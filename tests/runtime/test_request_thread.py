@@ -50,6 +50,26 @@ def test_a_cancelled_task_stops_and_the_next_task_gets_a_fresh_thread() -> None:
         thread.stop()
 
 
+def test_shielded_clean_up_is_not_cut_short_by_the_forced_stop() -> None:
+    from model_runtime.replica.request_thread import current_stop
+
+    thread = RequestThread("t")
+    finished: list[str] = []
+
+    def clean_up_past_the_timeout() -> None:
+        current_stop().shielded = True  # the sandbox's tear-down: Python code that ignores the stop
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:
+            pass
+        finished.append("whole")
+
+    try:
+        assert thread.run(clean_up_past_the_timeout, 0.05, 30.0, cancel=SystemExit) is Outcome.STOPPED
+        assert finished == ["whole"], "the asynchronous stop interrupted the shielded clean-up"
+    finally:
+        thread.stop()
+
+
 def test_a_task_stuck_in_one_c_call_is_wedged() -> None:
     thread = RequestThread("t")
     assert thread.run(lambda: time.sleep(1.5), 0.1, 0.2, cancel=SystemExit) is Outcome.WEDGED

@@ -9,6 +9,7 @@ dispatch guard and the integrity check are shown to hold on their own.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,6 +103,45 @@ def test_state_does_not_outlive_the_request(attack: Any, models: tuple[Any, Any]
     assert torch.equal(after["logits"], before["logits"])
 
 
+def _thread_state() -> tuple[Any, ...]:
+    """This thread's torch state that a finaliser of a request's object could change."""
+    tls = torch._C
+    return (tls._dispatch_tls_local_include_set().raw_repr(), tls._dispatch_tls_local_exclude_set().raw_repr(),
+            torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+            torch._C._len_torch_dispatch_stack(), torch._C._len_torch_function_stack())
+
+
+@pytest.fixture(params=["every layer", "caller's collection only"])
+def teardown(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """'caller's collection only': the request thread frees nothing itself, so the objects are
+    finalised by the collection on the caller's thread and only the collector callback stands."""
+    if request.param != "every layer":
+        monkeypatch.setattr(executor, "release_request_objects", lambda model, error: None)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("attack", lingering_state.IN_A_CYCLE, ids=lambda a: a.__name__)
+def test_objects_left_in_a_cycle_change_no_other_thread(attack: Any, teardown: str, models: tuple[Any, Any]) -> None:
+    client, server = models
+    timeout = 4.0 if attack is lingering_state.cycle_left_by_a_stopped_request else 30.0
+
+    def runtime(seconds: float = 30.0) -> SeamBackend:
+        return SeamBackend(client, server, execution.ExecutionLimits(timeout_seconds=seconds, cancel_grace_seconds=2))
+
+    before = lingering_state.probe(client, runtime())
+    caller = _thread_state()
+    try:
+        attack(client, runtime(timeout))
+    except RuntimeError as exc:  # the stopped one ends with its timeout
+        assert str(exc).strip()
+    gc.collect()  # whatever the request left, collected here: the runtime's caller thread
+    assert _thread_state() == caller, "the request's objects changed the caller thread's torch state"
+    after = lingering_state.probe(client, runtime())
+    assert after["state"][:-1] == before["state"][:-1]
+    assert torch.equal(after["logits"], before["logits"])
+    assert executor.sandbox_healthy()
+
+
 def test_corpus_size() -> None:
     assert len(below_python.WEIGHT_ATTACKS) >= 5 and len(below_python.UNINITIALISED_ATTACKS) >= 5
-    assert len(lingering_state.ATTACKS) >= 5
+    assert len(lingering_state.ATTACKS) >= 5 and len(lingering_state.IN_A_CYCLE) >= 5

@@ -193,3 +193,41 @@ def test_a_mode_entered_and_never_left_is_put_back(mode: str) -> None:
     worker.start()
     worker.join()
     assert out == [True]
+
+
+def test_a_collection_outside_a_request_leaves_the_collecting_thread_state() -> None:
+    """A request's object finalised on another thread (here: by a collection on this one) cannot
+    change that thread's dispatch key sets, grad or inference mode (sandbox/finalisers.py)."""
+    import gc
+
+    from model_runtime.sandbox.finalisers import keep_thread_state_across_collections
+    from model_runtime.sandbox.global_state import set_inference_mode
+
+    keep_thread_state_across_collections()
+
+    def state() -> tuple[Any, ...]:
+        return (torch._C._dispatch_tls_local_include_set().raw_repr(),
+                torch._C._dispatch_tls_local_exclude_set().raw_repr(),
+                torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+    class Finalised:
+        def __del__(self) -> None:
+            set_inference_mode(True)
+            torch._C._dispatch_tls_set_dispatch_key_included(torch._C.DispatchKey.Python, True)
+            torch._C._set_grad_enabled(False)
+
+    def run() -> tuple[Any, ...]:
+        before = state()
+        obj = Finalised()
+        obj.cycle = obj  # type: ignore[attr-defined]
+        del obj
+        gc.collect()
+        assert state() == before
+        return before
+
+    run()
+    seen: list[Any] = []
+    worker = threading.Thread(target=lambda: seen.append(run()))  # a thread that never ran a request
+    worker.start()
+    worker.join()
+    assert len(seen) == 1
