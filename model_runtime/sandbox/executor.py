@@ -49,7 +49,7 @@ from model_runtime.sandbox.guards import Guards
 from model_runtime.sandbox.integrity import all_healthy as integrity_healthy
 from model_runtime.sandbox.integrity import integrity_for
 from model_runtime.sandbox.limits import Limits, Worker, address_space_cap, check_payload, tensor_bytes
-from model_runtime.sandbox.model_calls import check_call_kwargs, shape_limits
+from model_runtime.sandbox.model_calls import check_attention, check_call_kwargs, shape_limits
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
 from model_runtime.sandbox.provenance import ServerState
 from model_runtime.sandbox.unpickling import loads
@@ -75,6 +75,7 @@ class _ModelContext:
     weights: WeightGuard
     caps: Capabilities
     state: ServerState
+    attention: str  # what the replica loaded, which its memory budget is sized for
 
 
 @dataclass
@@ -113,7 +114,8 @@ class Sandbox:
         ctx = self._models.get(model)
         if ctx is None or ctx.weights.modules[0] is not model._module:  # new or rebuilt model
             weights = WeightGuard([model._module])
-            ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected), ServerState(model))
+            ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected), ServerState(model),
+                                str(getattr(model._module.config, "_attn_implementation", None)))
             self._models[model] = ctx
         return ctx
 
@@ -136,6 +138,7 @@ class Sandbox:
             integrity.admit()  # refuses while the weights are untrusted (fail closed)
             try:
                 if env:
+                    check_attention(env.get("attn_implementation"), ctx.attention)
                     model._remoteable_set_env(env)
                 ctx.weights.arm(integrity.tensors)
                 ctx.state.capture()

@@ -13,6 +13,15 @@ its key.
 larger batch risks a co-tenant's memory. While a request runs, a pre-hook on the model's forward
 refuses inputs with more rows or positions than that (generation included: the attention mask
 grows with each new token).
+
+**Attention.** The budget is sized for the attention the replica loaded
+(`ndif_operator.api.attention`): SDPA never holds a score matrix, eager holds one layer's
+batch x heads x seq^2 scores at a time. A request may not switch an SDPA model to eager (nnsight's
+client sends its own `attn_implementation`; `check_attention`), and the config it would change is
+read-only to requests. `output_attentions=True` (the model's forward keeps every layer's weights)
+runs only on an eager model, and only while every layer's weights for the request's batch fit in
+the score allowance the budget holds for one layer at the deployment's limits; otherwise the
+forward's pre-hook refuses it and says what to do instead.
 """
 
 from __future__ import annotations
@@ -33,6 +42,21 @@ LOADER_KWARGS = frozenset(
     }
 )
 _PLAIN = (str, int, float, bool, complex, type(None), bytes, slice, range, type(Ellipsis))
+
+
+EAGER = "eager"
+
+
+def check_attention(requested: Any, deployed: str) -> None:
+    """Refuse a request that would switch a model budgeted for another attention to eager."""
+    if requested == EAGER and deployed != EAGER:
+        raise LimitExceeded(
+            f"this model runs {deployed!r} attention and its memory budget is sized for it; the request asks for "
+            "'eager' attention (attn_implementation), which holds a batch x heads x sequence^2 score matrix per "
+            "layer that the budget does not count. Load your client model without attn_implementation='eager' "
+            "(it then sends the server's); to read attention weights, compute them in the trace from a layer's "
+            "queries and keys (e.g. through .source)"
+        )
 
 
 def check_call_kwargs(kwargs: dict[str, Any]) -> None:
@@ -66,19 +90,50 @@ def _check(value: Any, where: str, depth: int) -> None:
         )
 
 
+def _check_output_attentions(module: Any, rows: int, positions: int, max_batch_size: int,
+                             max_sequence_length: int) -> None:
+    """`output_attentions=True` keeps every layer's attention weights: refuse it where the budget
+    does not hold them (see the module doc)."""
+    config = module.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != EAGER:
+        raise LimitExceeded(
+            f"output_attentions=True needs eager attention; this model runs {implementation!r} attention, which "
+            "computes no attention weights (they would come back as None), and its memory budget is not sized for "
+            "eager attention's batch x heads x sequence^2 score matrices. Leave output_attentions out and compute "
+            "the weights you need in the trace from a layer's queries and keys (e.g. through .source)"
+        )
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    element = next(module.parameters()).element_size()
+    kept = layers * rows * heads * positions * positions * element
+    # The budget's eager score matrix: one layer's, at the limits, with its float32 softmax.
+    allowance = max_batch_size * heads * max_sequence_length * max_sequence_length * (element + 4)
+    if kept > allowance:
+        raise LimitExceeded(
+            f"output_attentions=True keeps every layer's attention weights, {kept:,} bytes for {rows} prompt(s) of "
+            f"{positions} positions; this model's memory budget holds {allowance:,} bytes of attention scores (one "
+            "layer's at its maxBatchSize and maxSequenceLength). Use fewer or shorter prompts, or save the "
+            "attention weights of the layers you need from their modules' outputs instead"
+        )
+
+
 @contextlib.contextmanager
 def shape_limits(module: Any, max_batch_size: int, max_sequence_length: int) -> Iterator[None]:
-    """While active, the model's forward refuses batches or sequences past the limits."""
+    """While active, the model's forward refuses batches or sequences past the limits, and
+    `output_attentions=True` where the budget does not hold the weights it keeps."""
     import torch
 
     def check(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rows = positions = 0
         for name in ("input_ids", "inputs_embeds", "attention_mask"):
             tensor = kwargs.get(name)
             if tensor is None and name == "input_ids" and args:
                 tensor = args[0]
             if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
                 continue
-            rows, positions = int(tensor.shape[0]), int(tensor.shape[1])
+            rows, positions = max(rows, int(tensor.shape[0])), max(positions, int(tensor.shape[1]))
             if rows > max_batch_size:
                 raise LimitExceeded(
                     f"the batch has {rows} rows; this model accepts at most {max_batch_size} (its maxBatchSize, "
@@ -89,6 +144,8 @@ def shape_limits(module: Any, max_batch_size: int, max_sequence_length: int) -> 
                     f"the sequence has {positions} positions; this model accepts at most {max_sequence_length} "
                     "(its maxSequenceLength, prompt plus generated tokens): shorten the prompt or max_new_tokens"
                 )
+        if kwargs.get("output_attentions"):
+            _check_output_attentions(_module, rows, positions, max_batch_size, max_sequence_length)
 
     handle = module.register_forward_pre_hook(check, with_kwargs=True)
     try:

@@ -143,6 +143,56 @@ def test_batch_and_sequence_limits(models: tuple[Any, Any], backend: Any) -> Non
     assert ok.shape[0] == 1
 
 
+# -- attention: the budget is sized for the attention the replica loaded -----------------------------
+
+
+def test_a_switch_to_eager_attention_is_refused_early(models: tuple[Any, Any], backend: Any) -> None:
+    client, server = models
+    assert server._module.config._attn_implementation == "sdpa"
+    be = backend()
+    be.env = {**be.env, "attn_implementation": "eager"}  # what a client loaded with attn_implementation="eager" sends
+    with pytest.raises(LimitExceeded, match="budget") as info:
+        with client.trace("Hello", backend=be):
+            client.lm_head.output.save()
+    assert "'eager'" in str(info.value) and "attn_implementation" in str(info.value)
+    assert server._module.config._attn_implementation == "sdpa", "the refused request switched the model"
+    with pytest.raises(LimitExceeded, match="output_attentions=True needs eager attention"):
+        with client.trace("Hello", output_attentions=True, backend=backend()):
+            client.lm_head.output.save()
+    with pytest.raises(LimitExceeded, match="output_attentions"):
+        with client.generate("Hello", max_new_tokens=2, output_attentions=True, backend=backend()) as tracer:
+            tracer.result.save()
+    with pytest.raises(Exception, match="read-only"):  # the config is server state
+        with client.trace("Hello", backend=backend()):
+            client.config.output_attentions = True
+            client.lm_head.output.save()
+    with pytest.raises(Exception, match="attn_implementation"):  # a loader keyword in the model call
+        with client.trace("Hello", attn_implementation="eager", backend=backend()):
+            client.lm_head.output.save()
+    assert server._module.config._attn_implementation == "sdpa" and not server._module.config.output_attentions
+    with client.trace("Hello", backend=backend()):  # the next request runs as before
+        ok = client.lm_head.output.save()
+    assert ok.shape[0] == 1
+
+
+def test_output_attentions_runs_on_an_eager_model_while_the_budget_holds_it(tmp_path: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from model_runtime.sandbox.model_calls import shape_limits
+    from model_runtime.tiny_models import build_tiny_model
+
+    build_tiny_model("llama", tmp_path, config_overrides={"num_hidden_layers": 4})
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.ones((1, 8), dtype=torch.long)
+    with shape_limits(eager, max_batch_size=1, max_sequence_length=64), torch.no_grad():
+        out = eager(input_ids=ids, output_attentions=True)  # 4 layers of 8^2 fit one layer's 64^2 allowance
+    assert len(out.attentions) == 4
+    with shape_limits(eager, max_batch_size=1, max_sequence_length=8), torch.no_grad():
+        eager(input_ids=ids)  # one layer's scores at a time: what the budget holds
+        with pytest.raises(LimitExceeded, match="keeps every layer's attention weights"):
+            eager(input_ids=ids, output_attentions=True)  # 4 layers x 8^2 x 4 bytes > 8^2 x (4 + 4)
+
+
 def test_limits_defaults_are_the_model_deployments() -> None:
     from ndif_operator.api import ModelUserConfig, RuntimeLimits
 
