@@ -115,7 +115,7 @@ class Sandbox:
         if ctx is None or ctx.weights.modules[0] is not model._module:  # new or rebuilt model
             weights = WeightGuard([model._module])
             ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected), ServerState(model),
-                                str(getattr(model._module.config, "_attn_implementation", None)))
+                                str(getattr(getattr(model._module, "config", None), "_attn_implementation", None)))
             self._models[model] = ctx
         return ctx
 
