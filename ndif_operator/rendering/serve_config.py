@@ -51,13 +51,7 @@ MIN_RANK_CPU = 0.01
 # the gateway's handles (route_prefix None), so they never serve HTTP themselves: with Serve's direct
 # ingress on (the gateway's own HTTP server) a model replica would otherwise start one too, on a
 # uvloop whose io_uring rings abort the process once the replica's process filter refuses io_uring.
-# Both the gateway and the model replicas run their methods on the replica's own event loop, and the
-# gateway its handle router too (Serve 2.60 defaults to a separate user-code thread and router loop):
-# every request and every streamed event otherwise crosses threads twice more on each side.
-SERVE_LOOP_ENV: Mapping[str, str] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                                     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-MODEL_REPLICA_ENV: Mapping[str, str] = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", **SERVE_LOOP_ENV}
-GATEWAY_ENV: Mapping[str, str] = dict(SERVE_LOOP_ENV)
+MODEL_REPLICA_ENV: Mapping[str, str] = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
 def render_serve_config(
@@ -147,7 +141,7 @@ def _gateway_app(options: RenderOptions, routes: Mapping[str, GatewayRoute]) -> 
                 "name": GATEWAY_DEPLOYMENT,
                 "num_replicas": options.gateway_replicas,
                 # On the head node, the one Ray pod given the gateway's credentials (docs/security.md).
-                "ray_actor_options": {**actor_options(options.gateway_num_cpus or 0, 0, 0, GATEWAY_ENV),
+                "ray_actor_options": {**actor_options(options.gateway_num_cpus or 0, 0, 0, {}),
                                       "resources": {HEAD_NODE_RESOURCE: HEAD_NODE_SHARE}},
                 "user_config": table.model_dump(mode="json"),
             }

@@ -29,7 +29,7 @@ from ndif_operator.rendering import (
     serve_config_text,
     validate_serve_config,
 )
-from ndif_operator.rendering.serve_config import MODEL_REPLICA_ENV, SERVE_LOOP_ENV
+from ndif_operator.rendering.serve_config import MODEL_REPLICA_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,10 +164,8 @@ def test_cpu_only_requests_no_gpus_and_zero_cpus() -> None:
     llama = next(a for a in config["applications"] if a["name"] == "md-ml-llama")
     assert llama["deployments"][0]["ray_actor_options"]["runtime_env"] == {
         "env_vars": {"OMP_NUM_THREADS": "1", **MODEL_REPLICA_ENV}}
-    # No direct-ingress server in a model replica; the Serve methods on the replica's own loop.
-    assert MODEL_REPLICA_ENV == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", **SERVE_LOOP_ENV}
-    gateway = config["applications"][0]["deployments"][0]["ray_actor_options"]
-    assert gateway["runtime_env"] == {"env_vars": dict(SERVE_LOOP_ENV)}
+    # A model replica never starts Serve's direct-ingress server (its process filter refuses io_uring).
+    assert MODEL_REPLICA_ENV == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     assert validate_serve_config(config) == []
 
 
