@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -80,17 +81,30 @@ def check_payload(blob: bytes, compress: bool, limits: Limits) -> bytes:
         raise LimitExceeded(f"payload of {len(blob):,} bytes exceeds the {limits.max_payload_bytes:,} limit")
     if not compress:
         return bytes(blob)
-    import zstandard
-
     # Streamed in 1 MiB chunks and stopped at the cap: the frame header's content size is the
     # sender's claim, and one `read(cap)` would allocate the whole cap up front.
-    reader = zstandard.ZstdDecompressor().stream_reader(bytes(blob))
+    reader = _decompressor().stream_reader(bytes(blob))
     out = bytearray()
     while chunk := reader.read(_DECOMPRESS_CHUNK):
         out += chunk
         if len(out) > limits.max_decompressed_bytes:
             raise LimitExceeded(f"payload decompresses past the {limits.max_decompressed_bytes:,}-byte limit")
     return bytes(out)
+
+
+_ZSTD = threading.local()
+
+
+def _decompressor() -> Any:
+    """This thread's zstd decompressor: making one costs more than decompressing a typical
+    request (each stream starts from a reset context; one per thread, as they are not
+    thread-safe)."""
+    found = getattr(_ZSTD, "decompressor", None)
+    if found is None:
+        import zstandard
+
+        found = _ZSTD.decompressor = zstandard.ZstdDecompressor()
+    return found
 
 
 def tensor_bytes(value: Any, _depth: int = 0) -> int:

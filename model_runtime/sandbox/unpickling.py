@@ -182,12 +182,15 @@ class _ServerObject:
 
 
 class _Built:
-    """Stands for an object this load creates (NEWOBJ/REDUCE result)."""
+    """Stands for an object this load creates (NEWOBJ/REDUCE result). One subclass per kind
+    (`_built_kind`), its role in class attributes: a payload creates dozens of these per load, and
+    a kind's instance is then made without running any Python."""
 
-    __slots__ = ("buildable", "envoy", "mapping", "what")
-
-    def __init__(self, what: str, *, buildable: bool = False, mapping: bool = False, envoy: bool = False) -> None:
-        self.what, self.buildable, self.mapping, self.envoy = what, buildable, mapping, envoy
+    __slots__ = ()
+    what: ClassVar[str] = "object"
+    buildable: ClassVar[bool] = False
+    mapping: ClassVar[bool] = False
+    envoy: ClassVar[bool] = False
 
     def __setstate__(self, state: Any) -> None:
         if not self.buildable:
@@ -197,10 +200,11 @@ class _Built:
             # every object in the state's `_children`. Those must be envoys this load created,
             # or the stream could write into a server module or an allowlisted class.
             children = state.get("_children") if type(state) is dict else None
-            if type(children) is not list or not all(
-                isinstance(child, _Built) and child.envoy for child in children
-            ):
+            if type(children) is not list:
                 raise PayloadRejected(f"the payload's {self.what} state links children it did not create")
+            for child in children:
+                if not (isinstance(child, _Built) and child.envoy):
+                    raise PayloadRejected(f"the payload's {self.what} state links children it did not create")
 
     def __setitem__(self, _key: Any, _value: Any) -> None:
         if not self.mapping:
@@ -208,6 +212,13 @@ class _Built:
 
     def __call__(self, *_args: Any, **_kwargs: Any) -> Any:
         raise PayloadRejected(f"the payload calls a {self.what} it built")
+
+
+@functools.cache
+def _built_kind(what: str, buildable: bool = False, mapping: bool = False, envoy: bool = False) -> type[_Built]:
+    """The stand-in class of objects of one kind (calling it makes one)."""
+    namespace = {"__slots__": (), "what": what, "buildable": buildable, "mapping": mapping, "envoy": envoy}
+    return type(f"Built[{what}]", (_Built,), namespace)
 
 
 class _Function(_ServerObject):
@@ -266,7 +277,8 @@ def _stand_in_for(key: tuple[str, str]) -> Any:
         if name == "_fill":
             return _Function(what, lambda *_: None)
         made = "function" if name == "_load_function" else "tensor"
-        return _Function(what, lambda *_: _Built(made))
+        kind = _built_kind(made)
+        return _Function(what, lambda *_: kind())
     if key == ("nnsight.intervention.interleaver", "Mediator"):
         raise PayloadRejected(EDIT_REFUSAL)
     if key not in ALLOWED_GLOBALS:
@@ -276,10 +288,11 @@ def _stand_in_for(key: tuple[str, str]) -> Any:
         buildable, mapping = key in _BUILDABLE_GLOBALS, real is OrderedDict
         envoy = issubclass(real, _resolve(("nnsight.intervention.envoy", "Envoy")))
         return _class_stand_in(
-            what, lambda: _Built(name, buildable=buildable, mapping=mapping, envoy=envoy), key in REDUCIBLE_GLOBALS
+            what, _built_kind(name, buildable, mapping, envoy), key in REDUCIBLE_GLOBALS
         )
     if key in REDUCIBLE_GLOBALS:
-        return _Function(what, lambda *_: _Built("tensor"))
+        tensor = _built_kind("tensor")
+        return _Function(what, lambda *_: tensor())
     return _ServerObject(what)  # dtypes, an unbound method: referenced, never called or modified
 
 
@@ -289,8 +302,8 @@ def _builtin_type_stand_in(name: Any = None, *_: Any) -> type:
 
 
 _BUILTIN_TYPE_STAND_INS = {
-    "SimpleNamespace": _class_stand_in("SimpleNamespace", lambda: _Built("SimpleNamespace", buildable=True), True),
-    "MethodType": _class_stand_in("MethodType", lambda: _Built("bound method"), True),
+    "SimpleNamespace": _class_stand_in("SimpleNamespace", _built_kind("SimpleNamespace", buildable=True), True),
+    "MethodType": _class_stand_in("MethodType", _built_kind("bound method"), True),
 }
 
 
@@ -303,13 +316,16 @@ class _DryRun(pickle.Unpickler):
         self._servers: dict[str, _ServerObject] = {}  # one stand-in per persistent id, as identity is
 
     def persistent_load(self, pid: Any) -> Any:
+        # A payload names the same server objects many times: a repeat is one lookup (only
+        # checked ids are keys; `type(pid) is str` keeps a str subclass's own `__eq__` out).
+        found = self._servers.get(pid) if type(pid) is str else None
+        if found is not None:
+            return found
         if not isinstance(pid, str) or pid not in self._persistent_ids:
             from nnsight.intervention.serialization import UnknownPersistentIdError
 
             raise UnknownPersistentIdError(pid)
-        found = self._servers.get(pid)
-        if found is None:
-            found = self._servers[pid] = _ServerObject(f"the server's {pid}")
+        found = self._servers[pid] = _ServerObject(f"the server's {pid}")
         return found
 
     def find_class(self, module: str, name: str) -> Any:
