@@ -116,6 +116,21 @@ def _set_stack_length(length: int, size: Callable[[], int], pop: Callable[[], An
         pop()  # a mode the request pushed and left (e.g. `set_default_device`'s device context)
 
 
+_CPU = torch.device("cpu")
+_DEVICE_CONTEXT: Any = getattr(torch, "_GLOBAL_DEVICE_CONTEXT", None)
+
+
+def _default_device() -> torch.device:
+    # `torch.get_default_device()` answers CPU when no device context is on the torch-function
+    # mode stack and none is set globally; that is decided here without its imports and scan
+    # (read twice per request). Any other state takes torch's own path.
+    if _DEVICE_CONTEXT is not None and not _C._len_torch_function_stack() and getattr(
+        _DEVICE_CONTEXT, "device_context", None
+    ) is None:
+        return _CPU
+    return torch.get_default_device()
+
+
 def _set_default_device(device: torch.device) -> None:
     torch.set_default_device(None if device == torch.device("cpu") else device)
 
@@ -278,7 +293,7 @@ def _settings() -> list[Setting]:
         Setting("autocast_nesting", _autocast_nesting, _set_autocast_nesting,
                 ("torch.autocast_increment_nesting", "torch.autocast_decrement_nesting")),
         *[s for device in _AUTOCAST_DEVICES for s in _autocast(device)],
-        Setting("default_device", torch.get_default_device, _set_default_device, ("torch.set_default_device",)),
+        Setting("default_device", _default_device, _set_default_device, ("torch.set_default_device",)),
         Setting("torch_function_modes", _C._len_torch_function_stack,
                 lambda n: _set_stack_length(n, _C._len_torch_function_stack, _C._pop_torch_function_stack),
                 ("torch._C._push_on_torch_function_stack",)),
