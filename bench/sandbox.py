@@ -207,6 +207,7 @@ def main(iterations: int) -> None:
     from model_runtime.sandbox.capabilities import Capabilities
     from model_runtime.sandbox.compiling import restricted_compile
     from model_runtime.sandbox.dispatch_guard import PythonWriteGuard, ServerStorage, WriteGuard
+    from model_runtime.sandbox.finalisers import release_request_objects
     from model_runtime.sandbox.global_state import GlobalState
     from model_runtime.sandbox.guards import Guards
     from model_runtime.sandbox.integrity import WeightIntegrity
@@ -297,6 +298,16 @@ def main(iterations: int) -> None:
         integrity.admit()
         integrity.verify()
 
+    context = sandbox.context(server)
+
+    def runtime_state_roundtrip() -> None:
+        context.runtime.capture()
+        context.runtime.verify_and_restore()
+
+    def server_state_roundtrip() -> None:
+        context.state.capture()
+        context.state.verify_and_restore()
+
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
     guard = WriteGuard(integrity.storage)
     python_guard = PythonWriteGuard(integrity.storage)
@@ -335,6 +346,9 @@ def main(iterations: int) -> None:
         ("4 weights: arm + version check", weights_roundtrip),
         ("4b global state: capture + restore", lambda: GlobalState.capture().restore()),
         ("4c integrity: admit + verify (fingerprint)", integrity_roundtrip),
+        ("4 provenance: server containers snapshot + verify", server_state_roundtrip),
+        ("4 provenance: nnsight runtime state snapshot + verify", runtime_state_roundtrip),
+        ("4 tear-down on the request thread (incl. young gc)", lambda: release_request_objects(server, None)),
         ("5 payload: size check + zstd decompress", lambda: check_payload(blob, request.compress, Limits())),
         ("5 memory: RLIMIT_AS set + restore", capped),
     ]

@@ -51,6 +51,7 @@ from model_runtime.sandbox.integrity import integrity_for
 from model_runtime.sandbox.limits import Limits, Worker, address_space_cap, check_payload, tensor_bytes
 from model_runtime.sandbox.model_calls import check_attention, check_call_kwargs, shape_limits
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
+from model_runtime.sandbox.nnsight_state import RuntimeState
 from model_runtime.sandbox.provenance import ServerState
 from model_runtime.sandbox.unpickling import loads
 
@@ -75,6 +76,7 @@ class _ModelContext:
     weights: WeightGuard
     caps: Capabilities
     state: ServerState
+    runtime: RuntimeState  # nnsight's runtime state made after first serve
     attention: str  # what the replica loaded, which its memory budget is sized for
 
 
@@ -114,7 +116,9 @@ class Sandbox:
         ctx = self._models.get(model)
         if ctx is None or ctx.weights.modules[0] is not model._module:  # new or rebuilt model
             weights = WeightGuard([model._module])
-            ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected), ServerState(model),
+            state = ServerState(model)
+            ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected), state,
+                                RuntimeState(model, state.adopt),
                                 str(getattr(getattr(model._module, "config", None), "_attn_implementation", None)))
             self._models[model] = ctx
         return ctx
@@ -142,11 +146,12 @@ class Sandbox:
                     model._remoteable_set_env(env)
                 ctx.weights.arm(integrity.tensors)
                 ctx.state.capture()
+                ctx.runtime.capture()
                 yield request
             finally:
                 t0 = time.perf_counter()
                 request.guards.release()
-                changed = ctx.state.verify_and_restore()
+                changed = ctx.state.verify_and_restore() + ctx.runtime.verify_and_restore()
                 request.restored = state.restore() + [f"server state {where}" for where in changed]
                 request.restore_s = time.perf_counter() - t0
                 try:

@@ -49,6 +49,14 @@ class ServerState:
                 self._by_id[id(value)] = value
                 self._containers.append(value)
 
+    def adopt(self, container: Any, where: str) -> None:
+        """Record a container the server made after first serve (nnsight's tables, adopted by
+        `nnsight_state.RuntimeState`); the next `capture` snapshots it."""
+        if type(container) in _CONTAINERS and id(container) not in self._where:
+            self._where[id(container)] = where
+            self._by_id[id(container)] = container
+            self._containers.append(container)
+
     def capture(self) -> None:
         """Snapshot the contents now (at the start of each request: the server itself may change
         its state between requests, e.g. a level change that re-places the weights)."""

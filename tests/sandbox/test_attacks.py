@@ -6,6 +6,7 @@ weights bit-identical, and the next legitimate request still equal to the refere
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,48 @@ def test_attack_is_refused(attack: Any, models: tuple[Any, Any], backend: Any, r
     assert torch.get_default_dtype() == torch.float32
     after = save_logits(client, backend())
     assert torch.equal(after["logits"], reference["logits"]), "the next request is wrong"
+
+
+@pytest.fixture(params=["every layer", "name rule blinded"])
+def nnsight_name_rule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """'name rule blinded': the attribute guard lets request code read nnsight's runtime objects
+    (controllers, their State, the interleaver, `source.compiled`), so that only provenance and the
+    after-request verification of nnsight's state (sandbox/nnsight_state.py) stand."""
+    if request.param != "every layer":
+        from model_runtime.sandbox.guards import Guards
+
+        original = Guards._check_object_attr
+
+        def blinded(self: Guards, obj: Any, name: str) -> None:
+            owner = obj if isinstance(obj, type) else type(obj)
+            if owner.__module__.startswith("nnsight.intervention") and owner.__name__ in (
+                    "Controller", "State", "Interleaver", "Mediator", "Source"):
+                return
+            original(self, obj, name)
+
+        monkeypatch.setattr(Guards, "_check_object_attr", blinded)
+    return str(request.param)
+
+
+def test_late_state_corpus_size() -> None:
+    assert len(provenance.LATE_STATE) >= 5
+
+
+@pytest.mark.parametrize("attack", provenance.LATE_STATE, ids=lambda a: a.__name__)
+def test_nnsight_state_made_after_first_serve_is_verified(attack: Any, nnsight_name_rule: str,
+                                                           models: tuple[Any, Any], backend: Any) -> None:
+    client, server = models
+    before = provenance.victim(client, backend())  # request A: nnsight builds the module's source state
+    digest = weights_digest(server)
+    with contextlib.suppress(SandboxError, RequestFailed):  # refused, or it ran and is undone after
+        attack(client, backend())
+    after = provenance.victim(client, backend())
+    assert torch.equal(after["query"], before["query"]) and torch.equal(after["logits"], before["logits"])
+    assert weights_digest(server) == digest
+    interleaver = server.interleaver
+    assert interleaver.mediators == [] and interleaver.observers == {} and not interleaver.interleaving
+    state = server._module.model.layers[0].self_attn.__dict__["__nnsight__"]
+    assert state.sourced and "planted" not in state.compiled.lines
+    assert all(route[1] != "spy" and callable(route[0]) for route in state.routes)
+    after_again = provenance.victim(client, backend())  # and the one after
+    assert torch.equal(after_again["logits"], before["logits"])
