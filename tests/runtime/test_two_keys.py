@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PROMPT = "The Eiffel Tower is in the city of"
 REFUSED = [provenance.module_dict_setitem, provenance.module_dict_update_method, provenance.weight_tensor_attribute,
            stops.finally_continue, stops.finally_return_in_helper, loaders.generate_trust_remote_code,
-           loaders.generate_custom_generate]
+           loaders.generate_custom_generate,
+           # on state nnsight made for the victim's first `.source` (after the model was first served)
+           provenance.source_lines_edited, provenance.source_route_added, provenance.interleaver_mediator_planted]
 
 
 @pytest.fixture()
@@ -35,13 +37,14 @@ def as_user() -> Iterator[Any]:
 
 def _victim_run(client_model: Any, url: str) -> tuple[dict[str, Any], Any]:
     with client_model.trace(PROMPT, remote=url):
+        query = client_model.model.layers[0].self_attn.source.self_q_proj_0.output.save()
         client_model.model.layers[0].output[:, -1, :] += 1.0
         logits = client_model.lm_head.output.save()
     with client_model.trace(PROMPT, remote=url, blocking=False) as tracer:
         hidden = client_model.model.layers[1].output.save()  # noqa: F841 (read back by name)
     result = poll_backend(tracer.backend)
     assert result is not None
-    return {"logits": logits, "hidden": result["hidden"]}, tracer.backend.job_id
+    return {"logits": logits, "query": query, "hidden": result["hidden"]}, tracer.backend.job_id
 
 
 def test_attacker_cannot_touch_the_victim(client_model: Any, served: dict[str, Any], as_user: Any) -> None:
