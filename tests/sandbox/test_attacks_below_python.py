@@ -142,6 +142,24 @@ def test_objects_left_in_a_cycle_change_no_other_thread(attack: Any, teardown: s
     assert executor.sandbox_healthy()
 
 
+def test_objects_left_in_a_cycle_under_the_python_fallback_guard(models: tuple[Any, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback guard is a Python dispatch mode: an inference-mode guard freed on the caller
+    thread used to leave the Python dispatch key on it without a mode, and every later op there
+    failed ("Hit Python dispatch key but no arguments had PyInterpreter")."""
+    from model_runtime.sandbox import native_guard
+
+    monkeypatch.setattr(native_guard, "load", lambda: None)
+    monkeypatch.setattr(executor, "release_request_objects", lambda model, error: None)  # the callback alone
+    client, server = models
+    runtime = SeamBackend(client, server, execution.ExecutionLimits(timeout_seconds=30.0, cancel_grace_seconds=2))
+    caller = _thread_state()
+    lingering_state.inference_mode_in_a_cycle(client, runtime)
+    gc.collect()
+    assert _thread_state() == caller
+    assert torch.ones(2).add_(1).tolist() == [2.0, 2.0]  # ops on the caller thread still dispatch
+
+
 def test_corpus_size() -> None:
     assert len(below_python.WEIGHT_ATTACKS) >= 5 and len(below_python.UNINITIALISED_ATTACKS) >= 5
     assert len(lingering_state.ATTACKS) >= 5 and len(lingering_state.IN_A_CYCLE) >= 5
