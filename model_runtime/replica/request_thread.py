@@ -43,7 +43,7 @@ class Outcome(enum.Enum):
 class StopSignal:
     """One task's stop request: set by the thread that timed it out, checked by the task's code."""
 
-    __slots__ = ("_event", "cancel", "shielded", "stopped")
+    __slots__ = ("_also", "_event", "cancel", "forced_at", "shielded", "stopped")
 
     def __init__(self, cancel: type[BaseException] = SystemExit) -> None:
         self.stopped = False  # a plain attribute: the sandbox reads it at every loop iteration
@@ -52,10 +52,22 @@ class StopSignal:
         # exception is not raised while it is set (a clean-up that never ends is WEDGED).
         self.shielded = False
         self._event = threading.Event()
+        self._also: list[Callable[[], None]] = []
+        #: When (time.monotonic) the stop is forced if the task has not ended; inf: never.
+        self.forced_at = float("inf")
 
     def set(self) -> None:
         self.stopped = True
         self._event.set()
+        for stop in self._also:
+            stop()
+
+    def also_stop(self, stop: Callable[[], None]) -> None:
+        """Call `stop` too when this signal is set (at once if it already is): a stop that code
+        below Python checks (the sandbox's native kernels)."""
+        self._also.append(stop)
+        if self.stopped:
+            stop()
 
     def check(self) -> None:
         """Raise the task's `cancel` if the task was stopped (every time it is called)."""
@@ -137,6 +149,7 @@ class RequestThread:
         soon as `stop` is set (another thread decided the request ends: a tensor-parallel rank 0)."""
         thread, tasks = self._ensure_started()
         task = _Task(fn, threading.Event(), StopSignal(cancel))
+        task.stop.forced_at = time.monotonic() + timeout_s + grace_s / 2
         tasks.put(task)
         if _wait_done(task.done, timeout_s, stop):
             return Outcome.DONE

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_runtime.replica.request_thread import current_stop
+from model_runtime.sandbox.builtin_bounds import module_override
 from model_runtime.sandbox.errors import CapabilityDenied
 
 # Names hidden in every proxied module: file, network, native code, (de)serialisation, process.
@@ -208,7 +209,10 @@ class ModuleProxy:
         caps: Capabilities = object.__getattribute__(self, "_sandbox_caps")
         if name.startswith("_") or name in caps.denied_in(module.__name__):
             raise CapabilityDenied(f"{module.__name__}.{name} is not available in the sandbox")
-        if module.__name__ == "torch" and name in _ZEROED:
+        override = module_override(module.__name__, name)
+        if override is not None:
+            value = override  # bounded C work: itertools' iterators stop-checked, big-int math bounded
+        elif module.__name__ == "torch" and name in _ZEROED:
             value = getattr(module, _ZEROED[name])
         elif module.__name__ == "torch" and name == "empty_strided":
             value = _zeroed_after(module.empty_strided)

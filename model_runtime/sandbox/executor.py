@@ -54,6 +54,7 @@ from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
 from model_runtime.sandbox.nnsight_state import RuntimeState
 from model_runtime.sandbox.provenance import ServerState
 from model_runtime.sandbox.unpickling import loads
+from model_runtime.sandbox.work_bounds import request_budget
 
 _ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
 
@@ -243,6 +244,8 @@ class _Job:
             state_restored(),
             sandboxed_compilation(),
             WriteGuard(integrity_for(self.model._module).storage),
+            # the stop reaches kernels, and one op may not outlast the point the stop is forced
+            request_budget(self.guards.stop),
         ):
             error: BaseException | None = None
             try:

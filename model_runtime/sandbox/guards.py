@@ -22,6 +22,7 @@ from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from model_runtime.replica.request_thread import StopSignal, current_stop
+from model_runtime.sandbox import builtin_bounds
 from model_runtime.sandbox.capabilities import Capabilities, ModuleProxy
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, ModelTampering
 from model_runtime.sandbox.model_guard import MODULE_MUTATORS, TENSOR_ALIASING
@@ -202,6 +203,8 @@ class Guards:
         if isinstance(obj, ModuleProxy):
             return getattr(obj, name, *default)
         unbound = isinstance(obj, type) and any(obj is t for t in _CONTAINER_TYPES)
+        if name == "sort" and type(obj) is list:
+            return builtin_bounds.list_sort(obj)  # one C call: its length is bounded
         if name in _CONTAINER_MUTATORS and (unbound or self.server_owned(obj)):
             # `model.kwargs.update(...)`, or `dict.update(server_dict, ...)`: a method call is a
             # write the write guard never sees.
@@ -315,6 +318,8 @@ class Guards:
         self.counters.inplace += 1
         if self.is_protected(target):
             raise ModelTampering(f"in-place {op} on the model's weights is not allowed")
+        if op in builtin_bounds.BOUNDED_OPS:
+            return builtin_bounds.checked_binop(op, target, value)
         fn = _INPLACE_OPS.get(op)
         if fn is None:
             raise CodeRejected(f"operator {op} is not supported")
@@ -394,6 +399,7 @@ class Guards:
             "_inplace_attr_": self.inplace_attr_,
             "_apply_": self.apply_,
             "_check_stop_": self.check_stop_,
+            "_arith_": builtin_bounds.checked_binop,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_unpack_sequence_": guarded_unpack_sequence,
             "_print_": functools.partial(_Print, self._print_function),
@@ -453,6 +459,7 @@ def _guarded_build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> An
 _STATIC_BUILTINS: dict[str, Any] = {
     **{name: _denied_builtin(name) for name in _DENIED_BUILTINS},
     **{name: vars(builtins)[name] for name in _SAFE_BUILTIN_NAMES},
+    **builtin_bounds.BUILTINS,  # pow, sum, range, ...: bounded work in one C call
     "__build_class__": _guarded_build_class,
     "__name__": "sandbox",
 }

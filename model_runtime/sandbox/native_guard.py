@@ -14,6 +14,8 @@ dispatch key that the guard puts in the request thread's include set:
   ~1,500 ops that write an argument, update running statistics or allocate have a kernel that
   checks the written tensors' storage against the server's byte ranges, refuses before the kernel
   runs (`ModelTampering`), zeroes what allocations return, then redispatches below the key;
+* the heavy op families and unbounded views (`work_bounds.py`) have a kernel that prices them
+  against the request's time left, and every kernel of the key ends a stopped request;
 * an op registered later (a library imported after start-up) gets its kernel when the next guard
   is entered; until then it reaches the key's boxed fallback, which derives its rule from the
   schema at first call: slower, never unguarded.
@@ -67,8 +69,8 @@ def failure() -> str | None:
 def _import_and_install() -> ModuleType:
     import torch  # noqa: F401 - the extension links against the loaded libtorch
 
-    from model_runtime.sandbox import dispatch_guard
-    from model_runtime.sandbox.errors import ModelTampering
+    from model_runtime.sandbox import dispatch_guard, work_bounds
+    from model_runtime.sandbox.errors import LimitExceeded, ModelTampering
 
     path = BUILD_DIR / f"{NAME}.so"
     if not path.exists():
@@ -86,7 +88,11 @@ def _import_and_install() -> ModuleType:
         sorted(dispatch_guard.UNDECLARED_RUNNING_STATS),
         sorted(dispatch_guard.STATS_FLAGS),
         list(dispatch_guard.STATS_READ_ONLY),
+        list(work_bounds.STOP_TYPES),
+        LimitExceeded,
+        work_bounds.COSTS,
     )
+    work_bounds.install(module)
     log.debug("native write guard: %s", installed)
     return module
 

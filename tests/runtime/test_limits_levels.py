@@ -61,6 +61,26 @@ def test_a_program_that_catches_its_stop_ends_and_the_same_replica_serves_on(nam
     assert logits.ndim == 3
 
 
+@pytest.mark.parametrize(("name", "expected"), [("int_power", "bits"), ("expand_then_sum", "elements"),
+                                              ("sum_repeat", "timeout of 3 seconds")])
+def test_one_long_c_call_ends_or_is_refused_and_the_same_replica_serves_on(name: str, expected: str,
+                                                                          slow_client_model: Any) -> None:
+    """Programs that would sit in one C call (tests/sandbox/attacks/native_work.py), through the
+    gateway: refused before the call with the bound it is over, or ended at the stop; never
+    wedged (the replica is not replaced) and the next request is correct."""
+    from sandbox import client_only
+    from sandbox.attacks import native_work
+
+    program = getattr(client_only.load(native_work), name)
+    with pytest.raises(RemoteError, match=expected):
+        program(slow_client_model, slow_client_model._remote_backend(True, True, None, False))
+    info = _slow_handle().info.remote().result()
+    assert not info["wedged"]
+    with slow_client_model.trace(PROMPT, remote=True):
+        logits = slow_client_model.lm_head.output.save()
+    assert logits.ndim == 3
+
+
 def test_full_queue_is_refused_not_hung(slow_client_model: Any, served: dict[str, Any]) -> None:
     def submit_sleeper() -> Any:
         with slow_client_model.trace(PROMPT, remote=True, blocking=False) as tracer:
@@ -148,9 +168,12 @@ def test_wedged_replica_is_replaced_and_serves_again(slow_client_model: Any, ser
     with pytest.raises(RemoteError, match="timeout"):
         with slow_client_model.trace(PROMPT, remote=True):
             slow_client_model.model.layers[0].output.save()
-            # One torch kernel over 10**11 elements of a stride-0 view (no memory, GIL released),
-            # far longer than timeout (3 s) + grace (5 s). (`time.sleep` in a request ends at the stop.)
-            torch.ones(1).expand(10**6, 10**5).sum()
+            # One LAPACK call (~6e11 flops over 128 MB), far longer than timeout (3 s) + grace
+            # (5 s): numpy's kernels are neither priced nor stop-checked (torch's are: the same
+            # call in torch is refused up front).
+            import numpy
+
+            numpy.linalg.eigvals(numpy.ones((4000, 4000)))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

@@ -9,6 +9,8 @@
 //   * ops that write an argument, update running statistics or hand out memory have a boxed
 //     kernel (GuardKernel) that refuses a write into server memory before anything runs and zeroes
 //     what an allocation returns, then redispatches below the key;
+//   * heavy ops (priced by work_bounds.h) also have a kernel: it refuses one that cannot finish
+//     before the request's limit; every kernel of the key ends the request once it was stopped;
 //   * an op registered later gets its kernel at the next refresh() (each guard entry); until then
 //     it reaches the key's boxed fallback, which derives its rule from the schema (slower, never
 //     unguarded).
@@ -19,6 +21,8 @@
 #include <ATen/core/stack.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
+
+#include "work_bounds.h"
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -49,6 +53,7 @@ struct Vocabulary {
   std::set<std::string> stats_args;
   std::set<std::string> stats_flags;
   std::vector<std::string> stats_read_only;
+  std::map<std::string, work_bounds::Cost> costs;  // by op name (all overloads)
 };
 Vocabulary g_vocabulary;
 
@@ -58,7 +63,10 @@ struct Rule {
   int64_t training = -1;        // the flag that turns those updates on (-1: none, always on)
   bool allocates = false;       // returns uninitialised memory
   bool grows = false;           // may grow its first argument's storage
-  bool plain() const { return written.empty() && stats.empty() && !allocates && !grows; }
+  work_bounds::Cost cost = work_bounds::Cost::kNone;  // priced before (or, views, after) it runs
+  bool plain() const {
+    return written.empty() && stats.empty() && !allocates && !grows && cost == work_bounds::Cost::kNone;
+  }
 };
 
 // Mirrors dispatch_guard.op_rule (a test compares the two over the whole registry).
@@ -86,6 +94,10 @@ Rule rule_of(const c10::FunctionSchema& schema) {
   }
   rule.allocates = g_vocabulary.allocators.count(name) > 0;
   rule.grows = g_vocabulary.growing.count(name) > 0;
+  const auto cost = g_vocabulary.costs.find(name);
+  if (cost != g_vocabulary.costs.end()) {
+    rule.cost = cost->second;
+  }
   return rule;
 }
 
@@ -165,6 +177,8 @@ bool owns_any(const Ranges& server, const c10::IValue& value) {
 // --- refusals ----------------------------------------------------------------------------------
 
 PyObject* g_error_type = nullptr;  // model_runtime.sandbox.errors.ModelTampering (a new reference)
+std::vector<PyObject*> g_stop_types;  // what a stop raises, by Budget::cancel (new references)
+PyObject* g_limit_type = nullptr;  // errors.LimitExceeded: an op over the request's budget
 std::atomic<int64_t> g_refused{0};
 std::atomic<int64_t> g_zeroed{0};
 
@@ -175,6 +189,69 @@ struct Refusal : public torch::PyTorchError {
     return g_error_type != nullptr ? g_error_type : PyExc_RuntimeError;
   }
 };
+
+struct Stopped : public torch::PyTorchError {
+  Stopped(std::string message, size_t cancel) : torch::PyTorchError(std::move(message)), cancel_(cancel) {}
+  PyObject* python_type() override { return cancel_ < g_stop_types.size() ? g_stop_types[cancel_] : PyExc_RuntimeError; }
+
+ private:
+  size_t cancel_;
+};
+
+struct OverBudget : public torch::PyTorchError {
+  using torch::PyTorchError::PyTorchError;
+  PyObject* python_type() override { return g_limit_type != nullptr ? g_limit_type : PyExc_RuntimeError; }
+};
+
+std::atomic<int64_t> g_stops{0};
+std::atomic<int64_t> g_over_budget{0};
+
+// Before any guarded op of a bound request: its stop, then the op's price against its time left.
+void check_budget(const Rule& rule, const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
+  const work_bounds::Budget* budget = work_bounds::t_budget.get();
+  if (budget == nullptr) {
+    return;
+  }
+  if (budget->stopped.load(std::memory_order_relaxed)) {
+    g_stops.fetch_add(1, std::memory_order_relaxed);
+    throw Stopped("the request ran past its time limit and was stopped (at " + work_bounds::short_name(op) + ")",
+                  budget->cancel);
+  }
+  if (rule.cost != work_bounds::Cost::kNone && rule.cost != work_bounds::Cost::kView) {
+    const std::string refusal = work_bounds::over_budget(
+        *budget, work_bounds::g_rates, rule.cost, op, work_bounds::cost_of(rule.cost, op, args), work_bounds::placement(args));
+    if (!refusal.empty()) {
+      g_over_budget.fetch_add(1, std::memory_order_relaxed);
+      throw OverBudget(refusal);
+    }
+  }
+}
+
+size_t storage_bytes(const at::Tensor& tensor);
+
+// After a view op: the logical size of what it returned, which memory does not bound.
+void check_view(const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> outputs) {
+  const work_bounds::Budget* budget = work_bounds::t_budget.get();
+  if (budget == nullptr) {
+    return;
+  }
+  for (const c10::IValue& value : outputs) {
+    if (value.isTensor() && value.toTensor().defined()) {
+      const at::Tensor& view = value.toTensor();
+      const double elements = static_cast<double>(view.numel());
+      if (elements * static_cast<double>(view.element_size()) <= static_cast<double>(storage_bytes(view))) {
+        continue;  // a view within its memory: reading it is bounded by what memory allows
+      }
+      const std::string refusal = work_bounds::over_budget(
+          *budget, work_bounds::g_rates, work_bounds::Cost::kView, op, elements,
+          {view.device().is_cpu(), view.scalar_type()});
+      if (!refusal.empty()) {
+        g_over_budget.fetch_add(1, std::memory_order_relaxed);
+        throw OverBudget(refusal);
+      }
+    }
+  }
+}
 
 [[noreturn]] void refuse(const c10::OperatorHandle& op) {
   g_refused.fetch_add(1, std::memory_order_relaxed);
@@ -221,6 +298,7 @@ void guarded_call(const Rule& rule, const c10::OperatorHandle& op, c10::Dispatch
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
   auto args = torch::jit::last(*stack, nargs);
+  check_budget(rule, op, args);
   if (!rule.written.empty() || !rule.stats.empty()) {
     const auto server = std::atomic_load(&g_merged);
     if (!server->starts.empty()) {
@@ -247,7 +325,17 @@ void guarded_call(const Rule& rule, const c10::OperatorHandle& op, c10::Dispatch
     grown = args[0].toTensor();
     before = storage_bytes(grown);
   }
+  const bool writes_arg0 = rule.cost == work_bounds::Cost::kView && !rule.written.empty() && nargs > 0 &&
+                          args[0].isTensor();
+  const at::Tensor set_target = writes_arg0 ? args[0].toTensor() : at::Tensor();
   op.redispatchBoxed(ks & kBelow, stack);
+  if (rule.cost == work_bounds::Cost::kView) {
+    if (set_target.defined()) {  // set_ / as_strided_: the argument is the view
+      check_view(op, {c10::IValue(set_target)});
+    } else {
+      check_view(op, torch::jit::last(*stack, schema.returns().size()));
+    }
+  }
   if (grown.defined()) {
     // resize_ keeps the old bytes at the front (copied if it reallocated); the rest is new
     const c10::Storage& storage = grown.unsafeGetTensorImpl()->unsafe_storage();
@@ -355,7 +443,10 @@ py::dict install(
     const std::vector<std::string>& growing,
     const std::vector<std::string>& stats_args,
     const std::vector<std::string>& stats_flags,
-    const std::vector<std::string>& stats_read_only) {
+    const std::vector<std::string>& stats_read_only,
+    const std::vector<py::object>& stop_types,
+    py::object limit_type,
+    const std::map<std::string, int>& costs) {
   {
     std::lock_guard<std::mutex> lock(g_install_mutex);
     if (!g_installed) {
@@ -364,6 +455,13 @@ py::dict install(
       g_vocabulary.stats_args = {stats_args.begin(), stats_args.end()};
       g_vocabulary.stats_flags = {stats_flags.begin(), stats_flags.end()};
       g_vocabulary.stats_read_only = stats_read_only;
+      for (const auto& entry : costs) {
+        g_vocabulary.costs[entry.first] = static_cast<work_bounds::Cost>(entry.second);
+      }
+      for (const auto& type : stop_types) {
+        g_stop_types.push_back(type.inc_ref().ptr());
+      }
+      g_limit_type = limit_type.inc_ref().ptr();
       g_error_type = error_type.inc_ref().ptr();
       g_registrations = new std::vector<c10::RegistrationHandleRAII>();
       auto& dispatcher = c10::Dispatcher::singleton();
@@ -413,6 +511,40 @@ py::tuple rule(const std::string& name, const std::string& overload) {
 
 py::tuple counters() { return py::make_tuple(g_refused.load(), g_zeroed.load()); }
 
+py::tuple budget_counters() { return py::make_tuple(g_stops.load(), g_over_budget.load()); }
+
+// Bind `budget` (or nothing: None) to this thread; returns the one bound before.
+std::shared_ptr<work_bounds::Budget> bind_budget(std::shared_ptr<work_bounds::Budget> budget) {
+  std::swap(budget, work_bounds::t_budget);
+  return budget;
+}
+
+// The replica's rates (once, at start): float ops/s on the CPU by dtype name ("Float", "Long", ...),
+// elements/s of a CPU reduction, and the caps used for tensors on an accelerator.
+void set_rates(const std::map<std::string, double>& cpu_flops, double cpu_elements, double device_flops,
+               double device_elements) {
+  work_bounds::Rates rates;
+  for (const auto& entry : cpu_flops) {
+    for (size_t i = 0; i < rates.cpu_flops_by_dtype.size(); ++i) {
+      if (entry.first == c10::toString(static_cast<c10::ScalarType>(i))) {
+        rates.cpu_flops_by_dtype[i] = entry.second;
+      }
+    }
+  }
+  const auto float_rate = cpu_flops.find("Float");
+  rates.cpu_flops = float_rate != cpu_flops.end() ? float_rate->second : 0;
+  rates.cpu_elements = cpu_elements;
+  rates.device_flops = device_flops;
+  rates.device_elements = device_elements;
+  work_bounds::g_rates = rates;
+}
+
+int64_t cost_kind(const std::string& name, const std::string& overload) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({name, overload});
+  TORCH_CHECK(handle.has_value(), "no schema for ", name, ".", overload);
+  return static_cast<int64_t>(rule_of(handle->schema()).cost);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -425,5 +557,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("is_active", &is_active);
   m.def("rule", &rule, "The rule derived for an op: (written, stats, training, allocates, grows).");
   m.def("counters", &counters, "(refused, zeroed) since the process started.");
+  m.def("budget_counters", &budget_counters, "(stops raised, ops over budget) since the process started.");
+  m.def("bind_budget", &bind_budget, py::arg("budget").none(true),
+        "Bind a request's budget to this thread (None: unbind); returns the previous one.");
+  m.def("set_rates", &set_rates, "The replica's work rates (before the first request).");
+  m.def("cost_kind", &cost_kind, "The cost family an op is priced by (0: none).");
+  py::class_<work_bounds::Budget, std::shared_ptr<work_bounds::Budget>>(m, "Budget")
+      .def(py::init([](double seconds_left, size_t cancel) {
+             auto budget = std::make_shared<work_bounds::Budget>();
+             budget->limit_at = work_bounds::now_s() + seconds_left;
+             budget->cancel = cancel;
+             return budget;
+           }),
+           py::arg("seconds_left"), py::arg("cancel"))
+      .def("stop", [](work_bounds::Budget& budget) { budget.stopped.store(true); },
+           "The request's stop: every guarded op of its thread raises from now on (any thread may call it).")
+      .def_property_readonly("stopped", [](const work_bounds::Budget& budget) { return budget.stopped.load(); })
+      .def("seconds_left", [](const work_bounds::Budget& budget) { return budget.limit_at - work_bounds::now_s(); });
   m.attr("dispatch_key") = py::str(c10::toString(kKey));
 }

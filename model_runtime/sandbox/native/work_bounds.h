@@ -1,0 +1,267 @@
+// Per-request work bounds for the guard's kernels (included by write_guard.cpp; see
+// model_runtime/sandbox/work_bounds.py).
+//
+// A thread inside one long kernel runs no Python, so neither the request's cooperative stop nor
+// the asynchronous exception reaches it. While a request runs, its thread has a Budget bound:
+//   * the request's stop sets `stopped`; every guarded kernel checks it before running, so a
+//     composite op looping over many aten calls in C++ ends at the next call after the stop;
+//   * an op whose cost is superlinear in the memory it touches (matrix products, convolutions,
+//     attention, cubic linear algebra, pooling windows) or a view whose logical size is not
+//     bounded by memory (expand, as_strided, unfold, set_ with a size) is priced from its argument
+//     sizes before it runs and refused when it cannot finish before the request's limit at the
+//     replica's measured rate.
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace work_bounds {
+
+enum class Cost : int8_t { kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain };
+
+// The replica's rates, set once at start (work_bounds.py measures the CPU's).
+struct Rates {
+  double cpu_flops = 0;        // multiply-adds x2 per second on this replica's CPU, float32 (measured)
+  std::array<double, static_cast<size_t>(c10::ScalarType::NumOptions)> cpu_flops_by_dtype{};  // measured ones
+  double cpu_elements = 0;     // elements read per second by a reduction on the CPU (measured)
+  double device_flops = 0;     // the same for accelerator tensors (a documented cap)
+  double device_elements = 0;
+};
+inline Rates g_rates;
+
+struct Budget {
+  std::atomic<bool> stopped{false};
+  double limit_at = 0;  // steady-clock seconds past which no op may be expected to run
+  size_t cancel = 0;    // which of the installed stop types the stop raises
+};
+
+inline thread_local std::shared_ptr<Budget> t_budget;
+
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+inline double product(c10::IntArrayRef sizes, size_t from = 0) {
+  double p = 1;
+  for (size_t i = from; i < sizes.size(); ++i) {
+    p *= static_cast<double>(sizes[i]);
+  }
+  return p;
+}
+
+// The argument named `name`, or nullptr.
+inline const c10::IValue* arg(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args, const char* name) {
+  const auto index = schema.argumentIndexWithName(name);
+  return index.has_value() && *index < args.size() ? &args[*index] : nullptr;
+}
+
+inline const at::Tensor* tensor_arg(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args,
+                                    std::initializer_list<const char*> names) {
+  for (const char* name : names) {
+    const c10::IValue* value = arg(schema, args, name);
+    if (value != nullptr && value->isTensor() && value->toTensor().defined()) {
+      return &value->toTensor();
+    }
+  }
+  return nullptr;
+}
+
+inline std::vector<int64_t> int_list(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args,
+                                     const char* name) {
+  const c10::IValue* value = arg(schema, args, name);
+  if (value == nullptr || !value->isIntList()) {
+    return {};
+  }
+  return value->toIntVector();
+}
+
+inline int64_t at_or(const std::vector<int64_t>& values, size_t i, int64_t fallback) {
+  if (values.empty()) {
+    return fallback;
+  }
+  return values[std::min(i, values.size() - 1)];
+}
+
+// Output extent of a sliding window (convolution, pooling) along one dimension.
+inline double window_out(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  const double span = static_cast<double>(dilation) * static_cast<double>(kernel - 1) + 1;
+  const double room = static_cast<double>(in) + 2.0 * static_cast<double>(padding) - span;
+  return room < 0 ? 0 : std::floor(room / static_cast<double>(std::max<int64_t>(stride, 1))) + 1;
+}
+
+// Floating-point operations (or, for kView, elements) the op is about to do; 0 when unknown.
+inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
+  const auto& schema = op.schema();
+  switch (kind) {
+    case Cost::kMatmul: {  // A (..., n, k) @ B (..., k, m): 2 * numel(A) * m
+      const at::Tensor* a = tensor_arg(schema, args, {"mat1", "batch1", "self"});
+      const at::Tensor* b = tensor_arg(schema, args, {"mat2", "batch2"});
+      if (a == nullptr || b == nullptr || b->dim() < 1) {
+        return 0;
+      }
+      return 2.0 * static_cast<double>(a->numel()) * static_cast<double>(b->size(-1));
+    }
+    case Cost::kConv: {
+      const at::Tensor* input = tensor_arg(schema, args, {"input", "self"});
+      const at::Tensor* weight = tensor_arg(schema, args, {"weight"});
+      if (input == nullptr || weight == nullptr || weight->dim() < 3 || input->dim() < weight->dim() - 1) {
+        return 0;
+      }
+      const size_t spatial = static_cast<size_t>(weight->dim() - 2);
+      const c10::IValue* flag = arg(schema, args, "transposed");
+      const bool transposed = (flag != nullptr && flag->isBool() && flag->toBool()) ||
+                              schema.name().find("transpose") != std::string::npos;
+      const auto sizes = input->sizes();
+      const size_t first = sizes.size() - spatial;
+      const double batch = product(sizes.slice(0, first)) / static_cast<double>(std::max<int64_t>(sizes[first - 1], 1));
+      double positions = 1;  // output positions (input positions when transposed)
+      if (transposed) {
+        positions = product(sizes, first);
+      } else {
+        const auto stride = int_list(schema, args, "stride");
+        const auto padding = int_list(schema, args, "padding");
+        const auto dilation = int_list(schema, args, "dilation");
+        for (size_t i = 0; i < spatial; ++i) {
+          positions *= window_out(sizes[first + i], weight->size(static_cast<int64_t>(2 + i)), at_or(stride, i, 1),
+                                  at_or(padding, i, 0), at_or(dilation, i, 1));
+        }
+      }
+      return 2.0 * batch * positions * static_cast<double>(weight->numel());
+    }
+    case Cost::kAttention: {  // q (..., L, E), k (..., S, E), v (..., S, Ev)
+      const at::Tensor* q = tensor_arg(schema, args, {"query", "q"});
+      const at::Tensor* k = tensor_arg(schema, args, {"key", "k"});
+      const at::Tensor* v = tensor_arg(schema, args, {"value", "v"});
+      if (q == nullptr || k == nullptr || v == nullptr || q->dim() < 2 || k->dim() < 2 || v->dim() < 1) {
+        return 0;
+      }
+      // The layout differs between kernels ((B, H, L, E) or (B, L, H, E)): price the larger.
+      const double rows = static_cast<double>(q->numel()) / static_cast<double>(std::max<int64_t>(q->size(-1), 1));
+      const double keys = static_cast<double>(std::max(k->size(-2), k->dim() >= 3 ? k->size(-3) : int64_t{1}));
+      return 2.0 * rows * keys * static_cast<double>(q->size(-1) + v->size(-1));
+    }
+    case Cost::kCubic: {  // A (..., m, n): ~ batch * m * n * min(m, n)
+      const at::Tensor* a = tensor_arg(schema, args, {"self", "A", "input", "LU", "B"});
+      if (a == nullptr || a->dim() < 2) {
+        return 0;
+      }
+      return static_cast<double>(a->numel()) * static_cast<double>(std::min(a->size(-1), a->size(-2)));
+    }
+    case Cost::kPool: {  // every output position reads its window
+      const at::Tensor* input = tensor_arg(schema, args, {"self", "input"});
+      const auto kernel = int_list(schema, args, "kernel_size");
+      if (input == nullptr || kernel.empty()) {
+        return 0;
+      }
+      const size_t spatial = std::min(kernel.size(), static_cast<size_t>(input->dim()));
+      const auto sizes = input->sizes();
+      const size_t first = sizes.size() - spatial;
+      const auto stride = int_list(schema, args, "stride");
+      const auto padding = int_list(schema, args, "padding");
+      const auto dilation = int_list(schema, args, "dilation");
+      double positions = product(sizes.slice(0, first));
+      for (size_t i = 0; i < spatial; ++i) {
+        const int64_t k = at_or(kernel, i, 1);
+        positions *= window_out(sizes[first + i], k, at_or(stride, i, k), at_or(padding, i, 0), at_or(dilation, i, 1)) *
+                     static_cast<double>(k);
+      }
+      return positions;
+    }
+    case Cost::kPairwise: {  // x1 (..., P, M), x2 (..., R, M): every pair's distance
+      const at::Tensor* a = tensor_arg(schema, args, {"x1"});
+      const at::Tensor* b = tensor_arg(schema, args, {"x2"});
+      if (a == nullptr || b == nullptr || b->dim() < 2) {
+        return 0;
+      }
+      return 2.0 * static_cast<double>(a->numel()) * static_cast<double>(b->size(-2));
+    }
+    case Cost::kChain: {  // a product chain's order search: cubic in the number of operands (elements)
+      const c10::IValue* list = arg(schema, args, "tensors");
+      if (list == nullptr || !list->isList()) {
+        return 0;
+      }
+      const double n = static_cast<double>(list->toListRef().size());
+      return n * n * n;
+    }
+    case Cost::kView:
+    case Cost::kNone:
+      return 0;
+  }
+  return 0;
+}
+
+// The first tensor argument's device and dtype (what the kernel is chosen by).
+inline std::pair<bool, c10::ScalarType> placement(c10::ArrayRef<c10::IValue> args) {
+  for (const c10::IValue& value : args) {
+    if (value.isTensor() && value.toTensor().defined()) {
+      return {value.toTensor().device().is_cpu(), value.toTensor().scalar_type()};
+    }
+  }
+  return {true, c10::ScalarType::Float};
+}
+
+inline std::string short_name(const c10::OperatorHandle& op) {
+  const std::string& full = op.schema().name();
+  const auto sep = full.find("::");
+  return sep == std::string::npos ? full : full.substr(sep + 2);
+}
+
+inline std::string fixed(double value, int digits) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof(buffer), "%.*f", digits, value);
+  return buffer;
+}
+
+// The refusal's text when `work` (flops, or elements for kView) cannot finish in time; empty if it can.
+inline std::string over_budget(const Budget& budget, const Rates& rates, Cost kind, const c10::OperatorHandle& op, double work,
+                               std::pair<bool, c10::ScalarType> where) {
+  if (work <= 0) {
+    return {};
+  }
+  const bool cpu = where.first;
+  const bool elements = kind == Cost::kView || kind == Cost::kChain;
+  double rate = elements ? (cpu ? rates.cpu_elements : rates.device_elements)
+                         : (cpu ? rates.cpu_flops : rates.device_flops);
+  if (cpu && !elements) {  // the measured rate of this dtype; the slowest measured for the others
+    const auto index = static_cast<size_t>(where.second);
+    const double measured = index < rates.cpu_flops_by_dtype.size() ? rates.cpu_flops_by_dtype[index] : 0;
+    if (measured > 0) {
+      rate = measured;
+    } else {
+      for (double r : rates.cpu_flops_by_dtype) {
+        rate = r > 0 ? std::min(rate, r) : rate;
+      }
+    }
+  }
+  if (rate <= 0) {
+    return {};
+  }
+  const double left = std::max(0.0, budget.limit_at - now_s());
+  if (work <= rate * left) {
+    return {};
+  }
+  if (elements) {
+    return short_name(op) + " makes a view of ~" + fixed(work / 1e9, 1) +
+           " G elements over far less memory; reading it needs more than the " + fixed(left, 1) +
+           " s this request has left at this replica's ~" + fixed(rate / 1e9, 1) +
+           " G elements/s (materialise a smaller tensor instead)";
+  }
+  return short_name(op) + " needs ~" + fixed(work / 1e9, 1) + " GFLOP, more than the " + fixed(left, 1) +
+         " s this request has left allow at this replica's ~" + fixed(rate / 1e9, 1) +
+         " GFLOP/s; use smaller operands";
+}
+
+}  // namespace work_bounds

@@ -1,0 +1,45 @@
+"""Programs that would sit in one long C call: no request bytecode runs inside it, so neither the
+stop checks the compiler inserts nor the asynchronous exception reach it, and the replica would
+be replaced as wedged. Each must end at its stop (the source iterates with a stop check, or a
+guarded torch kernel raises it) or be refused up front (its size priced before it runs).
+
+`ENDS_AT_STOP` run until the stop; the others are refused before the long call starts.
+"""
+# ruff: noqa: F401 (the bodies use these names: they are the attack functions' globals)
+
+import itertools
+import math
+import operator
+
+import torch
+
+from sandbox.attacks import PROMPT, in_trace
+
+ATTACKS = in_trace(globals(), {
+    # -- Python: big integers (refused up front) ----------------------------------------------
+    "int_power": "x = 10 ** 10**9",
+    "int_power_builtin": "x = pow(7, 10**9)",
+    "int_square_from_bytes": """
+        x = int.from_bytes(b"\\xff" * 10**7, "big")
+        y = x * x
+    """,
+    "int_reduce_mul": "x = operator.mul(2**200000, 3**150000)",
+    "factorial": "x = math.factorial(10**7)",
+    "quadratic_list_sum": "x = sum([[0]] * 10**6, [])",
+    # -- Python: unbounded C iterators (end at the stop) --------------------------------------
+    "sum_repeat": "x = sum(itertools.repeat(1))",
+    "sum_huge_range": "x = sum(range(10**13))",
+    "max_of_count": "x = max(itertools.count())",
+    "join_cycle": "x = ''.join(itertools.islice(itertools.cycle('ab'), 10**12))",
+    # -- torch: heavy kernels over bounded memory (refused up front) ---------------------------
+    "conv_huge_kernel": "y = torch.nn.functional.conv1d(torch.ones(1, 1, 2**22), torch.ones(1, 1, 2**21))",
+    "expand_then_sum": "y = torch.ones(1).expand(10**6, 10**5).sum()",
+    "unfold_then_sum": "y = torch.zeros(2**20).unfold(0, 2**19, 1).sum()",
+    "pool_huge_window": "y = torch.nn.functional.max_pool1d(torch.ones(1, 1, 2**24), 2**23, 1)",
+    "einsum_big": "y = torch.einsum('ij,jk->ik', torch.ones(8000, 8000), torch.ones(8000, 8000))",
+    "multi_dot_order_search": "y = torch.linalg.multi_dot([torch.ones(1, 1)] * 5000)",
+    # -- torch: a C++ loop over many aten calls (ends at the stop) ----------------------------
+    "gru_long_sequence": "y = torch.nn.GRU(4, 4)(torch.zeros(10**6, 1, 4))",
+})
+
+ENDS_AT_STOP = frozenset({"sum_repeat", "sum_huge_range", "max_of_count", "join_cycle", "gru_long_sequence"})

@@ -1,0 +1,92 @@
+"""One long C call cannot keep a request past its stop: programs that would sit in a single C
+builtin or torch kernel (`attacks/native_work.py`) run through the production path and each is
+refused up front (its size priced before the call) or ends at its stop (a stop-checked source, or
+a guarded kernel raising it inside a C++ loop); never wedged, and the same replica serves the next
+request correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from model_runtime.sandbox import LimitExceeded, Limits, builtin_bounds, native_guard, work_bounds
+from sandbox.attacks import native_work
+from sandbox.harness import weights_digest
+from sandbox.legit_programs import save_logits
+
+SHORT = Limits(timeout_s=0.5, grace_s=4.0, memory_bytes=2 * 1024**3, max_result_bytes=4 * 1024**2)
+
+
+@pytest.fixture(scope="module")
+def reference(models: tuple[Any, Any]) -> dict[str, Any]:
+    return save_logits(models[1], None)
+
+
+@pytest.mark.parametrize("attack", native_work.ATTACKS, ids=lambda a: a.__name__)
+def test_one_long_c_call_ends_or_is_refused(attack: Any, models: tuple[Any, Any], backend: Any,
+                                            reference: Any) -> None:
+    client, server = models
+    before = weights_digest(server)
+    be = backend(limits=SHORT)
+    with pytest.raises(LimitExceeded) as info:
+        attack(client, be)
+    outcome = be.outcome
+    assert not outcome.wedged, outcome.meta
+    if attack.__name__ in native_work.ENDS_AT_STOP:
+        assert outcome.timed_out and outcome.meta["stop"] == "cooperative", outcome.meta
+    elif not outcome.timed_out:  # refused before the long call, with the bound it is over
+        assert any(word in str(info.value) for word in ("bits", "GFLOP", "elements", "quadratic")), info.value
+    assert weights_digest(server) == before
+    after = save_logits(client, backend())
+    assert torch.equal(after["logits"], reference["logits"]), "the next request is wrong"
+
+
+def test_heavy_families_have_kernels_and_light_ops_fall_through() -> None:
+    native = native_guard.load()
+    assert native is not None, native_guard.failure()
+    priced = {("aten::mm", ""): work_bounds.Cost.MATMUL, ("aten::convolution", ""): work_bounds.Cost.CONV,
+              ("aten::_scaled_dot_product_flash_attention_for_cpu", ""): work_bounds.Cost.ATTENTION,
+              ("aten::_linalg_eigh", ""): work_bounds.Cost.CUBIC, ("aten::max_pool2d", ""): work_bounds.Cost.POOL,
+              ("aten::expand", ""): work_bounds.Cost.VIEW, ("aten::_cdist_forward", ""): work_bounds.Cost.PAIRWISE}
+    for (name, overload), kind in priced.items():
+        assert native.cost_kind(name, overload) == kind, name
+    for name, overload in (("aten::add", "Tensor"), ("aten::view", ""), ("aten::sum", "")):
+        assert native.cost_kind(name, overload) == work_bounds.Cost.NONE, name
+
+
+def test_a_stopped_budget_raises_at_the_next_guarded_op() -> None:
+    from model_runtime.replica.request_thread import RequestThread
+    from model_runtime.sandbox.dispatch_guard import ServerStorage, WriteGuard
+
+    seen: list[str] = []
+
+    def work() -> None:
+        from model_runtime.replica.request_thread import current_stop
+
+        with WriteGuard(ServerStorage()), work_bounds.request_budget(current_stop()) as budget:
+            assert budget is not None
+            torch.ones(2) @ torch.ones(2)  # priced and far under the budget: runs
+            current_stop().set()
+            try:
+                torch.zeros(3)  # an allocation: the guard's kernel raises the stop
+            except SystemExit as exc:
+                seen.append(str(exc))
+
+    thread = RequestThread("t")
+    thread.run(work, timeout_s=30, grace_s=1, cancel=SystemExit)
+    thread.stop()
+    assert seen and "stopped" in seen[0]
+
+
+def test_int_bounds_keep_ordinary_arithmetic() -> None:
+    assert builtin_bounds.checked_binop("**", 2, 100) == 2**100
+    assert builtin_bounds.checked_binop("*", "ab", 3) == "ababab"
+    assert builtin_bounds.checked_binop("%", "%s!", 1) == "1!"
+    with pytest.raises(LimitExceeded, match="bits"):
+        builtin_bounds.checked_binop("<<", 1, builtin_bounds.MAX_INT_BITS + 1)
+    assert list(builtin_bounds.BUILTINS["range"](3)) == [0, 1, 2]
+    long_range = builtin_bounds.BUILTINS["range"](10**13)
+    assert len(long_range) == 10**13 and long_range[5] == 5 and 7 in long_range
