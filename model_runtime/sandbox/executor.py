@@ -244,12 +244,13 @@ class _Job:
             state_restored(),
             sandboxed_compilation(),
             WriteGuard(integrity_for(self.model._module).storage),
-            # the stop reaches kernels, and one op may not outlast the point the stop is forced
-            request_budget(self.guards.stop),
         ):
             error: BaseException | None = None
             try:
-                saves = self._run()
+                # While request code runs (not the clean-up below): the stop reaches kernels, and
+                # one op may not outlast the point the stop is forced.
+                with request_budget(stop):
+                    saves = self._run()
             except BaseException as exc:
                 error = exc
                 raise

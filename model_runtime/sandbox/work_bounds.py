@@ -56,6 +56,7 @@ class Cost(enum.IntEnum):
     VIEW = 6  # elements of the view made (after it is made)
     PAIRWISE = 7  # x1 (..., P, M), x2 (..., R, M): 2 * numel(x1) * R
     CHAIN = 8  # a product chain's order search: n**3 steps for n operands
+    RECURRENT = 9  # steps * (2 * weights + a fixed cost per step)
 
 
 # aten op names (all overloads, out= variants included). Composite ops (`matmul`, `linear`,
@@ -91,6 +92,7 @@ _FAMILIES: dict[Cost, tuple[str, ...]] = {
     Cost.VIEW: ("expand", "as_strided", "as_strided_", "unfold", "set_", "_reshape_alias"),
     Cost.PAIRWISE: ("_cdist_forward",),
     Cost.CHAIN: ("linalg_multi_dot", "chain_matmul"),
+    Cost.RECURRENT: ("lstm", "gru", "rnn_tanh", "rnn_relu", "mkldnn_rnn", "_cudnn_rnn", "miopen_rnn"),
 }
 COSTS: dict[str, int] = {name: int(kind) for kind, names in _FAMILIES.items() for name in names}
 

@@ -30,7 +30,7 @@
 
 namespace work_bounds {
 
-enum class Cost : int8_t { kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain };
+enum class Cost : int8_t { kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain, kRecurrent };
 
 // The replica's rates, set once at start (work_bounds.py measures the CPU's).
 struct Rates {
@@ -49,6 +49,10 @@ struct Budget {
 };
 
 inline thread_local std::shared_ptr<Budget> t_budget;
+
+// A recurrent step's fixed cost in float-op equivalents (~3 us of kernel launches per step on a
+// CPU core): a long sequence of tiny steps is slow whatever its weights.
+constexpr double kStepFlops = 1e5;
 
 inline double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -195,6 +199,25 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
       }
       const double n = static_cast<double>(list->toListRef().size());
       return n * n * n;
+    }
+    case Cost::kRecurrent: {  // every step (row of the input) multiplies by every weight, plus a fixed cost
+      const at::Tensor* input = tensor_arg(schema, args, {"input", "data"});
+      if (input == nullptr || input->dim() < 1) {
+        return 0;
+      }
+      double weights = 0;
+      for (size_t i = 0; i < args.size() && i < schema.arguments().size(); ++i) {
+        const c10::IValue& value = args[i];
+        if (value.isTensorList()) {
+          for (const at::Tensor& t : value.toTensorVector()) {
+            weights += static_cast<double>(t.numel());
+          }
+        } else if (value.isTensor() && schema.arguments()[i].name().rfind("weight", 0) == 0) {
+          weights += static_cast<double>(value.toTensor().numel());
+        }
+      }
+      const double rows = static_cast<double>(input->numel()) / static_cast<double>(std::max<int64_t>(input->size(-1), 1));
+      return rows * (2.0 * weights + kStepFlops);
     }
     case Cost::kView:
     case Cost::kNone:

@@ -39,6 +39,7 @@ ATTACKS = in_trace(globals(), {
     "einsum_big": "y = torch.einsum('ij,jk->ik', torch.ones(8000, 8000), torch.ones(8000, 8000))",
     "multi_dot_order_search": "y = torch.linalg.multi_dot([torch.ones(1, 1)] * 5000)",
     # -- torch: a C++ loop over many aten calls (ends at the stop) ----------------------------
+    "lstm_long_sequence": "y = torch.nn.LSTM(64, 64)(torch.zeros(10**6, 1, 64))",
     "gru_long_sequence": "y = torch.nn.GRU(4, 4)(torch.zeros(10**6, 1, 4))",
 })
 
