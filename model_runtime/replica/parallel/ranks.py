@@ -36,6 +36,7 @@ from typing import Any
 
 from model_runtime.replica import execution, levels
 from model_runtime.replica.execution import Envelope, ExecutionLimits, ExecutionResult
+from model_runtime.replica.garbage import freeze_long_lived
 from model_runtime.replica.gpu_binding import rank_actor_options
 from model_runtime.replica.host_copy import HostCopy
 from model_runtime.replica.loading import pick_device, resolve_checkpoint, torch_dtype
@@ -153,6 +154,7 @@ class ShardRank:
 
     def load(self, args: dict[str, Any], checkpoint: str) -> dict[str, Any]:
         self.held = load_rank(ModelAppArgs.model_validate(args), checkpoint, self.device)
+        freeze_long_lived()  # as rank 0 does: per-request gc then walks only what requests made
         return {"rank": self.rank, "bytes_read": self.held.shard.bytes_read, "seconds": self.held.shard.seconds}
 
     def execute(self, blob: bytes, envelope: dict[str, Any], limits: dict[str, Any],
@@ -198,6 +200,8 @@ class ShardRank:
 
     def move(self, where: str) -> None:
         self.held = move_rank(self.held, where, self.device)
+        if self.held is not None:
+            freeze_long_lived()  # the moved weights are new long-lived objects
 
     def ping(self) -> int:
         return self.rank
