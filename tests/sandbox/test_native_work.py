@@ -57,27 +57,35 @@ def test_heavy_families_have_kernels_and_light_ops_fall_through() -> None:
         assert native.cost_kind(name, overload) == work_bounds.Cost.NONE, name
 
 
-def test_a_stopped_budget_raises_at_the_next_guarded_op() -> None:
-    from model_runtime.replica.request_thread import RequestThread
+def _guarded_on_a_request_thread(body: Any) -> None:
+    """Run `body()` on a request thread (30 s timeout) under the write guard and its budget."""
+    from model_runtime.replica.request_thread import RequestThread, current_stop
     from model_runtime.sandbox.dispatch_guard import ServerStorage, WriteGuard
 
-    seen: list[str] = []
-
     def work() -> None:
-        from model_runtime.replica.request_thread import current_stop
-
         with WriteGuard(ServerStorage()), work_bounds.request_budget(current_stop()) as budget:
             assert budget is not None
-            torch.ones(2) @ torch.ones(2)  # priced and far under the budget: runs
-            current_stop().set()
-            try:
-                torch.zeros(3)  # an allocation: the guard's kernel raises the stop
-            except SystemExit as exc:
-                seen.append(str(exc))
+            body()
 
     thread = RequestThread("t")
     thread.run(work, timeout_s=30, grace_s=1, cancel=SystemExit)
     thread.stop()
+
+
+def test_a_stopped_budget_raises_at_the_next_guarded_op() -> None:
+    from model_runtime.replica.request_thread import current_stop
+
+    seen: list[str] = []
+
+    def body() -> None:
+        torch.ones(2) @ torch.ones(2)  # priced and far under the budget: runs
+        current_stop().set()
+        try:
+            torch.zeros(3)  # an allocation: the guard's kernel raises the stop
+        except SystemExit as exc:
+            seen.append(str(exc))
+
+    _guarded_on_a_request_thread(body)
     assert seen and "stopped" in seen[0]
 
 
@@ -90,3 +98,33 @@ def test_int_bounds_keep_ordinary_arithmetic() -> None:
     assert list(builtin_bounds.BUILTINS["range"](3)) == [0, 1, 2]
     long_range = builtin_bounds.BUILTINS["range"](10**13)
     assert len(long_range) == 10**13 and long_range[5] == 5 and 7 in long_range
+
+
+def test_views_within_their_memory_are_never_priced() -> None:
+    """Only a view larger than its memory is priced: reading any other is bounded by memory."""
+    big = torch.zeros(2000, 2000)
+    seen: list[str] = []
+
+    def body() -> None:
+        big.t()[::2].expand(3, 1000, 2000).unfold(2, 4, 4)  # views of 4M floats' memory: free
+        torch.zeros(1).expand(2000, 2000)  # 4M elements over 4 bytes, well inside the budget
+        try:
+            torch.zeros(1).expand(10**6, 10**6)
+        except LimitExceeded as exc:
+            seen.append(str(exc))
+
+    _guarded_on_a_request_thread(body)
+    assert seen and "elements" in seen[0]
+
+
+def test_a_forward_at_the_deployment_limits_is_not_refused(models: tuple[Any, Any], backend: Any) -> None:
+    """The tiny model at maxBatchSize x maxSequenceLength (the defaults: 8 x 2048) under a short
+    timeout: every op is priced, none refused."""
+    client, _ = models
+    limits = Limits(timeout_s=3.0, grace_s=2.0, memory_bytes=4 * 1024**3, max_result_bytes=4 * 1024**2)
+    ids = torch.ones(limits.max_batch_size, limits.max_sequence_length, dtype=torch.long)
+    refused_before = native_guard.load().budget_counters()[1]  # type: ignore[union-attr]
+    with client.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, backend=backend(limits=limits)):
+        last = client.lm_head.output[:, -1, :2].clone().save()
+    assert last.shape == (limits.max_batch_size, 2)
+    assert native_guard.load().budget_counters()[1] == refused_before  # type: ignore[union-attr]
