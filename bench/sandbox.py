@@ -288,11 +288,11 @@ def main(iterations: int) -> None:
     def state_roundtrip() -> None:
         ProcessState.capture().restore()
 
-    def weights_roundtrip() -> None:
-        weights.arm()
-        weights.check()
-
     integrity = WeightIntegrity([server._module])
+
+    def weights_roundtrip() -> None:
+        weights.arm(integrity.tensors)  # as a request does: on the integrity check's index
+        weights.check()
 
     def integrity_roundtrip() -> None:
         integrity.admit()
