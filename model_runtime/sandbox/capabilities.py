@@ -14,6 +14,7 @@ function such as `torch.nn.init.zeros_`).
 from __future__ import annotations
 
 import importlib
+import os
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,8 +66,6 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
     "torch.autograd": frozenset(
         {"graph", "set_detect_anomaly", "detect_anomaly", "forward_ad", "set_multithreading_enabled"}
     ),
-    "numpy": frozenset({"random", "info"}),
-    "numpy.linalg": frozenset(),
     "einops": frozenset({"layers", "parsing", "_backends"}),
     "math": frozenset(),
     "cmath": frozenset(),
@@ -91,6 +90,29 @@ DEFAULT_ALLOWED_MODULES: Mapping[str, frozenset[str]] = {
          "transformers", "torch", "functools", "warnings", "status", "ndif_status", "whoami"}
     ),
 }
+
+
+# Modules refused with the reason and the alternative, not just "not available".
+REFUSED_MODULES: Mapping[str, str] = {
+    "numpy": (
+        "numpy is not available in the sandbox: its kernels run as single C calls that the request's "
+        "timeout can neither price nor stop; use the torch equivalents (torch.linalg, torch.fft, "
+        "tensor methods), whose operations are bounded"
+    ),
+}
+
+# Test-only: when a test fixture sets this variable on a replica, request code may import
+# `model_runtime.sandbox.wedge_hook` (one C call no stop reaches), to prove that a wedged replica
+# is replaced. Nothing the operator renders sets it.
+WEDGE_HOOK_ENV = "NDIF_SANDBOX_TEST_WEDGE_HOOK"
+WEDGE_HOOK_MODULE = "model_runtime.sandbox.wedge_hook"
+
+
+def _default_allowed() -> dict[str, frozenset[str]]:
+    allowed = dict(DEFAULT_ALLOWED_MODULES)
+    if os.environ.get(WEDGE_HOOK_ENV) == "1":
+        allowed[WEDGE_HOOK_MODULE] = frozenset()
+    return allowed
 
 
 # Uninitialised memory can hold an earlier request's activations (the CPU heap and the CUDA
@@ -126,13 +148,16 @@ class Capabilities:
     guard supplies it so proxied functions can refuse to write into one.
     """
 
-    allowed: Mapping[str, frozenset[str]] = field(default_factory=lambda: dict(DEFAULT_ALLOWED_MODULES))
+    allowed: Mapping[str, frozenset[str]] = field(default_factory=_default_allowed)
     is_protected: Callable[[Any], bool] = lambda _value: False
     _proxies: dict[str, ModuleProxy] = field(default_factory=dict)
 
     def proxy(self, name: str) -> ModuleProxy:
         """The proxy of allowed module `name` (imported with the sandbox off, cached)."""
         if name not in self.allowed:
+            refusal = REFUSED_MODULES.get(name.split(".", 1)[0])
+            if refusal is not None:
+                raise CapabilityDenied(refusal)
             raise CapabilityDenied(f"module {name!r} is not available in the sandbox")
         if name not in self._proxies:
             self._proxies[name] = ModuleProxy(importlib.import_module(name), self)
@@ -159,29 +184,62 @@ class Capabilities:
         if fromlist:
             return target
         # `import a.b` binds `a`: every prefix has to be allowed too.
+        if name == WEDGE_HOOK_MODULE:
+            raise CapabilityDenied(f"use `from {WEDGE_HOOK_MODULE} import ...`")
         return self.proxy(name.split(".", 1)[0]) if "." in name else target
 
     def wrap_callable(self, fn: Callable[..., Any], name: str, module: str = "") -> Callable[..., Any]:
         """Wrap a module function so it cannot write into a protected tensor."""
         is_protected = self.is_protected
         trailing = name.endswith("_") and not name.endswith("__")
-        aliasing = module.split(".")[0] == "numpy"
 
         def checked(*args: Any, **kwargs: Any) -> Any:
-            if aliasing and any(is_protected(a) for a in (*args, *kwargs.values())):
-                # np.asarray(weight) shares the weight's memory, and numpy writes bypass both
-                # the write guard and torch's version counter.
-                raise CapabilityDenied(f"numpy.{name}(...) on the model's weights is not allowed")
             if "out" in kwargs and _is_protected_target(kwargs["out"], is_protected):
                 raise CapabilityDenied(f"{name}(out=...) would write into the model's weights")
             if (trailing or kwargs.get("inplace")) and any(is_protected(a) for a in args):
                 raise CapabilityDenied(f"in-place {name}(...) on the model's weights is not allowed")
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if is_numpy(result):  # einops.asnumpy and the like: no ndarray reaches request code
+                raise CapabilityDenied(f"{name}(...) returned a numpy value; {NUMPY_REFUSAL}")
+            return result
 
         checked.__name__ = name
         checked.__doc__ = getattr(fn, "__doc__", None)
         return checked
 
+
+NUMPY_REFUSAL = REFUSED_MODULES["numpy"]
+
+
+def is_numpy(value: Any) -> bool:
+    """Is `value` a numpy array, scalar, ufunc or array function, or one of their classes?"""
+    if type(value) in _NEVER_NUMPY:  # the guards' hot path: tensors, methods, plain values
+        return False
+    if isinstance(value, _NUMPY_VALUES):
+        return True
+    if isinstance(value, type):
+        return issubclass(value, _NUMPY_VALUES)
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):
+        return str(getattr(value, "__module__", None) or "").split(".", 1)[0] == "numpy"
+    return False
+
+
+def _numpy_values() -> tuple[type, ...]:
+    import numpy
+
+    return (numpy.ndarray, numpy.generic, numpy.ufunc, numpy.dtype, type(numpy.dot))
+
+
+_NUMPY_VALUES = _numpy_values()
+
+def _never_numpy() -> frozenset[type]:
+    import torch
+
+    return frozenset({torch.Tensor, torch.nn.Parameter, types.MethodType, types.BuiltinMethodType,
+                      type(None), bool, int, float, complex, str, bytes, list, tuple, dict, set, slice})
+
+
+_NEVER_NUMPY = _never_numpy()
 
 _PROXY_OWN = frozenset({"__class__", "__dir__", "__repr__", "__reduce__", "__reduce_ex__", "__setattr__",
                         "__delattr__"})

@@ -23,12 +23,12 @@ from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from model_runtime.replica.request_thread import StopSignal, current_stop
 from model_runtime.sandbox import builtin_bounds
-from model_runtime.sandbox.capabilities import Capabilities, ModuleProxy
+from model_runtime.sandbox.capabilities import NUMPY_REFUSAL, Capabilities, ModuleProxy, is_numpy
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, ModelTampering
 from model_runtime.sandbox.model_guard import MODULE_MUTATORS, TENSOR_ALIASING
 
 # Attribute names refused on every object: file/network/code-loading methods reachable from
-# objects user code legitimately holds (tokenizer, config, numpy arrays, hub mixins).
+# objects user code legitimately holds (tokenizer, config, hub mixins).
 DENIED_ATTRIBUTES = frozenset(
     INSPECT_ATTRIBUTES
     | {
@@ -202,6 +202,9 @@ class Guards:
             raise CapabilityDenied(f"attribute {name!r} is not available in the sandbox")
         if isinstance(obj, ModuleProxy):
             return getattr(obj, name, *default)
+        if name == "numpy" or is_numpy(obj):
+            # `tensor.numpy()`, `Tensor.numpy`, or an ndarray from a tokenizer (`return_tensors="np"`)
+            raise CapabilityDenied(f"numpy values are not available: {NUMPY_REFUSAL}")
         unbound = isinstance(obj, type) and any(obj is t for t in _CONTAINER_TYPES)
         if name == "sort" and type(obj) is list:
             return builtin_bounds.list_sort(obj)  # one C call: its length is bounded
@@ -224,6 +227,8 @@ class Guards:
             return self.caps.proxy(value.__name__)
         if isinstance(value, _INTERPRETER_TYPES):
             raise CapabilityDenied(f"{type(value).__name__} objects are not available in the sandbox")
+        if is_numpy(value):
+            raise CapabilityDenied(f".{name} is a numpy value: {NUMPY_REFUSAL}")
         if isinstance(value, types.MethodType) and _is_module(value.__self__) and name not in SAFE_MODULE_METHODS:
             # Methods of the served modules (directly or through an envoy's fall-through) are
             # allowlisted: `reset_parameters`, `initialize_weights`, `prune_heads`, ... rewrite
@@ -284,10 +289,17 @@ class Guards:
         self.counters.getitem += 1
         if isinstance(obj, (types.ModuleType, ModuleProxy)):
             raise CapabilityDenied("modules are not subscriptable in the sandbox")
-        return obj[index]
+        if is_numpy(obj):
+            raise CapabilityDenied(f"numpy values are not available: {NUMPY_REFUSAL}")
+        value = obj[index]
+        if is_numpy(value):  # a tokenizer's `return_tensors="np"` output, an ndarray in a container
+            raise CapabilityDenied(f"this item is a numpy value: {NUMPY_REFUSAL}")
+        return value
 
     def getiter_(self, obj: Any) -> Any:
         self.counters.iter += 1
+        if is_numpy(obj):
+            raise CapabilityDenied(f"numpy values are not available: {NUMPY_REFUSAL}")
         return iter(obj)
 
     # -- writes ------------------------------------------------------------------------------

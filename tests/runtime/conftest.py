@@ -16,6 +16,7 @@ from loopback import free_port
 
 from model_runtime.gateway.auth import key_digest
 from model_runtime.replica.garbage import freeze_long_lived
+from model_runtime.sandbox.capabilities import WEDGE_HOOK_ENV
 from model_runtime.tiny_models import build_tiny_model
 from ndif_operator.api.naming import GATEWAY_APP
 from ndif_operator.api.pinning import gpu_resource
@@ -68,13 +69,16 @@ def model_args(path: Path, deployment: str = "default/tiny-llama") -> dict[str, 
 
 
 def model_target(name: str, args: dict[str, Any], user_config: dict[str, Any] | None = None,
-                 **options: Any) -> Any:
+                 env: dict[str, str] | None = None, **options: Any) -> Any:
     from ray.serve.api import RunTarget
 
     from model_runtime.replica import app as model_app
 
+    actor_options: dict[str, Any] = {"num_cpus": 0}
+    if env:
+        actor_options["runtime_env"] = {"env_vars": env}
     app = model_app.ModelReplica.options(
-        ray_actor_options={"num_cpus": 0}, user_config=user_config or {}, **options
+        ray_actor_options=actor_options, user_config=user_config or {}, **options
     ).bind(args)
     return RunTarget(target=app, name=name, route_prefix=None)
 
@@ -151,9 +155,10 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, influx_sink: Inf
     models = {str(tiny_llama).lower(): MODEL_APP, str(slow_path).lower(): SLOW_APP}
     serve.run_many([  # all at once: replicas import torch/nnsight in parallel
         model_target(MODEL_APP, model_args(tiny_llama)),
-        # Fast health checks: the wedged-replica test waits for Serve to replace the replica.
+        # Fast health checks: the wedged-replica test waits for Serve to replace the replica, and
+        # wedges it through the test-only hook (one C call no stop reaches) enabled on this app only.
         model_target(SLOW_APP, model_args(slow_path, "default/tiny-slow"), SLOW_CONFIG,
-                     health_check_period_s=1, health_check_timeout_s=10),
+                     env={WEDGE_HOOK_ENV: "1"}, health_check_period_s=1, health_check_timeout_s=10),
         # The routing table as user_config: "ghost/model" is routed to an app that was never deployed,
         # "cold/model" is COLD (routed, no app). The strict gateway keeps the static args routes.
         gateway_target(routes=main_routes(models)),
