@@ -53,6 +53,7 @@ from model_runtime.sandbox.model_calls import check_attention, check_call_kwargs
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
 from model_runtime.sandbox.nnsight_state import RuntimeState
 from model_runtime.sandbox.provenance import ServerState
+from model_runtime.sandbox.tokenizer_arrays import refuse_foreign_tensor_types
 from model_runtime.sandbox.unpickling import loads
 from model_runtime.sandbox.work_bounds import request_budget
 
@@ -98,6 +99,7 @@ class Sandbox:
         self._models: weakref.WeakKeyDictionary[Any, _ModelContext] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # nnsight traces are not thread-safe: one at a time
         install_compile_hook()
+        refuse_foreign_tensor_types()  # a tokenizer makes no numpy arrays for request code
         keep_thread_state_across_collections()
         prepare_write_guard()  # the dispatcher kernels' registration, before the first request
 

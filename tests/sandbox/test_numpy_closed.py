@@ -34,6 +34,14 @@ NUMPY_ROUTES = in_trace(globals(), {
     """,
     "tokenizer_np_item": 'a = model.tokenizer("hello", return_tensors="np")["input_ids"]',
     "tokenizer_np_attribute": 'a = model.tokenizer("hello", return_tensors="np").input_ids',
+    # unpacked by C builtins that no guard sees: the tokenizer itself refuses to make the arrays
+    "tokenizer_np_values_loop": """
+        for v in dict(model.tokenizer(["a b", "c d"], return_tensors="np")).values():
+            r = v @ v
+    """,
+    "tokenizer_np_map": """
+        r = list(map(lambda v: v * 2, dict(model.tokenizer("hello", return_tensors="np")).values()))
+    """,
 })
 
 
