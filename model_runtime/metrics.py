@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import re
 import threading
 from collections import defaultdict, deque
 from typing import Any
@@ -196,7 +195,9 @@ def _emit(metrics: dict[str, Any], name: str, method: str, value: float, tags: d
 
 # A replica's report (see the module's docstring): what the gateway accepts from one.
 OUTCOMES = ("completed", "error", "timeout", "rejected")
-_LOAD_SOURCE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+# The `source` of a load: a ModelDeployment source kind, the node's weight store, or an activation
+# (the replica's model_load calls; a test checks they stay inside this set).
+LOAD_SOURCES = frozenset({"huggingFace", "localPath", "s3", "nodeMemory", "activate_from_warm", "activate_from_cold"})
 MAX_REPORTED_LOADS = 8
 
 
@@ -300,7 +301,7 @@ def report_points(report: Any) -> list[tuple[str, dict[str, str], dict[str, floa
         if not isinstance(load, dict):
             continue
         source, seconds = load.get("source"), _number(load.get("seconds"))
-        if isinstance(source, str) and _LOAD_SOURCE.match(source) and seconds is not None:
+        if isinstance(source, str) and source in LOAD_SOURCES and seconds is not None:
             points.append(("model_load", {"source": source}, {"seconds": seconds}))
     return points
 

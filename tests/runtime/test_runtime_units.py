@@ -165,6 +165,7 @@ def test_a_forged_replica_report_writes_only_checked_points() -> None:
         {"outcome": "completed", "seconds": True, "bytes_in": 1, "bytes_out": 1},
         {"outcome": "completed", "seconds": "1", "bytes_in": 1, "bytes_out": 1},
         {"loads": [{"source": "s3,model=other", "seconds": 1}, {"source": "x" * 40, "seconds": 1},
+                   {"source": "s4", "seconds": 1}, {"source": ["s3"], "seconds": 1},
                    {"source": "s3", "seconds": float("inf")}, "s3", {"source": 3, "seconds": 1}]},
     ]
     for report in forged:
@@ -174,6 +175,20 @@ def test_a_forged_replica_report_writes_only_checked_points() -> None:
     tags = report_points({"outcome": "error", "seconds": 1, "bytes_in": 1, "bytes_out": 0, "model": "other",
                           "extra": "x"})[0][1]
     assert tags == {"outcome": "error"}
+
+
+def test_every_load_source_a_replica_reports_is_in_the_gateways_vocabulary() -> None:
+    """The replica reports a load by its source kind, the node's store, or `activate_from_<level>`."""
+    from typing import get_args, get_type_hints
+
+    from model_runtime.metrics import LOAD_SOURCES
+    from model_runtime.replica import levels
+    from model_runtime.replica.host_copy import NODE_MEMORY
+    from ndif_operator.api.v1alpha1 import ModelSource
+
+    kinds = set(get_args(get_type_hints(ModelSource.kind.fget)["return"]))
+    activations = {f"activate_from_{level.lower()}" for level in levels.LEVELS if level != levels.HOT}
+    assert kinds | {NODE_MEMORY} | activations == LOAD_SOURCES
 
 
 @pytest.mark.slow
