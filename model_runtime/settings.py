@@ -51,6 +51,9 @@ class RuntimeSettings:
     process_filter: bool = True
     # NDIF_CREDENTIALS_DIR: a mounted Secret, one file per credential (model_runtime/credentials.py).
     credentials_dir: Path | None = None
+    # NDIF_SANDBOX_TEST_WEDGE_HOOK: tests only: request code may import the sandbox's wedge hook (one
+    # C call no stop reaches), to prove a wedged replica is replaced. Nothing the operator renders sets it.
+    sandbox_test_wedge_hook: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RuntimeSettings:
@@ -72,4 +75,5 @@ class RuntimeSettings:
             influx_bucket=env.get("NDIF_INFLUX_BUCKET", default.influx_bucket),
             process_filter=env.get("NDIF_PROCESS_FILTER", "1").strip() != "0",
             credentials_dir=Path(env["NDIF_CREDENTIALS_DIR"]) if env.get("NDIF_CREDENTIALS_DIR") else None,
+            sandbox_test_wedge_hook=_flag(env.get("NDIF_SANDBOX_TEST_WEDGE_HOOK"), default.sandbox_test_wedge_hook),
         )

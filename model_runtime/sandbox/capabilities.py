@@ -14,7 +14,6 @@ function such as `torch.nn.init.zeros_`).
 from __future__ import annotations
 
 import importlib
-import os
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 from model_runtime.replica.request_thread import current_stop
 from model_runtime.sandbox.builtin_bounds import module_override
 from model_runtime.sandbox.errors import CapabilityDenied
+from model_runtime.settings import RuntimeSettings
 
 # Names hidden in every proxied module: file, network, native code, (de)serialisation, process.
 _COMMON_DENIED = frozenset(
@@ -110,7 +110,7 @@ WEDGE_HOOK_MODULE = "model_runtime.sandbox.wedge_hook"
 
 def _default_allowed() -> dict[str, frozenset[str]]:
     allowed = dict(DEFAULT_ALLOWED_MODULES)
-    if os.environ.get(WEDGE_HOOK_ENV) == "1":
+    if RuntimeSettings.from_env().sandbox_test_wedge_hook:
         allowed[WEDGE_HOOK_MODULE] = frozenset()
     return allowed
 
