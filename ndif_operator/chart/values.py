@@ -24,6 +24,8 @@ class _Values(BaseModel):
 Quantities = dict[str, str | int]
 NodeSelector = dict[str, str]
 Tolerations = list[dict[str, Any]]
+Peers = list[dict[str, Any]]  # NetworkPolicyPeer objects
+Rules = list[dict[str, Any]]  # NetworkPolicy ingress or egress rules
 
 
 class PullPolicy(StrEnum):
@@ -197,22 +199,89 @@ class NetworkPolicyObjectStore(_Values):
     ports: list[int] = Field(default_factory=lambda: [443], description="Its TCP ports.")
 
 
-def _kube_dns() -> list[dict[str, Any]]:
+def _kube_dns() -> Peers:
     return [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
              "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+
+
+def _kuberay_operator() -> Peers:
+    return [{"namespaceSelector": {},
+             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+
+
+class HeadDestination(_Values):
+    to: Peers = Field(default_factory=list, description="Peers (NetworkPolicyPeer: ipBlock, or namespace and pod "
+                      "selectors for an in-cluster service); empty: no rule.")
+    ports: list[int] = Field(default_factory=lambda: [443], description="Its TCP ports.")
+
+
+class InfluxDestination(HeadDestination):
+    ports: list[int] = Field(default_factory=lambda: [8086], description="Its TCP ports.")
+
+
+class ApiServerDestination(HeadDestination):
+    ports: list[int] = Field(default_factory=lambda: [443, 6443], description="Its TCP ports.")
+
+
+class HeadNetworkPolicy(_Values):
+    gateway_ports: list[int] = Field(
+        default_factory=lambda: [8000], min_length=1,
+        description="Container ports of the head on which the gateway is reached: by users (through the Service, "
+        "an Ingress controller or a load balancer) and by the operator, which long-polls the gateway's /demand. "
+        "Serve's HTTP port, plus the gateway's own listener port where it has one.",
+    )
+    gateway_from: Peers = Field(
+        default_factory=list,
+        description="Peers (NetworkPolicyPeer) allowed to reach `gatewayPorts`, e.g. the Ingress controller's "
+        "pods; the operator's pod is always added. Empty: any source (a LoadBalancer Service's clients).",
+    )
+    dashboard_from: Peers = Field(
+        default_factory=_kuberay_operator,
+        description="Peers allowed to reach the Ray dashboard (8265): KubeRay's operator pushes serveConfigV2 and "
+        "reads Serve's status there. The dashboard also accepts Ray jobs (code run on the head, next to the "
+        "gateway's credentials): list only the KubeRay operator. `kubectl port-forward` is not affected.",
+    )
+    results_store: HeadDestination = Field(
+        default_factory=HeadDestination,
+        description="Where the gateway uploads results (`gateway.objectStore`): required when a bucket is set, "
+        "unless `publicHttps`.",
+    )
+    influx: InfluxDestination = Field(
+        default_factory=InfluxDestination,
+        description="The InfluxDB the gateway writes points to (`gateway.influx.url`): required when a URL is set.",
+    )
+    api_server: ApiServerDestination = Field(
+        default_factory=ApiServerDestination,
+        description="The Kubernetes API server's addresses (`kubectl get endpoints kubernetes`): needed only by "
+        "KubeRay's autoscaler sidecar on the head, so required when `rayService.autoscaler` is on.",
+    )
+    public_https: bool = Field(
+        default=False,
+        description="Also allow HTTPS (443) to public addresses (not private, link-local or metadata ranges): "
+        "for a results bucket on AWS S3, which has no fixed addresses.",
+    )
+    extra_ingress: Rules = Field(
+        default_factory=list, description="More ingress rules (NetworkPolicyIngressRule) for the head, e.g. the Ray "
+        "client port (10001) from an admin namespace.",
+    )
+    extra_egress: Rules = Field(
+        default_factory=list, description="More egress rules (NetworkPolicyEgressRule) for the head, e.g. the cloud "
+        "metadata endpoint when the gateway uploads with the head pod's own identity.",
+    )
 
 
 class NetworkPolicy(_Values):
     enabled: bool = Field(
         default=True,
-        description="A NetworkPolicy on the Ray worker pods, where model replicas run user code: egress only to "
-        "the Ray pods, DNS and the object store; ingress only from the Ray pods, plus Serve (8000) and metrics "
-        "(8080). Selects the chart's Ray worker pods by label; needs a CNI that enforces NetworkPolicy.",
+        description="Two NetworkPolicies on the chart's Ray pods (by label; needs a CNI that enforces "
+        "NetworkPolicy). Workers, where model replicas run user code: egress only to the Ray pods, DNS and the "
+        "object store; ingress only from the Ray pods, plus Serve (8000) and metrics (8080). The head, where "
+        "the gateway runs with its credentials: see `head`.",
     )
     object_store: NetworkPolicyObjectStore = Field(
         default_factory=NetworkPolicyObjectStore, description="Where the workers may read model weights.",
     )
-    dns: list[dict[str, Any]] = Field(
+    dns: Peers = Field(
         default_factory=_kube_dns, description="Peers (NetworkPolicyPeer) answering DNS on port 53.",
     )
     public_https: bool = Field(
@@ -221,11 +290,16 @@ class NetworkPolicy(_Values):
         "models with a huggingFace source download from the Hub. Turn off when every model comes from S3 or "
         "a local path, so that replicas reach only Ray, DNS and the object store.",
     )
-    extra_egress: list[dict[str, Any]] = Field(
+    extra_egress: Rules = Field(
         default_factory=list,
         description="More egress rules (NetworkPolicyEgressRule) for the workers: e.g. a Hugging Face Hub mirror. "
-        "The gateway's destinations (results bucket, InfluxDB) are reached from the head, which this policy "
-        "does not select.",
+        "The gateway's destinations (results bucket, InfluxDB) are the head's (`head`).",
+    )
+    head: HeadNetworkPolicy = Field(
+        default_factory=HeadNetworkPolicy,
+        description="The head pod's policy: ingress from the Ray pods, to `gatewayPorts` (users, the operator), "
+        "to the dashboard from `dashboardFrom` and to metrics (8080); egress only to the Ray pods, DNS, the "
+        "results store, InfluxDB and (autoscaler) the API server.",
     )
 
 
@@ -252,7 +326,8 @@ class RayService(_Values):
         default_factory=lambda: [WorkerGroup(name="gpu")], min_length=1, description="GPU worker groups.",
     )
     network_policy: NetworkPolicy = Field(
-        default_factory=NetworkPolicy, description="What the worker pods (model replicas) may reach.",
+        default_factory=NetworkPolicy, description="What the Ray pods (workers: model replicas; head: the gateway) "
+        "may reach and be reached from.",
     )
 
 

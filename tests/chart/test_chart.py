@@ -203,12 +203,20 @@ def test_chart_defaults_are_the_operator_defaults() -> None:
         assert getattr(from_chart, name) == getattr(defaults, name), variable
 
 
+RAY_PODS = {"app.kubernetes.io/name": "ndif-operator", "app.kubernetes.io/instance": "ndif-operator",
+            "app.kubernetes.io/component": "ray"}
+
+
+def _policy(docs: list[dict[str, Any]], pods: str) -> dict[str, Any]:
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith(f"-ray-{pods}")]
+    return policy
+
+
 def test_ray_workers_reach_only_ray_dns_and_the_object_store() -> None:
     docs = manifests(render(values_of("rayservice")))
-    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    policy = _policy(docs, "workers")
     spec = policy["spec"]
-    ray_pods = {"app.kubernetes.io/name": "ndif-operator", "app.kubernetes.io/instance": "ndif-operator",
-                "app.kubernetes.io/component": "ray"}
+    ray_pods = RAY_PODS
     assert spec["podSelector"]["matchLabels"] == {**ray_pods, "ray.io/node-type": "worker"}
     # The selected pods are the RayService's workers (KubeRay adds ray.io/node-type to its pods).
     rayservice = next(d for d in docs if d["kind"] == "RayService")
@@ -227,12 +235,80 @@ def test_ray_workers_reach_only_ray_dns_and_the_object_store() -> None:
 
 
 def test_by_default_the_workers_also_reach_public_https_for_the_hub() -> None:
-    (policy,) = [d for d in manifests(render({})) if d["kind"] == "NetworkPolicy"]
+    policy = _policy(manifests(render({})), "workers")
     hub = policy["spec"]["egress"][-1]
     assert hub["ports"] == [{"port": 443, "protocol": "TCP"}]
     (block,) = hub["to"]
     assert block["ipBlock"]["cidr"] == "0.0.0.0/0" and "169.254.0.0/16" in block["ipBlock"]["except"]
     assert "10.0.0.0/8" in block["ipBlock"]["except"]
+
+
+def _ports(rule: dict[str, Any]) -> set[int]:
+    return {p["port"] for p in rule["ports"]}
+
+
+def test_the_ray_head_is_reached_by_ray_users_the_operator_and_kuberay_only() -> None:
+    docs = manifests(render(values_of("rayservice")))
+    spec = _policy(docs, "head")["spec"]
+    assert spec["podSelector"]["matchLabels"] == {**RAY_PODS, "ray.io/node-type": "head"}
+    rayservice = next(d for d in docs if d["kind"] == "RayService")
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    assert RAY_PODS.items() <= head["metadata"]["labels"].items()
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    ray, gateway, dashboard, metrics = spec["ingress"]
+    assert ray == {"from": [{"podSelector": {"matchLabels": RAY_PODS}}]}
+    # The gateway's ports are the head container's Serve port, which the gateway Service targets.
+    (container,) = head["spec"]["containers"]
+    serve_service = rayservice["spec"]["serveService"]["spec"]
+    assert _ports(gateway) == {p["targetPort"] for p in serve_service["ports"]} <= {
+        p["containerPort"] for p in container["ports"]}
+    # Only the Ingress controller, and the operator (its /demand long-poll) whose pods the selector matches.
+    ingress_controller, operator = gateway["from"]
+    assert ingress_controller["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ingress-nginx"}
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    operator_labels = operator["podSelector"]["matchLabels"]
+    assert operator_labels["app.kubernetes.io/component"] == "operator"
+    assert operator_labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert _ports(dashboard) == {8265} and dashboard["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert _ports(metrics) == {8080} and "from" not in metrics
+
+
+def test_the_ray_head_reaches_only_ray_dns_and_the_gateways_destinations() -> None:
+    egress = _policy(manifests(render(values_of("rayservice"))), "head")["spec"]["egress"]
+    ray, dns, results, influx, api_server = egress
+    assert ray == {"to": [{"podSelector": {"matchLabels": RAY_PODS}}]}
+    assert _ports(dns) == {53} and dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert results == {"to": [{"ipBlock": {"cidr": "10.40.0.0/24"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    assert influx["to"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "influxdb2"}
+    assert _ports(influx) == {8086}
+    assert api_server["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}] and _ports(api_server) == {443, 6443}
+
+
+def test_by_default_the_head_is_reached_on_the_gateway_port_from_anywhere_and_reaches_only_ray_and_dns() -> None:
+    spec = _policy(manifests(render({})), "head")["spec"]
+    gateway = spec["ingress"][1]
+    assert _ports(gateway) == {8000} and "from" not in gateway
+    assert len(spec["egress"]) == 2  # the Ray pods and DNS: no API server, no internet
+
+
+def test_the_head_reaches_public_https_only_when_asked() -> None:
+    values = {"rayService": {"create": True, "networkPolicy": {"head": {"publicHttps": True}}},
+              "gateway": {"objectStore": {"bucket": "ndif-results"}}}
+    hub = _policy(manifests(render(values)), "head")["spec"]["egress"][-1]
+    (block,) = hub["to"]
+    assert _ports(hub) == {443} and "169.254.0.0/16" in block["ipBlock"]["except"]
+
+
+@pytest.mark.parametrize(("values", "missing"), [
+    ({"rayService": {"create": True, "autoscaler": True}}, "head.apiServer.to"),
+    ({"rayService": {"create": True}, "gateway": {"objectStore": {"bucket": "ndif-results"}}}, "head.resultsStore.to"),
+    ({"rayService": {"create": True}, "gateway": {"influx": {"url": "http://influx:8086"}}}, "head.influx.to"),
+])
+def test_a_head_destination_the_gateway_needs_but_the_policy_omits_fails_the_install(
+        values: dict[str, Any], missing: str) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=missing.replace(".", r"\.")):
+        render(values)
 
 
 def test_the_network_policy_can_be_turned_off() -> None:
