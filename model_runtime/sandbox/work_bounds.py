@@ -15,13 +15,17 @@ and be replaced. So, while a request runs (native guard only, `native/work_bound
   memory they touch (`COSTS`: matrix products, every convolution entry, fused attention, cubic
   linear algebra, pooling windows) get their floating-point operations from the argument sizes;
   views whose logical size memory does not bound (`expand`, `as_strided`, `unfold`, `set_` with a
-  size) get their element count after they are made. An op that cannot finish in the time the
+  size) get their element count after they are made; the n log n families (`sort` and what
+  decomposes into it: `argsort`, `msort`, `quantile`; `topk`, `kthvalue`, `median`, `mode`,
+  `unique`, every FFT) get their compare steps, elements x log2 of the length sorted or
+  transformed. An op that cannot finish in the time the
   request has left (up to `timeout + grace/2`) at the replica's rate is refused with
   `LimitExceeded` naming its size and the rate. The CPU rates are measured once per process
-  (`measure_rates`: the best of a few short float32/float64/bfloat16/float16/int64 products, and
-  the slowest of a few reductions over a stride-0 view), and ops are priced at half those rates;
+  (`measure_rates`: the best of a few short float32/float64/bfloat16/float16/int64 products, the
+  slowest of a few reductions over a stride-0 view, and the slowest of a few sorts and a
+  prime-length FFT in steps/s), and ops are priced at half those rates;
   tensors on an accelerator are priced at fixed caps above any current
-  device's peak (`DEVICE_FLOPS`, `DEVICE_ELEMENTS`), so only what no device could finish in time
+  device's peak (`DEVICE_FLOPS`, `DEVICE_ELEMENTS`, `DEVICE_STEPS`), so only what no device could finish in time
   is refused there.
 
 The ops that fall through the guard's key today stay kernel-free (no cost): only the families in
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -57,6 +62,7 @@ class Cost(enum.IntEnum):
     PAIRWISE = 7  # x1 (..., P, M), x2 (..., R, M): 2 * numel(x1) * R
     CHAIN = 8  # a product chain's order search: n**3 steps for n operands
     RECURRENT = 9  # steps * (2 * weights + a fixed cost per step)
+    NLOGN = 10  # numel * log2(length along `dim`, or of the dims transformed, or numel): compare steps
 
 
 # aten op names (all overloads, out= variants included). Composite ops (`matmul`, `linear`,
@@ -93,6 +99,12 @@ _FAMILIES: dict[Cost, tuple[str, ...]] = {
     Cost.PAIRWISE: ("_cdist_forward",),
     Cost.CHAIN: ("linalg_multi_dot", "chain_matmul"),
     Cost.RECURRENT: ("lstm", "gru", "rnn_tanh", "rnn_relu", "mkldnn_rnn", "_cudnn_rnn", "miopen_rnn"),
+    # Selection (kthvalue, median) is linear on average: priced as a sort, an upper bound.
+    # `unique_consecutive` and `searchsorted` are linear (or m log n) in memory: not priced.
+    Cost.NLOGN: (
+        "sort", "topk", "kthvalue", "median", "nanmedian", "mode", "_unique", "_unique2", "unique_dim",
+        "_fft_r2c", "_fft_c2r", "_fft_c2c",
+    ),
 }
 COSTS: dict[str, int] = {name: int(kind) for kind, names in _FAMILIES.items() for name in names}
 
@@ -100,6 +112,7 @@ COSTS: dict[str, int] = {name: int(kind) for kind, names in _FAMILIES.items() fo
 # 8 TB/s of memory for the largest), so only what no device could finish in time is refused.
 DEVICE_FLOPS = 5e15
 DEVICE_ELEMENTS = 4e12
+DEVICE_STEPS = 1e13  # n log n steps/s: a GPU radix sort of 2**30 keys takes ~0.1 s (~3e11 steps/s)
 
 SAFETY = 2.0  # CPU ops are priced at the measured rates divided by this
 _MEASURED_DTYPES = ("float32", "float64", "bfloat16", "float16", "int64")
@@ -132,10 +145,24 @@ def _measure() -> dict[str, Any]:
         view = torch.ones(1).expand(512, 512)
         elements = min(float(view.numel()) / _best_seconds(lambda r=r: r(view), repeats=3)
                        for r in (torch.sum, torch.amax, torch.prod, torch.var))
+        steps = _steps_rate(torch)
     # Priced at half the measured rates: a kernel path slower than the measured one keeps inside
     # the grace period.
     return {"cpu_flops": {k: v / SAFETY for k, v in flops.items()}, "cpu_elements": elements / SAFETY,
-            "device_flops": DEVICE_FLOPS, "device_elements": DEVICE_ELEMENTS}
+            "cpu_steps": steps / SAFETY, "device_flops": DEVICE_FLOPS, "device_elements": DEVICE_ELEMENTS,
+            "device_steps": DEVICE_STEPS}
+
+
+def _steps_rate(torch: Any) -> float:
+    """n log2 n steps/s of the slowest of a few sorts and FFTs (float16 sorts are the slowest on
+    x86, ~2x float32's and ~20x int64's; a prime length is an FFT's slowest): every n log n op
+    is priced at this one rate."""
+    n = 2**13
+    values = torch.rand(n)
+    halves = values.half()
+    runs = (lambda: torch.sort(halves), lambda: torch.sort(values, stable=True),
+            lambda: torch.fft.fft(values[: n - 1]))  # 8191 is prime
+    return min(n * math.log2(n) / _best_seconds(run, repeats=3) for run in runs)
 
 
 def _best_seconds(fn: Any, repeats: int = 8) -> float:
@@ -159,7 +186,8 @@ def _scalar_type_name(dtype: Any) -> str:
 def install(native: Any) -> None:
     """Give the loaded extension this process's rates (once, before the first request)."""
     rates = measure_rates()
-    native.set_rates(rates["cpu_flops"], rates["cpu_elements"], rates["device_flops"], rates["device_elements"])
+    native.set_rates(rates["cpu_flops"], rates["cpu_elements"], rates["device_flops"], rates["device_elements"],
+                     rates["cpu_steps"], rates["device_steps"])
 
 
 @contextlib.contextmanager

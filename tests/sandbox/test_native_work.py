@@ -38,7 +38,8 @@ def test_one_long_c_call_ends_or_is_refused(attack: Any, models: tuple[Any, Any]
     if attack.__name__ in native_work.ENDS_AT_STOP:
         assert outcome.timed_out and outcome.meta["stop"] == "cooperative", outcome.meta
     elif not outcome.timed_out:  # refused before the long call, with the bound it is over
-        assert any(word in str(info.value) for word in ("bits", "GFLOP", "elements", "quadratic")), info.value
+        assert any(word in str(info.value) for word in ("bits", "GFLOP", "elements", "quadratic", "n log n")), \
+            info.value
     assert weights_digest(server) == before
     after = save_logits(client, backend())
     assert torch.equal(after["logits"], reference["logits"]), "the next request is wrong"
@@ -50,10 +51,13 @@ def test_heavy_families_have_kernels_and_light_ops_fall_through() -> None:
     priced = {("aten::mm", ""): work_bounds.Cost.MATMUL, ("aten::convolution", ""): work_bounds.Cost.CONV,
               ("aten::_scaled_dot_product_flash_attention_for_cpu", ""): work_bounds.Cost.ATTENTION,
               ("aten::_linalg_eigh", ""): work_bounds.Cost.CUBIC, ("aten::max_pool2d", ""): work_bounds.Cost.POOL,
-              ("aten::expand", ""): work_bounds.Cost.VIEW, ("aten::_cdist_forward", ""): work_bounds.Cost.PAIRWISE}
+              ("aten::expand", ""): work_bounds.Cost.VIEW, ("aten::_cdist_forward", ""): work_bounds.Cost.PAIRWISE,
+              ("aten::sort", "stable"): work_bounds.Cost.NLOGN, ("aten::_fft_c2r", ""): work_bounds.Cost.NLOGN,
+              ("aten::_unique2", ""): work_bounds.Cost.NLOGN, ("aten::median", "dim"): work_bounds.Cost.NLOGN}
     for (name, overload), kind in priced.items():
         assert native.cost_kind(name, overload) == kind, name
-    for name, overload in (("aten::add", "Tensor"), ("aten::view", ""), ("aten::sum", "")):
+    for name, overload in (("aten::add", "Tensor"), ("aten::view", ""), ("aten::sum", ""),
+                           ("aten::unique_consecutive", ""), ("aten::searchsorted", "Tensor")):
         assert native.cost_kind(name, overload) == work_bounds.Cost.NONE, name
 
 
@@ -115,6 +119,33 @@ def test_views_within_their_memory_are_never_priced() -> None:
 
     _guarded_on_a_request_thread(body)
     assert seen and "elements" in seen[0]
+
+
+def test_n_log_n_ops_of_ordinary_sizes_run_and_huge_ones_are_refused() -> None:
+    """Sorts, top-k, unique and FFTs over what research programs use (a vocabulary's logits per
+    position, a layer's activations, a spectrum per row) run under a 30 s budget; one whose
+    compare steps exceed it at the measured sort rate is refused up front, with its size."""
+    logits = torch.randn(8, 64, 4096)
+    hidden = torch.randn(8, 512, 256)
+    seen: list[str] = []
+
+    def body() -> None:
+        logits[:, -1].sort(dim=-1, descending=True)
+        logits.topk(10, dim=-1)
+        logits.argsort(dim=-1)
+        logits[0].kthvalue(5, dim=-1)
+        logits.median(dim=-1)
+        torch.quantile(hidden[0, :, 0], torch.tensor([0.25, 0.75]))
+        torch.unique(logits.argmax(dim=-1), return_counts=True)
+        torch.fft.rfft(hidden, dim=1)
+        torch.fft.irfft2(torch.fft.rfft2(hidden))
+        try:  # 2**27 elements: ~3.6 G steps, past 30 s at the measured rate (~0.1 G steps/s here)
+            torch.zeros(2**27).sort()
+        except LimitExceeded as exc:
+            seen.append(str(exc))
+
+    _guarded_on_a_request_thread(body)
+    assert seen and "n log n" in seen[0] and "sort" in seen[0], seen
 
 
 def test_a_forward_at_the_deployment_limits_is_not_refused(models: tuple[Any, Any], backend: Any) -> None:

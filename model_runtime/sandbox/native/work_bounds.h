@@ -9,7 +9,9 @@
 //     attention, cubic linear algebra, pooling windows) or a view whose logical size is not
 //     bounded by memory (expand, as_strided, unfold, set_ with a size) is priced from its argument
 //     sizes before it runs and refused when it cannot finish before the request's limit at the
-//     replica's measured rate.
+//     replica's measured rate;
+//   * an n log n op (sorts, top-k, selection, unique, FFTs) is priced in compare steps
+//     (elements x log2 of the length sorted or transformed) at the replica's measured sort rate.
 
 #pragma once
 
@@ -30,7 +32,7 @@
 
 namespace work_bounds {
 
-enum class Cost : int8_t { kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain, kRecurrent };
+enum class Cost : int8_t { kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain, kRecurrent, kNLogN };
 
 // The replica's rates, set once at start (work_bounds.py measures the CPU's).
 struct Rates {
@@ -39,6 +41,8 @@ struct Rates {
   double cpu_elements = 0;     // elements read per second by a reduction on the CPU (measured)
   double device_flops = 0;     // the same for accelerator tensors (a documented cap)
   double device_elements = 0;
+  double cpu_steps = 0;        // n log2 n steps per second of the slowest measured sort or FFT on the CPU
+  double device_steps = 0;     // the same for accelerator tensors (a documented cap)
 };
 inline Rates g_rates;
 
@@ -219,6 +223,30 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
       const double rows = static_cast<double>(input->numel()) / static_cast<double>(std::max<int64_t>(input->size(-1), 1));
       return rows * (2.0 * weights + kStepFlops);
     }
+    case Cost::kNLogN: {  // elements x log2(the length along `dim`, or of the dims transformed, or all)
+      const at::Tensor* t = tensor_arg(schema, args, {"self", "input"});
+      if (t == nullptr || t->numel() < 2) {
+        return 0;
+      }
+      const double numel = static_cast<double>(t->numel());
+      const int64_t rank = t->dim();
+      auto length = [&](int64_t d) -> double {
+        d = d < 0 ? d + rank : d;
+        return d >= 0 && d < rank ? static_cast<double>(t->size(d)) : numel;
+      };
+      double n = numel;
+      const c10::IValue* dim = arg(schema, args, "dim");
+      if (dim != nullptr && dim->isInt()) {
+        n = length(dim->toInt());
+      } else if (dim != nullptr && dim->isIntList() && !dim->toIntVector().empty()) {
+        n = 1;
+        for (int64_t d : dim->toIntVector()) {
+          n *= length(d);
+        }
+        n = std::min(n, numel);
+      }
+      return numel * std::log2(std::max(n, 2.0));
+    }
     case Cost::kView:
     case Cost::kNone:
       return 0;
@@ -256,9 +284,11 @@ inline std::string over_budget(const Budget& budget, const Rates& rates, Cost ki
   }
   const bool cpu = where.first;
   const bool elements = kind == Cost::kView || kind == Cost::kChain;
-  double rate = elements ? (cpu ? rates.cpu_elements : rates.device_elements)
-                         : (cpu ? rates.cpu_flops : rates.device_flops);
-  if (cpu && !elements) {  // the measured rate of this dtype; the slowest measured for the others
+  const bool steps = kind == Cost::kNLogN;
+  double rate = steps      ? (cpu ? rates.cpu_steps : rates.device_steps)
+                : elements ? (cpu ? rates.cpu_elements : rates.device_elements)
+                           : (cpu ? rates.cpu_flops : rates.device_flops);
+  if (cpu && !elements && !steps) {  // the measured rate of this dtype; the slowest measured for the others
     const auto index = static_cast<size_t>(where.second);
     const double measured = index < rates.cpu_flops_by_dtype.size() ? rates.cpu_flops_by_dtype[index] : 0;
     if (measured > 0) {
@@ -275,6 +305,11 @@ inline std::string over_budget(const Budget& budget, const Rates& rates, Cost ki
   const double left = std::max(0.0, budget.limit_at - now_s());
   if (work <= rate * left) {
     return {};
+  }
+  if (steps) {
+    return short_name(op) + " needs ~" + fixed(work / 1e9, 1) + " G n log n steps, more than the " + fixed(left, 1) +
+           " s this request has left allow at this replica's ~" + fixed(rate / 1e9, 2) +
+           " G steps/s; sort or transform fewer elements (e.g. a slice, or topk with a smaller input)";
   }
   if (elements) {
     return short_name(op) + " makes a view of ~" + fixed(work / 1e9, 1) +

@@ -38,6 +38,16 @@ ATTACKS = in_trace(globals(), {
     "pool_huge_window": "y = torch.nn.functional.max_pool1d(torch.ones(1, 1, 2**24), 2**23, 1)",
     "einsum_big": "y = torch.einsum('ij,jk->ik', torch.ones(8000, 8000), torch.ones(8000, 8000))",
     "multi_dot_order_search": "y = torch.linalg.multi_dot([torch.ones(1, 1)] * 5000)",
+    # -- torch: n log n kernels over bounded memory (refused up front). Inputs are a small random
+    # tensor repeated (cheap to make, as costly to sort); each runs 5-50 s on one core unpriced.
+    "sort_repeated_halves": "y = torch.rand(2**20, dtype=torch.float16).repeat(2**7).sort()",
+    "argsort_rows_descending": "y = torch.rand(2**20).repeat(2**6).view(2**13, 2**13).argsort(dim=1, descending=True)",
+    "msort_columns": "y = torch.msort(torch.rand(2**12).repeat(2**14).view(2**13, 2**13))",
+    "unique_of_repeats": "y = torch.unique(torch.rand(2**20).repeat(2**6), return_counts=True)",
+    "topk_half_of_everything": "y = torch.topk(torch.rand(2**20).repeat(2**6), 2**25)",
+    "mode_per_row": "y = torch.rand(2**20).repeat(2**6).view(2**6, 2**20).mode(dim=1)",
+    "irfft_prime_length": "y = torch.fft.irfft(torch.rand(2**20).repeat(2**5), n=2**26 - 5)",
+    "fft_prime_length": "y = torch.fft.fft(torch.rand(2**20).repeat(2**6)[5:])",  # 2**26 - 5 is prime
     # -- torch: a C++ loop over many aten calls (ends at the stop) ----------------------------
     "lstm_long_sequence": "y = torch.nn.LSTM(64, 64)(torch.zeros(10**6, 1, 64))",
     "gru_long_sequence": "y = torch.nn.GRU(4, 4)(torch.zeros(10**6, 1, 4))",
