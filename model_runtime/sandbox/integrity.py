@@ -32,7 +32,8 @@ import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from itertools import chain, compress, repeat
+from typing import Any, NamedTuple
 
 import torch
 
@@ -48,13 +49,83 @@ _SAMPLE_SETS = 8
 
 def weights_and_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
     """The parameters and buffers of the served model, each once (tied weights once)."""
+    return _weights_and_buffers(module_tree(modules))
+
+
+def _weights_and_buffers(tree: list[torch.nn.Module]) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
-    for module in module_tree(modules):
+    for module in tree:
         for table in (module._parameters, module._buffers):
             for tensor in table.values():
                 if tensor is not None:
                     seen.setdefault(id(tensor), tensor)
     return [local_shard(t) for t in seen.values()]
+
+
+_TABLES = operator.attrgetter("_modules", "_parameters", "_buffers")  # what the walk reads, per module
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class _TreeRecord:
+    """The module tree as `weights_and_buffers` read it: every module's child, parameter and buffer
+    tables, by identity, with their values in order.
+
+    `unchanged()` answers, at C speed (maps over the recorded modules, no bytecode per module or
+    tensor), whether a walk now would visit the same modules and tables and find the same objects
+    in them: then `weights_and_buffers` would return the same tensors, in the same order. (The
+    walk visits each module's `_modules` values in order, so the same tables holding the same
+    children reproduce it; the same parameter and buffer tables holding the same tensors give the
+    same list.) It answers False on any difference, and whenever the record cannot vouch for
+    that: a table that is not a plain dict (a subclass may override `values()`, which the walk
+    calls) or a tensor that is not a plain Tensor or Parameter (a DTensor's local shard is read
+    through an attribute the record does not follow); the caller then walks the tree.
+    """
+
+    def __init__(self, tree: list[torch.nn.Module]) -> None:
+        self.modules = tree
+        self.tables: list[dict[str, Any]] = list(chain.from_iterable(map(_TABLES, tree)))
+        self.lengths = list(map(len, self.tables))
+        self.filled = [bool(n) for n in self.lengths]  # only non-empty tables have values to compare
+        self.values = self._values(self.tables)
+        # A value's class is compared too (`local_shard` depends on it), though its object is the same.
+        self.types = list(map(type, self.values))
+        weight_tables = self.tables[1::3] + self.tables[2::3]
+        self.exact = all(type(table) is dict for table in self.tables) and all(
+            value is None or type(value) in _PLAIN_TENSORS for table in weight_tables for value in table.values()
+        )
+
+    def _values(self, tables: list[dict[str, Any]]) -> list[Any]:
+        return list(chain.from_iterable(map(dict.values, compress(tables, self.filled))))
+
+    def unchanged(self) -> bool:
+        if not self.exact:
+            return False
+        tables = list(chain.from_iterable(map(_TABLES, self.modules)))
+        if not all(map(operator.is_, tables, self.tables)) or list(map(len, tables)) != self.lengths:
+            return False  # (same length: `all` over the pairs saw every table)
+        values = self._values(tables)
+        return all(map(operator.is_, values, self.values)) and all(map(operator.is_, map(type, values), self.types))
+
+
+_TENSOR: Any = torch.Tensor
+_STORAGE: Any = torch.UntypedStorage
+_SHAPE = operator.attrgetter("shape")
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _identity_columns(tensors: list[torch.Tensor]) -> list[list[Any]]:
+    """`_Identity.of` of every tensor, as one list per field (the fields' order): read with maps at
+    C speed, for every server tensor after every request."""
+    storages = list(map(_TENSOR.untyped_storage, tensors))
+    return [
+        list(map(_STORAGE.data_ptr, storages)), list(map(_STORAGE.nbytes, storages)),
+        list(map(_TENSOR.storage_offset, tensors)), list(map(_SHAPE, tensors)), list(map(_TENSOR.stride, tensors)),
+        list(map(_DTYPE, tensors)), list(map(_TENSOR.is_conj, tensors)), list(map(_TENSOR.is_neg, tensors)),
+        list(map(_REQUIRES_GRAD, tensors)), list(map(operator.is_not, map(_GRAD, tensors), repeat(None))),
+    ]
 
 
 def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -99,6 +170,8 @@ class WeightIntegrity:
     _tensors: list[torch.Tensor] = field(default_factory=list)
     _originals: list[torch.Tensor] = field(default_factory=list)  # aliases keeping each tensor's view
     _identities: list[_Identity] = field(default_factory=list)
+    _identity_columns: list[list[Any]] = field(default_factory=list)  # the same, one list per field
+    _tree: _TreeRecord | None = None
     _versions: list[int] = field(default_factory=list)
     _storages: list[torch.UntypedStorage] = field(default_factory=list)
     _samples: list[list[torch.Tensor]] = field(default_factory=list)  # per sample set: one view per storage
@@ -113,7 +186,9 @@ class WeightIntegrity:
 
     def _index(self) -> None:
         """Record everything about the server's tensors as they are now (trusted)."""
-        self._tensors = weights_and_buffers(self.modules)
+        tree = module_tree(self.modules)
+        self._tensors = _weights_and_buffers(tree)
+        self._tree = _TreeRecord(tree)
         # The dispatch guard also protects tensors kept as plain module attributes; holding them
         # here keeps their memory from being reused for a request's tensors if the model
         # replaces one.
@@ -121,7 +196,8 @@ class WeightIntegrity:
         self.storage = ServerStorage.of(self._guarded)
         self._originals = [t.detach() for t in self._tensors]
         self._identities = [_Identity.of(t) for t in self._tensors]
-        self._versions = [t._version for t in self._tensors]
+        self._identity_columns = _identity_columns(self._tensors)
+        self._versions = list(map(_VERSION, self._tensors))
         unique: dict[int, torch.UntypedStorage] = {}
         for t in self._tensors:
             storage = t.untyped_storage()
@@ -147,9 +223,17 @@ class WeightIntegrity:
             )
 
     def _moved(self) -> bool:
-        """True when the server moved or reloaded the model since indexing (new storages)."""
-        current = weights_and_buffers(self.modules)
-        return len(current) != len(self._tensors) or not all(map(operator.is_, current, self._tensors))
+        """True when the model's set of parameters and buffers is not the indexed one (the server
+        replaced or reloaded tensors, or a request did). The tree record answers in the usual
+        case (nothing replaced); otherwise the tree is walked and its tensors compared."""
+        if self._tree is not None and self._tree.unchanged():
+            return False
+        tree = module_tree(self.modules)
+        current = _weights_and_buffers(tree)
+        if len(current) != len(self._tensors) or not all(map(operator.is_, current, self._tensors)):
+            return True
+        self._tree = _TreeRecord(tree)  # the same tensors in other tables: vouch for these from now
+        return False
 
     # -- per request ----------------------------------------------------------------------------
 
@@ -162,12 +246,12 @@ class WeightIntegrity:
                     "this replica's weights failed an integrity check and it is not serving until it is "
                     "replaced; retry shortly"
                 )
-            if self._moved() or [int(t.untyped_storage().data_ptr()) for t in self._tensors] != [
-                ident.ptr for ident in self._identities
-            ]:
+            if self._moved() or list(map(_STORAGE.data_ptr, map(_TENSOR.untyped_storage, self._tensors))) != (
+                self._identity_columns[0]
+            ):
                 self._index()
             else:
-                self._versions = [t._version for t in self._tensors]
+                self._versions = list(map(_VERSION, self._tensors))
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -181,9 +265,9 @@ class WeightIntegrity:
         if self._moved():
             found.append("the model's set of tensors changed")
             return found
-        if [t._version for t in self._tensors] != self._versions:
+        if list(map(_VERSION, self._tensors)) != self._versions:
             found.append("a weight's version counter moved (an in-place write)")
-        if [_Identity.of(t) for t in self._tensors] != self._identities:
+        if _identity_columns(self._tensors) != self._identity_columns:
             found.append("a weight's storage, layout or autograd flags changed")
         chosen = random.randrange(len(self._samples)) if self._samples else None
         if chosen is not None and self._samples[chosen]:
@@ -223,7 +307,7 @@ class WeightIntegrity:
             torch.equal(_byte_view(s).cpu(), c) for s, c in zip(self._storages, self._copies, strict=True)
         )
         if ok:
-            self._versions = [t._version for t in self._tensors]
+            self._versions = list(map(_VERSION, self._tensors))
             self.untrusted = False
             _log.warning("weights restored from the kept copy")
         else:

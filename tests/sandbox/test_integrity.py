@@ -96,6 +96,90 @@ def test_a_legitimate_move_reindexes_instead_of_alarming() -> None:
     integrity.verify()
 
 
+def _replace_parameter(model: torch.nn.Module) -> None:
+    model[0]._parameters["weight"] = torch.nn.Parameter(torch.zeros(8, 8), requires_grad=False)
+
+
+def _add_buffer(model: torch.nn.Module) -> None:
+    model[1]._buffers["extra"] = torch.zeros(8)
+
+
+def _replace_child(model: torch.nn.Module) -> None:
+    model._modules["0"] = torch.nn.Linear(8, 8).requires_grad_(False)
+
+
+def _add_child(model: torch.nn.Module) -> None:
+    model._modules["2"] = torch.nn.Linear(8, 8).requires_grad_(False)
+
+
+def _replace_table(model: torch.nn.Module) -> None:
+    vars(model[0])["_parameters"] = dict(model[0]._parameters)  # equal contents, another table
+
+
+@pytest.mark.parametrize("change", [_replace_parameter, _add_buffer, _replace_child, _add_child],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_the_tree_record_sees_every_change_to_the_set_of_tensors(change: Any) -> None:
+    """The per-request check of the tensor set reads a record of the module tree, not a walk: it
+    must see what a walk would (a tensor or module replaced or added in any table)."""
+    model = _model()
+    integrity = WeightIntegrity([model])
+    integrity.admit()
+    change(model)
+    with pytest.raises(ModelTampering, match="set of tensors changed"):
+        integrity.verify()
+
+
+def test_a_table_replaced_with_the_same_tensors_is_no_alarm_and_the_record_follows() -> None:
+    model = _model()
+    integrity = WeightIntegrity([model])
+    integrity.admit()
+    _replace_table(model)
+    integrity.verify()  # the same tensors, as a walk finds them
+    assert integrity._tree is not None and integrity._tree.unchanged()  # re-recorded on the new table
+    _replace_parameter(model)
+    with pytest.raises(ModelTampering, match="set of tensors changed"):
+        integrity.verify()
+
+
+def test_a_server_that_replaces_parameters_between_requests_is_reindexed() -> None:
+    """A loader that swaps Parameter objects (not `.data`) between requests: admitted, re-indexed."""
+    model = _model()
+    integrity = WeightIntegrity([model])
+    integrity.admit()
+    integrity.verify()
+    _replace_parameter(model)
+    integrity.admit()
+    assert any(t is model[0].weight for t in integrity.tensors)
+    integrity.verify()
+
+
+def test_the_tree_record_walks_when_it_cannot_vouch() -> None:
+    """A tensor subclass (a DTensor's local shard is read through an attribute) or a table that is
+    not a plain dict: no record shortcut, the tree is walked every time."""
+
+    class Marked(torch.Tensor):
+        pass
+
+    model = _model()
+    model.register_buffer("marked", torch.zeros(2).as_subclass(Marked))
+    integrity = WeightIntegrity([model])
+    assert integrity._tree is not None and not integrity._tree.unchanged()
+    integrity.admit()
+    integrity.verify()
+
+
+def test_identity_columns_are_the_identities() -> None:
+    """The per-request identity check reads one list per field; each must be `_Identity`'s field."""
+    from model_runtime.sandbox.integrity import _Identity, _identity_columns
+
+    model = _model()
+    model[1].weight.grad = torch.ones(8)
+    tensors = [*model.parameters(), *model.buffers(), torch.zeros(4, 2).t(), torch.zeros(3)[1:]]
+    columns = _identity_columns(tensors)
+    assert len(columns) == len(_Identity._fields)
+    assert [_Identity(*fields) for fields in zip(*columns, strict=True)] == [_Identity.of(t) for t in tensors]
+
+
 @pytest.fixture()
 def only_integrity(models: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The dispatch guard off and the Python-level checks blinded: only the integrity check stands."""
