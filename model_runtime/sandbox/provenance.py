@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
+from itertools import chain, compress, islice
+from operator import is_
 from typing import Any
 
 _CONTAINERS = (list, dict, set, OrderedDict)
@@ -30,6 +32,8 @@ class ServerState:
         self._where: dict[int, str] = {}
         self._by_id: dict[int, Any] = {}
         self._containers: list[Any] = []
+        self._lengths: list[int] = []
+        self._partitioned = -1  # how many containers the non-empty ones were sorted from
         envoys = [model]
         while envoys:
             envoy = envoys.pop()
@@ -60,21 +64,55 @@ class ServerState:
     def capture(self) -> None:
         """Snapshot the contents now (at the start of each request: the server itself may change
         its state between requests, e.g. a level change that re-places the weights)."""
-        # Checked at C speed where it can be (a large model has tens of thousands of these,
-        # nearly all empty hook tables): lengths first, then the items of the non-empty ones.
-        self._lengths = list(map(len, self._containers))
-        self._full = [(c, _copy(c)) for c in self._containers if len(c)]
+        # Read at C speed (a large model has tens of thousands of these, nearly all empty hook
+        # tables): the lengths of all, then the items of the non-empty ones, plain lists' and
+        # dicts' flattened into one list each (with the lengths, every item's container is known).
+        lengths = list(map(len, self._containers))
+        if lengths != self._lengths or len(self._containers) != self._partitioned:
+            filled = list(compress(self._containers, lengths))
+            self._lists = [c for c in filled if type(c) is list]
+            self._dicts = [c for c in filled if type(c) is dict]
+            self._others = [c for c in filled if type(c) is not list and type(c) is not dict]
+            self._partitioned = len(self._containers)
+        self._lengths = lengths
+        self._list_items = list(chain.from_iterable(self._lists))
+        self._dict_keys = list(chain.from_iterable(self._dicts))
+        self._dict_values = list(chain.from_iterable(map(dict.values, self._dicts)))
+        self._other_copies = list(map(_copy, self._others))
+
+    def _unchanged(self) -> bool:
+        """Whether every container holds what `capture` saw. Equal lengths first: then the
+        flattened items line up container by container."""
+        return (
+            list(map(len, self._containers)) == self._lengths
+            and all(map(is_, chain.from_iterable(self._lists), self._list_items))
+            and list(chain.from_iterable(self._dicts)) == self._dict_keys
+            and all(map(is_, chain.from_iterable(map(dict.values, self._dicts)), self._dict_values))
+            and all(map(_same, self._others, self._other_copies))
+        )
+
+    def _snapshots(self) -> dict[int, Any]:
+        """Each non-empty container's snapshot (`_copy`'s form), rebuilt from the flattened capture."""
+        snapshots: dict[int, Any] = dict(zip(map(id, self._others), self._other_copies, strict=True))
+        items, keys, values = iter(self._list_items), iter(self._dict_keys), iter(self._dict_values)
+        for container, length in zip(self._containers, self._lengths, strict=False):
+            if length and type(container) is list:
+                snapshots[id(container)] = list(islice(items, length))
+            elif length and type(container) is dict:
+                snapshots[id(container)] = (list(islice(keys, length)), list(islice(values, length)))
+        return snapshots
 
     def owns(self, obj: Any) -> bool:
         return self._by_id.get(id(obj)) is obj
 
     def verify_and_restore(self) -> list[str]:
         """Put back every container that changed; the names of those that had."""
-        if list(map(len, self._containers)) == self._lengths and all(_same(c, snap) for c, snap in self._full):
+        if self._unchanged():
             return []
-        snapshots = {id(c): snap for c, snap in self._full}
+        snapshots = self._snapshots()
         changed = []
-        for container, length in zip(self._containers, self._lengths, strict=True):
+        # (Containers adopted after the capture have no length recorded: checked from the next one.)
+        for container, length in zip(self._containers, self._lengths, strict=False):
             snapshot = snapshots.get(id(container), [])
             if len(container) != length or not _same(container, snapshot):
                 changed.append(self._where[id(container)])

@@ -4,6 +4,7 @@ outputs (class 7), batch/sequence limits, and the server-state snapshot (class 2
 from __future__ import annotations
 
 import linecache
+import operator
 from typing import Any
 
 import nnsight
@@ -217,6 +218,74 @@ def test_server_state_is_restored_after_a_change_behind_the_guards(models: tuple
     assert any("all_tied_weights_keys" in c for c in changed) and any("_edits" in c for c in changed)
     assert state.verify_and_restore() == []
     assert nnsight  # the module the programs use
+
+
+class _Envoy:
+    """The shape `ServerState` reads: an envoy tree over a module, with state containers."""
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self.path = "model"
+        self._children: list[Any] = []
+        self._module = torch.nn.Linear(2, 2)
+        self.items = [1, "a", None]
+        self.table = {"x": 1, "y": [2]}
+        self.tags = {"p", "q"}
+        self.ordered = OrderedDict(a=1, b=2)
+        self.empty_list: list[Any] = []
+        self.empty_dict: dict[str, Any] = {}
+        self.more = [object(), object()]
+
+
+def _change_each_kind(e: _Envoy) -> None:
+    e.items[1] = "b"  # same length, another item
+    e.table["y"] = [2]  # an equal value, not the same object
+    e.tags.discard("p")
+    e.tags.add("r")
+    e.ordered.move_to_end("a")
+    e.empty_list.append(print)
+    e.empty_dict["k"] = print
+    e.more.reverse()
+
+
+def _rename_first_key(e: _Envoy) -> None:
+    values = list(e.table.values())  # the same values, in the same order, under another first key
+    e.table.clear()
+    e.table.update(zip(["renamed", "y"], values, strict=True))
+
+
+def test_server_state_snapshot_sees_and_restores_each_container_kind() -> None:
+    """The snapshot is flattened (one list for every list's items, one for every dict's keys and
+    values): a change in any container of any kind is seen, and each is put back to its own
+    contents, whatever changed in the others."""
+    envoy = _Envoy()
+    state = ServerState(envoy)
+    before = {k: (list(v.items()) if isinstance(v, dict) else set(v) if isinstance(v, set) else list(v))
+              for k, v in vars(envoy).items() if k in ("items", "table", "tags", "ordered", "empty_list",
+                                                      "empty_dict", "more")}
+    values = {k: list(v.values()) if isinstance(v, dict) else None for k, v in vars(envoy).items()}
+    _change_each_kind(envoy)
+    changed = state.verify_and_restore()
+    assert sorted(changed) == sorted(f"envoy model.{k}" for k in before)
+    for key, contents in before.items():
+        now = getattr(envoy, key)
+        assert (list(now.items()) if isinstance(now, dict) else set(now) if isinstance(now, set)
+                else list(now)) == contents, key
+        if isinstance(now, dict):
+            assert all(map(operator.is_, now.values(), values[key] or [])), key
+    assert state.verify_and_restore() == []
+    one_at_a_time = [
+        lambda e: e.items.__setitem__(1, "b"), lambda e: e.table.__setitem__("y", [2]),
+        _rename_first_key, lambda e: e.tags.symmetric_difference_update({"p", "r"}),
+        lambda e: e.ordered.move_to_end("a"), lambda e: e.more.reverse(), lambda e: e.items.append(4),
+        lambda e: e.table.pop("x"), lambda e: e.more.clear(), lambda e: e.empty_dict.update(k=print),
+    ]
+    for change in one_at_a_time:
+        state.capture()
+        change(envoy)
+        assert len(state.verify_and_restore()) == 1, "each change alone is seen"
+        assert state.verify_and_restore() == []
 
 
 def test_edit_is_refused_with_what_to_do_instead(models: tuple[Any, Any], backend: Any) -> None:
