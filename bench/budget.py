@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ def _request_peak(model: Any, path: Path, shape: Shape) -> tuple[int, float]:
     peaks: list[int] = []
 
     def measured(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
-        saves = runner(model, blob, envelope)
+        saves = runner.run(model, blob, envelope)
         peaks.append(_status("VmHWM"))  # after the trace, before serialising
         return saves
 
@@ -194,7 +194,7 @@ def _request_peak(model: Any, path: Path, shape: Shape) -> tuple[int, float]:
         before = _status("VmRSS")
         started = time.perf_counter()
         out = execution.execute_request(model, blob, envelope, limits=exec_limits, on_log=lambda _l: None,
-                                        runner=measured)
+                                        runner=replace(runner, run=measured))
         assert out.error is None, out.error
         peaks.append(peaks.pop() - before)
         return time.perf_counter() - started

@@ -10,7 +10,7 @@ the logits) is executed over and over against a dispatched tiny llama:
   per-request young-generation collection (`model_runtime.replica.garbage`), which is cheap once the
   model's objects are frozen and costs the same on both sides (a full `gc.collect()` is timed
   separately for reference);
-* sandboxed: the same `execute_request` with `runner=model_runtime.sandbox.executor.run_blob`
+* sandboxed: the same `execute_request` with `runner=model_runtime.sandbox.executor.SANDBOXED`
   (what `select_runner()` picks unless NDIF_SANDBOX=0), every layer including a seccomp filter on
   the request thread (installed once per thread, at its first request);
 * standalone: `Sandbox.execute` (dedicated seccomp'd worker thread, own serialisation);
@@ -189,9 +189,9 @@ def large_model(iterations: int) -> tuple[dict[str, list[float]], int]:
 
     _client, server, request, blob = _served(LARGE)
     params = sum(p.numel() for p in server._module.parameters())
-    sandboxed = _seam(server, request, blob, executor.run_blob)
+    sandboxed = _seam(server, request, blob, executor.SANDBOXED)
     samples = _interleaved(
-        {"baseline": _seam(server, request, blob, execution.run_blob), "sandboxed": sandboxed,
+        {"baseline": _seam(server, request, blob, execution.PLAIN), "sandboxed": sandboxed,
          "python_mode": _under_python_mode(sandboxed)},
         iterations, warmup=3,
     )
@@ -226,14 +226,14 @@ def main(iterations: int) -> None:
         sandbox_calls.append(1)
         return real_sandboxed(model, data, env)
 
-    baseline = _seam(server, request, blob, execution.run_blob)
-    sandboxed = _seam(server, request, blob, counting_run_blob)
+    baseline = _seam(server, request, blob, execution.PLAIN)
+    sandboxed = _seam(server, request, blob, execution.Runner(counting_run_blob, collects_garbage=True))
 
     def standalone() -> None:
         sandbox.execute(server, blob, request)
 
     no_filter = Sandbox(Limits(timeout_s=60, seccomp=False))
-    with_filter = _seam(server, request, blob, executor.run_blob)
+    with_filter = _seam(server, request, blob, executor.SANDBOXED)
 
     def sandboxed_no_seccomp() -> None:
         previous = executor._DEFAULT

@@ -32,11 +32,11 @@ from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
 from model_runtime.replica import levels
 from model_runtime.replica.execution import (
+    PLAIN,
     Envelope,
     ExecutionLimits,
     ExecutionResult,
     execute_request,
-    run_blob,
     select_runner,
 )
 from model_runtime.replica.garbage import freeze_long_lived
@@ -208,7 +208,7 @@ class ModelReplica:
 
     def _configure_sandbox(self) -> None:
         """The ModelDeployment's limits, down to the sandbox (the one limits object)."""
-        if self._runner is not run_blob:
+        if self._runner is not PLAIN:
             from model_runtime.sandbox.executor import configure
             from model_runtime.sandbox.limits import Limits
 

@@ -9,8 +9,9 @@ thread) for every line the request prints. It never raises for a request's fault
 (saves blob or an error text for the client) is in the returned `ExecutionResult`.
 
 The sandbox (issue 6) replaces what happens inside the worker thread (deserialize + execute +
-collect): `execute_request(..., runner=...)` takes any function with `run_blob`'s signature, and
-`select_runner()` picks `model_runtime.sandbox.executor.run_blob` unless NDIF_SANDBOX=0. Callers (the
+collect): `execute_request(..., runner=...)` takes a `Runner` (a function with `run_blob`'s
+signature, and whether it collects the request's garbage itself), and `select_runner()` picks the
+sandbox's (`model_runtime.sandbox.executor.SANDBOXED`) unless NDIF_SANDBOX=0. Callers (the
 model app) never touch nnsight directly.
 
 The recipe is nnsight 0.8.1's:
@@ -232,16 +233,27 @@ def run_blob(model: Any, blob: bytes, envelope: Envelope) -> dict[str, Any]:
         dec()
 
 
-Runner = Callable[[Any, bytes, Envelope], dict[str, Any]]
+@dataclass(frozen=True, slots=True)
+class Runner:
+    """How a request's blob is run on its request thread: `run(model, blob, envelope)` returns
+    the saves (`run_blob`'s signature). `collects_garbage`: `run` collects the request's garbage
+    itself, on the request thread (the sandbox's does, sandbox/finalisers.py), so
+    `execute_request` does not collect again."""
+
+    run: Callable[[Any, bytes, Envelope], dict[str, Any]]
+    collects_garbage: bool = False
+
+
+PLAIN = Runner(run_blob)  # no sandbox (NDIF_SANDBOX=0, and the benchmarks' baseline)
 
 
 def select_runner() -> Runner:
-    """The sandbox's drop-in (the default), or the bare `run_blob` when NDIF_SANDBOX is 0/false/off."""
+    """The sandbox's runner (the default), or `PLAIN` when NDIF_SANDBOX is 0/false/off."""
     if RuntimeSettings.from_env().sandbox:
-        from model_runtime.sandbox.executor import run_blob as sandboxed
+        from model_runtime.sandbox.executor import SANDBOXED
 
-        return sandboxed
-    return run_blob
+        return SANDBOXED
+    return PLAIN
 
 
 def encode_saves(saves: dict[str, Any], compress: bool) -> bytes:
@@ -320,7 +332,7 @@ def execute_request(
     *,
     limits: ExecutionLimits,
     on_log: Callable[[str], None],
-    runner: Runner = run_blob,
+    runner: Runner = PLAIN,
     stop: threading.Event | None = None,
 ) -> ExecutionResult:
     """Run one request to completion, error or timeout. Blocking; callers serialize calls per model.
@@ -339,7 +351,7 @@ def execute_request(
         marks["started"] = time.time()
         try:
             with _capture_output(CappedLog(on_log, limits.max_log_bytes)):
-                saves = runner(model, blob, envelope)
+                saves = runner.run(model, blob, envelope)
                 marks["ran"] = time.time()
                 outcome["result"] = encode_saves(saves, envelope.compress)
                 marks["encoded"] = time.time()
@@ -362,7 +374,7 @@ def execute_request(
         forced = thread.forced
         with contextlib.suppress(Exception):
             model.interleaver.cancel()
-    if not getattr(runner, "collects_garbage", False):  # the sandbox's runner collects on the request thread
+    if not runner.collects_garbage:
         collect_request_garbage()  # cheap once the replica froze its long-lived objects
     marks["collected"] = time.time()
     meta: dict[str, Any] = {

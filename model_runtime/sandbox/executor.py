@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_runtime.bounds import CappedLog
+from model_runtime.replica.execution import Runner
 from model_runtime.sandbox import sources
 from model_runtime.sandbox.capabilities import Capabilities
 from model_runtime.sandbox.compiling import install_compile_hook, restricted_compile, sandboxed_compilation
@@ -424,7 +425,8 @@ def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
         raise RequestError(str(exc)) from None
 
 
-run_blob.collects_garbage = True  # type: ignore[attr-defined]  # (finalisers.py): execute_request skips its own
+# What the runtime's `select_runner()` picks; it collects on the request thread (finalisers.py).
+SANDBOXED = Runner(run_blob, collects_garbage=True)
 
 _SECCOMP = threading.local()
 

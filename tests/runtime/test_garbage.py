@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,45 @@ def test_release_makes_frozen_cycles_collectable() -> None:
     release_frozen()
     gc.collect()
     assert ref() is None
+
+
+def _collected(obj: object) -> bool:
+    """Whether the collector still walks `obj` (False once it sits in the permanent generation)."""
+    return any(o is obj for o in gc.get_objects())
+
+
+def test_tp_shard_ranks_freeze_what_they_load_and_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard rank (ranks >= 1 of a tensor-parallel replica) freezes its long-lived objects after
+    a load and after a move that keeps weights, as rank 0 does: its per-request collections then
+    walk only what requests made. Ranks run as Ray actors; here one runs in-process, its loading
+    replaced by objects standing for a loaded and a moved shard."""
+    from types import SimpleNamespace
+
+    from model_runtime.replica import app
+    from model_runtime.replica.parallel import ranks
+    from runtime.conftest import model_args
+
+    def held() -> SimpleNamespace:
+        return SimpleNamespace(shard=SimpleNamespace(bytes_read=1, seconds=0.0), weights=[[0.0] * 4])
+
+    made: list[SimpleNamespace] = []
+
+    def make(*_: object) -> SimpleNamespace | None:
+        made.append(held())
+        return made[-1]
+
+    monkeypatch.setattr(app, "_prepare_process", lambda: None)
+    monkeypatch.setattr(ranks, "load_rank", make)
+    monkeypatch.setattr(ranks, "move_rank", lambda current, where, device: make() if where != "cold" else None)
+    rank = ranks.ShardRank(1, 2)
+    try:
+        assert _collected(rank)
+        rank.load(model_args(Path("/models/tiny")), "/models/tiny")
+        assert not _collected(made[0].weights) and not _collected(rank)  # frozen with everything else
+        rank.move("cpu")
+        assert not _collected(made[1].weights)  # the moved shard is new, and frozen too
+        request_garbage = held()
+        rank.move("cold")  # nothing held: nothing new to freeze
+        assert rank.held is None and _collected(request_garbage.weights)
+    finally:
+        release_frozen()

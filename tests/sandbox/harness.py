@@ -28,8 +28,7 @@ from model_runtime.sandbox import (
     RequestFailed,
     Sandbox,
 )
-from model_runtime.sandbox.executor import configure
-from model_runtime.sandbox.executor import run_blob as sandboxed_run_blob
+from model_runtime.sandbox.executor import SANDBOXED, configure
 
 SECRET = "ndif-test-secret-3f9a1c"  # set in the environment; must never come back
 
@@ -86,7 +85,7 @@ class SandboxBackend(RemoteBackend):
             self.server, self.blob, envelope,
             limits=ExecutionLimits(timeout_seconds=limits.timeout_s, max_result_bytes=limits.max_result_bytes,
                                    cancel_grace_seconds=limits.grace_s),
-            on_log=self.logs.append, runner=sandboxed_run_blob,
+            on_log=self.logs.append, runner=SANDBOXED,
         )
         self.meta_out = outcome.meta
         self.outcome = outcome

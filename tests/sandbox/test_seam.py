@@ -1,4 +1,4 @@
-"""The seam with the runtime: `execution.execute_request(..., runner=executor.run_blob)` (what
+"""The seam with the runtime: `execution.execute_request(..., runner=executor.SANDBOXED)` (what
 `select_runner()` picks unless NDIF_SANDBOX=0) gives the same results for legit programs and an
 error text for attacks."""
 
@@ -27,7 +27,7 @@ class SeamBackend(RemoteBackend):
         blob = self._serialize(tracer)
         envelope = execution.Envelope(**request.model_dump())
         out = execution.execute_request(
-            self.server, blob, envelope, limits=self.limits, on_log=self.logs.append, runner=executor.run_blob
+            self.server, blob, envelope, limits=self.limits, on_log=self.logs.append, runner=executor.SANDBOXED
         )
         if out.error is not None:
             raise RuntimeError(out.error)
@@ -55,9 +55,9 @@ def test_legit_through_the_runtime_seam(program: Any, models: tuple[Any, Any], s
 
 def test_select_runner_picks_the_sandbox_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NDIF_SANDBOX", raising=False)
-    assert execution.select_runner() is executor.run_blob
+    assert execution.select_runner() is executor.SANDBOXED
     monkeypatch.setenv("NDIF_SANDBOX", "0")
-    assert execution.select_runner() is execution.run_blob
+    assert execution.select_runner() is execution.PLAIN
 
 
 def test_print_reaches_on_log(models: tuple[Any, Any], sandboxed_runtime: Any) -> None:

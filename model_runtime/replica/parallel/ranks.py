@@ -483,7 +483,7 @@ def _sandbox_limits(runner: Any) -> dict[str, Any] | None:
     """Rank 0's sandbox limits (set from its ModelDeployment), for the shard ranks' sandboxes."""
     import dataclasses
 
-    if runner is None or runner is execution.run_blob:
+    if runner is None or runner is execution.PLAIN:
         return None
     from model_runtime.sandbox.executor import default_sandbox
 
