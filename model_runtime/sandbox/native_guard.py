@@ -13,7 +13,9 @@ dispatch key that the guard puts in the request thread's include set:
 * ops with nothing to check have a fallthrough kernel for the key, so they cost nothing; the
   ~1,500 ops that write an argument, update running statistics or allocate have a kernel that
   checks the written tensors' storage against the server's byte ranges, refuses before the kernel
-  runs (`ModelTampering`), zeroes what allocations return, then redispatches below the key;
+  runs (`ModelTampering`), zeroes what allocations return, then redispatches below the key (a
+  typed kernel for the ops a forward calls most, `native/typed_kernels.h`; one boxed kernel for
+  the rest, same rule);
 * the heavy op families and unbounded views (`work_bounds.py`) have a kernel that prices them
   against the request's time left, and every kernel of the key ends a stopped request;
 * an op registered later (a library imported after start-up) gets its kernel when the next guard

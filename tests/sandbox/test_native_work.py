@@ -61,19 +61,87 @@ def test_heavy_families_have_kernels_and_light_ops_fall_through() -> None:
         assert native.cost_kind(name, overload) == work_bounds.Cost.NONE, name
 
 
-def _guarded_on_a_request_thread(body: Any) -> None:
-    """Run `body()` on a request thread (30 s timeout) under the write guard and its budget."""
+def _guarded_on_a_request_thread(body: Any, server: tuple[torch.Tensor, ...] = (), timeout_s: float = 30) -> None:
+    """Run `body()` on a request thread under the write guard (with `server` as server memory)
+    and its budget."""
     from model_runtime.replica.request_thread import RequestThread, current_stop
     from model_runtime.sandbox.dispatch_guard import ServerStorage, WriteGuard
 
     def work() -> None:
-        with WriteGuard(ServerStorage()), work_bounds.request_budget(current_stop()) as budget:
+        with WriteGuard(ServerStorage.of(server)), work_bounds.request_budget(current_stop()) as budget:
             assert budget is not None
             body()
 
     thread = RequestThread("t")
-    thread.run(work, timeout_s=30, grace_s=1, cancel=SystemExit)
+    thread.run(work, timeout_s=timeout_s, grace_s=1, cancel=SystemExit)
     thread.stop()
+
+
+HOT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::as_strided", "aten::expand",
+           "aten::empty.memory_format", "aten::empty_strided", "aten::copy_", "aten::fill_.Scalar",
+           "aten::add_.Tensor", "aten::div_.Scalar", "aten::sum.IntList_out", "aten::detach_")
+
+
+def _guard_kernel(name: str) -> str:
+    native = native_guard.load()
+    assert native is not None, native_guard.failure()
+    return next(line for line in torch._C._dispatch_dump(name).splitlines()
+                if line.startswith(f"{native.dispatch_key}: ndif write guard"))
+
+
+def test_the_ops_a_forward_calls_most_have_typed_kernels() -> None:
+    for name in HOT_OPS:
+        assert "ndif write guard (typed)" in _guard_kernel(name), name
+    # a rule a typed kernel cannot apply keeps the boxed kernel: running statistics, growth, out= products
+    for name in ("aten::native_batch_norm", "aten::resize_", "aten::mm.out", "aten::set_.source_Storage"):
+        kernel = _guard_kernel(name)
+        assert "(typed)" not in kernel and "fallthrough" not in kernel, (name, kernel)
+
+
+def test_typed_kernels_refuse_writes_price_products_and_raise_the_stop() -> None:
+    """The typed kernels called as C++ calls them (unboxed, from tensor methods): the same rules."""
+    from model_runtime.replica.request_thread import current_stop
+    from model_runtime.sandbox.errors import ModelTampering
+
+    weight = torch.rand(4, 4)
+    before = weight.clone()
+    big = torch.ones(4000, 4000)
+    outcomes: dict[str, str] = {}
+
+    def attempt(name: str, call: Any) -> None:
+        try:
+            call()
+            outcomes[name] = "ran"
+        except (ModelTampering, LimitExceeded, SystemExit) as exc:
+            outcomes[name] = type(exc).__name__
+
+    def body() -> None:
+        x = torch.ones(4, 4)
+        attempt("copy_", lambda: weight.copy_(x))
+        attempt("add_ on a view", lambda: weight.view(-1).add_(1))
+        attempt("div_", lambda: weight[1].div_(2))
+        attempt("fill_", lambda: weight.fill_(0))
+        attempt("sum out=", lambda: torch.sum(x, 0, out=weight[0]))
+        attempt("detach_", lambda: weight.detach_())
+        attempt("user copy_", lambda: x.copy_(weight))
+        attempt("mm", lambda: torch.mm(big, big))
+        attempt("addmm", lambda: torch.addmm(big, big, big))
+        attempt("baddbmm", lambda: torch.baddbmm(big[None], big[None], big[None]))
+        attempt("small mm", lambda: torch.mm(x, x))
+        current_stop().set()
+        attempt("copy_ after the stop", lambda: x.copy_(x))
+        attempt("as_strided after the stop", lambda: x.as_strided((2,), (1,)))
+        attempt("mm after the stop", lambda: torch.mm(x, x))
+
+    _guarded_on_a_request_thread(body, server=(weight,), timeout_s=0.5)
+    assert outcomes == {
+        "copy_": "ModelTampering", "add_ on a view": "ModelTampering", "div_": "ModelTampering",
+        "fill_": "ModelTampering", "sum out=": "ModelTampering", "detach_": "ModelTampering", "user copy_": "ran",
+        "mm": "LimitExceeded", "addmm": "LimitExceeded", "baddbmm": "LimitExceeded", "small mm": "ran",
+        "copy_ after the stop": "SystemExit", "as_strided after the stop": "SystemExit",
+        "mm after the stop": "SystemExit",
+    }
+    assert torch.equal(weight, before)
 
 
 def test_a_stopped_budget_raises_at_the_next_guarded_op() -> None:

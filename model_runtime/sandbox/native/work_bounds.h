@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace work_bounds {
@@ -110,17 +111,22 @@ inline double window_out(int64_t in, int64_t kernel, int64_t stride, int64_t pad
   return room < 0 ? 0 : std::floor(room / static_cast<double>(std::max<int64_t>(stride, 1))) + 1;
 }
 
+// A product's operands by argument name, first match first (also how the typed kernels pick them).
+constexpr std::initializer_list<const char*> kMatmulLeft = {"mat1", "batch1", "self"};
+constexpr std::initializer_list<const char*> kMatmulRight = {"mat2", "batch2"};
+
+inline double matmul_flops(const at::Tensor& a, const at::Tensor& b) {
+  return b.dim() < 1 ? 0 : 2.0 * static_cast<double>(a.numel()) * static_cast<double>(b.size(-1));
+}
+
 // Floating-point operations (or, for kView, elements) the op is about to do; 0 when unknown.
 inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
   const auto& schema = op.schema();
   switch (kind) {
     case Cost::kMatmul: {  // A (..., n, k) @ B (..., k, m): 2 * numel(A) * m
-      const at::Tensor* a = tensor_arg(schema, args, {"mat1", "batch1", "self"});
-      const at::Tensor* b = tensor_arg(schema, args, {"mat2", "batch2"});
-      if (a == nullptr || b == nullptr || b->dim() < 1) {
-        return 0;
-      }
-      return 2.0 * static_cast<double>(a->numel()) * static_cast<double>(b->size(-1));
+      const at::Tensor* a = tensor_arg(schema, args, kMatmulLeft);
+      const at::Tensor* b = tensor_arg(schema, args, kMatmulRight);
+      return a == nullptr || b == nullptr ? 0 : matmul_flops(*a, *b);
     }
     case Cost::kConv: {
       const at::Tensor* input = tensor_arg(schema, args, {"input", "self"});
@@ -264,10 +270,10 @@ inline std::pair<bool, c10::ScalarType> placement(c10::ArrayRef<c10::IValue> arg
   return {true, c10::ScalarType::Float};
 }
 
-inline std::string short_name(const c10::OperatorHandle& op) {
-  const std::string& full = op.schema().name();
+// An op's name without its namespace ("aten::mm" -> "mm").
+inline std::string short_name(std::string_view full) {
   const auto sep = full.find("::");
-  return sep == std::string::npos ? full : full.substr(sep + 2);
+  return std::string(sep == std::string_view::npos ? full : full.substr(sep + 2));
 }
 
 inline std::string fixed(double value, int digits) {
@@ -277,7 +283,7 @@ inline std::string fixed(double value, int digits) {
 }
 
 // The refusal's text when `work` (flops, or elements for kView) cannot finish in time; empty if it can.
-inline std::string over_budget(const Budget& budget, const Rates& rates, Cost kind, const c10::OperatorHandle& op, double work,
+inline std::string over_budget(const Budget& budget, const Rates& rates, Cost kind, std::string_view op, double work,
                                std::pair<bool, c10::ScalarType> where) {
   if (work <= 0) {
     return {};

@@ -4,17 +4,19 @@
 // The key sits above autograd, so every dispatcher call the thread makes (user code, nnsight's
 // hooks, the model's forward, composite decompositions, calls kernels make, the backward pass,
 // which inherits the thread's dispatch keys) reaches this key first:
-//   * ops with nothing to check (no written argument, no allocation) have a per-op fallthrough
-//     kernel: the dispatcher skips the key at no cost;
-//   * ops that write an argument, update running statistics or hand out memory have a boxed
-//     kernel (GuardKernel) that refuses a write into server memory before anything runs and zeroes
-//     what an allocation returns, then redispatches below the key;
+//   * ops with nothing to check (no written argument, no allocation, no price) have a per-op
+//     fallthrough kernel: the dispatcher skips the key at no cost;
+//   * ops that write an argument, update running statistics or hand out memory have a kernel that
+//     refuses a write into server memory before anything runs and zeroes what an allocation
+//     returns, then redispatches below the key;
 //   * heavy ops (priced by work_bounds.h) also have a kernel: it refuses one that cannot finish
 //     before the request's limit; every kernel of the key ends the request once it was stopped;
+//   * the kernel is a typed one (typed_kernels.h) for the ops a forward calls most, and the boxed
+//     GuardKernel below for the others; both apply the rule rule_of() derives from the schema,
+//     with the checks of guard_checks.h;
 //   * an op registered later gets its kernel at the next refresh() (each guard entry); until then
 //     it reaches the key's boxed fallback, which derives its rule from the schema (slower, never
 //     unguarded).
-// Server memory is a table of sorted, merged byte ranges of storages, one per active guard.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -22,6 +24,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
 
+#include "guard_checks.h"
+#include "typed_kernels.h"
 #include "work_bounds.h"
 
 #include <pybind11/pybind11.h>
@@ -42,9 +46,7 @@ namespace py = pybind11;
 
 namespace {
 
-// A functionality key above autograd that nothing else in torch registers kernels for; it is
-// dispatched only while in the thread's include set.
-constexpr c10::DispatchKey kKey = c10::DispatchKey::TESTING_ONLY_GenericMode;
+using namespace write_guard;
 
 // The vocabularies come from Python (dispatch_guard.py), the one place that names them.
 struct Vocabulary {
@@ -56,18 +58,6 @@ struct Vocabulary {
   std::map<std::string, work_bounds::Cost> costs;  // by op name (all overloads)
 };
 Vocabulary g_vocabulary;
-
-struct Rule {
-  std::vector<size_t> written;  // schema positions of written arguments
-  std::vector<size_t> stats;    // running statistics updated without the schema saying so
-  int64_t training = -1;        // the flag that turns those updates on (-1: none, always on)
-  bool allocates = false;       // returns uninitialised memory
-  bool grows = false;           // may grow its first argument's storage
-  work_bounds::Cost cost = work_bounds::Cost::kNone;  // priced before (or, views, after) it runs
-  bool plain() const {
-    return written.empty() && stats.empty() && !allocates && !grows && cost == work_bounds::Cost::kNone;
-  }
-};
 
 // Mirrors dispatch_guard.op_rule (a test compares the two over the whole registry).
 Rule rule_of(const c10::FunctionSchema& schema) {
@@ -101,65 +91,6 @@ Rule rule_of(const c10::FunctionSchema& schema) {
   return rule;
 }
 
-// --- server memory ---------------------------------------------------------------------------
-
-struct Ranges {
-  std::vector<uintptr_t> starts;
-  std::vector<uintptr_t> ends;
-};
-
-std::mutex g_tables_mutex;
-std::map<int64_t, Ranges> g_tables;  // by token, one per active guard
-int64_t g_next_token = 1;
-std::shared_ptr<const Ranges> g_merged = std::make_shared<const Ranges>();  // union of g_tables
-
-void publish_locked() {
-  std::vector<std::pair<uintptr_t, uintptr_t>> all;
-  for (const auto& entry : g_tables) {
-    for (size_t i = 0; i < entry.second.starts.size(); ++i) {
-      all.emplace_back(entry.second.starts[i], entry.second.ends[i]);
-    }
-  }
-  std::sort(all.begin(), all.end());
-  auto merged = std::make_shared<Ranges>();
-  for (const auto& r : all) {
-    if (!merged->starts.empty() && r.first <= merged->ends.back()) {
-      merged->ends.back() = std::max(merged->ends.back(), r.second);
-    } else {
-      merged->starts.push_back(r.first);
-      merged->ends.push_back(r.second);
-    }
-  }
-  std::atomic_store(&g_merged, std::shared_ptr<const Ranges>(std::move(merged)));
-}
-
-// The storage's byte range, or {0, 0} when it has no memory of its own (sparse, meta, wrappers).
-std::pair<uintptr_t, uintptr_t> storage_span(const at::Tensor& tensor) {
-  if (!tensor.defined()) {
-    return {0, 0};
-  }
-  const c10::Storage& storage = tensor.unsafeGetTensorImpl()->unsafe_storage();
-  if (!storage) {
-    return {0, 0};
-  }
-  const auto start = reinterpret_cast<uintptr_t>(storage.data_ptr().get());
-  return start ? std::make_pair(start, start + storage.nbytes()) : std::make_pair(uintptr_t{0}, uintptr_t{0});
-}
-
-bool owns(const Ranges& server, const at::Tensor& tensor) {
-  const auto span = storage_span(tensor);
-  if (span.first == 0) {
-    return false;
-  }
-  // the last server range starting before this storage ends must end after it starts
-  const auto it = std::lower_bound(server.starts.begin(), server.starts.end(), span.second);
-  if (it == server.starts.begin()) {
-    return false;
-  }
-  const auto i = static_cast<size_t>(it - server.starts.begin()) - 1;
-  return server.ends[i] > span.first;
-}
-
 bool owns_any(const Ranges& server, const c10::IValue& value) {
   if (value.isTensor()) {
     return owns(server, value.toTensor());
@@ -174,125 +105,18 @@ bool owns_any(const Ranges& server, const c10::IValue& value) {
   return false;
 }
 
-// --- refusals ----------------------------------------------------------------------------------
-
-PyObject* g_error_type = nullptr;  // model_runtime.sandbox.errors.ModelTampering (a new reference)
-std::vector<PyObject*> g_stop_types;  // what a stop raises, by Budget::cancel (new references)
-PyObject* g_limit_type = nullptr;  // errors.LimitExceeded: an op over the request's budget
-std::atomic<int64_t> g_refused{0};
-std::atomic<int64_t> g_zeroed{0};
-
-// Surfaces in Python as ModelTampering (torch translates PyTorchError by its python_type()).
-struct Refusal : public torch::PyTorchError {
-  using torch::PyTorchError::PyTorchError;
-  PyObject* python_type() override {
-    return g_error_type != nullptr ? g_error_type : PyExc_RuntimeError;
-  }
-};
-
-struct Stopped : public torch::PyTorchError {
-  Stopped(std::string message, size_t cancel) : torch::PyTorchError(std::move(message)), cancel_(cancel) {}
-  PyObject* python_type() override { return cancel_ < g_stop_types.size() ? g_stop_types[cancel_] : PyExc_RuntimeError; }
-
- private:
-  size_t cancel_;
-};
-
-struct OverBudget : public torch::PyTorchError {
-  using torch::PyTorchError::PyTorchError;
-  PyObject* python_type() override { return g_limit_type != nullptr ? g_limit_type : PyExc_RuntimeError; }
-};
-
-std::atomic<int64_t> g_stops{0};
-std::atomic<int64_t> g_over_budget{0};
-
 // Before any guarded op of a bound request: its stop, then the op's price against its time left.
 void check_budget(const Rule& rule, const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
-  const work_bounds::Budget* budget = work_bounds::t_budget.get();
-  if (budget == nullptr) {
+  if (work_bounds::t_budget.get() == nullptr) {
     return;
   }
-  if (budget->stopped.load(std::memory_order_relaxed)) {
-    g_stops.fetch_add(1, std::memory_order_relaxed);
-    throw Stopped("the request ran past its time limit and was stopped (at " + work_bounds::short_name(op) + ")",
-                  budget->cancel);
-  }
+  check_stop(op.schema().name());
   if (rule.cost != work_bounds::Cost::kNone && rule.cost != work_bounds::Cost::kView) {
-    const std::string refusal = work_bounds::over_budget(
-        *budget, work_bounds::g_rates, rule.cost, op, work_bounds::cost_of(rule.cost, op, args), work_bounds::placement(args));
-    if (!refusal.empty()) {
-      g_over_budget.fetch_add(1, std::memory_order_relaxed);
-      throw OverBudget(refusal);
-    }
+    check_price(rule.cost, op.schema().name(), work_bounds::cost_of(rule.cost, op, args), work_bounds::placement(args));
   }
-}
-
-size_t storage_bytes(const at::Tensor& tensor);
-
-// After a view op: the logical size of what it returned, which memory does not bound.
-void check_view(const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> outputs) {
-  const work_bounds::Budget* budget = work_bounds::t_budget.get();
-  if (budget == nullptr) {
-    return;
-  }
-  for (const c10::IValue& value : outputs) {
-    if (value.isTensor() && value.toTensor().defined()) {
-      const at::Tensor& view = value.toTensor();
-      const double elements = static_cast<double>(view.numel());
-      if (elements * static_cast<double>(view.element_size()) <= static_cast<double>(storage_bytes(view))) {
-        continue;  // a view within its memory: reading it is bounded by what memory allows
-      }
-      const std::string refusal = work_bounds::over_budget(
-          *budget, work_bounds::g_rates, work_bounds::Cost::kView, op, elements,
-          {view.device().is_cpu(), view.scalar_type()});
-      if (!refusal.empty()) {
-        g_over_budget.fetch_add(1, std::memory_order_relaxed);
-        throw OverBudget(refusal);
-      }
-    }
-  }
-}
-
-[[noreturn]] void refuse(const c10::OperatorHandle& op) {
-  g_refused.fetch_add(1, std::memory_order_relaxed);
-  const std::string& full = op.schema().name();
-  const auto sep = full.find("::");
-  throw Refusal(
-      (sep == std::string::npos ? full : full.substr(sep + 2)) +
-      " would write into memory of the served model (a weight, buffer or a view of one); work on a "
-      "copy: `x = tensor.clone()`");
-}
-
-// --- zeroing -----------------------------------------------------------------------------------
-
-// Zero bytes [from, end) of the storage, below autograd and below this key.
-void zero_storage(const c10::Storage& storage, size_t from) {
-  const size_t nbytes = storage.nbytes();
-  if (!storage || nbytes <= from || storage.data_ptr().get() == nullptr) {
-    return;
-  }
-  g_zeroed.fetch_add(1, std::memory_order_relaxed);
-  if (storage.device_type() == c10::DeviceType::CPU) {
-    std::memset(static_cast<char*>(storage.mutable_data()) + from, 0, nbytes - from);
-    return;
-  }
-  c10::impl::ExcludeDispatchKeyGuard below(c10::autograd_dispatch_keyset_with_ADInplaceOrView.add(kKey));
-  at::Tensor raw = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(storage.device()));
-  raw.set_(storage, 0, {static_cast<int64_t>(nbytes)}, {1});
-  raw.narrow(0, static_cast<int64_t>(from), static_cast<int64_t>(nbytes - from)).zero_();
-}
-
-size_t storage_bytes(const at::Tensor& tensor) {
-  if (!tensor.defined()) {
-    return 0;
-  }
-  const c10::Storage& storage = tensor.unsafeGetTensorImpl()->unsafe_storage();
-  return storage ? storage.nbytes() : 0;
 }
 
 // --- the kernels -------------------------------------------------------------------------------
-
-const c10::DispatchKeySet kBelow(c10::DispatchKeySet::FULL_AFTER, kKey);
 
 void guarded_call(const Rule& rule, const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
@@ -300,19 +124,19 @@ void guarded_call(const Rule& rule, const c10::OperatorHandle& op, c10::Dispatch
   auto args = torch::jit::last(*stack, nargs);
   check_budget(rule, op, args);
   if (!rule.written.empty() || !rule.stats.empty()) {
-    const auto server = std::atomic_load(&g_merged);
-    if (!server->starts.empty()) {
+    const Ranges& server = server_ranges();
+    if (!server.starts.empty()) {
       for (size_t position : rule.written) {
-        if (owns_any(*server, args[position])) {
-          refuse(op);
+        if (owns_any(server, args[position])) {
+          refuse(op.schema().name());
         }
       }
       if (!rule.stats.empty()) {
         const bool training = rule.training < 0 || (args[rule.training].isBool() && args[rule.training].toBool());
         if (training) {
           for (size_t position : rule.stats) {
-            if (owns_any(*server, args[position])) {
-              refuse(op);
+            if (owns_any(server, args[position])) {
+              refuse(op.schema().name());
             }
           }
         }
@@ -331,9 +155,13 @@ void guarded_call(const Rule& rule, const c10::OperatorHandle& op, c10::Dispatch
   op.redispatchBoxed(ks & kBelow, stack);
   if (rule.cost == work_bounds::Cost::kView) {
     if (set_target.defined()) {  // set_ / as_strided_: the argument is the view
-      check_view(op, {c10::IValue(set_target)});
+      check_view(schema.name(), set_target);
     } else {
-      check_view(op, torch::jit::last(*stack, schema.returns().size()));
+      for (const c10::IValue& value : torch::jit::last(*stack, schema.returns().size())) {
+        if (value.isTensor()) {
+          check_view(schema.name(), value.toTensor());
+        }
+      }
     }
   }
   if (grown.defined()) {
@@ -345,8 +173,8 @@ void guarded_call(const Rule& rule, const c10::OperatorHandle& op, c10::Dispatch
   }
   if (rule.allocates) {
     for (const c10::IValue& value : torch::jit::last(*stack, schema.returns().size())) {
-      if (value.isTensor() && value.toTensor().defined()) {
-        zero_storage(value.toTensor().unsafeGetTensorImpl()->unsafe_storage(), 0);
+      if (value.isTensor()) {
+        zero_allocation(value.toTensor());
       }
     }
   }
@@ -402,6 +230,7 @@ std::mutex g_install_mutex;
 bool g_installed = false;
 int64_t g_guarded_ops = 0;
 int64_t g_plain_ops = 0;
+int64_t g_typed_ops = 0;  // of the guarded ones
 std::vector<c10::RegistrationHandleRAII>* g_registrations = nullptr;  // kept for the process's life
 
 // Give every queued op its kernel for the key: a fallthrough when it has nothing to check, the
@@ -425,15 +254,23 @@ void refresh() {
     }
     Rule rule = rule_of(handle->schema());
     c10::KernelFunction kernel;
+    std::optional<c10::impl::CppSignature> signature;
+    const char* debug = "ndif write guard";
+    const auto typed = typed::kernels().find(name);
     if (rule.plain()) {
       kernel = c10::KernelFunction::makeFallthrough();
       ++g_plain_ops;
+    } else if (typed != typed::kernels().end() && typed->second.configure(rule, handle->schema())) {
+      kernel = typed->second.kernel();
+      signature = typed->second.signature;
+      debug = "ndif write guard (typed)";
+      ++g_guarded_ops;
+      ++g_typed_ops;
     } else {
       kernel = c10::KernelFunction::makeFromBoxedFunctor(std::make_unique<GuardKernel>(std::move(rule)));
       ++g_guarded_ops;
     }
-    g_registrations->push_back(
-        dispatcher.registerImpl(name, kKey, std::move(kernel), std::nullopt, nullptr, "ndif write guard"));
+    g_registrations->push_back(dispatcher.registerImpl(name, kKey, std::move(kernel), signature, nullptr, debug));
   }
 }
 
@@ -476,6 +313,7 @@ py::dict install(
   py::dict out;
   out["guarded_ops"] = g_guarded_ops;
   out["plain_ops"] = g_plain_ops;
+  out["typed_ops"] = g_typed_ops;
   return out;
 }
 
