@@ -17,12 +17,11 @@ operator run) and PUT to Serve's REST API (what KubeRay does). Two models built 
   local nnsight trace and a remote round trip with the unmodified nnsight client. The client's own
   per-request costs (serialising the trace, building an `httpx.Client`, parsing and loading the
   result) are timed inside the client; the server's steps come from the gateway's `GET /timings`.
-  Server-side overhead = round trip - client's own costs - local trace time. With
-  `--direct-ingress` the local Ray runs Serve's experimental direct ingress, and each iteration
-  also goes straight to the gateway replica's own HTTP server (no Serve proxy hop); the rendered
-  config still reaches users through Serve's proxy, which stays the headline.
+  Server-side overhead = round trip - client's own costs - local trace time. Each iteration takes
+  both doors of the rendered config: the gateway replica's own listener (`direct_port`, what local
+  mode and the chart hand to clients: the headline) and Serve's proxy in front of the same gateway.
 
-    python bench/runtime.py [--iterations 40] [--rounds 2] [--layers 10] [--port-offset 400] [--direct-ingress]
+    python bench/runtime.py [--iterations 40] [--rounds 2] [--layers 10] [--port-offset 400]
 
 The last line is the headline: `cold/warm activation X.Xx` and `server-side overhead Y.Y ms`.
 """
@@ -50,6 +49,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 PROMPT = "The Eiffel Tower is in the city of"
+DOOR, PROXY = "the gateway's direct port", "Serve's proxy"
 TINY, BIG = "bench/tiny", "bench/big"
 MANIFEST = """\
 apiVersion: ndif.dev/v1alpha1
@@ -280,25 +280,6 @@ def _path_medians(rows: list[dict[str, float]], server: dict[str, dict[str, floa
     return out
 
 
-def direct_ingress_url(timeout_s: float = 120.0) -> str:
-    """The gateway replica's own HTTP server under Serve's direct ingress (a port Serve allocates
-    from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT on): the first port there that answers `/ping`."""
-    import urllib.error
-
-    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for port in range(low, low + 20):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        return f"http://127.0.0.1:{port}"
-            except (urllib.error.URLError, OSError):
-                continue
-        time.sleep(1.0)
-    raise TimeoutError("no direct-ingress gateway answered /ping")
-
-
 def gc_cost(repeats: int) -> tuple[float, float]:
     """Per-request collection in this process (torch, transformers, nnsight and models loaded, like a
     replica): a full `gc.collect()` vs the replica's `collect_request_garbage()` after `gc.freeze()`."""
@@ -474,12 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="COLD/WARM/HOT activation rounds")
     parser.add_argument("--layers", type=int, default=10, help="decoder layers of the big model (10: ~600 MB)")
     parser.add_argument("--port-offset", type=int, default=400)
-    parser.add_argument("--direct-ingress", action="store_true",
-                        help="run the local Ray with Serve's experimental direct ingress and also time the round "
-                             "trip through the gateway replica's own HTTP server, interleaved with Serve's proxy")
     args = parser.parse_args(argv)
-    if args.direct_ingress:
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # the head (and so every replica) inherits it
 
     import torch
 
@@ -495,12 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = LocalSettings(manifests=(workdir / "bench.yaml",), ports=RayPorts.offset(args.port_offset),
                              num_cpus=2, deploy_timeout_s=900)
     with LocalMode(settings, log=lambda m: print(f"  [local] {m}", flush=True)) as mode:
-        url = mode.ndif_host
-        urls = {"Serve's proxy": url}
-        if args.direct_ingress:
-            urls["direct ingress"] = direct_ingress_url()
+        url = mode.ndif_host  # the gateway's own listener: what clients are given
+        urls = {DOOR: url, PROXY: mode.serve_url}
         paths = request_path(urls, tiny_dir, args.iterations)
-        path = paths["Serve's proxy"]
+        path = paths[DOOR]
         for label, one in paths.items():
             print(f"\nrequest path through {label}, {args.iterations} interleaved iterations (medians):")
             print(f"  plain HF forward:           {ms(one['plain'])}")
@@ -560,9 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"headline: cold/warm activation {cold / warm:.1f}x ({cold:.2f} s vs {warm:.2f} s, {weights / 1e6:.0f} MB: "
           f"{startup:.2f} s start-up + {replica_copy:.2f} s copy, copy {replica_copy / bench_copy:.1f}x the measured "
           f"memcpy); server-side overhead {path['overhead'] * 1000:.1f} ms (round trip {ms(path['remote'])} - client "
-          f"{ms(path['client_own'])} - local trace {ms(path['local'])})"
-          + (f"; direct ingress {paths['direct ingress']['overhead'] * 1000:.1f} ms" if "direct ingress" in paths
-             else ""))
+          f"{ms(path['client_own'])} - local trace {ms(path['local'])}; through Serve's proxy "
+          f"{paths[PROXY]['overhead'] * 1000:.1f} ms)")
     return 0
 
 

@@ -38,6 +38,7 @@ import time
 from importlib import metadata
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -45,6 +46,7 @@ from ray import serve
 from model_runtime import weight_store
 from model_runtime.gateway.auth import ApiKeys
 from model_runtime.gateway.bounds import HttpError, bounded_event, read_body_capped
+from model_runtime.gateway.door import Door
 from model_runtime.gateway.jobs import Job, JobStore, JobStoreFull
 from model_runtime.gateway.results import MemoryResults, result_store
 from model_runtime.metrics import gateway_metrics
@@ -127,10 +129,35 @@ class NnsightGateway:
         self._demand_seq = 0  # bumped per recorded demand; `GET /demand` long-polls on it
         self._demand_waiters: set[asyncio.Future[None]] = set()
         self._keepalive_s = RuntimeSettings.from_env().ws_keepalive_s
+        self._loop = asyncio.get_running_loop()  # Serve builds an ingress replica on its user-code loop
+        self._door: Door | None = None
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """A new routing table, in place: sessions, jobs and open websockets are kept."""
-        table = GatewayUserConfig.model_validate(user_config)
+    def reconfigure(self, user_config: dict[str, Any] | None, rank: Any = None) -> None:
+        """A new routing table, in place: sessions, jobs and open websockets are kept.
+
+        Taking `rank` makes Serve call this once at start-up even without a user_config: the door
+        opens here, after the first routing table, so a new replica never answers before it routes."""
+        if user_config is not None:
+            self._route(GatewayUserConfig.model_validate(user_config))
+        self._open_door()
+
+    def _open_door(self) -> None:
+        if self._door is not None or self.args.direct_port is None:
+            return
+        # `app` (set by serve.ingress) is the ASGI app Serve itself serves, its routes bound to this replica.
+        self._door = Door(getattr(self, "app"), self.args.direct_host, self.args.direct_port,  # noqa: B009
+                          owner=serve.get_replica_context().replica_tag,
+                          node_id=ray.get_runtime_context().get_node_id(),
+                          loop=self._loop, busy=lambda: bool(self._tasks))
+        self._door.open()
+
+    async def __del__(self) -> None:
+        # Serve awaits this at the end of the replica's graceful shutdown (its drain counts only
+        # requests that came through the proxy): the door's unfinished jobs get their own drain.
+        if self._door is not None:
+            await self._door.close()
+
+    def _route(self, table: GatewayUserConfig) -> None:
         served_before = _served(self.routes)
         self.routes = {**self._static, **{repo_key(k): route for k, route in table.models.items()}}
         # Models that went COLD (or left the table) free their host copies in the nodes' weight stores.

@@ -10,6 +10,9 @@ GATEWAY_DEPLOYMENT = "NnsightGateway"
 GATEWAY_IMPORT_PATH = "model_runtime.gateway.app:build_app"
 MODEL_DEPLOYMENT = "ModelReplica"
 MODEL_IMPORT_PATH = "model_runtime.replica.app:build_app"
+# The gateway replica's own listener, users' door into it without Serve's proxy (`direct_port` of its
+# args): the port the operator renders, local mode serves on and the chart exposes, unless configured.
+GATEWAY_DIRECT_PORT = 8001
 # The HTTP header nnsight clients (and the operator's own status reads) carry their API key in.
 API_KEY_HEADER = "ndif-api-key"
 

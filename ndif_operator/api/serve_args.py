@@ -116,6 +116,12 @@ class GatewayAppArgs(_Args):
     )
     object_store_bucket: str | None = None
     object_store_endpoint_url: str | None = None
+    direct_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="The gateway replica's own HTTP/websocket listener (users' door, no Serve proxy hop), on this "
+        "fixed port of its node; it survives the replica being replaced. None: only Serve's proxy serves the gateway.",
+    )
+    direct_host: str = Field(default="0.0.0.0", min_length=1, description="Address the direct listener binds.")
     inline_result_max_bytes: int = 4 * MIB
     max_request_bytes: int = Field(
         default=256 * MIB, ge=1,

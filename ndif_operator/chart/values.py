@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from ndif_operator.api.naming import GATEWAY_DIRECT_PORT
 from ndif_operator.operator.settings import LogFormat
 
 
@@ -155,8 +156,22 @@ class Gateway(_Values):
     api_keys: ApiKeys = Field(default_factory=ApiKeys, description="Who may send requests.")
     limits: Limits = Field(default_factory=Limits, description="Request limits; empty: the gateway's defaults.")
     min_client_version: str = Field(default="", description="Oldest nnsight client accepted; empty: the default.")
-    service: GatewayService = Field(default_factory=GatewayService, description="The gateway Service.")
-    ingress: Ingress = Field(default_factory=Ingress, description="Optional Ingress in front of the Service.")
+    direct_port: int = Field(
+        default=GATEWAY_DIRECT_PORT, ge=0, le=65535,
+        description="Port of the gateway replica's own HTTP/websocket listener on the Ray head: users' door, with no "
+        "Serve proxy hop, kept across gateway replica replacements. Exposed as port `gateway` of KubeRay's head "
+        "Service `<rayService>-head-svc`, which follows the active Ray cluster; the Ingress points there. 0: no "
+        "direct listener, users go through Serve's proxy (`service`).",
+    )
+    service: GatewayService = Field(
+        default_factory=GatewayService,
+        description="KubeRay's serve Service `<rayService>-serve-svc`: Serve's proxy on every Ray pod (KubeRay's "
+        "health checks, the operator's reads of the gateway, and users when `directPort` is 0).",
+    )
+    ingress: Ingress = Field(
+        default_factory=Ingress,
+        description="Optional Ingress to the gateway: to `directPort` on the head Service, else to `service`.",
+    )
     influx: Influx = Field(default_factory=Influx, description="Optional InfluxDB points, written by the gateway.")
 
 

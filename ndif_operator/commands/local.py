@@ -5,7 +5,7 @@ the operator does (this machine's GPUs, or its RAM when it has none), applies th
 through Serve's REST API and serves the nnsight gateway on localhost:
 
     ndif-operator local .demo/tiny-llama.yaml        # written by `make demo`
-    NDIF_HOST=http://127.0.0.1:8000 python my_experiment.py      # model.trace(..., remote=True)
+    NDIF_HOST=http://127.0.0.1:8001 python my_experiment.py      # model.trace(..., remote=True)
 
 Ctrl-C (or SIGTERM) stops everything it started.
 """
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifests", nargs="+", type=Path, help="ModelDeployment YAML files or directories")
     parser.add_argument(
         "--port-offset", type=int, default=0,
-        help="shift every port (Ray 6390, dashboard 8265, gateway 8000, ...) by 0..1700",
+        help="shift every port (Ray 6390, dashboard 8265, Serve 8000, gateway 8001, ...) by 0..1700",
     )  # fmt: skip
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     parser.add_argument(

@@ -36,7 +36,7 @@ from ndif_operator.local.activation import (
 from ndif_operator.local.inventory import DEFAULT_RESERVED_BYTES, LocalInventory, build_inventory, detect_machine
 from ndif_operator.local.manifests import load_manifests
 from ndif_operator.local.pipeline import LocalPlan, plan_local
-from ndif_operator.local.ray_head import LocalRayHead, RayHeadSpec, RayPorts
+from ndif_operator.local.ray_head import LOOPBACK, LocalRayHead, RayHeadSpec, RayPorts
 from ndif_operator.local.serve_rest import AppProgress, ServeRestClient, ServeRestError, app_progress
 from ndif_operator.local.table import model_table
 from ndif_operator.planning.activation import Demand
@@ -67,6 +67,8 @@ class LocalSettings:
     def gateway_args(self) -> GatewayAppArgs:
         return GatewayAppArgs(
             api_key_hashes_env=API_KEY_HASHES_ENV,
+            direct_port=self.ports.gateway_direct,
+            direct_host=LOOPBACK,
             object_store_bucket=self.object_store_bucket,
             object_store_endpoint_url=self.object_store_endpoint_url,
         )
@@ -106,7 +108,13 @@ class LocalMode:
 
     @property
     def ndif_host(self) -> str:
-        return f"http://127.0.0.1:{self.settings.ports.serve_http}"
+        """What clients use: the gateway replica's own listener (no Serve proxy hop)."""
+        return f"http://{LOOPBACK}:{self.settings.ports.gateway_direct}"
+
+    @property
+    def serve_url(self) -> str:
+        """The same gateway through Serve's proxy (its routes, health and REST-applied config)."""
+        return f"http://{LOOPBACK}:{self.settings.ports.serve_http}"
 
     def up(self) -> LocalPlan:
         settings = self.settings
@@ -179,6 +187,7 @@ class LocalMode:
         assert self.plan is not None and self.head is not None
         return {
             "ndif_host": self.ndif_host,
+            "serve_url": self.serve_url,
             "dashboard": self.head.spec.dashboard_url,
             "applications": sorted(self.plan.expected_apps),
             "pid": os.getpid(),

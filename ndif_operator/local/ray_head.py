@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ndif_operator.api.naming import GATEWAY_DIRECT_PORT
+
 # Environment every Ray process (and so every Serve replica) inherits. Token auth is on by default in
 # Ray 2.60; a loopback-only cluster runs without it.
 _RAY_ENV = {
@@ -55,6 +57,7 @@ class RayPorts:
     gcs: int = 6390
     dashboard: int = 8265
     serve_http: int = 8000
+    gateway_direct: int = GATEWAY_DIRECT_PORT  # the gateway replica's own listener: what clients use
     client_server: int = 10001
     dashboard_agent_listen: int = 52365
 
@@ -72,6 +75,7 @@ class RayPorts:
             gcs=base.gcs + delta,
             dashboard=base.dashboard + delta,
             serve_http=base.serve_http + delta,
+            gateway_direct=base.gateway_direct + delta,
             # Downwards: Ray's worker ports take 10002-19999 by default.
             client_server=base.client_server - delta,
             dashboard_agent_listen=base.dashboard_agent_listen + delta,
@@ -169,7 +173,8 @@ def _port_free(port: int) -> bool:
 
 
 def busy_ports(ports: RayPorts) -> list[int]:
-    return [p for p in (ports.gcs, ports.dashboard, ports.serve_http, ports.client_server) if not _port_free(p)]
+    fixed = (ports.gcs, ports.dashboard, ports.serve_http, ports.gateway_direct, ports.client_server)
+    return [p for p in fixed if not _port_free(p)]
 
 
 class LocalRayHead:

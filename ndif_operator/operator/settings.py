@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ndif_operator.api import GatewayAppArgs
+from ndif_operator.api.naming import GATEWAY_DIRECT_PORT
 from ndif_operator.rendering import RenderOptions
 
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -140,6 +141,11 @@ class OperatorSettings(BaseSettings):
     gateway_inline_result_max_bytes: int | None = Field(
         default=None, ge=1, description="Results above this go to the object store.",
     )
+    gateway_direct_port: int = Field(
+        default=GATEWAY_DIRECT_PORT, ge=0, le=65535,
+        description="Port of the gateway replica's own HTTP/websocket listener on the Ray head: users' door, with "
+                    "no Serve proxy hop; it outlives a replaced gateway replica. 0: only Serve's proxy.",
+    )
 
     def gateway_args(self) -> GatewayAppArgs:
         """The gateway's application args from these settings (unset ones keep the gateway's defaults)."""
@@ -150,6 +156,7 @@ class OperatorSettings(BaseSettings):
             "min_nnsight_version": self.gateway_min_client_version or None,
             "max_request_bytes": self.gateway_max_request_bytes,
             "inline_result_max_bytes": self.gateway_inline_result_max_bytes,
+            "direct_port": self.gateway_direct_port or None,
         }
         return GatewayAppArgs.model_validate({k: v for k, v in given.items() if v is not None})
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from rendering import manifests, render, values_of
 
-from ndif_operator.api.naming import GATEWAY_APP
+from ndif_operator.api.naming import GATEWAY_APP, GATEWAY_DIRECT_PORT
 from ndif_operator.operator.settings import OperatorSettings
 from ndif_operator.planning import Plan
 from ndif_operator.rendering import render_serve_config
@@ -44,6 +44,31 @@ def test_values_reach_the_rendered_gateway_args(monkeypatch: Any) -> None:
     assert mounts["api-keys"] == args["api_key_hashes_dir"]
     assert volumes["api-keys"]["secret"]["secretName"] == "ndif-api-keys"
     assert mounts["gateway-credentials"] == "/etc/ndif/gateway-credentials"  # files, never env
+
+
+def test_the_gateway_door_is_one_value_from_args_to_ingress(monkeypatch: Any) -> None:
+    """`gateway.directPort`: the gateway's rendered `direct_port`, a port of the head container (so of
+    KubeRay's head Service, which follows the active cluster) and the Ingress's backend; 0 turns the
+    door off everywhere and users go through Serve's proxy."""
+    for port in (GATEWAY_DIRECT_PORT, 9123, 0):
+        docs = manifests(render({**values_of("rayservice"), "gateway": {**values_of("rayservice")["gateway"],
+                                                                         "directPort": port}}))
+        for name, value in _operator_env(docs).items():
+            monkeypatch.setenv(name, value)
+        config = render_serve_config(Plan(decisions=()), {}, options=OperatorSettings().render_options())
+        gateway = next(app for app in config["applications"] if app["name"] == GATEWAY_APP)
+        ray_service = next(d for d in docs if d["kind"] == "RayService")
+        (head,) = ray_service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+        ingress = next(d for d in docs if d["kind"] == "Ingress")
+        backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        if port:
+            assert gateway["args"]["direct_port"] == port and ports["gateway"] == port
+            assert backend == {"name": "ndif-head-svc", "port": {"number": port}}
+        else:
+            assert gateway["args"]["direct_port"] is None and "gateway" not in ports
+            assert backend == {"name": "ndif-serve-svc", "port": {"number": 8000}}
+        assert ports["serve"] == 8000  # Serve's proxy keeps serving: KubeRay's health checks and serve Service
 
 
 def test_defaults_render_the_gateway_defaults() -> None:

@@ -175,14 +175,18 @@ def test_requested_warm_model_becomes_hot_with_weights_from_node_memory(local_ru
     assert warm["load_source"] == "nodeMemory"
     assert warm["replica_startup"]["process_started"] == process["process_started"]  # kept, not replaced
     assert "lt/warm: requested while Warm: Hot until" in local_run.output()
+    _assert_remote_trace_is_local(local_run.url, model_dir, "ndif-test/warm-llama")
 
+
+def _assert_remote_trace_is_local(url: str, model_dir: Path, repo_id: str) -> None:
+    """The unmodified nnsight client's remote trace through `url` equals a local trace."""
     import nnsight
     import torch
     from nnsight import TransformersModel
     from nnsight.modeling.huggingface import _ID_CACHE
 
-    _ID_CACHE[str(model_dir)] = "ndif-test/warm-llama"
-    nnsight.CONFIG.API.HOST, nnsight.CONFIG.API.APIKEY = local_run.url, API_KEY
+    _ID_CACHE[str(model_dir)] = repo_id
+    nnsight.CONFIG.API.HOST, nnsight.CONFIG.API.APIKEY = url, API_KEY
     nnsight.CONFIG.APP.REMOTE_LOGGING = False
     client = TransformersModel(str(model_dir), task="text-generation")
     with client.trace("The Eiffel Tower is in the city of", remote=True):
@@ -194,20 +198,44 @@ def test_requested_warm_model_becomes_hot_with_weights_from_node_memory(local_ru
     assert torch.allclose(remote, expected, atol=1e-5)
 
 
+def _serve_rest(local_run: LocalRun) -> Any:
+    from ndif_operator.local.serve_rest import ServeRestClient
+
+    return ServeRestClient(str(local_run.info["dashboard"]))
+
+
+def _gateway_replicas(rest: Any) -> list[dict[str, Any]]:
+    # While Serve deploys the new version the deployment may be missing from the details for a moment.
+    gateway = rest.details()["applications"].get("gateway", {})
+    return list(gateway.get("deployments", {}).get("NnsightGateway", {}).get("replicas", []))
+
+
+def _applied(rest: Any) -> tuple[dict[str, Any], str]:
+    """The config Serve runs (as applied through REST) and the one gateway replica's id."""
+    details = rest.details()
+    apps = details["applications"]
+    (replica,) = apps["gateway"]["deployments"]["NnsightGateway"]["replicas"]
+    http = {k: details["http_options"][k] for k in ("host", "port")}
+    config = {"http_options": http, "applications": [a["deployed_app_config"] for a in apps.values()]}
+    return config, str(replica["replica_id"])
+
+
+def test_clients_reach_the_gateway_replica_directly(local_run: LocalRun) -> None:
+    """The URL local mode prints is the gateway replica's own listener, not Serve's proxy, which
+    keeps serving the same gateway on its own port."""
+    assert local_run.url != local_run.info["serve_url"]
+    for url in (local_run.url, str(local_run.info["serve_url"])):
+        assert _get(f"{url}/ping", API_KEY) == (200, b"pong")
+    assert f"NDIF_HOST={local_run.url}" in local_run.output()
+
+
 def test_a_routing_change_reconfigures_the_gateway_in_place(local_run: LocalRun) -> None:
     """Through Serve's own config path (REST PUT, as KubeRay does): a change of the routing table
     only (the gateway's user_config) reaches the running gateway replica without replacing it."""
-    from ndif_operator.local.serve_rest import ServeRestClient
-
-    rest = ServeRestClient(str(local_run.info["dashboard"]))
+    rest = _serve_rest(local_run)
 
     def snapshot() -> tuple[dict[str, Any], str]:
-        details = rest.details()
-        apps = details["applications"]
-        (replica,) = apps["gateway"]["deployments"]["NnsightGateway"]["replicas"]
-        http = {k: details["http_options"][k] for k in ("host", "port")}
-        config = {"http_options": http, "applications": [a["deployed_app_config"] for a in apps.values()]}
-        return config, str(replica["replica_id"])
+        return _applied(rest)
 
     def cold_listed() -> bool:
         status = json.loads(_get(f"{local_run.url}/status", API_KEY)[1])["deployments"]
@@ -258,6 +286,43 @@ def test_unmodified_nnsight_client_script(
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, **_boto_credentials())
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
     assert any(k.startswith("results/") for k in keys), keys
+
+
+def test_the_door_survives_a_replaced_gateway_replica(local_run: LocalRun, model_dir: Path) -> None:
+    """A change of the gateway's args (applied through REST, as KubeRay does) replaces its replica:
+    the new one binds the same fixed port while the old one still listens, then takes the door. A
+    client polling the door all along is never refused, and the unmodified nnsight client runs
+    through it once the old replica is gone."""
+    rest = _serve_rest(local_run)
+    original, old = _applied(rest)
+    changed = json.loads(json.dumps(original))
+    gateway = next(a for a in changed["applications"] if a["name"] == "gateway")
+    gateway["args"]["inline_result_max_bytes"] = int(gateway["args"].get("inline_result_max_bytes", 4 << 20)) + 1
+
+    def replace_and_watch(config: dict[str, Any], previous: str) -> tuple[str, list[str]]:
+        rest.apply(config)
+        failures: list[str] = []
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                code, _ = _get(f"{local_run.url}/ping", API_KEY)
+                if code != 200:
+                    failures.append(f"HTTP {code}")
+            except OSError as exc:  # refused or reset: nobody listening
+                failures.append(repr(exc))
+            replicas = _gateway_replicas(rest)
+            if len(replicas) == 1 and replicas[0]["replica_id"] != previous and replicas[0]["state"] == "RUNNING":
+                return str(replicas[0]["replica_id"]), failures
+            assert time.monotonic() < deadline, f"the gateway replica was not replaced: {replicas}"
+            time.sleep(0.1)
+
+    try:
+        new, failures = replace_and_watch(changed, old)
+        assert failures == []
+        _assert_remote_trace_is_local(local_run.url, model_dir, REPO_ID)
+    finally:
+        restored, failures = replace_and_watch(original, _applied(rest)[1])
+    assert restored not in (old, new) and failures == []
 
 
 def _boto_credentials() -> dict[str, str]:

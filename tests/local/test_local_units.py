@@ -41,6 +41,20 @@ def test_start_command_is_loopback_only_with_explicit_ports() -> None:
         RayPorts.offset(2000)  # the dashboard would land in Ray's worker port range
 
 
+def test_clients_use_the_gateway_door_on_loopback() -> None:
+    """Local mode renders the gateway's own listener on its shifted fixed port and hands clients that
+    URL; Serve's proxy keeps its own port (the REST-applied config and its health)."""
+    from ndif_operator.api.naming import GATEWAY_DIRECT_PORT
+    from ndif_operator.local import LocalMode, LocalSettings
+
+    settings = LocalSettings(manifests=(), ports=RayPorts.offset(100))
+    args = settings.gateway_args()
+    assert (args.direct_host, args.direct_port) == ("127.0.0.1", GATEWAY_DIRECT_PORT + 100)
+    mode = LocalMode(settings)
+    assert mode.ndif_host == f"http://127.0.0.1:{GATEWAY_DIRECT_PORT + 100}"
+    assert mode.serve_url == "http://127.0.0.1:8100"
+
+
 def test_start_env_disables_auth_and_marks_every_process() -> None:
     spec = RayHeadSpec(num_cpus=1, pythonpath=("/repo",), env={"EXTRA": "1"})
     env = start_env(spec, {"PYTHONPATH": "/other", "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "10.0.0.1:6379"})
