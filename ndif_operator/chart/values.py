@@ -243,7 +243,7 @@ class HeadNetworkPolicy(_Values):
         default_factory=lambda: [8000], min_length=1,
         description="Container ports of the head on which the gateway is reached: by users (through the Service, "
         "an Ingress controller or a load balancer) and by the operator, which long-polls the gateway's /demand. "
-        "Serve's HTTP port, plus the gateway's own listener port where it has one.",
+        "Serve's HTTP port; the gateway's own listener (`gateway.directPort`) is always added.",
     )
     gateway_from: Peers = Field(
         default_factory=list,

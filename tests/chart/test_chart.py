@@ -24,6 +24,7 @@ from rendering import (
     values_of,
 )
 
+from ndif_operator.api.naming import GATEWAY_DIRECT_PORT
 from ndif_operator.chart import generate
 from ndif_operator.chart.values import ChartValues
 
@@ -257,10 +258,13 @@ def test_the_ray_head_is_reached_by_ray_users_the_operator_and_kuberay_only() ->
     assert spec["policyTypes"] == ["Ingress", "Egress"]
     ray, gateway, dashboard, metrics = spec["ingress"]
     assert ray == {"from": [{"podSelector": {"matchLabels": RAY_PODS}}]}
-    # The gateway's ports are the head container's Serve port, which the gateway Service targets.
+    # The gateway's ports are the head container's Serve port, which the serve Service targets, and the
+    # gateway's own listener, which KubeRay's head Service exposes from the container's ports.
     (container,) = head["spec"]["containers"]
     serve_service = rayservice["spec"]["serveService"]["spec"]
-    assert _ports(gateway) == {p["targetPort"] for p in serve_service["ports"]} <= {
+    door = {p["containerPort"] for p in container["ports"] if p["name"] == "gateway"}
+    assert door == {GATEWAY_DIRECT_PORT}
+    assert _ports(gateway) == {p["targetPort"] for p in serve_service["ports"]} | door <= {
         p["containerPort"] for p in container["ports"]}
     # Only the Ingress controller, and the operator (its /demand long-poll) whose pods the selector matches.
     ingress_controller, operator = gateway["from"]
@@ -288,7 +292,7 @@ def test_the_ray_head_reaches_only_ray_dns_and_the_gateways_destinations() -> No
 def test_by_default_the_head_is_reached_on_the_gateway_port_from_anywhere_and_reaches_only_ray_and_dns() -> None:
     spec = _policy(manifests(render({})), "head")["spec"]
     gateway = spec["ingress"][1]
-    assert _ports(gateway) == {8000} and "from" not in gateway
+    assert _ports(gateway) == {8000, GATEWAY_DIRECT_PORT} and "from" not in gateway  # the proxy and the door
     assert len(spec["egress"]) == 2  # the Ray pods and DNS: no API server, no internet
 
 
