@@ -43,7 +43,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from model_runtime import weight_store
+from model_runtime import handoff, weight_store
 from model_runtime.gateway.auth import ApiKeys
 from model_runtime.gateway.bounds import HttpError, bounded_event, read_body_capped
 from model_runtime.gateway.door import Door
@@ -411,8 +411,9 @@ class NnsightGateway:
 
     def _admit(self, app_name: str, job: Job, envelope: dict[str, Any], blob: bytes, inline_max: int) -> Any:
         try:
-            handle = self._handle(app_name).options(method_name="execute", stream=True)
-            return handle.remote(job.id, envelope, blob, inline_max)
+            options, chunk_bytes = handoff.call_options(len(blob))  # small ones by value, over gRPC
+            handle = self._handle(app_name).options(method_name="execute", stream=True, **options)
+            return handle.remote(job.id, envelope, blob, inline_max, chunk_bytes)
         except Exception as exc:  # the app vanished between the state check and now
             self.jobs.discard(job.id)
             self._handles.pop(app_name, None)
@@ -529,8 +530,12 @@ class NnsightGateway:
                                  push=not first)
             if first and job.session_id:
                 asyncio.get_running_loop().call_later(_QUIET_QUEUED_S, self._push_if_still_latest, job, event)
+            pieces: list[bytes] = []  # a large result's CHUNK events (model_runtime/handoff.py)
             async for event in stream:
-                await self._forward(job, event, base_url)
+                if event["status"] == handoff.CHUNK:
+                    pieces.append(event["data"])
+                    continue
+                await self._forward(job, handoff.join(event, pieces) if pieces else event, base_url)
                 if event["status"] in ("COMPLETED", "ERROR"):
                     gateway_metrics().replica_report(job.model_key, event.get("report"))  # InfluxDB
                     return

@@ -27,7 +27,7 @@ from typing import Any
 
 from ray import serve
 
-from model_runtime import credentials
+from model_runtime import credentials, handoff
 from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
 from model_runtime.replica import levels
@@ -279,14 +279,16 @@ class ModelReplica:
     # --- requests ----------------------------------------------------------------------------
 
     async def execute(
-        self, job_id: str, envelope: dict[str, Any], blob: bytes, inline_max_bytes: int = 0
+        self, job_id: str, envelope: dict[str, Any], blob: bytes, inline_max_bytes: int = 0, chunk_bytes: int = 0
     ) -> AsyncIterator[dict[str, Any]]:
         """Run one request; yields status events. Never raises for the request's own faults.
 
         The first event is the admission answer, so the gateway routes from it instead of asking
         `info()` first (one handle round trip per request, not two): either QUEUED (admitted, with
         the position) or an ERROR with `http_status` (refused before admission: the gateway
-        answers that HTTP error, e.g. 503 for a WARM model or a full queue).
+        answers that HTTP error, e.g. 503 for a WARM model or a full queue). With `chunk_bytes`
+        (the gateway's gRPC transport), a result larger than that comes as CHUNK events before
+        its COMPLETED event (model_runtime/handoff.py).
         """
         key = self.args.model_key
         started = time.monotonic()
@@ -320,6 +322,8 @@ class ModelReplica:
                 async for event in self._run(job_id, parsed, blob, inline_max_bytes):
                     if event["status"] in ("COMPLETED", "ERROR"):
                         event["timings"] = {**timings, **event.pop("marks", {}), "done": time.time()}
+                        for piece in handoff.split(event, chunk_bytes):
+                            yield piece
                     yield event
         finally:
             if not admitted:  # cancelled while waiting (the client went away)

@@ -229,6 +229,32 @@ def test_concurrent_jobs_each_get_their_own_result(client_model: Any, local_mode
         assert torch.equal(saved, ref)
 
 
+def test_large_payloads_and_results_cross_both_transports(client_model: Any, local_model: Any,
+                                                         served: dict[str, Any]) -> None:
+    """A payload over 1 MiB goes to the replica by reference, a small one by value over gRPC; a
+    result over 1 MiB comes back in chunks, inline on the websocket and through the result store."""
+    from model_runtime import handoff
+
+    steer = torch.randn(handoff.BY_VALUE_MAX_BYTES // 4 + 1000)  # rides in the payload (> 1 MiB)
+    small = torch.randn(300)
+
+    def run(model: Any, url: str | None, shift: torch.Tensor, repeats: int) -> Any:
+        with model.trace(PROMPT, remote=url) if url else model.trace(PROMPT):
+            big = (model.lm_head.output + shift[:300]).repeat(1, repeats, 1).save()
+        return big
+
+    repeats = handoff.CHUNK_BYTES // (4 * 300 * 4) + 2  # over 1 MiB of saved logits
+    for url, shift in ((served["url"], steer), (served["url"], small), (served["strict_url"], small)):
+        # large payload and result, inline frame; small payload (by value), large result; the S3 store
+        nnsight.CONFIG.API.APIKEY = API_KEY if url == served["strict_url"] else None
+        try:
+            big = run(client_model, url, shift, repeats)
+        finally:
+            nnsight.CONFIG.API.APIKEY = None
+        ref = run(local_model, None, shift, repeats)
+        assert ref.numel() * 4 > handoff.CHUNK_BYTES and torch.equal(big, ref)
+
+
 def test_websocket_keepalive_during_a_long_job(client_model: Any, served: dict[str, Any]) -> None:
     """An idle session with a running job gets its status repeated (the strict gateway: every 0.5 s)."""
     from nnsight.schema.request import RequestModel

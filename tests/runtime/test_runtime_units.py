@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from model_runtime import handoff
 from model_runtime.gateway.auth import ApiKeys, key_digest
 from model_runtime.gateway.jobs import JobStore, mint_id
 from model_runtime.gateway.results import MemoryResults
@@ -278,3 +279,23 @@ def test_queued_frame_goes_out_only_for_a_job_that_waits() -> None:
         await asyncio.gather(*tasks)
 
     asyncio.run(scenario())
+
+
+def test_small_requests_go_by_value_and_large_results_in_chunks() -> None:
+    """A small payload takes Serve's gRPC transport (by value), whose messages are capped: a result
+    larger than a chunk comes as CHUNK events the gateway joins back; a large payload goes by reference."""
+    options, chunk = handoff.call_options(handoff.BY_VALUE_MAX_BYTES)
+    assert options["_by_reference"] is False and chunk == handoff.CHUNK_BYTES
+    assert handoff.call_options(handoff.BY_VALUE_MAX_BYTES + 1) == ({}, 0)
+
+    frame = bytes(range(256)) * 41  # 10 496 bytes
+    event = {"status": "COMPLETED", "frame": frame, "meta": {"runtime": 0.1}}
+    pieces = list(handoff.split(event, 4096))
+    assert [p["status"] for p in pieces] == [handoff.CHUNK] * 3
+    assert max(len(p["data"]) for p in pieces) == 4096 and "frame" not in event
+    joined = handoff.join(event, [p["data"] for p in pieces])
+    assert joined == {"status": "COMPLETED", "frame": frame, "meta": {"runtime": 0.1}}
+
+    small = {"status": "COMPLETED", "result": b"x" * 4096}
+    assert list(handoff.split(small, 4096)) == [] and small["result"] == b"x" * 4096
+    assert list(handoff.split({"status": "COMPLETED", "result": frame}, 0)) == []  # by reference: no cap
