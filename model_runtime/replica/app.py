@@ -36,7 +36,7 @@ from model_runtime.replica.execution import (
     Envelope,
     ExecutionLimits,
     ExecutionResult,
-    execute_request,
+    execute_request_async,
     select_runner,
 )
 from model_runtime.replica.garbage import freeze_long_lived
@@ -383,13 +383,13 @@ class ModelReplica:
             max_result_bytes=self.config.max_result_bytes,
         )
 
-        # A tensor-parallel replica runs the request on every rank; rank 0's events are the answer.
-        executor = self._host.execute_request if isinstance(self._host, TensorParallelCopy) else execute_request
-
         async def run() -> None:
-            result = await asyncio.to_thread(
-                executor, self._model, blob, envelope, limits=limits, on_log=on_log, runner=self._runner
-            )
+            if isinstance(self._host, TensorParallelCopy):  # every rank runs it; rank 0's events are the answer
+                result = await asyncio.to_thread(self._host.execute_request, self._model, blob, envelope,
+                                                 limits=limits, on_log=on_log, runner=self._runner)
+            else:  # straight to the request thread, which wakes this loop when done
+                result = await execute_request_async(self._model, blob, envelope, limits=limits, on_log=on_log,
+                                                     runner=self._runner)
             events.put_nowait(result)
 
         task = asyncio.create_task(run())

@@ -25,6 +25,8 @@ the caller should have the replica replaced.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import enum
 import queue
@@ -95,6 +97,7 @@ class _Task:
     fn: Callable[[], None]
     done: threading.Event
     stop: StopSignal
+    notify: Callable[[], None] | None = None  # called on the thread once the task has ended
 
 
 class RequestThread:
@@ -142,23 +145,58 @@ class RequestThread:
             finally:
                 _CURRENT.stop = _NEVER_STOPPED
                 task.done.set()
+                if task.notify is not None:
+                    task.notify()
 
     def run(self, fn: Callable[[], None], timeout_s: float, grace_s: float, cancel: type[BaseException],
             stop: threading.Event | None = None) -> Outcome:
         """Run `fn` on the thread and wait for it; cancel it with `cancel` after `timeout_s`, or as
         soon as `stop` is set (another thread decided the request ends: a tensor-parallel rank 0)."""
-        thread, tasks = self._ensure_started()
-        task = _Task(fn, threading.Event(), StopSignal(cancel))
-        task.stop.forced_at = time.monotonic() + timeout_s + grace_s / 2
-        tasks.put(task)
+        thread, tasks, task = self._submit(fn, timeout_s, grace_s, cancel)
         if _wait_done(task.done, timeout_s, stop):
             return Outcome.DONE
+        return self._stop(thread, tasks, task, grace_s)
+
+    async def run_async(self, fn: Callable[[], None], timeout_s: float, grace_s: float,
+                        cancel: type[BaseException]) -> Outcome:
+        """`run` for a caller on an event loop: the thread itself wakes the loop when the work ends,
+        with no thread in between (a worker only blocks in the stop, after a timeout). Cancelling
+        the awaiting coroutine does not stop the work."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def notify() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone (the replica is shutting down)
+                loop.call_soon_threadsafe(_resolve, ended)
+
+        thread, tasks, task = self._submit(fn, timeout_s, grace_s, cancel, notify)
+        try:
+            await asyncio.wait_for(asyncio.shield(ended), timeout_s)
+            return Outcome.DONE
+        except TimeoutError:
+            if task.done.is_set():
+                return Outcome.DONE
+            return await asyncio.to_thread(self._stop, thread, tasks, task, grace_s)
+
+    def _submit(self, fn: Callable[[], None], timeout_s: float, grace_s: float, cancel: type[BaseException],
+                notify: Callable[[], None] | None = None
+                ) -> tuple[threading.Thread, queue.SimpleQueue[_Task | None], _Task]:
+        thread, tasks = self._ensure_started()
+        task = _Task(fn, threading.Event(), StopSignal(cancel), notify)
+        task.stop.forced_at = time.monotonic() + timeout_s + grace_s / 2
+        tasks.put(task)
+        return thread, tasks, task
+
+    def _stop(self, thread: threading.Thread, tasks: queue.SimpleQueue[_Task | None], task: _Task,
+              grace_s: float) -> Outcome:
+        """Stop a task that ran past its time (blocking, up to `grace_s`)."""
         task.stop.set()  # cooperative first: raised at request code's next check, never in cleanup
         self.forced = not task.done.wait(grace_s / 2)
         deadline = time.monotonic() + grace_s / 2
         while not task.done.is_set() and thread.is_alive() and time.monotonic() < deadline:
             if thread.ident is not None and not task.stop.shielded:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(cancel))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                           ctypes.py_object(task.stop.cancel))
             task.done.wait(0.05)
         tasks.put(None)  # retire it: a fresh thread serves the next task
         self._thread = self._queue = None
@@ -172,6 +210,11 @@ class RequestThread:
         if self._queue is not None:
             self._queue.put(None)
         self._thread = self._queue = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _wait_done(done: threading.Event, timeout_s: float, stop: threading.Event | None) -> bool:

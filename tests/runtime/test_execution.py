@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from typing import Any
@@ -12,7 +13,7 @@ import zstandard
 from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
-from model_runtime.replica.execution import Envelope, ExecutionLimits, execute_request
+from model_runtime.replica.execution import Envelope, ExecutionLimits, execute_request, execute_request_async
 
 PROMPT = "Deep inference lets researchers"
 
@@ -25,10 +26,15 @@ class Capture(Backend):
         self.blob = RequestModel.serialize(tracer, compress=True)
 
 
-def _run(model: Any, blob: bytes, **limits: Any) -> tuple[Any, list[str]]:
+def _run(model: Any, blob: bytes, on_loop: bool = False, **limits: Any) -> tuple[Any, list[str]]:
+    """Through `execute_request`, or (on_loop) `execute_request_async` awaited on an event loop, as
+    the model replica does."""
     logs: list[str] = []
-    result = execute_request(model, blob, Envelope(model_key="k", compress=True),
-                             limits=ExecutionLimits(**limits), on_log=logs.append)
+    envelope, bounds = Envelope(model_key="k", compress=True), ExecutionLimits(**limits)
+    if on_loop:
+        result = asyncio.run(execute_request_async(model, blob, envelope, limits=bounds, on_log=logs.append))
+    else:
+        result = execute_request(model, blob, envelope, limits=bounds, on_log=logs.append)
     return result, logs
 
 
@@ -39,14 +45,15 @@ def _load(result: Any) -> dict[str, Any]:
     return data
 
 
-def test_saves_only_and_equal_to_local(local_model: Any) -> None:
+@pytest.mark.parametrize("on_loop", [False, True], ids=["blocking", "on_loop"])
+def test_saves_only_and_equal_to_local(local_model: Any, on_loop: bool) -> None:
     capture = Capture()
     offset = torch.ones(1)
     with local_model.trace(PROMPT, backend=capture):
         print("inside", offset.item())
         hidden = local_model.model.layers[0].output.save()  # noqa: F841 (read back by name)
         logits = local_model.lm_head.output.save()  # noqa: F841
-    result, logs = _run(local_model, capture.blob)
+    result, logs = _run(local_model, capture.blob, on_loop)
     assert result.error is None, result.error
     saves = _load(result)
     assert set(saves) == {"hidden", "logits"}  # not the shipped `offset`
@@ -57,7 +64,8 @@ def test_saves_only_and_equal_to_local(local_model: Any) -> None:
     assert result.meta["runtime"] > 0 and result.meta["result_bytes"] == len(result.result)
 
 
-def test_timeout_really_stops_and_next_request_is_correct(local_model: Any) -> None:
+@pytest.mark.parametrize("on_loop", [False, True], ids=["blocking", "on_loop"])
+def test_timeout_really_stops_and_next_request_is_correct(local_model: Any, on_loop: bool) -> None:
     spin = Capture()
     with local_model.trace(PROMPT, backend=spin):
         local_model.model.layers[0].output.save()
@@ -65,14 +73,14 @@ def test_timeout_really_stops_and_next_request_is_correct(local_model: Any) -> N
         while True:
             n += 1
     started = time.monotonic()
-    result, _ = _run(local_model, spin.blob, timeout_seconds=1.0)
+    result, _ = _run(local_model, spin.blob, on_loop, timeout_seconds=1.0)
     assert result.timed_out and not result.wedged
     assert "timeout" in (result.error or "")
     assert time.monotonic() - started < 5
     good = Capture()
     with local_model.trace(PROMPT, backend=good):
         logits = local_model.lm_head.output.save()  # noqa: F841
-    result, _ = _run(local_model, good.blob)
+    result, _ = _run(local_model, good.blob, on_loop)
     with local_model.trace(PROMPT):
         ref = local_model.lm_head.output.save()
     assert torch.equal(_load(result)["logits"], ref)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -112,5 +113,33 @@ def test_a_stop_set_by_another_thread_cancels_before_the_timeout() -> None:
         done = threading.Event()
         assert thread.run(done.set, 5, 1, cancel=SystemExit, stop=threading.Event()) is Outcome.DONE
         assert done.is_set()
+    finally:
+        thread.stop()
+
+
+def test_an_event_loop_awaits_the_thread_directly() -> None:
+    """`run_async`: the work runs on the request thread and wakes the loop; past its time it is
+    stopped as `run` stops it, and the next task gets a fresh thread."""
+    starts: list[int] = []
+    thread = RequestThread("t", initializer=lambda: starts.append(threading.get_ident()))
+
+    def spin() -> None:
+        while True:
+            pass
+
+    async def main() -> tuple[Outcome, Outcome, Outcome]:
+        seen: list[int] = []
+        done = await thread.run_async(lambda: seen.append(threading.get_ident()), 5, 1, cancel=SystemExit)
+        assert seen == starts[:1] and seen[0] != threading.get_ident()
+        started = time.monotonic()
+        stopped = await thread.run_async(spin, 0.2, 2.0, cancel=SystemExit)
+        assert time.monotonic() - started < 2
+        again = await thread.run_async(lambda: None, 5, 1, cancel=SystemExit)
+        assert len(starts) == 2  # the stopped thread was retired; a fresh one ran the next task
+        return done, stopped, again
+
+    try:
+        assert asyncio.run(main()) == (Outcome.DONE, Outcome.STOPPED, Outcome.DONE)
+        assert thread.healthy
     finally:
         thread.stop()
