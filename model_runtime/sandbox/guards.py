@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
@@ -132,8 +133,6 @@ class _EnvoyWriter:
         object.__setattr__(self, "_target", target)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        import torch
-
         if name not in self.WRITABLE:
             raise ModelTampering(f"assigning .{name} on a model module is not allowed")
         if isinstance(value, torch.nn.Module):
@@ -241,8 +240,6 @@ class Guards:
         return value
 
     def _check_object_attr(self, obj: Any, name: str) -> None:
-        import torch
-
         owner = obj if isinstance(obj, type) else type(obj)
         library = owner.__module__.split(".")[0]
         if name in ("save", "load") and library in _FILE_METHOD_MODULES:
@@ -304,8 +301,6 @@ class Guards:
 
     # -- writes ------------------------------------------------------------------------------
     def write_(self, obj: Any) -> Any:
-        import torch
-
         self.counters.write += 1
         if isinstance(obj, (types.ModuleType, ModuleProxy, type, types.FunctionType,
                             types.BuiltinFunctionType, types.MethodType)):
@@ -478,8 +473,6 @@ _STATIC_BUILTINS: dict[str, Any] = {
 
 
 def _is_module(obj: Any) -> bool:
-    import torch
-
     return isinstance(obj, torch.nn.Module)
 
 
@@ -488,16 +481,22 @@ def _library_of(obj: Any) -> str:
     return str(owner.__module__).split(".")[0]
 
 
-def _is_tracer(obj: Any) -> bool:
+@functools.cache
+def _nnsight_classes() -> tuple[type, type]:
+    """nnsight's Envoy and Tracer, imported once (the guards ask on every attribute read)."""
+    from nnsight.intervention.envoy import Envoy
     from nnsight.tracing.tracer import Tracer
 
-    return isinstance(obj, Tracer) or (isinstance(obj, type) and issubclass(obj, Tracer))
+    return Envoy, Tracer
+
+
+def _is_tracer(obj: Any) -> bool:
+    tracer = _nnsight_classes()[1]
+    return isinstance(obj, tracer) or (isinstance(obj, type) and issubclass(obj, tracer))
 
 
 def _is_envoy(obj: Any) -> bool:
-    from nnsight.intervention.envoy import Envoy
-
-    return isinstance(obj, Envoy)
+    return isinstance(obj, _nnsight_classes()[0])
 
 
 _CONTAINER_TYPES = (list, dict, set, OrderedDict, bytearray)
