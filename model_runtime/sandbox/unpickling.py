@@ -53,7 +53,7 @@ import pickle
 import types
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Container
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from model_runtime.sandbox.compiling import restricted_function
@@ -307,26 +307,42 @@ _BUILTIN_TYPE_STAND_INS = {
 }
 
 
+class _ServerStandIns(dict[str, _ServerObject]):
+    """The stand-in of every server object, by persistent id; any other id is refused. Its
+    `__getitem__` (dict's own, in C) is the dry run's `persistent_load`: a payload names the
+    server's modules dozens of times, and each lookup is then no Python call."""
+
+    def __missing__(self, pid: Any) -> _ServerObject:
+        from nnsight.intervention.serialization import UnknownPersistentIdError
+
+        raise UnknownPersistentIdError(pid)
+
+
+# Per set of persistent ids (one per served model): stand-ins hold nothing a load can change
+# (`what` is set once; every operation on them raises), so loads share them.
+_STAND_INS: dict[frozenset[str], _ServerStandIns] = {}
+
+
+def _server_stand_ins(persistent_ids: Iterable[Any]) -> _ServerStandIns:
+    # Only exact `str` ids: a pid that is anything else is refused, as the real load refuses it.
+    ids = frozenset(pid for pid in persistent_ids if type(pid) is str)
+    found = _STAND_INS.get(ids)
+    if found is None:
+        if len(_STAND_INS) >= 8:  # a replica serves one model: a bound, not a working set
+            _STAND_INS.clear()
+        found = _STAND_INS[ids] = _ServerStandIns({pid: _ServerObject(f"the server's {pid}") for pid in ids})
+    return found
+
+
 class _DryRun(pickle.Unpickler):
     """Pass 1: the stream on stand-ins; raises PayloadRejected on the first refused operation."""
 
-    def __init__(self, data: bytes, persistent_ids: Container[str]) -> None:
+    def __init__(self, data: bytes, persistent_ids: Iterable[Any]) -> None:
         super().__init__(io.BytesIO(data))
-        self._persistent_ids = persistent_ids
-        self._servers: dict[str, _ServerObject] = {}  # one stand-in per persistent id, as identity is
-
-    def persistent_load(self, pid: Any) -> Any:
-        # A payload names the same server objects many times: a repeat is one lookup (only
-        # checked ids are keys; `type(pid) is str` keeps a str subclass's own `__eq__` out).
-        found = self._servers.get(pid) if type(pid) is str else None
-        if found is not None:
-            return found
-        if not isinstance(pid, str) or pid not in self._persistent_ids:
-            from nnsight.intervention.serialization import UnknownPersistentIdError
-
-            raise UnknownPersistentIdError(pid)
-        found = self._servers[pid] = _ServerObject(f"the server's {pid}")
-        return found
+        # One stand-in per persistent id, as identity is. Set through the C unpickler's own
+        # attribute (no `persistent_load` method here, which would take precedence): a plain dict
+        # lookup, in C. An unhashable pid (a list) fails the lookup with TypeError: refused too.
+        self.persistent_load = _server_stand_ins(persistent_ids).__getitem__  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         return _stand_in_for((module, name))

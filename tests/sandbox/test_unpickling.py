@@ -311,3 +311,47 @@ def test_mutated_real_payloads_never_change_the_server(models: tuple[Any, Any], 
 
 def test_every_crafted_blob_names_its_refusal() -> None:
     assert set(REFUSED_BY) == set(CRAFTED)
+
+
+class _Ref:
+    def __init__(self, pid: Any) -> None:
+        self.pid = pid
+
+
+class _RefPickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        return obj.pid if isinstance(obj, _Ref) else None
+
+
+def _with_pids(*pids: Any) -> bytes:
+    buffer = io.BytesIO()
+    _RefPickler(buffer, protocol=4).dump([_Ref(pid) for pid in pids])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("pid", ["Module:evil", 1, b"Module:model", ("Module:model",), ["Module:model"]],
+                         ids=repr)
+def test_the_dry_run_refuses_every_persistent_id_the_server_has_not(pid: Any) -> None:
+    """The dry run's persistent ids are a C dict lookup: exactly the server's `str` ids resolve;
+    anything else (another name, another type, an unhashable value) stops the load."""
+    from model_runtime.sandbox.unpickling import _DryRun
+
+    persistent = {"Module:model": object(), "Module:model.lm_head": object()}
+    with pytest.raises(Exception) as refused:
+        _DryRun(_with_pids("Module:model", pid), persistent).load()
+    assert type(refused.value).__name__ in ("UnknownPersistentIdError", "TypeError")
+
+
+def test_the_dry_run_stands_one_object_for_each_server_id() -> None:
+    from model_runtime.sandbox.unpickling import _DryRun, _ServerObject
+
+    persistent = {"Module:model": object(), "Module:model.lm_head": object()}
+    data = _with_pids("Module:model", "Module:model.lm_head", "Module:model")
+    first, second = _DryRun(data, persistent).load(), _DryRun(data, dict(persistent)).load()
+    assert all(isinstance(item, _ServerObject) for item in first)
+    assert first[0] is first[2] and first[0] is not first[1]  # as identity is in the real load
+    assert first == second  # shared between loads: nothing in a stand-in can change
+    assert [item.what for item in first] == [f"the server's {pid}" for pid in
+                                             ("Module:model", "Module:model.lm_head", "Module:model")]
+    other = _DryRun(_with_pids("Module:model"), {"Module:model": object()}).load()
+    assert other[0] is not first[0]  # another set of ids, its own stand-ins
