@@ -32,7 +32,7 @@ import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import chain, compress, repeat
+from itertools import chain, compress, islice, repeat
 from typing import Any, NamedTuple
 
 import torch
@@ -87,6 +87,7 @@ class _TreeRecord:
         self.lengths = list(map(len, self.tables))
         self.filled = [bool(n) for n in self.lengths]  # only non-empty tables have values to compare
         self.values = self._values(self.tables)
+        self.keys = list(chain.from_iterable(compress(self.tables, self.filled)))
         # A value's class is compared too (`local_shard` depends on it), though its object is the same.
         self.types = list(map(type, self.values))
         weight_tables = self.tables[1::3] + self.tables[2::3]
@@ -105,6 +106,19 @@ class _TreeRecord:
             return False  # (same length: `all` over the pairs saw every table)
         values = self._values(tables)
         return all(map(operator.is_, values, self.values)) and all(map(operator.is_, map(type, values), self.types))
+
+    def put_back(self) -> None:
+        """Every recorded table back on its module, holding what it held when recorded (a
+        parameter, buffer or submodule replaced or added in any table is undone)."""
+        tables = iter(self.tables)
+        for module, children, parameters, buffers in zip(self.modules, tables, tables, tables, strict=True):
+            entries = vars(module)
+            entries["_modules"], entries["_parameters"], entries["_buffers"] = children, parameters, buffers
+        keys, values = iter(self.keys), iter(self.values)
+        contents = [list(zip(islice(keys, n), islice(values, n), strict=True)) for n in self.lengths]
+        for table, items in zip(self.tables, contents, strict=True):
+            table.clear()
+            table.update(items)
 
 
 _TENSOR: Any = torch.Tensor
@@ -293,6 +307,10 @@ class WeightIntegrity:
         if self._copies is None:
             self.unrecoverable = True
             return False
+        if self._tree is not None and not self._tree.unchanged():
+            # A tensor or module replaced in its table: the recorded ones go back (restoring only
+            # the recorded tensors' bytes would leave the replacement serving).
+            self._tree.put_back()
         with torch.no_grad():
             for t, original, ident in zip(self._tensors, self._originals, self._identities, strict=True):
                 if _Identity.of(t) != ident:
@@ -303,7 +321,8 @@ class WeightIntegrity:
                         t.grad = None
             for storage, copy in zip(self._storages, self._copies, strict=True):
                 _byte_view(storage).copy_(copy)
-        ok = all(_Identity.of(t) == ident for t, ident in zip(self._tensors, self._identities, strict=True)) and all(
+        identities = zip(self._tensors, self._identities, strict=True)
+        ok = not self._moved() and all(_Identity.of(t) == ident for t, ident in identities) and all(
             torch.equal(_byte_view(s).cpu(), c) for s, c in zip(self._storages, self._copies, strict=True)
         )
         if ok:

@@ -122,11 +122,22 @@ def test_the_tree_record_sees_every_change_to_the_set_of_tensors(change: Any) ->
     """The per-request check of the tensor set reads a record of the module tree, not a walk: it
     must see what a walk would (a tensor or module replaced or added in any table)."""
     model = _model()
+    before = _snapshot(model)
+    tables = [(name, dict(m._modules), dict(m._parameters), dict(m._buffers)) for name, m in model.named_modules()]
     integrity = WeightIntegrity([model])
     integrity.admit()
     change(model)
-    with pytest.raises(ModelTampering, match="set of tensors changed"):
+    with pytest.raises(ModelTampering, match=r"set of tensors changed.*restored from the kept copy"):
         integrity.verify()
+    # The replacement is undone, not adopted: every table holds its own objects again, and the
+    # next admission finds the indexed tensors (no re-index onto what the request put there).
+    assert [(name, dict(m._modules), dict(m._parameters), dict(m._buffers))
+            for name, m in model.named_modules()] == tables
+    assert _same(model, before) and not integrity.untrusted
+    indexed = integrity.tensors
+    integrity.admit()
+    assert integrity.tensors is indexed
+    integrity.verify()
 
 
 def test_a_table_replaced_with_the_same_tensors_is_no_alarm_and_the_record_follows() -> None:
