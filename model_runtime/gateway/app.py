@@ -148,8 +148,18 @@ class NnsightGateway:
         self._door = Door(getattr(self, "app"), self.args.direct_host, self.args.direct_port,  # noqa: B009
                           owner=serve.get_replica_context().replica_tag,
                           node_id=ray.get_runtime_context().get_node_id(),
-                          loop=self._loop, busy=lambda: bool(self._tasks))
+                          loop=self._loop, busy=lambda: bool(self._tasks), succeeded=self._succeeded)
         self._door.open()
+
+    async def _succeeded(self) -> bool:
+        """Whether Serve replaces this replica (a rolling update, a restart) rather than deleting its app."""
+        app_name = serve.get_replica_context().app_name
+        try:
+            apps = (await asyncio.wait_for(asyncio.to_thread(serve.status), 2.0)).applications
+        except Exception:
+            return True  # unknown: wait for a successor (bounded)
+        status = apps[app_name].status if app_name in apps else "DELETING"
+        return str(getattr(status, "value", status)) != "DELETING"  # ApplicationStatus is a str enum
 
     async def __del__(self) -> None:
         # Serve awaits this at the end of the replica's graceful shutdown (its drain counts only

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import uvicorn
@@ -60,9 +60,12 @@ class Door:
     """One fixed-port listener for `app` in this replica; `open()` once, `close()` at shutdown."""
 
     def __init__(self, app: Any, host: str, port: int, *, owner: str, node_id: str,
-                 loop: asyncio.AbstractEventLoop, busy: Callable[[], bool]) -> None:
+                 loop: asyncio.AbstractEventLoop, busy: Callable[[], bool],
+                 succeeded: Callable[[], Awaitable[bool]]) -> None:
+        """`busy`: whether the replica has unfinished jobs. `succeeded`: whether a successor is coming
+        at all (False when the application is being deleted: no wait for one)."""
         self.host, self.port, self.owner = host, port, owner
-        self._app, self._loop, self._busy = app, loop, busy
+        self._app, self._loop, self._busy, self._succeeded = app, loop, busy, succeeded
         self._key = door_key(node_id, port)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -134,8 +137,9 @@ class Door:
         if self._server is None:
             return
         started = self._loop.time()
-        while not self._stopped.is_set() and self._loop.time() < started + SUCCESSOR_WAIT_S:
-            await asyncio.sleep(0.05)
+        if not self._stopped.is_set() and await self._succeeded():
+            while not self._stopped.is_set() and self._loop.time() < started + SUCCESSOR_WAIT_S:
+                await asyncio.sleep(0.05)
         self._stop_listening()
         while self._busy() and self._loop.time() < started + CLOSE_S:
             await asyncio.sleep(0.1)

@@ -153,6 +153,7 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, influx_sink: Inf
     from ray import serve
 
     models = {str(tiny_llama).lower(): MODEL_APP, str(slow_path).lower(): SLOW_APP}
+    door = free_port()  # the main gateway's own listener, as rendered: the same routes without Serve's proxy
     serve.run_many([  # all at once: replicas import torch/nnsight in parallel
         model_target(MODEL_APP, model_args(tiny_llama)),
         # Fast health checks: the wedged-replica test waits for Serve to replace the replica, and
@@ -161,7 +162,7 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, influx_sink: Inf
                      env={WEDGE_HOOK_ENV: "1"}, health_check_period_s=1, health_check_timeout_s=10),
         # The routing table as user_config: "ghost/model" is routed to an app that was never deployed,
         # "cold/model" is COLD (routed, no app). The strict gateway keeps the static args routes.
-        gateway_target(routes=main_routes(models)),
+        gateway_target(routes=main_routes(models), direct_port=door, direct_host="127.0.0.1"),
         gateway_target(
             models,
             app_name="gateway-strict",
@@ -183,8 +184,8 @@ def served(serve_port: int, tiny_llama: Path, s3_endpoint: str, influx_sink: Inf
         ),
     ])
     url = f"http://127.0.0.1:{serve_port}"
-    return {"url": url, "strict_url": url + STRICT_PREFIX, "path": tiny_llama, "slow_path": slow_path,
-            "s3": s3_endpoint, "models": models}
+    return {"url": url, "strict_url": url + STRICT_PREFIX, "door_url": f"http://127.0.0.1:{door}",
+            "path": tiny_llama, "slow_path": slow_path, "s3": s3_endpoint, "models": models}
 
 
 @pytest.fixture(scope="session")

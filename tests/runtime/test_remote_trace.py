@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from typing import Any
 
 import nnsight
@@ -25,6 +27,30 @@ def test_blocking_trace_equals_local(client_model: Any, local_model: Any) -> Non
         ref_logits = local_model.lm_head.output.save()
     assert torch.equal(hidden, ref_hidden)
     assert torch.equal(logits, ref_logits)
+
+
+def test_the_unmodified_client_through_the_gateways_own_listener(
+    served: dict[str, Any], client_model: Any, local_model: Any
+) -> None:
+    """The gateway replica's own listener (`direct_port`, what users are given) serves the same
+    protocol without Serve's proxy: the websocket session with an inline result, and the
+    non-blocking poll whose result URL points back at this door and is downloaded through it."""
+    door = served["door_url"]
+    nnsight.CONFIG.API.HOST = door
+    try:
+        with client_model.trace(PROMPT, remote=True):
+            logits = client_model.lm_head.output.save()
+        with client_model.trace(PROMPT, remote=True, blocking=False) as tracer:
+            polled = client_model.lm_head.output.save()  # noqa: F841 (read back by name)
+        result = poll_backend(tracer.backend)
+        assert result is not None, f"job never completed (last status {tracer.backend.status})"
+        with urllib.request.urlopen(f"{door}/response/{tracer.backend.job_id}", timeout=30) as response:
+            assert json.loads(response.read())["data"].startswith(f"{door}/result/")
+    finally:
+        nnsight.CONFIG.API.HOST = served["url"]
+    with local_model.trace(PROMPT):
+        ref = local_model.lm_head.output.save()
+    assert torch.equal(logits, ref) and torch.equal(result["polled"], ref)
 
 
 def test_patch_and_non_blocking(client_model: Any, local_model: Any) -> None:
