@@ -38,6 +38,7 @@ from model_runtime.replica.execution import (
     ExecutionResult,
     execute_request_async,
     select_runner,
+    torch_saved,
 )
 from model_runtime.replica.garbage import freeze_long_lived
 from model_runtime.replica.gpu_binding import bind_pinned_gpu
@@ -460,19 +461,17 @@ def _refused(http_status: int, description: str, limits: dict[str, int]) -> dict
 def _completed(job_id: str, result: ExecutionResult, inline_max_bytes: int) -> dict[str, Any]:
     """COMPLETED with the result blob, or, for a small one, the ready binary websocket frame instead.
 
-    The frame is `nnsight.schema.response.ResponseModel.pickle()` (a `torch.save`), built here so
-    that the gateway needs neither torch nor nnsight. It carries the result blob, so the event does
-    not carry it a second time through the handle.
+    The frame is what `nnsight.schema.response.ResponseModel.unpickle()` reads (a `torch.save` of
+    the response's fields; the client validates them into its `ResponseModel`), built here so that
+    the gateway needs neither torch nor nnsight. It carries the result blob, so the event does not
+    carry it a second time through the handle.
     """
     assert result.result is not None
     event: dict[str, Any] = {"status": "COMPLETED", "meta": result.meta}
     if inline_max_bytes and len(result.result) <= inline_max_bytes:
-        from nnsight.schema.response import ResponseModel, Status
-
-        event["frame"] = ResponseModel(
-            id=job_id, status=Status.COMPLETED, description="Your job has been completed.",
-            data=result.result, meta=result.meta,
-        ).pickle()
+        event["frame"] = torch_saved({"id": job_id, "status": "COMPLETED",
+                                      "description": "Your job has been completed.",
+                                      "data": result.result, "meta": result.meta})
         result.marks["framed"] = time.time()
     else:
         event["result"] = result.result

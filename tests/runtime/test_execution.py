@@ -64,6 +64,28 @@ def test_saves_only_and_equal_to_local(local_model: Any, on_loop: bool) -> None:
     assert result.meta["runtime"] > 0 and result.meta["result_bytes"] == len(result.result)
 
 
+def test_the_result_frame_is_what_the_client_unpickles(local_model: Any) -> None:
+    """The replica's inline COMPLETED frame reads back through nnsight's own `ResponseModel.unpickle`
+    (the client's path), carrying the result blob and meta; the blob loads with `torch.load`."""
+    from nnsight.schema.response import ResponseModel, Status
+
+    from model_runtime.replica.app import _completed
+    from model_runtime.replica.execution import encode_saves
+
+    capture = Capture()
+    with local_model.trace(PROMPT, backend=capture):
+        logits = local_model.lm_head.output.save()  # noqa: F841
+    result, _ = _run(local_model, capture.blob)
+    event = _completed("job-1", result, inline_max_bytes=len(result.result))
+    response = ResponseModel.unpickle(event["frame"])
+    assert (response.id, response.status, response.data, response.meta) == ("job-1", Status.COMPLETED,
+                                                                             result.result, result.meta)
+    assert "result" not in event  # carried once, inside the frame
+    plain = encode_saves({"x": torch.arange(6.0).view(2, 3)[:, 1], "n": 3}, compress=False)
+    loaded = torch.load(io.BytesIO(plain), weights_only=False)
+    assert torch.equal(loaded["x"], torch.tensor([1.0, 4.0])) and loaded["n"] == 3
+
+
 @pytest.mark.parametrize("on_loop", [False, True], ids=["blocking", "on_loop"])
 def test_timeout_really_stops_and_next_request_is_correct(local_model: Any, on_loop: bool) -> None:
     spin = Capture()
