@@ -104,6 +104,21 @@ async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
 
+def app_states(apps: dict[str, Any]) -> dict[str, str]:
+    """Each Serve application's state by name, as `serve.status()` reports it: RUNNING when some
+    replica runs (a rolling update reports DEPLOYING while the old replicas still serve: routable),
+    else the application status's plain name ("DEPLOYING", "DEPLOY_FAILED", ...)."""
+    states: dict[str, str] = {}
+    for name, app_status in apps.items():
+        # ReplicaState is a str enum: its "RUNNING" key matches the plain string.
+        running = any(int(dict[Any, int](d.replica_states).get("RUNNING", 0)) > 0
+                      for d in app_status.deployments.values())
+        # `str()` of a str enum is "ApplicationStatus.DEPLOYING" on Python 3.11: take its value.
+        status = app_status.status
+        states[name] = "RUNNING" if running else str(getattr(status, "value", status))
+    return states
+
+
 @serve.deployment(name=GATEWAY_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000)
 @serve.ingress(app)
 class NnsightGateway:
@@ -202,14 +217,7 @@ class NnsightGateway:
         except Exception as exc:
             log.info("serve.status failed: %s", exc)
             return
-        states: dict[str, str] = {}
-        for name, app_status in apps.items():
-            # ReplicaState is a str enum: its "RUNNING" key matches the plain string.
-            running = any(int(dict[Any, int](d.replica_states).get("RUNNING", 0)) > 0
-                          for d in app_status.deployments.values())
-            # A rolling update reports DEPLOYING while the old replicas still serve: routable.
-            states[name] = "RUNNING" if running else str(app_status.status)
-        self._app_states, self._states_at = states, time.monotonic()
+        self._app_states, self._states_at = app_states(apps), time.monotonic()
 
     async def _refresh_forever(self) -> None:
         while True:

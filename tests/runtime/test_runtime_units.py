@@ -299,3 +299,24 @@ def test_small_requests_go_by_value_and_large_results_in_chunks() -> None:
     small = {"status": "COMPLETED", "result": b"x" * 4096}
     assert list(handoff.split(small, 4096)) == [] and small["result"] == b"x" * 4096
     assert list(handoff.split({"status": "COMPLETED", "result": frame}, 0)) == []  # by reference: no cap
+
+
+def test_app_states_name_serves_statuses_plainly() -> None:
+    """The gateway's 503s and /status compare plain names: a deploying app must read "DEPLOYING"
+    (not "ApplicationStatus.DEPLOYING"), and an app with a running replica is routable."""
+    from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+    from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatusOverview
+
+    from model_runtime.gateway.app import app_states
+
+    def app(status: ApplicationStatus, running: int) -> ApplicationStatusOverview:
+        deployment = DeploymentStatusOverview(
+            status=DeploymentStatus.UPDATING, status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_STARTED,
+            replica_states={ReplicaState.RUNNING: running, ReplicaState.STARTING: 1}, message="")
+        return ApplicationStatusOverview(status=status, message="", last_deployed_time_s=0.0,
+                                         deployments={"model": deployment})
+
+    states = app_states({"loading": app(ApplicationStatus.DEPLOYING, 0),
+                         "rolling": app(ApplicationStatus.DEPLOYING, 1),
+                         "failed": app(ApplicationStatus.DEPLOY_FAILED, 0)})
+    assert states == {"loading": "DEPLOYING", "rolling": "RUNNING", "failed": "DEPLOY_FAILED"}
