@@ -49,6 +49,7 @@ from model_runtime.gateway.bounds import HttpError, bounded_event, read_body_cap
 from model_runtime.gateway.door import Door
 from model_runtime.gateway.jobs import Job, JobStore, JobStoreFull
 from model_runtime.gateway.results import MemoryResults, result_store
+from model_runtime.gpu_waits import GpuWait, gpu_waits
 from model_runtime.metrics import gateway_metrics
 from model_runtime.model_keys import client_model_key, repo_key
 from model_runtime.settings import RuntimeSettings
@@ -130,6 +131,7 @@ class NnsightGateway:
                         for k, v in self.args.models.items()}
         self.routes: dict[str, GatewayRoute] = dict(self._static)
         self._app_states: dict[str, str] = {}
+        self._gpu_waits: dict[str, GpuWait] = {}  # ModelDeployment (namespace/name) → its replica's GPU wait
         self._states_at = 0.0
         self._refresher: asyncio.Task[None] | None = None
         self._payload_limits: dict[str, int] = {}  # app → max_payload_bytes, learned from admissions
@@ -217,7 +219,20 @@ class NnsightGateway:
         except Exception as exc:
             log.info("serve.status failed: %s", exc)
             return
-        self._app_states, self._states_at = app_states(apps), time.monotonic()
+        states = app_states(apps)
+        if any(state != "RUNNING" for state in states.values()) or self._gpu_waits:
+            self._gpu_waits = await self._read_gpu_waits()
+        self._app_states, self._states_at = states, time.monotonic()
+
+    async def _read_gpu_waits(self) -> dict[str, GpuWait]:
+        """The HOT replicas waiting for a GPU share another replica holds (model_runtime/gpu_waits.py)."""
+        from ray.util.placement_group import placement_group_table
+
+        try:
+            return gpu_waits(await asyncio.to_thread(placement_group_table))
+        except Exception as exc:
+            log.info("placement_group_table failed: %s", exc)
+            return self._gpu_waits
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -280,7 +295,7 @@ class NnsightGateway:
                 "trust_remote_code": trust,
                 "revision": revision,
                 "deployment_level": str(known.get("level", _COLD)).upper(),
-                "application_state": await self._status_state(route.app, info),
+                "application_state": (state := await self._status_state(route.app, info)),
                 "queue_depth": known.get("queue_depth", 0),
                 "activation_requested": key in self.activation_requests,
                 "activation_requested_at": self.activation_requests.get(key),  # epoch seconds or None
@@ -289,6 +304,10 @@ class NnsightGateway:
                 "load_source": known.get("source"),  # nodeMemory: weights mapped from the node's store
                 "replica_startup": known.get("startup"),  # epoch seconds of the replica's start-up phases
                 "transitions": known.get("transitions"),
+                # Its replica's wait for a GPU share (the table is read every few seconds: a
+                # running app's wait is over).
+                "gpu_wait": wait.as_json(time.time()) if state != "RUNNING" and (
+                    wait := self._gpu_waits.get(route.deployment)) else None,
             }
         return {"deployments": deployments}
 
@@ -375,6 +394,11 @@ class NnsightGateway:
                                  "Hot or Warm.")
         app_name = await self._pick_app(route.apps or [route.app])
         state = await self._app_state_now(app_name)
+        wait = self._gpu_waits.get(route.deployment) if route.deployment else None
+        if state == "DEPLOYING" and wait is not None:
+            left = max(1, round(wait.since + wait.timeout_s - time.time()))
+            raise HttpError(503, f"Model {key!r} is not serving yet: its replica is {wait.describe(time.time())}; "
+                                 "retry later.", {"Retry-After": str(min(left, 30))})
         if state == "DEPLOYING":
             raise HttpError(503, f"Model {key!r} is being deployed (loading); retry shortly.")
         if state != "RUNNING":

@@ -190,7 +190,7 @@ class ModelReplica:
     def _hold_gpu(self) -> None:
         """Reserve the planned GPU share when the config leases one (replica/gpu_lease.py)."""
         if self.config.gpu_lease and self._lease is None:
-            self._lease = GpuLease(self.config.gpu_lease)
+            self._lease = GpuLease(self.config.gpu_lease, model=self.args.deployment or self.args.model_key)
             self._device = bind_leased_gpu(self._lease)
 
     def _release_gpu(self) -> None:

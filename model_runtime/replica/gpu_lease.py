@@ -8,16 +8,19 @@ own node; going WARM removes the group. Ray's accounting is what the plan says e
 the replica process, its imports and its model skeleton survive the level change.
 
 The group is created by the replica, so Ray removes it when the replica dies. Waiting uses the
-GCS (`PlacementGroup.wait`), so no worker process is started for it.
+GCS (`PlacementGroup.wait`), so no worker process is started for it. The group's name carries
+the model, node and start of the wait (`gpu_waits.group_name`): while it is pending, the gateway
+reads from the placement group table that the model waits for a GPU and which models hold it,
+and says so in its 503s and `/status` (from which the operator sets the Ready condition).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from model_runtime.gpu_waits import LEASE_TIMEOUT_S, group_name
 from ndif_operator.api.pinning import GPU_LEASE_UNAVAILABLE, pinned_gpu_index
-
-LEASE_TIMEOUT_S = 300.0  # a GPU the plan gave us but another replica still holds (rolling update)
 
 
 class GpuLeaseTimeout(RuntimeError):
@@ -27,7 +30,7 @@ class GpuLeaseTimeout(RuntimeError):
 class GpuLease:
     """The placement group holding `resources` on this replica's node, ready when constructed."""
 
-    def __init__(self, resources: dict[str, float], *, timeout_s: float = LEASE_TIMEOUT_S) -> None:
+    def __init__(self, resources: dict[str, float], *, model: str = "", timeout_s: float = LEASE_TIMEOUT_S) -> None:
         import ray
         from ray.util.placement_group import placement_group
 
@@ -35,7 +38,8 @@ class GpuLease:
         self.gpu_index = pinned_gpu_index(self.resources)
         node = ray.get_runtime_context().get_node_id()
         self._group: Any = placement_group([self.resources], strategy="STRICT_PACK",
-                                           bundle_label_selector=[{_NODE_ID_LABEL: node}])
+                                           bundle_label_selector=[{_NODE_ID_LABEL: node}],
+                                           name=group_name(model, node, time.time(), timeout_s))
         if not self._group.wait(timeout_seconds=timeout_s):
             self.release()
             raise GpuLeaseTimeout(f"{GPU_LEASE_UNAVAILABLE} after {timeout_s:.0f} s: {self.resources}")

@@ -48,6 +48,7 @@ class Reason(StrEnum):
     APPLICATION_UNHEALTHY = "ApplicationUnhealthy"
     APPLICATION_MISSING = "ApplicationMissing"  # not (yet) in the RayService status
     REPLICAS_UNSCHEDULABLE = "ReplicasUnschedulable"  # Ray cannot place some replicas (its reason in message)
+    WAITING_FOR_GPU = "WaitingForGpu"  # a replica waits for its GPU share, still held by another (message: whose)
     NOT_SERVED = "NotServed"  # Warm or Cold: no Serve replica is expected to answer traces
     RAY_SERVICE_MISSING = "RayServiceMissing"
     RAY_SERVICE_ERROR = "RayServiceError"  # KubeRay reported a failure (see message)

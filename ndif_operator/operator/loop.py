@@ -41,6 +41,7 @@ class Wake(StrEnum):
     DEMAND_POLL = "demand-poll"  # the gateway may report demand for a Warm activateOnRequest model
     CALENDAR_POLL = "calendar-poll"  # a CalendarSchedule's calendar is due to be read
     BOOKING_EDGE = "booking-edge"  # a calendar booking starts or ends
+    GPU_WAIT = "gpu-wait"  # a Hot model's application deploys: its replica may wait for a GPU share
 
 
 @dataclass

@@ -50,6 +50,7 @@ logger = logging.getLogger("ndif_operator.reconciler")
 
 Clock = Callable[[], datetime]
 Target = tuple[str, str]
+_GPU_WAIT_POLL_S = 5.0  # while a Hot model deploys: how often its replica's GPU wait is looked at again
 
 __all__ = ["Clock", "Estimator", "Reconciler"]
 
@@ -84,9 +85,8 @@ class Reconciler:
         self.cache_store = CacheStore(api, settings.operator_namespace, settings.cache_config_map)
         self.recorder = EventRecorder(api, clock)
         self.estimations = Estimations(api, settings, self.cache_store, estimator)
-        self.activations = Activations(settings, gateway or GatewayStatus(settings.gateway_url,
-                                                                          settings.gateway_api_key),
-                                       self.recorder, clock)
+        self.gateway = gateway or GatewayStatus(settings.gateway_url, settings.gateway_api_key)
+        self.activations = Activations(settings, self.gateway, self.recorder, clock)
         self.patcher = ServeConfigPatcher(api, settings.render_options(), self.recorder)
         self.writer = StatusWriter(api, settings.finalizer, self.recorder)
         self.calendars = Calendars(api, settings.operator_namespace, settings.ray_service)
@@ -154,6 +154,19 @@ class Reconciler:
             outcome.errors.append(f"evaluator cache {self.cache_store.where}: {exc}")
         return outcome
 
+    async def _gpu_waits(self, target: Target, observations: dict[str, Observation],
+                         outcome: PassOutcome) -> dict[str, Observation]:
+        """While a Hot model's application deploys, ask the gateway whether its replica waits for a
+        GPU share another model still holds (the wait starts after the config is applied, and can
+        last minutes): the Ready condition says so at once, and again every few seconds."""
+        deploying = [k for k, o in observations.items() if o.decision is not None and o.decision.level == Level.HOT
+                     and o.app is not None and o.app.status != "RUNNING" and not o.app.unschedulable]
+        if not deploying:
+            return observations
+        outcome.want(Wake.GPU_WAIT, _GPU_WAIT_POLL_S)
+        waits = await self.gateway.gpu_waits(*target)
+        return {k: replace(o, gpu_wait=waits.get(k)) if k in deploying else o for k, o in observations.items()}
+
     async def _reconcile_target(self, target: Target, entries: list[Entry], nodes: list[dict[str, Any]],
                                 now: datetime, outcome: PassOutcome) -> list[str]:
         namespace, name = target
@@ -192,6 +205,7 @@ class Reconciler:
             apps = application_statuses(ray_service)
             observations = {e.key: replace(base[e.key], decision=decisions.get(e.key), ray_service_error=failure,
                                            app=model_app_status(apps, e.namespace, e.name)) for e in entries}
+            observations = await self._gpu_waits(target, observations, outcome)
             if patched.error is None:
                 release_deleted = True
             else:

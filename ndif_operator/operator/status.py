@@ -56,6 +56,7 @@ class Observation:
     activated: bool = False  # Hot on request right now (desired_level is then Hot)
     schedule: ModelSchedule | None = None  # status.schedule: calendar bookings of this model
     scheduled: ScheduledState | None = None  # the Scheduled condition (None: never booked)
+    gpu_wait: str | None = None  # the gateway's word that a replica waits for a GPU another model holds
 
 
 def _condition(kind: ConditionType, status: ConditionStatus, reason: Reason, message: str,
@@ -116,6 +117,8 @@ def _ready(obs: Observation, level: Level | None) -> tuple[ConditionStatus, Reas
     if app.unschedulable:
         # Ray cannot place what the planner placed: say so with Ray's own words, never silently.
         return ConditionStatus.FALSE, Reason.REPLICAS_UNSCHEDULABLE, app.unschedulable
+    if obs.gpu_wait and app.status != "RUNNING":
+        return ConditionStatus.FALSE, Reason.WAITING_FOR_GPU, f"a replica is {obs.gpu_wait}"
     if app.status == "RUNNING":
         return ConditionStatus.TRUE, Reason.APPLICATION_RUNNING, app.message
     if app.status == "DEPLOY_FAILED":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from kube_emulator import KubeEmulator
-from operator_harness import CALENDAR_TYPE, MD_TYPE, NAMESPACE, Cluster, OperatorThread
+from operator_harness import CALENDAR_TYPE, MD_TYPE, NAMESPACE, Cluster, FakeGateway, OperatorThread
 from scheduling.fake_calendar import BOOKINGS, FakeGoogleCalendar
 
 
@@ -39,3 +39,12 @@ def google() -> Iterator[FakeGoogleCalendar]:
     fake.calendar(BOOKINGS)
     yield fake
     fake.stop()
+
+
+@pytest.fixture
+def gateway() -> Iterator[FakeGateway]:
+    running = FakeGateway().start()
+    try:
+        yield running
+    finally:
+        running.stop()

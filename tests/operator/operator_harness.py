@@ -4,6 +4,7 @@ A module (not conftest.py) so that tests and bench/reconcile.py import it by a u
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiohttp import web
 from kube_emulator import RAY_SERVICE, Identity, KubeEmulator, ResourceType, from_crd, service_account
 
 from ndif_operator.api import Estimate, ModelSpec, RuntimeLimits
@@ -272,3 +274,52 @@ class OperatorThread:
         if not self.expect_401:  # a 401 names no user: any in the log counts
             refused += [e for e in list(self.cluster.emu.log) if e.status == 401]
         assert not refused, f"the API server refused the operator (RBAC or login): {refused[:5]}"
+
+
+class FakeGateway:
+    """`GET /status` as the gateway serves it (only the fields the operator reads), on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.body: dict[str, Any] = {"deployments": {}}
+        self.keys_seen: list[str | None] = []
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        self.keys_seen.append(request.headers.get("ndif-api-key"))
+        return web.json_response(self.body)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/status", self._status)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> FakeGateway:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def demand(self, deployment: str, *, at: float | None = None) -> None:
+        info: dict[str, Any] = {"deployment": deployment, "activation_requested": True, "deployment_level": "WARM"}
+        if at is not None:
+            info["activation_requested_at"] = at
+        self.body = {"deployments": {"md-" + deployment.replace("/", "-"): info}}
+
+    def gpu_wait(self, deployment: str, message: str | None) -> None:
+        """Say (or, None, stop saying) that `deployment`'s replica waits for a GPU share."""
+        info: dict[str, Any] = {"deployment": deployment, "deployment_level": "HOT",
+                                "gpu_wait": {"message": message} if message else None}
+        self.body = {"deployments": {"md-" + deployment.replace("/", "-"): info}}

@@ -2,71 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import pytest
-from aiohttp import web
-from operator_harness import Cluster, OperatorThread, model_deployment, ray_service, wait_for
+from operator_harness import Cluster, FakeGateway, OperatorThread, model_deployment, ray_service, wait_for
 
 from ndif_operator.api import Level
 from ndif_operator.planning.activation import Demand, activation_until, demands_from_gateway_status
-
-
-class FakeGateway:
-    """`GET /status` as the gateway serves it (only the fields the operator reads), on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.body: dict[str, Any] = {"deployments": {}}
-        self.keys_seen: list[str | None] = []
-        self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    async def _status(self, request: web.Request) -> web.Response:
-        self.keys_seen.append(request.headers.get("ndif-api-key"))
-        return web.json_response(self.body)
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/status", self._status)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def start(self) -> FakeGateway:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def demand(self, deployment: str, *, at: float | None = None) -> None:
-        info: dict[str, Any] = {"deployment": deployment, "activation_requested": True, "deployment_level": "WARM"}
-        if at is not None:
-            info["activation_requested_at"] = at
-        self.body = {"deployments": {"md-" + deployment.replace("/", "-"): info}}
-
-
-@pytest.fixture
-def gateway() -> Iterator[FakeGateway]:
-    running = FakeGateway().start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def _level(cluster: Cluster, name: str) -> str | None:

@@ -1,10 +1,15 @@
-"""Replicas Ray cannot schedule show in the model's Ready condition, with Ray's own reason."""
+"""Replicas Ray cannot schedule, or that wait for a GPU share another model holds, show in the
+model's Ready condition with the reason (Ray's own words, or the gateway's reading of Ray)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
+from operator_harness import Cluster, FakeGateway, OperatorThread, model_deployment, ray_service, wait_for
+
 from ndif_operator.api import Estimate, Level, Reason
+from ndif_operator.operator.gateway_status import gpu_waits_from_gateway_status
 from ndif_operator.operator.ray_service import application_statuses, model_app_status
 from ndif_operator.operator.status import Observation, compute_status
 from ndif_operator.planning import Decision, ReplicaPlacement
@@ -66,3 +71,59 @@ def test_a_gpu_lease_that_stays_taken_is_reported_as_unschedulable() -> None:
                  if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ReplicasUnschedulable")
     assert GPU_LEASE_UNAVAILABLE in ready["message"]
+
+
+WAIT = ("waiting for GPU 2 (ndif_gpu_2: 0.5) on node 3f2a9c1b0d4e, held by ml/other: 12 s so far, "
+        "gives up after 300 s")
+
+
+def test_a_replica_waiting_for_a_gpu_share_says_so_and_whose() -> None:
+    """While the Hot model's application deploys and its replica waits for the GPU share another
+    model holds (the gateway reads it from Ray), Ready says so at once, not "deploying"."""
+    decision = Decision(key="ml/m", level=Level.HOT, replicas=1, gpus_per_replica=0.5, gpu_fraction=0.5,
+                        worker_group="gpu", assignments=(ReplicaPlacement(0, (2,), 0.5),),
+                        reason=Reason.PLACED_HOT, message="1 replica on gpu")
+    deploying = application_statuses({"status": {"activeServiceStatus": {"applicationStatuses": {
+        "md-ml-m": _app("DEPLOYING")}}}})["md-ml-m"]
+    obs = Observation(generation=1, desired_level=Level.HOT, decision=decision, app=deploying, gpu_wait=WAIT,
+                      estimate=Estimate(weights_bytes=1, total_bytes=2, method="Config"))
+    status = compute_status(obs, None, datetime(2026, 12, 7, tzinfo=UTC))
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "WaitingForGpu")
+    assert "held by ml/other" in ready["message"] and "12 s so far" in ready["message"]
+    assert status["phase"] == "Deploying" and "held by ml/other" in status["message"]
+    # Once the application runs, an old word from the gateway does not hide it.
+    running = replace(obs, app=application_statuses({"status": {"activeServiceStatus": {"applicationStatuses": {
+        "md-ml-m": _app("RUNNING")}}}})["md-ml-m"])
+    ready = next(c for c in compute_status(running, None, datetime(2026, 12, 7, tzinfo=UTC))["conditions"]
+                 if c["type"] == "Ready")
+    assert ready["reason"] == "ApplicationRunning"
+
+
+def test_gpu_waits_from_gateway_status() -> None:
+    body = {"deployments": {
+        "md-ml-m": {"deployment": "ml/m", "gpu_wait": {"message": WAIT, "holders": ["ml/other"]}},
+        "md-ml-n": {"deployment": "ml/n", "gpu_wait": None},
+        "odd": "x", "md-ml-o": {"gpu_wait": {"message": "no deployment"}},
+    }}
+    assert gpu_waits_from_gateway_status(body) == {"ml/m": WAIT}
+    assert gpu_waits_from_gateway_status({"deployments": []}) == {}
+
+
+def test_the_operator_shows_a_gpu_wait_while_the_app_deploys(cluster: Cluster, gateway: FakeGateway) -> None:
+    cluster.emu.create_sync(ray_service())
+    cluster.emu.create_sync(model_deployment("h", "org/m-10g", level="Hot"))
+    running = OperatorThread(cluster, gateway_url=gateway.url).start()
+    try:
+        wait_for(lambda: cluster.condition("h", "Placed").get("reason") == "PlacedHot", what="placed Hot")
+        gateway.gpu_wait("ml/h", WAIT)
+        cluster.set_app_status("md-ml-h", "DEPLOYING")
+        wait_for(lambda: cluster.condition("h", "Ready").get("reason") == "WaitingForGpu", what="the wait shown")
+        assert "held by ml/other" in cluster.condition("h", "Ready")["message"]
+        gateway.gpu_wait("ml/h", None)  # the share came free: the replica loads, then runs
+        wait_for(lambda: cluster.condition("h", "Ready").get("reason") == "ApplicationDeploying",
+                 what="the wait over (polled while deploying)")
+        cluster.set_app_status("md-ml-h", "RUNNING")
+        wait_for(lambda: cluster.condition("h", "Ready").get("status") == "True", what="ready")
+    finally:
+        running.stop()

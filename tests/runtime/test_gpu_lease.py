@@ -7,6 +7,7 @@ node does (api/pinning.py); on this CPU-only machine the leased "GPU" is host RA
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -86,3 +87,85 @@ def test_pinned_warm_to_hot_is_a_reconfigure_that_leases_the_planned_gpu(
     finally:
         serve.delete(app)
     _wait_available(PINNED_GPU, 1.0)  # nothing leaked
+
+
+def _group(name: str, state: str, resources: dict[str, float], node: str | None = None) -> dict[str, Any]:
+    return {"name": name, "state": state, "bundles": {0: resources},
+            "bundles_to_node_id": {0: node} if node else {}}
+
+
+def test_gpu_waits_name_the_waiting_model_and_the_holders_on_its_node() -> None:
+    """Pure: the placement group table as Ray answers it."""
+    from model_runtime.gpu_waits import gpu_waits, group_name
+
+    table = {
+        "a": _group(group_name("ml/new", "n1", 1000.0, 300), "PENDING", {"ndif_gpu_2": 0.5}),
+        "b": _group(group_name("ml/old", "n1", 900.0, 300), "CREATED", {"ndif_gpu_2": 0.75}, "n1"),
+        "c": _group(group_name("ml/elsewhere", "n2", 900.0, 300), "CREATED", {"ndif_gpu_2": 0.75}, "n2"),
+        "d": _group(group_name("ml/other-gpu", "n1", 900.0, 300), "CREATED", {"ndif_gpu_3": 1.0}, "n1"),
+        "e": _group(group_name("ml/gone", "n1", 800.0, 300), "REMOVED", {"ndif_gpu_2": 1.0}, "n1"),
+        "f": _group("someone-elses-group", "CREATED", {"ndif_gpu_2": 0.25}, "n1"),
+        "g": _group(group_name("ml/free", "n1", 950.0, 300), "CREATED", {"ndif_gpu_3": 0.1}, "n1"),
+    }
+    (wait,) = gpu_waits(table).values()
+    assert (wait.model, wait.node, wait.since, wait.holders) == ("ml/new", "n1", 1000.0, ("ml/old",))
+    text = wait.describe(now=1042.0)
+    assert text.startswith("waiting for GPU 2 (ndif_gpu_2: 0.5) on node n1, held by ml/old: 42 s so far")
+    assert "gives up after 300 s" in text
+    assert gpu_waits({"x": _group(group_name("ml/new", "n1", 1.0, 300), "CREATED", {"ndif_gpu_2": 0.5}, "n1")}) == {}
+
+
+def test_a_replica_waiting_for_a_held_gpu_share_is_shown_by_the_gateway_at_once(
+    serve_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Another model holds most of the pinned GPU: a Hot replica that leases half of it waits,
+    and the gateway's 503 and `/status` say so (whose GPU, since when) while it waits, not after
+    the 5 min timeout; once the holder lets go, the replica takes the share and serves."""
+    import httpx
+    import ray
+    from ray import serve
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from model_runtime.gpu_waits import group_name
+    from runtime.conftest import gateway_target, model_target, route
+    from runtime.wire import post
+
+    node = ray.get_runtime_context().get_node_id()
+    holder = placement_group([{PINNED_GPU: 0.75}], name=group_name("ml/holder", node, time.time(), 300))
+    assert holder.wait(timeout_seconds=30)
+    path = build_tiny_model("llama", tmp_path_factory.mktemp("lease") / "waiting", seed=6)
+    app, key, prefix = "md-ml-waiting", "lease/waiting", "/lease-gateway"
+    url = f"http://127.0.0.1:{serve_port}{prefix}"
+    try:
+        serve.run_many([  # the model app stays DEPLOYING while it waits: not waited for here
+            model_target(app, model_args(path, "ml/waiting"), {"level": "Hot", "gpu_lease": {PINNED_GPU: 0.5}}),
+            gateway_target(routes={key: route(app, deployment="ml/waiting", repo_id=key)},
+                           app_name="gateway-lease", route_prefix=prefix),
+        ], wait_for_applications_running=False)
+        deadline = time.monotonic() + 120
+        while True:
+            refused = post(url, key, b"x")
+            detail = refused.json().get("detail", "") if refused.headers.get("content-type") == (
+                "application/json") else refused.text  # Serve's proxy answers plain text while the app starts
+            if "waiting for GPU 0" in detail:
+                break
+            assert time.monotonic() < deadline, detail
+            time.sleep(0.5)
+        assert refused.status_code == 503 and "held by ml/holder" in detail and "gives up after 300 s" in detail
+        assert 1 <= int(refused.headers["Retry-After"]) <= 30
+        shown = httpx.get(f"{url}/status", timeout=30).json()["deployments"][app]
+        assert shown["application_state"] == "DEPLOYING" and shown["gpu_wait"]["holders"] == ["ml/holder"]
+        assert time.time() - shown["gpu_wait"]["since"] < 120
+        remove_placement_group(holder)  # the holder lets go: the waiting replica takes its share
+        deadline = time.monotonic() + 120
+        while (shown := httpx.get(f"{url}/status", timeout=30).json()["deployments"][app])[
+                "application_state"] != "RUNNING":
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.5)
+        assert shown["gpu_wait"] is None and shown["deployment_level"] == "HOT"
+    finally:
+        serve.delete("gateway-lease")
+        serve.delete(app)
+        with contextlib.suppress(Exception):  # already removed when the test got that far
+            remove_placement_group(holder)
+    _wait_available(PINNED_GPU, 1.0)
