@@ -34,6 +34,8 @@ _WARNING_REASONS = frozenset({
     Reason.EVICTED, Reason.APPLICATION_FAILED, Reason.APPLICATION_UNHEALTHY, Reason.RAY_SERVICE_MISSING,
     Reason.RAY_SERVICE_ERROR, Reason.SCHEDULE_CONFLICT})
 _FAILED_REASONS = frozenset({Reason.INVALID_SPEC, Reason.ESTIMATE_FAILED, Reason.APPLICATION_FAILED})
+# Waits an admin may act on (free the GPU another model holds): a Normal Event when they begin.
+_NOTED_REASONS = frozenset({Reason.WAITING_FOR_GPU})
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +220,7 @@ def transitions(old_status: Mapping[str, Any] | None, new_status: Mapping[str, A
         # Events mark what a user acts on: placements, readiness gained, and every failure; the
         # routine steps in between (estimated, deploying, not yet reported) stay in the status.
         routine = not warning and (condition["type"] == "Evaluated" or condition["status"] != "True")
-        if routine and condition["type"] not in ("Placed", "Scheduled"):
+        if routine and condition["type"] not in ("Placed", "Scheduled") and condition["reason"] not in _NOTED_REASONS:
             continue
         result.append(Transition(str(condition["type"]), str(condition["status"]), str(condition["reason"]),
                                  str(condition.get("message") or ""), warning))

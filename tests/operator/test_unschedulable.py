@@ -120,6 +120,9 @@ def test_the_operator_shows_a_gpu_wait_while_the_app_deploys(cluster: Cluster, g
         cluster.set_app_status("md-ml-h", "DEPLOYING")
         wait_for(lambda: cluster.condition("h", "Ready").get("reason") == "WaitingForGpu", what="the wait shown")
         assert "held by ml/other" in cluster.condition("h", "Ready")["message"]
+        events = [e for e in cluster.emu.list_sync(cluster.emu.rtype("", "v1", "events"))
+                  if e["involvedObject"]["name"] == "h" and e["reason"] == "ReadyWaitingForGpu"]
+        assert events and events[0]["type"] == "Normal" and "held by ml/other" in events[0]["message"]
         gateway.gpu_wait("ml/h", None)  # the share came free: the replica loads, then runs
         wait_for(lambda: cluster.condition("h", "Ready").get("reason") == "ApplicationDeploying",
                  what="the wait over (polled while deploying)")
