@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from model_runtime.sandbox import work_bounds
 from model_runtime.sandbox.errors import ModelTampering
 
 # aten ops (by overload packet name) that return memory nobody has written yet.
@@ -165,6 +166,7 @@ def guard_also(tensors: Iterable[torch.Tensor]) -> None:
 
 
 _ACTIVE = threading.local()  # this thread's entered WriteGuards, innermost last
+_BOUND = work_bounds.BOUND  # this thread's request budget (the Python guard's)
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class _OpRule:
     training: tuple[int, str] | None  # the flag that turns those updates on
     allocates: bool  # returns uninitialised memory
     grows: bool  # may grow its first argument's storage
+    cost: int = 0  # how the op is priced (`work_bounds.COSTS`; 0: not priced)
 
 
 def op_rule(func: torch._ops.OpOverload) -> _OpRule:
@@ -193,7 +196,8 @@ def op_rule(func: torch._ops.OpOverload) -> _OpRule:
         and not any(part in name for part in STATS_READ_ONLY)
     )
     training = next(((i, a.name) for i, a in enumerate(schema.arguments) if a.name in STATS_FLAGS), None)
-    return _OpRule(written, stats, training, name in UNINITIALISED_ALLOCATORS, name in GROWING)
+    return _OpRule(written, stats, training, name in UNINITIALISED_ALLOCATORS, name in GROWING,
+                   work_bounds.COSTS.get(name, 0))
 
 
 def _argument(position: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -228,7 +232,10 @@ class PythonWriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
     Enter it on the thread that runs the request (modes are per thread).
 
     Every op the thread dispatches comes through `__torch_dispatch__`, so its fast path (an op
-    with nothing to check) is one set lookup and the call.
+    with nothing to check) is one set lookup and the call, after the request's stop: while a
+    request's budget is bound (`work_bounds.request_budget`), every op raises the stop once it was
+    set, and the priced ops (`work_bounds.COSTS`) are priced against the time left before they
+    run (views after they are made), with the native kernels' formulas, rates and messages.
     """
 
     @classmethod
@@ -247,16 +254,22 @@ class PythonWriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
+        budget = _BOUND.budget
+        if budget is not None and budget.stopped:
+            work_bounds.raise_stop(budget, func._opname)
         if func in self._plain:
             return func._op(*args, **kwargs) if kwargs else func._op(*args)
-        return self._checked(func, args, kwargs or {})
+        return self._checked(func, args, kwargs or {}, budget)
 
-    def _checked(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _checked(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 budget: work_bounds.Budget | None) -> Any:
         rule = self._rules.get(func)
         if rule is None:
             rule = self._rules[func] = op_rule(func)
-            if not (rule.written or rule.stats or rule.allocates or rule.grows):
+            if not (rule.written or rule.stats or rule.allocates or rule.grows or rule.cost):
                 self._plain.add(func)
+        if rule.cost and budget is not None:
+            work_bounds.check_op(budget, rule.cost, func, args, kwargs)
         if rule.written or rule.stats:
             owns = self.storage.owns
             for tensor in written_tensors(rule, args, kwargs):
@@ -271,6 +284,11 @@ class PythonWriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
             if rule.grows:
                 return self._grow_zeroed(func, args, kwargs)
         result = func(*args, **kwargs)
+        if rule.cost == work_bounds.Cost.VIEW and budget is not None:
+            # set_ / as_strided_: the argument is the view; else what the op returned
+            view = args[0] if rule.written and args else result
+            for made in view if isinstance(view, (list, tuple)) else (view,):
+                work_bounds.check_view(budget, func._opname, made)
         if rule.allocates and isinstance(result, torch.Tensor):
             self.counters.zeroed += 1
             result.zero_()
@@ -297,12 +315,14 @@ _fallback_logged = False
 
 def prepare() -> bool:
     """Load and install the native kernels now (a replica at start-up, so its first request does
-    not pay for it); True when requests will run under them, else the fallback is logged."""
+    not pay for it); True when requests will run under them, else the fallback is logged and the
+    rates it prices ops at are measured."""
     from model_runtime.sandbox import native_guard
 
     if native_guard.load() is not None:
         return True
     _log_fallback(native_guard.failure())
+    work_bounds.measure_rates()
     return False
 
 

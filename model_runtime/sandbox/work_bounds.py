@@ -96,9 +96,14 @@ _FAMILIES: dict[Cost, tuple[str, ...]] = {
         "mkldnn_max_pool3d", "quantized_max_pool1d", "quantized_max_pool2d", "quantized_max_pool3d",
     ),
     Cost.VIEW: ("expand", "as_strided", "as_strided_", "unfold", "set_", "_reshape_alias"),
-    Cost.PAIRWISE: ("_cdist_forward",),
+    Cost.PAIRWISE: ("_cdist_forward", "_euclidean_dist"),
     Cost.CHAIN: ("linalg_multi_dot", "chain_matmul"),
-    Cost.RECURRENT: ("lstm", "gru", "rnn_tanh", "rnn_relu", "mkldnn_rnn", "_cudnn_rnn", "miopen_rnn"),
+    # `mkldnn_rnn_layer` (one layer of a CPU LSTM over its whole sequence) and `_euclidean_dist`
+    # (`cdist`'s product path) are what the Python fallback guard sees of `lstm` and `cdist`: their
+    # kernels' own aten calls run below its dispatch mode.
+    Cost.RECURRENT: (
+        "lstm", "gru", "rnn_tanh", "rnn_relu", "mkldnn_rnn", "mkldnn_rnn_layer", "_cudnn_rnn", "miopen_rnn",
+    ),
     # Selection (kthvalue, median) is linear on average: priced as a sort, an upper bound.
     # `unique_consecutive` and `searchsorted` are linear (or m log n) in memory: not priced.
     Cost.NLOGN: (
@@ -194,18 +199,309 @@ def install(native: Any) -> None:
 def request_budget(stop: StopSignal) -> Iterator[Any]:
     """Bind the budget of the request whose stop is `stop` to this thread for the block: until
     the point its stop is forced (`stop.forced_at`), and stopped when `stop` fires. Nothing is
-    bound for a task without a time limit, or when the native guard is unavailable (the Python
-    dispatch mode neither stops nor prices ops)."""
+    bound for a task without a time limit. The native guard's kernels read a `native.Budget`;
+    when the native guard is unavailable, the Python dispatch mode reads a `Budget` (same rules,
+    `check_op`)."""
     from model_runtime.sandbox import native_guard
 
-    native = native_guard.load() if stop.forced_at != float("inf") else None
-    if native is None or stop.cancel not in STOP_TYPES:
+    if stop.forced_at == float("inf") or stop.cancel not in STOP_TYPES:
         yield None
         return
-    budget = native.Budget(stop.forced_at - time.monotonic(), STOP_TYPES.index(stop.cancel))
-    stop.also_stop(budget.stop)
-    previous = native.bind_budget(budget)
+    native = native_guard.load()
+    if native is None:
+        measure_rates()  # before the budget is bound: the measurement's own ops are not priced
+        budget = Budget(stop.forced_at - time.monotonic(), stop.cancel)
+        stop.also_stop(budget.stop)
+        previous, BOUND.budget = BOUND.budget, budget
+        try:
+            yield budget
+        finally:
+            BOUND.budget = previous
+        return
+    native_budget = native.Budget(stop.forced_at - time.monotonic(), STOP_TYPES.index(stop.cancel))
+    stop.also_stop(native_budget.stop)
+    previous_native = native.bind_budget(native_budget)
     try:
-        yield budget
+        yield native_budget
     finally:
-        native.bind_budget(previous)
+        native.bind_budget(previous_native)
+
+
+# --- the same bounds for the Python fallback guard (`dispatch_guard.PythonWriteGuard`) ----------
+#
+# The same table (`COSTS`), formulas, rates and messages as `native/work_bounds.h`, applied by the
+# dispatch mode to the ops it sees: below autograd, after composite decomposition. A composite op
+# is priced through the ops it decomposes into (`lstm` through `mkldnn_rnn_layer`, `einsum` through
+# `bmm`); what a composite op does in C++ between aten calls is not seen (`linalg_multi_dot`'s
+# order search), nor are the ops kernels call below the mode.
+
+
+class Budget:
+    """A request's budget as the Python fallback guard reads it (the native guard's is
+    `native.Budget`): the point past which no op may be expected to run, and its stop."""
+
+    __slots__ = ("cancel", "limit_at", "stopped")
+
+    def __init__(self, seconds_left: float, cancel: type[BaseException]) -> None:
+        self.limit_at = time.monotonic() + seconds_left
+        self.cancel = cancel
+        self.stopped = False
+
+    def stop(self) -> None:
+        """The request's stop: every op its thread dispatches raises from now on."""
+        self.stopped = True
+
+    def seconds_left(self) -> float:
+        return self.limit_at - time.monotonic()
+
+
+class _Bound(threading.local):
+    budget: Budget | None = None  # the request's budget on this thread (Python fallback guard)
+
+
+BOUND = _Bound()
+# (stops raised, ops over budget) by the Python fallback guard since the process started.
+PYTHON_COUNTERS = [0, 0]
+STEP_FLOPS = 1e5  # a recurrent step's fixed cost in float-op equivalents (`kStepFlops`)
+_NAME_OF_DTYPE: dict[Any, str] = {}
+
+
+def raise_stop(budget: Budget, op: str) -> None:
+    PYTHON_COUNTERS[0] += 1
+    raise budget.cancel(f"the request ran past its time limit and was stopped (at {op})")
+
+
+def check_op(budget: Budget, kind: int, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Before a priced op (not a view) runs under the Python guard: its stop, then its price."""
+    if budget.stopped:
+        raise_stop(budget, func._opname)
+    if kind != Cost.VIEW:
+        values = _Arguments(func, args, kwargs)
+        _check_price(budget, kind, func._opname, cost_of(kind, values), values.placement())
+
+
+def check_view(budget: Budget, op: str, view: Any) -> None:
+    """After a view op: the logical size of what it made, which memory does not bound."""
+    import torch
+
+    if not isinstance(view, torch.Tensor):
+        return
+    elements = float(view.numel())
+    try:
+        memory = view.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        memory = 0  # no plain storage of its own: priced, as the native kernels do
+    if elements * view.element_size() <= memory:
+        return
+    _check_price(budget, Cost.VIEW, op, elements, (view.device.type == "cpu", view.dtype))
+
+
+class _Arguments:
+    """An op call's arguments by schema name, defaults filled in (as the native kernels see them)."""
+
+    __slots__ = ("schema", "values")
+
+    def __init__(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.schema = func._schema
+        self.values = [
+            args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+            for i, a in enumerate(self.schema.arguments)
+        ]
+
+    def get(self, name: str) -> Any:
+        for a, value in zip(self.schema.arguments, self.values, strict=True):
+            if a.name == name:
+                return value
+        return None
+
+    def tensor(self, *names: str) -> Any:
+        import torch
+
+        for name in names:
+            value = self.get(name)
+            if isinstance(value, torch.Tensor):
+                return value
+        return None
+
+    def ints(self, name: str) -> list[int]:
+        value = self.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        return [int(v) for v in value] if isinstance(value, (list, tuple)) else []
+
+    def placement(self) -> tuple[bool, Any]:
+        """The first tensor argument's (is on the CPU, dtype): what the kernel is chosen by."""
+        import torch
+
+        for value in self.values:
+            if isinstance(value, torch.Tensor):
+                return value.device.type == "cpu", value.dtype
+        return True, torch.float32
+
+
+def _at_or(values: list[int], i: int, fallback: int) -> int:
+    return values[min(i, len(values) - 1)] if values else fallback
+
+
+def _window_out(size: int, kernel: int, stride: int, padding: int, dilation: int) -> float:
+    span = dilation * (kernel - 1) + 1
+    room = size + 2 * padding - span
+    return 0.0 if room < 0 else math.floor(room / max(stride, 1)) + 1
+
+
+def cost_of(kind: int, a: _Arguments) -> float:
+    """Floating-point operations (compare steps for NLOGN, elements for CHAIN) the op is about to
+    do; 0 when unknown. The formulas of `work_bounds::cost_of`."""
+    if kind == Cost.MATMUL:
+        left, right = a.tensor("mat1", "batch1", "self"), a.tensor("mat2", "batch2")
+        return 0.0 if left is None or right is None or right.dim() < 1 else 2.0 * left.numel() * right.size(-1)
+    if kind == Cost.CONV:
+        return _conv_cost(a)
+    if kind == Cost.ATTENTION:
+        q, k, v = a.tensor("query", "q"), a.tensor("key", "k"), a.tensor("value", "v")
+        if q is None or k is None or v is None or q.dim() < 2 or k.dim() < 2 or v.dim() < 1:
+            return 0.0
+        rows = q.numel() / max(q.size(-1), 1)
+        keys = max(k.size(-2), k.size(-3) if k.dim() >= 3 else 1)
+        return float(2.0 * rows * keys * (q.size(-1) + v.size(-1)))
+    if kind == Cost.CUBIC:
+        m = a.tensor("self", "A", "input", "LU", "B")
+        return 0.0 if m is None or m.dim() < 2 else float(m.numel()) * min(m.size(-1), m.size(-2))
+    if kind == Cost.POOL:
+        return _pool_cost(a)
+    if kind == Cost.PAIRWISE:
+        x1, x2 = a.tensor("x1"), a.tensor("x2")
+        return 0.0 if x1 is None or x2 is None or x2.dim() < 2 else 2.0 * x1.numel() * x2.size(-2)
+    if kind == Cost.CHAIN:
+        tensors = a.get("tensors")
+        return float(len(tensors)) ** 3 if isinstance(tensors, (list, tuple)) else 0.0
+    if kind == Cost.RECURRENT:
+        return _recurrent_cost(a)
+    if kind == Cost.NLOGN:
+        return _nlogn_cost(a)
+    return 0.0
+
+
+def _conv_cost(a: _Arguments) -> float:
+    x, weight = a.tensor("input", "self"), a.tensor("weight")
+    if x is None or weight is None or weight.dim() < 3 or x.dim() < weight.dim() - 1:
+        return 0.0
+    spatial = weight.dim() - 2
+    transposed = a.get("transposed") is True or "transpose" in a.schema.name
+    sizes = list(x.shape)
+    first = len(sizes) - spatial
+    batch = math.prod(sizes[:first]) / max(sizes[first - 1], 1)
+    if transposed:
+        positions = float(math.prod(sizes[first:]))
+    else:
+        stride, padding, dilation = a.ints("stride"), a.ints("padding"), a.ints("dilation")
+        positions = 1.0
+        for i in range(spatial):
+            positions *= _window_out(sizes[first + i], weight.size(2 + i), _at_or(stride, i, 1),
+                                     _at_or(padding, i, 0), _at_or(dilation, i, 1))
+    return float(2.0 * batch * positions * weight.numel())
+
+
+def _pool_cost(a: _Arguments) -> float:
+    x, kernel = a.tensor("self", "input"), a.ints("kernel_size")
+    if x is None or not kernel:
+        return 0.0
+    spatial = min(len(kernel), x.dim())
+    sizes = list(x.shape)
+    first = len(sizes) - spatial
+    stride, padding, dilation = a.ints("stride"), a.ints("padding"), a.ints("dilation")
+    positions = float(math.prod(sizes[:first]))
+    for i in range(spatial):
+        k = _at_or(kernel, i, 1)
+        positions *= _window_out(sizes[first + i], k, _at_or(stride, i, k), _at_or(padding, i, 0),
+                                 _at_or(dilation, i, 1)) * k
+    return positions
+
+
+def _recurrent_cost(a: _Arguments) -> float:
+    import torch
+
+    x = a.tensor("input", "data")
+    if x is None or x.dim() < 1:
+        return 0.0
+    weights = 0.0
+    for argument, value in zip(a.schema.arguments, a.values, strict=True):
+        if isinstance(value, (list, tuple)):
+            weights += sum(t.numel() for t in value if isinstance(t, torch.Tensor))
+        elif isinstance(value, torch.Tensor) and argument.name.startswith("weight"):
+            weights += value.numel()
+    rows = x.numel() / max(x.size(-1), 1)
+    return float(rows * (2.0 * weights + STEP_FLOPS))
+
+
+def _nlogn_cost(a: _Arguments) -> float:
+    t = a.tensor("self", "input")
+    if t is None or t.numel() < 2:
+        return 0.0
+    numel = float(t.numel())
+    rank = t.dim()
+
+    def length(d: int) -> float:
+        d = d + rank if d < 0 else d
+        return float(t.size(d)) if 0 <= d < rank else numel
+
+    n = numel
+    dim = a.get("dim")
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        n = length(dim)
+    elif isinstance(dim, (list, tuple)) and dim:
+        n = min(math.prod(length(int(d)) for d in dim), numel)
+    return numel * math.log2(max(n, 2.0))
+
+
+def _check_price(budget: Budget, kind: int, op: str, work: float, where: tuple[bool, Any]) -> None:
+    from model_runtime.sandbox.errors import LimitExceeded
+
+    refusal = over_budget(budget.limit_at - time.monotonic(), measure_rates(), kind, op, work, where)
+    if refusal:
+        PYTHON_COUNTERS[1] += 1
+        raise LimitExceeded(refusal)
+
+
+def over_budget(left: float, rates: dict[str, Any], kind: int, op: str, work: float,
+                where: tuple[bool, Any]) -> str:
+    """The refusal's text when `work` cannot finish in the `left` seconds; empty if it can (the
+    text of `work_bounds::over_budget`)."""
+    if work <= 0:
+        return ""
+    cpu, dtype = where
+    elements = kind in (Cost.VIEW, Cost.CHAIN)
+    steps = kind == Cost.NLOGN
+    if steps:
+        rate = rates["cpu_steps"] if cpu else rates["device_steps"]
+    elif elements:
+        rate = rates["cpu_elements"] if cpu else rates["device_elements"]
+    elif cpu:  # the measured rate of this dtype; the slowest measured for the others
+        by_dtype = rates["cpu_flops"]
+        rate = by_dtype.get(_dtype_name(dtype)) or min(by_dtype.values())
+    else:
+        rate = rates["device_flops"]
+    if rate <= 0:
+        return ""
+    left = max(0.0, left)
+    if work <= rate * left:
+        return ""
+    if steps:
+        return (f"{op} needs ~{work / 1e9:.1f} G n log n steps, more than the {left:.1f} s this request has left "
+                f"allow at this replica's ~{rate / 1e9:.2f} G steps/s; sort or transform fewer elements (e.g. a "
+                "slice, or topk with a smaller input)")
+    if elements:
+        return (f"{op} makes a view of ~{work / 1e9:.1f} G elements over far less memory; reading it needs more "
+                f"than the {left:.1f} s this request has left at this replica's ~{rate / 1e9:.1f} G elements/s "
+                "(materialise a smaller tensor instead)")
+    return (f"{op} needs ~{work / 1e9:.1f} GFLOP, more than the {left:.1f} s this request has left allow at this "
+            f"replica's ~{rate / 1e9:.1f} GFLOP/s; use smaller operands")
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if not _NAME_OF_DTYPE:
+        import torch
+
+        _NAME_OF_DTYPE.update({getattr(torch, name): _scalar_type_name(getattr(torch, name))
+                               for name in _MEASURED_DTYPES})
+    return _NAME_OF_DTYPE.get(dtype)
