@@ -22,6 +22,10 @@ will run. Two rules:
   tensor `resize_` grows into) comes back zeroed: freed memory can hold an earlier request's
   activations.
 
+While a request's budget is bound (`work_bounds.request_budget`), the Python mode also raises the
+request's stop at every op once it was set and prices the heavy op families (`work_bounds.COSTS`)
+against the time left, as the native kernels do (`work_bounds.py` says what it cannot see).
+
 The name lists in the restricted compiler and the capability proxies stay as early, friendlier
 errors; this guard holds without them. What it cannot see: writes that do not go through the
 dispatcher (a raw pointer handed to native code: numpy views, DLPack, storage-level C calls

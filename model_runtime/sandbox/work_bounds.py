@@ -1,11 +1,12 @@
-"""Bounds on the work one torch op may do in a request, enforced by the native guard's kernels.
+"""Bounds on the work one torch op may do in a request, enforced by the write guard.
 
     with request_budget(current_stop()):   # on the request thread, inside its task
         ...
 
 A thread inside one long kernel runs no Python: neither the request's cooperative stop nor the
 asynchronous exception reaches it, and after the grace period the replica would count as wedged
-and be replaced. So, while a request runs (native guard only, `native/work_bounds.h`):
+and be replaced. So, while a request runs (the native guard's kernels, `native/work_bounds.h`;
+the Python fallback guard applies the same table, formulas, rates and messages, below):
 
 * **The stop reaches C++.** The request's stop also sets its budget's flag; every kernel of the
   guard's key (the ~1,500 writing or allocating ops and the priced ones below) raises
@@ -30,6 +31,18 @@ and be replaced. So, while a request runs (native guard only, `native/work_bound
 
 The ops that fall through the guard's key today stay kernel-free (no cost): only the families in
 `COSTS` gain a kernel.
+
+When the native guard is unavailable, requests run under `dispatch_guard.PythonWriteGuard` (a
+dispatch mode) and `request_budget` binds a Python `Budget` instead: every op the mode sees raises
+the stop once it was set (same message), and the ops named in `COSTS` are priced by `check_op` /
+`check_view` with the same formulas and rates (same `LimitExceeded` text). The mode sees ops below
+autograd, after composite decomposition, and not the aten calls kernels make: a composite op is
+priced through what it decomposes into (`einsum` through `bmm`), `lstm` and `cdist` through the
+kernels they reach (`mkldnn_rnn_layer`, `_euclidean_dist`, both in `COSTS`), and a loop of aten
+calls in C++ ends at its next call. What it cannot see is C++ work between aten calls of a
+composite op or inside a kernel it sees whole: `linalg_multi_dot`'s order search (cubic in the
+number of operands), and unpriced kernels that call products internally (`_trilinear` of
+`bilinear`, `_transformer_encoder_layer_fwd`); such a call ends only when it returns.
 """
 
 from __future__ import annotations
