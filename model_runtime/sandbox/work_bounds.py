@@ -56,7 +56,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from model_runtime.replica.request_thread import StopSignal
-from model_runtime.sandbox.errors import RequestTimeout
+from model_runtime.sandbox.errors import LimitExceeded, RequestTimeout
 
 # What a request's stop raises: the sandbox worker's cancel, the runtime's request threads' cancel.
 STOP_TYPES: tuple[type[BaseException], ...] = (RequestTimeout, SystemExit)
@@ -289,6 +289,11 @@ def check_op(budget: Budget, kind: int, func: Any, args: tuple[Any, ...], kwargs
     if budget.stopped:
         raise_stop(budget, func._opname)
     if kind != Cost.VIEW:
+        global _TENSOR
+        if _TENSOR is None:
+            import torch
+
+            _TENSOR = torch.Tensor
         values = _Arguments(func, args, kwargs)
         _check_price(budget, kind, func._opname, cost_of(kind, values), values.placement())
 
@@ -312,27 +317,28 @@ def check_view(budget: Budget, op: str, view: Any) -> None:
 class _Arguments:
     """An op call's arguments by schema name, defaults filled in (as the native kernels see them)."""
 
-    __slots__ = ("schema", "values")
+    __slots__ = ("args", "kwargs", "names", "schema")
 
     def __init__(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.schema = func._schema
-        self.values = [
-            args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
-            for i, a in enumerate(self.schema.arguments)
-        ]
+        self.args = args
+        self.kwargs = kwargs
+        names = _NAMES.get(func)
+        if names is None:
+            names = _NAMES[func] = {a.name: (i, a.default_value) for i, a in enumerate(self.schema.arguments)}
+        self.names = names
 
     def get(self, name: str) -> Any:
-        for a, value in zip(self.schema.arguments, self.values, strict=True):
-            if a.name == name:
-                return value
-        return None
+        entry = self.names.get(name)
+        if entry is None:
+            return None
+        i, default = entry
+        return self.args[i] if i < len(self.args) else self.kwargs.get(name, default)
 
     def tensor(self, *names: str) -> Any:
-        import torch
-
         for name in names:
             value = self.get(name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, _TENSOR):
                 return value
         return None
 
@@ -342,14 +348,21 @@ class _Arguments:
             return [value]
         return [int(v) for v in value] if isinstance(value, (list, tuple)) else []
 
+    def values(self) -> list[Any]:
+        return [self.get(a.name) for a in self.schema.arguments]
+
     def placement(self) -> tuple[bool, Any]:
         """The first tensor argument's (is on the CPU, dtype): what the kernel is chosen by."""
         import torch
 
-        for value in self.values:
+        for value in (*self.args, *self.kwargs.values()):
             if isinstance(value, torch.Tensor):
                 return value.device.type == "cpu", value.dtype
         return True, torch.float32
+
+
+_NAMES: dict[Any, dict[str, tuple[int, Any]]] = {}  # per op: argument name -> (position, default)
+_TENSOR: Any = None  # torch.Tensor, once the Python guard prices its first op
 
 
 def _at_or(values: list[int], i: int, fallback: int) -> int:
@@ -438,7 +451,7 @@ def _recurrent_cost(a: _Arguments) -> float:
     if x is None or x.dim() < 1:
         return 0.0
     weights = 0.0
-    for argument, value in zip(a.schema.arguments, a.values, strict=True):
+    for argument, value in zip(a.schema.arguments, a.values(), strict=True):
         if isinstance(value, (list, tuple)):
             weights += sum(t.numel() for t in value if isinstance(t, torch.Tensor))
         elif isinstance(value, torch.Tensor) and argument.name.startswith("weight"):
@@ -468,9 +481,7 @@ def _nlogn_cost(a: _Arguments) -> float:
 
 
 def _check_price(budget: Budget, kind: int, op: str, work: float, where: tuple[bool, Any]) -> None:
-    from model_runtime.sandbox.errors import LimitExceeded
-
-    refusal = over_budget(budget.limit_at - time.monotonic(), measure_rates(), kind, op, work, where)
+    refusal = over_budget(budget.limit_at - time.monotonic(), _rates or measure_rates(), kind, op, work, where)
     if refusal:
         PYTHON_COUNTERS[1] += 1
         raise LimitExceeded(refusal)

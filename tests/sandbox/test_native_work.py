@@ -29,6 +29,7 @@ SHORT = Limits(timeout_s=0.5, grace_s=4.0, memory_bytes=2 * 1024**3, max_result_
 # the `mm`s after its order search (O(n**3) in the number of operands, in C++); the native guard's
 # key sits above the decomposition and prices it. Not run under the Python guard (it would wedge).
 PYTHON_GUARD_BLIND = {"multi_dot_order_search": "linalg_multi_dot's order search runs in C++ above the dispatch mode"}
+PYTHON_GUARD_SLOW = frozenset({"gru_long_sequence"})
 
 
 @pytest.fixture(params=["native", "python"])
@@ -56,8 +57,14 @@ def test_one_long_c_call_ends_or_is_refused(attack: Any, guard: str, models: tup
         attack(client, be)
     outcome = be.outcome
     assert not outcome.wedged, outcome.meta
-    if attack.__name__ in native_work.ENDS_AT_STOP:
-        assert outcome.timed_out and outcome.meta["stop"] == "cooperative", outcome.meta
+    # Under the Python guard the GRU's `unbind` of its input into 10**6 step tensors is one op
+    # that wraps each output for the dispatch mode (seconds in one call): the stop it raises at the
+    # next op may come after the forced stop (grace/2), which ends it there; in some runs the GRU
+    # is refused up front by its price instead (the branch below).
+    slow = guard == "python" and attack.__name__ in PYTHON_GUARD_SLOW
+    if attack.__name__ in native_work.ENDS_AT_STOP and (outcome.timed_out or not slow):
+        stops = ("cooperative", "forced") if slow else ("cooperative",)
+        assert outcome.timed_out and outcome.meta["stop"] in stops, outcome.meta
     elif not outcome.timed_out:  # refused before the long call, with the bound it is over
         assert any(word in str(info.value) for word in ("bits", "GFLOP", "elements", "quadratic", "n log n")), \
             info.value
@@ -269,17 +276,17 @@ def test_both_guards_refuse_each_family_with_the_same_price(monkeypatch: pytest.
     native key sees an op above the one the dispatch mode sees: `max_pool1d` above
     `max_pool2d_with_indices`, the `as_strided` that `expand` calls, the `mm` of `cdist`'s kernel)."""
     calls = {
-        "matmul": lambda: torch.ones(4000, 4000) @ torch.ones(4000, 4000),
+        "matmul": lambda: torch.ones(4000, 4000) @ torch.ones(4000, 8000),
         "conv": lambda: torch.nn.functional.conv1d(torch.ones(1, 1, 2**22), torch.ones(1, 1, 2**21)),
         "attention": lambda: torch.nn.functional.scaled_dot_product_attention(
-            *(torch.ones(1, 1, 20000, 64) for _ in range(3))),
-        "cubic": lambda: torch.linalg.eigh(torch.eye(4000, dtype=torch.float64)),
+            *(torch.ones(1, 1, 40000, 64) for _ in range(3))),
+        "cubic": lambda: torch.linalg.eigh(torch.eye(6000, dtype=torch.float64)),
         "pool": lambda: torch.nn.functional.max_pool1d(torch.ones(1, 1, 2**24), 2**23, 1),
         "pairwise": lambda: torch.cdist(torch.ones(40000, 100), torch.ones(40000, 100)),
         "view": lambda: torch.ones(1).expand(10**6, 10**6),
-        "sort": lambda: torch.rand(2**24).sort(dim=0),
-        "fft": lambda: torch.fft.fft(torch.rand(2**24 - 3)),
-        "recurrent": lambda: torch.nn.LSTM(256, 256)(torch.zeros(10**5, 1, 256)),
+        "sort": lambda: torch.rand(2**25).sort(dim=0),
+        "fft": lambda: torch.fft.fft(torch.rand(2**25 - 3)),
+        "recurrent": lambda: torch.nn.LSTM(256, 256)(torch.zeros(2 * 10**5, 1, 256)),
     }
     refusals: dict[str, dict[str, str]] = {"native": {}, "python": {}}
     for guard, seen in refusals.items():
@@ -295,7 +302,7 @@ def test_both_guards_refuse_each_family_with_the_same_price(monkeypatch: pytest.
             with monkeypatch.context() as patch:
                 if guard == "python":
                     patch.setattr(native_guard, "load", lambda: None)
-                _guarded_on_a_request_thread(body, timeout_s=1.0, guard=guard)
+                _guarded_on_a_request_thread(body, timeout_s=2.5, guard=guard)
     assert list(refusals["python"]) == list(calls) and "ran" not in refusals["python"].values(), refusals
     # Priced at different ops, within 3%: the native guard prices `lstm` above its decomposition
     # (its initial states counted as weights), the Python one the layer it runs; the native one
