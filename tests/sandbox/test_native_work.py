@@ -270,6 +270,28 @@ def test_n_log_n_ops_of_ordinary_sizes_run_and_huge_ones_are_refused(guard: str)
     assert seen and "n log n" in seen[0] and "sort" in seen[0], seen
 
 
+def _refused_so_far(guard: str) -> int:
+    if guard == "python":
+        return work_bounds.PYTHON_COUNTERS[1]
+    native = native_guard.loaded()
+    assert native is not None
+    return int(native.budget_counters()[1])
+
+
+def test_a_forward_at_the_deployment_limits_is_not_refused(guard: str, models: tuple[Any, Any],
+                                                           backend: Any) -> None:
+    """The tiny model at maxBatchSize x maxSequenceLength (the defaults: 8 x 2048) under a short
+    timeout: every op is priced, none refused (under either guard)."""
+    client, _ = models
+    limits = Limits(timeout_s=3.0, grace_s=2.0, memory_bytes=4 * 1024**3, max_result_bytes=4 * 1024**2)
+    ids = torch.ones(limits.max_batch_size, limits.max_sequence_length, dtype=torch.long)
+    refused_before = _refused_so_far(guard)
+    with client.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, backend=backend(limits=limits)):
+        last = client.lm_head.output[:, -1, :2].clone().save()
+    assert last.shape == (limits.max_batch_size, 2)
+    assert _refused_so_far(guard) == refused_before
+
+
 def test_both_guards_refuse_each_family_with_the_same_price(monkeypatch: pytest.MonkeyPatch) -> None:
     """One over-budget call per family, each in its own request, under each guard: the same
     refusal, naming the same size and rate (the seconds left differ, and the op named where the
