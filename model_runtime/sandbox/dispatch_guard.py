@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._C import _dispatch_has_kernel_for_dispatch_key
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model_runtime.sandbox import work_bounds
@@ -254,6 +255,7 @@ class PythonWriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.counters = GuardCounters()
         self._rules: dict[Any, _OpRule] = {}
         self._plain: set[Any] = set()  # ops with nothing to check
+        self._composite: set[Any] = set()  # ops seen whole that have a composite decomposition
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -270,7 +272,9 @@ class PythonWriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
         rule = self._rules.get(func)
         if rule is None:
             rule = self._rules[func] = op_rule(func)
-            if not (rule.written or rule.stats or rule.allocates or rule.grows or rule.cost):
+            if _dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+                self._composite.add(func)
+            elif not (rule.written or rule.stats or rule.allocates or rule.grows or rule.cost):
                 self._plain.add(func)
         if rule.cost and budget is not None:
             work_bounds.check_op(budget, rule.cost, func, args, kwargs)
@@ -287,7 +291,14 @@ class PythonWriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]
                     )
             if rule.grows:
                 return self._grow_zeroed(func, args, kwargs)
-        result = func(*args, **kwargs)
+        if func in self._composite:
+            # Seen before its decomposition (inference mode, inference tensors: no autograd key to
+            # decompose it above this mode): decomposed here, under this mode, so the ops it is
+            # made of are checked, priced and stopped as they are everywhere else.
+            with self:
+                result = func.decompose(*args, **kwargs)
+        else:
+            result = func(*args, **kwargs)
         if rule.cost == work_bounds.Cost.VIEW and budget is not None:
             # set_ / as_strided_: the argument is the view; else what the op returned
             view = args[0] if rule.written and args else result

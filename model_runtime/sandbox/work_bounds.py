@@ -36,11 +36,13 @@ When the native guard is unavailable, requests run under `dispatch_guard.PythonW
 dispatch mode) and `request_budget` binds a Python `Budget` instead: every op the mode sees raises
 the stop once it was set (same message), and the ops named in `COSTS` are priced by `check_op` /
 `check_view` with the same formulas and rates (same `LimitExceeded` text). The mode sees ops below
-autograd, after composite decomposition, and not the aten calls kernels make: a composite op is
-priced through what it decomposes into (`einsum` through `bmm`), `lstm` and `cdist` through the
-kernels they reach (`mkldnn_rnn_layer`, `_euclidean_dist`, both in `COSTS`), and a loop of aten
-calls in C++ ends at its next call. What it cannot see is C++ work between aten calls of a
-composite op or inside a kernel it sees whole: `linalg_multi_dot`'s order search (cubic in the
+autograd, after composite decomposition (it decomposes a composite op that reaches it whole, in
+inference mode), and not the aten calls kernels make: a composite op is priced through what it
+decomposes into (`einsum` through `bmm`), `lstm`, `cdist` and `MultiheadAttention`'s fast path
+through the kernels they reach (`mkldnn_rnn_layer`, `_euclidean_dist`,
+`_native_multi_head_attention`, in `COSTS`), and a loop of aten calls in C++ ends at its next
+call. What it cannot see is C++ work between aten calls of a composite op or inside a kernel it
+sees whole: `linalg_multi_dot`'s order search (cubic in the
 number of operands), and unpriced kernels that call products internally (`_trilinear` of
 `bilinear`, `_transformer_encoder_layer_fwd`); such a call ends only when it returns.
 """
@@ -94,7 +96,7 @@ _FAMILIES: dict[Cost, tuple[str, ...]] = {
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward",
-        "_efficient_attention_forward",
+        "_efficient_attention_forward", "_native_multi_head_attention",
     ),
     Cost.CUBIC: (
         "_linalg_eigh", "linalg_eig", "_linalg_eigvals", "linalg_eigvals", "_linalg_svd", "linalg_qr",
@@ -111,9 +113,10 @@ _FAMILIES: dict[Cost, tuple[str, ...]] = {
     Cost.VIEW: ("expand", "as_strided", "as_strided_", "unfold", "set_", "_reshape_alias"),
     Cost.PAIRWISE: ("_cdist_forward", "_euclidean_dist"),
     Cost.CHAIN: ("linalg_multi_dot", "chain_matmul"),
-    # `mkldnn_rnn_layer` (one layer of a CPU LSTM over its whole sequence) and `_euclidean_dist`
-    # (`cdist`'s product path) are what the Python fallback guard sees of `lstm` and `cdist`: their
-    # kernels' own aten calls run below its dispatch mode.
+    # `mkldnn_rnn_layer` (one layer of a CPU LSTM over its whole sequence), `_euclidean_dist`
+    # (`cdist`'s product path) and `_native_multi_head_attention` (`MultiheadAttention`'s inference
+    # fast path; its projections are not counted) are what the Python fallback guard sees of
+    # `lstm`, `cdist` and attention: their kernels' own aten calls run below its dispatch mode.
     Cost.RECURRENT: (
         "lstm", "gru", "rnn_tanh", "rnn_relu", "mkldnn_rnn", "mkldnn_rnn_layer", "_cudnn_rnn", "miopen_rnn",
     ),

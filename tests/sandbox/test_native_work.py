@@ -273,6 +273,32 @@ def test_n_log_n_ops_of_ordinary_sizes_run_and_huge_ones_are_refused(guard: str)
     assert seen and "n log n" in seen[0] and "sort" in seen[0], seen
 
 
+def test_inference_mode_hides_no_op_from_the_guard(guard: str) -> None:
+    """In inference mode (and on inference tensors) composite ops (`matmul`, `linear`,
+    `scaled_dot_product_attention`) reach a dispatch mode before their decomposition; the Python
+    guard decomposes them under itself, so their products are priced as under the native guard."""
+    attention = torch.nn.MultiheadAttention(256, 1, batch_first=True).eval()
+    short, long = torch.ones(1, 64, 256), torch.ones(1, 2**14, 256)
+    big = torch.ones(6000, 6000)  # a product: ~430 GFLOP
+    seen: list[str] = []
+
+    def body() -> None:
+        with torch.inference_mode():
+            attention(short, short, short, need_weights=False)
+            torch.nn.functional.linear(short, big[:256, :256])
+            for call in (lambda: attention(long, long, long, need_weights=False), lambda: big @ big,
+                         lambda: torch.nn.functional.linear(big, big)):
+                try:
+                    call()
+                    seen.append("ran")
+                except LimitExceeded as exc:
+                    seen.append(str(exc).split(" ", 2)[1])
+
+    _guarded_on_a_request_thread(body, timeout_s=2.5, guard=guard)
+    assert seen == ["_scaled_dot_product_flash_attention_for_cpu", "mm", "addmm"] or \
+        seen == ["_scaled_dot_product_flash_attention_for_cpu", "mm", "mm"], seen
+
+
 def _refused_so_far(guard: str) -> int:
     if guard == "python":
         return work_bounds.PYTHON_COUNTERS[1]
