@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 from operator_harness import Cluster, FakeGateway, OperatorThread, model_deployment, ray_service, wait_for
 
@@ -120,9 +121,15 @@ def test_the_operator_shows_a_gpu_wait_while_the_app_deploys(cluster: Cluster, g
         cluster.set_app_status("md-ml-h", "DEPLOYING")
         wait_for(lambda: cluster.condition("h", "Ready").get("reason") == "WaitingForGpu", what="the wait shown")
         assert "held by ml/other" in cluster.condition("h", "Ready")["message"]
-        events = [e for e in cluster.emu.list_sync(cluster.emu.rtype("", "v1", "events"))
-                  if e["involvedObject"]["name"] == "h" and e["reason"] == "ReadyWaitingForGpu"]
-        assert events and events[0]["type"] == "Normal" and "held by ml/other" in events[0]["message"]
+
+        def wait_events() -> list[dict[str, Any]]:
+            return [e for e in cluster.emu.list_sync(cluster.emu.rtype("", "v1", "events"))
+                    if e["involvedObject"]["name"] == "h" and e["reason"] == "ReadyWaitingForGpu"]
+
+        # Kopf posts events from its own queue, after the status patch: wait for it to arrive.
+        wait_for(lambda: bool(wait_events()), what="the ReadyWaitingForGpu event")
+        events = wait_events()
+        assert events[0]["type"] == "Normal" and "held by ml/other" in events[0]["message"]
         gateway.gpu_wait("ml/h", None)  # the share came free: the replica loads, then runs
         wait_for(lambda: cluster.condition("h", "Ready").get("reason") == "ApplicationDeploying",
                  what="the wait over (polled while deploying)")
