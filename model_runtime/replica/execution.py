@@ -32,7 +32,6 @@ replica reports itself unhealthy so that Serve replaces it.
 from __future__ import annotations
 
 import contextlib
-import io
 import linecache
 import sys
 import threading
@@ -47,6 +46,7 @@ from pydantic import BaseModel, ConfigDict
 from model_runtime.bounds import MAX_LOG_BYTES, CappedLog, bounded
 from model_runtime.replica.garbage import collect_request_garbage
 from model_runtime.replica.request_thread import Outcome, RequestThread, RequestThreadPool
+from model_runtime.replica.saving import saved_bytes
 from model_runtime.settings import RuntimeSettings
 
 _RESULT_ZSTD_LEVEL = 3
@@ -273,12 +273,9 @@ def torch_saved(value: Any) -> bytes:
     the zip one (the client loads results and result frames with plain `torch.load`): no zip
     records to write, and both the save and the client's load are faster for the small results
     most requests return. Pickle protocol 4, as nnsight's own `ResponseModel.pickle()` uses, so
-    that bytes values are written as bytes."""
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(value, buffer, pickle_protocol=4, _use_new_zipfile_serialization=False)
-    return buffer.getvalue()
+    that bytes values are written as bytes. Written by `model_runtime.replica.saving`: the same
+    bytes as `torch.save`, without its per-object Python hook."""
+    return saved_bytes(value)
 
 
 _COMPRESSORS = threading.local()

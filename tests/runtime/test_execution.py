@@ -86,6 +86,48 @@ def test_the_result_frame_is_what_the_client_unpickles(local_model: Any) -> None
     assert torch.equal(loaded["x"], torch.tensor([1.0, 4.0])) and loaded["n"] == 3
 
 
+def _torch_saved(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer, pickle_protocol=4, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+def _saving_cases() -> dict[str, Any]:
+    base = torch.arange(24.0).view(4, 6)
+    complex_values = torch.randn(3, dtype=torch.complex64)
+    return {
+        "views of one storage": {"a": base, "b": base[1:], "c": base.t(), "d": base[:, 2], "again": [base, base]},
+        "dtypes": {"bf16": torch.ones(3, dtype=torch.bfloat16), "c64": complex_values, "bool": torch.tensor([True]),
+                   "i8": torch.zeros(3, dtype=torch.int8), "scalar": torch.tensor(7), "empty": torch.empty(0)},
+        "grad, conj": {"g": torch.ones(2, requires_grad=True), "conj": complex_values.conj()},
+        "neg bit": {"neg": torch.randn(2, dtype=torch.complex64).conj().imag},
+        "plain values": {"l": [1, 2.5, "s", b"b", None, (1, 2), {3: True}], "nested": {"t": [torch.ones(2)]}},
+        "a result frame": {"id": "j", "status": "COMPLETED", "data": b"\x00" * 64, "meta": {"runtime": 0.1}},
+        "quantized": {"q": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.quint8)},
+        "sparse": {"s": torch.eye(3).to_sparse()},
+        # What torch.save's own hook treats specially: written by torch.save itself.
+        "an untyped storage": {"s": torch.ones(3).untyped_storage()},
+        "a module class": {"cls": torch.nn.Linear},
+    }
+
+
+@pytest.mark.parametrize("case", list(_saving_cases()))
+def test_results_are_torch_saves_bytes(case: str) -> None:
+    """The result writer (model_runtime/replica/saving.py) writes exactly torch.save's bytes."""
+    from model_runtime.replica.saving import saved_bytes
+
+    value = _saving_cases()[case]
+    assert saved_bytes(value) == _torch_saved(value)
+
+
+def test_results_refused_by_torch_save_are_refused_alike() -> None:
+    from model_runtime.replica.saving import saved_bytes
+
+    base = torch.arange(4.0)
+    with pytest.raises(RuntimeError, match="different types"):
+        saved_bytes([base, base.view(torch.int32)])
+
+
 @pytest.mark.parametrize("on_loop", [False, True], ids=["blocking", "on_loop"])
 def test_timeout_really_stops_and_next_request_is_correct(local_model: Any, on_loop: bool) -> None:
     spin = Capture()
