@@ -22,6 +22,7 @@ request's thread); nnsight's block caches and `linecache` are restored by the ru
 from __future__ import annotations
 
 import builtins
+import operator
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,7 +171,7 @@ class ProcessState:
     grad_enabled: bool
     inference_mode: bool
     modules_len: int
-    critical_modules: dict[str, Any]
+    critical_modules: list[Any]  # `sys.modules.get` of each of CRITICAL_MODULES, in its order
     builtins_dict: dict[str, Any]
 
     @classmethod
@@ -180,7 +181,7 @@ class ProcessState:
             grad_enabled=torch.is_grad_enabled(),
             inference_mode=torch.is_inference_mode_enabled(),
             modules_len=len(sys.modules),
-            critical_modules={name: sys.modules.get(name) for name in CRITICAL_MODULES},
+            critical_modules=list(map(sys.modules.get, CRITICAL_MODULES)),
             builtins_dict=dict(vars(builtins)),
         )
 
@@ -198,13 +199,15 @@ class ProcessState:
         # the modules the sandbox and the server rely on are checked by identity. New entries
         # are reported, not removed: lazy imports by the server are legitimate, and aliases
         # (`os.path` is `posixpath`) make "not a module under its own name" no test of foul play.
-        for name, module in self.critical_modules.items():
-            if sys.modules.get(name) is not module:
-                changed.append(f"sys.modules[{name!r}]")
-                if module is None:
-                    sys.modules.pop(name, None)
-                else:
-                    sys.modules[name] = module
+        # (Compared at C speed first: the loop runs only when an entry differs.)
+        if not all(map(operator.is_, map(sys.modules.get, CRITICAL_MODULES), self.critical_modules)):
+            for name, module in zip(CRITICAL_MODULES, self.critical_modules, strict=True):
+                if sys.modules.get(name) is not module:
+                    changed.append(f"sys.modules[{name!r}]")
+                    if module is None:
+                        sys.modules.pop(name, None)
+                    else:
+                        sys.modules[name] = module
         if len(sys.modules) != self.modules_len:
             changed.append("sys.modules grew")
         current = vars(builtins)

@@ -196,15 +196,7 @@ class _Built:
         if not self.buildable:
             raise PayloadRejected(f"the payload tries to modify a {self.what} with BUILD")
         if self.envoy:
-            # `Envoy.__setstate__` does more than fill in its own `__dict__`: it sets `_parent` on
-            # every object in the state's `_children`. Those must be envoys this load created,
-            # or the stream could write into a server module or an allowlisted class.
-            children = state.get("_children") if type(state) is dict else None
-            if type(children) is not list:
-                raise PayloadRejected(f"the payload's {self.what} state links children it did not create")
-            for child in children:
-                if not (isinstance(child, _Built) and child.envoy):
-                    raise PayloadRejected(f"the payload's {self.what} state links children it did not create")
+            _envoy_setstate(self, state)
 
     def __setitem__(self, _key: Any, _value: Any) -> None:
         if not self.mapping:
@@ -214,11 +206,31 @@ class _Built:
         raise PayloadRejected(f"the payload calls a {self.what} it built")
 
 
+def _envoy_setstate(self: _Built, state: Any) -> None:
+    """BUILD on a fresh envoy. `Envoy.__setstate__` does more than fill in its own `__dict__`: it
+    sets `_parent` on every object in the state's `_children`. Those must be envoys this load
+    created (their stand-ins' classes are the envoy kinds), or the stream could write into a
+    server module or an allowlisted class."""
+    children = state.get("_children") if type(state) is dict else None
+    if type(children) is not list or not _ENVOY_KINDS.issuperset(map(type, children)):
+        raise PayloadRejected(f"the payload's {self.what} state links children it did not create")
+
+
+_ENVOY_KINDS: set[type[_Built]] = set()  # the stand-in classes of envoys (`_built_kind(..., envoy=True)`)
+
+
 @functools.cache
 def _built_kind(what: str, buildable: bool = False, mapping: bool = False, envoy: bool = False) -> type[_Built]:
     """The stand-in class of objects of one kind (calling it makes one)."""
-    namespace = {"__slots__": (), "what": what, "buildable": buildable, "mapping": mapping, "envoy": envoy}
-    return type(f"Built[{what}]", (_Built,), namespace)
+    namespace: dict[str, Any] = {
+        "__slots__": (), "what": what, "buildable": buildable, "mapping": mapping, "envoy": envoy,
+    }
+    if buildable and envoy:  # its BUILD check without the generic one's branches (dozens per load)
+        namespace["__setstate__"] = _envoy_setstate
+    kind = type(f"Built[{what}]", (_Built,), namespace)
+    if envoy:
+        _ENVOY_KINDS.add(kind)
+    return kind
 
 
 class _Function(_ServerObject):
@@ -325,12 +337,16 @@ _STAND_INS: dict[frozenset[str], _ServerStandIns] = {}
 
 def _server_stand_ins(persistent_ids: Iterable[Any]) -> _ServerStandIns:
     # Only exact `str` ids: a pid that is anything else is refused, as the real load refuses it.
-    ids = frozenset(pid for pid in persistent_ids if type(pid) is str)
-    found = _STAND_INS.get(ids)
+    # (Found by the ids as given, in C, when they are all `str`: the usual case.)
+    given = frozenset(persistent_ids)
+    found = _STAND_INS.get(given)
     if found is None:
+        ids = frozenset(pid for pid in given if type(pid) is str)
         if len(_STAND_INS) >= 8:  # a replica serves one model: a bound, not a working set
             _STAND_INS.clear()
-        found = _STAND_INS[ids] = _ServerStandIns({pid: _ServerObject(f"the server's {pid}") for pid in ids})
+        found = _ServerStandIns({pid: _ServerObject(f"the server's {pid}") for pid in ids})
+        if ids == given:
+            _STAND_INS[ids] = found
     return found
 
 
@@ -351,8 +367,20 @@ class _DryRun(pickle.Unpickler):
 # -- pass 2: the real load --------------------------------------------------------------------
 
 
+class _ServerObjects(dict[Any, Any]):
+    """The server's live objects by persistent id; any other id is refused. Its `__getitem__`
+    (dict's own, in C) is the real load's `persistent_load`, as `_ServerStandIns` is the dry run's:
+    the same lookup in both passes, and no Python call per reference."""
+
+    def __missing__(self, pid: Any) -> Any:
+        from nnsight.intervention.serialization import UnknownPersistentIdError
+
+        raise UnknownPersistentIdError(pid)
+
+
 class SandboxUnpickler(pickle.Unpickler):
-    """Allowlisting unpickler; `persistent_load` resolves the server's live objects by id."""
+    """Allowlisting unpickler; its `persistent_load` resolves the server's live objects by id
+    (exact `str` ids only)."""
 
     guards: ClassVar[Guards | None] = None  # set by `bind`; needed for helper functions
 
@@ -364,6 +392,11 @@ class SandboxUnpickler(pickle.Unpickler):
         if guards is not None:
             self.__dict__["guards"] = guards  # per instance; `bind` makes a class for RequestModel.deserialize
         self.persistent_objects = persistent_objects or {}
+        # Through the C unpickler's own attribute (this class defines no `persistent_load` method,
+        # which would take precedence): a dict lookup, in C.
+        self.persistent_load = _ServerObjects(  # type: ignore[method-assign]
+            (pid, obj) for pid, obj in self.persistent_objects.items() if type(pid) is str
+        ).__getitem__
         self._built_functions: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
 
     def load(self) -> Any:
@@ -381,13 +414,6 @@ class SandboxUnpickler(pickle.Unpickler):
     def bind(cls, guards: Guards) -> type[SandboxUnpickler]:
         """A subclass whose shipped functions run under `guards` (one per request)."""
         return type("BoundSandboxUnpickler", (cls,), {"guards": guards})
-
-    def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, str) and pid in self.persistent_objects:
-            return self.persistent_objects[pid]
-        from nnsight.intervention.serialization import UnknownPersistentIdError
-
-        raise UnknownPersistentIdError(pid)
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)

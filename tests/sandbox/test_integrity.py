@@ -191,6 +191,25 @@ def test_identity_columns_are_the_identities() -> None:
     assert [_Identity(*fields) for fields in zip(*columns, strict=True)] == [_Identity.of(t) for t in tensors]
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["numpy-views", "torch-cat"])
+def test_every_sample_set_sees_one_changed_sampled_byte(on_host: bool) -> None:
+    """The fingerprint's two readers (numpy views over host memory; `torch.cat` elsewhere) each
+    see a single changed byte in whichever sample set is drawn."""
+    model = _model()
+    integrity = WeightIntegrity([model])
+    assert integrity._sample_arrays is not None  # host memory: the numpy readers are used
+    arrays = integrity._sample_arrays
+    if not on_host:
+        integrity._sample_arrays = None
+    for chosen, views in enumerate(arrays):
+        assert integrity._fingerprint_matches(chosen)
+        views[-1][0] ^= 0xFF  # one sampled byte of the last storage (no dispatcher, no version)
+        assert not integrity._fingerprint_matches(chosen)
+        views[-1][0] ^= 0xFF
+    integrity.admit()
+    integrity.verify()
+
+
 @pytest.fixture()
 def only_integrity(models: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The dispatch guard off and the Python-level checks blinded: only the integrity check stands."""

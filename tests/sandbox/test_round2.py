@@ -288,6 +288,22 @@ def test_server_state_snapshot_sees_and_restores_each_container_kind() -> None:
         assert state.verify_and_restore() == []
 
 
+def test_server_state_follows_containers_the_server_fills_or_empties_between_requests() -> None:
+    """A capture after the server filled an empty container or emptied a filled one snapshots
+    the new contents: a request's change to either is then seen and undone to them."""
+    envoy = _Envoy()
+    state = ServerState(envoy)
+    envoy.empty_list.append("server's")  # between requests: the server's own change
+    envoy.more.clear()
+    state.capture()
+    assert state.verify_and_restore() == []
+    envoy.empty_list.append(print)  # the request's
+    envoy.more.append(print)
+    assert sorted(state.verify_and_restore()) == ["envoy model.empty_list", "envoy model.more"]
+    assert envoy.empty_list == ["server's"] and envoy.more == []
+    assert state.verify_and_restore() == []
+
+
 def test_edit_is_refused_with_what_to_do_instead(models: tuple[Any, Any], backend: Any) -> None:
     from model_runtime.sandbox import SandboxError
 
