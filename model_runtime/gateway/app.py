@@ -96,6 +96,13 @@ def _evict_host_copies(model_keys: list[str]) -> None:
         log.info("evicted %d host copies of models now COLD: %s", evicted, model_keys)
 
 
+async def _send_frame(websocket: WebSocket, frame: str | bytes) -> None:
+    if isinstance(frame, bytes):
+        await websocket.send_bytes(frame)
+    else:
+        await websocket.send_text(frame)
+
+
 @app.exception_handler(HttpError)
 async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
     if request.url.path.endswith("/request"):
@@ -209,6 +216,9 @@ class NnsightGateway:
         handle = self._handles.get(app_name)
         if handle is None:
             handle = serve.get_app_handle(app_name)
+            # Its router runs on this loop (the one every request and the door run on), not on
+            # Serve's router thread: each call and each streamed event skips two thread hand-offs.
+            handle._init(_run_router_in_separate_loop=False)  # type: ignore[no-untyped-call]
             self._handles[app_name] = handle
         return handle
 
@@ -327,6 +337,7 @@ class NnsightGateway:
         await websocket.accept()
         session_id, queue = self.jobs.open_session()
         await websocket.send_text(json.dumps({"session_id": session_id}))
+        self.jobs.attach(session_id, lambda frame: _send_frame(websocket, frame))
         # Watch for the client going away while we wait for frames to send.
         receiver: asyncio.Task[Any] = asyncio.create_task(websocket.receive())
         getter: asyncio.Task[Any] | None = None
@@ -339,10 +350,8 @@ class NnsightGateway:
                 )
                 if getter in done:
                     frame, getter = getter.result(), None
-                    if isinstance(frame, bytes):
-                        await websocket.send_bytes(frame)
-                    else:
-                        await websocket.send_text(frame)
+                    await _send_frame(websocket, frame)
+                    self.jobs.sent(session_id)
                 if receiver in done:
                     if receiver.result().get("type") == "websocket.disconnect":
                         break
@@ -605,7 +614,7 @@ class NnsightGateway:
         frame = event.get("frame")
         if frame is not None and job.session_id:
             job.latest = _response(job.id, "COMPLETED", "Your job has been completed.", meta=meta)
-            self.jobs.push(job.session_id, frame)
+            await self.jobs.deliver(job.session_id, frame)
             return
         url = await self.results.put(job.id, event["result"], base_url)
         self._record(job, _response(job.id, "COMPLETED", "Your job has been completed.", data=url, meta=meta))

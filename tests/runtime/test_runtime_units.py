@@ -75,6 +75,34 @@ def test_job_ids_are_unguessable_and_sessions_bounded() -> None:
     asyncio.run(scenario())
 
 
+def test_a_result_frame_goes_straight_out_only_behind_nothing() -> None:
+    """`deliver` sends on the websocket at once when the session has nothing queued or being sent;
+    otherwise the frame waits its turn in the queue (frames keep the order they were pushed in)."""
+
+    async def scenario() -> None:
+        store = JobStore()
+        session, queue = store.open_session()
+        sent: list[str | bytes] = []
+
+        async def send(frame: str | bytes) -> None:
+            sent.append(frame)
+
+        await store.deliver(session, b"before attach")  # no websocket loop yet: queued
+        store.attach(session, send)
+        await store.deliver(session, b"behind a queued frame")
+        assert sent == [] and queue.qsize() == 2
+        for _ in range(2):  # the websocket loop sends what was queued
+            await send(queue.get_nowait())
+            store.sent(session)
+        await store.deliver(session, b"result")
+        assert sent == [b"before attach", b"behind a queued frame", b"result"] and queue.empty()
+        store.close_session(session)
+        await store.deliver(session, b"late")  # a closed session drops it
+        assert len(sent) == 3
+
+    asyncio.run(scenario())
+
+
 def test_memory_results_are_bounded() -> None:
     async def scenario() -> None:
         results = MemoryResults(max_bytes=10)
