@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import operator
 import os
 import random
 import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,16 +70,17 @@ def _autocast(device: str) -> list[Setting]:
         torch.get_autocast_dtype(device)
     except (RuntimeError, TypeError):
         return []
+    # getters as C-level partials: read twice per request, no Python frame each
     return [
         Setting(
             f"autocast[{device}]",
-            lambda: torch.is_autocast_enabled(device),
+            functools.partial(torch.is_autocast_enabled, device),
             lambda v: torch.set_autocast_enabled(device, v),
             ("torch.set_autocast_enabled", f"torch.set_autocast_{device}_enabled".replace("cuda", "gpu")),
         ),
         Setting(
             f"autocast_dtype[{device}]",
-            lambda: torch.get_autocast_dtype(device),
+            functools.partial(torch.get_autocast_dtype, device),
             lambda v: torch.set_autocast_dtype(device, v),
             ("torch.set_autocast_dtype", f"torch.set_autocast_{device}_dtype".replace("cuda", "gpu")),
         ),
@@ -143,12 +145,31 @@ def _set_anomaly(value: tuple[bool, bool]) -> None:
     torch.set_anomaly_enabled(value[0], value[1])
 
 
-def _opt_einsum() -> tuple[Any, Any]:
-    return (torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy)
+# `torch.backends.opt_einsum` is a module object whose class declares no properties (the class
+# body's `global` statements send its `ContextProp`s to the module's globals): its `enabled` and
+# `strategy` are the instance's own entries when something assigned them (what `einsum` reads
+# first), else the original module's globals (what `set_flags`/`flags()` change). Both places are
+# read from their dicts (reading the attributes goes through a failed lookup: ~2 us each).
+_OPT_EINSUM: Any = torch.backends.opt_einsum
+_OPT_EINSUM_GLOBALS: dict[str, Any] = _OPT_EINSUM.m.__dict__
+_OPT_EINSUM_KEYS = ("enabled", "strategy")
+_OPT_EINSUM_MODULE = operator.itemgetter(*_OPT_EINSUM_KEYS)
+_ABSENT = object()
 
 
-def _set_opt_einsum(value: tuple[Any, Any]) -> None:
-    torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy = value
+def _opt_einsum() -> tuple[Any, ...]:
+    own = vars(_OPT_EINSUM)
+    return (own.get("enabled", _ABSENT), own.get("strategy", _ABSENT), *_OPT_EINSUM_MODULE(_OPT_EINSUM_GLOBALS))
+
+
+def _set_opt_einsum(value: tuple[Any, ...]) -> None:
+    own = vars(_OPT_EINSUM)
+    for key, item in zip(_OPT_EINSUM_KEYS, value[:2], strict=True):
+        if item is _ABSENT:
+            own.pop(key, None)
+        else:
+            own[key] = item
+    _OPT_EINSUM_GLOBALS.update(zip(_OPT_EINSUM_KEYS, value[2:], strict=True))
 
 
 def _print_options() -> tuple[Any, ...]:
@@ -353,11 +374,13 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
-# Positions of the settings compared between requests (all but the RNG states) and of the RNG
-# states, and their getters: one list comprehension reads them all.
-_PLAIN = [i for i, s in enumerate(SETTINGS) if not s.rng]
-_PLAIN_GETTERS = [SETTINGS[i].get for i in _PLAIN]
-_RNG = [i for i, s in enumerate(SETTINGS) if s.rng]
+# The settings compared between requests (all but the RNG states) and the RNG states, each with
+# their getters in order: one list comprehension reads them all.
+_PLAIN_SETTINGS = [s for s in SETTINGS if not s.rng]
+_PLAIN_GETTERS = [s.get for s in _PLAIN_SETTINGS]
+_RNG_SETTINGS = [s for s in SETTINGS if s.rng]
+_RNG_GETTERS = [s.get for s in _RNG_SETTINGS]
+_RNG_SETTERS = [s.set for s in _RNG_SETTINGS]
 
 
 def _plain_values() -> list[Any]:
@@ -374,35 +397,25 @@ def _unchanged(current: list[Any], recorded: list[Any]) -> bool:
         return False
 
 
-@dataclass
 class GlobalState:
-    values: list[Any]
-    plain: list[Any] = field(init=False)  # the values of `_PLAIN`, in order
+    """The values of every setting: `plain` in `_PLAIN_SETTINGS`' order, `rng` in `_RNG_SETTINGS`'."""
 
-    def __post_init__(self) -> None:
-        self.plain = [self.values[i] for i in _PLAIN]
+    __slots__ = ("plain", "rng")
+
+    def __init__(self, plain: list[Any], rng: list[Any] | None = None) -> None:
+        self.plain = plain
+        self.rng = rng if rng is not None else [get() for get in _RNG_GETTERS]
 
     @classmethod
     def capture(cls) -> GlobalState:
-        return cls([setting.get() for setting in SETTINGS])
-
-    @classmethod
-    def _of(cls, plain: list[Any]) -> GlobalState:
-        """A capture from values of the plain settings just read (`_plain_values()`): only the
-        RNG states are read here."""
-        values: list[Any] = [None] * len(SETTINGS)
-        for i, value in zip(_PLAIN, plain, strict=True):
-            values[i] = value
-        for i in _RNG:
-            values[i] = SETTINGS[i].get()
-        return cls(values)
+        return cls(_plain_values())
 
     def restore(self, *, rng: bool = True, current: list[Any] | None = None) -> list[str]:
         """Put every setting back; return the names of those that had changed. `current`: the
         plain settings' values already read now (saves reading them again)."""
         if rng:
-            for i in _RNG:
-                SETTINGS[i].set(self.values[i])  # cheaper to set than to compare
+            for put, value in zip(_RNG_SETTERS, self.rng, strict=True):
+                put(value)  # cheaper to set than to compare
         try:
             now = current if current is not None else _plain_values()
         except Exception:  # a getter that raises in the state the request left: one by one below
@@ -410,8 +423,7 @@ class GlobalState:
         if now is not None and _unchanged(now, self.plain):
             return []
         changed: list[str] = []
-        for i in _PLAIN:
-            setting, value = SETTINGS[i], self.values[i]
+        for setting, value in zip(_PLAIN_SETTINGS, self.plain, strict=True):
             try:
                 same = _same(setting.get(), value)
             except Exception:  # a getter that raises in the state the request left: set it
@@ -448,7 +460,7 @@ def state_restored(changed: list[str] | None = None) -> Iterator[None]:
             _log.warning("global state changed between requests, restored: %s", ", ".join(between))
             report.extend(f"{name} (between requests)" for name in between)
         elif now is not None:
-            state = GlobalState._of(now)
+            state = GlobalState(now)  # (the RNG states are read here)
     if state is None:
         state = GlobalState.capture()
     try:
