@@ -301,7 +301,7 @@ def main(iterations: int) -> None:
     context = sandbox.context(server)
 
     def runtime_state_roundtrip() -> None:
-        context.runtime.capture()
+        context.runtime.begin()  # what a request does: the record is read again only when stale
         context.runtime.verify_and_restore()
 
     def server_state_roundtrip() -> None:
@@ -347,7 +347,7 @@ def main(iterations: int) -> None:
         ("4b global state: capture + restore", lambda: GlobalState.capture().restore()),
         ("4c integrity: admit + verify (fingerprint)", integrity_roundtrip),
         ("4 provenance: server containers snapshot + verify", server_state_roundtrip),
-        ("4 provenance: nnsight runtime state snapshot + verify", runtime_state_roundtrip),
+        ("4 provenance: nnsight runtime state verify", runtime_state_roundtrip),
         ("4 tear-down on the request thread (incl. young gc)", lambda: release_request_objects(server, None)),
         ("5 payload: size check + zstd decompress", lambda: check_payload(blob, request.compress, Limits())),
         ("5 memory: RLIMIT_AS set + restore", capped),

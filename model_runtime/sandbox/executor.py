@@ -150,7 +150,7 @@ class Sandbox:
                     model._remoteable_set_env(env)
                 ctx.weights.arm(integrity.tensors)
                 ctx.state.capture()
-                ctx.runtime.capture()
+                ctx.runtime.begin()  # recorded when first served; read again only if stale
                 yield request
             finally:
                 t0 = time.perf_counter()

@@ -9,9 +9,13 @@ makes and replaces more as it runs, none of them through a name a request choose
 - the instrumented forwards' `Compiled` tables, in nnsight's process-wide `FORWARD_CACHE`;
 - the server's envoy tree (each envoy's attributes) and its interleaver's per-run tables.
 
-`RuntimeState` reads these by identity at the start of each request (no walk into greenlets,
-mediators or frames: only the module dicts, the `State` slots, the cache and the interleaver's
-own attributes) and, after the request, puts back whatever changed. One change is nnsight's own:
+`RuntimeState` reads these by identity (no walk into greenlets, mediators or frames: only the
+module dicts, the `State` slots, the cache and the interleaver's own attributes) when the model is
+first served and, after each request, puts back whatever changed. The record is the state every
+request starts from: after a request the model holds it again (what changed was put back), and
+it is read again right after a verification that adopted something (below) or put back a change.
+A change made between two requests (a finaliser of an object a request left behind, run at
+collection) is therefore undone too, when the next request ends. One change is nnsight's own:
 a module sourced for the first time (a request touched `.source`) gets an instrumented body and a
 `Compiled`. It is adopted only if that `Compiled` equals a fresh compile of the module's original
 forward (so a request cannot have edited it on the way); otherwise the sourcing is undone and
@@ -68,6 +72,12 @@ class RuntimeState:
                 adopt(state.compiled.lines, f"module {name} source lines")
         self.capture()
 
+    def begin(self) -> None:
+        """At the start of a request: nothing to read while the record holds (the last
+        verification put back or recorded everything); read again only if it did not finish."""
+        if self._stale:
+            self.capture()
+
     # Read at C speed (maps over the module dicts and State objects, no bytecode per module):
     # this runs twice per request.
     def _fast_view(self) -> tuple[list[Any], ...]:
@@ -77,7 +87,8 @@ class RuntimeState:
         return heads, list(map(_SLOTS, states)), list(chain.from_iterable(routes)), list(map(len, routes))
 
     def capture(self) -> None:
-        """Snapshot now (at the start of each request)."""
+        """Record the state now (at first serve, and at a request's start when the record is stale)."""
+        self._stale = False
         self._view = self._fast_view()
         dicts = self._envoy_dicts
         self._envoy_keys = list(chain.from_iterable(dicts))
@@ -100,20 +111,29 @@ class RuntimeState:
     def verify_and_restore(self) -> list[str]:
         """Put back what changed; the names of what had (nnsight's own first sourcing is adopted)."""
         self._adopted: set[int] = set()
+        self._stale = True  # until every check below found the record intact
         changed: list[str] = []
+        intact = True
         try:
             same = self._fast_view() == self._view
         except (KeyError, AttributeError):  # a State or controller gone
             same = False
         if not same or any(_STATE in vars(module) or "forward" in vars(module) for _, module in self._plain):
+            intact = False
             changed.extend(self._modules_changed())
         dicts = self._envoy_dicts
         if list(chain.from_iterable(dicts)) != self._envoy_keys or not all(
                 map(is_, chain.from_iterable(map(dict.values, dicts)), self._envoy_values)):
+            intact = False
             changed.extend(self._envoys_changed())
         if self._cache != self._cache_view:
+            intact = False
             changed.extend(self._cache_changed())
+        # The interleaver's per-run attributes change in every run; they are put back as recorded.
         changed.extend(self._interleaver_changed())
+        if not intact:  # the record again, now: what is adopted, and nothing made after this point
+            self.capture()
+        self._stale = False
         return changed
 
     def _modules_changed(self) -> list[str]:

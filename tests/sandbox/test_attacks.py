@@ -109,3 +109,25 @@ def test_nnsight_state_made_after_first_serve_is_verified(attack: Any, nnsight_n
     assert all(route[1] != "spy" and callable(route[0]) for route in state.routes)
     after_again = provenance.victim(client, backend())  # and the one after
     assert torch.equal(after_again["logits"], before["logits"])
+
+
+def test_nnsight_state_changed_between_requests_is_undone_by_the_next(models: tuple[Any, Any], backend: Any) -> None:
+    """nnsight's runtime state is recorded when first served and after a request that changed it;
+    a change made between two requests (as a finaliser run at collection could) is put back when
+    the next request ends."""
+    from nnsight.intervention import source
+
+    client, server = models
+    before = provenance.victim(client, backend())
+    envoy_entries = vars(server.model.layers[0])
+    key = object()
+    envoy_entries["planted"] = "between requests"
+    source.FORWARD_CACHE[key] = "planted"
+    try:
+        after = provenance.victim(client, backend())
+        assert "planted" not in envoy_entries and key not in source.FORWARD_CACHE
+        assert torch.equal(after["logits"], before["logits"])
+        assert torch.equal(provenance.victim(client, backend())["logits"], before["logits"])
+    finally:
+        envoy_entries.pop("planted", None)
+        source.FORWARD_CACHE.pop(key, None)
