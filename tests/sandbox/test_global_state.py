@@ -231,3 +231,16 @@ def test_a_collection_outside_a_request_leaves_the_collecting_thread_state() -> 
     worker.start()
     worker.join()
     assert len(seen) == 1
+
+
+def test_opt_einsum_flags_are_put_back_in_both_places_they_live() -> None:
+    """`torch.backends.opt_einsum`'s flags are the module object's own entries once assigned, else
+    the original module's globals (what `set_flags` changes): both are put back."""
+    flags: Any = torch.backends.opt_einsum
+    before = (flags.enabled, flags.strategy)
+    changed: list[str] = []
+    with state_restored(changed):
+        flags.enabled, flags.strategy = not before[0], "greedy"
+        vars(flags.m)["enabled"] = not before[0]
+    assert (flags.enabled, flags.strategy) == before and vars(flags.m)["enabled"] == before[0]
+    assert "enabled" not in vars(flags) and "opt_einsum" in changed
