@@ -28,6 +28,15 @@ def release_frozen() -> None:
 # costs of a full pass in CPython 3.11), so it runs only once this many objects piled up in
 # generation 2 since the freeze (request garbage promoted there during a long request).
 FULL_COLLECTION_GEN2_OBJECTS = 20_000
+# Counting generation 2 walks it (tens of microseconds for a thousand objects). Request garbage
+# reaches it only through a collection of generation 1 other than ours (the collector's own, when a
+# request allocates a lot), which moves the collector's count of them (`gc.get_count()[2]`), so it
+# is counted then; otherwise generation 2 grows only by what our young collections found alive,
+# counted every this many requests.
+GEN2_COUNT_EVERY = 32
+
+_since_counted = 0
+_gen1_collections_after_ours = -1  # `gc.get_count()[2]` right after our last young collection
 
 
 def collect_request_garbage() -> None:
@@ -35,8 +44,15 @@ def collect_request_garbage() -> None:
 
     The young generations hold what the request made (microseconds to collect). A full collection
     runs only when generation 2 has grown large; with long-lived objects frozen that generation
-    holds only what requests left behind, so counting it is cheap too.
+    holds only what requests left behind. It is counted when another collection may have moved
+    request garbage there since our last one, and every `GEN2_COUNT_EVERY` requests.
     """
+    global _since_counted, _gen1_collections_after_ours
+    moved = gc.get_count()[2] != _gen1_collections_after_ours
     gc.collect(1)
-    if len(gc.get_objects(generation=2)) > FULL_COLLECTION_GEN2_OBJECTS:
-        gc.collect()
+    _since_counted += 1
+    if moved or _since_counted >= GEN2_COUNT_EVERY:
+        _since_counted = 0
+        if len(gc.get_objects(generation=2)) > FULL_COLLECTION_GEN2_OBJECTS:
+            gc.collect()
+    _gen1_collections_after_ours = gc.get_count()[2]

@@ -48,6 +48,27 @@ def test_garbage_piled_up_in_the_oldest_generation_gets_a_full_collection(frozen
     assert ref() is None and len(gc.get_objects(generation=2)) < garbage.FULL_COLLECTION_GEN2_OBJECTS
 
 
+def test_garbage_another_collection_moved_to_the_oldest_generation_is_counted(frozen: None) -> None:
+    collect_request_garbage()
+    nodes = [_Node() for _ in range(garbage.FULL_COLLECTION_GEN2_OBJECTS + 1)]
+    ref = weakref.ref(nodes[0])
+    gc.collect(1)  # the collector's own young collection during a long request: into generation 2
+    del nodes
+    collect_request_garbage()
+    assert ref() is None
+
+
+def test_survivors_of_young_collections_that_die_later_are_counted_periodically(frozen: None) -> None:
+    collect_request_garbage()
+    nodes = [_Node() for _ in range(garbage.FULL_COLLECTION_GEN2_OBJECTS + 1)]
+    ref = weakref.ref(nodes[0])
+    collect_request_garbage()  # alive: moved to generation 2 by the young collection itself
+    del nodes
+    for _ in range(garbage.GEN2_COUNT_EVERY):
+        collect_request_garbage()
+    assert ref() is None
+
+
 def test_without_a_freeze_young_cycles_are_freed() -> None:
     release_frozen()
     node = _Node()
