@@ -48,6 +48,7 @@ from model_runtime.gateway.auth import ApiKeys
 from model_runtime.gateway.bounds import HttpError, bounded_event, read_body_capped
 from model_runtime.gateway.door import Door
 from model_runtime.gateway.jobs import Job, JobStore, JobStoreFull
+from model_runtime.gateway.lean import LeanIngress
 from model_runtime.gateway.results import MemoryResults, result_store
 from model_runtime.gpu_waits import GpuWait, gpu_waits
 from model_runtime.metrics import gateway_metrics
@@ -168,8 +169,10 @@ class NnsightGateway:
     def _open_door(self) -> None:
         if self._door is not None or self.args.direct_port is None:
             return
-        # `app` (set by serve.ingress) is the ASGI app Serve itself serves, its routes bound to this replica.
-        self._door = Door(getattr(self, "app"), self.args.direct_host, self.args.direct_port,  # noqa: B009
+        # `app` (set by serve.ingress) is the ASGI app Serve itself serves, its routes bound to this
+        # replica; the door serves it with the blocking client's two routes taken straight to this object.
+        self._door = Door(LeanIngress(getattr(self, "app"), self),  # noqa: B009
+                          self.args.direct_host, self.args.direct_port,
                           owner=serve.get_replica_context().replica_tag,
                           node_id=ray.get_runtime_context().get_node_id(),
                           loop=self._loop, busy=lambda: bool(self._tasks), succeeded=self._succeeded)

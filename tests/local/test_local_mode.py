@@ -126,8 +126,17 @@ def test_prints_the_model_table(local_run: LocalRun) -> None:
 
 
 def test_gateway_requires_the_api_key_and_reports_levels(local_run: LocalRun) -> None:
+    import httpx
+    import websocket
+
     assert _get(f"{local_run.url}/ping")[0] == 401
     assert _get(f"{local_run.url}/ping", "wrong")[0] == 401
+    # The door's lean routes check the key as the FastAPI ones do.
+    post = httpx.post(f"{local_run.url}/request", data={"data": "{}"}, files={"blob": ("request", b"x")},
+                      headers={"ndif-api-key": "wrong"})
+    assert post.status_code == 401 and "API key" in post.json()["detail"]
+    with pytest.raises(websocket.WebSocketException):
+        websocket.create_connection(local_run.url.replace("http://", "ws://") + "/subscribe", timeout=10).recv()
     code, body = _get(f"{local_run.url}/status", API_KEY)
     assert code == 200
     by_repo = {d["repo_id"].lower(): d for d in json.loads(body)["deployments"].values()}

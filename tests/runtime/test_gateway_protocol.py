@@ -62,7 +62,9 @@ def test_bad_blobs_are_clear_errors(served: dict[str, Any], valid: tuple[str, by
     assert re.search(r"(?i)unreadable|payload|decompress|zstd|pickle|frame", description), description
 
 
-def test_http_refusals(served: dict[str, Any], valid: tuple[str, bytes]) -> None:
+@pytest.mark.parametrize("door", ["url", "door_url"])  # Serve's proxy (FastAPI) and the door's lean routes
+def test_http_refusals(served: dict[str, Any], valid: tuple[str, bytes], door: str) -> None:
+    served = {**served, "url": served[door]}
     key, blob = valid
     unknown = post(served["url"], key.replace("tiny-llama", "no-such-model"), blob)
     assert unknown.status_code == 404 and "not deployed" in unknown.json()["detail"]

@@ -348,3 +348,58 @@ def test_app_states_name_serves_statuses_plainly() -> None:
                          "rolling": app(ApplicationStatus.DEPLOYING, 1),
                          "failed": app(ApplicationStatus.DEPLOY_FAILED, 0)})
     assert states == {"loading": "DEPLOYING", "rolling": "RUNNING", "failed": "DEPLOY_FAILED"}
+
+
+def test_the_doors_lean_routes_answer_as_fastapi_does() -> None:
+    """The door serves `POST /request` and `WS /subscribe` straight from the gateway's methods: a
+    refusal comes out of the FastAPI app's own exception handler (same status, `detail`, headers),
+    a success is the same JSON, a streamed body is still capped, and other routes go to FastAPI."""
+    from starlette.requests import Request
+    from starlette.websockets import WebSocket
+
+    from model_runtime.gateway import app as gateway_app
+    from model_runtime.gateway.bounds import HttpError, read_body_capped
+    from model_runtime.gateway.lean import LeanIngress
+
+    seen: list[str] = []
+
+    class Routes:
+        async def request(self, request: Request) -> dict[str, Any]:
+            await read_body_capped(request, 10)
+            if request.headers.get("ndif-api-key") != "k":
+                raise HttpError(503, "Model 'm' is not serving yet.", {"Retry-After": "7"})
+            return {"id": "j", "status": "RECEIVED", "description": "é", "data": None, "meta": None}
+
+        async def subscribe(self, websocket: WebSocket) -> None:
+            seen.append(websocket.url.path)
+
+    async def fastapi(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(f"fastapi {scope['path']}")
+
+    fastapi.exception_handlers = gateway_app.app.exception_handlers  # type: ignore[attr-defined]
+    lean = LeanIngress(fastapi, Routes())
+
+    async def call(scope: dict[str, Any], chunks: list[bytes]) -> tuple[int, dict[str, str], Any]:
+        pending, sent = list(chunks), []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": pending.pop(0) if pending else b"", "more_body": len(pending) > 1}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await lean({"type": "http", "method": "POST", "path": "/request", "headers": [], "query_string": b"",
+                    "server": ("127.0.0.1", 80), **scope}, receive, send)
+        headers = {k.decode(): v.decode() for k, v in sent[0].get("headers", [])}
+        return sent[0]["status"], headers, json.loads(sent[1]["body"]) if len(sent) > 1 else None
+
+    status, headers, body = asyncio.run(call({"headers": [(b"ndif-api-key", b"k")]}, [b"ok"]))
+    assert status == 200 and headers["content-type"] == "application/json" and body["description"] == "é"
+    status, headers, body = asyncio.run(call({}, [b"ok"]))
+    assert (status, headers["retry-after"], body) == (503, "7", {"detail": "Model 'm' is not serving yet."})
+    status, _, body = asyncio.run(call({}, [b"x" * 6, b"x" * 6, b""]))  # chunked: no Content-Length
+    assert status == 413 and "exceeds" in body["detail"]
+    asyncio.run(lean({"type": "http", "method": "GET", "path": "/status"}, None, None))  # type: ignore[arg-type]
+    asyncio.run(lean({"type": "websocket", "path": "/subscribe", "headers": [], "query_string": b"",
+                      "server": ("127.0.0.1", 80)}, None, None))  # type: ignore[arg-type]
+    assert seen == ["fastapi /status", "/subscribe"]
