@@ -230,6 +230,14 @@ class RuntimeMetrics:
 
         Returns the report for the gateway (its reply's final event carries it): this request's
         figures and the model loads since the last report."""
+        report = self.request_report(outcome, seconds, bytes_in, bytes_out, kind)
+        self.export_request(model, report, kind)
+        return report
+
+    def request_report(self, outcome: str, seconds: float, bytes_in: int, bytes_out: int,
+                       kind: str = "") -> dict[str, Any]:
+        """`request` without the Prometheus export: the snapshot and the gateway's report only (a
+        replica exports after it has sent the request's final event: `export_request`)."""
         with self._lock:
             self._snapshot[f"requests_{outcome}"] += 1
             self._snapshot["request_seconds_sum"] += seconds
@@ -237,18 +245,21 @@ class RuntimeMetrics:
             self._snapshot["bytes_out"] += bytes_out
             if kind:
                 self._snapshot[f"errors_{kind}"] += 1
-        self._emit("ndif_requests", "inc", 1, {"model": model, "outcome": outcome})
-        if kind:
-            self._emit("ndif_request_errors", "inc", 1, {"model": model, "kind": kind})
-        self._emit("ndif_request_seconds", "observe", seconds, {"model": model})
-        self._emit("ndif_request_bytes", "inc", bytes_in, {"model": model})
-        if bytes_out:
-            self._emit("ndif_result_bytes", "inc", bytes_out, {"model": model})
-        with self._lock:
             loads = list(self._loads)
             self._loads.clear()
         return {"outcome": outcome, "seconds": seconds, "bytes_in": bytes_in, "bytes_out": bytes_out,
                 "loads": loads}
+
+    def export_request(self, model: str, report: dict[str, Any], kind: str = "") -> None:
+        """The Prometheus side of `request` for a report made by `request_report`."""
+        outcome = report["outcome"]
+        self._emit("ndif_requests", "inc", 1, {"model": model, "outcome": outcome})
+        if kind:
+            self._emit("ndif_request_errors", "inc", 1, {"model": model, "kind": kind})
+        self._emit("ndif_request_seconds", "observe", report["seconds"], {"model": model})
+        self._emit("ndif_request_bytes", "inc", report["bytes_in"], {"model": model})
+        if report["bytes_out"]:
+            self._emit("ndif_result_bytes", "inc", report["bytes_out"], {"model": model})
 
     def queue_depth(self, model: str, depth: int) -> None:
         with self._lock:

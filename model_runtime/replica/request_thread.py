@@ -171,7 +171,8 @@ class RequestThread:
 
         thread, tasks, task = self._submit(fn, timeout_s, grace_s, cancel, notify)
         try:
-            await asyncio.wait_for(asyncio.shield(ended), timeout_s)
+            async with asyncio.timeout(timeout_s):  # (not `wait_for`: no task and no loop turn more)
+                await asyncio.shield(ended)
             return Outcome.DONE
         except TimeoutError:
             if task.done.is_set():
