@@ -92,6 +92,23 @@ def _torch_saved(value: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _inference_tensor() -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.ones(3)
+
+
+def _with_attribute() -> torch.Tensor:
+    tensor = torch.randn(3)
+    tensor.note = "kept"  # type: ignore[attr-defined]
+    return tensor
+
+
+def _hooked() -> torch.Tensor:
+    tensor = torch.ones(2, requires_grad=True)
+    tensor.register_hook(lambda grad: grad)
+    return tensor
+
+
 def _saving_cases() -> dict[str, Any]:
     base = torch.arange(24.0).view(4, 6)
     complex_values = torch.randn(3, dtype=torch.complex64)
@@ -105,6 +122,12 @@ def _saving_cases() -> dict[str, Any]:
         "a result frame": {"id": "j", "status": "COMPLETED", "data": b"\x00" * 64, "meta": {"runtime": 0.1}},
         "quantized": {"q": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.quint8)},
         "sparse": {"s": torch.eye(3).to_sparse()},
+        "views, offsets, inference": {"strided": torch.arange(12.0).view(3, 4)[:, ::2], "offset": torch.arange(9.0)[3:],
+                                      "inference": _inference_tensor()},
+        # Tensors that Tensor.__reduce_ex__ reduces on its general path (not the plain one).
+        "uint16 (v3 dtype)": {"u16": torch.ones(3, dtype=torch.uint16)},
+        "attribute, hook, parameter": {"attr": _with_attribute(), "hooked": _hooked(),
+                                       "param": torch.nn.Parameter(torch.ones(2))},
         # What torch.save's own hook treats specially: written by torch.save itself.
         "an untyped storage": {"s": torch.ones(3).untyped_storage()},
         "a module class": {"cls": torch.nn.Linear},
