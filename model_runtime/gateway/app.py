@@ -147,6 +147,8 @@ class NnsightGateway:
         self.jobs = JobStore()
         self.results = result_store(self.args.object_store_bucket, self.args.object_store_endpoint_url)
         self._handles: dict[str, Any] = {}
+        # (app, by value) → (its handle, that handle with `execute`'s options, the chunk size): built once.
+        self._executes: dict[tuple[str, bool], tuple[Any, Any, int]] = {}
         self._inflight: dict[str, int] = {}  # app → this gateway's jobs admitted and not finished
         self._tasks: set[asyncio.Task[None]] = set()
         self.activation_requests: dict[str, float] = {}
@@ -465,8 +467,13 @@ class NnsightGateway:
 
     def _admit(self, app_name: str, job: Job, envelope: dict[str, Any], blob: bytes, inline_max: int) -> Any:
         try:
-            options, chunk_bytes = handoff.call_options(len(blob))  # small ones by value, over gRPC
-            handle = self._handle(app_name).options(method_name="execute", stream=True, **options)
+            base, by_value = self._handle(app_name), len(blob) <= handoff.BY_VALUE_MAX_BYTES
+            cached = self._executes.get((app_name, by_value))
+            if cached is None or cached[0] is not base:
+                options, chunk_bytes = handoff.call_options(len(blob))  # small ones by value, over gRPC
+                cached = (base, base.options(method_name="execute", stream=True, **options), chunk_bytes)
+                self._executes[(app_name, by_value)] = cached
+            _, handle, chunk_bytes = cached
             return handle.remote(job.id, envelope, blob, inline_max, chunk_bytes)
         except Exception as exc:  # the app vanished between the state check and now
             self.jobs.discard(job.id)
@@ -476,7 +483,8 @@ class NnsightGateway:
     async def _first_event(self, key: str, app_name: str, job: Job, stream: Any) -> dict[str, Any]:
         """The model's admission answer: QUEUED, or a refusal that becomes this request's HTTP error."""
         try:
-            first: dict[str, Any] = await asyncio.wait_for(stream.__anext__(), _ADMISSION_TIMEOUT_S)
+            async with asyncio.timeout(_ADMISSION_TIMEOUT_S):  # no task of its own, unlike wait_for
+                first: dict[str, Any] = await stream.__anext__()
         except Exception as exc:  # timeout, a stream that ended at once, or a dead app
             self.jobs.discard(job.id)
             with contextlib.suppress(Exception):
