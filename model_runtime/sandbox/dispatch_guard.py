@@ -202,7 +202,7 @@ def op_rule(func: torch._ops.OpOverload) -> _OpRule:
     )
     training = next(((i, a.name) for i, a in enumerate(schema.arguments) if a.name in STATS_FLAGS), None)
     return _OpRule(written, stats, training, name in UNINITIALISED_ALLOCATORS, name in GROWING,
-                   work_bounds.COSTS.get(name, 0))
+                   work_bounds.cost_kind(name, schema.overload_name))
 
 
 def _argument(position: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -14,7 +14,9 @@ the Python fallback guard applies the same table, formulas, rates and messages, 
   C++ (`matrix_power`, `einsum`, a decomposed attention) ends at its next call.
 * **Heavy ops are priced before they run.** The op families whose cost grows faster than the
   memory they touch (`COSTS`: matrix products, every convolution entry, fused attention, cubic
-  linear algebra, pooling windows) get their floating-point operations from the argument sizes;
+  linear algebra, pooling windows, kernels that multiply inside one call such as `_trilinear` and
+  `_transformer_encoder_layer_fwd`) get their floating-point operations from the argument sizes;
+  embedding bags, `pdist` and multilabel margin loss the elements they read;
   views whose logical size memory does not bound (`expand`, `as_strided`, `unfold`, `set_` with a
   size) get their element count after they are made; the n log n families (`sort` and what
   decomposes into it: `argsort`, `msort`, `quantile`; `topk`, `kthvalue`, `median`, `mode`,
@@ -23,8 +25,9 @@ the Python fallback guard applies the same table, formulas, rates and messages, 
   request has left (up to `timeout + grace/2`) at the replica's rate is refused with
   `LimitExceeded` naming its size and the rate. The CPU rates are measured once per process
   (`measure_rates`: the best of a few short float32/float64/bfloat16/float16/int64 products, the
-  slowest of a few reductions over a stride-0 view, and the slowest of a few sorts and a
-  prime-length FFT in steps/s), and ops are priced at half those rates;
+  slowest of a few reductions over a stride-0 view, and the slowest of a few sorts, integer ones
+  along an outer dimension included, and a prime-length FFT in steps/s), and ops are priced at
+  half those rates;
   tensors on an accelerator are priced at fixed caps above any current
   device's peak (`DEVICE_FLOPS`, `DEVICE_ELEMENTS`, `DEVICE_STEPS`), so only what no device could finish in time
   is refused there.
@@ -41,10 +44,9 @@ inference mode), and not the aten calls kernels make: a composite op is priced t
 decomposes into (`einsum` through `bmm`), `lstm`, `cdist` and `MultiheadAttention`'s fast path
 through the kernels they reach (`mkldnn_rnn_layer`, `_euclidean_dist`,
 `_native_multi_head_attention`, in `COSTS`), and a loop of aten calls in C++ ends at its next
-call. What it cannot see is C++ work between aten calls of a composite op or inside a kernel it
-sees whole: `linalg_multi_dot`'s order search (cubic in the
-number of operands), and unpriced kernels that call products internally (`_trilinear` of
-`bilinear`, `_transformer_encoder_layer_fwd`); such a call ends only when it returns.
+call. What it cannot see is C++ work between aten calls of a composite op:
+`linalg_multi_dot`'s order search (cubic in the number of operands); such a call ends only when
+it returns. Kernels it sees whole that multiply inside are in `COSTS` (priced whole).
 """
 
 from __future__ import annotations
@@ -78,37 +80,53 @@ class Cost(enum.IntEnum):
     CHAIN = 8  # a product chain's order search: n**3 steps for n operands
     RECURRENT = 9  # steps * (2 * weights + a fixed cost per step)
     NLOGN = 10  # numel * log2(length along `dim`, or of the dims transformed, or numel): compare steps
+    LINEAR = 11  # x (..., k) by W (m, k, ...): 2 * numel(x) * m (`out_features` when W is packed)
+    TRILINEAR = 12  # i1, i2, i3 over one index space (`bilinear`): 2 * its size
+    ENCODER = 13  # a fused encoder layer: 2 * rows * its weights + attention (4 * rows * L * E)
+    BAG = 14  # embedding bags: numel(indices) * weight columns, in elements read
+    ROW_PAIRS = 15  # every pair of rows (`pdist`): numel(x) * rows / 2, in elements read
+    LABEL_PAIRS = 16  # every (target, class) pair per row (multilabel margin): numel(x) * columns, elements
 
 
 # aten op names (all overloads, out= variants included). Composite ops (`matmul`, `linear`,
 # `einsum`, `conv2d`, `scaled_dot_product_attention`'s math path, `matrix_power`, `cdist`'s
 # matmul path) decompose into these at the dispatcher, so pricing the bottom ops prices them.
 _FAMILIES: dict[Cost, tuple[str, ...]] = {
-    Cost.MATMUL: ("mm", "bmm", "addmm", "baddbmm", "addbmm", "_addmm_activation", "_int_mm", "_scaled_mm"),
+    Cost.MATMUL: (
+        "mm", "bmm", "addmm", "baddbmm", "addbmm", "addmm_", "baddbmm_", "addbmm_", "_addmm_activation", "_int_mm",
+        "_scaled_mm", "_scaled_mm_v2", "_grouped_mm", "_scaled_grouped_mm", "_scaled_grouped_mm_v2",
+        "_sparse_addmm", "sspaddmm", "_sparse_sparse_matmul", "hspmm", "_sparse_semi_structured_mm",
+        "_sparse_semi_structured_addmm", "_sparse_mm_reduce_impl", "sparse_sampled_addmm",
+    ),
     Cost.CONV: (
         "convolution", "_convolution", "convolution_overrideable", "mkldnn_convolution", "cudnn_convolution",
         "cudnn_convolution_transpose", "miopen_convolution", "miopen_convolution_transpose",
         "miopen_depthwise_convolution", "_slow_conv2d_forward", "slow_conv3d_forward", "_conv_depthwise2d",
         "conv_depthwise3d", "slow_conv_dilated2d", "slow_conv_dilated3d", "slow_conv_transpose2d",
-        "slow_conv_transpose3d", "_nnpack_spatial_convolution",
+        "slow_conv_transpose3d", "_nnpack_spatial_convolution", "cudnn_convolution_relu",
+        "cudnn_convolution_add_relu", "_mps_convolution", "_mps_convolution_transpose", "conv_tbc",
+        "miopen_convolution_relu", "miopen_convolution_add_relu",
     ),
     Cost.ATTENTION: (
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward",
-        "_efficient_attention_forward", "_native_multi_head_attention",
+        "_efficient_attention_forward", "_native_multi_head_attention", "_cudnn_attention_forward",
+        "_flash_attention_forward_no_dropout_inplace", "_scaled_dot_product_attention_math_for_mps",
+        "_triton_scaled_dot_attention", "_triton_multi_head_attention",
     ),
     Cost.CUBIC: (
         "_linalg_eigh", "linalg_eig", "_linalg_eigvals", "linalg_eigvals", "_linalg_svd", "linalg_qr",
         "_linalg_solve_ex", "linalg_lu_factor_ex", "linalg_lu", "linalg_inv_ex", "_linalg_det", "_linalg_slogdet",
         "linalg_cholesky_ex", "linalg_householder_product", "linalg_solve_triangular", "triangular_solve",
         "linalg_lstsq", "linalg_matrix_exp", "cholesky_solve", "cholesky_inverse", "ormqr", "geqrf", "lu_solve",
-        "linalg_lu_solve", "linalg_ldl_factor_ex", "linalg_ldl_solve",
+        "linalg_lu_solve", "linalg_ldl_factor_ex", "linalg_ldl_solve", "cholesky", "linalg_pinv",
     ),
     Cost.POOL: (
         "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
         "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "mkldnn_max_pool2d",
         "mkldnn_max_pool3d", "quantized_max_pool1d", "quantized_max_pool2d", "quantized_max_pool3d",
+        "fractional_max_pool2d", "fractional_max_pool3d",
     ),
     Cost.VIEW: ("expand", "as_strided", "as_strided_", "unfold", "set_", "_reshape_alias"),
     Cost.PAIRWISE: ("_cdist_forward", "_euclidean_dist"),
@@ -126,8 +144,29 @@ _FAMILIES: dict[Cost, tuple[str, ...]] = {
         "sort", "topk", "kthvalue", "median", "nanmedian", "mode", "_unique", "_unique2", "unique_dim",
         "_fft_r2c", "_fft_c2r", "_fft_c2c",
     ),
+    # Kernels that multiply inside one call: the Python fallback guard sees them whole (the native
+    # key also sees their inner products, but a price refuses them before they start).
+    # `linear.out` only: `linear` decomposes above both guards, its `out=` form (`F.linear(..., out=y)`)
+    # is one kernel.
+    Cost.LINEAR: (
+        "linear.out", "_sparse_semi_structured_linear", "mkldnn_linear", "_compute_linear_combination",
+        "_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_dyn_quant_matmul_4bit",
+    ),
+    Cost.TRILINEAR: ("_trilinear",),
+    Cost.ENCODER: ("_transformer_encoder_layer_fwd",),
+    Cost.BAG: ("_embedding_bag", "_embedding_bag_forward_only"),
+    Cost.ROW_PAIRS: ("_pdist_forward",),
+    Cost.LABEL_PAIRS: ("multilabel_margin_loss_forward",),
 }
+# Kinds priced in elements read (at the reduction rate) or in n log n steps; the others in float ops.
+ELEMENT_KINDS = frozenset({Cost.VIEW, Cost.CHAIN, Cost.BAG, Cost.ROW_PAIRS, Cost.LABEL_PAIRS})
+# By op name (all its overloads), or "name.overload" for one overload.
 COSTS: dict[str, int] = {name: int(kind) for kind, names in _FAMILIES.items() for name in names}
+
+
+def cost_kind(name: str, overload: str) -> int:
+    """How the op `aten::name` (overload `overload`, "" for the default) is priced; 0: not."""
+    return COSTS.get(f"{name}.{overload}", COSTS.get(name, 0))
 
 # Accelerator tensors: caps above any current device's dense peak (about 2.3 PFLOP/s of bf16 and
 # 8 TB/s of memory for the largest), so only what no device could finish in time is refused.
@@ -175,15 +214,20 @@ def _measure() -> dict[str, Any]:
 
 
 def _steps_rate(torch: Any) -> float:
-    """n log2 n steps/s of the slowest of a few sorts and FFTs (float16 sorts are the slowest on
-    x86, ~2x float32's and ~20x int64's; a prime length is an FFT's slowest): every n log n op
-    is priced at this one rate."""
+    """n log2 n steps/s of the slowest of a few sorts and FFTs: every n log n op, of any dtype,
+    is priced at this one rate. Along the last dimension float16 sorts are the slowest (~0.8x
+    float32's; int64's and int32's ~1.3x float32's); along an outer dimension int64 sorts are the
+    slowest of all (~0.6x float16's at 2**16 elements), so an integer sort is not priced higher
+    than a float one. A prime length is an FFT's slowest."""
     n = 2**13
     values = torch.rand(n)
     halves = values.half()
-    runs = (lambda: torch.sort(halves), lambda: torch.sort(values, stable=True),
-            lambda: torch.fft.fft(values[: n - 1]))  # 8191 is prime
-    return min(n * math.log2(n) / _best_seconds(run, repeats=3) for run in runs)
+    columns = (torch.rand(2**16) * 2**29).long().view(2**7, 2**9)
+    steps = n * math.log2(n)
+    runs = ((steps, lambda: torch.sort(halves)), (steps, lambda: torch.sort(values, stable=True)),
+            (steps, lambda: torch.fft.fft(values[: n - 1])),  # 8191 is prime
+            (columns.numel() * math.log2(columns.size(0)), lambda: torch.sort(columns, dim=0)))
+    return min(work / _best_seconds(run, repeats=3) for work, run in runs)
 
 
 def _best_seconds(fn: Any, repeats: int = 8) -> float:
@@ -382,7 +426,7 @@ def cost_of(kind: int, a: _Arguments) -> float:
     """Floating-point operations (compare steps for NLOGN, elements for CHAIN) the op is about to
     do; 0 when unknown. The formulas of `work_bounds::cost_of`."""
     if kind == Cost.MATMUL:
-        left, right = a.tensor("mat1", "batch1", "self"), a.tensor("mat2", "batch2")
+        left, right = a.tensor("mat1", "batch1", "self"), a.tensor("mat2", "batch2", "other")
         return 0.0 if left is None or right is None or right.dim() < 1 else 2.0 * left.numel() * right.size(-1)
     if kind == Cost.CONV:
         return _conv_cost(a)
@@ -408,7 +452,62 @@ def cost_of(kind: int, a: _Arguments) -> float:
         return _recurrent_cost(a)
     if kind == Cost.NLOGN:
         return _nlogn_cost(a)
+    if kind == Cost.LINEAR:
+        x, w = a.tensor("input", "self", "inp"), a.tensor("weight", "coefficients", "mat2", "packed_weights")
+        if x is None or w is None:
+            return 0.0
+        rows = a.get("out_features")
+        if not isinstance(rows, int) or isinstance(rows, bool):
+            rows = w.size(0) if w.dim() >= 2 else 1
+        return float(2.0 * x.numel() * rows)
+    if kind == Cost.TRILINEAR:
+        return _trilinear_cost(a)
+    if kind == Cost.ENCODER:
+        return _encoder_cost(a)
+    if kind == Cost.BAG:
+        w, indices = a.tensor("weight"), a.tensor("indices")
+        return 0.0 if w is None or indices is None or w.dim() < 1 else float(indices.numel() * w.size(-1))
+    if kind in (Cost.ROW_PAIRS, Cost.LABEL_PAIRS):
+        x = a.tensor("self")
+        if x is None or x.dim() < 1:
+            return 0.0
+        if kind == Cost.LABEL_PAIRS:
+            return float(x.numel() * x.size(-1))
+        return 0.0 if x.dim() < 2 else float(x.numel() * x.size(-2) / 2)
     return 0.0
+
+
+def _trilinear_cost(a: _Arguments) -> float:
+    """2 x the size of the index space i1, i2 and i3 span once each is unsqueezed at its
+    `expand` dims (each product and sum of the kernel runs over it)."""
+    operands = (a.tensor("i1"), a.tensor("i2"), a.tensor("i3"))
+    space: list[int] = []
+    for t, expand in zip(operands, (a.ints("expand1"), a.ints("expand2"), a.ints("expand3")), strict=True):
+        if t is None:
+            return 0.0
+        sizes = list(t.shape)
+        for d in sorted(expand):
+            if 0 <= d <= len(sizes):
+                sizes.insert(d, 1)
+        if len(space) < len(sizes):
+            space.extend([1] * (len(sizes) - len(space)))
+        space = [max(s, n) for s, n in zip(space, sizes + [1] * (len(space) - len(sizes)), strict=True)]
+    return 2.0 * math.prod(space)
+
+
+def _encoder_cost(a: _Arguments) -> float:
+    """A fused encoder layer (`TransformerEncoderLayer`'s inference fast path): every row
+    multiplies by the projections' and the feed-forward's weights, and attends to its sequence."""
+    src = a.tensor("src")
+    if src is None or src.dim() < 2 or src.is_nested:
+        return 0.0
+    width = max(src.size(-1), 1)
+    rows = src.numel() / width
+    weights = sum(float(a.get(name).numel()) for name in _ENCODER_WEIGHTS if isinstance(a.get(name), _TENSOR))
+    return float(2.0 * rows * weights + 4.0 * rows * src.size(-2) * width)
+
+
+_ENCODER_WEIGHTS = ("qkv_weight", "proj_weight", "ffn_weight_1", "ffn_weight_2")
 
 
 def _conv_cost(a: _Arguments) -> float:
@@ -418,6 +517,11 @@ def _conv_cost(a: _Arguments) -> float:
     spatial = weight.dim() - 2
     transposed = a.get("transposed") is True or "transpose" in a.schema.name
     sizes = list(x.shape)
+    if a.schema.name == "aten::conv_tbc":  # input (time, batch, in), weight (width, in, out)
+        if x.dim() != 3:
+            return 0.0
+        pad = a.ints("pad")
+        return float(2.0 * _window_out(sizes[0], weight.size(0), 1, _at_or(pad, 0, 0), 1) * sizes[1] * weight.numel())
     first = len(sizes) - spatial
     batch = math.prod(sizes[:first]) / max(sizes[first - 1], 1)
     if transposed:
@@ -439,9 +543,13 @@ def _pool_cost(a: _Arguments) -> float:
     sizes = list(x.shape)
     first = len(sizes) - spatial
     stride, padding, dilation = a.ints("stride"), a.ints("padding"), a.ints("dilation")
+    output_size = a.ints("output_size")  # fractional pooling: given
     positions = float(math.prod(sizes[:first]))
     for i in range(spatial):
         k = _at_or(kernel, i, 1)
+        if output_size:
+            positions *= _at_or(output_size, i, 1) * k
+            continue
         positions *= _window_out(sizes[first + i], k, _at_or(stride, i, k), _at_or(padding, i, 0),
                                  _at_or(dilation, i, 1)) * k
     return positions
@@ -497,7 +605,7 @@ def over_budget(left: float, rates: dict[str, Any], kind: int, op: str, work: fl
     if work <= 0:
         return ""
     cpu, dtype = where
-    elements = kind in (Cost.VIEW, Cost.CHAIN)
+    elements = kind in ELEMENT_KINDS
     steps = kind == Cost.NLOGN
     if steps:
         rate = rates["cpu_steps"] if cpu else rates["device_steps"]
@@ -517,6 +625,9 @@ def over_budget(left: float, rates: dict[str, Any], kind: int, op: str, work: fl
         return (f"{op} needs ~{work / 1e9:.1f} G n log n steps, more than the {left:.1f} s this request has left "
                 f"allow at this replica's ~{rate / 1e9:.2f} G steps/s; sort or transform fewer elements (e.g. a "
                 "slice, or topk with a smaller input)")
+    if elements and kind != Cost.VIEW:
+        return (f"{op} reads ~{work / 1e9:.1f} G elements, more than the {left:.1f} s this request has left allow "
+                f"at this replica's ~{rate / 1e9:.1f} G elements/s; use smaller operands")
     if elements:
         return (f"{op} makes a view of ~{work / 1e9:.1f} G elements over far less memory; reading it needs more "
                 f"than the {left:.1f} s this request has left at this replica's ~{rate / 1e9:.1f} G elements/s "

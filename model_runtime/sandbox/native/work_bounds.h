@@ -33,7 +33,16 @@
 
 namespace work_bounds {
 
-enum class Cost : int8_t { kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain, kRecurrent, kNLogN };
+enum class Cost : int8_t {
+  kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain, kRecurrent, kNLogN,
+  kLinear, kTrilinear, kEncoder, kBag, kRowPairs, kLabelPairs,
+};
+
+// Kinds priced in elements read, at the reduction rate (the others: float ops, or n log n steps).
+inline bool in_elements(Cost kind) {
+  return kind == Cost::kView || kind == Cost::kChain || kind == Cost::kBag || kind == Cost::kRowPairs ||
+         kind == Cost::kLabelPairs;
+}
 
 // The replica's rates, set once at start (work_bounds.py measures the CPU's).
 struct Rates {
@@ -113,7 +122,7 @@ inline double window_out(int64_t in, int64_t kernel, int64_t stride, int64_t pad
 
 // A product's operands by argument name, first match first (also how the typed kernels pick them).
 constexpr std::initializer_list<const char*> kMatmulLeft = {"mat1", "batch1", "self"};
-constexpr std::initializer_list<const char*> kMatmulRight = {"mat2", "batch2"};
+constexpr std::initializer_list<const char*> kMatmulRight = {"mat2", "batch2", "other"};
 
 inline double matmul_flops(const at::Tensor& a, const at::Tensor& b) {
   return b.dim() < 1 ? 0 : 2.0 * static_cast<double>(a.numel()) * static_cast<double>(b.size(-1));
@@ -139,6 +148,15 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
       const bool transposed = (flag != nullptr && flag->isBool() && flag->toBool()) ||
                               schema.name().find("transpose") != std::string::npos;
       const auto sizes = input->sizes();
+      if (schema.name() == "aten::conv_tbc") {  // input (time, batch, in), weight (width, in, out)
+        if (input->dim() != 3) {
+          return 0;
+        }
+        const c10::IValue* pad = arg(schema, args, "pad");
+        const int64_t padding = pad != nullptr && pad->isInt() ? pad->toInt() : 0;
+        return 2.0 * window_out(sizes[0], weight->size(0), 1, padding, 1) * static_cast<double>(sizes[1]) *
+               static_cast<double>(weight->numel());
+      }
       const size_t first = sizes.size() - spatial;
       const double batch = product(sizes.slice(0, first)) / static_cast<double>(std::max<int64_t>(sizes[first - 1], 1));
       double positions = 1;  // output positions (input positions when transposed)
@@ -186,9 +204,14 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
       const auto stride = int_list(schema, args, "stride");
       const auto padding = int_list(schema, args, "padding");
       const auto dilation = int_list(schema, args, "dilation");
+      const auto output_size = int_list(schema, args, "output_size");  // fractional pooling: given
       double positions = product(sizes.slice(0, first));
       for (size_t i = 0; i < spatial; ++i) {
         const int64_t k = at_or(kernel, i, 1);
+        if (!output_size.empty()) {
+          positions *= static_cast<double>(at_or(output_size, i, 1)) * static_cast<double>(k);
+          continue;
+        }
         positions *= window_out(sizes[first + i], k, at_or(stride, i, k), at_or(padding, i, 0), at_or(dilation, i, 1)) *
                      static_cast<double>(k);
       }
@@ -253,6 +276,74 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
       }
       return numel * std::log2(std::max(n, 2.0));
     }
+    case Cost::kLinear: {  // x (..., k) by W (m, k, ...): 2 * numel(x) * m
+      const at::Tensor* x = tensor_arg(schema, args, {"input", "self", "inp"});
+      const at::Tensor* w = tensor_arg(schema, args, {"weight", "coefficients", "mat2", "packed_weights"});
+      if (x == nullptr || w == nullptr) {
+        return 0;
+      }
+      const c10::IValue* out_features = arg(schema, args, "out_features");  // packed weights
+      const double rows = out_features != nullptr && out_features->isInt() ? static_cast<double>(out_features->toInt())
+                          : w->dim() >= 2                                ? static_cast<double>(w->size(0))
+                                                                           : 1.0;
+      return 2.0 * static_cast<double>(x->numel()) * rows;
+    }
+    case Cost::kTrilinear: {  // 2 x the index space i1, i2, i3 span, each unsqueezed at its expand dims
+      std::vector<int64_t> space;
+      const char* names[3][2] = {{"i1", "expand1"}, {"i2", "expand2"}, {"i3", "expand3"}};
+      for (const auto& name : names) {
+        const at::Tensor* t = tensor_arg(schema, args, {name[0]});
+        if (t == nullptr) {
+          return 0;
+        }
+        std::vector<int64_t> sizes = t->sizes().vec();
+        std::vector<int64_t> expand = int_list(schema, args, name[1]);
+        std::sort(expand.begin(), expand.end());
+        for (int64_t d : expand) {
+          if (d >= 0 && static_cast<size_t>(d) <= sizes.size()) {
+            sizes.insert(sizes.begin() + d, 1);
+          }
+        }
+        space.resize(std::max(space.size(), sizes.size()), 1);
+        for (size_t i = 0; i < sizes.size(); ++i) {
+          space[i] = std::max(space[i], sizes[i]);
+        }
+      }
+      return 2.0 * product(space);
+    }
+    case Cost::kEncoder: {  // 2 * rows * (projection and feed-forward weights) + attention 4 * rows * L * E
+      const at::Tensor* src = tensor_arg(schema, args, {"src"});
+      if (src == nullptr || src->dim() < 2 || src->is_nested()) {
+        return 0;
+      }
+      const double width = static_cast<double>(std::max<int64_t>(src->size(-1), 1));
+      const double rows = static_cast<double>(src->numel()) / width;
+      double weights = 0;
+      for (const char* name : {"qkv_weight", "proj_weight", "ffn_weight_1", "ffn_weight_2"}) {
+        const at::Tensor* w = tensor_arg(schema, args, {name});
+        weights += w == nullptr ? 0 : static_cast<double>(w->numel());
+      }
+      return 2.0 * rows * weights + 4.0 * rows * static_cast<double>(src->size(-2)) * width;
+    }
+    case Cost::kBag: {  // every index reads a row of the weight
+      const at::Tensor* w = tensor_arg(schema, args, {"weight"});
+      const at::Tensor* indices = tensor_arg(schema, args, {"indices"});
+      if (w == nullptr || indices == nullptr || w->dim() < 1) {
+        return 0;
+      }
+      return static_cast<double>(indices->numel()) * static_cast<double>(w->size(-1));
+    }
+    case Cost::kRowPairs:
+    case Cost::kLabelPairs: {  // every pair of rows; every (target, class) pair of a row
+      const at::Tensor* x = tensor_arg(schema, args, {"self"});
+      if (x == nullptr || x->dim() < 1) {
+        return 0;
+      }
+      if (kind == Cost::kLabelPairs) {
+        return static_cast<double>(x->numel()) * static_cast<double>(x->size(-1));
+      }
+      return x->dim() < 2 ? 0 : static_cast<double>(x->numel()) * static_cast<double>(x->size(-2)) / 2;
+    }
     case Cost::kView:
     case Cost::kNone:
       return 0;
@@ -289,7 +380,7 @@ inline std::string over_budget(const Budget& budget, const Rates& rates, Cost ki
     return {};
   }
   const bool cpu = where.first;
-  const bool elements = kind == Cost::kView || kind == Cost::kChain;
+  const bool elements = in_elements(kind);
   const bool steps = kind == Cost::kNLogN;
   double rate = steps      ? (cpu ? rates.cpu_steps : rates.device_steps)
                 : elements ? (cpu ? rates.cpu_elements : rates.device_elements)
@@ -316,6 +407,11 @@ inline std::string over_budget(const Budget& budget, const Rates& rates, Cost ki
     return short_name(op) + " needs ~" + fixed(work / 1e9, 1) + " G n log n steps, more than the " + fixed(left, 1) +
            " s this request has left allow at this replica's ~" + fixed(rate / 1e9, 2) +
            " G steps/s; sort or transform fewer elements (e.g. a slice, or topk with a smaller input)";
+  }
+  if (elements && kind != Cost::kView) {
+    return short_name(op) + " reads ~" + fixed(work / 1e9, 1) + " G elements, more than the " + fixed(left, 1) +
+           " s this request has left allow at this replica's ~" + fixed(rate / 1e9, 1) +
+           " G elements/s; use smaller operands";
   }
   if (elements) {
     return short_name(op) + " makes a view of ~" + fixed(work / 1e9, 1) +

@@ -55,7 +55,7 @@ struct Vocabulary {
   std::set<std::string> stats_args;
   std::set<std::string> stats_flags;
   std::vector<std::string> stats_read_only;
-  std::map<std::string, work_bounds::Cost> costs;  // by op name (all overloads)
+  std::map<std::string, work_bounds::Cost> costs;  // by op name (all overloads) or "name.overload"
 };
 Vocabulary g_vocabulary;
 
@@ -84,7 +84,11 @@ Rule rule_of(const c10::FunctionSchema& schema) {
   }
   rule.allocates = g_vocabulary.allocators.count(name) > 0;
   rule.grows = g_vocabulary.growing.count(name) > 0;
-  const auto cost = g_vocabulary.costs.find(name);
+  // By "name.overload" for one overload, else by name (all overloads): work_bounds.cost_kind
+  auto cost = g_vocabulary.costs.find(name + "." + schema.overload_name());
+  if (cost == g_vocabulary.costs.end()) {
+    cost = g_vocabulary.costs.find(name);
+  }
   if (cost != g_vocabulary.costs.end()) {
     rule.cost = cost->second;
   }

@@ -48,6 +48,28 @@ ATTACKS = in_trace(globals(), {
     "mode_per_row": "y = torch.rand(2**20).repeat(2**6).view(2**6, 2**20).mode(dim=1)",
     "irfft_prime_length": "y = torch.fft.irfft(torch.rand(2**20).repeat(2**5), n=2**26 - 5)",
     "fft_prime_length": "y = torch.fft.fft(torch.rand(2**20).repeat(2**6)[5:])",  # 2**26 - 5 is prime
+    # -- torch: kernels that multiply or pair inside one call (refused up front). Both guards
+    # price them whole; the Python fallback guard sees nothing inside them.
+    "bilinear_wide": "y = torch.nn.functional.bilinear(torch.ones(2**16, 256), torch.ones(2**16, 256), "
+                     "torch.ones(256, 256, 256))",
+    # A module a request makes stays in training mode (`.eval()` is not among the methods requests
+    # may call), so this takes the layer's unfused path; a served model's layers in eval mode reach
+    # the fused kernel (`_transformer_encoder_layer_fwd`, test_native_work prices it directly).
+    "encoder_layer_long_sequence": """
+        layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
+        with torch.no_grad():
+            y = layer(torch.ones(1, 2**15, 256))
+    """,
+    "conv_tbc_long_kernel": "y = torch.conv_tbc(torch.ones(2**16, 1, 64), torch.ones(2**12, 64, 64), "
+                            "torch.ones(64), 0)",
+    "pdist_many_rows": "y = torch.pdist(torch.ones(2**15, 512))",
+    "embedding_bag_one_long_bag": "y = torch.nn.functional.embedding_bag(torch.zeros(2**22, dtype=torch.long), "
+                                  "torch.ones(10, 2**16), torch.tensor([0]))",
+    "multilabel_margin_wide": "y = torch.nn.functional.multilabel_margin_loss(torch.ones(4, 2**17), "
+                              "torch.zeros(4, 2**17, dtype=torch.long))",
+    "fractional_pool_huge_window": "y = torch.nn.functional.fractional_max_pool2d(torch.ones(1, 1, 2**12, 2**12), "
+                                   "2**11, output_size=2**11)",
+    "cholesky_big": "y = torch.cholesky(torch.eye(6000, dtype=torch.float64))",
     # -- torch: a C++ loop over many aten calls (ends at the stop) ----------------------------
     "lstm_long_sequence": "y = torch.nn.LSTM(64, 64)(torch.zeros(10**6, 1, 64))",
     "gru_long_sequence": "y = torch.nn.GRU(4, 4)(torch.zeros(10**6, 1, 4))",
