@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from ndif_operator.api.pinning import pinned_gpu_index
@@ -47,18 +48,33 @@ class GpuWait:
     timeout_s: float
     holders: tuple[str, ...]  # the models whose replicas hold the share on that node (may be empty)
 
-    def describe(self, now: float) -> str:
+    def _what(self) -> str:
         gpu = pinned_gpu_index(self.resources)
         share = ", ".join(f"{k}: {v:g}" for k, v in sorted(self.resources.items()))
         held = (f"held by {', '.join(self.holders)}" if self.holders
                 else "held by a replica that is letting go of it")
+        return f"GPU {gpu if gpu is not None else '?'} ({share}) on node {self.node[:12]}, {held}"
+
+    def condition_message(self) -> str:
+        """The wait in words that do not change while it lasts (what the operator writes into the
+        Ready condition: a status rewritten only when the wait changes, not every poll)."""
+        return (f"waiting since {_rfc3339(self.since)} for {self._what()}; gives up at "
+                f"{_rfc3339(self.since + self.timeout_s)}")
+
+    def describe(self, now: float) -> str:
+        """The wait with how long it has lasted (the gateway's 503 to a client)."""
         waited = max(0.0, now - self.since)
-        return (f"waiting for GPU {gpu if gpu is not None else '?'} ({share}) on node {self.node[:12]}, {held}: "
-                f"{waited:.0f} s so far, gives up after {self.timeout_s:.0f} s")
+        return (f"waiting for {self._what()}: {waited:.0f} s so far, gives up after {self.timeout_s:.0f} s")
 
     def as_json(self, now: float) -> dict[str, Any]:
+        """The gateway's `/status` entry: `message` is stable while the wait lasts, `waited_s` live."""
         return {"resources": self.resources, "node": self.node, "since": self.since, "timeout_s": self.timeout_s,
-                "holders": list(self.holders), "message": self.describe(now)}
+                "holders": list(self.holders), "message": self.condition_message(),
+                "waited_s": round(max(0.0, now - self.since), 1)}
+
+
+def _rfc3339(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def gpu_waits(table: Mapping[str, Mapping[str, Any]]) -> dict[str, GpuWait]:

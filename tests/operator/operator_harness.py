@@ -282,6 +282,7 @@ class FakeGateway:
     def __init__(self) -> None:
         self.body: dict[str, Any] = {"deployments": {}}
         self.keys_seen: list[str | None] = []
+        self.waiting: tuple[str, Any] | None = None  # (deployment, GpuWait) served as the gateway does
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -289,6 +290,10 @@ class FakeGateway:
 
     async def _status(self, request: web.Request) -> web.Response:
         self.keys_seen.append(request.headers.get("ndif-api-key"))
+        if self.waiting is not None:  # the gateway's entry, made at the time of the request
+            deployment, wait = self.waiting
+            info = {"deployment": deployment, "deployment_level": "HOT", "gpu_wait": wait.as_json(time.time())}
+            return web.json_response({"deployments": {"md-" + deployment.replace("/", "-"): info}})
         return web.json_response(self.body)
 
     async def _start(self) -> None:
@@ -323,3 +328,9 @@ class FakeGateway:
         info: dict[str, Any] = {"deployment": deployment, "deployment_level": "HOT",
                                 "gpu_wait": {"message": message} if message else None}
         self.body = {"deployments": {"md-" + deployment.replace("/", "-"): info}}
+        self.waiting = None
+
+    def gpu_wait_live(self, deployment: str, wait: Any) -> None:
+        """Say that `deployment`'s replica waits, as the gateway does: `wait` (a
+        `model_runtime.gpu_waits.GpuWait`) rendered at each request, its seconds waited included."""
+        self.waiting = (deployment, wait)

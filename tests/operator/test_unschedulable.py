@@ -3,12 +3,14 @@ model's Ready condition with the reason (Ray's own words, or the gateway's readi
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from operator_harness import Cluster, FakeGateway, OperatorThread, model_deployment, ray_service, wait_for
 
+from model_runtime.gpu_waits import GpuWait
 from ndif_operator.api import Estimate, Level, Reason
 from ndif_operator.operator.gateway_status import gpu_waits_from_gateway_status
 from ndif_operator.operator.ray_service import application_statuses, model_app_status
@@ -74,8 +76,8 @@ def test_a_gpu_lease_that_stays_taken_is_reported_as_unschedulable() -> None:
     assert GPU_LEASE_UNAVAILABLE in ready["message"]
 
 
-WAIT = ("waiting for GPU 2 (ndif_gpu_2: 0.5) on node 3f2a9c1b0d4e, held by ml/other: 12 s so far, "
-        "gives up after 300 s")
+WAIT = ("waiting since 2026-12-07T18:00:00Z for GPU 2 (ndif_gpu_2: 0.5) on node 3f2a9c1b0d4e, held by ml/other; "
+        "gives up at 2026-12-07T18:05:00Z")
 
 
 def test_a_replica_waiting_for_a_gpu_share_says_so_and_whose() -> None:
@@ -91,7 +93,7 @@ def test_a_replica_waiting_for_a_gpu_share_says_so_and_whose() -> None:
     status = compute_status(obs, None, datetime(2026, 12, 7, tzinfo=UTC))
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "WaitingForGpu")
-    assert "held by ml/other" in ready["message"] and "12 s so far" in ready["message"]
+    assert ready["message"] == f"a replica is {WAIT}"
     assert status["phase"] == "Deploying" and "held by ml/other" in status["message"]
     # Once the application runs, an old word from the gateway does not hide it.
     running = replace(obs, app=application_statuses({"status": {"activeServiceStatus": {"applicationStatuses": {
@@ -117,10 +119,17 @@ def test_the_operator_shows_a_gpu_wait_while_the_app_deploys(cluster: Cluster, g
     running = OperatorThread(cluster, gateway_url=gateway.url).start()
     try:
         wait_for(lambda: cluster.condition("h", "Placed").get("reason") == "PlacedHot", what="placed Hot")
-        gateway.gpu_wait("ml/h", WAIT)
+        # the gateway's own /status entry for a wait that began 12 s ago (its seconds change each poll)
+        gateway.gpu_wait_live("ml/h", GpuWait(model="ml/h", resources={"ndif_gpu_2": 0.5}, node="3f2a9c1b0d4e77",
+                                              since=time.time() - 12, timeout_s=300, holders=("ml/other",)))
         cluster.set_app_status("md-ml-h", "DEPLOYING")
         wait_for(lambda: cluster.condition("h", "Ready").get("reason") == "WaitingForGpu", what="the wait shown")
-        assert "held by ml/other" in cluster.condition("h", "Ready")["message"]
+        shown = cluster.condition("h", "Ready")
+        assert "held by ml/other" in shown["message"] and "waiting since " in shown["message"]
+        # Polled again while the wait lasts (seconds later): the condition is not rewritten.
+        polls = len(gateway.keys_seen)
+        wait_for(lambda: len(gateway.keys_seen) >= polls + 2, what="two more polls of the gateway")
+        assert cluster.condition("h", "Ready") == shown
 
         def wait_events() -> list[dict[str, Any]]:
             return [e for e in cluster.emu.list_sync(cluster.emu.rtype("", "v1", "events"))

@@ -112,6 +112,12 @@ def test_gpu_waits_name_the_waiting_model_and_the_holders_on_its_node() -> None:
     text = wait.describe(now=1042.0)
     assert text.startswith("waiting for GPU 2 (ndif_gpu_2: 0.5) on node n1, held by ml/old: 42 s so far")
     assert "gives up after 300 s" in text
+    # what the operator writes into Ready: the same while the wait lasts, the seconds only in /status
+    stable = wait.condition_message()
+    assert stable == ("waiting since 1970-01-01T00:16:40Z for GPU 2 (ndif_gpu_2: 0.5) on node n1, held by ml/old; "
+                      "gives up at 1970-01-01T00:21:40Z")
+    assert wait.as_json(now=1042.0)["message"] == wait.as_json(now=1099.0)["message"] == stable
+    assert wait.as_json(now=1042.0)["waited_s"] == 42.0
     assert gpu_waits({"x": _group(group_name("ml/new", "n1", 1.0, 300), "CREATED", {"ndif_gpu_2": 0.5}, "n1")}) == {}
 
 
