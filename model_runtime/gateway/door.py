@@ -10,24 +10,30 @@ Service point there).
 
 Replacement. The socket is bound with SO_REUSEPORT, so a new gateway replica binds the same port
 while the old one still listens. Once the new one listens it takes the door: it writes its replica
-id under the door's key (node and port) in Ray's internal KV store. Every listening replica watches
-that key (every `WATCH_S`) and, seeing another owner, closes its listening socket; its open
-websockets and in-flight requests go on. Serve stops the old replica while it starts the new one,
-so a stopping replica (`close()`) keeps listening until a successor has taken the door (at most
-`SUCCESSOR_WAIT_S`: the port is never left without a listener), then waits for its unfinished jobs
-and shuts the server down, all within `CLOSE_S`. Between the new replica listening and the old one
-noticing (at most `WATCH_S`), the kernel spreads new connections over both: a websocket opened on
-one and its `POST /request` sent to the other gets "Unknown session id" (each replica keeps its
-sessions in memory).
+id under the door's key (node and port) in Ray's internal KV store and sends the previous owner a
+notice (a datagram to the abstract Unix socket named after the key and that owner: replicas that
+share a port share a network namespace). A listening replica reads the key when a notice comes (a
+forged one costs one read) and otherwise every `WATCH_S`; seeing another owner, it closes its
+listening socket; its open websockets and in-flight requests go on. Serve stops the old replica
+while it starts the new one, so a stopping replica (`close()`) keeps listening until a successor
+has taken the door (at most `SUCCESSOR_WAIT_S`: the port is never left without a listener), then
+waits for its unfinished jobs and shuts the server down, all within `CLOSE_S`. Between the new
+replica listening and the old one noticing, the kernel spreads new connections over both: a
+websocket opened on one and its `POST /request` sent to the other gets "Unknown session id" (each
+replica keeps its sessions in memory). With the notice that window is one KV read and put
+(milliseconds); where abstract sockets do not exist (not Linux) or a notice is lost, it is at
+most `WATCH_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
@@ -36,7 +42,8 @@ import uvicorn
 log = logging.getLogger("ray.serve")
 
 KV_NAMESPACE = "ndif-gateway-door"
-WATCH_S = 0.2  # how often a listening replica looks whether a newer one took the door
+WATCH_S = 2.0  # how often a listening replica reads the door's key when no notice came
+NOTICE_GAP_S = 0.1  # the least time between two reads of the key that notices caused
 # A stopping replica's budget (Serve's graceful shutdown gives a replica 20 s, and spends about 2 s
 # draining what came through its proxy before it calls the replica's destructor): first wait for a
 # successor to listen (a gateway replica starts in a few seconds), then for unfinished jobs.
@@ -56,6 +63,36 @@ def door_key(node_id: str, port: int) -> bytes:
     return f"{node_id}:{port}".encode()
 
 
+def notice_address(key: bytes, owner: str) -> str:
+    """The abstract Unix socket where the door's owner `owner` hears that another replica took it
+    (a digest: abstract names are at most 107 bytes)."""
+    return "\0ndif-gateway-door-" + hashlib.sha256(key + b"\0" + owner.encode()).hexdigest()[:40]
+
+
+def _notice_socket(key: bytes, owner: str) -> socket.socket | None:
+    """This owner's notice socket, bound; None where abstract Unix sockets do not exist."""
+    family = getattr(socket, "AF_UNIX", None)
+    if family is None:
+        return None
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(notice_address(key, owner))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _notify(key: bytes, owner: str) -> None:
+    """Tell the replica `owner` that the door is taken (best effort: it may be gone)."""
+    family = getattr(socket, "AF_UNIX", None)
+    if family is None:
+        return
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.sendto(b"taken", notice_address(key, owner))
+
+
 class Door:
     """One fixed-port listener for `app` in this replica; `open()` once, `close()` at shutdown."""
 
@@ -71,6 +108,7 @@ class Door:
         self._task: asyncio.Task[None] | None = None
         self._listening = threading.Event()
         self._stopped = threading.Event()
+        self._noticed_at = 0.0  # monotonic time of the last notice acted on
 
     def open(self) -> None:
         """Bind now (a port taken by something else fails the replica's start-up with the reason),
@@ -108,9 +146,16 @@ class Door:
     def _take_and_watch(self) -> None:
         from ray.experimental import internal_kv
 
+        notices = _notice_socket(self._key, self.owner)
         try:
+            previous = internal_kv._internal_kv_get(self._key, namespace=KV_NAMESPACE)
             internal_kv._internal_kv_put(self._key, self.owner.encode(), overwrite=True, namespace=KV_NAMESPACE)
-            while not self._stopped.wait(WATCH_S):
+            if previous is not None and previous.decode() != self.owner:
+                _notify(self._key, previous.decode())
+            while not self._stopped.is_set():
+                self._wait_for_notice(notices)
+                if self._stopped.is_set():
+                    return
                 current = internal_kv._internal_kv_get(self._key, namespace=KV_NAMESPACE)
                 if current is not None and current.decode() != self.owner:
                     log.info("gateway door %d taken by replica %s: this replica stops listening",
@@ -119,6 +164,27 @@ class Door:
                     return
         except Exception as exc:  # the watch is best effort: Serve's stop still closes the listener
             log.warning("gateway door watch ended: %r", exc)
+        finally:
+            if notices is not None:
+                notices.close()
+
+    def _wait_for_notice(self, notices: socket.socket | None) -> None:
+        """Until a notice comes or `WATCH_S` passes; a notice no sooner than `NOTICE_GAP_S` after
+        the last one (a flood of datagrams costs at most one read of the key per gap)."""
+        if notices is None:
+            self._stopped.wait(WATCH_S)
+            return
+        notices.settimeout(WATCH_S)
+        try:
+            notices.recv(16)
+        except TimeoutError:
+            return
+        self._stopped.wait(self._noticed_at + NOTICE_GAP_S - time.monotonic())
+        self._noticed_at = time.monotonic()
+        notices.setblocking(False)
+        with contextlib.suppress(OSError):
+            while notices.recv(16):  # the rest of a burst: one read answers them all
+                pass
 
     def _stop_listening(self) -> None:
         """Close the listening socket only: accepted connections (websockets) keep being served."""
