@@ -29,7 +29,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # The sandbox's write guard as dispatcher kernels: C++ compiled against the installed torch (g++ and
 # ninja); ninja recompiles only what changed. Without it, replicas fall back to the slower Python mode.
-$(NATIVE): model_runtime/sandbox/native/write_guard.cpp $(wildcard model_runtime/sandbox/native/*.h) model_runtime/sandbox/native/build.py $(STAMP)
+$(NATIVE): $(wildcard model_runtime/sandbox/native/*.cpp) $(wildcard model_runtime/sandbox/native/*.h) model_runtime/sandbox/native/build.py $(STAMP)
 	$(BIN)/python -m model_runtime.sandbox.native.build
 	@touch $@
 

@@ -58,9 +58,14 @@ def _buffer_bytes(model: torch.nn.Module) -> None:
     numpy.asarray(model.scale)[:] = 7.0
 
 
+@pytest.mark.parametrize("reader", ["native", "python"])
 @pytest.mark.parametrize("tamper", [_numpy_write, _set_data, _requires_grad, _version_only, _buffer_bytes],
                          ids=lambda f: f.__name__.strip("_"))
-def test_tampering_is_detected_and_restored(tamper: Any) -> None:
+def test_tampering_is_detected_and_restored(tamper: Any, reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_runtime.sandbox import integrity as module
+
+    if reader == "python":  # the identities read in Python (the native reader not built)
+        monkeypatch.setattr(module, "_NATIVE", [None])
     model = _model()
     before = _snapshot(model)
     integrity = WeightIntegrity([model])
@@ -189,6 +194,57 @@ def test_identity_columns_are_the_identities() -> None:
     columns = _identity_columns(tensors)
     assert len(columns) == len(_Identity._fields)
     assert [_Identity(*fields) for fields in zip(*columns, strict=True)] == [_Identity.of(t) for t in tensors]
+
+
+def _identity_changes() -> list[Any]:
+    def conj(t: torch.Tensor) -> None:  # (on the complex weight)
+        t.data = t.data.conj()
+
+    def neg(t: torch.Tensor) -> None:
+        torch._C._set_neg(t, True)
+
+    return [
+        lambda t: setattr(t, "data", torch.zeros(4, 6)),  # another storage
+        lambda t: setattr(t, "data", t.data.view(6, 4)),  # same storage, other shape and stride
+        lambda t: setattr(t, "data", t.data[1:]),  # other offset
+        lambda t: setattr(t, "data", t.data.t()),  # other stride
+        lambda t: setattr(t, "data", t.data.view(torch.int32)),  # other dtype
+        lambda t: t.requires_grad_(True),
+        lambda t: setattr(t, "grad", torch.ones(4, 6)),
+        conj, neg,
+    ]
+
+
+@pytest.mark.parametrize("change", range(9))
+def test_the_native_identity_reader_sees_what_the_columns_see(change: int) -> None:
+    """The packed identities differ exactly when `_Identity` does, field by field."""
+    from model_runtime.sandbox.integrity import _Identity, _identity_record, _native_identities
+
+    assert _native_identities() is not None, "python -m model_runtime.sandbox.native.build"
+    weight = torch.zeros(4, 6, dtype=torch.complex64 if change == 7 else torch.float32)
+    other = [torch.zeros(3), torch.zeros(2, 2).t()]
+    before, identity = _identity_record([*other, weight]), _Identity.of(weight)
+    assert before is not None and _identity_record([*other, weight]) == before
+    _identity_changes()[change](weight)
+    assert _Identity.of(weight) != identity
+    assert _identity_record([*other, weight]) != before
+
+
+def test_tensors_the_native_reader_cannot_read_fail_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor the reader raises on (no plain storage) counts as changed: the check fails closed."""
+    from model_runtime.sandbox import integrity as module
+
+    model = _model()
+    integrity = WeightIntegrity([model])
+    assert integrity._identity_record is not None
+    integrity.admit()
+
+    def unreadable(_tensors: Any) -> bytes:
+        raise RuntimeError("tensors without storage")
+
+    monkeypatch.setattr(module, "_NATIVE", [unreadable])
+    with pytest.raises(ModelTampering, match="storage, layout or autograd flags"):
+        integrity.verify()
 
 
 @pytest.mark.parametrize("on_host", [True, False], ids=["numpy-views", "torch-cat"])

@@ -1,0 +1,40 @@
+// What each server tensor is, read in one C++ pass: integrity.py's per-request identity check.
+//
+// `identities(tensors)` packs, per tensor, the fields of `integrity._Identity` as int64s:
+// storage pointer, storage bytes, storage offset, dtype, flags (conj, neg, requires_grad, has
+// .grad), number of dimensions, then the sizes and the strides. Two calls give equal bytes
+// exactly when every tensor's identity is equal (the number of dimensions fixes the layout).
+// A tensor without a plain storage raises (as `untyped_storage()` does); the caller then reads
+// the identities in Python.
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+py::bytes identities(const std::vector<at::Tensor>& tensors) {
+  std::vector<int64_t> out;
+  out.reserve(tensors.size() * 12);
+  for (const at::Tensor& t : tensors) {
+    const c10::Storage& storage = t.storage();
+    out.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(storage.data_ptr().get())));
+    out.push_back(static_cast<int64_t>(storage.nbytes()));
+    out.push_back(t.storage_offset());
+    out.push_back(static_cast<int64_t>(t.scalar_type()));
+    out.push_back((t.is_conj() ? 1 : 0) | (t.is_neg() ? 2 : 0) | (t.requires_grad() ? 4 : 0) |
+                  (t.grad().defined() ? 8 : 0));
+    const auto sizes = t.sizes();
+    const auto strides = t.strides();
+    out.push_back(static_cast<int64_t>(sizes.size()));
+    out.insert(out.end(), sizes.begin(), sizes.end());
+    out.insert(out.end(), strides.begin(), strides.end());
+  }
+  return py::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(int64_t));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("identities", &identities, py::arg("tensors"));
+}
