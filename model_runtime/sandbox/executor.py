@@ -149,7 +149,7 @@ class Sandbox:
                     check_attention(env.get("attn_implementation"), ctx.attention)
                     model._remoteable_set_env(env)
                 ctx.weights.arm(integrity.tensors)
-                ctx.state.capture()
+                ctx.state.begin()  # the snapshot taken when first served; again only if stale
                 ctx.runtime.begin()  # recorded when first served; read again only if stale
                 yield request
             finally:

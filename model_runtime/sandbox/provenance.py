@@ -5,8 +5,9 @@ envoy's and each module's lists, dicts and sets: `_edits`, hook tables, `_module
 wrapper's `kwargs`, ...; not the weight tables, which are the weight guard's) are recorded by
 identity when the model is first served; the write guard refuses any item or attribute write
 into one of them (`ServerState.owns`), whatever name or alias reached it. Their contents are
-snapshotted at the start of each request and compared after it, by length and item identity,
-and put back if they changed (`verify_and_restore`): whatever slipped
+snapshotted when the model is first served (again only when containers were adopted or a check
+did not finish: `begin`) and compared after every request, by length and item identity, and
+put back if they changed (`verify_and_restore`): whatever slipped
 past the guards does not reach the next request (a callable planted in an envoy's state would
 otherwise run inside other users' requests).
 """
@@ -36,6 +37,7 @@ class ServerState:
         self._filled: list[Any] = []  # the others, plain lists first, then dicts, then the rest
         self._lengths: list[int] = []  # the filled ones' lengths at the last capture
         self._partitioned = -1  # how many containers the last split was made from
+        self._stale = True  # the snapshot may not be what the containers hold (see `begin`)
         envoys = [model]
         while envoys:
             envoy = envoys.pop()
@@ -63,9 +65,18 @@ class ServerState:
             self._by_id[id(container)] = container
             self._containers.append(container)
 
+    def begin(self) -> None:
+        """At the start of a request: the snapshot is what the request starts from. It still holds
+        after a verification that finished (what changed was put back to it), so it is taken again
+        only when containers were adopted since, or the last verification did not finish. (A
+        level change builds a new `ServerState`; a change made between two requests, e.g. by a
+        finaliser run at collection, is undone when the next request ends.)"""
+        if self._stale or len(self._containers) != self._partitioned:
+            self.capture()
+
     def capture(self) -> None:
-        """Snapshot the contents now (at the start of each request: the server itself may change
-        its state between requests, e.g. a level change that re-places the weights)."""
+        """Snapshot the contents now (when the model is first served, and by `begin`)."""
+        self._stale = False
         # Read at C speed (a large model has tens of thousands of these, nearly all empty hook
         # tables). The containers are split into those empty at the last split (still empty: one
         # `any` over them, about 3x cheaper than reading every length) and the filled ones, whose
@@ -115,7 +126,9 @@ class ServerState:
 
     def verify_and_restore(self) -> list[str]:
         """Put back every container that changed; the names of those that had."""
+        self._stale = True  # until the check (and any restore) finished
         if self._unchanged():
+            self._stale = False
             return []
         snapshots = self._snapshots()
         changed = []
@@ -125,6 +138,7 @@ class ServerState:
             if not _same(container, snapshot):
                 changed.append(self._where[id(container)])
                 _restore(container, snapshot)
+        self._stale = False
         return changed
 
 

@@ -304,6 +304,24 @@ def test_server_state_follows_containers_the_server_fills_or_empties_between_req
     assert state.verify_and_restore() == []
 
 
+def test_server_state_is_what_every_request_starts_from() -> None:
+    """`begin` keeps the snapshot a finished verification left (no read per request): a change
+    made between two requests is undone when the next one ends; a container adopted since is
+    snapshotted at the next start."""
+    envoy = _Envoy()
+    state = ServerState(envoy)
+    assert state.verify_and_restore() == []
+    envoy.items.append(print)  # between requests (a finaliser run at collection)
+    state.begin()
+    assert state.verify_and_restore() == ["envoy model.items"]
+    assert envoy.items == [1, "a", None]
+    adopted: list[Any] = ["server's"]
+    state.adopt(adopted, "adopted table")
+    state.begin()
+    adopted.append(print)
+    assert state.verify_and_restore() == ["adopted table"] and adopted == ["server's"]
+
+
 def test_edit_is_refused_with_what_to_do_instead(models: tuple[Any, Any], backend: Any) -> None:
     from model_runtime.sandbox import SandboxError
 
