@@ -25,6 +25,7 @@ then on: the write guard refuses them, and `ServerState` verifies them like the 
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
 from itertools import chain
@@ -94,6 +95,7 @@ class RuntimeState:
         self._envoy_keys = list(chain.from_iterable(dicts))
         self._envoy_values = list(chain.from_iterable(map(dict.values, dicts)))
         self._envoy_lengths = list(map(len, dicts))
+        self._envoy_versions = _versions(dicts)
         self._cache_view = dict(self._cache)
         if self._interleaver is not None:
             entries = vars(self._interleaver)
@@ -122,10 +124,14 @@ class RuntimeState:
             intact = False
             changed.extend(self._modules_changed())
         dicts = self._envoy_dicts
-        if list(chain.from_iterable(dicts)) != self._envoy_keys or not all(
-                map(is_, chain.from_iterable(map(dict.values, dicts)), self._envoy_values)):
-            intact = False
-            changed.extend(self._envoys_changed())
+        versions = _versions(dicts)
+        if versions is None or versions != self._envoy_versions:  # written since recorded: compare
+            if list(chain.from_iterable(dicts)) != self._envoy_keys or not all(
+                    map(is_, chain.from_iterable(map(dict.values, dicts)), self._envoy_values)):
+                intact = False
+                changed.extend(self._envoys_changed())
+            else:  # written back as they were
+                self._envoy_versions = versions
         if self._cache != self._cache_view:
             intact = False
             changed.extend(self._cache_changed())
@@ -238,6 +244,48 @@ class RuntimeState:
             if not _same(table, contents):
                 _put_back(table, contents)
         return [f"interleaver.{key}" for key in changed]
+
+
+def _dict_version_reader() -> Callable[[dict[Any, Any]], int] | None:
+    """CPython's per-dict version tag (PEP 509), read by torch's compiler guards: every write to a
+    dict gives it a new, never reused value, so an unchanged tag means an unchanged dict. None
+    (then the envoy dicts are compared entry by entry) if torch lacks the reader or this
+    interpreter does not move the tag on each kind of write the envoys could get."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+    except ImportError:
+        return None
+
+    class Probe:
+        attribute: int
+
+    def store(probe: Any, value: int) -> None:
+        probe.attribute = value  # the interpreter specialises this store after a few runs
+
+    probe = Probe()
+    probe.attribute = -1
+    entries = vars(probe)  # as the envoys' dicts are held (and so made real)
+    seen = {dict_version(entries)}
+    writes: list[Callable[[], object]] = [
+        *(functools.partial(store, probe, i) for i in range(32)),
+        functools.partial(setattr, probe, "other", 1), functools.partial(delattr, probe, "other"),
+        functools.partial(entries.__setitem__, "item", 1), functools.partial(entries.pop, "item"),
+        functools.partial(entries.update, item=2), entries.clear,
+    ]
+    for write in writes:
+        write()
+        version = dict_version(entries)
+        if not isinstance(version, int) or version in seen:
+            return None
+        seen.add(version)
+    return dict_version
+
+
+_DICT_VERSION = _dict_version_reader()
+
+
+def _versions(dicts: list[dict[str, Any]]) -> list[int] | None:
+    return list(map(_DICT_VERSION, dicts)) if _DICT_VERSION is not None else None
 
 
 def _tables(compiled: Any) -> tuple[Any, Any, Any]:

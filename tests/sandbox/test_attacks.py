@@ -117,6 +117,9 @@ def test_nnsight_state_changed_between_requests_is_undone_by_the_next(models: tu
     the next request ends."""
     from nnsight.intervention import source
 
+    from model_runtime.sandbox import nnsight_state
+
+    assert nnsight_state._DICT_VERSION is not None  # (so the envoy dicts' version tags are what is tested)
     client, server = models
     before = provenance.victim(client, backend())
     envoy_entries = vars(server.model.layers[0])
