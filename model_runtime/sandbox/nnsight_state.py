@@ -10,12 +10,13 @@ makes and replaces more as it runs, none of them through a name a request choose
 - the server's envoy tree (each envoy's attributes) and its interleaver's per-run tables.
 
 `RuntimeState` reads these by identity (no walk into greenlets, mediators or frames: only the
-module dicts, the `State` slots, the cache and the interleaver's own attributes) when the model is
-first served and, after each request, puts back whatever changed. The record is the state every
-request starts from: after a request the model holds it again (what changed was put back), and
-it is read again right after a verification that adopted something (below) or put back a change.
-A change made between two requests (a finaliser of an object a request left behind, run at
-collection) is therefore undone too, when the next request ends. One change is nnsight's own:
+module dicts, the `State` slots, the cache and the interleaver's own attributes; the envoys' dicts
+by their version tag, entry by entry only once written) when the model is first served and,
+after each request, puts back whatever changed. The record is the state every request starts
+from: after a request the model holds it again (what changed was put back), and it is read again
+right after a verification that adopted something (below) or put back a change. A change made
+between two requests (a finaliser of an object a request left behind, run at collection) is
+therefore undone too, when the next request ends. One change is nnsight's own:
 a module sourced for the first time (a request touched `.source`) gets an instrumented body and a
 `Compiled`. It is adopted only if that `Compiled` equals a fresh compile of the module's original
 forward (so a request cannot have edited it on the way); otherwise the sourcing is undone and
