@@ -25,9 +25,10 @@ the Python fallback guard applies the same table, formulas, rates and messages, 
   request has left (up to `timeout + grace/2`) at the replica's rate is refused with
   `LimitExceeded` naming its size and the rate. The CPU rates are measured once per process
   (`measure_rates`: the best of a few short float32/float64/bfloat16/float16/int64 products, the
-  slowest of a few reductions over a stride-0 view, and the slowest of a few sorts, integer ones
-  along an outer dimension included, and a prime-length FFT in steps/s), and ops are priced at
-  half those rates;
+  slowest of a symmetric eigendecomposition and an SVD for cubic linear algebra, the slowest of a
+  few reductions over a stride-0 view (also the rate of pooling windows, bags and pairs, priced in
+  elements read), and the slowest of a few sorts, integer ones along an outer dimension included,
+  and a prime-length FFT in steps/s), and ops are priced at half those rates;
   tensors on an accelerator are priced at fixed caps above any current
   device's peak (`DEVICE_FLOPS`, `DEVICE_ELEMENTS`, `DEVICE_STEPS`), so only what no device could finish in time
   is refused there.
@@ -74,7 +75,7 @@ class Cost(enum.IntEnum):
     CONV = 2  # 2 * batch * output positions * numel(weight) (input positions when transposed)
     ATTENTION = 3  # 2 * query rows * keys * (E + Ev)
     CUBIC = 4  # A (..., m, n): numel(A) * min(m, n)
-    POOL = 5  # output positions * window size
+    POOL = 5  # output positions * window size, in elements read
     VIEW = 6  # elements of the view made (after it is made)
     PAIRWISE = 7  # x1 (..., P, M), x2 (..., R, M): 2 * numel(x1) * R
     CHAIN = 8  # a product chain's order search: n**3 steps for n operands
@@ -159,7 +160,9 @@ _FAMILIES: dict[Cost, tuple[str, ...]] = {
     Cost.LABEL_PAIRS: ("multilabel_margin_loss_forward",),
 }
 # Kinds priced in elements read (at the reduction rate) or in n log n steps; the others in float ops.
-ELEMENT_KINDS = frozenset({Cost.VIEW, Cost.CHAIN, Cost.BAG, Cost.ROW_PAIRS, Cost.LABEL_PAIRS})
+# Pooling windows are compare or add loops (0.2-4 G window elements/s on one x86 core, far below a
+# product's rate).
+ELEMENT_KINDS = frozenset({Cost.VIEW, Cost.CHAIN, Cost.BAG, Cost.ROW_PAIRS, Cost.LABEL_PAIRS, Cost.POOL})
 # By op name (all its overloads), or "name.overload" for one overload.
 COSTS: dict[str, int] = {name: int(kind) for kind, names in _FAMILIES.items() for name in names}
 
@@ -206,11 +209,23 @@ def _measure() -> dict[str, Any]:
         elements = min(float(view.numel()) / _best_seconds(lambda r=r: r(view), repeats=3)
                        for r in (torch.sum, torch.amax, torch.prod, torch.var))
         steps = _steps_rate(torch)
+        cubic = _cubic_rate(torch)
     # Priced at half the measured rates: a kernel path slower than the measured one keeps inside
     # the grace period.
     return {"cpu_flops": {k: v / SAFETY for k, v in flops.items()}, "cpu_elements": elements / SAFETY,
-            "cpu_steps": steps / SAFETY, "device_flops": DEVICE_FLOPS, "device_elements": DEVICE_ELEMENTS,
-            "device_steps": DEVICE_STEPS}
+            "cpu_steps": steps / SAFETY, "cpu_cubic": cubic / SAFETY, "device_flops": DEVICE_FLOPS,
+            "device_elements": DEVICE_ELEMENTS, "device_steps": DEVICE_STEPS}
+
+
+def _cubic_rate(torch: Any) -> float:
+    """numel x min(m, n) per second (the CUBIC price's unit) of the slowest of a symmetric
+    eigendecomposition and an SVD: factorisations run 20-50x below a product's rate on x86."""
+    n = 128
+    a = torch.rand(n, n, dtype=torch.float64)
+    symmetric = a + a.T
+    single = a.float()
+    runs = (lambda: torch.linalg.eigh(symmetric), lambda: torch.linalg.svd(single))
+    return min(float(n**3) / _best_seconds(run, repeats=3) for run in runs)
 
 
 def _steps_rate(torch: Any) -> float:
@@ -252,7 +267,7 @@ def install(native: Any) -> None:
     """Give the loaded extension this process's rates (once, before the first request)."""
     rates = measure_rates()
     native.set_rates(rates["cpu_flops"], rates["cpu_elements"], rates["device_flops"], rates["device_elements"],
-                     rates["cpu_steps"], rates["device_steps"])
+                     rates["cpu_steps"], rates["device_steps"], rates["cpu_cubic"])
 
 
 @contextlib.contextmanager
@@ -614,6 +629,8 @@ def over_budget(left: float, rates: dict[str, Any], kind: int, op: str, work: fl
     elif cpu:  # the measured rate of this dtype; the slowest measured for the others
         by_dtype = rates["cpu_flops"]
         rate = by_dtype.get(_dtype_name(dtype)) or min(by_dtype.values())
+        if kind == Cost.CUBIC and rates.get("cpu_cubic", 0) > 0:  # factorisations: far below a product's rate
+            rate = min(rate, rates["cpu_cubic"])
     else:
         rate = rates["device_flops"]
     if rate <= 0:

@@ -41,7 +41,7 @@ enum class Cost : int8_t {
 // Kinds priced in elements read, at the reduction rate (the others: float ops, or n log n steps).
 inline bool in_elements(Cost kind) {
   return kind == Cost::kView || kind == Cost::kChain || kind == Cost::kBag || kind == Cost::kRowPairs ||
-         kind == Cost::kLabelPairs;
+         kind == Cost::kLabelPairs || kind == Cost::kPool;
 }
 
 // The replica's rates, set once at start (work_bounds.py measures the CPU's).
@@ -53,6 +53,7 @@ struct Rates {
   double device_elements = 0;
   double cpu_steps = 0;        // n log2 n steps per second of the slowest measured sort or FFT on the CPU
   double device_steps = 0;     // the same for accelerator tensors (a documented cap)
+  double cpu_cubic = 0;        // numel x min(m, n) per second of the slowest measured factorisation (eigh, svd)
 };
 inline Rates g_rates;
 
@@ -192,7 +193,7 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
       }
       return static_cast<double>(a->numel()) * static_cast<double>(std::min(a->size(-1), a->size(-2)));
     }
-    case Cost::kPool: {  // every output position reads its window
+    case Cost::kPool: {  // every output position reads its window (elements read)
       const at::Tensor* input = tensor_arg(schema, args, {"self", "input"});
       const auto kernel = int_list(schema, args, "kernel_size");
       if (input == nullptr || kernel.empty()) {
@@ -394,6 +395,9 @@ inline std::string over_budget(const Budget& budget, const Rates& rates, Cost ki
       for (double r : rates.cpu_flops_by_dtype) {
         rate = r > 0 ? std::min(rate, r) : rate;
       }
+    }
+    if (kind == Cost::kCubic && rates.cpu_cubic > 0) {  // factorisations run far below a product's rate
+      rate = std::min(rate, rates.cpu_cubic);
     }
   }
   if (rate <= 0) {

@@ -362,10 +362,10 @@ std::shared_ptr<work_bounds::Budget> bind_budget(std::shared_ptr<work_bounds::Bu
 }
 
 // The replica's rates (once, at start): float ops/s on the CPU by dtype name ("Float", "Long", ...),
-// elements/s of a CPU reduction, n log n steps/s of a CPU sort, and the caps used for tensors on an
-// accelerator.
+// elements/s of a CPU reduction, n log n steps/s of a CPU sort, the cubic linear algebra rate, and the
+// caps used for tensors on an accelerator.
 void set_rates(const std::map<std::string, double>& cpu_flops, double cpu_elements, double device_flops,
-               double device_elements, double cpu_steps, double device_steps) {
+               double device_elements, double cpu_steps, double device_steps, double cpu_cubic) {
   work_bounds::Rates rates;
   for (const auto& entry : cpu_flops) {
     for (size_t i = 0; i < rates.cpu_flops_by_dtype.size(); ++i) {
@@ -381,6 +381,7 @@ void set_rates(const std::map<std::string, double>& cpu_flops, double cpu_elemen
   rates.device_elements = device_elements;
   rates.cpu_steps = cpu_steps;
   rates.device_steps = device_steps;
+  rates.cpu_cubic = cpu_cubic;
   work_bounds::g_rates = rates;
 }
 
