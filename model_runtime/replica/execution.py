@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict
 
 from model_runtime.bounds import MAX_LOG_BYTES, CappedLog, bounded
 from model_runtime.replica.garbage import collect_request_garbage
+from model_runtime.replica.persistent_objects import persistent_objects
 from model_runtime.replica.request_thread import Outcome, RequestThread, RequestThreadPool
 from model_runtime.replica.saving import saved_bytes
 from model_runtime.settings import RuntimeSettings
@@ -211,7 +212,7 @@ def run_blob(model: Any, blob: bytes, envelope: Envelope) -> dict[str, Any]:
         raise RequestError(f"Cannot apply the request's model environment {envelope.env!r}: {exc}") from exc
     try:
         tracer = RequestModel.deserialize(
-            blob, model._remoteable_persistent_objects(), compress=envelope.compress
+            blob, persistent_objects(model), compress=envelope.compress
         )
     except Exception as exc:
         name = type(exc).__name__

@@ -33,6 +33,7 @@ from typing import Any
 
 from model_runtime.bounds import CappedLog
 from model_runtime.replica.execution import Runner
+from model_runtime.replica.persistent_objects import persistent_objects
 from model_runtime.sandbox import sources
 from model_runtime.sandbox.capabilities import Capabilities
 from model_runtime.sandbox.compiling import install_compile_hook, restricted_compile, sandboxed_compilation
@@ -300,7 +301,7 @@ class _Job:
 
     def _deserialize(self) -> tuple[Any, Any]:
         try:
-            loaded = loads(self.raw, self.model._remoteable_persistent_objects(), self.guards)
+            loaded = loads(self.raw, persistent_objects(self.model), self.guards)
         except SandboxError:
             raise
         except Exception as exc:
