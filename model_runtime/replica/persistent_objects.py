@@ -10,16 +10,19 @@ of it changed:
 
 * the envoys the walk visited, in order, and each one's class (the class supplies the walk's
   methods);
-* per envoy, by identity: its `_child_map` and `_children` containers, the children in each, its
-  `path` and its `_module` (the walk reads nothing else: the children it recurses into come from
-  the two containers, the map's key from `path`, the value is `_module`).
+* per envoy: the classes and lengths of its `_child_map` and `_children`, the children in each
+  (by identity, in order) and its `path` (the same str object). The walk reads nothing else but
+  `_module`: the children it recurses into come from the two containers, the map's key from
+  `path`, and its value, `_module`, is read from the envoys on every call, as the walk reads it.
 
-The same containers holding the same children reproduce the same walk from the same root, so
-when every recorded column is identical now, a walk would return the recorded envoys and entries:
-the map is the recorded one. Anything else (a level move that reloaded the model, a PEFT swap or
-any `_update`, an envoy nnsight or a request created, a replaced container, class or module)
-fails the check, and the map is walked again with nnsight's own method. The check is maps over
-the recorded envoys at C speed, no bytecode per envoy. The root's `interleaver` and the model's
+The same children in the same order reproduce the same walk from the same root, so when every
+recorded column is identical now, a walk would visit the recorded envoys with the recorded paths:
+the map is the recorded keys with the envoys' modules. Anything else (a PEFT swap or any
+`_update`, an envoy nnsight or a request created, a replaced or edited container, a new path or
+class, a new model object) fails the check, and the map is walked again with nnsight's own
+method. The check is maps over the recorded envoys at C speed, no bytecode per envoy; it still
+reads each envoy and its two containers, which is most of what a request pays for the walk
+(those objects are out of the caches after a trace). The root's `interleaver` and the model's
 preprocessor and pipeline attributes are read afresh on every call, as nnsight reads them.
 
 The record is trusted only where the walk is the one described above: the model's class uses
@@ -84,18 +87,18 @@ def _plain_envoy_class(cls: type) -> bool:
 class _Record:
     """The envoy tree as the walk read it, and the `Module:<path>` entries it produced.
 
-    Envoys and modules are held by weak reference (every envoy and module leads back to the
-    model, through the interleaver): the record never keeps a model alive."""
+    Envoys are held by weak reference (every envoy leads back to the model, through the
+    interleaver): the record never keeps a model alive. Modules are not recorded: the map's values
+    are read from the envoys on every call, as the walk reads them."""
 
     def __init__(self, envoys: list[Any]) -> None:
         rows = list(map(_READ, envoys))
-        child_maps, children, paths, modules = (list(column) for column in zip(*rows, strict=True))
+        child_maps, children, paths, _ = (list(column) for column in zip(*rows, strict=True))
         self.refs = tuple(map(weakref.ref, envoys))
-        # The classes of the envoys, their containers and paths, in one column (one pass to check).
-        self.types = tuple(map(type, chain(envoys, child_maps, children, paths)))
+        # The classes of the envoys and their containers, in one column (one pass to check).
+        self.types = tuple(map(type, chain(envoys, child_maps, children)))
         self.lengths = list(map(len, chain(child_maps, children)))
-        self.paths = list(paths)
-        self.module_refs = tuple(map(weakref.ref, modules))
+        self.paths = tuple(paths)  # compared by identity: the same str objects, so the same keys
         # Every child of a visited envoy is a visited envoy: children are kept as walk positions.
         position = {id(envoy): index for index, envoy in enumerate(envoys)}
         members = chain(chain.from_iterable(map(dict.values, child_maps)), chain.from_iterable(children))
@@ -112,9 +115,10 @@ class _Record:
         self.keys = tuple(f"Module:{path}" for path in paths)
 
     def modules_if_unchanged(self) -> list[Any] | None:
-        """The recorded modules if a walk now would read exactly what was recorded, else None
-        (C speed: a few maps over the recorded envoys, no bytecode per envoy). Objects are
-        compared by identity (`is`), never by `==`, which a planted object could answer."""
+        """The envoys' modules (the map's values) if a walk now would visit the recorded envoys
+        with the recorded paths, else None (C speed: a few maps over the recorded envoys, no
+        bytecode per envoy). Objects are compared by identity (`is`), never by `==`, which a
+        planted object could answer."""
         envoys = list(map(_DEREF, self.refs))
         if not all(map(operator.is_, map(type, envoys), self.types)):
             return None  # (a collected envoy is None: not its recorded class)
@@ -123,10 +127,9 @@ class _Record:
         except AttributeError:
             return None
         if not (
-            all(map(operator.is_, map(type, chain(envoys, child_maps, children, paths)), self.types))
-            and paths == self.paths  # exact strs by now: plain string equality
+            all(map(operator.is_, map(type, chain(envoys, child_maps, children)), self.types))
+            and all(map(operator.is_, paths, self.paths))
             and list(map(len, chain(child_maps, children))) == self.lengths
-            and all(map(operator.is_, modules, map(_DEREF, self.module_refs)))
             and all(map(
                 operator.is_,
                 chain(chain.from_iterable(map(dict.values, child_maps)), chain.from_iterable(children)),
@@ -171,11 +174,13 @@ class PersistentObjects:
         except AttributeError:  # a tree nnsight's walk cannot read either: its own error below
             record = None
         objects = model._remoteable_persistent_objects()
-        modules = [(key, value) for key, value in objects.items() if key.startswith("Module:")]
-        # Kept only if it is exactly what nnsight returned: the same entries, in the same order.
-        if record is not None and record.exact and len(modules) == len(record.keys) and all(
-            key == recorded and value is ref()
-            for (key, value), recorded, ref in zip(modules, record.keys, record.module_refs, strict=True)
+        entries = [(key, value) for key, value in objects.items() if key.startswith("Module:")]
+        # Kept only if it gives exactly what nnsight returned (the same entries, in the same order)
+        # and nnsight's call left the tree as recorded.
+        modules = record.modules_if_unchanged() if record is not None and record.exact else None
+        if record is not None and modules is not None and len(entries) == len(modules) and all(
+            key == recorded and value is module
+            for (key, value), recorded, module in zip(entries, record.keys, modules, strict=True)
         ):
             self._record = record
         return dict(objects)
