@@ -23,9 +23,11 @@ other user-code errors are raised as `RequestFailed` with the user's (cleaned) t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -368,19 +370,25 @@ def _validate(loaded: Any, model: Any) -> tuple[Any, str, dict[str, Any], dict[s
     return tracer, source, glbls, lcls
 
 
-def _validate_call(tracer: Any, model: Any) -> None:
-    """The model call a trace makes must be one of nnsight's own entry points on its envoy."""
-    import types
-
+@functools.cache
+def _model_entry_points() -> frozenset[Any]:
+    """nnsight's own model-call entry points (the installed class's: fixed once imported)."""
     from nnsight.modeling.transformers import TransformersModel
 
-    fn = tracer.fn
     allowed = {TransformersModel._call}
     for name in ("generate", "pipe"):
         wrapped = getattr(getattr(TransformersModel, name), "__wrapped__", None)
         if wrapped is not None:
             allowed.add(wrapped)
-    if not (isinstance(fn, types.MethodType) and fn.__self__ is tracer.envoy and fn.__func__ in allowed):
+    return frozenset(allowed)
+
+
+def _validate_call(tracer: Any, model: Any) -> None:
+    """The model call a trace makes must be one of nnsight's own entry points on its envoy."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    fn = tracer.fn
+    if not (isinstance(fn, types.MethodType) and fn.__self__ is tracer.envoy and fn.__func__ in _model_entry_points()):
         raise PayloadRejected("the payload asks the server to call something other than the model")
     if not isinstance(tracer.envoy, TransformersModel) or not isinstance(tracer.args, tuple):
         raise PayloadRejected("the payload's model call has the wrong shape")

@@ -26,8 +26,6 @@ forward's pre-hook refuses it and says what to do instead.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected
@@ -119,13 +117,30 @@ def _check_output_attentions(module: Any, rows: int, positions: int, max_batch_s
         )
 
 
-@contextlib.contextmanager
-def shape_limits(module: Any, max_batch_size: int, max_sequence_length: int) -> Iterator[None]:
+class shape_limits:
     """While active, the model's forward refuses batches or sequences past the limits, and
-    `output_attentions=True` where the budget does not hold the weights it keeps."""
-    import torch
+    `output_attentions=True` where the budget does not hold the weights it keeps.
 
-    def check(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    A class rather than a generator context manager: it is entered on every request."""
+
+    __slots__ = ("_handle", "max_batch_size", "max_sequence_length", "module")
+
+    def __init__(self, module: Any, max_batch_size: int, max_sequence_length: int) -> None:
+        self.module = module
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self._handle: Any = None
+
+    def __enter__(self) -> None:
+        self._handle = self.module.register_forward_pre_hook(self._check, with_kwargs=True)
+
+    def __exit__(self, *_exc: object) -> None:
+        self._handle.remove()
+
+    def _check(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        import torch
+
+        max_batch_size, max_sequence_length = self.max_batch_size, self.max_sequence_length
         rows = positions = 0
         for name in ("input_ids", "inputs_embeds", "attention_mask"):
             tensor = kwargs.get(name)
@@ -145,10 +160,4 @@ def shape_limits(module: Any, max_batch_size: int, max_sequence_length: int) -> 
                     "(its maxSequenceLength, prompt plus generated tokens): shorten the prompt or max_new_tokens"
                 )
         if kwargs.get("output_attentions"):
-            _check_output_attentions(_module, rows, positions, max_batch_size, max_sequence_length)
-
-    handle = module.register_forward_pre_hook(check, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+            _check_output_attentions(module, rows, positions, max_batch_size, max_sequence_length)

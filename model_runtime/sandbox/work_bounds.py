@@ -52,12 +52,10 @@ it returns. Kernels it sees whole that multiply inside are in `COSTS` (priced wh
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from model_runtime.replica.request_thread import StopSignal
@@ -270,36 +268,49 @@ def install(native: Any) -> None:
                      rates["cpu_steps"], rates["device_steps"], rates["cpu_cubic"])
 
 
-@contextlib.contextmanager
-def request_budget(stop: StopSignal) -> Iterator[Any]:
+class request_budget:
     """Bind the budget of the request whose stop is `stop` to this thread for the block: until
     the point its stop is forced (`stop.forced_at`), and stopped when `stop` fires. Nothing is
     bound for a task without a time limit. The native guard's kernels read a `native.Budget`;
     when the native guard is unavailable, the Python dispatch mode reads a `Budget` (same rules,
-    `check_op`)."""
-    from model_runtime.sandbox import native_guard
+    `check_op`). (A class rather than a generator context manager: entered on every request.)"""
 
-    if stop.forced_at == float("inf") or stop.cancel not in STOP_TYPES:
-        yield None
-        return
-    native = native_guard.load()
-    if native is None:
-        measure_rates()  # before the budget is bound: the measurement's own ops are not priced
-        budget = Budget(stop.forced_at - time.monotonic(), stop.cancel)
-        stop.also_stop(budget.stop)
-        previous, BOUND.budget = BOUND.budget, budget
-        try:
-            yield budget
-        finally:
-            BOUND.budget = previous
-        return
-    native_budget = native.Budget(stop.forced_at - time.monotonic(), STOP_TYPES.index(stop.cancel))
-    stop.also_stop(native_budget.stop)
-    previous_native = native.bind_budget(native_budget)
-    try:
-        yield native_budget
-    finally:
-        native.bind_budget(previous_native)
+    __slots__ = ("_bound", "_native", "_previous", "stop")
+
+    def __init__(self, stop: StopSignal) -> None:
+        self.stop = stop
+        self._bound = False  # whether __enter__ bound a budget (then __exit__ puts back `_previous`)
+        self._native: Any = None  # the native guard, when it bound a `native.Budget`
+        self._previous: Any = None
+
+    def __enter__(self) -> Any:
+        from model_runtime.sandbox import native_guard
+
+        stop = self.stop
+        if stop.forced_at == float("inf") or stop.cancel not in STOP_TYPES:
+            return None
+        native = native_guard.load()
+        if native is None:
+            measure_rates()  # before the budget is bound: the measurement's own ops are not priced
+            budget = Budget(stop.forced_at - time.monotonic(), stop.cancel)
+            stop.also_stop(budget.stop)
+            self._previous, BOUND.budget = BOUND.budget, budget
+            self._bound = True
+            return budget
+        native_budget = native.Budget(stop.forced_at - time.monotonic(), STOP_TYPES.index(stop.cancel))
+        stop.also_stop(native_budget.stop)
+        self._native = native
+        self._previous = native.bind_budget(native_budget)
+        self._bound = True
+        return native_budget
+
+    def __exit__(self, *_exc: object) -> None:
+        if not self._bound:
+            return
+        if self._native is not None:
+            self._native.bind_budget(self._previous)
+        else:
+            BOUND.budget = self._previous
 
 
 # --- the same bounds for the Python fallback guard (`dispatch_guard.PythonWriteGuard`) ----------
