@@ -378,6 +378,14 @@ class _ServerObjects(dict[Any, Any]):
         raise UnknownPersistentIdError(pid)
 
 
+def _server_objects(persistent_objects: dict[Any, Any]) -> _ServerObjects:
+    """The entries of `persistent_objects` with exact `str` ids (copied in C when all are, the
+    usual case)."""
+    if set(map(type, persistent_objects)) <= {str}:
+        return _ServerObjects(persistent_objects)
+    return _ServerObjects((pid, obj) for pid, obj in persistent_objects.items() if type(pid) is str)
+
+
 class SandboxUnpickler(pickle.Unpickler):
     """Allowlisting unpickler; its `persistent_load` resolves the server's live objects by id
     (exact `str` ids only)."""
@@ -394,10 +402,9 @@ class SandboxUnpickler(pickle.Unpickler):
         self.persistent_objects = persistent_objects or {}
         # Through the C unpickler's own attribute (this class defines no `persistent_load` method,
         # which would take precedence): a dict lookup, in C.
-        self.persistent_load = _ServerObjects(  # type: ignore[method-assign]
-            (pid, obj) for pid, obj in self.persistent_objects.items() if type(pid) is str
-        ).__getitem__
-        self._built_functions: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
+        self.persistent_load = _server_objects(self.persistent_objects).__getitem__  # type: ignore[method-assign]
+        # The functions this load built (made at the first: most payloads ship none).
+        self._built_functions: weakref.WeakSet[types.FunctionType] | None = None
 
     def load(self) -> Any:
         """Check the stream on stand-ins, then load it for real."""
@@ -459,13 +466,16 @@ class SandboxUnpickler(pickle.Unpickler):
             raise CodeRejected(f"shipped function {name!r}: {exc}") from None
         if kwdefaults:
             func.__kwdefaults__ = dict(kwdefaults)
+        if self._built_functions is None:
+            self._built_functions = weakref.WeakSet()
         self._built_functions.add(func)
         return func
 
     def _fill(self, func: Any, glbls: Any) -> None:
         if not isinstance(glbls, dict):
             raise PayloadRejected("function globals must be a dict")
-        if not isinstance(func, types.FunctionType) or func not in self._built_functions:
+        built = self._built_functions
+        if not isinstance(func, types.FunctionType) or built is None or func not in built:
             if _is_trusted_function(func):
                 return  # the server's own function: its real globals stay untouched
             raise PayloadRejected("the payload tries to set globals of a function it did not ship")
