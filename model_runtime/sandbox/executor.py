@@ -342,14 +342,11 @@ class _Job:
 
 def _validate(loaded: Any, model: Any) -> tuple[Any, str, dict[str, Any], dict[str, Any]]:
     """Check the unpickled object is a tracer shaped like a real request, and nothing else."""
-    from nnsight.intervention.tracer import InterleavingTracer
-    from nnsight.tracing.tracer import Tracer
-    from nnsight.tracing.util import SerializedFrame
-
+    InterleavingTracer, Tracer, SerializedFrame = _request_types()
     if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], tuple)):
         raise PayloadRejected("the payload is not a (tracer, block) pair")
     tracer, block = loaded
-    if type(tracer) not in (InterleavingTracer, Tracer):
+    if type(tracer) is not InterleavingTracer and type(tracer) is not Tracer:
         raise PayloadRejected(f"the payload's tracer is a {type(tracer).__name__}, not a known tracer")
     if len(block) != 3:
         raise PayloadRejected("the payload's block is not (source, globals, locals)")
@@ -368,6 +365,16 @@ def _validate(loaded: Any, model: Any) -> tuple[Any, str, dict[str, Any], dict[s
     if isinstance(tracer, InterleavingTracer):
         _validate_call(tracer, model)
     return tracer, source, glbls, lcls
+
+
+@functools.cache
+def _request_types() -> tuple[Any, Any, Any]:
+    """nnsight's tracer and frame classes a payload must be made of (imported once)."""
+    from nnsight.intervention.tracer import InterleavingTracer
+    from nnsight.tracing.tracer import Tracer
+    from nnsight.tracing.util import SerializedFrame
+
+    return InterleavingTracer, Tracer, SerializedFrame
 
 
 @functools.cache
