@@ -220,10 +220,10 @@ class NnsightGateway:
     def _handle(self, app_name: str) -> Any:
         handle = self._handles.get(app_name)
         if handle is None:
+            # Its router stays on Serve's router thread: a router on this loop did not route a call
+            # made while the app had no replica once one came up (the call timed out instead;
+            # tests/runtime/test_gpu_lease.py shows it through /status).
             handle = serve.get_app_handle(app_name)
-            # Its router runs on this loop (the one every request and the door run on), not on
-            # Serve's router thread: each call and each streamed event skips two thread hand-offs.
-            handle._init(_run_router_in_separate_loop=False)  # type: ignore[no-untyped-call]
             self._handles[app_name] = handle
         return handle
 
