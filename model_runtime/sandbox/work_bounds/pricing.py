@@ -45,8 +45,19 @@ def check_view(budget: Budget, op: str, view: Any) -> None:
     _check_price(budget, Cost.VIEW, op, elements, (view.device.type == "cpu", view.dtype))
 
 
+# The rates, once measured: read on every priced op, so a module global rather than a call (and
+# its lock) each time.
+_rates: dict[str, Any] | None = None
+
+
+def _measured() -> dict[str, Any]:
+    global _rates
+    _rates = measure_rates()
+    return _rates
+
+
 def _check_price(budget: Budget, kind: int, op: str, work: float, where: tuple[bool, Any]) -> None:
-    refusal = over_budget(budget.limit_at - time.monotonic(), measure_rates(), kind, op, work, where)
+    refusal = over_budget(budget.limit_at - time.monotonic(), _rates or _measured(), kind, op, work, where)
     if refusal:
         PYTHON_COUNTERS[1] += 1
         raise LimitExceeded(refusal)

@@ -35,9 +35,6 @@ def measure_rates() -> dict[str, Any]:
     """This process's CPU rates (measured once; ~0.1 s): float ops/s of a matrix product by
     dtype name as the dispatcher spells it, and elements/s of a float32 reduction."""
     global _rates
-    rates = _rates
-    if rates is not None:  # measured: read without the lock (every priced op of the Python guard asks)
-        return rates
     with _lock:
         if _rates is None:
             _rates = _measure()
