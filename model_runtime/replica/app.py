@@ -159,6 +159,7 @@ class ModelReplica:
                 self._host.to_host()  # a fresh replica's own copy goes once the store holds one
             return levels.timed(current, level, "resident", started)
         if level == levels.COLD:
+            _forget_weight_index(self._model)  # the sandbox's index (and its copies) goes with the weights
             self._host.release()
             self._release_gpu()
             self._model, self._level = None, levels.COLD
@@ -446,13 +447,17 @@ def _deployment_user_config() -> ModelUserConfig:
 
 def _forget_weight_index(model: Any) -> None:
     """After a level move the model's tensors are new objects (mapped, copied or moved): the
-    sandbox's weight guard must index them again rather than watch the old ones."""
+    sandbox's weight guard and integrity check must index them again rather than watch the old
+    ones (and let the old ones, and their restore copies, go now)."""
     import sys
 
     executor = sys.modules.get("model_runtime.sandbox.executor")
     sandbox = getattr(executor, "_DEFAULT", None) if executor is not None else None
     if sandbox is not None and model is not None:
         sandbox.forget(model)
+    integrity = sys.modules.get("model_runtime.sandbox.integrity")
+    if integrity is not None and model is not None:
+        integrity.forget(model._module)
 
 
 def _error(description: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:

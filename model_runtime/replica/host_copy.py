@@ -14,6 +14,12 @@
   full): the replica keeps its own CPU copy, as a process-local WARM.
 
 WARM (`to_host`) drops the replica's own tensors back to meta when the store holds the copy.
+
+While the replica's tensors are the ones copied from (or published to) the store, the store's
+arrays are also their **restore source** for the sandbox's weight integrity
+(`model_runtime/sandbox/integrity.py`): the integrity index restores tampered weights from the
+store instead of keeping a second host copy of its own, so the first request after a level move
+costs no copy. The source is registered after every copy to the device and dropped on `to_host`.
 """
 
 from __future__ import annotations
@@ -146,6 +152,26 @@ def materialize(module: Any, slots: list[Slot], arrays: list[list[Any]], device:
     return copied
 
 
+def _tensor_of(module: Any, name: tuple[str, str, str]) -> Any:
+    kind, path, attr = name
+    owner = module.get_submodule(path) if path else module
+    return owner._parameters[attr] if kind == "p" else owner._buffers[attr]
+
+
+def restore_source(module: Any, slots: list[Slot], arrays: list[list[Any]]) -> Any:
+    """The store's arrays as the restore source of `module`'s tensors as it holds them now (each
+    slot's tensor and the array it was copied from or published to): an integrity
+    `RestoreSource`, which vouches for a tensor only while it is on the storage it has now."""
+    from model_runtime.sandbox.integrity import RestoreSource
+
+    source = RestoreSource()
+    for slot in slots:
+        array = arrays[slot.chunk][slot.index]
+        if array.nbytes:
+            source.add(_tensor_of(module, slot.names[0]), array)
+    return source
+
+
 def dematerialize(module: Any, slots: list[Slot]) -> None:
     """Drop the replica's own tensors (back to meta): the store keeps the host copy."""
     import torch
@@ -222,6 +248,8 @@ class StoreCopy(HostCopy):
         self._arrays: list[list[Any]] | None = None
         self.nbytes = int(answer.get("nbytes", 0))
         self._on = materialized_on  # device of the replica's own tensors; None = meta (store only)
+        if materialized_on is not None:
+            self._offer_restore_source()  # the filler's own tensors: the store now holds their bytes
 
     def _mapped(self) -> list[list[Any]]:
         if self._arrays is None:
@@ -241,11 +269,27 @@ class StoreCopy(HostCopy):
             self.model.dispatched = True  # real weights now: nnsight must not load its own
             source = NODE_MEMORY
         self._on = device
+        self._offer_restore_source()
         return source
+
+    def _offer_restore_source(self) -> None:
+        """Weight integrity restores this replica's tensors from the store (no copy of its own)."""
+        from model_runtime.sandbox import integrity
+
+        try:
+            source = restore_source(self.model._module, self._slots, self._mapped())
+        except Exception as exc:  # e.g. a layout that does not name the module's tensors
+            log.warning("weight store: not a restore source for %s (%r); integrity keeps its own copy",
+                        self._ident, exc)
+            source = None
+        integrity.restore_from(self.model._module, source)
 
     def to_host(self) -> None:
         if self._on is None:
             return
+        from model_runtime.sandbox import integrity
+
+        integrity.restore_from(self.model._module, None)
         dematerialize(self.model._module, self._slots)
         self._on = None
         levels.free_device_cache()

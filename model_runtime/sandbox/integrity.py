@@ -22,10 +22,33 @@ tensor it records, when armed:
   pointer and size matched the record, so they never read memory a tensor gave up.
 
 A mismatch marks the weights untrusted at once: the request that caused it fails, and no other
-request is admitted (the check runs under the replica's request lock) until they are restored,
-from a kept copy of every server storage (kept when the model is at most `keep_copy_bytes`,
-default 4 GiB, in host memory), or, without a copy, by the replica being replaced (its health
-check fails; Serve starts a fresh one that loads the model again).
+request is admitted (the check runs under the replica's request lock) until they are restored in
+place, or, where they cannot be, by the replica being replaced (its health check fails; Serve
+starts a fresh one that loads the model again). Each indexed storage is restored from:
+* its **restore source** when it has one: the pristine bytes it was filled from, registered with
+  `restore_from(module, source)` by whoever filled it. The replica registers the node's weight
+  store (`model_runtime/replica/host_copy.py`): read-only numpy views of the store's shared
+  memory, which every tensor copied from the store was made from. Indexing then copies nothing
+  (the first request after a level move costs no second copy of the weights), and a model of any
+  size stays recoverable. A tensor counts as filled from its source while it is the very object
+  registered, on the storage it had then, of the source's size, and the source's bytes at the
+  index's sample offsets equal the tensor's; else it gets a kept copy. The index holds the
+  source's arrays (not the store's references), so its pages stay mapped for as long as the
+  index may read them, even after the store evicted the model.
+* else a **kept copy** of the storage in host memory, taken when indexing (when the storages
+  without a source total at most `keep_copy_bytes`, default 4 GiB; else nothing is kept and
+  tampering means replacement).
+After restoring, the weights must equal what they were restored from and match the index's
+content fingerprints, else the replica is replaced: a source that no longer holds the bytes the
+weights were indexed with (corrupted, or not what they came from) fails closed. The source is
+trusted as the weights are: its pages are mapped into this process (read-only views), so request
+code able to write them with native code could already write the weights themselves.
+
+`integrity_for(module)` keeps one record per served root module; a record holds its roots only
+weakly (the registry's entries go with their model), and `forget(module)` drops one at once (the
+replica calls it after every level move, which makes new tensors, and going COLD). A replica that
+once failed unrecoverably stays unhealthy for the life of the process (`all_healthy`), whether
+or not its record is still held.
 """
 
 from __future__ import annotations
@@ -34,9 +57,10 @@ import logging
 import operator
 import random
 import threading
+import warnings
 import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import InitVar, dataclass, field
 from itertools import chain, compress, islice, repeat
 from typing import Any, NamedTuple
 
@@ -69,6 +93,7 @@ def _weights_and_buffers(tree: list[torch.nn.Module]) -> list[torch.Tensor]:
 
 
 _TABLES = operator.attrgetter("_modules", "_parameters", "_buffers")  # what the walk reads, per module
+_CALL = operator.call
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -85,10 +110,16 @@ class _TreeRecord:
     that: a table that is not a plain dict (a subclass may override `values()`, which the walk
     calls) or a tensor that is not a plain Tensor or Parameter (a DTensor's local shard is read
     through an attribute the record does not follow); the caller then walks the tree.
+
+    The roots are held weakly, first in the record's own order (tables are compared module by
+    module, so the walk's order is not needed): the record never keeps the served model alive.
     """
 
-    def __init__(self, tree: list[torch.nn.Module]) -> None:
-        self.modules = tree
+    def __init__(self, tree: list[torch.nn.Module], roots: list[torch.nn.Module]) -> None:
+        root_ids = {id(root) for root in roots}
+        self._roots = [weakref.ref(module) for module in tree if id(module) in root_ids]
+        self._rest = [module for module in tree if id(module) not in root_ids]
+        tree = self.modules
         self.tables: list[dict[str, Any]] = list(chain.from_iterable(map(_TABLES, tree)))
         self.lengths = list(map(len, self.tables))
         self.filled = [bool(n) for n in self.lengths]  # only non-empty tables have values to compare
@@ -100,6 +131,12 @@ class _TreeRecord:
         self.exact = all(type(table) is dict for table in self.tables) and all(
             value is None or type(value) in _PLAIN_TENSORS for table in weight_tables for value in table.values()
         )
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The recorded modules, roots first (a root that is gone is left out: `unchanged` is then
+        False, as the number of tables differs)."""
+        return [root for root in map(_CALL, self._roots) if root is not None] + self._rest
 
     def _values(self, tables: list[dict[str, Any]]) -> list[Any]:
         return list(chain.from_iterable(map(dict.values, compress(tables, self.filled))))
@@ -116,8 +153,11 @@ class _TreeRecord:
     def put_back(self) -> None:
         """Every recorded table back on its module, holding what it held when recorded (a
         parameter, buffer or submodule replaced or added in any table is undone)."""
+        modules = self.modules
+        if len(modules) * 3 != len(self.tables):
+            return  # a root is gone: nothing left to put back
         tables = iter(self.tables)
-        for module, children, parameters, buffers in zip(self.modules, tables, tables, tables, strict=True):
+        for module, children, parameters, buffers in zip(modules, tables, tables, tables, strict=True):
             entries = vars(module)
             entries["_modules"], entries["_parameters"], entries["_buffers"] = children, parameters, buffers
         keys, values = iter(self.keys), iter(self.values)
@@ -217,15 +257,63 @@ class _Identity(NamedTuple):
         )
 
 
+class RestoreSource:
+    """The pristine bytes server tensors were filled from (see the module doc): per registered
+    tensor, a flat uint8 host array of its storage's size. It holds the tensors weakly (it never
+    keeps weights alive) and the arrays strongly (they keep the pages they view mapped)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[torch.Tensor], int, np.ndarray[Any, Any]]] = {}
+
+    def add(self, tensor: torch.Tensor, pristine: np.ndarray[Any, Any]) -> None:
+        """Record that `tensor`'s storage was filled from `pristine` (call right after filling it)."""
+        if pristine.dtype != np.uint8 or pristine.ndim != 1 or not pristine.flags.c_contiguous:
+            raise ValueError("a restore source is a flat, contiguous uint8 array")
+        self._entries[id(tensor)] = (weakref.ref(tensor), int(tensor.untyped_storage().data_ptr()), pristine)
+
+    def pristine(self, tensor: torch.Tensor) -> np.ndarray[Any, Any] | None:
+        """The bytes `tensor`'s whole storage was filled from, while it is the registered object,
+        on the storage it had then, of the array's size; else None."""
+        entry = self._entries.get(id(tensor))
+        if entry is None:
+            return None
+        ref, ptr, array = entry
+        storage = tensor.untyped_storage()
+        if ref() is not tensor or int(storage.data_ptr()) != ptr or int(storage.nbytes()) != array.nbytes:
+            return None
+        return array
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _host_view(array: np.ndarray[Any, Any]) -> torch.Tensor:
+    """A uint8 tensor over `array`'s bytes, no copy (it holds the array; read-only pages are only
+    ever read: they are what the weights are restored from)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(array, dtype=torch.uint8)
+
+
+def _sample_step(nbytes: int) -> int:
+    return max(1, nbytes // _SAMPLE_BYTES)
+
+
 @dataclass
 class WeightIntegrity:
-    modules: list[torch.nn.Module]
+    roots: InitVar[list[torch.nn.Module]]  # the served model's root modules, held weakly
     keep_copy_bytes: int = KEEP_COPY_BYTES
     #: Set when a check failed and the weights are not restored yet.
     untrusted: bool = False
     #: Set when the weights could not be restored in place: the replica must be replaced.
     unrecoverable: bool = False
+    #: Bytes the index copied into host memory to restore from (the storages without a source).
+    kept_bytes: int = 0
+    #: Bytes the index restores from its restore source, without a copy.
+    source_bytes: int = 0
     storage: ServerStorage = field(default_factory=ServerStorage)
+    on_lost: Callable[[], None] | None = None  # called when the weights cannot be restored
+    _roots: list[weakref.ref[torch.nn.Module]] = field(default_factory=list)
     _guarded: list[torch.Tensor] = field(default_factory=list)
     _tensors: list[torch.Tensor] = field(default_factory=list)
     _originals: list[torch.Tensor] = field(default_factory=list)  # aliases keeping each tensor's view
@@ -236,59 +324,104 @@ class WeightIntegrity:
     _versions: list[int] = field(default_factory=list)
     _storages: list[torch.UntypedStorage] = field(default_factory=list)
     _samples: list[list[torch.Tensor]] = field(default_factory=list)  # per sample set: one view per storage
+    _sample_starts: list[list[int]] = field(default_factory=list)  # per sample set: each view's first byte
     _fingerprints: list[torch.Tensor] = field(default_factory=list)
     # The same samples as numpy views and the fingerprints as bytes (host memory only; else None).
     _sample_arrays: list[list[np.ndarray[Any, Any]]] | None = None
     _fingerprint_bytes: list[bytes] = field(default_factory=list)
-    _copies: list[torch.Tensor] | None = None
+    _copies: list[torch.Tensor] | None = None  # per storage: the bytes it is restored from
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, roots: list[torch.nn.Module]) -> None:
+        self._roots = [weakref.ref(root) for root in roots]
         self._index()
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The root modules that are still alive."""
+        return [root for root in map(_CALL, self._roots) if root is not None]
 
     # -- indexing -------------------------------------------------------------------------------
 
     def _index(self) -> None:
         """Record everything about the server's tensors as they are now (trusted)."""
-        tree = module_tree(self.modules)
+        modules = self.modules
+        tree = module_tree(modules)
         self._tensors = _weights_and_buffers(tree)
-        self._tree = _TreeRecord(tree)
+        self._tree = _TreeRecord(tree, modules)
         # The dispatch guard also protects tensors kept as plain module attributes; holding them
         # here keeps their memory from being reused for a request's tensors if the model
         # replaces one.
-        self._guarded = server_tensors(self.modules)
+        self._guarded = server_tensors(modules)
         self.storage = ServerStorage.of(self._guarded)
         self._originals = [t.detach() for t in self._tensors]
         self._identities = [_Identity.of(t) for t in self._tensors]
         self._identity_columns = _identity_columns(self._tensors)
         self._identity_record = _identity_record(self._tensors)
         self._versions = list(map(_VERSION, self._tensors))
-        unique: dict[int, torch.UntypedStorage] = {}
+        unique: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
         for t in self._tensors:
             storage = t.untyped_storage()
             if storage.nbytes():
-                unique.setdefault(int(storage.data_ptr()), storage)
-        self._storages = list(unique.values())
+                unique.setdefault(int(storage.data_ptr()), (storage, []))[1].append(t)
+        self._storages = [storage for storage, _ in unique.values()]
         views = [_byte_view(s) for s in self._storages]
+        steps = [_sample_step(view.numel()) for view in views]
         rng = random.Random()
-        self._samples = []
+        self._samples, self._sample_starts = [], []
         for _ in range(_SAMPLE_SETS):
-            picked = []
-            for view in views:
-                n = view.numel()
-                step = max(1, n // _SAMPLE_BYTES)
-                picked.append(view[rng.randrange(step) :: step][:_SAMPLE_BYTES])
-            self._samples.append(picked)
+            starts = list(map(rng.randrange, steps))
+            self._sample_starts.append(starts)
+            self._samples.append([
+                view[start::step][:_SAMPLE_BYTES] for view, start, step in zip(views, starts, steps, strict=True)
+            ])
         with torch.no_grad():
             self._fingerprints = [torch.cat(views) if views else torch.empty(0) for views in self._samples]
             self._fingerprints = [f.clone() for f in self._fingerprints]
             on_host = all(s.device.type == "cpu" for s in self._storages)
             self._sample_arrays = [[v.numpy() for v in views] for views in self._samples] if on_host else None
             self._fingerprint_bytes = [f.numpy().tobytes() for f in self._fingerprints] if on_host else []
-            total = sum(s.nbytes() for s in self._storages)
-            self._copies = (
-                [_byte_view(s).to("cpu", copy=True) for s in self._storages] if total <= self.keep_copy_bytes else None
-            )
+            self._copies = self._restore_copies([tensors for _, tensors in unique.values()], modules)
+
+    def _restore_copies(self, holders: list[list[torch.Tensor]],
+                        modules: list[torch.nn.Module]) -> list[torch.Tensor] | None:
+        """Per storage, the bytes to restore it from: its restore source's array where it has one
+        (a view, no copy), else a kept host copy; None when the copies would exceed
+        `keep_copy_bytes` (tampering then means replacement)."""
+        sources = [source for source in map(_SOURCES.get, modules) if source is not None]
+        pristine = self._matching_samples([
+            next((a for a in (src.pristine(t) for t in tensors for src in sources) if a is not None), None)
+            for tensors in holders
+        ])
+        without = [storage for storage, array in zip(self._storages, pristine, strict=True) if array is None]
+        self.kept_bytes = sum(int(storage.nbytes()) for storage in without)
+        self.source_bytes = sum(int(array.nbytes) for array in pristine if array is not None)
+        if self.kept_bytes > self.keep_copy_bytes:
+            self.kept_bytes = self.source_bytes = 0
+            return None
+        return [
+            _byte_view(storage).to("cpu", copy=True) if array is None else _host_view(array)
+            for storage, array in zip(self._storages, pristine, strict=True)
+        ]
+
+    def _matching_samples(self, pristine: list[np.ndarray[Any, Any] | None]) -> list[np.ndarray[Any, Any] | None]:
+        """`pristine`, with None for every array whose bytes at the index's sample offsets differ
+        from the storage's (the source does not hold what the tensor holds: a kept copy instead)."""
+        if all(array is None for array in pristine):
+            return pristine
+        matching = list(pristine)
+        for chosen, starts in enumerate(self._sample_starts):
+            fingerprint = (self._fingerprint_bytes[chosen] if self._fingerprint_bytes
+                           else self._fingerprints[chosen].cpu().numpy().tobytes())
+            at = 0
+            for j, (array, start, sample) in enumerate(zip(pristine, starts, self._samples[chosen], strict=True)):
+                n = sample.numel()
+                if matching[j] is not None:
+                    assert array is not None
+                    if array[start :: _sample_step(array.nbytes)][:n].tobytes() != fingerprint[at : at + n]:
+                        matching[j] = None
+                at += n
+        return matching
 
     def _moved(self) -> bool:
         """True when the model's set of parameters and buffers is not the indexed one (the server
@@ -296,11 +429,12 @@ class WeightIntegrity:
         case (nothing replaced); otherwise the tree is walked and its tensors compared."""
         if self._tree is not None and self._tree.unchanged():
             return False
-        tree = module_tree(self.modules)
+        modules = self.modules
+        tree = module_tree(modules)
         current = _weights_and_buffers(tree)
         if len(current) != len(self._tensors) or not all(map(operator.is_, current, self._tensors)):
             return True
-        self._tree = _TreeRecord(tree)  # the same tensors in other tables: vouch for these from now
+        self._tree = _TreeRecord(tree, modules)  # the same tensors in other tables: vouch for these from now
         return False
 
     # -- per request ----------------------------------------------------------------------------
@@ -372,12 +506,12 @@ class WeightIntegrity:
             self.untrusted = True
             _log.error("weight integrity check failed: %s", "; ".join(found))
             restored = self._restore()
-        detail = "restored from the kept copy" if restored else "this replica will be replaced"
+        detail = "the weights were restored" if restored else "this replica will be replaced"
         raise ModelTampering(f"the request changed the served model ({'; '.join(found)}); {detail}")
 
     def _restore(self) -> bool:
         if self._copies is None:
-            self.unrecoverable = True
+            self._give_up()
             return False
         if self._tree is not None and not self._tree.unchanged():
             # A tensor or module replaced in its table: the recorded ones go back (restoring only
@@ -394,16 +528,27 @@ class WeightIntegrity:
             for storage, copy in zip(self._storages, self._copies, strict=True):
                 _byte_view(storage).copy_(copy)
         identities = zip(self._tensors, self._identities, strict=True)
-        ok = not self._moved() and all(_Identity.of(t) == ident for t, ident in identities) and all(
-            torch.equal(_byte_view(s).cpu(), c) for s, c in zip(self._storages, self._copies, strict=True)
+        # The bytes restored from, and (against a source that no longer holds what the weights
+        # were indexed with) the index's own fingerprints of the live weights.
+        ok = (
+            not self._moved()
+            and all(_Identity.of(t) == ident for t, ident in identities)
+            and all(torch.equal(_byte_view(s).cpu(), c) for s, c in zip(self._storages, self._copies, strict=True))
+            and all(map(self._fingerprint_matches, range(len(self._samples))))
         )
         if ok:
             self._versions = list(map(_VERSION, self._tensors))
             self.untrusted = False
-            _log.warning("weights restored from the kept copy")
+            _log.warning("weights restored (%d bytes from their source, %d from the kept copy)",
+                         self.source_bytes, self.kept_bytes)
         else:
-            self.unrecoverable = True
+            self._give_up()
         return ok
+
+    def _give_up(self) -> None:
+        self.unrecoverable = True
+        if self.on_lost is not None:
+            self.on_lost()
 
     @property
     def healthy(self) -> bool:
@@ -411,17 +556,39 @@ class WeightIntegrity:
 
 
 _REGISTRY: weakref.WeakKeyDictionary[torch.nn.Module, WeightIntegrity] = weakref.WeakKeyDictionary()
+_SOURCES: weakref.WeakKeyDictionary[torch.nn.Module, RestoreSource] = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
+_LOST = threading.Event()  # set once a served model's weights could not be restored: for good
 
 
 def integrity_for(module: torch.nn.Module) -> WeightIntegrity:
-    """The integrity record of a served model's root module (built, and a copy kept, on first use)."""
+    """The integrity record of a served model's root module (built, and indexed, on first use)."""
     with _REGISTRY_LOCK:
         record = _REGISTRY.get(module)
         if record is None:
-            record = _REGISTRY[module] = WeightIntegrity([module])
+            record = _REGISTRY[module] = WeightIntegrity([module], on_lost=_LOST.set)
         return record
 
 
+def forget(module: torch.nn.Module) -> None:
+    """Drop the record of a served root module (its tensors were moved, replaced or released):
+    the next request indexes afresh, and the old index's copies and tensors are freed now."""
+    with _REGISTRY_LOCK:
+        _REGISTRY.pop(module, None)
+
+
+def restore_from(module: torch.nn.Module, source: RestoreSource | None) -> None:
+    """Register the restore source of a served root module's tensors (None: drop it); indexes
+    made from now on restore from it (see the module doc)."""
+    with _REGISTRY_LOCK:
+        if source is None:
+            _SOURCES.pop(module, None)
+        else:
+            _SOURCES[module] = source
+
+
 def all_healthy(records: Iterable[WeightIntegrity] | None = None) -> bool:
-    return all(r.healthy for r in (records if records is not None else list(_REGISTRY.values())))
+    """Whether every record can serve (no argument: the served models', and none ever lost)."""
+    if records is None:
+        return not _LOST.is_set() and all(r.healthy for r in list(_REGISTRY.values()))
+    return all(r.healthy for r in records)

@@ -44,6 +44,12 @@ def test_fill_then_map_gives_the_same_model_and_eviction_frees_it(
     def no_disk() -> Any:
         raise AssertionError("a second replica on the node must map the store, not load")
 
+    from model_runtime.sandbox import integrity
+
+    filler_index = integrity.integrity_for(filled.model._module)  # its own tensors, whose bytes the store holds
+    assert filler_index.kept_bytes == 0 and filler_index.source_bytes == filled.nbytes
+    integrity.forget(filled.model._module)
+
     mapped = host_copy.obtain(args, no_disk)
     assert mapped.source_kind == host_copy.NODE_MEMORY
     module = mapped.model._module
@@ -59,11 +65,34 @@ def test_fill_then_map_gives_the_same_model_and_eviction_frees_it(
     assert next(module.parameters()).device.type == "meta"
     mapped.to_device("cpu")
     assert torch.equal(_logits(mapped.model), _logits(filled.model))
+    _tampering_is_restored_from_the_store(mapped, expected)
 
     store = weight_store.node_store()
     assert [e["model_key"] for e in ray.get(store.contents.remote())].count(args.model_key) == 1
     mapped.release()  # COLD
     assert args.model_key not in [e["model_key"] for e in ray.get(store.contents.remote())]
+
+
+def _tampering_is_restored_from_the_store(copy: Any, expected: dict[str, torch.Tensor]) -> None:
+    """After WARM → HOT, the first request's integrity index restores from the store's arrays (it
+    keeps no copy of its own), and a write no guard saw is undone from them."""
+    import numpy
+
+    from model_runtime.sandbox import integrity
+    from model_runtime.sandbox.errors import ModelTampering
+
+    module = copy.model._module
+    integrity.forget(module)  # as the replica does after a level move
+    record = integrity.integrity_for(module)
+    record.admit()
+    assert record.kept_bytes == 0 and record.source_bytes == copy.nbytes
+    numpy.asarray(module.model.layers[0].mlp.up_proj.weight.detach())[:] = 0
+    with pytest.raises(ModelTampering, match="weights were restored"):
+        record.verify()
+    assert all(torch.equal(expected[k], v) for k, v in module.state_dict().items())
+    record.admit()
+    record.verify()
+    integrity.forget(module)
 
 
 def test_rendered_warm_to_hot_change_replaces_the_replica_which_maps_the_weights(
