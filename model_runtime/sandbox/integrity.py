@@ -289,10 +289,9 @@ class RestoreSource:
 
 def _host_view(array: np.ndarray[Any, Any]) -> torch.Tensor:
     """A uint8 tensor over `array`'s bytes, no copy (it holds the array; read-only pages are only
-    ever read: they are what the weights are restored from)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(array, dtype=torch.uint8)
+    ever read: they are what the weights are restored from). Call with torch's warning about
+    read-only buffers silenced."""
+    return torch.frombuffer(array, dtype=torch.uint8)
 
 
 def _sample_step(nbytes: int) -> int:
@@ -399,10 +398,12 @@ class WeightIntegrity:
         if self.kept_bytes > self.keep_copy_bytes:
             self.kept_bytes = self.source_bytes = 0
             return None
-        return [
-            _byte_view(storage).to("cpu", copy=True) if array is None else _host_view(array)
-            for storage, array in zip(self._storages, pristine, strict=True)
-        ]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return [
+                _byte_view(storage).to("cpu", copy=True) if array is None else _host_view(array)
+                for storage, array in zip(self._storages, pristine, strict=True)
+            ]
 
     def _matching_samples(self, pristine: list[np.ndarray[Any, Any] | None]) -> list[np.ndarray[Any, Any] | None]:
         """`pristine`, with None for every array whose bytes at the index's sample offsets differ

@@ -69,6 +69,7 @@ def test_fill_then_map_gives_the_same_model_and_eviction_frees_it(
 
     store = weight_store.node_store()
     assert [e["model_key"] for e in ray.get(store.contents.remote())].count(args.model_key) == 1
+    _the_index_outlives_the_store_entry(mapped, filled, store, args.model_key, expected)
     mapped.release()  # COLD
     assert args.model_key not in [e["model_key"] for e in ray.get(store.contents.remote())]
 
@@ -93,6 +94,36 @@ def _tampering_is_restored_from_the_store(copy: Any, expected: dict[str, torch.T
     record.admit()
     record.verify()
     integrity.forget(module)
+
+
+def _the_index_outlives_the_store_entry(copy: Any, filler: Any, store: Any, model_key: str,
+                                        expected: dict[str, torch.Tensor]) -> None:
+    """The index holds the store's arrays it restores from: once the store evicted the model (the
+    gateway made it COLD while the replica still serves) and every replica dropped its references,
+    their pages stay mapped, and a restore still reads the pristine bytes."""
+    import gc
+
+    import numpy
+    import ray
+
+    from model_runtime.sandbox import integrity
+    from model_runtime.sandbox.errors import ModelTampering
+
+    module = copy.model._module
+    record = integrity.integrity_for(module)
+    record.admit()
+    for replica in (copy, filler):
+        integrity.restore_from(replica.model._module, None)
+        replica._arrays, replica._refs = None, []
+    assert ray.get(store.evict_model.remote(model_key)) == 1
+    gc.collect()
+    others = [ray.put(numpy.full(copy.nbytes, 0x5A, dtype=numpy.uint8)) for _ in range(3)]  # would reuse freed pages
+    numpy.asarray(module.model.layers[0].mlp.up_proj.weight.detach())[:] = 0
+    with pytest.raises(ModelTampering, match="weights were restored"):
+        record.verify()
+    assert all(torch.equal(expected[k], v) for k, v in module.state_dict().items())
+    integrity.forget(module)
+    del others
 
 
 def test_rendered_warm_to_hot_change_replaces_the_replica_which_maps_the_weights(
