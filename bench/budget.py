@@ -237,13 +237,13 @@ def _measure_in(shape: Shape, root: Path) -> dict[str, Any]:
 
 def measure_tp(shape: Shape, rank: int, port: int, root: Path) -> dict[str, Any]:
     """Run in each rank's subprocess: one rank of a TP=2 replica, joined, loaded and run as the
-    replica's ranks are (`parallel.group.open_store` / `join_group`, `parallel.ranks.load_rank`,
+    replica's ranks are (`parallel.group.open_store` / `join_group`, `parallel.shard_rank.load_rank`,
     `execute_request`); its own peak."""
     import torch
 
     torch.set_num_threads(1)
     from model_runtime.replica.parallel.group import join_group, open_store
-    from model_runtime.replica.parallel.ranks import load_rank
+    from model_runtime.replica.parallel.shard_rank import load_rank
     from ndif_operator.api import ModelAppArgs
     from ndif_operator.evaluation import estimate
     from ndif_operator.evaluation.budget import CUDA_CONTEXT_BYTES, runtime_budget

@@ -107,7 +107,7 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
     import torch.distributed as dist
 
     from model_runtime.replica.parallel.group import join_group
-    from model_runtime.replica.parallel.ranks import load_rank
+    from model_runtime.replica.parallel.shard_rank import load_rank
 
     os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)  # as Ray does for each rank's actor
     store = dist.TCPStore("127.0.0.1", port, world, is_master=(rank == 0)) if rank == 0 else None

@@ -44,7 +44,8 @@ from model_runtime.replica.garbage import freeze_long_lived
 from model_runtime.replica.gpu_binding import bind_pinned_gpu
 from model_runtime.replica.gpu_lease import GpuLease, bind_leased_gpu
 from model_runtime.replica.host_copy import NODE_MEMORY
-from model_runtime.replica.parallel.ranks import TensorParallelCopy, obtain_ranks, weights_digest
+from model_runtime.replica.parallel.ranks import TensorParallelCopy, obtain_ranks
+from model_runtime.replica.parallel.shard_rank import weights_digest
 from model_runtime.sandbox.process_filter import confine_replica
 from model_runtime.settings import RuntimeSettings
 from ndif_operator import logs

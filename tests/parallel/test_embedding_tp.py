@@ -3,7 +3,7 @@
 transformers shards a Llama's `embed_tokens` by vocabulary rows on TP. Real client payloads that save
 its input and output, edit its output in place, replace it, and edit it at every step of a
 `generate`, run on both ranks exactly as the
-replica's ranks run them (`parallel.ranks.load_rank`, `run_on_rank`: sandbox included) and on the
+replica's ranks run them (`parallel.shard_rank.load_rank`, `run_on_rank`: sandbox included) and on the
 same checkpoint loaded on one device (`replica.loading.load_model`), and give the same results.
 """
 
@@ -38,7 +38,7 @@ def _args(checkpoint: str, tp: int) -> Any:
 def _rank_main(rank: int, port: int, checkpoint: str, blobs: dict[str, bytes], out: str) -> None:
     from model_runtime.replica.execution import ExecutionLimits
     from model_runtime.replica.parallel.group import join_group, tcp_store
-    from model_runtime.replica.parallel.ranks import load_rank, run_on_rank
+    from model_runtime.replica.parallel.shard_rank import load_rank, run_on_rank
 
     torch.set_num_threads(1)
     os.environ["NDIF_TP_MASTER_ADDR"] = "127.0.0.1"

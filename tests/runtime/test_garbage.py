@@ -103,7 +103,7 @@ def test_tp_shard_ranks_freeze_what_they_load_and_move(monkeypatch: pytest.Monke
     from types import SimpleNamespace
 
     from model_runtime.replica import app
-    from model_runtime.replica.parallel import ranks
+    from model_runtime.replica.parallel import shard_rank as ranks
     from runtime.conftest import model_args
 
     def held() -> SimpleNamespace:
