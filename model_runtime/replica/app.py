@@ -253,6 +253,7 @@ class ModelReplica:
             "metrics": self.metrics.snapshot(),
             "prometheus": self.metrics.exporting,
             "confined": self.confined,
+            "weight_index": _weight_index(self._model),
         }
 
     async def weight_digests(self) -> list[str]:
@@ -459,6 +460,16 @@ def _forget_weight_index(model: Any) -> None:
     integrity = sys.modules.get("model_runtime.sandbox.integrity")
     if integrity is not None and model is not None:
         integrity.forget(model._module)
+
+
+def _weight_index(model: Any) -> dict[str, int] | None:
+    """What the sandbox's integrity index restores from: bytes in the node's store (no copy) and
+    bytes it copied (None before the first request after a level move, or without the sandbox)."""
+    import sys
+
+    integrity = sys.modules.get("model_runtime.sandbox.integrity")
+    record = integrity.record_of(model._module) if integrity is not None and model is not None else None
+    return None if record is None else {"source_bytes": record.source_bytes, "kept_bytes": record.kept_bytes}
 
 
 def _error(description: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -571,6 +571,12 @@ def integrity_for(module: torch.nn.Module) -> WeightIntegrity:
         return record
 
 
+def record_of(module: torch.nn.Module) -> WeightIntegrity | None:
+    """The integrity record of a served root module if it has one (never builds one)."""
+    with _REGISTRY_LOCK:
+        return _REGISTRY.get(module)
+
+
 def forget(module: torch.nn.Module) -> None:
     """Drop the record of a served root module (its tensors were moved, replaced or released):
     the next request indexes afresh, and the old index's copies and tensors are freed now."""

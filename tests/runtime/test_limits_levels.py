@@ -127,6 +127,9 @@ def test_warm_refuses_with_activation_request_then_activates_from_memory(
     with slow_client_model.trace(PROMPT, remote=True):
         logits = slow_client_model.lm_head.output.save()
     assert logits.ndim == 3
+    # The first request's integrity index restores from the store's pages: it copied no weights.
+    index = handle.info.remote().result()["weight_index"]
+    assert index["kept_bytes"] == 0 and index["source_bytes"] > 0
 
     handle.set_level.remote("Cold").result()
     with pytest.raises(RemoteError, match="COLD"):
