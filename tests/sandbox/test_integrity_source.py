@@ -181,3 +181,21 @@ def test_a_model_that_could_not_be_restored_keeps_the_process_unhealthy(monkeypa
     assert not module.all_healthy()
     module.forget(model)  # a level move drops the record; the replica must still be replaced
     assert not module.all_healthy()
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["fingerprint-bytes", "fingerprint-tensors"])
+def test_the_source_check_sees_a_changed_sampled_byte_with_either_fingerprint_reader(on_host: bool) -> None:
+    """Host storages compare the source with the fingerprints' bytes; device storages with the
+    fingerprint tensors brought to the host: both vouch for an intact source, neither for a
+    source with one sampled byte changed."""
+    model = _model()
+    _, integrity = _moved_from_store(model)
+    if not on_host:
+        integrity._fingerprint_bytes = []
+    assert integrity._copies is not None
+    pristine = [c.numpy().copy() for c in integrity._copies]  # the store's bytes, in the index's storage order
+    assert all(p is not None for p in integrity._matching_samples(list(pristine)))
+    start = integrity._sample_starts[0][0]
+    pristine[0][start] ^= 0xFF  # the first sampled byte of the first storage in sample set 0
+    matching = integrity._matching_samples(list(pristine))
+    assert matching[0] is None and all(p is not None for p in matching[1:])
