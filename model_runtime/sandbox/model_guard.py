@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from model_runtime.sandbox.dict_versions import VersionedCopy
 from model_runtime.sandbox.dispatch_guard import local_shard, module_tree
 from model_runtime.sandbox.errors import ModelTampering
 
@@ -163,26 +164,48 @@ class WeightGuard:
             )
 
 
+def _critical(modules: dict[str, Any]) -> list[Any]:
+    return list(map(modules.get, CRITICAL_MODULES))
+
+
+# Read again only once written (`dict_versions`): between requests neither table usually changes.
+_BUILTINS = VersionedCopy(vars(builtins), dict)
+_MODULES = VersionedCopy(sys.modules, _critical)
+
+
 @dataclass
 class ProcessState:
-    """A snapshot of the process-wide state a request can reach, restored by `restore()`."""
+    """A snapshot of the process-wide state a request can reach, restored by `restore()`.
+
+    The builtins dict and the critical `sys.modules` entries are each a copy made when the table
+    was last written (shared by the requests that find it unwritten since, never modified) and the
+    table's version tag: a table whose tag has not moved was not written, and is not compared."""
 
     default_dtype: torch.dtype
     grad_enabled: bool
     inference_mode: bool
     modules_len: int
+    modules_version: int | None
     critical_modules: list[Any]  # `sys.modules.get` of each of CRITICAL_MODULES, in its order
+    builtins_version: int | None
     builtins_dict: dict[str, Any]
 
     @classmethod
     def capture(cls) -> ProcessState:
+        global _MODULES
+        if _MODULES.table is not sys.modules:  # rebound (no sandboxed code can reach `sys`)
+            _MODULES = VersionedCopy(sys.modules, _critical)
+        modules_version, critical = _MODULES.current()
+        builtins_version, builtins_dict = _BUILTINS.current()
         return cls(
             default_dtype=torch.get_default_dtype(),
             grad_enabled=torch.is_grad_enabled(),
             inference_mode=torch.is_inference_mode_enabled(),
             modules_len=len(sys.modules),
-            critical_modules=list(map(sys.modules.get, CRITICAL_MODULES)),
-            builtins_dict=dict(vars(builtins)),
+            modules_version=modules_version,
+            critical_modules=critical,
+            builtins_version=builtins_version,
+            builtins_dict=builtins_dict,
         )
 
     def restore(self) -> list[str]:
@@ -199,19 +222,22 @@ class ProcessState:
         # the modules the sandbox and the server rely on are checked by identity. New entries
         # are reported, not removed: lazy imports by the server are legitimate, and aliases
         # (`os.path` is `posixpath`) make "not a module under its own name" no test of foul play.
-        # (Compared at C speed first: the loop runs only when an entry differs.)
-        if not all(map(operator.is_, map(sys.modules.get, CRITICAL_MODULES), self.critical_modules)):
-            for name, module in zip(CRITICAL_MODULES, self.critical_modules, strict=True):
-                if sys.modules.get(name) is not module:
-                    changed.append(f"sys.modules[{name!r}]")
-                    if module is None:
-                        sys.modules.pop(name, None)
-                    else:
-                        sys.modules[name] = module
-        if len(sys.modules) != self.modules_len:
-            changed.append("sys.modules grew")
+        # (Not written since the capture: nothing to compare. Else compared at C speed first:
+        # the loop runs only when an entry differs.)
+        modules = sys.modules
+        if not (modules is _MODULES.table and _MODULES.unchanged_since(self.modules_version)):
+            if not all(map(operator.is_, map(modules.get, CRITICAL_MODULES), self.critical_modules)):
+                for name, module in zip(CRITICAL_MODULES, self.critical_modules, strict=True):
+                    if modules.get(name) is not module:
+                        changed.append(f"sys.modules[{name!r}]")
+                        if module is None:
+                            modules.pop(name, None)
+                        else:
+                            modules[name] = module
+            if len(modules) != self.modules_len:
+                changed.append("sys.modules grew")
         current = vars(builtins)
-        if current != self.builtins_dict:
+        if not _BUILTINS.unchanged_since(self.builtins_version) and current != self.builtins_dict:
             changed.append("builtins")
             current.clear()
             current.update(self.builtins_dict)

@@ -26,12 +26,13 @@ then on: the write guard refuses them, and `ServerState` verifies them like the 
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections.abc import Callable
 from itertools import chain
 from operator import is_
 from typing import Any
+
+from model_runtime.sandbox.dict_versions import dict_version
 
 _STATE = "__nnsight__"
 _STATE_SLOTS = ("routes", "body", "original", "sourced", "compiled")
@@ -247,42 +248,8 @@ class RuntimeState:
         return [f"interleaver.{key}" for key in changed]
 
 
-def _dict_version_reader() -> Callable[[dict[Any, Any]], int] | None:
-    """CPython's per-dict version tag (PEP 509), read by torch's compiler guards: every write to a
-    dict gives it a new, never reused value, so an unchanged tag means an unchanged dict. None
-    (then the envoy dicts are compared entry by entry) if torch lacks the reader or this
-    interpreter does not move the tag on each kind of write the envoys could get."""
-    try:
-        from torch._C._dynamo.guards import dict_version
-    except ImportError:
-        return None
-
-    class Probe:
-        attribute: int
-
-    def store(probe: Any, value: int) -> None:
-        probe.attribute = value  # the interpreter specialises this store after a few runs
-
-    probe = Probe()
-    probe.attribute = -1
-    entries = vars(probe)  # as the envoys' dicts are held (and so made real)
-    seen = {dict_version(entries)}
-    writes: list[Callable[[], object]] = [
-        *(functools.partial(store, probe, i) for i in range(32)),
-        functools.partial(setattr, probe, "other", 1), functools.partial(delattr, probe, "other"),
-        functools.partial(entries.__setitem__, "item", 1), functools.partial(entries.pop, "item"),
-        functools.partial(entries.update, item=2), entries.clear,
-    ]
-    for write in writes:
-        write()
-        version = dict_version(entries)
-        if not isinstance(version, int) or version in seen:
-            return None
-        seen.add(version)
-    return dict_version
-
-
-_DICT_VERSION = _dict_version_reader()
+# The envoys' dicts are compared entry by entry only once written (`dict_versions`).
+_DICT_VERSION = dict_version
 
 
 def _versions(dicts: list[dict[str, Any]]) -> list[int] | None:

@@ -181,6 +181,37 @@ def test_process_state_is_restored() -> None:
     assert {"default_dtype", "grad_mode", "builtins", "sys.modules grew", "sys.modules['os']"} <= set(changed)
 
 
+
+def test_process_state_reads_only_written_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builtins and `sys.modules` snapshots are shared while the tables' version tags hold;
+    any write moves the tag, so a change is still found and put back, and without a trustworthy
+    tag every table is compared as before."""
+    import builtins
+
+    from model_runtime.sandbox import dict_versions, model_guard
+
+    assert dict_versions.dict_version is not None  # (so the version-tag path is what is tested)
+    first, second = ProcessState.capture(), ProcessState.capture()
+    assert second.builtins_dict is first.builtins_dict and second.critical_modules is first.critical_modules
+    assert second.restore() == []
+    builtins.planted = 1  # type: ignore[attr-defined]
+    del builtins.planted  # type: ignore[attr-defined]
+    assert second.restore() == []  # written back as it was: compared, nothing to report
+    third = ProcessState.capture()
+    assert third.builtins_dict is not first.builtins_dict and third.builtins_dict == first.builtins_dict
+    vars(builtins).update(len=print)
+    real_os = sys.modules["os"]
+    sys.modules.update(os=sys)
+    assert {"builtins", "sys.modules['os']"} <= set(third.restore())
+    assert builtins.len is not print and sys.modules["os"] is real_os
+    monkeypatch.setattr(dict_versions, "dict_version", None)
+    fourth = ProcessState.capture()
+    assert fourth.builtins_version is None and fourth.modules_version is None
+    builtins.planted = 2  # type: ignore[attr-defined]
+    assert "builtins" in fourth.restore() and not hasattr(builtins, "planted")
+    assert model_guard._BUILTINS.current()[0] is None
+
+
 def test_rng_is_restored_after_a_request(models: tuple[Any, Any], backend: Any) -> None:
     from sandbox.legit_programs import PROMPT
 
