@@ -282,6 +282,7 @@ def test_mutated_real_payloads_never_change_the_server(models: tuple[Any, Any], 
 
     from model_runtime.sandbox.capabilities import Capabilities
     from model_runtime.sandbox.guards import Guards
+    from model_runtime.sandbox.limits import address_space_cap
 
     client, server = models
     be = backend()
@@ -299,7 +300,10 @@ def test_mutated_real_payloads_never_change_the_server(models: tuple[Any, Any], 
         for _edit in range(rng.randint(1, 3)):
             data[rng.randrange(2, len(data))] = rng.randrange(256)
         try:
-            SandboxUnpickler(io.BytesIO(bytes(data)), persistent, guards).load()
+            # Under the request's memory cap, as in production: an edited size would otherwise
+            # allocate tens of GB on the test machine.
+            with address_space_cap(1024**3):
+                SandboxUnpickler(io.BytesIO(bytes(data)), persistent, guards).load()
             outcomes["loaded"] += 1
         except Exception:  # any refusal or malformed-stream error is fine here
             outcomes["refused"] += 1
