@@ -5,11 +5,12 @@
 
 Every write to a dict (item or attribute store, delete, `update`, `clear`, `pop`, `setdefault`,
 ...) gives it a new version, never reused in the process: an unchanged tag means an unchanged
-dict. The snapshots taken around every request (`nnsight_state`'s envoy dicts, `model_guard`'s
-builtins and `sys.modules`) read the tag instead of copying and comparing the whole table when
-nothing was written, the usual case. The reader is torch's (its compiler guards use it), checked
-once at import on every kind of write the snapshotted tables could get; where torch lacks it or
-the interpreter does not move the tag on one of them, `dict_version` is None and callers copy and
+dict. The snapshots taken around every request (`nnsight_state`'s envoy dicts, `provenance`'s
+dicts of the model's state, `model_guard`'s builtins and `sys.modules`, `global_state`'s
+environment) read the tag instead of copying and comparing the whole table when nothing was
+written, the usual case. The reader is torch's (its compiler guards use it), checked once at
+import on every kind of write the snapshotted tables could get; where torch lacks it or the
+interpreter does not move the tag on one of them, `dict_version` is None and callers copy and
 compare as they would without it.
 """
 
@@ -63,6 +64,11 @@ def _reader() -> Callable[[dict[Any, Any]], int] | None:
 
 
 dict_version: Callable[[dict[Any, Any]], int] | None = _reader()
+
+
+def versions(tables: list[dict[Any, Any]]) -> list[int] | None:
+    """Each table's version tag (None without a trustworthy tag)."""
+    return list(map(dict_version, tables)) if dict_version is not None else None
 
 
 class VersionedCopy(Generic[T]):

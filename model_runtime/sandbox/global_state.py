@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from model_runtime.sandbox.dict_versions import VersionedCopy
+
 _log = logging.getLogger(__name__)
 _C: Any = torch._C
 
@@ -195,8 +197,13 @@ def _set_warnings_state(value: tuple[Any, ...]) -> None:
     _warnings._filters_mutated()
 
 
+# The raw table (100x cheaper to copy than `os.environ`), copied again only once written: an
+# unwritten table gives the same copy, which the list comparison then passes by identity.
+_ENVIRON = VersionedCopy(os.environ._data, dict)  # type: ignore[attr-defined]
+
+
 def _environ() -> dict[bytes, bytes]:
-    return dict(os.environ._data)  # type: ignore[attr-defined]  # the raw table: 100x cheaper to copy
+    return _ENVIRON.current()[1]
 
 
 def _set_environ(value: dict[bytes, bytes]) -> None:

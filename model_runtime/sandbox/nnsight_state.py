@@ -32,7 +32,7 @@ from itertools import chain
 from operator import is_
 from typing import Any
 
-from model_runtime.sandbox.dict_versions import dict_version
+from model_runtime.sandbox.dict_versions import dict_version, versions
 
 _STATE = "__nnsight__"
 _STATE_SLOTS = ("routes", "body", "original", "sourced", "compiled")
@@ -97,7 +97,7 @@ class RuntimeState:
         self._envoy_keys = list(chain.from_iterable(dicts))
         self._envoy_values = list(chain.from_iterable(map(dict.values, dicts)))
         self._envoy_lengths = list(map(len, dicts))
-        self._envoy_versions = _versions(dicts)
+        self._envoy_versions = versions(dicts)
         self._cache_view = dict(self._cache)
         if self._interleaver is not None:
             entries = vars(self._interleaver)
@@ -126,14 +126,14 @@ class RuntimeState:
             intact = False
             changed.extend(self._modules_changed())
         dicts = self._envoy_dicts
-        versions = _versions(dicts)
-        if versions is None or versions != self._envoy_versions:  # written since recorded: compare
+        now = versions(dicts)
+        if now is None or now != self._envoy_versions:  # written since recorded: compare
             if list(chain.from_iterable(dicts)) != self._envoy_keys or not all(
                     map(is_, chain.from_iterable(map(dict.values, dicts)), self._envoy_values)):
                 intact = False
                 changed.extend(self._envoys_changed())
             else:  # written back as they were
-                self._envoy_versions = versions
+                self._envoy_versions = now
         if self._cache != self._cache_view:
             intact = False
             changed.extend(self._cache_changed())
@@ -250,10 +250,6 @@ class RuntimeState:
 
 # The envoys' dicts are compared entry by entry only once written (`dict_versions`).
 _DICT_VERSION = dict_version
-
-
-def _versions(dicts: list[dict[str, Any]]) -> list[int] | None:
-    return list(map(_DICT_VERSION, dicts)) if _DICT_VERSION is not None else None
 
 
 def _tables(compiled: Any) -> tuple[Any, Any, Any]:

@@ -6,7 +6,8 @@ wrapper's `kwargs`, ...; not the weight tables, which are the weight guard's) ar
 identity when the model is first served; the write guard refuses any item or attribute write
 into one of them (`ServerState.owns`), whatever name or alias reached it. Their contents are
 snapshotted when the model is first served (again only when containers were adopted or a check
-did not finish: `begin`) and compared after every request, by length and item identity, and
+did not finish: `begin`) and compared after every request, by length and item identity (a plain
+dict by its version tag first: unwritten, it is not read), and
 put back if they changed (`verify_and_restore`): whatever slipped
 past the guards does not reach the next request (a callable planted in an envoy's state would
 otherwise run inside other users' requests).
@@ -19,6 +20,8 @@ from collections import OrderedDict
 from itertools import chain, compress, islice
 from operator import is_
 from typing import Any
+
+from model_runtime.sandbox.dict_versions import versions
 
 _CONTAINERS = (list, dict, set, OrderedDict)
 # The weight tables are the weight guard's: the server re-places parameters (activation from a
@@ -92,6 +95,7 @@ class ServerState:
             self._filled = self._lists + self._dicts + self._others
             self._partitioned = len(self._containers)
         self._lengths = list(map(len, self._filled))
+        self._dict_versions = versions(self._dicts)  # before their contents: a later write moves them
         self._list_items = list(chain.from_iterable(self._lists))
         self._dict_keys = list(chain.from_iterable(self._dicts))
         self._dict_values = list(chain.from_iterable(map(dict.values, self._dicts)))
@@ -104,10 +108,21 @@ class ServerState:
             not any(self._empty)
             and list(map(len, self._filled)) == self._lengths
             and all(map(is_, chain.from_iterable(self._lists), self._list_items))
-            and list(chain.from_iterable(self._dicts)) == self._dict_keys
-            and all(map(is_, chain.from_iterable(map(dict.values, self._dicts)), self._dict_values))
+            and self._dicts_unchanged()
             and all(map(_same, self._others, self._other_copies))
         )
+
+    def _dicts_unchanged(self) -> bool:
+        """The filled plain dicts: unwritten since the capture (their version tags, `dict_versions`),
+        or holding the same keys and values (then their tags are recorded again)."""
+        now = versions(self._dicts)
+        if now is not None and now == self._dict_versions:
+            return True
+        same = list(chain.from_iterable(self._dicts)) == self._dict_keys and all(
+            map(is_, chain.from_iterable(map(dict.values, self._dicts)), self._dict_values))
+        if same:
+            self._dict_versions = now  # written back as they were (read before the comparison)
+        return same
 
     def _snapshots(self) -> dict[int, Any]:
         """Each filled container's snapshot (`_copy`'s form), rebuilt from the flattened capture

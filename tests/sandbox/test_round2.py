@@ -288,6 +288,28 @@ def test_server_state_snapshot_sees_and_restores_each_container_kind() -> None:
         assert state.verify_and_restore() == []
 
 
+
+def test_server_state_compares_a_plain_dict_only_once_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain dict is read only when its version tag moved: written back as it was, it is compared,
+    found intact and its tag recorded again; changed, it is put back; and without a trustworthy
+    tag every dict is compared."""
+    from model_runtime.sandbox import dict_versions, provenance
+
+    assert dict_versions.dict_version is not None  # (so the version-tag path is what is tested)
+    envoy = _Envoy()
+    state = ServerState(envoy)
+    recorded = state._dict_versions
+    envoy.table["z"] = print
+    del envoy.table["z"]
+    assert state.verify_and_restore() == [] and state._dict_versions != recorded
+    envoy.table["x"] = 2
+    assert state.verify_and_restore() == ["envoy model.table"] and envoy.table["x"] == 1
+    monkeypatch.setattr(provenance, "versions", lambda _dicts: None)
+    state.capture()
+    envoy.table["x"] = 3
+    assert state.verify_and_restore() == ["envoy model.table"] and envoy.table["x"] == 1
+
+
 def test_server_state_follows_containers_the_server_fills_or_empties_between_requests() -> None:
     """A capture after the server filled an empty container or emptied a filled one snapshots
     the new contents: a request's change to either is then seen and undone to them."""
