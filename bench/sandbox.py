@@ -1,6 +1,7 @@
 """Per-request cost of the sandbox on the tiny model, end to end and split by layer.
 
     .venv/bin/python bench/sandbox.py [iterations]      # default 300 interleaved requests per path
+    .venv/bin/python bench/sandbox.py --help
 
 One real client payload (the unmodified nnsight client, a trace that saves two hidden states and
 the logits) is executed over and over against a dispatched tiny llama:
@@ -34,7 +35,6 @@ import itertools
 import pickle
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -397,5 +397,18 @@ def main(iterations: int) -> None:
           f"target <= 1.3x)")
 
 
+def cli(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("iterations", nargs="?", type=int, default=300,
+                        help="interleaved requests per path on the tiny model (default 300; the large model "
+                             "runs a third as many, at least 20)")
+    args = parser.parse_args(argv)
+    if args.iterations < 1:
+        parser.error("iterations must be at least 1")
+    main(args.iterations)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
+    cli()
