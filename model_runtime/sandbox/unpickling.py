@@ -34,11 +34,13 @@ How, at C speed: the C unpickler has no per-opcode hook, so every load runs twic
 **Pass 1 (`_DryRun`)** runs the stream on stand-ins: `find_class` and `persistent_load` return
 inert objects that mirror each real object's role (a server object, an allowlisted class, a
 reducible function, a fresh instance) and raise `PayloadRejected` on any operation the policy
-above refuses. Pickle has no branches: the opcode stream, and so every stack slot's provenance,
-is the same in both passes, so a stream pass 1 accepts performs only accepted operations in
-**pass 2**, the real load (same allowlist, real objects, the substitutes with their own checks).
-A pass-2 error can only stop a load, never widen it. Two C passes cost about 2x one stock load; a
-pure-Python unpickler with the same checks cost 5x.
+above refuses. A class's stand-in subclasses its instances' kind and has no `__new__` of its own:
+NEWOBJ makes a fresh instance in C, running no Python. Pickle has no branches: the opcode
+stream, and so every stack slot's provenance, is the same in both passes, so a stream pass 1
+accepts performs only accepted operations in **pass 2**, the real load (same allowlist, real
+objects, the substitutes with their own checks). A pass-2 error can only stop a load, never
+widen it. Two C passes cost about 2x one stock load; a pure-Python unpickler with the same
+checks cost 5x.
 
 The class takes `(file, persistent_objects)` like nnsight's `CustomCloudUnpickler`, so it also
 works as the `unpickler=` hook of `RequestModel.deserialize` (then use `SandboxUnpickler.bind`
@@ -54,7 +56,7 @@ import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from model_runtime.sandbox.compiling import restricted_function
 from model_runtime.sandbox.errors import CapabilityDenied, CodeRejected, PayloadRejected
@@ -260,21 +262,30 @@ class _ClassMeta(type):
     def __setitem__(cls, _key: Any, _value: Any) -> None:
         raise PayloadRejected(f"the payload tries to modify {cls._what} (SETITEM)")
 
+    @property
+    def __setstate__(cls) -> Any:
+        """BUILD on the class itself (slot state would be `setattr` on it). A data descriptor of
+        the metaclass: it answers for the class object, while its instances' BUILD finds their
+        kind's own `__setstate__`."""
+        raise PayloadRejected(f"the payload tries to modify {cls._what} (BUILD)")
 
-def _class_stand_in(what: str, made: Callable[[], _Built], callable_: bool) -> type:
-    """A type (NEWOBJ insists on one) whose `__new__` makes the stand-in of a fresh instance."""
 
-    def __new__(_cls: type, *_args: Any, **_kwargs: Any) -> Any:  # NEWOBJ / NEWOBJ_EX
-        return made()
+def _no_init(_self: Any, *_args: Any, **_kwargs: Any) -> None:
+    """Never called (calling a stand-in class is the metaclass's `__call__`, and NEWOBJ calls only
+    `__new__`); defined so that the inherited C-level `object.__new__` accepts NEWOBJ's arguments."""
 
-    def __setstate__(_state: Any) -> None:  # BUILD on the class itself (slot state = setattr)
-        raise PayloadRejected(f"the payload tries to modify {what} (BUILD)")
 
-    namespace = {
-        "__slots__": (), "__new__": __new__, "__setstate__": staticmethod(__setstate__),
-        "_what": what, "_on_call": made if callable_ else None,
-    }
-    return _ClassMeta("StandIn", (), namespace)
+def _class_stand_in(what: str, kind: type[_Built], callable_: bool) -> type:
+    """A type (NEWOBJ insists on one) whose instances are the stand-ins of fresh instances: a
+    subclass of `kind` with no `__new__` of its own, so NEWOBJ makes one in C (`object.__new__`),
+    running no Python. Calling it (REDUCE) makes one too where `callable_`."""
+    namespace = {"__slots__": (), "__init__": _no_init, "_what": what}
+    stand_in = _ClassMeta(f"StandIn[{what}]", (kind,), namespace)
+    make: Any = object.__new__
+    stand_in._on_call = functools.partial(make, stand_in) if callable_ else None
+    if kind in _ENVOY_KINDS:
+        _ENVOY_KINDS.add(cast(type[_Built], stand_in))
+    return stand_in
 
 
 @functools.cache  # stand-ins are stateless: one per allowlisted global per process

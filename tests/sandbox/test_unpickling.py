@@ -359,3 +359,27 @@ def test_the_dry_run_stands_one_object_for_each_server_id() -> None:
                                              ("Module:model", "Module:model.lm_head", "Module:model")]
     other = _DryRun(_with_pids("Module:model"), {"Module:model": object()}).load()
     assert other[0] is not first[0]  # another set of ids, its own stand-ins
+
+
+def test_dry_run_class_stand_ins_make_instances_in_c_and_refuse_class_writes() -> None:
+    """NEWOBJ on a class stand-in runs no Python (C-level `object.__new__`, arguments accepted);
+    its instances keep their kind's BUILD rule; BUILD on the class itself and calling a class that
+    is not reducible are refused."""
+    from model_runtime.sandbox.unpickling import _ENVOY_KINDS, _stand_in_for
+
+    envoy = _stand_in_for(("nnsight.intervention.envoy", "Envoy"))
+    assert envoy.__new__ is object.__new__
+    made = envoy.__new__(envoy, "ignored")
+    assert type(made) in _ENVOY_KINDS
+    made.__setstate__({"_children": []})  # a fresh envoy's state: accepted
+    with pytest.raises(PayloadRejected):
+        made.__setstate__({"_children": [object()]})  # children it did not create
+    with pytest.raises(PayloadRejected):
+        envoy.__setstate__  # noqa: B018 - BUILD on the class looks this up
+    with pytest.raises(PayloadRejected):
+        envoy()  # REDUCE: not a reducible global
+    size = _stand_in_for(("torch", "Size"))  # reducible, not buildable
+    with pytest.raises(PayloadRejected):
+        size().__setstate__({})
+    ordered = _stand_in_for(("collections", "OrderedDict"))
+    ordered()["key"] = "value"  # reducible: calling it makes a fresh mapping, SETITEM accepted
