@@ -36,7 +36,7 @@ from typing import Any
 from model_runtime.bounds import CappedLog
 from model_runtime.replica.execution import Runner
 from model_runtime.replica.persistent_objects import persistent_objects
-from model_runtime.sandbox import sources
+from model_runtime.sandbox import seccomp, sources
 from model_runtime.sandbox.capabilities import Capabilities
 from model_runtime.sandbox.compiling import install_compile_hook, restricted_compile, sandboxed_compilation
 from model_runtime.sandbox.dispatch_guard import WriteGuard
@@ -90,6 +90,7 @@ class _ModelContext:
 class _Request:
     ctx: _ModelContext
     guards: Guards
+    integrity: Any = None  # the model's WeightIntegrity (its storage is the write guard's)
     restored: list[str] = field(default_factory=list)  # what the request had changed (restored)
     restore_s: float = 0.0
 
@@ -145,7 +146,7 @@ class Sandbox:
             request = _Request(ctx, Guards(ctx.caps, ctx.weights.is_protected, on_print=on_print,
                                            server_owned=ctx.state.owns))
             state = ProcessState.capture()
-            integrity = integrity_for(model._module)
+            integrity = request.integrity = integrity_for(model._module)
             integrity.admit()  # refuses while the weights are untrusted (fail closed)
             try:
                 if env:
@@ -186,7 +187,8 @@ class Sandbox:
 
         with self.request(model, env, CappedLog(on_log or (lambda _t: None))) as request, nnsight_caches_restored():
             worker = self.worker(limits.seccomp)
-            job = _Job(model, raw, compress, request.guards, request.ctx.weights, limits, timings)
+            job = _Job(model, raw, compress, request.guards, request.ctx.weights, limits, timings,
+                       request.integrity.storage)
             try:
                 with address_space_cap(limits.memory_bytes):
                     result = worker.run(job.run, limits.timeout_s, limits.grace_s)
@@ -229,6 +231,7 @@ class _Job:
     weights: WeightGuard
     limits: Limits
     timings: dict[str, float]
+    storage: Any  # the server's storages, as the integrity check indexed them (the write guard's)
 
     def run(self) -> ExecutionResult:
         """Execute and serialise (the standalone executor's job on its worker thread)."""
@@ -249,7 +252,7 @@ class _Job:
             request_scope(),
             state_restored(),
             sandboxed_compilation(),
-            WriteGuard(integrity_for(self.model._module).storage),
+            WriteGuard(self.storage),
         ):
             error: BaseException | None = None
             try:
@@ -432,7 +435,8 @@ def run_blob(model: Any, blob: bytes, envelope: Any) -> dict[str, Any]:
             _seccomp_this_thread()
         # linecache and nnsight's caches: execute_request restores them around this call.
         with sandbox.request(model, env, on_print=lambda text: print(text, file=sys.stdout)) as request:
-            job = _Job(model, raw, bool(envelope.compress), request.guards, request.ctx.weights, limits, {})
+            job = _Job(model, raw, bool(envelope.compress), request.guards, request.ctx.weights, limits, {},
+                       request.integrity.storage)
             with address_space_cap(limits.memory_bytes):
                 return job.execute()
     except SandboxError as exc:  # its text may quote a library's error, with server paths
@@ -448,8 +452,6 @@ _SECCOMP = threading.local()
 
 
 def _seccomp_this_thread() -> None:
-    from model_runtime.sandbox import seccomp
-
     if getattr(_SECCOMP, "installed", False) or not seccomp.supported():
         return
     try:
