@@ -20,7 +20,10 @@ the logits) is executed over and over against a dispatched tiny llama:
 * no_write_guard: the sandboxed seam with every layer but the write guard (the guard's share).
 
 The paths alternate request by request so machine noise hits them alike; each ratio is reported
-with the interquartile range of the ratios of interleaved pairs. Then each layer is timed alone
+with the interquartile range of the ratios of interleaved pairs. The headline's sandboxed request
+follows a baseline one (the sandbox's own code and data start cold); each round also runs the
+baseline and the sandboxed seam a second time right after the first, and prints that pair's ratio
+("back to back": each request after one of its own kind, as a replica serves them). Then each layer is timed alone
 on the same payload (stock vs sandboxed where there is a stock equivalent), and the baseline,
 sandboxed and Python-mode seams are compared again on a ~107M-parameter llama built offline,
 where a real model's compute dominates (`large model: sandboxed / unsandboxed = X.XXx`). Medians;
@@ -250,8 +253,13 @@ def main(iterations: int) -> None:
     gc_ms = _median_ms(gc.collect, 5)
     freeze_long_lived()  # as the model app does after loading
     guard_kind = "native dispatcher kernels" if WriteGuard(ServerStorage()).native else "Python mode (fallback!)"
+    # Each round: the baseline twice, the sandboxed seam twice, then the variants. The headline pairs
+    # the first of each (the sandboxed request follows a baseline one, whose code shares none of
+    # the sandbox's, so the sandbox's code and data start cold); the second of each follows a
+    # request of its own kind, as a replica serves them back to back (printed for comparison).
     samples = _interleaved(
-        {"baseline": baseline, "sandboxed": sandboxed, "no_seccomp": sandboxed_no_seccomp, "standalone": standalone,
+        {"baseline": baseline, "baseline_again": baseline, "sandboxed": sandboxed, "sandboxed_again": sandboxed,
+         "no_seccomp": sandboxed_no_seccomp, "standalone": standalone,
          "python_mode": _under_python_mode(sandboxed), "no_write_guard": _without_write_guard(sandboxed)},
         iterations,
     )
@@ -371,6 +379,10 @@ def main(iterations: int) -> None:
           f"({cpu['sandboxed'] / cpu['baseline']:.2f}x), Python mode {cpu['python_mode']:.2f} ms "
           f"({cpu['python_mode'] / cpu['baseline']:.2f}x), no write guard {cpu['no_write_guard']:.2f} ms "
           f"({cpu['no_write_guard'] / cpu['baseline']:.2f}x)")
+    again = med["sandboxed_again"] / med["baseline_again"]
+    print(f"  back to back (each right after a request of its own kind, as a replica serves them): "
+          f"sandboxed {med['sandboxed_again']:.2f} ms vs baseline {med['baseline_again']:.2f} ms = {again:.2f}x "
+          f"({_spread(samples, 'sandboxed_again', 'baseline_again')})")
     print(f"  (for reference: a full gc.collect() in this process costs {gc_ms:.1f} ms; requests collect young)")
     print("cost split by layer (each alone, same payload):")
     for stock_name, stock_fn, box_name, box_fn in layers:
