@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from itertools import chain
+from itertools import chain, repeat
 from operator import is_
 from typing import Any
 
@@ -103,6 +103,9 @@ class RuntimeState:
             entries = vars(self._interleaver)
             self._interleaver_keys = list(entries)
             self._interleaver_values = list(entries.values())
+            fixed = [(key, value) for key, value in entries.items() if key not in _PER_RUN]
+            self._interleaver_fixed_keys = [key for key, _ in fixed]
+            self._interleaver_fixed_values = [value for _, value in fixed]
             self._interleaver_tables = [(value, _copy(value)) for key, value in entries.items()
                                         if key in _TABLES_PUT_BACK]
 
@@ -236,14 +239,19 @@ class RuntimeState:
             return []
         entries = vars(self._interleaver)
         keys, values = self._interleaver_keys, self._interleaver_values
-        changed = [key for key, value in zip(keys, values, strict=True)
-                   if key not in _PER_RUN and entries.get(key, _MISSING) is not value]
-        changed += [key for key in entries if key not in keys]
-        if changed or len(entries) != len(keys):
-            entries.clear()
+        changed: list[str] = []
+        # The attributes that are not per-run, compared at C speed (each still the same object).
+        if not all(map(is_, map(entries.get, self._interleaver_fixed_keys, repeat(_MISSING)),
+                       self._interleaver_fixed_values)):
+            changed = [key for key, value in zip(keys, values, strict=True)
+                       if key not in _PER_RUN and entries.get(key, _MISSING) is not value]
         entries.update(zip(keys, values, strict=True))
+        if changed or len(entries) != len(keys):  # (after the update, a longer dict has keys added)
+            changed += [key for key in entries if key not in keys]
+            entries.clear()
+            entries.update(zip(keys, values, strict=True))
         for table, contents in self._interleaver_tables:
-            if not _same(table, contents):
+            if (table or contents) and not _same(table, contents):  # (both empty: the usual case)
                 _put_back(table, contents)
         return [f"interleaver.{key}" for key in changed]
 
