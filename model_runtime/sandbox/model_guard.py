@@ -79,6 +79,9 @@ CRITICAL_MODULES = (
 )
 
 
+_VERSION = operator.attrgetter("_version")  # a tensor's version counter (its views' too)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor holding the data on this process: a DTensor's (tensor parallelism) local shard."""
     return local_shard(tensor)
@@ -121,7 +124,7 @@ class WeightGuard:
                 self._source = tensors
                 self._tensors = [_local(t) for t in tensors]
                 self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
-            self._versions = [t._version for t in self._tensors]
+            self._versions = list(map(_VERSION, self._tensors))
             return
         self._source = None
         # One walk over the module tree reading each module's own tables (what `parameters()` and
@@ -138,7 +141,7 @@ class WeightGuard:
         # A DTensor parameter's data and version counter are its local shard's.
         self._tensors = [_local(t) for t in seen.values()]
         self._ptrs = frozenset(p for p in (_storage_ptr(t) for t in self._tensors) if p)
-        self._versions = [t._version for t in self._tensors]
+        self._versions = list(map(_VERSION, self._tensors))
 
     def is_protected(self, value: Any) -> bool:
         """True for a weight or buffer of the served model, or any tensor sharing its storage."""
@@ -153,9 +156,10 @@ class WeightGuard:
 
     def check(self) -> None:
         """Fail if any weight or buffer changed in place since `arm()`."""
-        changed = [
-            i for i, (t, v) in enumerate(zip(self._tensors, self._versions, strict=True)) if t._version != v
-        ]
+        now = list(map(_VERSION, self._tensors))  # (compared at C speed; the loop only on a change)
+        if now == self._versions:
+            return
+        changed = [i for i, (v, w) in enumerate(zip(now, self._versions, strict=True)) if v != w]
         if changed:
             self.tainted = True
             raise ModelTampering(
