@@ -330,24 +330,37 @@ def test_small_requests_go_by_value_and_large_results_in_chunks() -> None:
 
 
 def test_app_states_name_serves_statuses_plainly() -> None:
-    """The gateway's 503s and /status compare plain names: a deploying app must read "DEPLOYING"
-    (not "ApplicationStatus.DEPLOYING"), and an app with a running replica is routable."""
-    from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
-    from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatusOverview
+    """The gateway's 503s and /status compare plain names: a deploying app must read "DEPLOYING",
+    and an app with a running replica is routable. The details are in the JSON shape of Serve's
+    own schema (what its controller sends), with its own enum values."""
+    from ray.serve._private.common import ReplicaState
+    from ray.serve.schema import (
+        ApplicationDetails,
+        ApplicationStatus,
+        DeploymentDetails,
+        ReplicaDetails,
+        ServeInstanceDetails,
+    )
 
     from model_runtime.gateway.app import app_states
 
-    def app(status: ApplicationStatus, running: int) -> ApplicationStatusOverview:
-        deployment = DeploymentStatusOverview(
-            status=DeploymentStatus.UPDATING, status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_STARTED,
-            replica_states={ReplicaState.RUNNING: running, ReplicaState.STARTING: 1}, message="")
-        return ApplicationStatusOverview(status=status, message="", last_deployed_time_s=0.0,
-                                         deployments={"model": deployment})
+    # The keys the gateway reads are Serve's schema fields.
+    assert "applications" in ServeInstanceDetails.model_fields
+    assert {"status", "deployments"} <= set(ApplicationDetails.model_fields)
+    assert "replicas" in DeploymentDetails.model_fields and "state" in ReplicaDetails.model_fields
 
-    states = app_states({"loading": app(ApplicationStatus.DEPLOYING, 0),
-                         "rolling": app(ApplicationStatus.DEPLOYING, 1),
-                         "failed": app(ApplicationStatus.DEPLOY_FAILED, 0)})
-    assert states == {"loading": "DEPLOYING", "rolling": "RUNNING", "failed": "DEPLOY_FAILED"}
+    def app(status: ApplicationStatus, *replicas: ReplicaState, plain: bool = False) -> dict[str, object]:
+        # The controller's dict holds the enums themselves (its model_dump is not in JSON mode).
+        return {"status": status.value if plain else status,
+                "deployments": {"model": {"replicas": [{"state": r.value if plain else r} for r in replicas]}}}
+
+    for plain in (False, True):
+        states = app_states({"applications": {
+            "loading": app(ApplicationStatus.DEPLOYING, ReplicaState.STARTING, plain=plain),
+            "rolling": app(ApplicationStatus.DEPLOYING, ReplicaState.RUNNING, ReplicaState.STARTING, plain=plain),
+            "failed": app(ApplicationStatus.DEPLOY_FAILED, plain=plain)}})
+        assert states == {"loading": "DEPLOYING", "rolling": "RUNNING", "failed": "DEPLOY_FAILED"}
+    assert app_states({}) == {}
 
 
 def test_the_doors_lean_routes_answer_as_fastapi_does() -> None:
