@@ -154,19 +154,27 @@ class address_space_cap:
             resource.setrlimit(resource.RLIMIT_AS, self.previous)
 
 
-_STATM: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/statm), opened once
+_STATM: int | None = None  # the descriptor of /proc/self/statm, opened once per process
+
+
+def _forget_statm() -> None:
+    global _STATM
+    _STATM = None  # a forked child must not read its parent's file (it opens its own)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_statm)
 
 
 def _address_space_bytes() -> int | None:
     """The process's address-space size, from one `pread` of a kept-open /proc/self/statm."""
     global _STATM
-    pid = os.getpid()
-    if _STATM is None or _STATM[0] != pid:  # (a forked child must not read its parent's file)
+    if _STATM is None:
         try:
-            _STATM = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+            _STATM = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
-    return int(os.pread(_STATM[1], 128, 0).split()[0]) * _PAGE_SIZE
+    return int(os.pread(_STATM, 128, 0).split()[0]) * _PAGE_SIZE
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

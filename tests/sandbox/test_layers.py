@@ -319,6 +319,30 @@ def test_address_space_cap_is_applied_and_lifted() -> None:
     assert resource.getrlimit(resource.RLIMIT_AS) == before
 
 
+
+def test_a_forked_child_reads_its_own_address_space() -> None:
+    """The kept-open /proc/self/statm is the opening process's: a forked child opens its own."""
+    import os
+
+    from model_runtime.sandbox import limits
+
+    assert limits._address_space_bytes() is not None and limits._STATM is not None
+    parent_file = os.readlink(f"/proc/self/fd/{limits._STATM}")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only plain os calls, then _exit
+        try:
+            limits._address_space_bytes()
+            os.write(write, os.readlink(f"/proc/self/fd/{limits._STATM}").encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_file = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert parent_file == f"/proc/{os.getpid()}/statm" and child_file == f"/proc/{pid}/statm"
+
+
 def test_restricted_compile_of_a_printing_block_emits_no_warning() -> None:
     # A request's stderr is streamed to its user as LOG: RestrictedPython's own SyntaxWarning
     # about its `printed` bookkeeping must not reach it.
