@@ -29,8 +29,15 @@ SHORT = Limits(timeout_s=0.5, grace_s=4.0, memory_bytes=2 * 1024**3, max_result_
 # the `mm`s after its order search (O(n**3) in the number of operands, in C++); the native guard's
 # key sits above the decomposition and prices it. Not run under the Python guard (it would wedge).
 PYTHON_GUARD_BLIND = {"multi_dot_order_search": "linalg_multi_dot's order search runs in C++ above the dispatch mode"}
-PYTHON_GUARD_SLOW = frozenset({"gru_long_sequence"})
-PRICED_WHOLE_BY_NATIVE = frozenset({"gru_long_sequence"})
+# The native key prices `tensor_split` whole; the Python guard sees it decomposed into one `slice`
+# per piece, each stop-checked: there it ends at its stop.
+PYTHON_GUARD_ENDS_AT_STOP = frozenset({"tensor_split_sections"})
+# Priced before their long call and refused when this box's rates say they cannot finish in time,
+# else they run and end at their stop (the native guard prices `gru` whole; the Python guard sees
+# `gru` decomposed and prices the `unbind` of its steps, its one call the stop cannot reach).
+REFUSED_OR_ENDS_AT_STOP = {"native": frozenset({"gru_long_sequence", "gru_many_steps"}),
+                           "python": frozenset({"gru_long_sequence"})}
+_REFUSAL_WORDS = ("bits", "GFLOP", "elements", "quadratic", "n log n", "tensors")
 
 
 @pytest.fixture(params=["native", "python"])
@@ -58,19 +65,15 @@ def test_one_long_c_call_ends_or_is_refused(attack: Any, guard: str, models: tup
         attack(client, be)
     outcome = be.outcome
     assert not outcome.wedged, outcome.meta
-    # The native guard prices `gru` as a whole (~1e11 flops here): on a box whose measured rate is
-    # low it is refused up front (the branch below) instead of ending at the stop. Under the Python
-    # guard its `unbind` of the input into 10**6 step tensors is one op that wraps each output for
-    # the dispatch mode (seconds in one call): the stop it raises at the next op may come after the
-    # forced stop (grace/2), which ends it there.
-    slow = guard == "python" and attack.__name__ in PYTHON_GUARD_SLOW
-    priced_whole = attack.__name__ in PRICED_WHOLE_BY_NATIVE
-    if attack.__name__ in native_work.ENDS_AT_STOP and (outcome.timed_out or not priced_whole):
-        stops = ("cooperative", "forced") if slow else ("cooperative",)
-        assert outcome.timed_out and outcome.meta["stop"] in stops, outcome.meta
+    name = attack.__name__
+    if name in REFUSED_OR_ENDS_AT_STOP[guard]:
+        ends_at_stop = outcome.timed_out
+    else:
+        ends_at_stop = name in native_work.ENDS_AT_STOP or (guard == "python" and name in PYTHON_GUARD_ENDS_AT_STOP)
+    if ends_at_stop:  # at the first guarded op after the stop, well before it would be forced
+        assert outcome.timed_out and outcome.meta["stop"] == "cooperative", outcome.meta
     elif not outcome.timed_out:  # refused before the long call, with the bound it is over
-        assert any(word in str(info.value) for word in ("bits", "GFLOP", "elements", "quadratic", "n log n")), \
-            info.value
+        assert any(word in str(info.value) for word in _REFUSAL_WORDS), info.value
     assert weights_digest(server) == before
     after = save_logits(client, backend())
     assert torch.equal(after["logits"], reference["logits"]), "the next request is wrong"
@@ -84,7 +87,9 @@ def test_heavy_families_have_kernels_and_light_ops_fall_through() -> None:
               ("aten::_linalg_eigh", ""): work_bounds.Cost.CUBIC, ("aten::max_pool2d", ""): work_bounds.Cost.POOL,
               ("aten::expand", ""): work_bounds.Cost.VIEW, ("aten::_cdist_forward", ""): work_bounds.Cost.PAIRWISE,
               ("aten::sort", "stable"): work_bounds.Cost.NLOGN, ("aten::_fft_c2r", ""): work_bounds.Cost.NLOGN,
-              ("aten::_unique2", ""): work_bounds.Cost.NLOGN, ("aten::median", "dim"): work_bounds.Cost.NLOGN}
+              ("aten::_unique2", ""): work_bounds.Cost.NLOGN, ("aten::median", "dim"): work_bounds.Cost.NLOGN,
+              ("aten::unbind", "int"): work_bounds.Cost.OUTPUTS, ("aten::split", "Tensor"): work_bounds.Cost.OUTPUTS,
+              ("aten::tensor_split", "sections"): work_bounds.Cost.OUTPUTS}
     for (name, overload), kind in priced.items():
         assert native.cost_kind(name, overload) == kind, name
     for name, overload in (("aten::add", "Tensor"), ("aten::view", ""), ("aten::sum", ""),
@@ -338,6 +343,8 @@ def test_both_guards_refuse_each_family_with_the_same_price(monkeypatch: pytest.
         "sort": lambda: torch.rand(2**25).sort(dim=0),
         "fft": lambda: torch.fft.fft(torch.rand(2**25 - 3)),
         "recurrent": lambda: torch.nn.LSTM(256, 256)(torch.zeros(2 * 10**5, 1, 256)),
+        "outputs": lambda: torch.empty(10**7, 0).unbind(),
+        "split": lambda: torch.zeros(10**7).split(1),
     }
     refusals: dict[str, dict[str, str]] = {"native": {}, "python": {}}
     for guard, seen in refusals.items():

@@ -26,6 +26,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -35,7 +36,7 @@ namespace work_bounds {
 
 enum class Cost : int8_t {
   kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain, kRecurrent, kNLogN,
-  kLinear, kTrilinear, kEncoder, kBag, kRowPairs, kLabelPairs,
+  kLinear, kTrilinear, kEncoder, kBag, kRowPairs, kLabelPairs, kOutputs,
 };
 
 // Kinds priced in elements read, at the reduction rate (the others: float ops, or n log n steps).
@@ -54,8 +55,36 @@ struct Rates {
   double cpu_steps = 0;        // n log2 n steps per second of the slowest measured sort or FFT on the CPU
   double device_steps = 0;     // the same for accelerator tensors (a documented cap)
   double cpu_cubic = 0;        // numel x min(m, n) per second of the slowest measured factorisation (eigh, svd)
+  double cpu_tensors = 0;      // tensors per second a split makes (host work, whatever the device)
 };
 inline Rates g_rates;
+
+// The replica's rates (once, at start; rates.install): float ops/s on the CPU by dtype name
+// ("Float", "Long", ...), and the others by their name in rates.measure_rates.
+inline void set_rates(const std::map<std::string, double>& cpu_flops, const std::map<std::string, double>& others) {
+  Rates rates;
+  for (const auto& entry : cpu_flops) {
+    for (size_t i = 0; i < rates.cpu_flops_by_dtype.size(); ++i) {
+      if (entry.first == c10::toString(static_cast<c10::ScalarType>(i))) {
+        rates.cpu_flops_by_dtype[i] = entry.second;
+      }
+    }
+  }
+  const auto float_rate = cpu_flops.find("Float");
+  rates.cpu_flops = float_rate != cpu_flops.end() ? float_rate->second : 0;
+  const auto named = [&others](const char* name) {
+    const auto found = others.find(name);
+    return found != others.end() ? found->second : 0.0;
+  };
+  rates.cpu_elements = named("cpu_elements");
+  rates.device_flops = named("device_flops");
+  rates.device_elements = named("device_elements");
+  rates.cpu_steps = named("cpu_steps");
+  rates.device_steps = named("device_steps");
+  rates.cpu_cubic = named("cpu_cubic");
+  rates.cpu_tensors = named("cpu_tensors");
+  g_rates = rates;
+}
 
 struct Budget {
   std::atomic<bool> stopped{false};
@@ -345,6 +374,40 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
       }
       return x->dim() < 2 ? 0 : static_cast<double>(x->numel()) * static_cast<double>(x->size(-2)) / 2;
     }
+    case Cost::kOutputs: {  // one tensor per piece (see op_work._outputs_cost)
+      const at::Tensor* t = tensor_arg(schema, args, {"self"});
+      if (t == nullptr || t->dim() < 1) {
+        return 0;
+      }
+      const c10::IValue* dim = arg(schema, args, "dim");
+      int64_t d = dim != nullptr && dim->isInt() ? dim->toInt() : 0;
+      d = d < 0 ? d + t->dim() : d;
+      const int64_t length = d >= 0 && d < t->dim() ? t->size(d) : 1;
+      const c10::IValue* split_size = arg(schema, args, "split_size");
+      const c10::IValue* chunks = arg(schema, args, "chunks");
+      const c10::IValue* sections = arg(schema, args, "sections");
+      const c10::IValue* indices = arg(schema, args, "indices");
+      if (split_size != nullptr && split_size->isInt()) {
+        const int64_t size = std::max<int64_t>(split_size->toInt(), 1);
+        return static_cast<double>(std::max<int64_t>((length + size - 1) / size, 1));
+      }
+      if (chunks != nullptr && chunks->isInt()) {
+        return static_cast<double>(std::min(chunks->toInt(), std::max<int64_t>(length, 1)));
+      }
+      if (sections != nullptr && sections->isInt()) {
+        return static_cast<double>(sections->toInt());
+      }
+      if (split_size != nullptr && split_size->isIntList()) {
+        return static_cast<double>(split_size->toIntVector().size());
+      }
+      if (indices != nullptr && indices->isIntList()) {
+        return static_cast<double>(indices->toIntVector().size() + 1);
+      }
+      if (arg(schema, args, "tensor_indices_or_sections") != nullptr) {
+        return 0;  // decomposes into tensor_split by sections or by indices, priced there
+      }
+      return static_cast<double>(length);  // unbind
+    }
     case Cost::kView:
     case Cost::kNone:
       return 0;
@@ -383,10 +446,11 @@ inline std::string over_budget(const Budget& budget, const Rates& rates, Cost ki
   const bool cpu = where.first;
   const bool elements = in_elements(kind);
   const bool steps = kind == Cost::kNLogN;
-  double rate = steps      ? (cpu ? rates.cpu_steps : rates.device_steps)
+  double rate = kind == Cost::kOutputs ? rates.cpu_tensors
+                : steps      ? (cpu ? rates.cpu_steps : rates.device_steps)
                 : elements ? (cpu ? rates.cpu_elements : rates.device_elements)
                            : (cpu ? rates.cpu_flops : rates.device_flops);
-  if (cpu && !elements && !steps) {  // the measured rate of this dtype; the slowest measured for the others
+  if (cpu && !elements && !steps && kind != Cost::kOutputs) {  // the measured rate of this dtype; the slowest measured for the others
     const auto index = static_cast<size_t>(where.second);
     const double measured = index < rates.cpu_flops_by_dtype.size() ? rates.cpu_flops_by_dtype[index] : 0;
     if (measured > 0) {
@@ -406,6 +470,11 @@ inline std::string over_budget(const Budget& budget, const Rates& rates, Cost ki
   const double left = std::max(0.0, budget.limit_at - now_s());
   if (work <= rate * left) {
     return {};
+  }
+  if (kind == Cost::kOutputs) {
+    return short_name(op) + " makes ~" + fixed(work / 1e6, 1) + " M tensors, more than the " + fixed(left, 1) +
+           " s this request has left allow at this replica's ~" + fixed(rate / 1e6, 2) +
+           " M tensors/s; split into fewer pieces (index or slice the ones you need)";
   }
   if (steps) {
     return short_name(op) + " needs ~" + fixed(work / 1e9, 1) + " G n log n steps, more than the " + fixed(left, 1) +

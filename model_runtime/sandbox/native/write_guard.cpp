@@ -361,30 +361,6 @@ std::shared_ptr<work_bounds::Budget> bind_budget(std::shared_ptr<work_bounds::Bu
   return budget;
 }
 
-// The replica's rates (once, at start): float ops/s on the CPU by dtype name ("Float", "Long", ...),
-// elements/s of a CPU reduction, n log n steps/s of a CPU sort, the cubic linear algebra rate, and the
-// caps used for tensors on an accelerator.
-void set_rates(const std::map<std::string, double>& cpu_flops, double cpu_elements, double device_flops,
-               double device_elements, double cpu_steps, double device_steps, double cpu_cubic) {
-  work_bounds::Rates rates;
-  for (const auto& entry : cpu_flops) {
-    for (size_t i = 0; i < rates.cpu_flops_by_dtype.size(); ++i) {
-      if (entry.first == c10::toString(static_cast<c10::ScalarType>(i))) {
-        rates.cpu_flops_by_dtype[i] = entry.second;
-      }
-    }
-  }
-  const auto float_rate = cpu_flops.find("Float");
-  rates.cpu_flops = float_rate != cpu_flops.end() ? float_rate->second : 0;
-  rates.cpu_elements = cpu_elements;
-  rates.device_flops = device_flops;
-  rates.device_elements = device_elements;
-  rates.cpu_steps = cpu_steps;
-  rates.device_steps = device_steps;
-  rates.cpu_cubic = cpu_cubic;
-  work_bounds::g_rates = rates;
-}
-
 int64_t cost_kind(const std::string& name, const std::string& overload) {
   const auto handle = c10::Dispatcher::singleton().findSchema({name, overload});
   TORCH_CHECK(handle.has_value(), "no schema for ", name, ".", overload);
@@ -406,7 +382,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("budget_counters", &budget_counters, "(stops raised, ops over budget) since the process started.");
   m.def("bind_budget", &bind_budget, py::arg("budget").none(true),
         "Bind a request's budget to this thread (None: unbind); returns the previous one.");
-  m.def("set_rates", &set_rates, "The replica's work rates (before the first request).");
+  m.def("set_rates", &work_bounds::set_rates, "The replica's work rates (before the first request).");
   m.def("cost_kind", &cost_kind, "The cost family an op is priced by (0: none).");
   py::class_<work_bounds::Budget, std::shared_ptr<work_bounds::Budget>>(m, "Budget")
       .def(py::init([](double seconds_left, size_t cancel) {

@@ -21,7 +21,8 @@ the Python fallback guard applies the same table, formulas, rates and messages, 
   size) get their element count after they are made; the n log n families (`sort` and what
   decomposes into it: `argsort`, `msort`, `quantile`; `topk`, `kthvalue`, `median`, `mode`,
   `unique`, every FFT) get their compare steps, elements x log2 of the length sorted or
-  transformed. An op that cannot finish in the time the
+  transformed; ops that make one tensor per piece (`unbind`, `split`, `chunk`, `tensor_split`)
+  the tensors they make, a count memory does not bound. An op that cannot finish in the time the
   request has left (up to `timeout + grace/2`) at the replica's rate is refused with
   `LimitExceeded` naming its size and the rate. The CPU rates are measured once per process
   (`rates.measure_rates`) and ops are priced at half those rates; tensors on an accelerator are
@@ -39,8 +40,8 @@ autograd, after composite decomposition (it decomposes a composite op that reach
 inference mode), and not the aten calls kernels make: a composite op is priced through what it
 decomposes into (`einsum` through `bmm`), `lstm`, `cdist` and `MultiheadAttention`'s fast path
 through the kernels they reach (`mkldnn_rnn_layer`, `_euclidean_dist`,
-`_native_multi_head_attention`, in `COSTS`), and a loop of aten calls in C++ ends at its next
-call. What it cannot see is C++ work between aten calls of a composite op:
+`_native_multi_head_attention`, in `COSTS`; a GRU through the `unbind` of its steps), and a loop
+of aten calls in C++ ends at its next call. What it cannot see is C++ work between aten calls of a composite op:
 `linalg_multi_dot`'s order search (cubic in the number of operands); such a call ends only when
 it returns. Kernels it sees whole that multiply inside are in `COSTS` (priced whole).
 

@@ -127,6 +127,8 @@ def cost_of(kind: int, a: OpArguments) -> float:
     if kind == Cost.BAG:
         w, indices = a.tensor("weight"), a.tensor("indices")
         return 0.0 if w is None or indices is None or w.dim() < 1 else float(indices.numel() * w.size(-1))
+    if kind == Cost.OUTPUTS:
+        return _outputs_cost(a)
     if kind in (Cost.ROW_PAIRS, Cost.LABEL_PAIRS):
         x = a.tensor("self")
         if x is None or x.dim() < 1:
@@ -135,6 +137,37 @@ def cost_of(kind: int, a: OpArguments) -> float:
             return float(x.numel() * x.size(-1))
         return 0.0 if x.dim() < 2 else float(x.numel() * x.size(-2) / 2)
     return 0.0
+
+
+def _outputs_cost(a: OpArguments) -> float:
+    """The tensors a splitting op makes: one per index along `dim` (`unbind`), per `split_size`
+    run of it, per chunk (at most one per index), per section, or one per item of a list of
+    sizes (of indices, plus one: the piece after the last)."""
+    t = a.tensor("self")
+    if t is None or t.dim() < 1:
+        return 0.0
+    dim = a.get("dim")
+    d = dim if _is_int(dim) else 0
+    d = d + t.dim() if d < 0 else d
+    length = t.size(d) if 0 <= d < t.dim() else 1
+    split_size, chunks, sections, indices = (a.get(n) for n in ("split_size", "chunks", "sections", "indices"))
+    if _is_int(split_size):
+        return float(max(-(-length // max(split_size, 1)), 1))
+    if _is_int(chunks):
+        return float(min(chunks, max(length, 1)))
+    if _is_int(sections):
+        return float(sections)
+    if isinstance(split_size, (list, tuple)):
+        return float(len(split_size))
+    if isinstance(indices, (list, tuple)):
+        return float(len(indices) + 1)
+    if "tensor_indices_or_sections" in a.names:
+        return 0.0  # decomposes into `tensor_split` by sections or by indices, priced there
+    return float(length)  # unbind
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _trilinear_cost(a: OpArguments) -> float:

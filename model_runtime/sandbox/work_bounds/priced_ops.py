@@ -31,6 +31,7 @@ class Cost(enum.IntEnum):
     BAG = 14  # embedding bags: numel(indices) * weight columns, in elements read
     ROW_PAIRS = 15  # every pair of rows (`pdist`): numel(x) * rows / 2, in elements read
     LABEL_PAIRS = 16  # every (target, class) pair per row (multilabel margin): numel(x) * columns, elements
+    OUTPUTS = 17  # one tensor per piece (`unbind`, `split`, `chunk`, `tensor_split`): tensors made
 
 
 # aten op names (all overloads, out= variants included). Composite ops (`matmul`, `linear`,
@@ -102,6 +103,14 @@ _FAMILIES: dict[Cost, tuple[str, ...]] = {
     Cost.BAG: ("_embedding_bag", "_embedding_bag_forward_only"),
     Cost.ROW_PAIRS: ("_pdist_forward",),
     Cost.LABEL_PAIRS: ("multilabel_margin_loss_forward",),
+    # Ops that make one tensor per piece: their count follows a size or an integer argument, not
+    # the memory they touch (`torch.empty(10**7, 0).unbind()` reads no bytes and makes 10**7
+    # tensors, 0.4-4.6 us each on one x86 core), and the loop that makes them runs in C++ with no
+    # aten call the stop could reach (each piece is a view: no guard kernel). `chunk` and
+    # `tensor_split` are composite: priced whole by the native key, through `split` (and the
+    # stop-checked `slice` calls of `tensor_split`) by the Python fallback guard.
+    Cost.OUTPUTS: ("unbind", "unbind_copy", "split", "unsafe_split", "split_copy", "chunk", "unsafe_chunk",
+                   "tensor_split"),
 }
 # Kinds priced in elements read (at the reduction rate) or in n log n steps; the others in float ops.
 # Pooling windows are compare or add loops (0.2-4 G window elements/s on one x86 core, far below a

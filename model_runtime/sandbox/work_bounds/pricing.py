@@ -72,7 +72,9 @@ def over_budget(left: float, rates: dict[str, Any], kind: int, op: str, work: fl
     cpu, dtype = where
     elements = kind in ELEMENT_KINDS
     steps = kind == Cost.NLOGN
-    if steps:
+    if kind == Cost.OUTPUTS:  # tensor objects are made by the host, whatever the device
+        rate = rates.get("cpu_tensors", 0.0)
+    elif steps:
         rate = rates["cpu_steps"] if cpu else rates["device_steps"]
     elif elements:
         rate = rates["cpu_elements"] if cpu else rates["device_elements"]
@@ -88,6 +90,10 @@ def over_budget(left: float, rates: dict[str, Any], kind: int, op: str, work: fl
     left = max(0.0, left)
     if work <= rate * left:
         return ""
+    if kind == Cost.OUTPUTS:
+        return (f"{op} makes ~{work / 1e6:.1f} M tensors, more than the {left:.1f} s this request has left allow "
+                f"at this replica's ~{rate / 1e6:.2f} M tensors/s; split into fewer pieces (index or slice the "
+                "ones you need)")
     if steps:
         return (f"{op} needs ~{work / 1e9:.1f} G n log n steps, more than the {left:.1f} s this request has left "
                 f"allow at this replica's ~{rate / 1e9:.2f} G steps/s; sort or transform fewer elements (e.g. a "

@@ -70,9 +70,19 @@ ATTACKS = in_trace(globals(), {
     "fractional_pool_huge_window": "y = torch.nn.functional.fractional_max_pool2d(torch.ones(1, 1, 2**12, 2**12), "
                                    "2**11, output_size=2**11)",
     "cholesky_big": "y = torch.cholesky(torch.eye(6000, dtype=torch.float64))",
-    # -- torch: a C++ loop over many aten calls (ends at the stop) ----------------------------
+    # -- torch: one tensor per piece, counted by a size or an integer rather than by memory
+    # (refused up front): 10**7 pieces run 5-40 s in one C++ loop
+    "unbind_empty_rows": "y = torch.empty(10**7, 0).unbind()",
+    "split_into_ones": "y = torch.zeros(10**7).split(1)",
+    "chunk_more_than_rows": "y = torch.zeros(10**7).chunk(10**8)",
+    "tensor_split_sections": "y = torch.zeros(10).tensor_split(10**7)",  # 10**7 empty pieces of 10 elements
+    "iterate_empty_rows": "y = list(torch.empty(10**7, 0))",  # iterating a tensor unbinds it
+    # -- torch: a C++ loop over many aten calls (ends at the stop, or refused by a price) -----
     "lstm_long_sequence": "y = torch.nn.LSTM(64, 64)(torch.zeros(10**6, 1, 64))",
+    # its slowest single call is the `unbind` of its 10**6 steps (~2 s here): priced
     "gru_long_sequence": "y = torch.nn.GRU(4, 4)(torch.zeros(10**6, 1, 4))",
+    # 4 x 3 * 10**4 small steps: every single call is short, the loop runs for seconds
+    "gru_many_steps": "y = torch.nn.GRU(4, 4, num_layers=4)(torch.zeros(3 * 10**4, 1, 4))",
 })
 
-ENDS_AT_STOP = frozenset({"sum_repeat", "sum_huge_range", "max_of_count", "join_cycle", "gru_long_sequence"})
+ENDS_AT_STOP = frozenset({"sum_repeat", "sum_huge_range", "max_of_count", "join_cycle", "gru_many_steps"})
