@@ -210,12 +210,52 @@ def gateway_timings(url: str) -> dict[str, dict[str, float]]:
         return dict(json.loads(response.read())["jobs"])
 
 
+SERVER_PROCESSES = {"gateway": b"ServeReplica:gateway:", "model replica": b"ServeReplica:md-bench-tiny:",
+                    "Serve's proxy": b"ProxyActor"}
+
+
+def server_processes(temp_dir: Path) -> dict[str, int]:
+    """The pids of the gateway replica, the tiny model's replica and Serve's proxy of the local head
+    started with `temp_dir` (Linux /proc; empty elsewhere)."""
+    from ndif_operator.local.ray_head import processes_of
+
+    found: dict[str, int] = {}
+    try:
+        pids = processes_of(temp_dir)
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        for name, marker in SERVER_PROCESSES.items():
+            if marker in title:
+                found[name] = pid
+    return found
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU time of each process so far (/proc/<pid>/stat)."""
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 # --- request path -------------------------------------------------------------------------------
 
 
-def request_path(urls: dict[str, str], model_dir: str, iterations: int) -> dict[str, dict[str, float]]:
+def request_path(urls: dict[str, str], model_dir: str, iterations: int,
+                 processes: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
     """Plain forward, local trace, and a remote round trip through each ingress in `urls` (label →
-    gateway URL): interleaved per iteration. Medians per ingress (`plain`/`local` repeated in each)."""
+    gateway URL): interleaved per iteration. Medians per ingress (`plain`/`local` repeated in each);
+    with `processes` (name → pid), also each server process's CPU time per remote request over the
+    timed iterations (`cpu <name>`: averaged over both ingresses' requests, background work included)."""
     import nnsight
     import torch
     from nnsight import TransformersModel
@@ -242,6 +282,7 @@ def request_path(urls: dict[str, str], model_dir: str, iterations: int) -> dict[
             nnsight.CONFIG.API.HOST = url
             trace_logits(client, True)
     rows: dict[str, list[dict[str, float]]] = {label: [] for label in urls}
+    cpu_before = cpu_seconds(processes or {})
     for _ in range(iterations):
         started = time.perf_counter()
         plain()
@@ -265,11 +306,15 @@ def request_path(urls: dict[str, str], model_dir: str, iterations: int) -> dict[
             row.update({f"m_{k}": v for k, v in probe.marks.items()})
             row["_job"] = probe.job_id  # type: ignore[assignment]
             rows[label].append(row)
+    cpu_after = cpu_seconds(processes or {})
     out_gc = gc_cost(15)
     server = gateway_timings(next(iter(urls.values())))  # one gateway replica, whichever door
     results = {label: _path_medians(label_rows, server) for label, label_rows in rows.items()}
+    remote_requests = max(iterations * len(urls), 1)
     for out in results.values():
         out["gc full"], out["gc request"] = out_gc
+        out.update({f"cpu {name}": (cpu_after[name] - cpu_before[name]) / remote_requests
+                    for name in cpu_after if name in cpu_before})
     return results
 
 
@@ -493,14 +538,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=10, help="decoder layers of the big model (10: ~600 MB)")
     parser.add_argument("--port-offset", type=int, default=400)
     args = parser.parse_args(argv)
+    # The models (over 500 MB) live only as long as the run: a shared machine's disk fills otherwise.
+    with tempfile.TemporaryDirectory(prefix="ndif-bench-") as workdir:
+        return run(args, Path(workdir))
 
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
     import torch
 
     from ndif_operator.local import LocalMode, LocalSettings, RayPorts
 
     torch.set_num_threads(1)
     print(machine_line(), flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="ndif-bench-"))
     tiny_dir, big_dir, weights = build_models(workdir, args.layers)
     print(f"models: tiny Llama (latency), Llama with {weights / 1e6:.0f} MB of float32 weights (activation)",
           flush=True)
@@ -510,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     with LocalMode(settings, log=lambda m: print(f"  [local] {m}", flush=True)) as mode:
         url = mode.ndif_host  # the gateway's own listener: what clients are given
         urls = {DOOR: url, PROXY: mode.serve_url}
-        paths = request_path(urls, tiny_dir, args.iterations)
+        assert mode.head is not None
+        processes = server_processes(mode.head.spec.resolved_temp_dir)
+        paths = request_path(urls, tiny_dir, args.iterations, processes)
         path = paths[DOOR]
         for label, one in paths.items():
             print(f"\nrequest path through {label}, {args.iterations} interleaved iterations (medians):")
@@ -527,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in one.items():
                 if key.startswith("step "):
                     print(f"    {key[5:]:<55} {ms(value)}")
+        cpu = {k[4:]: v for k, v in path.items() if k.startswith("cpu ")}
+        if cpu:
+            print("  server processes' CPU per remote request (both ingresses' requests, whole processes, "
+                  "background work included): " + ", ".join(f"{name} {ms(value)}" for name, value in cpu.items()))
         print(f"  per-request gc here: full gc.collect() {ms(path['gc full'])}, collect_request_garbage() after "
               f"gc.freeze() {path['gc request'] * 1e6:.1f} us")
 
