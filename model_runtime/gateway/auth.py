@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from model_runtime.gateway.bounds import HttpError
+
 log = logging.getLogger(__name__)
 
 RELOAD_SECONDS = 10.0
@@ -80,3 +82,10 @@ class ApiKeys:
         for known in self._digests:
             matched |= hmac.compare_digest(digest, known)
         return digest if matched else None
+
+    def owner(self, key: str | None) -> str:
+        """The caller's digest ("" when auth is off); a refused key is the HTTP 401."""
+        owner = self.check(key)
+        if owner is None:
+            raise HttpError(401, "Missing or invalid API key (header ndif-api-key).")
+        return owner

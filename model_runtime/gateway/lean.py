@@ -1,7 +1,8 @@
 """The door's ASGI app: the two routes of every blocking request, served without FastAPI's machinery.
 
-`WS /subscribe` and `POST /request` go from uvicorn straight to the gateway's own methods, wrapped
-in a Starlette `WebSocket` / `Request` built on the ASGI scope. The checks are the methods' own (API
+`WS /subscribe` and `POST /request` go from uvicorn straight to the methods the gateway's routes
+call (`Sessions.subscribe`, `RequestRunner.request`), wrapped in a Starlette `WebSocket` /
+`Request` built on the ASGI scope. The checks are the methods' own (API
 key, client version, the capped body read, the multipart form, routing), so the answers are those
 of the FastAPI routes: a refusal (`HttpError`) is turned into its response by the FastAPI app's own
 exception handler, and a success is the same JSON. Every other route goes to the FastAPI app, as
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,16 +31,12 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-class Routes(Protocol):
-    async def request(self, request: Request) -> dict[str, Any]: ...
-
-    async def subscribe(self, websocket: WebSocket) -> None: ...
-
-
 class LeanIngress:
-    def __init__(self, app: Any, routes: Routes) -> None:
-        """`app`: the FastAPI app (its routes bound to the same replica); `routes`: the gateway."""
-        self._app, self._routes = app, routes
+    def __init__(self, app: Any, request: Callable[[Request], Awaitable[dict[str, Any]]],
+                 subscribe: Callable[[WebSocket], Awaitable[None]]) -> None:
+        """`app`: the FastAPI app (its routes bound to the same replica); `request` and `subscribe`:
+        what the gateway's two routes call (`RequestRunner.request`, `Sessions.subscribe`)."""
+        self._app, self._request_route, self._subscribe = app, request, subscribe
         self._on_error: Callable[[Request, HttpError], Awaitable[Response]] = app.exception_handlers[HttpError]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -47,14 +44,14 @@ class LeanIngress:
         if kind == "http" and path == "/request" and scope.get("method") == "POST":
             await self._request(scope, receive, send)
         elif kind == "websocket" and path == "/subscribe":
-            await self._routes.subscribe(WebSocket(scope, receive, send))
+            await self._subscribe(WebSocket(scope, receive, send))
         else:
             await self._app(scope, receive, send)
 
     async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         try:
-            body = json.dumps(await self._routes.request(request), ensure_ascii=False, allow_nan=False,
+            body = json.dumps(await self._request_route(request), ensure_ascii=False, allow_nan=False,
                               separators=(",", ":")).encode()
             response: Response = Response(body, media_type="application/json")
         except HttpError as exc:

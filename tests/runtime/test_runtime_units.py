@@ -279,14 +279,12 @@ def test_api_keys_rotate_from_a_mounted_secret(tmp_path: Path, monkeypatch: pyte
 def test_queued_frame_goes_out_only_for_a_job_that_waits() -> None:
     """A job behind others hears its position at once; the first in line is told only if it is still
     queued after a short quiet period (a small job goes straight to COMPLETED: one frame fewer)."""
-    from model_runtime.gateway.app import NnsightGateway
-
-    gateway_cls = NnsightGateway.func_or_class
+    from model_runtime.gateway.running import RequestRunner
 
     async def scenario() -> None:
-        gateway = object.__new__(gateway_cls)
-        gateway.jobs = JobStore()
-        session, frames = gateway.jobs.open_session()
+        runner = object.__new__(RequestRunner)
+        runner.jobs = JobStore()
+        session, frames = runner.jobs.open_session()
         release = asyncio.Event()
 
         async def held_stream() -> Any:  # the replica has not answered past QUEUED yet
@@ -294,10 +292,10 @@ def test_queued_frame_goes_out_only_for_a_job_that_waits() -> None:
             return
             yield
 
-        first = gateway.jobs.new_job("m", "", session)
-        behind = gateway.jobs.new_job("m", "", session)
+        first = runner.jobs.new_job("m", "", session)
+        behind = runner.jobs.new_job("m", "", session)
         # The first in line is processed first, yet its QUEUED frame comes second: it was held back.
-        tasks = [asyncio.create_task(gateway_cls._process(gateway, job, held_stream(), queued, "http://gw"))
+        tasks = [asyncio.create_task(runner._process(job, held_stream(), queued, "http://gw"))
                  for job, queued in ((first, {"position": 1, "description": "Moved to position 1 in the queue."}),
                                      (behind, {"position": 2, "description": "Moved to position 2 in the queue."}))]
         told = [json.loads(await frames.get()) for _ in range(2)]
@@ -342,7 +340,7 @@ def test_app_states_name_serves_statuses_plainly() -> None:
         ServeInstanceDetails,
     )
 
-    from model_runtime.gateway.app import app_states
+    from model_runtime.gateway.app_states import app_states
 
     # The keys the gateway reads are Serve's schema fields.
     assert "applications" in ServeInstanceDetails.model_fields
@@ -390,7 +388,8 @@ def test_the_doors_lean_routes_answer_as_fastapi_does() -> None:
         seen.append(f"fastapi {scope['path']}")
 
     fastapi.exception_handlers = gateway_app.app.exception_handlers  # type: ignore[attr-defined]
-    lean = LeanIngress(fastapi, Routes())
+    routes = Routes()
+    lean = LeanIngress(fastapi, routes.request, routes.subscribe)
 
     async def call(scope: dict[str, Any], chunks: list[bytes]) -> tuple[int, dict[str, str], Any]:
         pending, sent = list(chunks), []
