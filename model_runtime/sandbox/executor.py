@@ -53,7 +53,7 @@ from model_runtime.sandbox.guards import Guards
 from model_runtime.sandbox.integrity import all_healthy as integrity_healthy
 from model_runtime.sandbox.integrity import integrity_for
 from model_runtime.sandbox.limits import Limits, Worker, address_space_cap, check_payload, tensor_bytes
-from model_runtime.sandbox.model_calls import check_attention, check_call_kwargs, shape_limits
+from model_runtime.sandbox.model_calls import check_attention, check_call_kwargs, install_shape_hook, shape_limits
 from model_runtime.sandbox.model_guard import ProcessState, WeightGuard
 from model_runtime.sandbox.nnsight_state import RuntimeState
 from model_runtime.sandbox.provenance import ServerState
@@ -124,6 +124,7 @@ class Sandbox:
         ctx = self._models.get(model)
         if ctx is None or ctx.weights.modules[0] is not model._module:  # new or rebuilt model
             weights = WeightGuard([model._module])
+            install_shape_hook(model._module)  # before the snapshot of its hook tables
             state = ServerState(model)
             ctx = _ModelContext(weights, Capabilities(is_protected=weights.is_protected), state,
                                 RuntimeState(model, state.adopt),

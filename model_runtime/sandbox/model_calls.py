@@ -10,9 +10,10 @@ elsewhere (`trust_remote_code`, `custom_generate` fetches a generation loop from
 its key.
 
 **Shapes.** A ModelDeployment's `maxBatchSize` and `maxSequenceLength` size its memory budget: a
-larger batch risks a co-tenant's memory. While a request runs, a pre-hook on the model's forward
-refuses inputs with more rows or positions than that (generation included: the attention mask
-grows with each new token).
+larger batch risks a co-tenant's memory. The model carries one pre-hook on its forward, given
+when the sandbox first serves it; while a request runs, its thread's forward calls are refused
+inputs with more rows or positions than that (generation included: the attention mask grows with
+each new token).
 
 **Attention.** The budget is sized for the attention the replica loaded
 (`ndif_operator.api.attention`): SDPA never holds a score matrix, eager holds one layer's
@@ -26,6 +27,7 @@ forward's pre-hook refuses it and says what to do instead.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from model_runtime.sandbox.errors import LimitExceeded, PayloadRejected
@@ -117,25 +119,46 @@ def _check_output_attentions(module: Any, rows: int, positions: int, max_batch_s
         )
 
 
+_ACTIVE = threading.local()  # .limits: the `shape_limits` active on this thread, if any
+
+
+def _check_active(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The model's forward pre-hook: the limits of the request running on this thread, if any."""
+    limits = getattr(_ACTIVE, "limits", None)
+    if limits is not None:
+        limits._check(module, args, kwargs)
+
+
+def install_shape_hook(module: Any) -> None:
+    """Give the model its forward pre-hook once (idempotent). Call before the server's state is
+    snapshotted (`provenance.ServerState`), so that the hook tables it records hold the hook."""
+    if not any(hook is _check_active for hook in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(_check_active, with_kwargs=True)
+
+
 class shape_limits:
-    """While active, the model's forward refuses batches or sequences past the limits, and
-    `output_attentions=True` where the budget does not hold the weights it keeps.
+    """While active, the model's forward on this thread refuses batches or sequences past the
+    limits, and `output_attentions=True` where the budget does not hold the weights it keeps.
 
-    A class rather than a generator context manager: it is entered on every request."""
+    The model carries one permanent pre-hook (`install_shape_hook`), which checks the limits active
+    on the calling thread: entering sets them (no hook registered and removed per request). A
+    class rather than a generator context manager: it is entered on every request."""
 
-    __slots__ = ("_handle", "max_batch_size", "max_sequence_length", "module")
+    __slots__ = ("_previous", "max_batch_size", "max_sequence_length", "module")
 
     def __init__(self, module: Any, max_batch_size: int, max_sequence_length: int) -> None:
         self.module = module
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
-        self._handle: Any = None
+        self._previous: shape_limits | None = None
 
     def __enter__(self) -> None:
-        self._handle = self.module.register_forward_pre_hook(self._check, with_kwargs=True)
+        install_shape_hook(self.module)  # (present already once the sandbox knows the model)
+        self._previous = getattr(_ACTIVE, "limits", None)
+        _ACTIVE.limits = self
 
     def __exit__(self, *_exc: object) -> None:
-        self._handle.remove()
+        _ACTIVE.limits = self._previous
 
     def _check(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         import torch
