@@ -278,6 +278,15 @@ def test_n_log_n_ops_of_ordinary_sizes_run_and_huge_ones_are_refused(guard: str)
     assert seen and "n log n" in seen[0] and "sort" in seen[0], seen
 
 
+def _ran_or_refused_at(call: Any) -> str:
+    """'ran', or the op a `LimitExceeded` refusal names."""
+    try:
+        call()
+    except LimitExceeded as exc:
+        return str(exc).split(" ", 2)[1]
+    return "ran"
+
+
 def test_inference_mode_hides_no_op_from_the_guard(guard: str) -> None:
     """In inference mode (and on inference tensors) composite ops (`matmul`, `linear`,
     `scaled_dot_product_attention`) reach a dispatch mode before their decomposition; the Python
@@ -293,11 +302,7 @@ def test_inference_mode_hides_no_op_from_the_guard(guard: str) -> None:
             torch.nn.functional.linear(short, big[:256, :256])
             for call in (lambda: attention(long, long, long, need_weights=False), lambda: big @ big,
                          lambda: torch.nn.functional.linear(big, big)):
-                try:
-                    call()
-                    seen.append("ran")
-                except LimitExceeded as exc:
-                    seen.append(str(exc).split(" ", 2)[1])
+                seen.append(_ran_or_refused_at(call))
 
     _guarded_on_a_request_thread(body, timeout_s=2.5, guard=guard)
     assert seen == ["_scaled_dot_product_flash_attention_for_cpu", "mm", "addmm"] or \
@@ -343,6 +348,8 @@ def test_both_guards_refuse_each_family_with_the_same_price(monkeypatch: pytest.
         "sort": lambda: torch.rand(2**25).sort(dim=0),
         "fft": lambda: torch.fft.fft(torch.rand(2**25 - 3)),
         "recurrent": lambda: torch.nn.LSTM(256, 256)(torch.zeros(2 * 10**5, 1, 256)),
+        "narrow conv": lambda: torch.nn.functional.conv1d(torch.ones(1, 4, 2**23), torch.ones(4, 1, 2**10), groups=4),
+        "large sort": lambda: torch.zeros(2**24, dtype=torch.long).view(2**7, 2**17).sort(dim=0),
         "outputs": lambda: torch.empty(10**7, 0).unbind(),
         "split": lambda: torch.zeros(10**7).split(1),
     }
@@ -509,3 +516,33 @@ def test_kernels_that_multiply_or_pair_inside_are_priced_whole(guard: str) -> No
     # native key prices it there or at the product it makes
     assert seen.pop("linear") in ("linear", "mm", "addmm"), seen
     assert seen == {name: name for name in calls if name != "linear"}, seen
+
+
+def test_narrow_convolutions_and_large_sorts_are_priced_at_their_own_rates(guard: str) -> None:
+    """Convolutions with few channels per group (single-channel, depthwise) and 8-byte sorts past
+    the caches run far below the product and in-cache sort rates: priced at the measured narrow
+    convolution rate (more for a large unfolded input) and with more steps, so the sizes research
+    uses run, and one the product rate would have let run for seconds past the budget is refused."""
+    from model_runtime.sandbox.work_bounds import op_work
+
+    fn = torch.nn.functional
+    ordinary = [  # a ConvNeXt block's depthwise 7 x 7, a Mamba layer's depthwise conv1d, a 1-channel blur
+        lambda: fn.conv2d(torch.ones(2, 96, 56, 56), torch.ones(96, 1, 7, 7), padding=3, groups=96),
+        lambda: fn.conv1d(torch.ones(1, 1536, 2048), torch.ones(1536, 1, 4), padding=3, groups=1536),
+        lambda: fn.conv2d(torch.ones(1, 1, 512, 512), torch.ones(1, 1, 5, 5)),
+        lambda: fn.conv2d(torch.ones(1, 64, 56, 56), torch.ones(64, 64, 3, 3)),  # dense: the product rate
+        lambda: torch.zeros(2**20, dtype=torch.long).view(2**7, 2**13).sort(dim=0),
+    ]
+    seen: list[str] = []
+
+    def body() -> None:
+        for call in ordinary:
+            call()
+            seen.append("ran")
+        for call in (lambda: fn.conv1d(torch.ones(1, 1, 2**25), torch.ones(1, 1, 2**10)),
+                     lambda: (torch.rand(2**20) * 2**29).long().repeat(2**4).view(2**7, 2**17).sort(dim=0)):
+            seen.append(_ran_or_refused_at(call))
+
+    _guarded_on_a_request_thread(body, timeout_s=2.5, guard=guard)
+    assert seen == ["ran"] * len(ordinary) + ["convolution", "sort"], seen
+    assert op_work.NARROW_LARGE_SLOWDOWN > 1 and op_work.LARGE_SORT_SLOWDOWN > 1

@@ -37,6 +37,7 @@ namespace work_bounds {
 enum class Cost : int8_t {
   kNone, kMatmul, kConv, kAttention, kCubic, kPool, kView, kPairwise, kChain, kRecurrent, kNLogN,
   kLinear, kTrilinear, kEncoder, kBag, kRowPairs, kLabelPairs, kOutputs,
+  kNarrowConv,  // not in the table: how a kConv op with a narrow channel block is priced (priced_kind)
 };
 
 // Kinds priced in elements read, at the reduction rate (the others: float ops, or n log n steps).
@@ -56,6 +57,7 @@ struct Rates {
   double device_steps = 0;     // the same for accelerator tensors (a documented cap)
   double cpu_cubic = 0;        // numel x min(m, n) per second of the slowest measured factorisation (eigh, svd)
   double cpu_tensors = 0;      // tensors per second a split makes (host work, whatever the device)
+  double cpu_narrow_conv = 0;  // float ops/s of the slowest measured narrow convolution (single-channel, depthwise)
 };
 inline Rates g_rates;
 
@@ -83,6 +85,7 @@ inline void set_rates(const std::map<std::string, double>& cpu_flops, const std:
   rates.device_steps = named("device_steps");
   rates.cpu_cubic = named("cpu_cubic");
   rates.cpu_tensors = named("cpu_tensors");
+  rates.cpu_narrow_conv = named("cpu_narrow_conv");
   g_rates = rates;
 }
 
@@ -93,6 +96,19 @@ struct Budget {
 };
 
 inline thread_local std::shared_ptr<Budget> t_budget;
+
+// A convolution whose in x out channels per group are fewer than this runs far below a product's
+// rate (op_work.NARROW_CHANNELS).
+constexpr int64_t kNarrowChannels = 256;
+// ... and slower still once its unfolded input per group outgrows the caches: its float ops count
+// kNarrowLargeSlowdown times above kNarrowLargeElements (op_work.NARROW_LARGE_ELEMENTS).
+constexpr double kNarrowLargeElements = 4194304.0;  // 2**22
+constexpr double kNarrowLargeSlowdown = 8.0;
+
+// Sorting 8-byte elements over more than this many bytes runs below the rate measured in cache;
+// its steps count kLargeSortSlowdown times (op_work.LARGE_SORT_BYTES).
+constexpr double kLargeSortBytes = 8388608.0;  // 2**23
+constexpr double kLargeSortSlowdown = 2.5;
 
 // A recurrent step's fixed cost in float-op equivalents (~3 us of kernel launches per step on a
 // CPU core): a long sequence of tiny steps is slow whatever its weights.
@@ -167,7 +183,8 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
       const at::Tensor* b = tensor_arg(schema, args, kMatmulRight);
       return a == nullptr || b == nullptr ? 0 : matmul_flops(*a, *b);
     }
-    case Cost::kConv: {
+    case Cost::kConv:
+    case Cost::kNarrowConv: {
       const at::Tensor* input = tensor_arg(schema, args, {"input", "self"});
       const at::Tensor* weight = tensor_arg(schema, args, {"weight"});
       if (input == nullptr || weight == nullptr || weight->dim() < 3 || input->dim() < weight->dim() - 1) {
@@ -201,7 +218,11 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
                                   at_or(padding, i, 0), at_or(dilation, i, 1));
         }
       }
-      return 2.0 * batch * positions * static_cast<double>(weight->numel());
+      const double flops = 2.0 * batch * positions * static_cast<double>(weight->numel());
+      // a narrow convolution's unfolded input per group and sample (positions x window x channels)
+      const double unfolded =
+          positions * static_cast<double>(weight->numel()) / static_cast<double>(std::max<int64_t>(weight->size(0), 1));
+      return kind == Cost::kNarrowConv && unfolded > kNarrowLargeElements ? flops * kNarrowLargeSlowdown : flops;
     }
     case Cost::kAttention: {  // q (..., L, E), k (..., S, E), v (..., S, Ev)
       const at::Tensor* q = tensor_arg(schema, args, {"query", "q"});
@@ -304,7 +325,9 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
         }
         n = std::min(n, numel);
       }
-      return numel * std::log2(std::max(n, 2.0));
+      const double steps = numel * std::log2(std::max(n, 2.0));
+      const double bytes = numel * static_cast<double>(t->element_size());
+      return t->element_size() >= 8 && bytes > kLargeSortBytes ? steps * kLargeSortSlowdown : steps;
     }
     case Cost::kLinear: {  // x (..., k) by W (m, k, ...): 2 * numel(x) * m
       const at::Tensor* x = tensor_arg(schema, args, {"input", "self", "inp"});
@@ -415,6 +438,30 @@ inline double cost_of(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c1
   return 0;
 }
 
+// The price an op of the table's `kind` is charged: a convolution with a narrow channel block is
+// kNarrowConv (op_work.priced_kind).
+inline Cost priced_kind(Cost kind, const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
+  if (kind != Cost::kConv) {
+    return kind;
+  }
+  const auto& schema = op.schema();
+  const at::Tensor* weight = tensor_arg(schema, args, {"weight"});
+  if (weight == nullptr || weight->dim() < 3) {
+    return kind;
+  }
+  int64_t block = 0;
+  if (schema.name().find("depthwise") != std::string::npos) {
+    block = 1;
+  } else if (schema.name() == "aten::conv_tbc") {  // weight (width, in, out)
+    block = weight->size(1) * weight->size(2);
+  } else {  // (out, in / groups, ...), or (in, out / groups, ...) when transposed: the same product
+    const c10::IValue* groups = arg(schema, args, "groups");
+    const int64_t g = groups != nullptr && groups->isInt() ? std::max<int64_t>(groups->toInt(), 1) : 1;
+    block = weight->size(0) * weight->size(1) / g;
+  }
+  return block < kNarrowChannels ? Cost::kNarrowConv : kind;
+}
+
 // The first tensor argument's device and dtype (what the kernel is chosen by).
 inline std::pair<bool, c10::ScalarType> placement(c10::ArrayRef<c10::IValue> args) {
   for (const c10::IValue& value : args) {
@@ -462,6 +509,9 @@ inline std::string over_budget(const Budget& budget, const Rates& rates, Cost ki
     }
     if (kind == Cost::kCubic && rates.cpu_cubic > 0) {  // factorisations run far below a product's rate
       rate = std::min(rate, rates.cpu_cubic);
+    }
+    if (kind == Cost::kNarrowConv && rates.cpu_narrow_conv > 0) {  // few channels per group
+      rate = std::min(rate, rates.cpu_narrow_conv);
     }
   }
   if (rate <= 0) {

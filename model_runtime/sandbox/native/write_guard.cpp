@@ -116,7 +116,8 @@ void check_budget(const Rule& rule, const c10::OperatorHandle& op, c10::ArrayRef
   }
   check_stop(op.schema().name());
   if (rule.cost != work_bounds::Cost::kNone && rule.cost != work_bounds::Cost::kView) {
-    check_price(rule.cost, op.schema().name(), work_bounds::cost_of(rule.cost, op, args), work_bounds::placement(args));
+    const work_bounds::Cost kind = work_bounds::priced_kind(rule.cost, op, args);
+    check_price(kind, op.schema().name(), work_bounds::cost_of(kind, op, args), work_bounds::placement(args));
   }
 }
 

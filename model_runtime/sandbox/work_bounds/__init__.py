@@ -15,7 +15,8 @@ the Python fallback guard applies the same table, formulas, rates and messages, 
 * **Heavy ops are priced before they run.** The op families whose cost grows faster than the
   memory they touch (`COSTS`: matrix products, every convolution entry, fused attention, cubic
   linear algebra, pooling windows, kernels that multiply inside one call such as `_trilinear` and
-  `_transformer_encoder_layer_fwd`) get their floating-point operations from the argument sizes;
+  `_transformer_encoder_layer_fwd`) get their floating-point operations from the argument sizes
+  (a convolution with few channels per group at its own, slower measured rate: `priced_kind`);
   embedding bags, `pdist` and multilabel margin loss the elements they read;
   views whose logical size memory does not bound (`expand`, `as_strided`, `unfold`, `set_` with a
   size) get their element count after they are made; the n log n families (`sort` and what

@@ -88,8 +88,8 @@ def cost_of(kind: int, a: OpArguments) -> float:
     if kind == Cost.MATMUL:
         left, right = a.tensor("mat1", "batch1", "self"), a.tensor("mat2", "batch2", "other")
         return 0.0 if left is None or right is None or right.dim() < 1 else 2.0 * left.numel() * right.size(-1)
-    if kind == Cost.CONV:
-        return _conv_cost(a)
+    if kind in (Cost.CONV, Cost.NARROW_CONV):
+        return _conv_cost(a, narrow=kind == Cost.NARROW_CONV)
     if kind == Cost.ATTENTION:
         q, k, v = a.tensor("query", "q"), a.tensor("key", "k"), a.tensor("value", "v")
         if q is None or k is None or v is None or q.dim() < 2 or k.dim() < 2 or v.dim() < 1:
@@ -203,7 +203,7 @@ def _encoder_cost(a: OpArguments) -> float:
 _ENCODER_WEIGHTS = ("qkv_weight", "proj_weight", "ffn_weight_1", "ffn_weight_2")
 
 
-def _conv_cost(a: OpArguments) -> float:
+def _conv_cost(a: OpArguments, narrow: bool = False) -> float:
     x, weight = a.tensor("input", "self"), a.tensor("weight")
     if x is None or weight is None or weight.dim() < 3 or x.dim() < weight.dim() - 1:
         return 0.0
@@ -225,7 +225,42 @@ def _conv_cost(a: OpArguments) -> float:
         for i in range(spatial):
             positions *= _window_out(sizes[first + i], weight.size(2 + i), _at_or(stride, i, 1),
                                      _at_or(padding, i, 0), _at_or(dilation, i, 1))
-    return float(2.0 * batch * positions * weight.numel())
+    flops = float(2.0 * batch * positions * weight.numel())
+    # a narrow convolution's unfolded input per group and sample (positions x window x channels)
+    if narrow and positions * weight.numel() / max(weight.size(0), 1) > NARROW_LARGE_ELEMENTS:
+        return flops * NARROW_LARGE_SLOWDOWN
+    return flops
+
+
+# A convolution whose in x out channels per group are fewer than this runs far below a product's
+# rate on one x86 core: single-channel 1.7-12 GFLOP/s, depthwise 18-127, 64 in to 1 out 7.9, 8 x 8
+# channels 42, against 108 for 16 x 16 per group and 149 dense (a 192 x 192 product: ~90).
+NARROW_CHANNELS = 256
+# ... and slower still once its unfolded input per group (output positions x window x channels)
+# outgrows the caches: a single-channel 3 x 3 convolution runs 9-14 GFLOP/s up to 256 x 256, 3.7-4.7
+# at 512 x 512 (2.3 M unfolded elements), 0.54 from 1024 x 1024 (9.4 M). Its float ops count this
+# much more above this size.
+NARROW_LARGE_ELEMENTS = 2**22
+NARROW_LARGE_SLOWDOWN = 8.0
+
+
+def priced_kind(kind: int, a: OpArguments) -> int:
+    """The price an op of the table's `kind` is charged: a convolution with a narrow channel block
+    (in x out channels per group below `NARROW_CHANNELS`) is NARROW_CONV (`work_bounds::priced_kind`)."""
+    if kind != Cost.CONV:
+        return kind
+    weight = a.tensor("weight")
+    if weight is None or weight.dim() < 3:
+        return kind
+    name = a.schema.name
+    if "depthwise" in name:
+        block = 1
+    elif name == "aten::conv_tbc":  # weight (width, in, out)
+        block = weight.size(1) * weight.size(2)
+    else:  # (out, in / groups, ...), or (in, out / groups, ...) when transposed: the same product
+        groups = a.get("groups")
+        block = weight.size(0) * weight.size(1) // max(groups if _is_int(groups) else 1, 1)
+    return int(Cost.NARROW_CONV) if block < NARROW_CHANNELS else kind
 
 
 def _pool_cost(a: OpArguments) -> float:
@@ -264,6 +299,14 @@ def _recurrent_cost(a: OpArguments) -> float:
     return float(rows * (2.0 * weights + STEP_FLOPS))
 
 
+# Sorting 8-byte elements (int64, float64, complex64) over more than this runs below the rate
+# measured in cache: along an outer dimension ~80-100 M steps/s up to 2**20 elements (8 MiB) and
+# 38-45 M from 2**22 (32 MiB) on one x86 core (4-byte ones keep ~90 M; along the last dimension
+# int64 sorts run 400+ M); the steps of an n log n op over such larger tensors count this much more.
+LARGE_SORT_BYTES = 2**23
+LARGE_SORT_SLOWDOWN = 2.5
+
+
 def _nlogn_cost(a: OpArguments) -> float:
     t = a.tensor("self", "input")
     if t is None or t.numel() < 2:
@@ -281,4 +324,6 @@ def _nlogn_cost(a: OpArguments) -> float:
         n = length(dim)
     elif isinstance(dim, (list, tuple)) and dim:
         n = min(math.prod(length(int(d)) for d in dim), numel)
-    return numel * math.log2(max(n, 2.0))
+    steps = numel * math.log2(max(n, 2.0))
+    large = t.element_size() >= 8 and numel * t.element_size() > LARGE_SORT_BYTES
+    return steps * LARGE_SORT_SLOWDOWN if large else steps

@@ -32,6 +32,8 @@ class Cost(enum.IntEnum):
     ROW_PAIRS = 15  # every pair of rows (`pdist`): numel(x) * rows / 2, in elements read
     LABEL_PAIRS = 16  # every (target, class) pair per row (multilabel margin): numel(x) * columns, elements
     OUTPUTS = 17  # one tensor per piece (`unbind`, `split`, `chunk`, `tensor_split`): tensors made
+    # Not in the table: how a CONV op is priced when its channel block is narrow (`op_work.priced_kind`)
+    NARROW_CONV = 18  # as CONV, at the slower of the product rate and the narrow convolution rate
 
 
 # aten op names (all overloads, out= variants included). Composite ops (`matmul`, `linear`,

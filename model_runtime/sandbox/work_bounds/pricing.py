@@ -15,7 +15,7 @@ from typing import Any
 
 from model_runtime.sandbox.errors import LimitExceeded
 from model_runtime.sandbox.work_bounds.budget import PYTHON_COUNTERS, Budget, raise_stop
-from model_runtime.sandbox.work_bounds.op_work import OpArguments, cost_of
+from model_runtime.sandbox.work_bounds.op_work import OpArguments, cost_of, priced_kind
 from model_runtime.sandbox.work_bounds.priced_ops import ELEMENT_KINDS, Cost
 from model_runtime.sandbox.work_bounds.rates import dtype_name, measure_rates
 
@@ -26,6 +26,7 @@ def check_op(budget: Budget, kind: int, func: Any, args: tuple[Any, ...], kwargs
         raise_stop(budget, func._opname)
     if kind != Cost.VIEW:
         values = OpArguments(func, args, kwargs)
+        kind = priced_kind(kind, values)
         _check_price(budget, kind, func._opname, cost_of(kind, values), values.placement())
 
 
@@ -83,6 +84,8 @@ def over_budget(left: float, rates: dict[str, Any], kind: int, op: str, work: fl
         rate = by_dtype.get(dtype_name(dtype)) or min(by_dtype.values())
         if kind == Cost.CUBIC and rates.get("cpu_cubic", 0) > 0:  # factorisations: far below a product's rate
             rate = min(rate, rates["cpu_cubic"])
+        if kind == Cost.NARROW_CONV and rates.get("cpu_narrow_conv", 0) > 0:  # few channels per group
+            rate = min(rate, rates["cpu_narrow_conv"])
     else:
         rate = rates["device_flops"]
     if rate <= 0:

@@ -60,12 +60,12 @@ def _measure() -> dict[str, Any]:
     flops = {_scalar_type_name(getattr(torch, name)): rate[f"mm {name}"] for name in _MEASURED_DTYPES}
     # The slowest of a few reductions over a stride-0 view (what a view larger than its memory is
     # read by; their speeds differ a hundredfold), of a few sorts and FFTs, of two factorisations.
-    elements, steps, cubic = (min(v for k, v in rate.items() if k.startswith(family))
-                              for family in ("reduce", "steps", "cubic"))
+    elements, steps, cubic, narrow = (min(v for k, v in rate.items() if k.startswith(family))
+                                      for family in ("reduce", "steps", "cubic", "narrow"))
     # Priced at half the measured rates: a kernel path slower than the measured one keeps inside
     # the grace period.
     return {"cpu_flops": {k: v / SAFETY for k, v in flops.items()}, "cpu_elements": elements / SAFETY,
-            "cpu_steps": steps / SAFETY, "cpu_cubic": cubic / SAFETY,
+            "cpu_steps": steps / SAFETY, "cpu_cubic": cubic / SAFETY, "cpu_narrow_conv": narrow / SAFETY,
             "cpu_tensors": rate["tensors"] / MANY_TENSORS_SLOWDOWN / SAFETY,
             "device_flops": DEVICE_FLOPS, "device_elements": DEVICE_ELEMENTS, "device_steps": DEVICE_STEPS}
 
@@ -81,7 +81,9 @@ def _probes(torch: Any) -> dict[str, tuple[float, Any]]:
       are the slowest (~0.8x float32's; int64's and int32's ~1.3x float32's); along an outer
       dimension int64 sorts are the slowest of all (~0.6x float16's at 2**16 elements), so an
       integer sort is not priced higher than a float one; a prime length is an FFT's slowest;
-    * `tensors`: the pieces of an `unbind` into 2**13.
+    * `tensors`: the pieces of an `unbind` into 2**13;
+    * `narrow *`: float ops of a single-channel 3 x 3 convolution over 512 x 512 and a depthwise
+      one over 32 channels of 64 x 64 (3.7-4.7 and ~22 GFLOP/s on one x86 core).
     """
     probes: dict[str, tuple[float, Any]] = {}
     for name in _MEASURED_DTYPES:
@@ -106,6 +108,11 @@ def _probes(torch: Any) -> dict[str, tuple[float, Any]]:
     probes["steps sort stable"] = (steps, lambda: torch.sort(values, stable=True))
     probes["steps fft prime"] = (steps, lambda: torch.fft.fft(values[: n - 1]))  # 8191 is prime
     probes["steps sort columns"] = (columns.numel() * math.log2(columns.size(0)), lambda: torch.sort(columns, dim=0))
+    image, channels = torch.rand(1, 1, 512, 512), torch.rand(1, 32, 64, 64)
+    kernel, depthwise = torch.rand(1, 1, 3, 3), torch.rand(32, 1, 3, 3)
+    probes["narrow single"] = (2.0 * 510 * 510 * 9, lambda: torch.nn.functional.conv2d(image, kernel))
+    probes["narrow depthwise"] = (2.0 * 62 * 62 * 32 * 9,
+                                  lambda: torch.nn.functional.conv2d(channels, depthwise, groups=32))
     rows = torch.zeros(2**13, 1)
     probes["tensors"] = (float(rows.size(0)), lambda: rows.unbind(0))
     return probes

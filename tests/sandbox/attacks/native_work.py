@@ -48,6 +48,17 @@ ATTACKS = in_trace(globals(), {
     "mode_per_row": "y = torch.rand(2**20).repeat(2**6).view(2**6, 2**20).mode(dim=1)",
     "irfft_prime_length": "y = torch.fft.irfft(torch.rand(2**20).repeat(2**5), n=2**26 - 5)",
     "fft_prime_length": "y = torch.fft.fft(torch.rand(2**20).repeat(2**6)[5:])",  # 2**26 - 5 is prime
+    # -- torch: kernels below the product rate (refused up front). Each is priced under ~2 s at
+    # the product rate and runs 4-13 s: narrow convolutions (1-4 channels per group: 1-20 GFLOP/s
+    # against ~90 for a product) and an 8-byte sort along an outer dimension beyond the caches.
+    "conv1d_single_channel_long_kernel": "y = torch.nn.functional.conv1d(torch.ones(1, 1, 2**25), "
+                                         "torch.ones(1, 1, 2**10))",
+    "conv2d_single_channel_wide_kernel": "y = torch.nn.functional.conv2d(torch.ones(1, 1, 6144, 6144), "
+                                         "torch.ones(1, 1, 31, 31))",
+    "conv1d_depthwise_long_kernel": "y = torch.nn.functional.conv1d(torch.ones(1, 4, 2**23), "
+                                    "torch.ones(4, 1, 2**10), groups=4)",
+    "sort_int64_columns_beyond_cache": "y = (torch.rand(2**20) * 2**29).long().repeat(2**4).view(2**7, 2**17)"
+                                       ".sort(dim=0)",
     # -- torch: kernels that multiply or pair inside one call (refused up front). Both guards
     # price them whole; the Python fallback guard sees nothing inside them.
     "bilinear_wide": "y = torch.nn.functional.bilinear(torch.ones(2**16, 256), torch.ones(2**16, 256), "
