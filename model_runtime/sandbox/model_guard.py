@@ -79,6 +79,7 @@ CRITICAL_MODULES = (
 )
 
 
+_ABSENT = object()  # a dict entry that is not there
 _VERSION = operator.attrgetter("_version")  # a tensor's version counter (its views' too)
 
 
@@ -243,6 +244,11 @@ class ProcessState:
         current = vars(builtins)
         if not _BUILTINS.unchanged_since(self.builtins_version) and current != self.builtins_dict:
             changed.append("builtins")
-            current.clear()
-            current.update(self.builtins_dict)
+            # Entry by entry, never emptied: the process's other threads (Ray's event loops) keep
+            # finding every builtin while it is put back.
+            for name in current.keys() - self.builtins_dict.keys():
+                del current[name]
+            for name, value in self.builtins_dict.items():
+                if current.get(name, _ABSENT) is not value:
+                    current[name] = value
         return changed

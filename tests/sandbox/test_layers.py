@@ -162,23 +162,27 @@ def test_weights_changed_behind_the_guards_make_the_sandbox_unhealthy() -> None:
 
 
 def test_process_state_is_restored() -> None:
+    # Critical modules no other thread of this process imports (Ray's threads run here, in the
+    # runtime tests' session: a replaced `json` or `os` would break them).
+    import RestrictedPython
+    import zstandard
+
     state = ProcessState.capture()
     py_before = random.random
     torch.set_default_dtype(torch.float64)
     torch.set_grad_enabled(not torch.is_grad_enabled())
-    real_json = sys.modules["json"]
-    sys.modules["json"] = None  # type: ignore[assignment]
+    sys.modules["RestrictedPython"] = None  # type: ignore[assignment]
     sys.modules["sandbox_test_fake"] = sys
-    sys.modules["os"] = sys
+    sys.modules["zstandard"] = sys
     import builtins
 
     builtins.evil = 1  # type: ignore[attr-defined]
     changed = state.restore()
     del sys.modules["sandbox_test_fake"]
     assert torch.get_default_dtype() == torch.float32
-    assert sys.modules["json"] is real_json and sys.modules["os"].__name__ == "os"
+    assert sys.modules["RestrictedPython"] is RestrictedPython and sys.modules["zstandard"] is zstandard
     assert not hasattr(builtins, "evil") and random.random is py_before
-    assert {"default_dtype", "grad_mode", "builtins", "sys.modules grew", "sys.modules['os']"} <= set(changed)
+    assert {"default_dtype", "grad_mode", "builtins", "sys.modules grew", "sys.modules['zstandard']"} <= set(changed)
 
 
 
@@ -199,11 +203,14 @@ def test_process_state_reads_only_written_tables(monkeypatch: pytest.MonkeyPatch
     assert second.restore() == []  # written back as it was: compared, nothing to report
     third = ProcessState.capture()
     assert third.builtins_dict is not first.builtins_dict and third.builtins_dict == first.builtins_dict
-    vars(builtins).update(len=print)
-    real_os = sys.modules["os"]
-    sys.modules.update(os=sys)
-    assert {"builtins", "sys.modules['os']"} <= set(third.restore())
-    assert builtins.len is not print and sys.modules["os"] is real_os
+    # Entries no other thread of this process uses (Ray's threads run here, in the runtime tests'
+    # session: a replaced `len` or `os` would break them).
+    real_copyright = builtins.copyright
+    vars(builtins).update(copyright=print)
+    real_module = sys.modules["RestrictedPython"]
+    sys.modules.update(RestrictedPython=sys)
+    assert {"builtins", "sys.modules['RestrictedPython']"} <= set(third.restore())
+    assert builtins.copyright is real_copyright and sys.modules["RestrictedPython"] is real_module
     monkeypatch.setattr(dict_versions, "dict_version", None)
     fourth = ProcessState.capture()
     assert fourth.builtins_version is None and fourth.modules_version is None
