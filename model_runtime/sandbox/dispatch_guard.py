@@ -24,7 +24,7 @@ will run. Two rules:
 
 While a request's budget is bound (`work_bounds.request_budget`), the Python mode also raises the
 request's stop at every op once it was set and prices the heavy op families (`work_bounds.COSTS`)
-against the time left, as the native kernels do (`work_bounds.py` says what it cannot see).
+against the time left, as the native kernels do (`work_bounds/` says what it cannot see).
 
 The name lists in the restricted compiler and the capability proxies stay as early, friendlier
 errors; this guard holds without them. What it cannot see: writes that do not go through the

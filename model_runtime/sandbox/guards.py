@@ -514,7 +514,3 @@ _INPLACE_OPS: Mapping[str, Callable[[Any, Any], Any]] = {
     "<<=": operator.ilshift, ">>=": operator.irshift, "&=": operator.iand, "|=": operator.ior,
     "^=": operator.ixor,
 }
-
-
-# --------------------------------------------------------------------------------------------
-# nnsight's run-time capture of inner `with` blocks: compile them restricted while sandboxed.

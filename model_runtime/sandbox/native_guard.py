@@ -16,7 +16,7 @@ dispatch key that the guard puts in the request thread's include set:
   runs (`ModelTampering`), zeroes what allocations return, then redispatches below the key (a
   typed kernel for the ops a forward calls most, `native/typed_kernels.h`; one boxed kernel for
   the rest, same rule);
-* the heavy op families and unbounded views (`work_bounds.py`) have a kernel that prices them
+* the heavy op families and unbounded views (`work_bounds/`) have a kernel that prices them
   against the request's time left, and every kernel of the key ends a stopped request;
 * an op registered later (a library imported after start-up) gets its kernel when the next guard
   is entered; until then it reaches the key's boxed fallback, which derives its rule from the

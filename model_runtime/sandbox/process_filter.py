@@ -25,7 +25,7 @@ Sockets stay (gRPC to the raylet and GCS, the object store's Unix socket, the me
 Serve's handles), as do reads, `mmap`, writes to descriptors already open, `kill(pid, 0)` (Ray's
 core worker checks the raylet is alive every second) and `seccomp` itself (request threads add
 their stricter filter on top; a filter can only be added, never removed). A tensor-parallel
-replica's TCPStore runs without libuv (`parallel/ranks.tcp_store`): libuv's io_uring rings abort
+replica's TCPStore runs without libuv (`parallel/group.tcp_store`): libuv's io_uring rings abort
 the process at their next `io_uring_enter` once it is refused.
 """
 

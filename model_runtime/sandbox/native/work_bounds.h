@@ -1,5 +1,5 @@
 // Per-request work bounds for the guard's kernels (included by write_guard.cpp; see
-// model_runtime/sandbox/work_bounds.py).
+// model_runtime/sandbox/work_bounds/).
 //
 // A thread inside one long kernel runs no Python, so neither the request's cooperative stop nor
 // the asynchronous exception reaches it. While a request runs, its thread has a Budget bound:
@@ -46,7 +46,7 @@ inline bool in_elements(Cost kind) {
          kind == Cost::kLabelPairs || kind == Cost::kPool;
 }
 
-// The replica's rates, set once at start (work_bounds.py measures the CPU's).
+// The replica's rates, set once at start (work_bounds/rates.py measures the CPU's).
 struct Rates {
   double cpu_flops = 0;        // multiply-adds x2 per second on this replica's CPU, float32 (measured)
   std::array<double, static_cast<size_t>(c10::ScalarType::NumOptions)> cpu_flops_by_dtype{};  // measured ones
