@@ -426,12 +426,21 @@ def first_trace_after(model: Any, deadline_s: float = 600.0) -> float:
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """perf_counter time at which `predicate` first holds. A connection error while asking counts
+    as "not yet" (the gateway's listener may be moving to a replacement replica); the last one is
+    named if the wait times out."""
     started = time.perf_counter()
-    while not predicate():
+    last_error: OSError | None = None
+    while True:
+        try:
+            if predicate():
+                return time.perf_counter()
+        except OSError as exc:  # URLError, RemoteDisconnected, ConnectionRefusedError, ...
+            last_error = exc
         if time.perf_counter() - started > timeout:
-            raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
+            detail = f" (last connection error: {last_error!r})" if last_error is not None else ""
+            raise TimeoutError(f"{what} did not happen within {timeout:.0f}s{detail}")
         time.sleep(0.1)
-    return time.perf_counter()
 
 
 def copy_seconds(model_dir: str) -> tuple[float, float]:
