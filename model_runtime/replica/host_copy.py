@@ -162,7 +162,7 @@ def restore_source(module: Any, slots: list[Slot], arrays: list[list[Any]]) -> A
     """The store's arrays as the restore source of `module`'s tensors as it holds them now (each
     slot's tensor and the array it was copied from or published to): an integrity
     `RestoreSource`, which vouches for a tensor only while it is on the storage it has now."""
-    from model_runtime.sandbox.integrity import RestoreSource
+    from model_runtime.sandbox.restore_source import RestoreSource
 
     source = RestoreSource()
     for slot in slots:

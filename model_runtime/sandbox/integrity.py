@@ -15,11 +15,11 @@ tensor it records, when armed:
   byte views taken at one of several random offsets, chosen afresh for every check, so a
   request cannot know which bytes will be compared; a write that touches the whole tensor, or
   any sampled byte, is always seen. (A full comparison would read every weight per request.)
-  The identities are read by a small C++ reader (`native/tensor_identity.cpp`, one pass, packed
-  bytes) where it is built, else by maps over the fields in Python. Host-memory samples are
-  gathered by numpy views over the same bytes (one `concatenate` and one bytes comparison, about
-  5x cheaper per storage than `torch.cat`); they are read only after every tensor's storage
-  pointer and size matched the record, so they never read memory a tensor gave up.
+  The tree's tables and the identities are recorded by `weight_records.py` (a small C++ reader
+  where it is built). Host-memory samples are gathered by numpy views over the same bytes (one
+  `concatenate` and one bytes comparison, about 5x cheaper per storage than `torch.cat`); they
+  are read only after every tensor's storage pointer and size matched the record, so they never
+  read memory a tensor gave up.
 
 A mismatch marks the weights untrusted at once: the request that caused it fails, and no other
 request is admitted (the check runs under the replica's request lock) until they are restored in
@@ -44,6 +44,8 @@ weights were indexed with (corrupted, or not what they came from) fails closed. 
 trusted as the weights are: its pages are mapped into this process (read-only views), so request
 code able to write them with native code could already write the weights themselves.
 
+The restore sources are `restore_source.RestoreSource`s.
+
 `integrity_for(module)` keeps one record per served root module; a record holds its roots only
 weakly (the registry's entries go with their model), and `forget(module)` drops one at once (the
 replica calls it after every level move, which makes new tensors, and going COLD). A replica that
@@ -61,237 +63,35 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import InitVar, dataclass, field
-from itertools import chain, compress, islice, repeat
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from model_runtime.sandbox.dispatch_guard import ServerStorage, local_shard, module_tree, server_tensors
+from model_runtime.sandbox.dispatch_guard import ServerStorage, module_tree, server_tensors
 from model_runtime.sandbox.errors import ModelTampering
+from model_runtime.sandbox.restore_source import RestoreSource, host_view
+from model_runtime.sandbox.weight_records import (
+    Identity,
+    TreeRecord,
+    byte_view,
+    identity_columns,
+    identity_record,
+    native_identities,
+    weights_of_tree,
+)
 
 _log = logging.getLogger(__name__)
+
+# The per-request reads, bound once (attribute lookups on the hot path).
+_CALL = operator.call
+_TENSOR: Any = torch.Tensor
+_STORAGE: Any = torch.UntypedStorage
+_VERSION = operator.attrgetter("_version")
 
 KEEP_COPY_BYTES = 4 * 1024**3
 _SAMPLE_BYTES = 256  # per storage and sample set
 _SAMPLE_SETS = 8
-
-
-def weights_and_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
-    """The parameters and buffers of the served model, each once (tied weights once)."""
-    return _weights_and_buffers(module_tree(modules))
-
-
-def _weights_and_buffers(tree: list[torch.nn.Module]) -> list[torch.Tensor]:
-    seen: dict[int, torch.Tensor] = {}
-    for module in tree:
-        for table in (module._parameters, module._buffers):
-            for tensor in table.values():
-                if tensor is not None:
-                    seen.setdefault(id(tensor), tensor)
-    return [local_shard(t) for t in seen.values()]
-
-
-_TABLES = operator.attrgetter("_modules", "_parameters", "_buffers")  # what the walk reads, per module
-_CALL = operator.call
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-class _TreeRecord:
-    """The module tree as `weights_and_buffers` read it: every module's child, parameter and buffer
-    tables, by identity, with their values in order.
-
-    `unchanged()` answers, at C speed (maps over the recorded modules, no bytecode per module or
-    tensor), whether a walk now would visit the same modules and tables and find the same objects
-    in them: then `weights_and_buffers` would return the same tensors, in the same order. (The
-    walk visits each module's `_modules` values in order, so the same tables holding the same
-    children reproduce it; the same parameter and buffer tables holding the same tensors give the
-    same list.) It answers False on any difference, and whenever the record cannot vouch for
-    that: a table that is not a plain dict (a subclass may override `values()`, which the walk
-    calls) or a tensor that is not a plain Tensor or Parameter (a DTensor's local shard is read
-    through an attribute the record does not follow); the caller then walks the tree.
-
-    The roots are held weakly, first in the record's own order (tables are compared module by
-    module, so the walk's order is not needed): the record never keeps the served model alive.
-    """
-
-    def __init__(self, tree: list[torch.nn.Module], roots: list[torch.nn.Module]) -> None:
-        root_ids = {id(root) for root in roots}
-        self._roots = [weakref.ref(module) for module in tree if id(module) in root_ids]
-        self._rest = [module for module in tree if id(module) not in root_ids]
-        tree = self.modules
-        self.tables: list[dict[str, Any]] = list(chain.from_iterable(map(_TABLES, tree)))
-        self.lengths = list(map(len, self.tables))
-        self.filled = [bool(n) for n in self.lengths]  # only non-empty tables have values to compare
-        self.values = self._values(self.tables)
-        self.keys = list(chain.from_iterable(compress(self.tables, self.filled)))
-        # A value's class is compared too (`local_shard` depends on it), though its object is the same.
-        self.types = list(map(type, self.values))
-        weight_tables = self.tables[1::3] + self.tables[2::3]
-        self.exact = all(type(table) is dict for table in self.tables) and all(
-            value is None or type(value) in _PLAIN_TENSORS for table in weight_tables for value in table.values()
-        )
-
-    @property
-    def modules(self) -> list[torch.nn.Module]:
-        """The recorded modules, roots first (a root that is gone is left out: `unchanged` is then
-        False, as the number of tables differs)."""
-        return [root for root in map(_CALL, self._roots) if root is not None] + self._rest
-
-    def _values(self, tables: list[dict[str, Any]]) -> list[Any]:
-        return list(chain.from_iterable(map(dict.values, compress(tables, self.filled))))
-
-    def unchanged(self) -> bool:
-        if not self.exact:
-            return False
-        tables = list(chain.from_iterable(map(_TABLES, self.modules)))
-        if not all(map(operator.is_, tables, self.tables)) or list(map(len, tables)) != self.lengths:
-            return False  # (same length: `all` over the pairs saw every table)
-        values = self._values(tables)
-        return all(map(operator.is_, values, self.values)) and all(map(operator.is_, map(type, values), self.types))
-
-    def put_back(self) -> None:
-        """Every recorded table back on its module, holding what it held when recorded (a
-        parameter, buffer or submodule replaced or added in any table is undone)."""
-        modules = self.modules
-        if len(modules) * 3 != len(self.tables):
-            return  # a root is gone: nothing left to put back
-        tables = iter(self.tables)
-        for module, children, parameters, buffers in zip(modules, tables, tables, tables, strict=True):
-            entries = vars(module)
-            entries["_modules"], entries["_parameters"], entries["_buffers"] = children, parameters, buffers
-        keys, values = iter(self.keys), iter(self.values)
-        contents = [list(zip(islice(keys, n), islice(values, n), strict=True)) for n in self.lengths]
-        for table, items in zip(self.tables, contents, strict=True):
-            table.clear()
-            table.update(items)
-
-
-_TENSOR: Any = torch.Tensor
-_STORAGE: Any = torch.UntypedStorage
-_SHAPE = operator.attrgetter("shape")
-_GRAD = operator.attrgetter("grad")
-_VERSION = operator.attrgetter("_version")
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
-_DTYPE = operator.attrgetter("dtype")
-
-
-def _identity_columns(tensors: list[torch.Tensor]) -> list[list[Any]]:
-    """`_Identity.of` of every tensor, as one list per field (the fields' order): read with maps at
-    C speed, for every server tensor after every request."""
-    storages = list(map(_TENSOR.untyped_storage, tensors))
-    return [
-        list(map(_STORAGE.data_ptr, storages)), list(map(_STORAGE.nbytes, storages)),
-        list(map(_TENSOR.storage_offset, tensors)), list(map(_SHAPE, tensors)), list(map(_TENSOR.stride, tensors)),
-        list(map(_DTYPE, tensors)), list(map(_TENSOR.is_conj, tensors)), list(map(_TENSOR.is_neg, tensors)),
-        list(map(_REQUIRES_GRAD, tensors)), list(map(operator.is_not, map(_GRAD, tensors), repeat(None))),
-    ]
-
-
-_NATIVE: list[Any] = []  # [the identity reader or None], loaded on first use
-
-
-def _native_identities() -> Any:
-    """`native/tensor_identity.cpp`'s `identities`: every tensor's `_Identity` packed in one C++
-    pass (about 9x cheaper than `_identity_columns`), or None where it is not built or does not
-    load (then the columns are read in Python; same fields)."""
-    if not _NATIVE:
-        try:
-            import importlib.machinery
-            import importlib.util
-
-            from model_runtime.sandbox.native.build import IDENTITY_BUILD_DIR, IDENTITY_NAME
-
-            path = IDENTITY_BUILD_DIR / f"{IDENTITY_NAME}.so"
-            loader = importlib.machinery.ExtensionFileLoader(IDENTITY_NAME, str(path))
-            spec = importlib.util.spec_from_file_location(IDENTITY_NAME, path, loader=loader)
-            if spec is None or not path.exists():
-                raise ImportError(f"{path} is not built (python -m model_runtime.sandbox.native.build)")
-            module = importlib.util.module_from_spec(spec)
-            loader.exec_module(module)
-            _NATIVE.append(module.identities)
-        except Exception as exc:  # missing build, ABI mismatch
-            _log.info("integrity identities read in Python: %s: %s", type(exc).__name__, exc)
-            _NATIVE.append(None)
-    return _NATIVE[0]
-
-
-def _identity_record(tensors: list[torch.Tensor]) -> bytes | None:
-    """The native packed identities of `tensors`, or None (not built, or a tensor without a
-    plain storage: the columns answer instead)."""
-    identities = _native_identities()
-    if identities is None:
-        return None
-    try:
-        return bytes(identities(tensors))
-    except Exception:
-        return None
-
-
-def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
-    raw = torch.empty(0, dtype=torch.uint8, device=storage.device)
-    return raw.set_(storage)
-
-
-class _Identity(NamedTuple):
-    """What a server tensor is, apart from its bytes (a tuple: made and compared at C speed, for
-    every server tensor after every request)."""
-
-    ptr: int
-    nbytes: int
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    conj: bool
-    neg: bool
-    requires_grad: bool
-    has_grad: bool
-
-    @classmethod
-    def of(cls, t: torch.Tensor) -> _Identity:
-        storage = t.untyped_storage()
-        return cls(
-            int(storage.data_ptr()), int(storage.nbytes()), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()),
-            t.dtype, t.is_conj(), t.is_neg(), t.requires_grad, t.grad is not None,
-        )
-
-
-class RestoreSource:
-    """The pristine bytes server tensors were filled from (see the module doc): per registered
-    tensor, a flat uint8 host array of its storage's size. It holds the tensors weakly (it never
-    keeps weights alive) and the arrays strongly (they keep the pages they view mapped)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref[torch.Tensor], int, np.ndarray[Any, Any]]] = {}
-
-    def add(self, tensor: torch.Tensor, pristine: np.ndarray[Any, Any]) -> None:
-        """Record that `tensor`'s storage was filled from `pristine` (call right after filling it)."""
-        if pristine.dtype != np.uint8 or pristine.ndim != 1 or not pristine.flags.c_contiguous:
-            raise ValueError("a restore source is a flat, contiguous uint8 array")
-        self._entries[id(tensor)] = (weakref.ref(tensor), int(tensor.untyped_storage().data_ptr()), pristine)
-
-    def pristine(self, tensor: torch.Tensor) -> np.ndarray[Any, Any] | None:
-        """The bytes `tensor`'s whole storage was filled from, while it is the registered object,
-        on the storage it had then, of the array's size; else None."""
-        entry = self._entries.get(id(tensor))
-        if entry is None:
-            return None
-        ref, ptr, array = entry
-        storage = tensor.untyped_storage()
-        if ref() is not tensor or int(storage.data_ptr()) != ptr or int(storage.nbytes()) != array.nbytes:
-            return None
-        return array
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def _host_view(array: np.ndarray[Any, Any]) -> torch.Tensor:
-    """A uint8 tensor over `array`'s bytes, no copy (it holds the array; read-only pages are only
-    ever read: they are what the weights are restored from). Call with torch's warning about
-    read-only buffers silenced."""
-    return torch.frombuffer(array, dtype=torch.uint8)
 
 
 def _sample_step(nbytes: int) -> int:
@@ -316,10 +116,10 @@ class WeightIntegrity:
     _guarded: list[torch.Tensor] = field(default_factory=list)
     _tensors: list[torch.Tensor] = field(default_factory=list)
     _originals: list[torch.Tensor] = field(default_factory=list)  # aliases keeping each tensor's view
-    _identities: list[_Identity] = field(default_factory=list)
+    _identities: list[Identity] = field(default_factory=list)
     _identity_columns: list[list[Any]] = field(default_factory=list)  # the same, one list per field
     _identity_record: bytes | None = None  # the same, packed by the native reader (None without it)
-    _tree: _TreeRecord | None = None
+    _tree: TreeRecord | None = None
     _versions: list[int] = field(default_factory=list)
     _storages: list[torch.UntypedStorage] = field(default_factory=list)
     _samples: list[list[torch.Tensor]] = field(default_factory=list)  # per sample set: one view per storage
@@ -346,17 +146,17 @@ class WeightIntegrity:
         """Record everything about the server's tensors as they are now (trusted)."""
         modules = self.modules
         tree = module_tree(modules)
-        self._tensors = _weights_and_buffers(tree)
-        self._tree = _TreeRecord(tree, modules)
+        self._tensors = weights_of_tree(tree)
+        self._tree = TreeRecord(tree, modules)
         # The dispatch guard also protects tensors kept as plain module attributes; holding them
         # here keeps their memory from being reused for a request's tensors if the model
         # replaces one.
         self._guarded = server_tensors(modules)
         self.storage = ServerStorage.of(self._guarded)
         self._originals = [t.detach() for t in self._tensors]
-        self._identities = [_Identity.of(t) for t in self._tensors]
-        self._identity_columns = _identity_columns(self._tensors)
-        self._identity_record = _identity_record(self._tensors)
+        self._identities = [Identity.of(t) for t in self._tensors]
+        self._identity_columns = identity_columns(self._tensors)
+        self._identity_record = identity_record(self._tensors)
         self._versions = list(map(_VERSION, self._tensors))
         unique: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
         for t in self._tensors:
@@ -364,7 +164,7 @@ class WeightIntegrity:
             if storage.nbytes():
                 unique.setdefault(int(storage.data_ptr()), (storage, []))[1].append(t)
         self._storages = [storage for storage, _ in unique.values()]
-        views = [_byte_view(s) for s in self._storages]
+        views = [byte_view(s) for s in self._storages]
         steps = [_sample_step(view.numel()) for view in views]
         rng = random.Random()
         self._samples, self._sample_starts = [], []
@@ -401,7 +201,7 @@ class WeightIntegrity:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return [
-                _byte_view(storage).to("cpu", copy=True) if array is None else _host_view(array)
+                byte_view(storage).to("cpu", copy=True) if array is None else host_view(array)
                 for storage, array in zip(self._storages, pristine, strict=True)
             ]
 
@@ -432,10 +232,10 @@ class WeightIntegrity:
             return False
         modules = self.modules
         tree = module_tree(modules)
-        current = _weights_and_buffers(tree)
+        current = weights_of_tree(tree)
         if len(current) != len(self._tensors) or not all(map(operator.is_, current, self._tensors)):
             return True
-        self._tree = _TreeRecord(tree, modules)  # the same tensors in other tables: vouch for these from now
+        self._tree = TreeRecord(tree, modules)  # the same tensors in other tables: vouch for these from now
         return False
 
     # -- per request ----------------------------------------------------------------------------
@@ -482,10 +282,10 @@ class WeightIntegrity:
         them; a tensor it can no longer read, e.g. one given a storage-less `.data`, differs)."""
         if self._identity_record is not None:
             try:
-                return bool(_native_identities()(self._tensors) == self._identity_record)
+                return bool(native_identities()(self._tensors) == self._identity_record)
             except Exception:
                 return False
-        return _identity_columns(self._tensors) == self._identity_columns
+        return identity_columns(self._tensors) == self._identity_columns
 
     def _fingerprint_matches(self, chosen: int) -> bool:
         """Whether sample set `chosen` holds the recorded bytes (call only after the identity
@@ -520,21 +320,21 @@ class WeightIntegrity:
             self._tree.put_back()
         with torch.no_grad():
             for t, original, ident in zip(self._tensors, self._originals, self._identities, strict=True):
-                if _Identity.of(t) != ident:
+                if Identity.of(t) != ident:
                     t.data = original  # back onto its own storage, shape and stride
                     if t.requires_grad != ident.requires_grad:
                         t.requires_grad_(ident.requires_grad)
                     if not ident.has_grad:
                         t.grad = None
             for storage, copy in zip(self._storages, self._copies, strict=True):
-                _byte_view(storage).copy_(copy)
+                byte_view(storage).copy_(copy)
         identities = zip(self._tensors, self._identities, strict=True)
         # The bytes restored from, and (against a source that no longer holds what the weights
         # were indexed with) the index's own fingerprints of the live weights.
         ok = (
             not self._moved()
-            and all(_Identity.of(t) == ident for t, ident in identities)
-            and all(torch.equal(_byte_view(s).cpu(), c) for s, c in zip(self._storages, self._copies, strict=True))
+            and all(Identity.of(t) == ident for t, ident in identities)
+            and all(torch.equal(byte_view(s).cpu(), c) for s, c in zip(self._storages, self._copies, strict=True))
             and all(map(self._fingerprint_matches, range(len(self._samples))))
         )
         if ok:

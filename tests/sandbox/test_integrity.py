@@ -62,7 +62,7 @@ def _buffer_bytes(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("tamper", [_numpy_write, _set_data, _requires_grad, _version_only, _buffer_bytes],
                          ids=lambda f: f.__name__.strip("_"))
 def test_tampering_is_detected_and_restored(tamper: Any, reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from model_runtime.sandbox import integrity as module
+    from model_runtime.sandbox import weight_records as module
 
     if reader == "python":  # the identities read in Python (the native reader not built)
         monkeypatch.setattr(module, "_NATIVE", [None])
@@ -185,15 +185,15 @@ def test_the_tree_record_walks_when_it_cannot_vouch() -> None:
 
 
 def test_identity_columns_are_the_identities() -> None:
-    """The per-request identity check reads one list per field; each must be `_Identity`'s field."""
-    from model_runtime.sandbox.integrity import _Identity, _identity_columns
+    """The per-request identity check reads one list per field; each must be `Identity`'s field."""
+    from model_runtime.sandbox.weight_records import Identity, identity_columns
 
     model = _model()
     model[1].weight.grad = torch.ones(8)
     tensors = [*model.parameters(), *model.buffers(), torch.zeros(4, 2).t(), torch.zeros(3)[1:]]
-    columns = _identity_columns(tensors)
-    assert len(columns) == len(_Identity._fields)
-    assert [_Identity(*fields) for fields in zip(*columns, strict=True)] == [_Identity.of(t) for t in tensors]
+    columns = identity_columns(tensors)
+    assert len(columns) == len(Identity._fields)
+    assert [Identity(*fields) for fields in zip(*columns, strict=True)] == [Identity.of(t) for t in tensors]
 
 
 def _identity_changes() -> list[Any]:
@@ -217,22 +217,22 @@ def _identity_changes() -> list[Any]:
 
 @pytest.mark.parametrize("change", range(9))
 def test_the_native_identity_reader_sees_what_the_columns_see(change: int) -> None:
-    """The packed identities differ exactly when `_Identity` does, field by field."""
-    from model_runtime.sandbox.integrity import _Identity, _identity_record, _native_identities
+    """The packed identities differ exactly when `Identity` does, field by field."""
+    from model_runtime.sandbox.weight_records import Identity, identity_record, native_identities
 
-    assert _native_identities() is not None, "python -m model_runtime.sandbox.native.build"
+    assert native_identities() is not None, "python -m model_runtime.sandbox.native.build"
     weight = torch.zeros(4, 6, dtype=torch.complex64 if change == 7 else torch.float32)
     other = [torch.zeros(3), torch.zeros(2, 2).t()]
-    before, identity = _identity_record([*other, weight]), _Identity.of(weight)
-    assert before is not None and _identity_record([*other, weight]) == before
+    before, identity = identity_record([*other, weight]), Identity.of(weight)
+    assert before is not None and identity_record([*other, weight]) == before
     _identity_changes()[change](weight)
-    assert _Identity.of(weight) != identity
-    assert _identity_record([*other, weight]) != before
+    assert Identity.of(weight) != identity
+    assert identity_record([*other, weight]) != before
 
 
 def test_tensors_the_native_reader_cannot_read_fail_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tensor the reader raises on (no plain storage) counts as changed: the check fails closed."""
-    from model_runtime.sandbox import integrity as module
+    from model_runtime.sandbox import weight_records as module
 
     model = _model()
     integrity = WeightIntegrity([model])

@@ -20,7 +20,8 @@ import torch
 from model_runtime.replica import host_copy
 from model_runtime.sandbox import integrity as module
 from model_runtime.sandbox.errors import ModelTampering
-from model_runtime.sandbox.integrity import RestoreSource, WeightIntegrity, integrity_for, restore_from
+from model_runtime.sandbox.integrity import WeightIntegrity, integrity_for, restore_from
+from model_runtime.sandbox.restore_source import RestoreSource
 
 
 def _model() -> torch.nn.Module:

@@ -1,6 +1,6 @@
 // What each server tensor is, read in one C++ pass: integrity.py's per-request identity check.
 //
-// `identities(tensors)` packs, per tensor, the fields of `integrity._Identity` as int64s:
+// `identities(tensors)` packs, per tensor, the fields of `weight_records.Identity` as int64s:
 // storage pointer, storage bytes, storage offset, dtype, flags (conj, neg, requires_grad, has
 // .grad), number of dimensions, then the sizes and the strides. Two calls give equal bytes
 // exactly when every tensor's identity is equal (the number of dimensions fixes the layout).
