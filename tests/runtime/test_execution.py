@@ -109,6 +109,12 @@ def _hooked() -> torch.Tensor:
     return tensor
 
 
+def _recursive_list() -> list[Any]:
+    value: list[Any] = [1, torch.ones(1)]
+    value.append(value)
+    return value
+
+
 def _saving_cases() -> dict[str, Any]:
     base = torch.arange(24.0).view(4, 6)
     complex_values = torch.randn(3, dtype=torch.complex64)
@@ -120,6 +126,14 @@ def _saving_cases() -> dict[str, Any]:
         "neg bit": {"neg": torch.randn(2, dtype=torch.complex64).conj().imag},
         "plain values": {"l": [1, 2.5, "s", b"b", None, (1, 2), {3: True}], "nested": {"t": [torch.ones(2)]}},
         "a result frame": {"id": "j", "status": "COMPLETED", "data": b"\x00" * 64, "meta": {"runtime": 0.1}},
+        # Larger than a pickle frame (64 KiB): written outside the frames, as torch.save's pickler does.
+        "a large result frame": {"id": "j", "data": bytes(range(256)) * 1024, "meta": {"gpu": {"0": 1.5}}},
+        "plain values only": {"s": "x" * 70_000, "nested": [[1, (2, 3)], {"k": -(2**70)}], "flag": True},
+        "a recursive list": _recursive_list(),
+        # Keys that are the very (interned) strings of torch's persistent ids and globals: the
+        # pickler's memo is by identity, so these are written as back-references there.
+        "names torch writes": {"storage": torch.ones(2), "cpu": torch.zeros(2), "FloatStorage": 1,
+                               "_rebuild_tensor_v2": torch.ones(1), "OrderedDict": "collections"},
         "quantized": {"q": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.quint8)},
         "sparse": {"s": torch.eye(3).to_sparse()},
         "views, offsets, inference": {"strided": torch.arange(12.0).view(3, 4)[:, ::2], "offset": torch.arange(9.0)[3:],
