@@ -51,6 +51,10 @@ class RuntimeSettings:
     process_filter: bool = True
     # NDIF_CREDENTIALS_DIR: a mounted Secret, one file per credential (model_runtime/credentials.py).
     credentials_dir: Path | None = None
+    # NDIF_DIRECT_CHANNEL: the gateway sends a request straight to its model's replica over a TCP
+    # channel when the app has one RUNNING replica (model_runtime/gateway/channel.py); "0" sends
+    # every request through Serve's handle.
+    direct_channel: bool = True
     # NDIF_SANDBOX_TEST_WEDGE_HOOK: tests only: request code may import the sandbox's wedge hook (one
     # C call no stop reaches), to prove a wedged replica is replaced. Nothing the operator renders sets it.
     sandbox_test_wedge_hook: bool = False
@@ -75,5 +79,6 @@ class RuntimeSettings:
             influx_bucket=env.get("NDIF_INFLUX_BUCKET", default.influx_bucket),
             process_filter=env.get("NDIF_PROCESS_FILTER", "1").strip() != "0",
             credentials_dir=Path(env["NDIF_CREDENTIALS_DIR"]) if env.get("NDIF_CREDENTIALS_DIR") else None,
+            direct_channel=_flag(env.get("NDIF_DIRECT_CHANNEL"), default.direct_channel),
             sandbox_test_wedge_hook=_flag(env.get("NDIF_SANDBOX_TEST_WEDGE_HOOK"), default.sandbox_test_wedge_hook),
         )

@@ -92,6 +92,7 @@ class NnsightGateway:
         opens here, after the first routing table, so a new replica never answers before it routes."""
         if user_config is not None:
             self.routing.update(GatewayUserConfig.model_validate(user_config))
+            self.runner.channels.forget_except(self.routing.apps())
         self._open_door()
 
     def _open_door(self) -> None:
@@ -170,10 +171,13 @@ class NnsightGateway:
     async def timings(self, request: Request) -> dict[str, Any]:
         """Where the recent completed jobs spent their time on the server (epoch seconds per step:
         received, body (read), form (parsed), parsed (routed), admitted, replica_entered/admitted/done,
-        completed); for benchmarks."""
+        completed) and the path each took (`via`: "channel" or "serve"); for benchmarks. `paths`:
+        this gateway's admission answers (refusals included) by path since it started, and the
+        channel's fallbacks to Serve."""
         owner = self.keys.owner(request.headers.get(API_KEY_HEADER))
-        return {"jobs": {job_id: marks for job_id, who, marks in self.runner.recent
-                         if not self.keys.enabled or who == owner}}
+        return {"jobs": {job.id: {**job.timings, "via": job.via} for job in self.runner.recent
+                         if not self.keys.enabled or job.owner == owner},
+                "paths": dict(self.runner.channels.counts)}
 
     @app.get("/result/{token}")
     async def result(self, token: str) -> Response:

@@ -1,4 +1,5 @@
-"""The gateway's view of Serve: each application's state and the GPU waits of HOT replicas.
+"""The gateway's view of Serve: each application's state and RUNNING replicas, and the GPU waits of
+HOT replicas.
 
 Read from Serve's controller in one call every `STATE_REFRESH_S` seconds in the background; an app
 that is not RUNNING in the cache is looked at again (at most every `STATE_RECHECK_S`) before a
@@ -37,6 +38,17 @@ def app_states(details: dict[str, Any]) -> dict[str, str]:
     return states
 
 
+def running_replicas(details: dict[str, Any]) -> dict[str, frozenset[str]]:
+    """Each Serve application's RUNNING replicas by id (`ReplicaDetails.replica_id`, the replica
+    context's `replica_id.unique_id`): the gateway's direct channel is used only for an app whose
+    one RUNNING replica is the channel's."""
+    return {name: frozenset(str(replica.get("replica_id"))
+                            for deployment in (app_details.get("deployments") or {}).values()
+                            for replica in deployment.get("replicas") or ()
+                            if replica.get("state") == "RUNNING")
+            for name, app_details in (details.get("applications") or {}).items()}
+
+
 def serve_details() -> dict[str, Any]:
     """Serve's instance details as its controller sends them: a dict in the shape of Serve's REST
     API (`GET /api/serve/applications/`). `serve.status()` reads the same and then builds pydantic
@@ -53,6 +65,7 @@ class AppStates:
 
     def __init__(self) -> None:
         self._states: dict[str, str] = {}
+        self.replicas: dict[str, frozenset[str]] = {}  # app → its RUNNING replicas' ids
         self.gpu_waits: dict[str, GpuWait] = {}  # ModelDeployment (namespace/name) → its replica's GPU wait
         self._states_at = 0.0
         self._refresher: asyncio.Task[None] | None = None
@@ -79,13 +92,14 @@ class AppStates:
     async def _refresh(self) -> None:
         """Serve's application states in one controller call: RUNNING when some replica runs."""
         try:
-            states = app_states(await asyncio.to_thread(serve_details))
+            details = await asyncio.to_thread(serve_details)
+            states, replicas = app_states(details), running_replicas(details)
         except Exception as exc:
             log.info("reading Serve's application states failed: %s", exc)
             return
         if any(state != "RUNNING" for state in states.values()) or self.gpu_waits:
             self.gpu_waits = await self._read_gpu_waits()
-        self._states, self._states_at = states, time.monotonic()
+        self._states, self.replicas, self._states_at = states, replicas, time.monotonic()
 
     async def _read_gpu_waits(self) -> dict[str, GpuWait]:
         """The HOT replicas waiting for a GPU share another replica holds (model_runtime/gpu_waits.py)."""

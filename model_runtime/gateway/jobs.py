@@ -42,6 +42,7 @@ class Job:
     latest: dict[str, Any] | None = None
     done: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # epoch seconds per step (GET /timings)
+    via: str = ""  # how it reached its replica: "channel" (direct) or "serve" (Serve's handle)
 
 
 @dataclass

@@ -51,11 +51,15 @@ class Routing:
         cold = (served_before - _served(self.routes)) | (set(self.routes) - _served(self.routes))
         if cold:
             threading.Thread(target=_evict_host_copies, args=(sorted(cold),), daemon=True).start()
-        apps = {a for route in self.routes.values() for a in (route.apps or ([route.app] if route.app else []))}
+        apps = self.apps()
         for app_name in [a for a in self._handles if a not in apps]:
             self._handles.pop(app_name, None)
             self.payload_limits.pop(app_name, None)
         log.info("gateway routes: %s", {k: (r.app, r.level) for k, r in sorted(self.routes.items())})
+
+    def apps(self) -> set[str]:
+        """The model applications the table routes to."""
+        return {a for route in self.routes.values() for a in (route.apps or ([route.app] if route.app else []))}
 
     def handle(self, app_name: str) -> Any:
         handle = self._handles.get(app_name)

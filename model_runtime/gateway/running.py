@@ -7,6 +7,11 @@ Unknown model → 404; COLD (routed, no app) → 503 "COLD"; an app without a ru
 with its Serve state. Once admitted, the job's statuses (QUEUED → RUNNING → LOG… → COMPLETED |
 ERROR) go to its session's websocket and to `GET /response/{id}`.
 
+A request goes to its model's replica over the direct channel (model_runtime/gateway/channel.py)
+when the app has one RUNNING replica whose channel is known, else through Serve's handle; a channel
+that fails before the admission answer sends the request through Serve instead. `Job.via` says
+which path it took.
+
 Both ingresses call `RequestRunner.request` directly: the door's lean route and the gateway's
 FastAPI route.
 """
@@ -27,12 +32,14 @@ from model_runtime import handoff
 from model_runtime.gateway.app_states import AppStates
 from model_runtime.gateway.auth import ApiKeys
 from model_runtime.gateway.bounds import HttpError, bounded_event, read_body_capped
+from model_runtime.gateway.channel import ChannelBroken, Channels
 from model_runtime.gateway.demand import Demand
 from model_runtime.gateway.jobs import Job, JobStore, JobStoreFull
 from model_runtime.gateway.results import MemoryResults, S3Results
 from model_runtime.gateway.routing import Routing
 from model_runtime.metrics import gateway_metrics
 from model_runtime.model_keys import repo_key
+from model_runtime.settings import RuntimeSettings
 from model_runtime.versions import version_refusal
 from ndif_operator.api import GatewayAppArgs, Level
 from ndif_operator.api.naming import API_KEY_HEADER
@@ -73,7 +80,9 @@ class RequestRunner:
         self._executes: dict[tuple[str, bool], tuple[Any, Any, int]] = {}
         self._inflight: dict[str, int] = {}  # app → this gateway's jobs admitted and not finished
         self.tasks: set[asyncio.Task[None]] = set()  # the jobs being run
-        self.recent: collections.deque[tuple[str, str, dict[str, float]]] = collections.deque(maxlen=256)
+        self.recent: collections.deque[Job] = collections.deque(maxlen=256)  # completed: `GET /timings`
+        self.channels = Channels(RuntimeSettings.from_env().direct_channel,
+                                 lambda app_name: self.routing.handle(app_name).channel.remote())
 
     async def request(self, request: Request) -> dict[str, Any]:
         """`POST /request`: the RECEIVED answer of an admitted job, or an `HttpError`."""
@@ -126,10 +135,9 @@ class RequestRunner:
             raise HttpError(503, str(exc)) from None
         job.timings.update(received=arrived, body=body_read, form=form_parsed, parsed=time.time())
         inline_max = self.args.inline_result_max_bytes if session_id else 0
-        stream = self._admit(app_name, job, envelope, blob, inline_max)
         self._inflight[app_name] = self._inflight.get(app_name, 0) + 1
         try:
-            first = await self._first_event(key, app_name, job, stream)
+            stream, first = await self._admission(key, app_name, job, envelope, blob, inline_max)
         except BaseException:
             self._done(app_name)
             raise
@@ -161,6 +169,24 @@ class RequestRunner:
         else:
             self._inflight.pop(app_name, None)
 
+    async def _admission(self, key: str, app_name: str, job: Job, envelope: dict[str, Any], blob: bytes,
+                         inline_max: int) -> tuple[Any, dict[str, Any]]:
+        """The job's event stream and its admission answer: over the app's direct channel when one
+        is usable, else (or when it fails before answering) through Serve's handle."""
+        channel = self.channels.usable(app_name, self.states.replicas.get(app_name))
+        if channel is not None:
+            try:
+                stream = await self.channels.open(channel, job.id, envelope, blob, inline_max)
+                job.via = "channel"
+                return stream, await self._first_event(key, app_name, job, stream)
+            except ChannelBroken as exc:  # nothing was admitted: through Serve
+                self.channels.counts["fallback"] += 1
+                log.info("direct channel to %s failed before admission (%s); job %s goes through Serve",
+                         app_name, exc, job.id)
+        job.via = "serve"
+        stream = self._admit(app_name, job, envelope, blob, inline_max)
+        return stream, await self._first_event(key, app_name, job, stream)
+
     def _admit(self, app_name: str, job: Job, envelope: dict[str, Any], blob: bytes, inline_max: int) -> Any:
         try:
             base, by_value = self.routing.handle(app_name), len(blob) <= handoff.BY_VALUE_MAX_BYTES
@@ -181,13 +207,17 @@ class RequestRunner:
         try:
             async with asyncio.timeout(ADMISSION_TIMEOUT_S):  # no task of its own, unlike wait_for
                 first: dict[str, Any] = await stream.__anext__()
+        except ChannelBroken:
+            raise  # the job is kept: it goes through Serve
         except Exception as exc:  # timeout, a stream that ended at once, or a dead app
             self.jobs.discard(job.id)
             with contextlib.suppress(Exception):
                 stream.cancel()
             self.routing.forget(app_name)
+            self.channels.forget(app_name)
             log.info("model app %s did not admit job %s: %r", app_name, job.id, exc)
             raise HttpError(503, f"Model {key!r} did not answer ({type(exc).__name__}); retry shortly.") from None
+        self.channels.counts[job.via] += 1  # admission answers (refusals included) by path
         limits = first.get("limits") or {}
         if "max_payload_bytes" in limits:
             self.routing.payload_limits[app_name] = int(limits["max_payload_bytes"])
@@ -249,7 +279,7 @@ class RequestRunner:
             return
         job.timings.update({f"replica_{k}": float(v) for k, v in (event.get("timings") or {}).items()},
                            completed=time.time())
-        self.recent.append((job.id, job.owner, job.timings))
+        self.recent.append(job)
         frame = event.get("frame")
         if frame is not None and job.session_id:
             job.latest = _response(job.id, "COMPLETED", "Your job has been completed.", meta=meta)

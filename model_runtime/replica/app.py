@@ -7,7 +7,9 @@ DeploymentHandle:
 * `execute(job_id, envelope, blob, inline_max_bytes)`: a streaming generator of event dicts
   (`{"status": "RUNNING" | "LOG" | "COMPLETED" | "ERROR", ...}`), see `_completed` / `_error`;
 * `info()`: level, limits, queue depth, load times (for `/status` and routing);
-* `activate()`: become HOT now (from WARM: a device copy; from COLD: a load), timed.
+* `activate()`: become HOT now (from WARM: a device copy; from COLD: a load), timed;
+* `channel()`: the address and token of this replica's direct channel, which runs `execute` for
+  the gateway without Serve's hops (model_runtime/replica/channel.py).
 
 Requests queue inside the replica (Serve's `max_ongoing_requests` is set high) so that the queue
 can be bounded by `max_queue_depth` and refused with a clear error instead of waiting in Serve;
@@ -28,9 +30,11 @@ from typing import Any
 from ray import serve
 
 from model_runtime import credentials, handoff
+from model_runtime.channel_wire import FRAME_MARGIN_BYTES
 from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
 from model_runtime.replica import levels
+from model_runtime.replica.channel import ChannelServer
 from model_runtime.replica.execution import (
     PLAIN,
     Envelope,
@@ -117,6 +121,7 @@ class ModelReplica:
         self._host: Any = None  # host_copy.HostCopy, set by _load
         self._lease: GpuLease | None = None  # the GPU share a HOT replica holds (config.gpu_lease)
         self._runner = select_runner()
+        self._channel: asyncio.Task[ChannelServer] | None = None  # opened by the first `channel()` call
         self._configure_sandbox()
         # Load into CPU RAM (WARM); reconfigure or the first use moves it to its level.
         self._transitions.append(self._load().__dict__)
@@ -223,6 +228,28 @@ class ModelReplica:
             transition = await asyncio.to_thread(self._set_level, levels.HOT)
         return dict(transition.__dict__)
 
+    async def channel(self) -> dict[str, Any]:
+        """This replica's direct channel: `{"host", "port", "token", "replica_id", "max_result_bytes"}`.
+
+        Opened on the first call, on this loop (the one `execute` runs on), at the node's address
+        on a free port. Only a caller through Serve's handle learns the token."""
+        if self._channel is None:
+            self._channel = asyncio.create_task(self._open_channel())
+        server = await asyncio.shield(self._channel)
+        return {**server.info(), "max_result_bytes": self.config.max_result_bytes}
+
+    async def _open_channel(self) -> ChannelServer:
+        import ray
+
+        if type(asyncio.get_running_loop()).__module__.startswith("uvloop") and self.confined:
+            # uvloop adds each new socket through an io_uring ring, which the process filter refuses:
+            # the process would abort. The renderer gives model replicas RAY_USE_UVLOOP=0.
+            raise RuntimeError("the direct channel needs asyncio's own event loop here (RAY_USE_UVLOOP=0)")
+        server = ChannelServer(self.execute, lambda: self.config.max_payload_bytes + FRAME_MARGIN_BYTES,
+                               serve.get_replica_context().replica_id.unique_id)
+        await server.start(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        return server
+
     async def set_level(self, level: str) -> dict[str, Any]:
         if level not in levels.LEVELS:
             raise ValueError(f"unknown level {level!r}; one of {levels.LEVELS}")
@@ -268,6 +295,9 @@ class ModelReplica:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
+        channel = getattr(self, "_channel", None)
+        if channel is not None and channel.done() and not channel.cancelled() and channel.exception() is None:
+            channel.result().close()
 
     def check_health(self) -> None:
         # A request thread that ignored cancellation still holds the model: let Serve replace us.
@@ -340,8 +370,9 @@ class ModelReplica:
                                        in_place=levels.activates_in_place())
 
     def _limits(self) -> dict[str, int]:
-        # The gateway caches these to refuse an oversize body before sending it to the replica.
-        return {"max_payload_bytes": self.config.max_payload_bytes}
+        # The gateway caches these to refuse an oversize body before sending it to the replica, and
+        # sizes the direct channel's frame cap by the largest result.
+        return {"max_payload_bytes": self.config.max_payload_bytes, "max_result_bytes": self.config.max_result_bytes}
 
     def _refusal(self, envelope: dict[str, Any], payload_bytes: int) -> dict[str, Any] | None:
         """Why this request cannot be admitted now, as the ERROR event the gateway turns into HTTP."""

@@ -51,7 +51,10 @@ MIN_RANK_CPU = 0.01
 # the gateway's handles (route_prefix None), so they never serve HTTP themselves: with Serve's direct
 # ingress on (the gateway's own HTTP server) a model replica would otherwise start one too, on a
 # uvloop whose io_uring rings abort the process once the replica's process filter refuses io_uring.
-MODEL_REPLICA_ENV: Mapping[str, str] = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# For the same reason a model replica's event loops are asyncio's own, not uvloop: the gateway's
+# direct channel is a TCP server on the replica's user-code loop (model_runtime/replica/channel.py),
+# and uvloop registers each new socket through an io_uring ring, which aborts a confined process.
+MODEL_REPLICA_ENV: Mapping[str, str] = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_USE_UVLOOP": "0"}
 
 
 def render_serve_config(

@@ -164,8 +164,9 @@ def test_cpu_only_requests_no_gpus_and_zero_cpus() -> None:
     llama = next(a for a in config["applications"] if a["name"] == "md-ml-llama")
     assert llama["deployments"][0]["ray_actor_options"]["runtime_env"] == {
         "env_vars": {"OMP_NUM_THREADS": "1", **MODEL_REPLICA_ENV}}
-    # A model replica never starts Serve's direct-ingress server (its process filter refuses io_uring).
-    assert MODEL_REPLICA_ENV == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    # A model replica never starts Serve's direct-ingress server nor runs uvloop (its process filter
+    # refuses io_uring, which both would use).
+    assert MODEL_REPLICA_ENV == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_USE_UVLOOP": "0"}
     assert validate_serve_config(config) == []
 
 

@@ -20,6 +20,7 @@ from model_runtime.sandbox.capabilities import WEDGE_HOOK_ENV
 from model_runtime.tiny_models import build_tiny_model
 from ndif_operator.api.naming import GATEWAY_APP
 from ndif_operator.api.pinning import gpu_resource
+from ndif_operator.rendering.serve_config import MODEL_REPLICA_ENV
 from runtime.conftest_names import MODEL_APP, SLOW_APP
 from runtime.wire import API_KEY, API_KEY_HASHES_ENV, RESULTS_BUCKET, VICTIM_KEY, InfluxSink
 
@@ -74,9 +75,8 @@ def model_target(name: str, args: dict[str, Any], user_config: dict[str, Any] | 
 
     from model_runtime.replica import app as model_app
 
-    actor_options: dict[str, Any] = {"num_cpus": 0}
-    if env:
-        actor_options["runtime_env"] = {"env_vars": env}
+    # What every rendered model replica carries (no uvloop: the direct channel's server runs on its loop).
+    actor_options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": {**MODEL_REPLICA_ENV, **(env or {})}}}
     app = model_app.ModelReplica.options(
         ray_actor_options=actor_options, user_config=user_config or {}, **options
     ).bind(args)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from nnsight.intervention.backends.remote import RemoteError
 
-from runtime.wire import capture_blob
+from runtime.wire import capture_blob, submit_sleeper
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -82,21 +82,17 @@ def test_one_long_c_call_ends_or_is_refused_and_the_same_replica_serves_on(name:
 
 
 def test_full_queue_is_refused_not_hung(slow_client_model: Any, served: dict[str, Any]) -> None:
-    def submit_sleeper() -> Any:
-        with slow_client_model.trace(PROMPT, remote=True, blocking=False) as tracer:
-            slow_client_model.model.layers[0].output.save()
-            for _ in range(20):
-                time.sleep(0.1)
-        return tracer.backend
+    def sleeper() -> Any:
+        return submit_sleeper(slow_client_model, PROMPT, 2.0)
 
-    running = submit_sleeper()
+    running = sleeper()
     time.sleep(1.0)  # the first one is running now
-    queued = submit_sleeper()  # waits: the queue holds one
+    queued = sleeper()  # waits: the queue holds one
     time.sleep(1.0)
     refusals = []
     for _ in range(2):
         try:
-            submit_sleeper()
+            sleeper()
         except RemoteError as exc:
             refusals.append(str(exc))
     assert refusals and all("queue" in r and "full" in r for r in refusals)

@@ -20,13 +20,13 @@ def test_each_variable_reaches_its_field() -> None:
         "NDIF_TP_MASTER_ADDR": "10.0.0.2", "NDIF_MODEL_CACHE_DIR": "/data/cache",
         "NDIF_INFLUX_URL": "http://influx:8086", "NDIF_INFLUX_ORG": "o",
         "NDIF_INFLUX_BUCKET": "b", "NDIF_PROCESS_FILTER": "0", "NDIF_CREDENTIALS_DIR": "/etc/ndif/object-store",
-        "NDIF_SANDBOX_TEST_WEDGE_HOOK": "1",
+        "NDIF_SANDBOX_TEST_WEDGE_HOOK": "1", "NDIF_DIRECT_CHANNEL": "0",
     })
     assert settings == RuntimeSettings(
         sandbox=False, weight_store=False, torch_threads=3, ws_keepalive_s=0.5, tp_collective_timeout_s=30.0,
         tp_master_addr="10.0.0.2", s3_cache=Path("/data/cache"), influx_url="http://influx:8086",
         influx_org="o", influx_bucket="b", process_filter=False,
-        credentials_dir=Path("/etc/ndif/object-store"), sandbox_test_wedge_hook=True,
+        credentials_dir=Path("/etc/ndif/object-store"), sandbox_test_wedge_hook=True, direct_channel=False,
     )
 
 

@@ -75,6 +75,15 @@ def poll_backend(backend: Any, timeout: float = 30) -> Any:
     return None
 
 
+def submit_sleeper(model: Any, prompt: str, seconds: float) -> Any:
+    """A non-blocking job that holds its model's lock for about `seconds`; its backend (poll it)."""
+    with model.trace(prompt, remote=True, blocking=False) as tracer:
+        model.model.layers[0].output.save()
+        for _ in range(round(seconds * 10)):
+            time.sleep(0.1)
+    return tracer.backend
+
+
 def fetch_result(url: str) -> dict[str, Any]:
     """Download a COMPLETED job's result URL and load it as the client would (zstd + torch.load)."""
     import io
