@@ -40,8 +40,8 @@ from model_runtime.replica.execution import (
     Envelope,
     ExecutionLimits,
     ExecutionResult,
-    execute_request_async,
     select_runner,
+    start_request,
     torch_saved,
 )
 from model_runtime.replica.garbage import freeze_long_lived
@@ -418,17 +418,19 @@ class ModelReplica:
             max_result_bytes=self.config.max_result_bytes,
         )
 
-        async def run() -> None:
-            if isinstance(self._host, TensorParallelCopy):  # every rank runs it; rank 0's events are the answer
-                result = await asyncio.to_thread(self._host.execute_request, self._model, blob, envelope,
-                                                 limits=limits, on_log=on_log, runner=self._runner)
-            else:  # straight to the request thread, which wakes this loop when done
-                result = await execute_request_async(self._model, blob, envelope, limits=limits, on_log=on_log,
-                                                     runner=self._runner)
+        async def run_on_ranks() -> None:  # every rank runs it; rank 0's events are the answer
+            result = await asyncio.to_thread(self._host.execute_request, self._model, blob, envelope,
+                                             limits=limits, on_log=on_log, runner=self._runner)
             events.put_nowait(result)
 
-        task = asyncio.create_task(run())
+        task = None
+        if isinstance(self._host, TensorParallelCopy):
+            task = asyncio.create_task(run_on_ranks())
+        else:  # on the request thread when this returns; its end wakes this loop with the result
+            start_request(self._model, blob, envelope, limits=limits, on_log=on_log, on_done=events.put_nowait,
+                          runner=self._runner)
         running_sent = False
+        item: dict[str, Any] | ExecutionResult | None = None
         try:
             while True:
                 try:
@@ -448,7 +450,10 @@ class ModelReplica:
                     break
                 yield item
         finally:
-            await task
+            if task is not None:
+                await task
+            while not isinstance(item, ExecutionResult):  # left early (the client went away): the
+                item = await events.get()  # model stays locked until the request is over
         result = item
         if result.wedged:
             self._wedged = True

@@ -2,6 +2,7 @@
 
     execute_request(model, blob, envelope, *, limits, on_log) -> ExecutionResult
     await execute_request_async(model, blob, envelope, *, limits, on_log)  # the same, on an event loop
+    start_request(model, blob, envelope, *, limits, on_log, on_done)  # the same, called back on the loop
 
 `model` is the replica's live nnsight wrapper (e.g. `TransformersModel`), `blob` the bytes the
 client POSTed as `blob`, `envelope` the parsed `data` JSON (`Envelope`: model_key, compress, env),
@@ -31,6 +32,7 @@ replica reports itself unhealthy so that Serve replaces it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import linecache
 import sys
@@ -173,20 +175,31 @@ def nnsight_caches_restored() -> Iterator[None]:
     Without this a later request that reuses a `(filename, line)` trace site would run a stale
     memoized block.
     """
-    from nnsight.tracing import globals as nns_globals
-
-    lines = dict(linecache.cache)
-    sources = dict(nns_globals.SOURCES)
-    blocks = dict(nns_globals.BLOCKS)
+    snapshot = _CachesSnapshot()
     try:
         yield
     finally:
+        snapshot.restore()
+
+
+class _CachesSnapshot:
+    """linecache and nnsight's SOURCES/BLOCKS as they were when it was made (`restore` puts them back)."""
+
+    def __init__(self) -> None:
+        from nnsight.tracing import globals as nns_globals
+
+        self._globals = nns_globals
+        self._lines = dict(linecache.cache)
+        self._sources = dict(nns_globals.SOURCES)
+        self._blocks = dict(nns_globals.BLOCKS)
+
+    def restore(self) -> None:
         linecache.cache.clear()
-        linecache.cache.update(lines)
-        nns_globals.SOURCES.clear()
-        nns_globals.SOURCES.update(sources)
-        nns_globals.BLOCKS.clear()
-        nns_globals.BLOCKS.update(blocks)
+        linecache.cache.update(self._lines)
+        self._globals.SOURCES.clear()
+        self._globals.SOURCES.update(self._sources)
+        self._globals.BLOCKS.clear()
+        self._globals.BLOCKS.update(self._blocks)
 
 
 def _user_traceback(exc: BaseException, user_file: str | None) -> str:
@@ -379,30 +392,77 @@ async def execute_request_async(
     on_log: Callable[[str], None],
     runner: Runner = PLAIN,
 ) -> ExecutionResult:
-    """`execute_request` for a caller on an event loop (the model replica): the request thread is
-    handed the work and wakes the loop when it ends, with no worker thread in between (two thread
-    hand-offs fewer per request). Callers serialize calls per model, as for `execute_request`."""
+    """`execute_request` for a caller on an event loop: `start_request`, awaited. Cancelling the
+    awaiting coroutine does not stop the request. Callers serialize calls per model, as for
+    `execute_request`."""
+    done: asyncio.Future[ExecutionResult] = asyncio.get_running_loop().create_future()
+
+    def resolve(result: ExecutionResult) -> None:
+        if not done.done():
+            done.set_result(result)
+
+    start_request(model, blob, envelope, limits=limits, on_log=on_log, on_done=resolve, runner=runner)
+    return await done
+
+
+def start_request(
+    model: Any,
+    blob: bytes,
+    envelope: Envelope,
+    *,
+    limits: ExecutionLimits,
+    on_log: Callable[[str], None],
+    on_done: Callable[[ExecutionResult], None],
+    runner: Runner = PLAIN,
+) -> None:
+    """`execute_request` for a caller on an event loop (the model replica), called back instead of
+    awaited: the request is on its request thread when this returns, and `on_done(result)` is called
+    once, on the caller's running loop, when it has ended (the request thread wakes the loop itself:
+    no worker thread, task or future in between; a worker thread only stops a request past its
+    time). Callers serialize calls per model, as for `execute_request`."""
+    loop = asyncio.get_running_loop()
     request = _Request.prepared(model, blob, envelope, limits, on_log, runner)
     if isinstance(request, ExecutionResult):
-        return request
-    with _request_thread(model, runner) as thread:
-        ended = await thread.run_async(request.work, limits.timeout_seconds, limits.cancel_grace_seconds,
-                                       cancel=SystemExit)
-    return request.result(ended, thread.forced)
+        loop.call_soon(on_done, request)
+        return
+    caches = _CachesSnapshot()
+    thread = _THREADS.acquire(runner, "nnsight-request")
+
+    def ended(outcome: Outcome) -> None:  # on the loop, once
+        try:
+            _request_over(model, runner, thread, caches)
+            result = request.result(outcome, thread.forced)
+        except BaseException as exc:  # the server's fault: the caller still gets its one answer
+            result = ExecutionResult(error=bounded(f"Internal error after the request: {type(exc).__name__}: {exc}"))
+        on_done(result)
+
+    try:
+        thread.launch(request.work, limits.timeout_seconds, limits.cancel_grace_seconds, SystemExit, ended)
+    except BaseException:
+        _request_over(model, runner, thread, caches)
+        raise
 
 
 @contextlib.contextmanager
 def _request_thread(model: Any, runner: Runner) -> Iterator[RequestThread]:
     """A request thread for `runner`, with nnsight's caches restored and the model's interleaver
     cancelled once the request is over."""
-    with nnsight_caches_restored():
-        thread = _THREADS.acquire(runner, "nnsight-request")
-        try:
-            yield thread
-        finally:
-            _THREADS.release(runner, thread)
-            with contextlib.suppress(Exception):
-                model.interleaver.cancel()
+    caches = _CachesSnapshot()
+    thread = _THREADS.acquire(runner, "nnsight-request")
+    try:
+        yield thread
+    finally:
+        _request_over(model, runner, thread, caches)
+
+
+def _request_over(model: Any, runner: Runner, thread: RequestThread, caches: _CachesSnapshot) -> None:
+    """The thread back to the pool, the model's interleaver cancelled, nnsight's caches restored."""
+    try:
+        _THREADS.release(runner, thread)
+        with contextlib.suppress(Exception):
+            model.interleaver.cancel()
+    finally:
+        caches.restore()
 
 
 class _Request:

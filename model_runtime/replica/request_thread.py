@@ -2,6 +2,7 @@
 
     thread = RequestThread("nnsight-request", initializer=install_filter)
     outcome = thread.run(work, timeout_s=300, grace_s=5, cancel=SystemExit)  # DONE / STOPPED / WEDGED
+    thread.launch(work, 300, 5, SystemExit, on_end)  # on an event loop: on_end(outcome) there, once
 
 Why a long-lived thread instead of a fresh one per request: starting a thread costs ~0.08 ms
 and, when the sandbox is on, installing its per-thread seccomp filter another ~0.18 ms (the
@@ -157,27 +158,40 @@ class RequestThread:
             return Outcome.DONE
         return self._stop(thread, tasks, task, grace_s)
 
-    async def run_async(self, fn: Callable[[], None], timeout_s: float, grace_s: float,
-                        cancel: type[BaseException]) -> Outcome:
-        """`run` for a caller on an event loop: the thread itself wakes the loop when the work ends,
-        with no thread in between (a worker only blocks in the stop, after a timeout). Cancelling
-        the awaiting coroutine does not stop the work."""
+    def launch(self, fn: Callable[[], None], timeout_s: float, grace_s: float, cancel: type[BaseException],
+               on_end: Callable[[Outcome], None]) -> None:
+        """`run` for a caller on an event loop, without a coroutine: `fn` is on the thread when this
+        returns, and `on_end(outcome)` is called once, on the caller's running loop, when the work
+        has ended (the thread itself wakes the loop: one wake-up, no future or task in between) or,
+        after `timeout_s`, once a worker thread has stopped it."""
         loop = asyncio.get_running_loop()
-        ended: asyncio.Future[None] = loop.create_future()
+        ending = _Ending(on_end)
 
-        def notify() -> None:
+        def finished() -> None:  # on the loop: the task ended on its own
+            if not ending.stopping:
+                ending.end(Outcome.DONE)
+
+        def notify() -> None:  # on the request thread, once the task has ended
             with contextlib.suppress(RuntimeError):  # the loop is gone (the replica is shutting down)
-                loop.call_soon_threadsafe(_resolve, ended)
+                loop.call_soon_threadsafe(finished)
 
         thread, tasks, task = self._submit(fn, timeout_s, grace_s, cancel, notify)
-        try:
-            async with asyncio.timeout(timeout_s):  # (not `wait_for`: no task and no loop turn more)
-                await asyncio.shield(ended)
-            return Outcome.DONE
-        except TimeoutError:
-            if task.done.is_set():
-                return Outcome.DONE
-            return await asyncio.to_thread(self._stop, thread, tasks, task, grace_s)
+
+        def timed_out() -> None:
+            if task.done.is_set() or ending.over:
+                return  # ended just now: `finished` is on its way to the loop
+            ending.stopping = True
+            stopping = loop.run_in_executor(None, self._stop, thread, tasks, task, grace_s)
+            stopping.add_done_callback(ending.stopped)
+
+        ending.timer = loop.call_later(timeout_s, timed_out)
+
+    async def run_async(self, fn: Callable[[], None], timeout_s: float, grace_s: float,
+                        cancel: type[BaseException]) -> Outcome:
+        """`launch`, awaited. Cancelling the awaiting coroutine does not stop the work."""
+        ended: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.launch(fn, timeout_s, grace_s, cancel, lambda outcome: _resolve(ended, outcome))
+        return await ended
 
     def _submit(self, fn: Callable[[], None], timeout_s: float, grace_s: float, cancel: type[BaseException],
                 notify: Callable[[], None] | None = None
@@ -213,9 +227,34 @@ class RequestThread:
         self._thread = self._queue = None
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+class _Ending:
+    """How one task started by `RequestThread.launch` ends, on the caller's loop: exactly one call of
+    `on_end`, from the thread's own wake-up or from the stop after its timeout."""
+
+    __slots__ = ("on_end", "over", "stopping", "timer")
+
+    def __init__(self, on_end: Callable[[Outcome], None]) -> None:
+        self.on_end = on_end
+        self.over = False
+        self.stopping = False  # timed out: the stop, not the thread's wake-up, ends it
+        self.timer: asyncio.TimerHandle | None = None
+
+    def end(self, outcome: Outcome) -> None:
+        if self.over:
+            return
+        self.over = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.on_end(outcome)
+
+    def stopped(self, stop: asyncio.Future[Outcome]) -> None:
+        # A stop that failed leaves the thread in an unknown state: treat it as stuck.
+        self.end(Outcome.WEDGED if stop.cancelled() or stop.exception() is not None else stop.result())
+
+
+def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(outcome)
 
 
 def _wait_done(done: threading.Event, timeout_s: float, stop: threading.Event | None) -> bool:

@@ -211,3 +211,50 @@ def test_request_faults_are_errors(local_model: Any, case: str) -> None:
     assert expected in (result.error or "")
     if case == "wrong_compress":
         assert "zstd-compressed" in (result.error or "")
+
+
+def test_start_request_answers_once_on_the_loop(local_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`start_request` (the model replica's call): the result comes once, on the caller's loop, for a
+    request, a refused payload, and a fault of the server's own after the run (an error answer,
+    never silence); nnsight's caches are restored and the thread reused after each."""
+    import linecache
+    import threading
+
+    from model_runtime.replica import execution
+
+    capture = Capture()
+    with local_model.trace(PROMPT, backend=capture):
+        logits = local_model.lm_head.output.save()  # noqa: F841
+    envelope, limits = Envelope(model_key="k", compress=True), ExecutionLimits()
+
+    async def answers(blob: bytes) -> list[Any]:
+        loop_thread, got = threading.get_ident(), []
+        over = asyncio.Event()
+
+        def on_done(result: Any) -> None:
+            assert threading.get_ident() == loop_thread
+            got.append(result)
+            over.set()
+
+        execution.start_request(local_model, blob, envelope, limits=limits, on_log=print, on_done=on_done)
+        await over.wait()
+        await asyncio.sleep(0.05)
+        return got
+
+    lines = dict(linecache.cache)
+    [good] = asyncio.run(answers(capture.blob))
+    assert dict(linecache.cache) == lines
+    with local_model.trace(PROMPT):
+        ref = local_model.lm_head.output.save()
+    assert good.error is None and torch.equal(_load(good)["logits"], ref)
+    lines = dict(linecache.cache)
+    [refused] = asyncio.run(answers(b""))
+    assert refused.result is None and "blob is empty" in (refused.error or "")
+
+    def broken(*_args: Any) -> Any:
+        raise RuntimeError("meta failed")
+
+    monkeypatch.setattr(execution._Request, "result", broken)
+    [internal] = asyncio.run(answers(capture.blob))
+    assert internal.result is None and "Internal error after the request: RuntimeError: meta failed" in internal.error
+    assert dict(linecache.cache) == lines

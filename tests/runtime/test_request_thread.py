@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
+
+import pytest
 
 from model_runtime.replica.request_thread import Outcome, RequestThread, RequestThreadPool
 
@@ -142,4 +145,65 @@ def test_an_event_loop_awaits_the_thread_directly() -> None:
         assert asyncio.run(main()) == (Outcome.DONE, Outcome.STOPPED, Outcome.DONE)
         assert thread.healthy
     finally:
+        thread.stop()
+
+
+def test_launch_calls_back_once_on_the_loop() -> None:
+    """`launch`: the task is on the thread when it returns; `on_end` is called exactly once, on the
+    caller's loop thread, with DONE, or with STOPPED / WEDGED after the timeout (also when the task
+    ends during its stop, or the stop itself fails)."""
+    thread = RequestThread("t")
+    ends: list[tuple[Outcome, int]] = []
+
+    def spin() -> None:
+        while True:
+            pass
+
+    async def ended_after(fn: Any, timeout_s: float, grace_s: float = 1.0) -> None:
+        loop_thread = threading.get_ident()
+        over = asyncio.Event()
+
+        def on_end(outcome: Outcome) -> None:
+            ends.append((outcome, threading.get_ident()))
+            assert threading.get_ident() == loop_thread
+            over.set()
+
+        thread.launch(fn, timeout_s, grace_s, SystemExit, on_end)
+        await over.wait()
+        await asyncio.sleep(timeout_s + 0.1)  # no second call: not from the timer, not from the thread
+
+    def ends_late() -> None:  # one C call that returns on its own during its stop
+        time.sleep(0.3)
+
+    async def main() -> None:
+        await ended_after(lambda: None, 0.2)
+        await ended_after(spin, 0.2)
+        await ended_after(ends_late, 0.1)
+
+    try:
+        asyncio.run(main())
+        assert [outcome for outcome, _ in ends] == [Outcome.DONE, Outcome.STOPPED, Outcome.STOPPED]
+        assert thread.healthy
+    finally:
+        thread.stop()
+
+
+def test_a_failed_stop_counts_as_wedged(monkeypatch: pytest.MonkeyPatch) -> None:
+    thread = RequestThread("t")
+
+    def broken_stop(*_args: Any) -> Outcome:
+        raise RuntimeError("the stop broke")
+
+    monkeypatch.setattr(thread, "_stop", broken_stop)
+    release = threading.Event()
+
+    async def main() -> Outcome:
+        ended: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        thread.launch(lambda: release.wait(5), 0.1, 1.0, SystemExit, ended.set_result)
+        return await ended
+
+    try:
+        assert asyncio.run(main()) is Outcome.WEDGED
+    finally:
+        release.set()
         thread.stop()
