@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import operator
 import weakref
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from model_runtime.sandbox.dict_versions import versions
 from model_runtime.sandbox.dispatch_guard import local_shard, module_tree
 
 _log = logging.getLogger(__name__)
@@ -58,6 +60,14 @@ class TreeRecord:
     calls) or a tensor that is not a plain Tensor or Parameter (a DTensor's local shard is read
     through an attribute the record does not follow); the caller then walks the tree.
 
+    Before comparing the tables, `unchanged()` reads CPython's dict version tags (`dict_versions`):
+    when every module still has its recorded class and attribute dict, and no recorded dict was
+    written since the last comparison that found the tree unchanged (the modules' attribute dicts,
+    which hold the three tables; the tables; the dicts of every class in the modules' MROs, where
+    a data descriptor would shadow a table), the tables hold the recorded objects, and only their
+    classes are compared. Any write, even one that puts back what was there, sends it to the full
+    comparison, which records the tags again when it finds the tree unchanged.
+
     The roots are held weakly, first in the record's own order (tables are compared module by
     module, so the walk's order is not needed): the record never keeps the served model alive.
     """
@@ -78,6 +88,12 @@ class TreeRecord:
         self.exact = all(type(table) is dict for table in self.tables) and all(
             value is None or type(value) in _PLAIN_TENSORS for table in weight_tables for value in table.values()
         )
+        # What the version tags are read from (see the class doc): fixed with the record.
+        self.classes = list(map(type, tree))
+        self.dicts = list(map(vars, tree))
+        mro = dict.fromkeys(cls for module_class in self.classes for cls in module_class.__mro__)
+        self.watched = self.dicts + self.tables + list(map(_class_dict, mro))
+        self.tags = versions(self.watched)  # the tree was just read: these tags vouch for it
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -91,11 +107,26 @@ class TreeRecord:
     def unchanged(self) -> bool:
         if not self.exact:
             return False
-        tables = list(chain.from_iterable(map(_TABLES, self.modules)))
+        modules = self.modules
+        tags = versions(self.watched)  # read before the comparison: a later write moves them
+        if tags is not None and tags == self.tags and self._same_objects(modules):
+            return all(map(operator.is_, map(type, self.values), self.types))
+        tables = list(chain.from_iterable(map(_TABLES, modules)))
         if not all(map(operator.is_, tables, self.tables)) or list(map(len, tables)) != self.lengths:
             return False  # (same length: `all` over the pairs saw every table)
         values = self._values(tables)
-        return all(map(operator.is_, values, self.values)) and all(map(operator.is_, map(type, values), self.types))
+        same = all(map(operator.is_, values, self.values)) and all(map(operator.is_, map(type, values), self.types))
+        if same and self._same_objects(modules):
+            self.tags = tags  # written, but holding what was recorded: these tags vouch for it now
+        return same
+
+    def _same_objects(self, modules: list[torch.nn.Module]) -> bool:
+        """Every recorded module alive, of its recorded class, with its recorded attribute dict."""
+        return (
+            len(modules) == len(self.dicts)
+            and all(map(operator.is_, map(type, modules), self.classes))
+            and all(map(operator.is_, map(vars, modules), self.dicts))
+        )
 
     def put_back(self) -> None:
         """Every recorded table back on its module, holding what it held when recorded (a
@@ -112,6 +143,12 @@ class TreeRecord:
         for table, items in zip(self.tables, contents, strict=True):
             table.clear()
             table.update(items)
+
+
+def _class_dict(cls: type) -> dict[str, Any]:
+    """The dict a class's attributes live in (`cls.__dict__` is a read-only proxy over it)."""
+    (table,) = gc.get_referents(cls.__dict__)
+    return table  # type: ignore[no-any-return]
 
 
 _TENSOR: Any = torch.Tensor

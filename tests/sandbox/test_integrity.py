@@ -145,6 +145,73 @@ def test_the_tree_record_sees_every_change_to_the_set_of_tensors(change: Any) ->
     integrity.verify()
 
 
+def _swap_through_dict_methods(model: torch.nn.Module) -> None:
+    dict.__setitem__(model[0]._parameters, "weight", torch.nn.Parameter(torch.zeros(8, 8), requires_grad=False))
+
+
+def _swap_module_dict(model: torch.nn.Module) -> None:
+    entries = dict(vars(model[0]))
+    entries["_parameters"] = {**entries["_parameters"], "weight": torch.nn.Parameter(torch.zeros(8, 8))}
+    model[0].__dict__ = entries  # another attribute dict: the recorded one is never written
+
+
+def _swap_module_class(model: torch.nn.Module) -> None:
+    class Shadowed(torch.nn.Linear):
+        _parameters = property(lambda self: {"weight": torch.nn.Parameter(torch.zeros(8, 8))})
+
+    model[0].__class__ = Shadowed  # its attribute dict untouched; the class shadows the table
+
+
+def _shadow_in_a_base_class(model: torch.nn.Module) -> None:
+    torch.nn.LayerNorm._buffers = property(lambda self: {"extra": torch.zeros(8)})  # type: ignore[assignment]
+
+
+def _retype_a_tensor(model: torch.nn.Module) -> None:
+    class Marked(torch.nn.Parameter):
+        pass
+
+    model[0].weight.__class__ = Marked
+
+
+@pytest.mark.parametrize("change", [_swap_through_dict_methods, _swap_module_dict, _swap_module_class,
+                                    _shadow_in_a_base_class, _retype_a_tensor],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_the_tree_records_version_tags_miss_no_change(change: Any) -> None:
+    """The tree record's shortcut (unwritten dicts: the tables hold what they held) must not hide a
+    change that leaves the recorded dicts' tags alone or reaches the tables some other way: a
+    module given another attribute dict or class, a class in its MRO given a shadowing
+    descriptor, a tensor given another class."""
+    from model_runtime.sandbox.dict_versions import dict_version
+
+    model = _model()
+    integrity = WeightIntegrity([model])
+    tree = integrity._tree
+    assert tree is not None and tree.unchanged()
+    if dict_version is not None:
+        assert tree.tags is not None and tree.tags == [dict_version(d) for d in tree.watched]
+    try:
+        change(model)
+        assert not tree.unchanged()
+    finally:
+        vars(torch.nn.LayerNorm).get("_buffers") is not None and delattr(torch.nn.LayerNorm, "_buffers")
+
+
+def test_the_tree_record_written_back_as_it_was_is_unchanged_and_retagged() -> None:
+    """A table written but holding its recorded objects again: unchanged, by the full comparison,
+    which records the new tags (the next check takes the shortcut again)."""
+    from model_runtime.sandbox.dict_versions import dict_version
+
+    model = _model()
+    integrity = WeightIntegrity([model])
+    tree = integrity._tree
+    assert tree is not None
+    weight = model[0]._parameters["weight"]
+    model[0]._parameters["weight"] = weight  # a write that changes nothing
+    assert tree.unchanged()
+    if dict_version is not None:
+        assert tree.tags == [dict_version(d) for d in tree.watched]
+
+
 def test_a_table_replaced_with_the_same_tensors_is_no_alarm_and_the_record_follows() -> None:
     model = _model()
     integrity = WeightIntegrity([model])
