@@ -181,19 +181,10 @@ def native_identities() -> Any:
     load (then the columns are read in Python; same fields)."""
     if not _NATIVE:
         try:
-            import importlib.machinery
-            import importlib.util
-
             from model_runtime.sandbox.native.build import IDENTITY_BUILD_DIR, IDENTITY_NAME
+            from model_runtime.sandbox.native.loading import load_built
 
-            path = IDENTITY_BUILD_DIR / f"{IDENTITY_NAME}.so"
-            loader = importlib.machinery.ExtensionFileLoader(IDENTITY_NAME, str(path))
-            spec = importlib.util.spec_from_file_location(IDENTITY_NAME, path, loader=loader)
-            if spec is None or not path.exists():
-                raise ImportError(f"{path} is not built (python -m model_runtime.sandbox.native.build)")
-            module = importlib.util.module_from_spec(spec)
-            loader.exec_module(module)
-            _NATIVE.append(module.identities)
+            _NATIVE.append(load_built(IDENTITY_BUILD_DIR, IDENTITY_NAME).identities)
         except Exception as exc:  # missing build, ABI mismatch
             _log.info("integrity identities read in Python: %s: %s", type(exc).__name__, exc)
             _NATIVE.append(None)
