@@ -20,7 +20,10 @@ operator run) and PUT to Serve's REST API (what KubeRay does). Two models built 
   time plus the CPU time of the rest of its thread's work (the websocket and HTTP libraries'
   handshake, encoding, parsing and closing; waits on the network are not CPU time and stay on the
   server's side); the server's steps come from the gateway's `GET /timings`.
-  Server-side overhead = round trip - client's own costs - local trace time. Each iteration takes
+  Server-side overhead = round trip - client's own costs - local trace time. The gateway reaches
+  the model replica over its direct channel (docs/runtime.md) unless NDIF_DIRECT_CHANNEL=0 is set
+  for this run (then through Serve's handle); the breakdown names the path the timed jobs took
+  ("channel hop" or "handle hop"). Each iteration takes
   both doors of the rendered config: the gateway replica's own listener (`direct_port`, what local
   mode and the chart hand to clients: the headline) and Serve's proxy in front of the same gateway.
 
@@ -205,9 +208,28 @@ class ClientProbe:
 NAMED_STEPS = ("serialize", "httpx_client", "parse", "finalize")
 
 
-def gateway_timings(url: str) -> dict[str, dict[str, float]]:
+def gateway_timings(url: str) -> dict[str, dict[str, Any]]:
+    """The gateway's recent jobs: epoch-second marks per step and `via` (the path to the replica)."""
     with urllib.request.urlopen(f"{url}/timings", timeout=30) as response:
         return dict(json.loads(response.read())["jobs"])
+
+
+def wait_for_channel(client: Any, url: str, timeout: float = 30.0) -> str:
+    """Trace until the gateway's latest job took the direct channel (learned in the background after
+    an app's first requests); the path the last job took. With NDIF_DIRECT_CHANNEL=0: "serve" at once."""
+    import nnsight
+
+    nnsight.CONFIG.API.HOST = url
+    deadline = time.monotonic() + timeout
+    via = ""
+    while True:
+        trace_logits(client, True)
+        jobs = gateway_timings(url)
+        via = str(list(jobs.values())[-1].get("via", "serve")) if jobs else "serve"
+        if via == "channel" or os.environ.get("NDIF_DIRECT_CHANNEL", "1").strip() == "0" or \
+                time.monotonic() > deadline:
+            return via
+        time.sleep(0.2)
 
 
 SERVER_PROCESSES = {"gateway": b"ServeReplica:gateway:", "model replica": b"ServeReplica:md-bench-tiny:",
@@ -281,6 +303,7 @@ def request_path(urls: dict[str, str], model_dir: str, iterations: int,
         for url in urls.values():
             nnsight.CONFIG.API.HOST = url
             trace_logits(client, True)
+    wait_for_channel(client, next(iter(urls.values())))
     rows: dict[str, list[dict[str, float]]] = {label: [] for label in urls}
     cpu_before = cpu_seconds(processes or {})
     for _ in range(iterations):
@@ -318,9 +341,14 @@ def request_path(urls: dict[str, str], model_dir: str, iterations: int,
     return results
 
 
-def _path_medians(rows: list[dict[str, float]], server: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Medians of the round trip, the client's own costs and the server-side steps (`/timings`)."""
+HOPS = {"channel": "channel hop: gateway → replica execute()", "serve": "handle hop: gateway → replica execute()"}
+
+
+def _path_medians(rows: list[dict[str, float]], server: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Medians of the round trip, the client's own costs and the server-side steps (`/timings`);
+    `via <path>`: how many of the timed jobs reached the replica by each path."""
     steps: dict[str, list[float]] = {}
+    vias: dict[str, int] = {}
 
     def add(name: str, value: float) -> None:
         steps.setdefault(name, []).append(value)
@@ -339,7 +367,9 @@ def _path_medians(rows: list[dict[str, float]], server: dict[str, dict[str, floa
             add("gateway: routing, job record", s["parsed"] - s["form"])
         else:
             add("gateway: auth, multipart parse, routing", s["parsed"] - s["received"])
-        add("handle hop: gateway → replica execute()", s["replica_entered"] - s["parsed"])
+        via = str(s.get("via") or "serve")
+        vias[via] = vias.get(via, 0) + 1
+        add(HOPS.get(via, f"{via} hop: gateway → replica execute()"), s["replica_entered"] - s["parsed"])
         add("replica admission → QUEUED back at the gateway", s["admitted"] - s["replica_entered"])
         add("POST out: RECEIVED → client", row["m_post_end"] - s["admitted"])
         add("queue: replica lock wait", s["replica_admitted"] - s["replica_entered"])
@@ -358,6 +388,7 @@ def _path_medians(rows: list[dict[str, float]], server: dict[str, dict[str, floa
     out.update({f"client {k}": med([r.get(f"c_{k}", 0.0) for r in rows])
                 for k in ("serialize", "httpx_client", "parse", "finalize")})
     out.update({f"step {k}": med(v) for k, v in steps.items()})
+    out.update({f"via {k}": float(v) for k, v in vias.items()})
     return out
 
 
@@ -583,6 +614,9 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                   f"{ms(one['client finalize'])})")
             print(f"  server-side overhead:       {ms(one['overhead'])}  (round trip - client's own - local trace; "
                   f"subtracting only the named steps: {ms(one['overhead_named'])})")
+            vias = ", ".join(f"{k[4:]} {v:.0f}" for k, v in one.items() if k.startswith("via "))
+            print(f"  gateway → replica path of the timed jobs: {vias or 'unknown'} (NDIF_DIRECT_CHANNEL="
+                  f"{os.environ.get('NDIF_DIRECT_CHANNEL', 'on (default)')})")
             print("  server-side steps (medians; one clock, one machine):")
             for key, value in one.items():
                 if key.startswith("step "):
