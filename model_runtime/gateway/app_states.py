@@ -38,15 +38,21 @@ def app_states(details: dict[str, Any]) -> dict[str, str]:
     return states
 
 
-def running_replicas(details: dict[str, Any]) -> dict[str, frozenset[str]]:
+def channel_replicas(details: dict[str, Any]) -> dict[str, frozenset[str]]:
     """Each Serve application's RUNNING replicas by id (`ReplicaDetails.replica_id`, the replica
-    context's `replica_id.unique_id`): the gateway's direct channel is used only for an app whose
-    one RUNNING replica is the channel's."""
-    return {name: frozenset(str(replica.get("replica_id"))
-                            for deployment in (app_details.get("deployments") or {}).values()
-                            for replica in deployment.get("replicas") or ()
-                            if replica.get("state") == "RUNNING")
-            for name, app_details in (details.get("applications") or {}).items()}
+    context's `replica_id.unique_id`), for the apps the gateway's direct channel may serve: it is used
+    only for an app whose one RUNNING replica is the channel's. An app whose deployment autoscales is
+    left out: Serve's autoscaler counts the requests its handles route, so requests over the channel
+    would look like no load and a busy replica could be scaled away."""
+    replicas: dict[str, frozenset[str]] = {}
+    for name, app_details in (details.get("applications") or {}).items():
+        deployments = list((app_details.get("deployments") or {}).values())
+        if any((d.get("deployment_config") or {}).get("autoscaling_config") for d in deployments):
+            continue
+        replicas[name] = frozenset(str(replica.get("replica_id")) for deployment in deployments
+                                   for replica in deployment.get("replicas") or ()
+                                   if replica.get("state") == "RUNNING")
+    return replicas
 
 
 def serve_details() -> dict[str, Any]:
@@ -65,7 +71,7 @@ class AppStates:
 
     def __init__(self) -> None:
         self._states: dict[str, str] = {}
-        self.replicas: dict[str, frozenset[str]] = {}  # app → its RUNNING replicas' ids
+        self.replicas: dict[str, frozenset[str]] = {}  # app → its RUNNING replicas' ids (not autoscaled apps)
         self.gpu_waits: dict[str, GpuWait] = {}  # ModelDeployment (namespace/name) → its replica's GPU wait
         self._states_at = 0.0
         self._refresher: asyncio.Task[None] | None = None
@@ -93,7 +99,7 @@ class AppStates:
         """Serve's application states in one controller call: RUNNING when some replica runs."""
         try:
             details = await asyncio.to_thread(serve_details)
-            states, replicas = app_states(details), running_replicas(details)
+            states, replicas = app_states(details), channel_replicas(details)
         except Exception as exc:
             log.info("reading Serve's application states failed: %s", exc)
             return

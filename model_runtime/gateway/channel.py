@@ -105,6 +105,12 @@ class ChannelStream:
             self._channels.give_back(self._channel, self._reader, self._writer)
         return event
 
+    def release(self) -> None:
+        """The job is over for the gateway: a connection still mid-request is closed (the replica
+        then closes the request's generator); one past its terminal event is already pooled."""
+        if not self._over:
+            self.cancel()
+
     def cancel(self) -> None:
         """Close the connection: the replica closes the request's generator (a waiting job leaves its queue)."""
         self._over = True

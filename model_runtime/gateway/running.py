@@ -32,7 +32,7 @@ from model_runtime import handoff
 from model_runtime.gateway.app_states import AppStates
 from model_runtime.gateway.auth import ApiKeys
 from model_runtime.gateway.bounds import HttpError, bounded_event, read_body_capped
-from model_runtime.gateway.channel import ChannelBroken, Channels
+from model_runtime.gateway.channel import ChannelBroken, Channels, ChannelStream
 from model_runtime.gateway.demand import Demand
 from model_runtime.gateway.jobs import Job, JobStore, JobStoreFull
 from model_runtime.gateway.results import MemoryResults, S3Results
@@ -264,6 +264,8 @@ class RequestRunner:
             log.exception("job %s failed in the gateway", job.id)
             self._record(job, _response(job.id, "ERROR", f"The server failed to run the job: {exc}"))
         finally:
+            if isinstance(stream, ChannelStream):
+                stream.release()  # its connection goes back to the pool, or closes if the job ended early
             job.done = True
             # The one INFO line per request: ids only (never the key, the payload or the user's code).
             status = (job.latest or {}).get("status", "UNKNOWN")

@@ -265,3 +265,27 @@ async def test_the_gateway_falls_back_to_serve_when_the_channel_is_gone(replica:
     assert channels.counts == {"fallback": 1, "serve": 1}
     assert runner.jobs.get(job.id) is job  # the job was kept for Serve, not discarded
 
+
+
+def test_the_channel_serves_only_apps_that_do_not_autoscale() -> None:
+    """Serve's details → RUNNING replica ids per app; an autoscaled app is left out (Serve's autoscaler
+    counts handle calls only: a replica busy over the channel would look idle)."""
+    from ray.serve._private.common import ReplicaState
+
+    from model_runtime.gateway.app_states import channel_replicas
+
+    def app(*replicas: tuple[str, ReplicaState], autoscaling: dict[str, Any] | None = None) -> dict[str, Any]:
+        config = {"name": "ModelReplica", **({"autoscaling_config": autoscaling} if autoscaling else {})}
+        return {"deployments": {"ModelReplica": {
+            "deployment_config": config,
+            "replicas": [{"replica_id": rid, "state": state} for rid, state in replicas]}}}
+
+    details = {"applications": {
+        "one": app(("a", ReplicaState.RUNNING)),
+        "rolling": app(("b", ReplicaState.RUNNING), ("c", ReplicaState.STARTING)),
+        "two": app(("d", ReplicaState.RUNNING), ("e", ReplicaState.RUNNING)),
+        "slot": app(("f", ReplicaState.RUNNING), autoscaling={"min_replicas": 0, "max_replicas": 1}),
+    }}
+    assert channel_replicas(details) == {"one": frozenset({"a"}), "rolling": frozenset({"b"}),
+                                         "two": frozenset({"d", "e"})}
+    assert channel_replicas({}) == {}
