@@ -262,10 +262,13 @@ class RuntimeMetrics:
             self._emit("ndif_result_bytes", "inc", report["bytes_out"], {"model": model})
 
     def queue_depth(self, model: str, depth: int) -> None:
+        """The model's queue depth now; exported when it changed (the keep-alive thread re-sets it)."""
         with self._lock:
             self._snapshot["queue_depth"] = depth
+            changed = self._queues.get(model) != depth
             self._queues[model] = depth
-        self._emit("ndif_queue_depth", "set", depth, {"model": model})
+        if changed:
+            self._emit("ndif_queue_depth", "set", depth, {"model": model})
 
     def model_load(self, model: str, source: str, seconds: float) -> None:
         with self._lock:

@@ -337,11 +337,17 @@ class ModelReplica:
             yield _refused(400, f"Invalid request envelope: {exc}", self._limits())
             return
         self._waiting += 1
-        self.metrics.queue_depth(key, self._waiting)
+        # The queue depth is reported when this request waits behind another. One admitted at once
+        # leaves it as it was (it would go to 1 and back within microseconds: two Ray metric records
+        # on the request's way in); at admission it is reported again only if it changed.
+        if self._lock.locked():
+            self.metrics.queue_depth(key, self._waiting)
         admitted = False
         try:
             yield {"status": "QUEUED", "description": f"Moved to position {self._waiting} in the queue.",
                    "position": self._waiting, "limits": self._limits()}
+            if self._lock.locked():  # (another request may have got in first)
+                self.metrics.queue_depth(key, self._waiting)
             async with self._lock:
                 self._waiting -= 1
                 admitted = True

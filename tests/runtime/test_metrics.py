@@ -57,6 +57,22 @@ def test_queue_depth_is_kept_reported(monkeypatch: pytest.MonkeyPatch) -> None:
         runtime.close()
 
 
+def test_queue_depth_is_exported_when_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request admitted at once leaves the gauge alone (the replica reports the depth it finds at
+    admission, unchanged); a change is exported at once, and the snapshot always follows."""
+    recorders: dict[str, _Recorder] = {}
+    monkeypatch.setattr(metrics, "_ray_metrics",
+                        lambda table: {name: recorders.setdefault(name, _Recorder()) for name in table})
+    runtime = metrics.RuntimeMetrics()
+    try:
+        for depth in (0, 0, 2, 2, 1, 0, 0):
+            runtime.queue_depth("org/m", depth)
+        assert [value for _, value, _ in recorders["ndif_queue_depth"].calls] == [0, 2, 1, 0]
+        assert runtime.snapshot()["queue_depth"] == 0
+    finally:
+        runtime.close()
+
+
 def test_gateway_refusals_by_model_and_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     from model_runtime.gateway import app as gateway_app
 
