@@ -61,9 +61,18 @@ def _flipped(setting: Setting, value: Any) -> Any:
     raise AssertionError(f"no flipped value for {setting.name} ({value!r}): add one here")
 
 
+_STRING_VALUES = {"set_cudnn_depthwise_kernel": ["auto", "cudnn", "native"]}
+
+
 def _alternatives(setting: Setting, value: Any) -> list[Any]:
     members = getattr(type(value), "__members__", None)  # a pybind enum: every other member
-    return [m for m in members.values() if m != value] if members else [_flipped(setting, value)]
+    if members:
+        return [m for m in members.values() if m != value]
+    if setting.name in _STRING_VALUES:
+        return [v for v in _STRING_VALUES[setting.name] if v != value]
+    if setting.name == "num_threads":
+        return [value + 1]
+    return [_flipped(setting, value)]
 
 
 # Covered settings no Python setter can change in this build (every other value is refused: the
@@ -73,8 +82,8 @@ _CONSTANT_HERE = {"set_linalg_preferred_backend"}
 
 def test_the_record_covers_the_costly_getters_and_the_order_keeps_the_rest_first() -> None:
     covered = global_state._COVERED
-    assert {"set_linalg_preferred_backend", "set_torch_function_state", "autocast[cpu]",
-            "autocast_dtype[cpu]"} <= covered
+    assert {"set_linalg_preferred_backend", "set_torch_function_state", "autocast[cpu]", "autocast_dtype[cpu]",
+            "deterministic_algorithms", "grad_mode", "default_dtype"} <= covered
     names = [s.name for s in global_state._PLAIN_SETTINGS]
     assert sorted(names) == sorted(s.name for s in SETTINGS if not s.rng)
     assert all(name in covered for name in names[global_state._N_REST:])
@@ -85,14 +94,16 @@ def test_every_covered_setting_flipped_in_python_changes_the_record_and_it_follo
     failures: list[str] = []
 
     def run() -> None:
-        for setting in _covered():
+        covered = _covered()
+        values = [s.get() for s in covered]
+        for setting in covered:
             before, record = setting.get(), _record()
             flipped = False
             for new in _alternatives(setting, before):
                 try:
                     setting.set(new)
                     changed, python = _record(), setting.get()
-                except RuntimeError:  # refused in this build: the next value
+                except (RuntimeError, TypeError, ValueError):  # refused in this build: the next value
                     continue
                 finally:
                     setting.set(before)
@@ -101,8 +112,10 @@ def test_every_covered_setting_flipped_in_python_changes_the_record_and_it_follo
                 flipped = True
                 if changed == record:
                     failures.append(f"{setting.name}: changed ({before!r} -> {python!r}), the record did not")
-                if _record() != record:
+                # (back where every covered value was: a setter may move others)
+                if [s.get() for s in covered] == values and _record() != record:
                     failures.append(f"{setting.name}: the record did not follow it back")
+                _put_back(covered, values)
             if not flipped and setting.name not in _CONSTANT_HERE:  # else it is unchecked
                 failures.append(f"{setting.name}: no Python setter call changed it here ({before!r})")
 
@@ -111,6 +124,48 @@ def test_every_covered_setting_flipped_in_python_changes_the_record_and_it_follo
 
 
 _KEPT: list[Any] = []  # (a generator-based manager dropped at once would exit in its finaliser)
+
+
+def _outcome(setting: Setting) -> Any:
+    try:
+        return setting.get()
+    except RuntimeError as exc:  # (some getters refuse some states: the same states, every time)
+        return ("raised", str(exc))
+
+
+def _put_back(covered: list[Setting], values: list[Any]) -> None:
+    for setting, value in zip(covered, values, strict=True):
+        if setting.get() != value:
+            setting.set(value)
+
+
+def test_equal_records_mean_equal_values_over_random_changes() -> None:
+    """Over a random walk of changes to the covered settings (through their setters, so also
+    through whatever other settings a setter moves with it), any two moments with equal records
+    have equal values: no covered getter depends on state the record does not read."""
+    rng = random.Random(11)
+    failures: list[str] = []
+
+    def run() -> None:
+        covered = _covered()
+        original = [s.get() for s in covered]
+        seen: dict[bytes, list[Any]] = {}
+        try:
+            for _ in range(300):
+                setting = rng.choice(covered)
+                try:
+                    setting.set(rng.choice(_alternatives(setting, setting.get())))
+                except (RuntimeError, TypeError, ValueError):
+                    pass  # refused in this build
+                values = list(map(_outcome, covered))
+                first = seen.setdefault(_record(), values)
+                if first != values:
+                    failures.append(f"equal records, values {first} and {values}")
+        finally:
+            _put_back(covered, original)
+
+    _on_thread(run)
+    assert not failures, failures[0]
 
 
 def _left_entered(manager: Any) -> None:

@@ -8,7 +8,9 @@
 // reads the record and, when it equals the one taken with its last full read, keeps those
 // getters' values from that read instead of calling them (their pybind bindings and device
 // string parsing cost microseconds each in place); any difference sends it to the getters.
-// `configure(devices)` names the autocast device types covered, once.
+// `configure(devices)` names the autocast device types covered, once (their records follow the
+// named settings). The fp32 precisions are left to their getters: the legacy matmul precision's
+// setter moves the per-backend ones, and its getter refuses some of their combinations.
 //
 // `cpu_rng()` packs the default CPU generator's whole state (the Mersenne Twister's seed, counters
 // and words, and both cached normal samples, as its `get_state` serialises them), under the
@@ -20,11 +22,16 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/AutogradState.h>
+#include <c10/core/DefaultDtype.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/anomaly_mode.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 
@@ -74,6 +81,14 @@ const char* const kNames[] = {
     "set_torch_function_state",
     "set_autograd_fallback_mode",
     "set_graph_executor_optimize",
+    "set_cudnn_depthwise_kernel",
+    "grad_mode",
+    "inference_mode",
+    "autocast_cache",
+    "default_dtype",
+    "deterministic_algorithms",
+    "anomaly_mode",
+    "num_threads",
 };
 constexpr size_t kCount = sizeof(kNames) / sizeof(kNames[0]);
 
@@ -140,6 +155,16 @@ py::bytes settings() {
   out.push_back(static_cast<int64_t>(at::impl::PythonTorchFunctionTLS::get_disabled_state()));
   out.push_back(static_cast<int64_t>(torch::autograd::getAutogradFallbackMode()));
   out.push_back(torch::jit::getGraphExecutorOptimize());
+  out.push_back(static_cast<int64_t>(ctx.cudnnDepthwiseKernel()));
+  out.push_back(c10::GradMode::is_enabled());
+  out.push_back(c10::InferenceMode::is_enabled());
+  out.push_back(at::autocast::is_autocast_cache_enabled());
+  out.push_back(static_cast<int64_t>(c10::get_default_dtype_as_scalartype()));
+  out.push_back(ctx.deterministicAlgorithms());
+  out.push_back(ctx.deterministicAlgorithmsWarnOnly());
+  out.push_back(torch::autograd::AnomalyMode::is_enabled());
+  out.push_back(torch::autograd::AnomalyMode::should_check_nan());
+  out.push_back(at::get_num_threads());
   for (const c10::DeviceType device : autocast_devices()) {
     out.push_back(at::autocast::is_autocast_enabled(device));
     out.push_back(static_cast<int64_t>(at::autocast::get_autocast_dtype(device)));
