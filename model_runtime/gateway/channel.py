@@ -35,6 +35,7 @@ from model_runtime.channel_wire import FRAME_MARGIN_BYTES, TERMINAL, FrameError,
 log = logging.getLogger("ray.serve")
 
 ASK_EVERY_S = 2.0  # an app's replica is asked for its channel at most this often
+ASK_AGAIN_AFTER_FAILURE_S = 30.0  # after a failed ask (e.g. a replica image without `channel()`)
 ASK_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 2.0
 IDLE_PER_CHANNEL = 8  # idle connections kept per channel
@@ -157,6 +158,7 @@ class Channels:
             channel = channel_of(app_name, info)
         except Exception as exc:  # an app without `channel()` (older image) or gone: Serve's path
             log.info("no direct channel to %s: %r", app_name, exc)
+            self._asked[app_name] = time.monotonic() + ASK_AGAIN_AFTER_FAILURE_S - ASK_EVERY_S
             return
         old = self._known.get(app_name)
         if old is not None:

@@ -289,3 +289,20 @@ def test_the_channel_serves_only_apps_that_do_not_autoscale() -> None:
     assert channel_replicas(details) == {"one": frozenset({"a"}), "rolling": frozenset({"b"}),
                                          "two": frozenset({"d", "e"})}
     assert channel_replicas({}) == {}
+
+
+async def test_a_failed_ask_waits_longer_before_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica without `channel()` (an older image) is not asked every 2 s: Serve's path meanwhile."""
+    asked: list[str] = []
+
+    async def ask(app_name: str) -> dict[str, Any]:
+        asked.append(app_name)
+        raise AttributeError("no method channel")
+
+    channels = Channels(True, ask)
+    monkeypatch.setattr(gateway_channel, "ASK_EVERY_S", 0.0)
+    assert channels.usable("app", frozenset({"r"})) is None
+    await asyncio.sleep(0.05)
+    assert channels.usable("app", frozenset({"r"})) is None
+    await asyncio.sleep(0.05)
+    assert asked == ["app"]
