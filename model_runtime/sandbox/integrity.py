@@ -16,10 +16,11 @@ tensor it records, when armed:
   request cannot know which bytes will be compared; a write that touches the whole tensor, or
   any sampled byte, is always seen. (A full comparison would read every weight per request.)
   The tree's tables and the identities are recorded by `weight_records.py` (a small C++ reader
-  where it is built). Host-memory samples are gathered by numpy views over the same bytes (one
-  `concatenate` and one bytes comparison, about 5x cheaper per storage than `torch.cat`); they
-  are read only after every tensor's storage pointer and size matched the record, so they never
-  read memory a tensor gave up.
+  where it is built). Host-memory samples are gathered by that reader too, by address, in the
+  storages the index holds (where it is not built: numpy views over the same bytes, one
+  `concatenate`; both about 5x cheaper per storage than `torch.cat`), and compared as one bytes
+  value; they are read only after every tensor's storage pointer and size matched the record,
+  so they never read memory a tensor gave up.
 
 A mismatch marks the weights untrusted at once: the request that caused it fails, and no other
 request is admitted (the check runs under the replica's request lock) until they are restored in
@@ -77,6 +78,7 @@ from model_runtime.sandbox.weight_records import (
     byte_view,
     identity_columns,
     identity_record,
+    native_gather,
     native_identities,
     weights_of_tree,
 )
@@ -128,6 +130,8 @@ class WeightIntegrity:
     # The same samples as numpy views and the fingerprints as bytes (host memory only; else None).
     _sample_arrays: list[list[np.ndarray[Any, Any]]] | None = None
     _fingerprint_bytes: list[bytes] = field(default_factory=list)
+    # Per sample set, the native gather's plan of the same bytes (host memory with the reader built).
+    _sample_plans: list[bytes] | None = None
     _copies: list[torch.Tensor] | None = None  # per storage: the bytes it is restored from
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -180,7 +184,18 @@ class WeightIntegrity:
             on_host = all(s.device.type == "cpu" for s in self._storages)
             self._sample_arrays = [[v.numpy() for v in views] for views in self._samples] if on_host else None
             self._fingerprint_bytes = [f.numpy().tobytes() for f in self._fingerprints] if on_host else []
+            self._sample_plans = self._plans(steps) if on_host and native_gather() is not None else None
             self._copies = self._restore_copies([tensors for _, tensors in unique.values()], modules)
+
+    def _plans(self, steps: list[int]) -> list[bytes]:
+        """Per sample set, (address, step, count) per storage: the bytes its numpy views read,
+        addressed in the storages the index holds (`self._storages`: never freed under it)."""
+        pointers = [int(storage.data_ptr()) for storage in self._storages]
+        return [
+            np.array([(pointer + start, step, sample.numel()) for pointer, start, step, sample
+                      in zip(pointers, starts, steps, samples, strict=True)], dtype=np.int64).tobytes()
+            for starts, samples in zip(self._sample_starts, self._samples, strict=True)
+        ]
 
     def _restore_copies(self, holders: list[list[torch.Tensor]],
                         modules: list[torch.nn.Module]) -> list[torch.Tensor] | None:
@@ -292,6 +307,9 @@ class WeightIntegrity:
         columns matched: every sampled storage is then where, and as large as, it was)."""
         if not self._samples[chosen]:
             return True
+        gather = native_gather() if self._sample_plans is not None else None
+        if gather is not None and self._sample_plans is not None:
+            return bool(gather(self._sample_plans[chosen]) == self._fingerprint_bytes[chosen])
         if self._sample_arrays is not None:
             return bool(np.concatenate(self._sample_arrays[chosen]).tobytes() == self._fingerprint_bytes[chosen])
         with torch.no_grad():

@@ -172,23 +172,34 @@ def identity_columns(tensors: list[torch.Tensor]) -> list[list[Any]]:
     ]
 
 
-_NATIVE: list[Any] = []  # [the identity reader or None], loaded on first use
+_NATIVE: list[Any] = []  # [native/tensor_identity.cpp's module or None], loaded on first use
+
+
+def _native() -> Any:
+    if not _NATIVE:
+        try:
+            from model_runtime.sandbox.native.build import IDENTITY_BUILD_DIR, IDENTITY_NAME
+            from model_runtime.sandbox.native.loading import load_built
+
+            _NATIVE.append(load_built(IDENTITY_BUILD_DIR, IDENTITY_NAME))
+        except Exception as exc:  # missing build, ABI mismatch
+            _log.info("integrity identities read in Python: %s: %s", type(exc).__name__, exc)
+            _NATIVE.append(None)
+    return _NATIVE[0]
 
 
 def native_identities() -> Any:
     """`native/tensor_identity.cpp`'s `identities`: every tensor's `Identity` packed in one C++
     pass (about 9x cheaper than `identity_columns`), or None where it is not built or does not
     load (then the columns are read in Python; same fields)."""
-    if not _NATIVE:
-        try:
-            from model_runtime.sandbox.native.build import IDENTITY_BUILD_DIR, IDENTITY_NAME
-            from model_runtime.sandbox.native.loading import load_built
+    module = _native()
+    return None if module is None else module.identities
 
-            _NATIVE.append(load_built(IDENTITY_BUILD_DIR, IDENTITY_NAME).identities)
-        except Exception as exc:  # missing build, ABI mismatch
-            _log.info("integrity identities read in Python: %s: %s", type(exc).__name__, exc)
-            _NATIVE.append(None)
-    return _NATIVE[0]
+
+def native_gather() -> Any:
+    """`native/tensor_identity.cpp`'s `gather` (the fingerprint's strided samples of host memory,
+    concatenated in one C++ pass), or None (then numpy views are concatenated; same bytes)."""
+    return getattr(_native(), "gather", None)
 
 
 def identity_record(tensors: list[torch.Tensor]) -> bytes | None:

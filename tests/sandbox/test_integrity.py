@@ -4,6 +4,7 @@ requests until the weights are restored, and restores them from the kept copy.""
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -251,6 +252,31 @@ def test_the_tree_record_walks_when_it_cannot_vouch() -> None:
     integrity.verify()
 
 
+def test_the_native_gather_reads_the_bytes_the_numpy_views_read() -> None:
+    """The fingerprint's samples, gathered by address in C++ where built, are byte for byte what
+    the numpy views of the same storages concatenate to, for every sample set (small storages
+    read whole, large ones strided), before and after a write into a sampled byte."""
+    model = _model()
+    model.register_buffer("large", torch.arange(40_000, dtype=torch.float32))
+    integrity = WeightIntegrity([model])
+    assert integrity._sample_plans is not None and integrity._sample_arrays is not None
+    from model_runtime.sandbox.weight_records import native_gather
+
+    def both(chosen: int) -> tuple[bytes, bytes]:
+        assert integrity._sample_plans is not None and integrity._sample_arrays is not None
+        return (native_gather()(integrity._sample_plans[chosen]),
+                numpy.concatenate(integrity._sample_arrays[chosen]).tobytes())
+
+    for chosen in range(len(integrity._samples)):
+        native, views = both(chosen)
+        assert native == views == integrity._fingerprint_bytes[chosen]
+    numpy.asarray(model.large)[:] = -1.0  # every sampled byte of it changes
+    for chosen in range(len(integrity._samples)):
+        native, views = both(chosen)
+        assert native == views != integrity._fingerprint_bytes[chosen]
+        assert not integrity._fingerprint_matches(chosen)
+
+
 def test_identity_columns_are_the_identities() -> None:
     """The per-request identity check reads one list per field; each must be `Identity`'s field."""
     from model_runtime.sandbox.weight_records import Identity, identity_columns
@@ -309,7 +335,7 @@ def test_tensors_the_native_reader_cannot_read_fail_the_check(monkeypatch: pytes
     def unreadable(_tensors: Any) -> bytes:
         raise RuntimeError("tensors without storage")
 
-    monkeypatch.setattr(module, "_NATIVE", [unreadable])
+    monkeypatch.setattr(module, "_NATIVE", [types.SimpleNamespace(identities=unreadable)])
     with pytest.raises(ModelTampering, match="storage, layout or autograd flags"):
         integrity.verify()
 

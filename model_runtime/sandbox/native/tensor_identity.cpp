@@ -6,9 +6,17 @@
 // exactly when every tensor's identity is equal (the number of dimensions fixes the layout).
 // A tensor without a plain storage raises (as `untyped_storage()` does); the caller then reads
 // the identities in Python.
+//
+// `gather(plan)` reads the content fingerprint's samples of host storages: `plan` packs int64
+// triples (address, step, count), and the result is, per triple, the `count` bytes `step` apart
+// from `address`, concatenated (what numpy's strided views of the same bytes concatenate to, with
+// no array per storage). The caller passes only addresses inside storages it holds, and only
+// after every tensor's storage pointer and size matched its record.
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -33,8 +41,29 @@ py::bytes identities(const std::vector<at::Tensor>& tensors) {
   return py::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(int64_t));
 }
 
+py::bytes gather(const std::string& plan) {
+  const size_t triples = plan.size() / (3 * sizeof(int64_t));
+  std::vector<int64_t> fields(triples * 3);
+  std::memcpy(fields.data(), plan.data(), fields.size() * sizeof(int64_t));
+  size_t total = 0;
+  for (size_t i = 0; i < triples; ++i) {
+    total += static_cast<size_t>(fields[3 * i + 2]);
+  }
+  std::string out(total, '\0');
+  char* to = out.data();
+  for (size_t i = 0; i < triples; ++i) {
+    const char* from = reinterpret_cast<const char*>(static_cast<uintptr_t>(fields[3 * i]));
+    const int64_t step = fields[3 * i + 1];
+    for (int64_t k = 0; k < fields[3 * i + 2]; ++k) {
+      *to++ = from[k * step];
+    }
+  }
+  return py::bytes(out);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("identities", &identities, py::arg("tensors"));
+  m.def("gather", &gather, py::arg("plan"));
 }
