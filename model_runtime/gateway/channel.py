@@ -181,11 +181,11 @@ class Channels:
                    inline_max: int) -> ChannelStream:
         """Send a request on an idle connection (or a new one); ChannelBroken if none can be had."""
         reader, writer = await self._connection(channel)
-        write_frame(writer, {"job_id": job_id, "envelope": envelope, "blob": blob, "inline_max": inline_max})
         stream = ChannelStream(self, channel, reader, writer)
         try:
+            write_frame(writer, {"job_id": job_id, "envelope": envelope, "blob": blob, "inline_max": inline_max})
             await writer.drain()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # uvloop raises RuntimeError on a transport closed meanwhile
             stream.cancel()
             self.forget(channel.app)
             raise ChannelBroken(f"{type(exc).__name__}: {exc}") from None
