@@ -290,14 +290,16 @@ class ModelReplica:
                 return await asyncio.to_thread(self._host.weight_digests)
             return [await asyncio.to_thread(weights_digest, self._model)] if self._model is not None else []
 
-    def __del__(self) -> None:
-        # Serve calls this on replica shutdown: stop the metrics' keep-alive thread.
+    async def __del__(self) -> None:
+        # Serve awaits this at the end of the replica's graceful shutdown, once it has drained the
+        # handle calls: the direct channel's requests, which Serve does not count, drain here (within
+        # Serve's graceful_shutdown_timeout_s). Then the metrics' keep-alive thread stops.
+        channel = getattr(self, "_channel", None)
+        if channel is not None and channel.done() and not channel.cancelled() and channel.exception() is None:
+            await channel.result().drain(float(self.config.request_timeout_seconds) + 5.0)
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
-        channel = getattr(self, "_channel", None)
-        if channel is not None and channel.done() and not channel.cancelled() and channel.exception() is None:
-            channel.result().close()
 
     def check_health(self) -> None:
         # A request thread that ignored cancellation still holds the model: let Serve replace us.

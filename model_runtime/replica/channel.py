@@ -57,6 +57,8 @@ class ChannelServer:
         self.host, self.port = "", 0
         self.refused = 0  # connections closed for a wrong token or a bad frame
         self._writers: set[asyncio.StreamWriter] = set()  # the open connections
+        self._active = 0  # requests whose events are being written
+        self._draining = False
 
     async def start(self, host: str) -> None:
         self._server = await asyncio.start_server(self._connection, host, 0)
@@ -65,6 +67,19 @@ class ChannelServer:
 
     def info(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "token": self.token, "replica_id": self.replica_id}
+
+    async def drain(self, timeout_s: float) -> None:
+        """The replica is stopping: take no more requests and wait, at most `timeout_s`, for those
+        in flight (Serve's own drain counts only handle calls), then close every connection. A
+        request that arrives meanwhile is closed unanswered: the gateway sends it through Serve."""
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.close()
 
     def close(self) -> None:
         """Stop listening and close every connection (the gateway sees the replica gone)."""
@@ -93,7 +108,11 @@ class ChannelServer:
                     return
                 if current is not None:
                     await current.task  # its generator is past its terminal event: a moment
+                if self._draining:
+                    return  # unanswered: the gateway sends it through Serve
                 current = _Request(self._execute(*request, 0), writer)
+                self._active += 1
+                current.task.add_done_callback(self._ended)
         except FrameError as exc:
             self.refused += 1
             log.warning("direct channel: %s; connection closed", exc)
@@ -106,6 +125,10 @@ class ChannelServer:
                     await current.task
             self._writers.discard(writer)
             writer.close()
+
+
+    def _ended(self, _: asyncio.Task[None]) -> None:
+        self._active -= 1
 
 
 class _Request:

@@ -13,7 +13,7 @@ import pytest
 
 from model_runtime.channel_wire import FRAME_MARGIN_BYTES, HEADER, FrameError, encode, read_frame
 from model_runtime.gateway import channel as gateway_channel
-from model_runtime.gateway.channel import GONE, Channel, ChannelBroken, Channels, channel_of
+from model_runtime.gateway.channel import GONE, Channel, ChannelBroken, Channels, ChannelStream, channel_of
 from model_runtime.gateway.jobs import JobStore
 from model_runtime.replica.channel import ChannelServer
 
@@ -179,13 +179,21 @@ async def test_an_oversize_or_malformed_request_is_closed(replica: Any) -> None:
     assert fake.calls == [] and server.refused == 2
 
 
-async def test_a_gateway_that_leaves_takes_its_queued_job_out(replica: Any) -> None:
+async def _held(replica: Any, *jobs: str) -> tuple[Channels, Channel, list[ChannelStream]]:
+    """Jobs the stand-in replica admitted and holds (QUEUED read), each on a connection of its own."""
     fake, server = replica
     fake.hold.clear()
     channels = _channels(server)
     channel = await _learned(channels)
-    stream = await channels.open(channel, "waiting", {}, b"", 0)
-    assert (await stream.__anext__())["status"] == "QUEUED"
+    streams = [await channels.open(channel, job, {}, b"abc", 0) for job in jobs]
+    for stream in streams:
+        assert (await stream.__anext__())["status"] == "QUEUED"
+    return channels, channel, streams
+
+
+async def test_a_gateway_that_leaves_takes_its_queued_job_out(replica: Any) -> None:
+    fake, _ = replica
+    _, _, [stream] = await _held(replica, "waiting")
     stream.cancel()  # as `_first_event` does on a timeout
     for _ in range(100):
         if fake.closed:
@@ -306,3 +314,20 @@ async def test_a_failed_ask_waits_longer_before_the_next(monkeypatch: pytest.Mon
     assert channels.usable("app", frozenset({"r"})) is None
     await asyncio.sleep(0.05)
     assert asked == ["app"]
+
+
+async def test_a_stopping_replica_finishes_its_jobs_and_turns_new_ones_to_serve(replica: Any) -> None:
+    """Serve's drain counts handle calls only: the channel drains its own jobs before the replica
+    stops, and a request that arrives meanwhile is closed unanswered (the gateway falls back)."""
+    fake, server = replica
+    channels, channel, [running, _] = await _held(replica, "running", "second")
+    drain = asyncio.create_task(server.drain(5.0))
+    await asyncio.sleep(0.1)
+    assert not drain.done()  # jobs in flight
+    fake.hold.set()
+    assert [e["status"] async for e in running] == ["COMPLETED"]
+    with pytest.raises(ChannelBroken):  # on a connection opened before the drain
+        late = await channels.open(channel, "late", {}, b"", 0)
+        await late.__anext__()
+    await asyncio.wait_for(drain, 5)
+    assert "late" not in fake.calls
