@@ -130,3 +130,30 @@ def test_tp_shard_ranks_freeze_what_they_load_and_move(monkeypatch: pytest.Monke
         assert rank.held is None and _collected(request_garbage.weights)
     finally:
         release_frozen()
+
+
+def test_what_the_first_request_after_the_freeze_keeps_is_frozen_too(frozen: None) -> None:
+    """Long-lived objects a first request makes (the sandbox's records, first-used caches) are
+    frozen at its end, so the periodic counts find no pile in generation 2 and run no full
+    collection that would free nothing; that request's garbage is still freed."""
+    kept = [_Node() for _ in range(garbage.FULL_COLLECTION_GEN2_OBJECTS + 1)]  # made by the first request
+    dead = _Node()
+    ref = weakref.ref(dead)
+    del dead
+    full: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            full.append(info["collected"])
+
+    gc.callbacks.append(count)
+    try:
+        collect_request_garbage()  # the first request's end
+        assert ref() is None and len(full) == 1
+        assert len(gc.get_objects(generation=2)) < garbage.FULL_COLLECTION_GEN2_OBJECTS
+        for _ in range(3 * garbage.GEN2_COUNT_EVERY):
+            collect_request_garbage()
+        assert len(full) == 1  # (kept in generation 2: one fruitless full collection per count)
+    finally:
+        gc.callbacks.remove(count)
+        del kept
