@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from model_runtime.sandbox.dict_versions import VersionedCopy
+from model_runtime.sandbox.dict_versions import VersionedCopy, versions
 
 _log = logging.getLogger(__name__)
 _C: Any = torch._C
@@ -165,9 +165,21 @@ _OPT_EINSUM_MODULE = operator.itemgetter(*_OPT_EINSUM_KEYS)
 _ABSENT = object()
 
 
+# Both dicts are fixed objects (a module's `__dict__` cannot be replaced): read again only once one
+# was written, by their version tags (`dict_versions`).
+_OPT_EINSUM_DICTS: list[dict[str, Any]] = [vars(_OPT_EINSUM), _OPT_EINSUM_GLOBALS]
+_OPT_EINSUM_LAST: tuple[list[int] | None, tuple[Any, ...]] = (None, ())  # (the tags, the value read at them)
+
+
 def _opt_einsum() -> tuple[Any, ...]:
-    own = vars(_OPT_EINSUM)
-    return (own.get("enabled", _ABSENT), own.get("strategy", _ABSENT), *_OPT_EINSUM_MODULE(_OPT_EINSUM_GLOBALS))
+    global _OPT_EINSUM_LAST
+    tags = versions(_OPT_EINSUM_DICTS)  # before the read: a later write moves them
+    last_tags, value = _OPT_EINSUM_LAST
+    if tags is None or tags != last_tags:
+        own, module = _OPT_EINSUM_DICTS
+        value = (own.get("enabled", _ABSENT), own.get("strategy", _ABSENT), *_OPT_EINSUM_MODULE(module))
+        _OPT_EINSUM_LAST = (tags, value)  # one tuple: a reader on another thread sees a pair
+    return value
 
 
 def _set_opt_einsum(value: tuple[Any, ...]) -> None:

@@ -233,6 +233,30 @@ def test_a_collection_outside_a_request_leaves_the_collecting_thread_state() -> 
     assert len(seen) == 1
 
 
+def test_the_opt_einsum_reading_follows_any_write_to_either_dict() -> None:
+    """Its value is read again only once one of its two dicts was written (their version tags):
+    every kind of write, to either, is seen, and a write back gives the recorded value again."""
+    from model_runtime.sandbox.global_state import _opt_einsum, _set_opt_einsum
+
+    flags: Any = torch.backends.opt_einsum
+    own, module = vars(flags), vars(flags.m)
+    before = _opt_einsum()
+    writes = [
+        lambda: own.__setitem__("enabled", not module["enabled"]),
+        lambda: own.update(strategy="greedy"),
+        lambda: module.__setitem__("strategy", "optimal"),
+        lambda: dict.__setitem__(module, "enabled", not module["enabled"]),
+    ]
+    try:
+        for write in writes:
+            read = _opt_einsum()
+            write()
+            assert _opt_einsum() != read
+    finally:
+        _set_opt_einsum(before)
+    assert _opt_einsum() == before
+
+
 def test_opt_einsum_flags_are_put_back_in_both_places_they_live() -> None:
     """`torch.backends.opt_einsum`'s flags are the module object's own entries once assigned, else
     the original module's globals (what `set_flags` changes): both are put back."""
