@@ -31,7 +31,7 @@ import torch
 
 from model_runtime.replica.garbage import collect_request_garbage
 from model_runtime.sandbox import native_guard
-from model_runtime.sandbox.global_state import set_inference_mode
+from model_runtime.sandbox.global_settings import set_inference_mode
 
 _C: Any = torch._C
 _KEYS = tuple(_C.DispatchKey.__members__.values())

@@ -46,8 +46,8 @@ def test_no_other_runtime_module_reads_its_configuration_from_the_environment() 
     readers = []
     for path in root.rglob("*.py"):
         text = path.read_text()
-        if path.name == "settings.py" or path.relative_to(root).as_posix() == "sandbox/global_state.py":
-            continue  # global_state snapshots and restores os.environ as request-visible state; no settings
+        if path.name == "settings.py" or path.relative_to(root).as_posix() == "sandbox/global_settings.py":
+            continue  # snapshots and restores os.environ as request-visible state; no settings
         if path.name == "credentials.py":
             continue  # takes credentials (not settings) out of the environment
         for needle in ("os.environ.get(", "os.getenv(", "os.environ["):

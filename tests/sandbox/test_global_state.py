@@ -201,7 +201,7 @@ def test_a_collection_outside_a_request_leaves_the_collecting_thread_state() -> 
     import gc
 
     from model_runtime.sandbox.finalisers import keep_thread_state_across_collections
-    from model_runtime.sandbox.global_state import set_inference_mode
+    from model_runtime.sandbox.global_settings import set_inference_mode
 
     keep_thread_state_across_collections()
 
@@ -236,7 +236,7 @@ def test_a_collection_outside_a_request_leaves_the_collecting_thread_state() -> 
 def test_the_opt_einsum_reading_follows_any_write_to_either_dict() -> None:
     """Its value is read again only once one of its two dicts was written (their version tags):
     every kind of write, to either, is seen, and a write back gives the recorded value again."""
-    from model_runtime.sandbox.global_state import _opt_einsum, _set_opt_einsum
+    from model_runtime.sandbox.global_settings import _opt_einsum, _set_opt_einsum
 
     flags: Any = torch.backends.opt_einsum
     own, module = vars(flags), vars(flags.m)

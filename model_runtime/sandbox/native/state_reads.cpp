@@ -44,7 +44,7 @@
 
 namespace {
 
-// global_state.py's setting names, in the record's order (the autocast ones follow, per device).
+// global_settings.py's setting names, in the record's order (the autocast ones follow, per device).
 const char* const kNames[] = {
     "set_fwd_grad_enabled",
     "set_multithreading_enabled",
