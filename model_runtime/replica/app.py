@@ -5,7 +5,7 @@ takes `ModelUserConfig` (level and limits) without a restart. The gateway calls,
 DeploymentHandle:
 
 * `execute(job_id, envelope, blob, inline_max_bytes)`: a streaming generator of event dicts
-  (`{"status": "RUNNING" | "LOG" | "COMPLETED" | "ERROR", ...}`), see `_completed` / `_error`;
+  (`{"status": "RUNNING" | "LOG" | "COMPLETED" | "ERROR", ...}`), see model_runtime/replica/events.py;
 * `info()`: level, limits, queue depth, load times (for `/status` and routing);
 * `activate()`: become HOT now (from WARM: a device copy; from COLD: a load), timed;
 * `channel()`: the address and token of this replica's direct channel, which runs `execute` for
@@ -35,6 +35,7 @@ from model_runtime.metrics import RuntimeMetrics, error_kind
 from model_runtime.model_keys import requested_revision
 from model_runtime.replica import levels
 from model_runtime.replica.channel import ChannelServer
+from model_runtime.replica.events import completed_event, error_event, refused_event
 from model_runtime.replica.execution import (
     PLAIN,
     Envelope,
@@ -42,7 +43,6 @@ from model_runtime.replica.execution import (
     ExecutionResult,
     select_runner,
     start_request,
-    torch_saved,
 )
 from model_runtime.replica.garbage import freeze_long_lived
 from model_runtime.replica.gpu_binding import bind_pinned_gpu
@@ -336,7 +336,7 @@ class ModelReplica:
         try:
             parsed = Envelope.model_validate(envelope)
         except Exception as exc:
-            yield _refused(400, f"Invalid request envelope: {exc}", self._limits())
+            yield refused_event(400, f"Invalid request envelope: {exc}", self._limits())
             return
         self._waiting += 1
         # The queue depth is reported when this request waits behind another. One admitted at once
@@ -356,10 +356,10 @@ class ModelReplica:
                 timings["admitted"] = time.time()
                 self.metrics.queue_depth(key, self._waiting)
                 if self._wedged:
-                    yield _error(f"This replica of {key} is being replaced; retry shortly.")
+                    yield error_event(f"This replica of {key} is being replaced; retry shortly.")
                     return
                 if self._level != levels.HOT or self._model is None:
-                    yield _error(f"Model {key} is {self._level.upper()}, not serving requests.")
+                    yield error_event(f"Model {key} is {self._level.upper()}, not serving requests.")
                     return
                 async for event in self._run(job_id, parsed, blob, inline_max_bytes):
                     if event["status"] in ("COMPLETED", "ERROR"):
@@ -387,28 +387,28 @@ class ModelReplica:
         key = self.args.model_key
         limits = self._limits()
         if payload_bytes > self.config.max_payload_bytes:
-            return _refused(413, f"Payload of {payload_bytes} bytes exceeds this model's limit of "
+            return refused_event(413, f"Payload of {payload_bytes} bytes exceeds this model's limit of "
                                  f"{self.config.max_payload_bytes} bytes.", limits)
         if self._wedged:
-            return _refused(503, f"Model {key!r} is restarting after a job that could not be stopped; "
+            return refused_event(503, f"Model {key!r} is restarting after a job that could not be stopped; "
                                  "retry shortly.", limits)
         wanted = requested_revision(str(envelope.get("model_key", "")))
         if wanted is not None and wanted != self.args.revision:
-            return _refused(404, f"Model {key!r} is served at revision {self.args.revision!r}, not {wanted!r}.",
+            return refused_event(404, f"Model {key!r} is served at revision {self.args.revision!r}, not {wanted!r}.",
                             limits)
         if self._level == levels.WARM:
             if self.config.activate_on_request:
                 eta = self._activation_eta_s()
-                return {**_refused(503, f"Model {key!r} is WARM (in CPU RAM); activation to HOT was requested "
+                return {**refused_event(503, f"Model {key!r} is WARM (in CPU RAM); activation to HOT was requested "
                                         f"and takes about {eta:.0f} s: retry then.", limits),
                         "activation_requested": True, "retry_after_s": eta}
-            return _refused(503, f"Model {key!r} is WARM (in CPU RAM, not serving); ask an admin to make it Hot.",
+            return refused_event(503, f"Model {key!r} is WARM (in CPU RAM, not serving); ask an admin to make it Hot.",
                             limits)
         if self._level != levels.HOT or self._model is None:
-            return _refused(503, f"Model {key!r} is COLD (not loaded); ask an admin to make it Hot.", limits)
+            return refused_event(503, f"Model {key!r} is COLD (not loaded); ask an admin to make it Hot.", limits)
         if self._waiting >= self.config.max_queue_depth:
             report = self.metrics.request(key, "rejected", 0.0, payload_bytes, 0, kind="queue_full")
-            return {**_refused(503, f"The queue for model {key!r} is full ({self.config.max_queue_depth} "
+            return {**refused_event(503, f"The queue for model {key!r} is full ({self.config.max_queue_depth} "
                                     "requests waiting); try again later.", limits), "report": report}
         return None
 
@@ -474,9 +474,10 @@ class ModelReplica:
         )
         try:
             if result.result is None:
-                yield {**_error(result.error or "unknown error", result.meta), "report": report, "marks": result.marks}
+                failed = error_event(result.error or "unknown error", result.meta)
+                yield {**failed, "report": report, "marks": result.marks}
             else:
-                yield {**_completed(job_id, result, inline_max_bytes), "report": report, "marks": result.marks}
+                yield {**completed_event(job_id, result, inline_max_bytes), "report": report, "marks": result.marks}
         finally:
             self.metrics.export_request(self.args.model_key, report, kind)
 
@@ -514,34 +515,6 @@ def _weight_index(model: Any) -> dict[str, int] | None:
     integrity = sys.modules.get("model_runtime.sandbox.integrity")
     record = integrity.record_of(model._module) if integrity is not None and model is not None else None
     return None if record is None else {"source_bytes": record.source_bytes, "kept_bytes": record.kept_bytes}
-
-
-def _error(description: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"status": "ERROR", "description": description, "meta": meta}
-
-
-def _refused(http_status: int, description: str, limits: dict[str, int]) -> dict[str, Any]:
-    return {**_error(description), "http_status": http_status, "limits": limits}
-
-
-def _completed(job_id: str, result: ExecutionResult, inline_max_bytes: int) -> dict[str, Any]:
-    """COMPLETED with the result blob, or, for a small one, the ready binary websocket frame instead.
-
-    The frame is what `nnsight.schema.response.ResponseModel.unpickle()` reads (a `torch.save` of
-    the response's fields; the client validates them into its `ResponseModel`), built here so that
-    the gateway needs neither torch nor nnsight. It carries the result blob, so the event does not
-    carry it a second time through the handle.
-    """
-    assert result.result is not None
-    event: dict[str, Any] = {"status": "COMPLETED", "meta": result.meta}
-    if inline_max_bytes and len(result.result) <= inline_max_bytes:
-        event["frame"] = torch_saved({"id": job_id, "status": "COMPLETED",
-                                      "description": "Your job has been completed.",
-                                      "data": result.result, "meta": result.meta})
-        result.marks["framed"] = time.time()
-    else:
-        event["result"] = result.result
-    return event
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -69,7 +69,7 @@ def test_the_result_frame_is_what_the_client_unpickles(local_model: Any) -> None
     (the client's path), carrying the result blob and meta; the blob loads with `torch.load`."""
     from nnsight.schema.response import ResponseModel, Status
 
-    from model_runtime.replica.app import _completed
+    from model_runtime.replica.events import completed_event as _completed
     from model_runtime.replica.execution import encode_saves
 
     capture = Capture()
