@@ -1,7 +1,6 @@
 """THE execution seam: the one place where a request blob is deserialized and run.
 
     execute_request(model, blob, envelope, *, limits, on_log) -> ExecutionResult
-    await execute_request_async(model, blob, envelope, *, limits, on_log)  # the same, on an event loop
     start_request(model, blob, envelope, *, limits, on_log, on_done)  # the same, called back on the loop
 
 `model` is the replica's live nnsight wrapper (e.g. `TransformersModel`), `blob` the bytes the
@@ -381,28 +380,6 @@ def execute_request(
         ended = thread.run(request.work, limits.timeout_seconds, limits.cancel_grace_seconds, cancel=SystemExit,
                            stop=stop)
     return request.result(ended, thread.forced)
-
-
-async def execute_request_async(
-    model: Any,
-    blob: bytes,
-    envelope: Envelope,
-    *,
-    limits: ExecutionLimits,
-    on_log: Callable[[str], None],
-    runner: Runner = PLAIN,
-) -> ExecutionResult:
-    """`execute_request` for a caller on an event loop: `start_request`, awaited. Cancelling the
-    awaiting coroutine does not stop the request. Callers serialize calls per model, as for
-    `execute_request`."""
-    done: asyncio.Future[ExecutionResult] = asyncio.get_running_loop().create_future()
-
-    def resolve(result: ExecutionResult) -> None:
-        if not done.done():
-            done.set_result(result)
-
-    start_request(model, blob, envelope, limits=limits, on_log=on_log, on_done=resolve, runner=runner)
-    return await done
 
 
 def start_request(

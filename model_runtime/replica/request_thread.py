@@ -186,13 +186,6 @@ class RequestThread:
 
         ending.timer = loop.call_later(timeout_s, timed_out)
 
-    async def run_async(self, fn: Callable[[], None], timeout_s: float, grace_s: float,
-                        cancel: type[BaseException]) -> Outcome:
-        """`launch`, awaited. Cancelling the awaiting coroutine does not stop the work."""
-        ended: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self.launch(fn, timeout_s, grace_s, cancel, lambda outcome: _resolve(ended, outcome))
-        return await ended
-
     def _submit(self, fn: Callable[[], None], timeout_s: float, grace_s: float, cancel: type[BaseException],
                 notify: Callable[[], None] | None = None
                 ) -> tuple[threading.Thread, queue.SimpleQueue[_Task | None], _Task]:
@@ -250,11 +243,6 @@ class _Ending:
     def stopped(self, stop: asyncio.Future[Outcome]) -> None:
         # A stop that failed leaves the thread in an unknown state: treat it as stuck.
         self.end(Outcome.WEDGED if stop.cancelled() or stop.exception() is not None else stop.result())
-
-
-def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
-    if not future.done():
-        future.set_result(outcome)
 
 
 def _wait_done(done: threading.Event, timeout_s: float, stop: threading.Event | None) -> bool:

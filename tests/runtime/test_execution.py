@@ -13,7 +13,7 @@ import zstandard
 from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
-from model_runtime.replica.execution import Envelope, ExecutionLimits, execute_request, execute_request_async
+from model_runtime.replica.execution import Envelope, ExecutionLimits, ExecutionResult, execute_request, start_request
 
 PROMPT = "Deep inference lets researchers"
 
@@ -26,13 +26,21 @@ class Capture(Backend):
         self.blob = RequestModel.serialize(tracer, compress=True)
 
 
+async def _started(model: Any, blob: bytes, envelope: Envelope, limits: ExecutionLimits,
+                   on_log: Any) -> ExecutionResult:
+    """`start_request` (the replica's call), awaited: its `on_done` resolves a future on this loop."""
+    done: asyncio.Future[ExecutionResult] = asyncio.get_running_loop().create_future()
+    start_request(model, blob, envelope, limits=limits, on_log=on_log, on_done=done.set_result)
+    return await done
+
+
 def _run(model: Any, blob: bytes, on_loop: bool = False, **limits: Any) -> tuple[Any, list[str]]:
-    """Through `execute_request`, or (on_loop) `execute_request_async` awaited on an event loop, as
-    the model replica does."""
+    """Through `execute_request`, or (on_loop) `start_request` called on an event loop, as the model
+    replica does."""
     logs: list[str] = []
     envelope, bounds = Envelope(model_key="k", compress=True), ExecutionLimits(**limits)
     if on_loop:
-        result = asyncio.run(execute_request_async(model, blob, envelope, limits=bounds, on_log=logs.append))
+        result = asyncio.run(_started(model, blob, envelope, bounds, logs.append))
     else:
         result = execute_request(model, blob, envelope, limits=bounds, on_log=logs.append)
     return result, logs

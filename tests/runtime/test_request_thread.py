@@ -120,8 +120,15 @@ def test_a_stop_set_by_another_thread_cancels_before_the_timeout() -> None:
         thread.stop()
 
 
+async def _launched(thread: RequestThread, fn: Any, timeout_s: float, grace_s: float) -> Outcome:
+    """`RequestThread.launch` (the replica's call), awaited: its `on_end` resolves a future on this loop."""
+    ended: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    thread.launch(fn, timeout_s, grace_s, SystemExit, ended.set_result)
+    return await ended
+
+
 def test_an_event_loop_awaits_the_thread_directly() -> None:
-    """`run_async`: the work runs on the request thread and wakes the loop; past its time it is
+    """`launch`: the work runs on the request thread and wakes the loop; past its time it is
     stopped as `run` stops it, and the next task gets a fresh thread."""
     starts: list[int] = []
     thread = RequestThread("t", initializer=lambda: starts.append(threading.get_ident()))
@@ -132,12 +139,12 @@ def test_an_event_loop_awaits_the_thread_directly() -> None:
 
     async def main() -> tuple[Outcome, Outcome, Outcome]:
         seen: list[int] = []
-        done = await thread.run_async(lambda: seen.append(threading.get_ident()), 5, 1, cancel=SystemExit)
+        done = await _launched(thread, lambda: seen.append(threading.get_ident()), 5, 1)
         assert seen == starts[:1] and seen[0] != threading.get_ident()
         started = time.monotonic()
-        stopped = await thread.run_async(spin, 0.2, 2.0, cancel=SystemExit)
+        stopped = await _launched(thread, spin, 0.2, 2.0)
         assert time.monotonic() - started < 2
-        again = await thread.run_async(lambda: None, 5, 1, cancel=SystemExit)
+        again = await _launched(thread, lambda: None, 5, 1)
         assert len(starts) == 2  # the stopped thread was retired; a fresh one ran the next task
         return done, stopped, again
 
